@@ -1,1 +1,21 @@
-pub fn _placeholder() {}
+//! netpol: Kubernetes NetworkPolicy, evaluated, compiled to nftables, and proved.
+//!
+//! ```text
+//!  YAML ──► load ──┐                          ┌──► evaluate ──► verdicts / explain
+//!                  ├─► model::Cluster ────────┤
+//!  (agent) watch ──┘   (pure, sync)           └──► matrix ──► report (text/json/yaml/csv)
+//! ```
+//!
+//! The pure core (`model`, `selector`, `evaluate`, `matrix`, `bitset`) does no I/O;
+//! `convert` is the only module that knows k8s-openapi types; `load` reads files.
+#![forbid(unsafe_code)]
+
+pub mod bitset;
+pub mod convert;
+pub mod evaluate;
+pub mod generate;
+pub mod load;
+pub mod matrix;
+pub mod model;
+pub mod report;
+pub mod selector;

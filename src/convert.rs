@@ -1,0 +1,459 @@
+//! The one door between Kubernetes API types (k8s-openapi) and our model.
+//!
+//! ```text
+//!  k8s_openapi::{Namespace, Pod, NetworkPolicy} ──► convert::{namespace, pod, policy}
+//!        (as a client sent them)                        │ defaulting + validation
+//!                                                       ▼
+//!                                  model::{Namespace, Pod, Policy}  or  FieldError{path, reason}
+//! ```
+//!
+//! The API server defaults and validates before anyone sees an object; offline we must do
+//! both ourselves, exactly as it would (`pkg/apis/networking/validation` and the
+//! defaulting functions of `networking/v1`). No k8s-openapi type leaves this module.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::model::{
+    ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec,
+    Protocol, Rule,
+};
+use crate::selector::{Operator, Requirement, Selector};
+
+/// What is wrong with one field of one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// The JSON path of the field, e.g. `spec.ingress[0].ports[1].endPort`.
+    pub path: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError { path: path.into(), reason: reason.into() }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+type Result<T> = std::result::Result<T, FieldError>;
+
+/// What became of a Pod object.
+#[derive(Debug, PartialEq)]
+pub enum PodOutcome {
+    Pod(Pod),
+    /// Valid, but it does not take part (no IP yet, a terminal phase, not scheduled).
+    Inactive(&'static str),
+}
+
+pub fn namespace(ns: &core::Namespace) -> Result<Namespace> {
+    let name = ns.metadata.name.clone().unwrap_or_default();
+    validate_dns_label(&name, "metadata.name")?;
+    let labels = labels(ns.metadata.labels.as_ref(), "metadata.labels")?;
+    let mut ns = Namespace { name, labels };
+    // The API server sets this label on every namespace (immutable, since 1.21).
+    ns.labels.insert(crate::model::NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
+    Ok(ns)
+}
+
+/// Converts a Pod. `fallback` supplies a node and IPs for pods that were written as
+/// manifests (no status at all), which the offline checker uses; the agent passes `None`.
+pub fn pod(pod: &core::Pod, fallback: Option<&mut dyn FnMut(&ObjectRef) -> (String, Vec<IpAddr>)>) -> Result<PodOutcome> {
+    let id = object_ref(&pod.metadata)?;
+    let labels = labels(pod.metadata.labels.as_ref(), "metadata.labels")?;
+    let spec = pod.spec.as_ref();
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let mut ports = Vec::new();
+    for (ci, container) in spec.map(|s| s.containers.as_slice()).unwrap_or_default().iter().enumerate() {
+        for (pi, p) in container.ports.as_deref().unwrap_or_default().iter().enumerate() {
+            ports.push(container_port(p, &format!("spec.containers[{ci}].ports[{pi}]"))?);
+        }
+    }
+    ports.sort();
+    ports.dedup();
+
+    let status = pod.status.as_ref();
+    if let Some(phase) = status.and_then(|s| s.phase.as_deref())
+        && (phase == "Succeeded" || phase == "Failed")
+    {
+        return Ok(PodOutcome::Inactive("in a terminal phase"));
+    }
+    let mut ips = Vec::new();
+    let listed: Vec<(&str, String)> = match status.and_then(|s| s.pod_ips.as_deref()) {
+        Some(list) if !list.is_empty() => {
+            list.iter().enumerate().map(|(i, p)| (p.ip.as_str(), format!("status.podIPs[{i}].ip"))).collect()
+        }
+        _ => status.and_then(|s| s.pod_ip.as_deref()).map(|ip| vec![(ip, "status.podIP".to_string())]).unwrap_or_default(),
+    };
+    for (text, path) in listed {
+        let ip: IpAddr = text.parse().map_err(|_| FieldError::new(path, format!("{text:?} is not a valid IP address")))?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let mut node = spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty());
+    if ips.is_empty() || node.is_none() {
+        match (status.is_none(), fallback) {
+            // A manifest: the checker places it and gives it synthetic addresses.
+            (true, Some(assign)) => {
+                let (assigned_node, assigned_ips) = assign(&id);
+                node.get_or_insert(assigned_node);
+                if ips.is_empty() {
+                    ips = assigned_ips;
+                }
+            }
+            _ if ips.is_empty() => return Ok(PodOutcome::Inactive("has no IP yet")),
+            _ => return Ok(PodOutcome::Inactive("is not scheduled to a node")),
+        }
+    }
+    Ok(PodOutcome::Pod(Pod { id, labels, node: node.unwrap_or_default(), ips, host_network, ports }))
+}
+
+fn container_port(p: &core::ContainerPort, path: &str) -> Result<ContainerPort> {
+    let port = port_number(p.container_port, &format!("{path}.containerPort"))?;
+    let protocol = protocol(p.protocol.as_deref(), &format!("{path}.protocol"))?;
+    if let Some(name) = &p.name {
+        validate_port_name(name, &format!("{path}.name"))?;
+    }
+    Ok(ContainerPort { name: p.name.clone(), port, protocol })
+}
+
+pub fn policy(np: &net::NetworkPolicy) -> Result<Policy> {
+    let id = object_ref(&np.metadata)?;
+    let default_spec = net::NetworkPolicySpec::default();
+    let spec = np.spec.as_ref().unwrap_or(&default_spec);
+    let pod_selector = match &spec.pod_selector {
+        Some(s) => selector(s, "spec.podSelector")?,
+        None => Selector::everything(),
+    };
+    // "If this field is not specified, it will default based on the existence of ingress or
+    // egress rules; policies that contain an egress section are assumed to affect egress, and
+    // all policies (whether or not they contain an ingress section) are assumed to affect
+    // ingress."
+    let (mut isolates_ingress, mut isolates_egress) = (false, false);
+    match &spec.policy_types {
+        None => {
+            isolates_ingress = true;
+            isolates_egress = spec.egress.is_some();
+        }
+        Some(types) => {
+            if types.len() > 2 {
+                return Err(FieldError::new("spec.policyTypes", "may not specify more than two policyTypes"));
+            }
+            for (i, t) in types.iter().enumerate() {
+                match t.as_str() {
+                    "Ingress" => isolates_ingress = true,
+                    "Egress" => isolates_egress = true,
+                    other => {
+                        return Err(FieldError::new(
+                            format!("spec.policyTypes[{i}]"),
+                            format!("unsupported value {other:?}: supported values are \"Ingress\", \"Egress\""),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let mut ingress = Vec::new();
+    for (i, r) in spec.ingress.as_deref().unwrap_or_default().iter().enumerate() {
+        ingress.push(rule(r.from.as_deref(), r.ports.as_deref(), &format!("spec.ingress[{i}]"), "from")?);
+    }
+    let mut egress = Vec::new();
+    for (i, r) in spec.egress.as_deref().unwrap_or_default().iter().enumerate() {
+        egress.push(rule(r.to.as_deref(), r.ports.as_deref(), &format!("spec.egress[{i}]"), "to")?);
+    }
+    Ok(Policy {
+        id,
+        pod_selector,
+        ingress: isolates_ingress.then_some(ingress),
+        egress: isolates_egress.then_some(egress),
+    })
+}
+
+fn rule(peers: Option<&[net::NetworkPolicyPeer]>, ports: Option<&[net::NetworkPolicyPort]>, path: &str, peer_field: &str) -> Result<Rule> {
+    let peers = match peers {
+        None | Some([]) => None,
+        Some(list) => {
+            let mut out = Vec::with_capacity(list.len());
+            for (i, p) in list.iter().enumerate() {
+                out.push(peer(p, &format!("{path}.{peer_field}[{i}]"))?);
+            }
+            Some(out)
+        }
+    };
+    let ports = match ports {
+        None | Some([]) => None,
+        Some(list) => {
+            let mut out = Vec::with_capacity(list.len());
+            for (i, p) in list.iter().enumerate() {
+                out.push(port_spec(p, &format!("{path}.ports[{i}]"))?);
+            }
+            Some(out)
+        }
+    };
+    Ok(Rule { peers, ports })
+}
+
+fn peer(p: &net::NetworkPolicyPeer, path: &str) -> Result<Peer> {
+    match (&p.pod_selector, &p.namespace_selector, &p.ip_block) {
+        (None, None, None) => Err(FieldError::new(path, "must specify a peer (podSelector, namespaceSelector or ipBlock)")),
+        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+            Err(FieldError::new(path, "may not specify more than 1 peer: ipBlock cannot be combined with podSelector or namespaceSelector"))
+        }
+        (pods, namespaces, None) => {
+            let pods = match pods {
+                Some(s) => selector(s, &format!("{path}.podSelector"))?,
+                None => Selector::everything(),
+            };
+            let namespaces = match namespaces {
+                Some(s) => NamespaceScope::Matching(selector(s, &format!("{path}.namespaceSelector"))?),
+                None => NamespaceScope::PolicyNamespace,
+            };
+            Ok(Peer::Pods { namespaces, pods })
+        }
+        (None, None, Some(block)) => Ok(Peer::IpBlock(ip_block(block, &format!("{path}.ipBlock"))?)),
+    }
+}
+
+fn ip_block(block: &net::IPBlock, path: &str) -> Result<IpBlock> {
+    let cidr = parse_cidr(&block.cidr, &format!("{path}.cidr"))?;
+    let mut except = Vec::new();
+    for (i, e) in block.except.as_deref().unwrap_or_default().iter().enumerate() {
+        let epath = format!("{path}.except[{i}]");
+        let net = parse_cidr(e, &epath)?;
+        // "must be a strict subset of `cidr`"
+        if !cidr.contains(&net.network()) || net.prefix_len() <= cidr.prefix_len() || net.addr().is_ipv4() != cidr.addr().is_ipv4() {
+            return Err(FieldError::new(epath, format!("{e:?} must be a strict subset of cidr {:?}", block.cidr)));
+        }
+        except.push(net);
+    }
+    except.sort();
+    except.dedup();
+    Ok(IpBlock { cidr, except })
+}
+
+/// Parses a CIDR as the API server's `ParseCIDR` does: host bits may be set and are masked.
+pub fn parse_cidr(text: &str, path: &str) -> Result<IpNet> {
+    let net: IpNet = text.parse().map_err(|_| FieldError::new(path, format!("{text:?} is not a valid CIDR (expected e.g. 10.0.0.0/16 or fd00::/64)")))?;
+    Ok(net.trunc())
+}
+
+fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
+    // "The protocol (TCP, UDP, or SCTP) which traffic must match. If not specified, this
+    // field defaults to TCP."
+    let protocol = protocol(p.protocol.as_deref(), &format!("{path}.protocol"))?;
+    let port = match (&p.port, p.end_port) {
+        (None, None) => PortMatch::Any,
+        (None, Some(_)) => return Err(FieldError::new(format!("{path}.endPort"), "may not be specified when `port` is not specified")),
+        (Some(IntOrString::Int(n)), end) => {
+            let start = port_number(*n, &format!("{path}.port"))?;
+            // "endPort indicates that the range of ports from port to endPort if set,
+            // inclusive, should be allowed by the policy. This field cannot be defined if
+            // the port field is not defined or if the port field is defined as a named
+            // (string) port. The endPort must be equal or greater than port."
+            let end = match end {
+                None => start,
+                Some(e) => {
+                    let end = port_number(e, &format!("{path}.endPort"))?;
+                    if end < start {
+                        return Err(FieldError::new(format!("{path}.endPort"), format!("{end} must be greater than or equal to `port` ({start})")));
+                    }
+                    end
+                }
+            };
+            PortMatch::Range(start, end)
+        }
+        (Some(IntOrString::String(s)), end) => {
+            // A string holding digits is still a string to the API: but users mean a number.
+            if let Ok(n) = s.parse::<i32>() {
+                return port_spec(&net::NetworkPolicyPort { port: Some(IntOrString::Int(n)), end_port: end, protocol: p.protocol.clone() }, path);
+            }
+            if end.is_some() {
+                return Err(FieldError::new(format!("{path}.endPort"), "may not be specified when `port` is a named port"));
+            }
+            validate_port_name(s, &format!("{path}.port"))?;
+            PortMatch::Named(s.clone())
+        }
+    };
+    Ok(PortSpec { protocol, port })
+}
+
+fn protocol(text: Option<&str>, path: &str) -> Result<Protocol> {
+    match text {
+        None => Ok(Protocol::Tcp),
+        Some(t @ ("TCP" | "UDP" | "SCTP")) => Ok(Protocol::parse(t).expect("listed")),
+        Some(other) => Err(FieldError::new(path, format!("unsupported value {other:?}: supported values are \"TCP\", \"UDP\", \"SCTP\""))),
+    }
+}
+
+fn port_number(n: i32, path: &str) -> Result<u16> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p >= 1)
+        .ok_or_else(|| FieldError::new(path, format!("must be between 1 and 65535, inclusive (got {n})")))
+}
+
+pub fn selector(s: &LabelSelector, path: &str) -> Result<Selector> {
+    let mut reqs = Vec::new();
+    for (k, v) in s.match_labels.iter().flatten() {
+        validate_label_key(k, &format!("{path}.matchLabels"))?;
+        validate_label_value(v, &format!("{path}.matchLabels[{k}]"))?;
+        reqs.push(Requirement { key: k.clone(), operator: Operator::In(BTreeSet::from([v.clone()])) });
+    }
+    for (i, e) in s.match_expressions.iter().flatten().enumerate() {
+        let epath = format!("{path}.matchExpressions[{i}]");
+        validate_label_key(&e.key, &format!("{epath}.key"))?;
+        let values: BTreeSet<String> = e.values.iter().flatten().cloned().collect();
+        for (j, v) in e.values.iter().flatten().enumerate() {
+            validate_label_value(v, &format!("{epath}.values[{j}]"))?;
+        }
+        let operator = match e.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                return Err(FieldError::new(format!("{epath}.values"), format!("must be specified when `operator` is {:?}", e.operator)));
+            }
+            "In" => Operator::In(values),
+            "NotIn" => Operator::NotIn(values),
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                return Err(FieldError::new(format!("{epath}.values"), format!("may not be specified when `operator` is {:?}", e.operator)));
+            }
+            "Exists" => Operator::Exists,
+            "DoesNotExist" => Operator::DoesNotExist,
+            other => {
+                return Err(FieldError::new(
+                    format!("{epath}.operator"),
+                    format!("not a valid selector operator {other:?}: supported values are \"In\", \"NotIn\", \"Exists\", \"DoesNotExist\""),
+                ));
+            }
+        };
+        reqs.push(Requirement { key: e.key.clone(), operator });
+    }
+    Ok(Selector::new(reqs))
+}
+
+fn object_ref(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<ObjectRef> {
+    let name = meta.name.clone().unwrap_or_default();
+    validate_dns_subdomain(&name, "metadata.name")?;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".to_string());
+    validate_dns_label(&namespace, "metadata.namespace")?;
+    Ok(ObjectRef { namespace, name })
+}
+
+fn labels(map: Option<&std::collections::BTreeMap<String, String>>, path: &str) -> Result<Labels> {
+    let mut out = Labels::new();
+    for (k, v) in map.into_iter().flatten() {
+        validate_label_key(k, path)?;
+        validate_label_value(v, &format!("{path}[{k}]"))?;
+        out.insert(k.clone(), v.clone());
+    }
+    Ok(out)
+}
+
+// --- name validation, as apimachinery's `validation` package spells it ----------------------
+
+fn is_alnum(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+}
+
+/// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, at most 63 characters.
+fn is_qualified_name_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(is_alnum)
+        && s.ends_with(is_alnum)
+        && s.chars().all(|c| is_alnum(c) || matches!(c, '-' | '_' | '.'))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+pub fn validate_label_key(key: &str, path: &str) -> Result<()> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix
+        && !is_dns_subdomain(p)
+    {
+        return Err(FieldError::new(path, format!("invalid label key {key:?}: prefix must be a DNS subdomain (lower case letters, digits, '-', '.')")));
+    }
+    if !is_qualified_name_part(name) {
+        return Err(FieldError::new(
+            path,
+            format!("invalid label key {key:?}: name part must be 1-63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn validate_label_value(value: &str, path: &str) -> Result<()> {
+    if value.is_empty() || is_qualified_name_part(value) {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            path,
+            format!("invalid label value {value:?}: must be at most 63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"),
+        ))
+    }
+}
+
+fn validate_dns_label(s: &str, path: &str) -> Result<()> {
+    if is_dns_label(s) {
+        Ok(())
+    } else if s.is_empty() {
+        Err(FieldError::new(path, "is required"))
+    } else {
+        Err(FieldError::new(path, format!("{s:?} is not a valid name: must be at most 63 lower case letters, digits or '-', starting and ending with a letter or digit")))
+    }
+}
+
+fn validate_dns_subdomain(s: &str, path: &str) -> Result<()> {
+    if is_dns_subdomain(s) {
+        Ok(())
+    } else if s.is_empty() {
+        Err(FieldError::new(path, "is required"))
+    } else {
+        Err(FieldError::new(path, format!("{s:?} is not a valid name: must be lower case letters, digits, '-' or '.', at most 253 characters")))
+    }
+}
+
+/// IANA_SVC_NAME: 1-15 characters of `[a-z0-9-]`, at least one letter, no leading, trailing
+/// or doubled hyphen.
+pub fn validate_port_name(name: &str, path: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().any(|c| c.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            path,
+            format!("invalid port name {name:?}: must be 1-15 lower case letters, digits or '-', with at least one letter and no leading, trailing or double '-'"),
+        ))
+    }
+}

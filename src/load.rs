@@ -1,0 +1,597 @@
+//! Loading Kubernetes YAML/JSON into a [`Cluster`]: the checker's front door.
+//!
+//! ```text
+//!  files / folders / stdin ──► read_sources (I/O) ──► Source{name, text}
+//!                                                        │ load_sources (pure)
+//!                                                        ▼
+//!  split into documents (line of each) ─► JSON value ─► by apiVersion/kind:
+//!     Namespace, Pod, NetworkPolicy ............ convert (validate, default)
+//!     *List ..................................... each item
+//!     Deployment, StatefulSet, DaemonSet, ... .. pods from the template (synthetic IPs)
+//!     net.alpha.kubernetes.io NetworkPolicy .... converted to v1, with a warning
+//!     anything else ............................ skipped, one warning per kind
+//!                                                        ▼
+//!                                          Loaded { cluster, warnings }
+//! ```
+//!
+//! Every error names the file, the line where the document starts, the object and the
+//! field path. Nothing here panics on any input.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as net;
+use serde_json::{Map, Value, json};
+
+use crate::convert::{self, FieldError, PodOutcome};
+use crate::model::{Cluster, Namespace, ObjectRef, Pod, Policy};
+
+/// A load failure, with everything needed to find and fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadError {
+    pub file: String,
+    /// 1-based line where the offending document starts (0 when not about a document).
+    pub line: usize,
+    /// `Kind namespace/name`, when known.
+    pub object: Option<String>,
+    /// The field path, when the error is about one field.
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if let Some(o) = &self.object {
+            write!(f, ": {o}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// One input text and the name to report it by.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub name: String,
+    pub text: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Where pods without IPs (workload templates, bare manifests) get their IPv4 addresses.
+    pub synthetic_ipv4: IpNet,
+    /// If set, such pods also get an IPv6 address from here (dual stack).
+    pub synthetic_ipv6: Option<IpNet>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { synthetic_ipv4: "10.244.0.0/16".parse().expect("valid"), synthetic_ipv6: None }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub cluster: Cluster,
+    pub warnings: Vec<String>,
+}
+
+// --- I/O -----------------------------------------------------------------------------------
+
+/// Reads files, folders (recursively: `*.yaml`, `*.yml`, `*.json`, sorted) and `-` (stdin).
+pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, LoadError> {
+    let mut out = Vec::new();
+    for path in paths {
+        if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).map_err(|e| io_error("<stdin>", &e))?;
+            out.push(Source { name: "<stdin>".into(), text });
+        } else if path.is_dir() {
+            let mut files = Vec::new();
+            collect_dir(path, &mut files)?;
+            if files.is_empty() {
+                return Err(LoadError {
+                    file: path.display().to_string(),
+                    line: 0,
+                    object: None,
+                    field: None,
+                    reason: "folder holds no .yaml, .yml or .json file".into(),
+                });
+            }
+            for f in files {
+                out.push(read_file(&f)?);
+            }
+        } else {
+            out.push(read_file(path)?);
+        }
+    }
+    Ok(out)
+}
+
+fn collect_dir(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io_error(&dir.display().to_string(), &e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect_dir(&p, files)?;
+        } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json")) {
+            files.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Result<Source, LoadError> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| io_error(&name, &e))?;
+    let text = String::from_utf8(bytes).map_err(|e| LoadError {
+        file: name.clone(),
+        line: 0,
+        object: None,
+        field: None,
+        reason: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+    })?;
+    Ok(Source { name, text })
+}
+
+fn io_error(file: &str, e: &std::io::Error) -> LoadError {
+    let reason = match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file or folder".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        _ => e.to_string(),
+    };
+    LoadError { file: file.to_string(), line: 0, object: None, field: None, reason }
+}
+
+// --- pure ----------------------------------------------------------------------------------
+
+/// Where a document came from, for messages.
+#[derive(Clone, Debug)]
+struct Origin {
+    file: String,
+    line: usize,
+}
+
+impl Origin {
+    fn error(&self, object: Option<String>, field: Option<String>, reason: impl Into<String>) -> LoadError {
+        LoadError { file: self.file.clone(), line: self.line, object, field, reason: reason.into() }
+    }
+    fn at(&self) -> String {
+        format!("{}:{}", self.file, self.line)
+    }
+}
+
+/// A recognised object, not yet converted.
+enum Raw {
+    Namespace(core::Namespace),
+    Pod(core::Pod),
+    Policy(net::NetworkPolicy),
+    /// Pod templates to instantiate: (workload label, pods to make, per-node?).
+    Workload { kind: String, object: ObjectRef, template: Value, replicas: Replicas },
+}
+
+enum Replicas {
+    Count(u32),
+    OnePerNode,
+}
+
+/// Loads every source into one cluster.
+pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded, LoadError> {
+    let mut warnings = Vec::new();
+    let mut skipped_kinds: BTreeMap<String, String> = BTreeMap::new();
+    let mut raws: Vec<(Origin, String, Raw)> = Vec::new();
+    for source in sources {
+        for (line, doc) in split_documents(&source.text) {
+            let origin = Origin { file: source.name.clone(), line };
+            let Some(value) = parse_document(&source.name, &doc, line)? else { continue };
+            collect(value, &origin, "", &mut raws, &mut warnings, &mut skipped_kinds)?;
+        }
+    }
+    for (kind, first) in skipped_kinds {
+        warnings.push(format!("{first}: skipped kind {kind} (netpol-check reads Namespace, Pod, NetworkPolicy and workloads); other objects of this kind are skipped too"));
+    }
+
+    // Reject an object declared twice: the second would silently win in a cluster.
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for (origin, label, raw) in &raws {
+        if matches!(raw, Raw::Workload { .. }) {
+            continue;
+        }
+        if let Some(first) = seen.insert(label.clone(), origin.at()) {
+            return Err(origin.error(Some(label.clone()), None, format!("declared twice (first at {first})")));
+        }
+    }
+
+    // Nodes known from scheduled pods place the pods we synthesize.
+    let mut nodes: BTreeSet<String> = raws
+        .iter()
+        .filter_map(|(_, _, r)| match r {
+            Raw::Pod(p) => p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            _ => None,
+        })
+        .filter(|n| !n.is_empty())
+        .collect();
+    if nodes.is_empty() {
+        nodes.insert("node-1".to_string());
+    }
+    let nodes: Vec<String> = nodes.into_iter().collect();
+    let taken: BTreeSet<IpAddr> = raws
+        .iter()
+        .filter_map(|(_, _, r)| match r {
+            Raw::Pod(p) => p.status.as_ref(),
+            _ => None,
+        })
+        .flat_map(|s| s.pod_ips.iter().flatten().map(|p| p.ip.clone()).chain(s.pod_ip.clone()))
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let mut placer = Placer::new(options, nodes, taken);
+
+    let mut namespaces: Vec<Namespace> = Vec::new();
+    let mut pods: Vec<Pod> = Vec::new();
+    let mut policies: Vec<Policy> = Vec::new();
+    let mut pod_ids: HashMap<ObjectRef, String> = HashMap::new();
+    for (origin, label, raw) in raws {
+        let field_err = |e: FieldError| origin.error(Some(label.clone()), Some(e.path), e.reason);
+        match raw {
+            Raw::Namespace(ns) => namespaces.push(convert::namespace(&ns).map_err(field_err)?),
+            Raw::Policy(p) => policies.push(convert::policy(&p).map_err(field_err)?),
+            Raw::Pod(p) => {
+                let mut assign = |id: &ObjectRef| placer.place(id);
+                match convert::pod(&p, Some(&mut assign)).map_err(field_err)? {
+                    PodOutcome::Pod(pod) => {
+                        pod_ids.insert(pod.id.clone(), origin.at());
+                        pods.push(pod)
+                    }
+                    PodOutcome::Inactive(why) => warnings.push(format!("{}: {label} {why}: it takes no part", origin.at())),
+                }
+            }
+            Raw::Workload { kind, object, template, replicas } => {
+                let names: Vec<(String, Option<String>)> = match replicas {
+                    Replicas::Count(n) => (0..n).map(|i| (format!("{}-{i}", object.name), None)).collect(),
+                    Replicas::OnePerNode => placer.nodes.iter().map(|node| (format!("{}-{node}", object.name), Some(node.clone()))).collect(),
+                };
+                for (name, node) in names {
+                    let pod = pod_from_template(&template, &object.namespace, &name, node.as_deref())
+                        .map_err(|e| origin.error(Some(label.clone()), Some(format!("spec.template.{}", e.path)), e.reason))?;
+                    let mut assign = |id: &ObjectRef| placer.place(id);
+                    let converted = convert::pod(&pod, Some(&mut assign)).map_err(|e| {
+                        origin.error(Some(label.clone()), Some(format!("spec.template.{}", e.path)), e.reason)
+                    })?;
+                    if let PodOutcome::Pod(pod) = converted {
+                        if let Some(first) = pod_ids.insert(pod.id.clone(), origin.at()) {
+                            return Err(origin.error(Some(label.clone()), None, format!("{kind} makes pod {} which is also declared at {first}", pod.id)));
+                        }
+                        pods.push(pod);
+                    }
+                }
+            }
+        }
+    }
+    if placer.exhausted {
+        return Err(LoadError {
+            file: "<options>".into(),
+            line: 0,
+            object: None,
+            field: None,
+            reason: format!("the synthetic IP range {} is too small for the pods that need addresses", options.synthetic_ipv4),
+        });
+    }
+    Ok(Loaded { cluster: Cluster::new(namespaces, pods, policies), warnings })
+}
+
+/// Splits a YAML stream at `---` lines; yields (1-based line of the document's first line, text).
+pub fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 1;
+    for (i, line) in text.lines().enumerate() {
+        let is_separator = line == "---" || line.starts_with("--- ") || line.starts_with("---\t") || line == "...";
+        if is_separator {
+            docs.push((start, std::mem::take(&mut current)));
+            start = i + 2;
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    docs.push((start, current));
+    docs.into_iter()
+        .filter_map(|(start, doc)| {
+            // Report the first line with content, not the blank or comment lines above it.
+            let skip = doc.lines().take_while(|l| l.trim().is_empty() || l.trim_start().starts_with('#')).count();
+            (skip < doc.lines().count()).then(|| (start + skip, doc))
+        })
+        .collect()
+}
+
+fn parse_document(file: &str, doc: &str, line: usize) -> Result<Option<Value>, LoadError> {
+    let parsed: Result<Value, String> = if doc.trim_start().starts_with('{') || doc.trim_start().starts_with('[') {
+        serde_json::from_str(doc).or_else(|_| yaml_serde::from_str(doc).map_err(|e| yaml_error(&e, line)))
+    } else {
+        yaml_serde::from_str(doc).map_err(|e| yaml_error(&e, line))
+    };
+    match parsed {
+        Ok(Value::Null) => Ok(None),
+        Ok(v) => Ok(Some(v)),
+        Err(reason) => Err(LoadError { file: file.to_string(), line, object: None, field: None, reason }),
+    }
+}
+
+fn yaml_error(e: &yaml_serde::Error, doc_line: usize) -> String {
+    match e.location() {
+        Some(loc) => format!("invalid YAML at line {}, column {}: {}", doc_line + loc.line() - 1, loc.column(), strip_location(&e.to_string())),
+        None => format!("invalid YAML: {e}"),
+    }
+}
+
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+fn str_field<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+fn object_label(kind: &str, v: &Value) -> String {
+    let meta = v.get("metadata");
+    let name = meta.and_then(|m| str_field(m, "name")).unwrap_or("<no name>");
+    match meta.and_then(|m| str_field(m, "namespace")) {
+        _ if kind == "Namespace" => format!("{kind} {name}"),
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} default/{name}"),
+    }
+}
+
+fn collect(
+    value: Value,
+    origin: &Origin,
+    path: &str,
+    raws: &mut Vec<(Origin, String, Raw)>,
+    warnings: &mut Vec<String>,
+    skipped: &mut BTreeMap<String, String>,
+) -> Result<(), LoadError> {
+    if !value.is_object() {
+        return Err(origin.error(None, (!path.is_empty()).then(|| path.to_string()), "expected a Kubernetes object (a mapping with apiVersion and kind)"));
+    }
+    let api_version = str_field(&value, "apiVersion").unwrap_or("").to_string();
+    let Some(kind) = str_field(&value, "kind").map(str::to_string) else {
+        warnings.push(format!("{}: skipped a document without `kind` (not a Kubernetes object)", origin.at()));
+        return Ok(());
+    };
+    let label = object_label(&kind, &value);
+    let field = |e: serde_path_to_error::Error<serde_json::Error>| {
+        let p = e.path().to_string();
+        let field = if p == "." { None } else { Some(format!("{path}{p}")) };
+        origin.error(Some(label.clone()), field, e.into_inner().to_string())
+    };
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Namespace") => raws.push((origin.clone(), label.clone(), Raw::Namespace(serde_path_to_error::deserialize(value).map_err(field)?))),
+        ("v1", "Pod") => raws.push((origin.clone(), label.clone(), Raw::Pod(serde_path_to_error::deserialize(value).map_err(field)?))),
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            raws.push((origin.clone(), label.clone(), Raw::Policy(serde_path_to_error::deserialize(value).map_err(field)?)))
+        }
+        ("net.alpha.kubernetes.io/v1alpha1", "NetworkPolicy") => {
+            let v1 = legacy_to_v1(&value).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
+            let yaml = yaml_serde::to_string(&v1).unwrap_or_default();
+            warnings.push(format!(
+                "{}: {label}: converted from the pre-v1 net.alpha.kubernetes.io/v1alpha1 form; write it as networking.k8s.io/v1:\n{}",
+                origin.at(),
+                yaml.trim_end()
+            ));
+            raws.push((origin.clone(), label.clone(), Raw::Policy(serde_path_to_error::deserialize(v1).map_err(field)?)));
+        }
+        ("conformance.netpol/v1", "Expectation") => {}
+        (_, k) if k.ends_with("List") && value.get("items").is_some() => {
+            let Some(Value::Array(items)) = value.get("items").cloned() else {
+                return Err(origin.error(Some(label), Some(format!("{path}items")), "must be a list"));
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                collect(item, origin, &format!("{path}items[{i}]."), raws, warnings, skipped)?;
+            }
+        }
+        (group, k) if workload_kind(group, k) => {
+            let (template, replicas) = workload_template(&value, k).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
+            let meta = value.get("metadata");
+            let object = ObjectRef::new(
+                meta.and_then(|m| str_field(m, "namespace")).unwrap_or("default"),
+                meta.and_then(|m| str_field(m, "name")).unwrap_or(""),
+            );
+            if object.name.is_empty() {
+                return Err(origin.error(Some(label), Some("metadata.name".into()), "is required"));
+            }
+            raws.push((origin.clone(), label.clone(), Raw::Workload { kind: k.to_string(), object, template, replicas }));
+        }
+        _ => {
+            let key = if api_version.is_empty() { kind.clone() } else { format!("{api_version} {kind}") };
+            skipped.entry(key).or_insert_with(|| origin.at());
+        }
+    }
+    Ok(())
+}
+
+fn workload_kind(group: &str, kind: &str) -> bool {
+    matches!(
+        (group, kind),
+        ("apps/v1", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
+            | ("v1", "ReplicationController")
+            | ("batch/v1", "Job" | "CronJob")
+    )
+}
+
+fn workload_template(v: &Value, kind: &str) -> Result<(Value, Replicas), FieldError> {
+    let spec = v.get("spec").ok_or_else(|| FieldError::new("spec", "is required"))?;
+    let (spec, prefix) = if kind == "CronJob" {
+        let job = spec.get("jobTemplate").and_then(|j| j.get("spec")).ok_or_else(|| FieldError::new("spec.jobTemplate.spec", "is required"))?;
+        (job, "spec.jobTemplate.spec")
+    } else {
+        (spec, "spec")
+    };
+    let template = spec.get("template").cloned().ok_or_else(|| FieldError::new(format!("{prefix}.template"), "is required"))?;
+    let count = |key: &str| -> Result<u32, FieldError> {
+        match spec.get(key) {
+            None | Some(Value::Null) => Ok(1),
+            Some(n) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n <= 10_000)
+                .ok_or_else(|| FieldError::new(format!("{prefix}.{key}"), format!("must be a whole number from 0 to 10000 (got {n})"))),
+        }
+    };
+    let replicas = match kind {
+        "DaemonSet" => Replicas::OnePerNode,
+        "Job" | "CronJob" => Replicas::Count(count("parallelism")?),
+        _ => Replicas::Count(count("replicas")?),
+    };
+    Ok((template, replicas))
+}
+
+fn pod_from_template(template: &Value, namespace: &str, name: &str, node: Option<&str>) -> Result<core::Pod, FieldError> {
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {}, "spec": {}});
+    if let Some(meta) = template.get("metadata") {
+        pod["metadata"] = meta.clone();
+    }
+    if let Some(spec) = template.get("spec") {
+        pod["spec"] = spec.clone();
+    }
+    let Value::Object(meta) = &mut pod["metadata"] else {
+        return Err(FieldError::new("metadata", "must be a mapping"));
+    };
+    meta.insert("name".into(), Value::String(name.to_string()));
+    meta.insert("namespace".into(), Value::String(namespace.to_string()));
+    if let (Some(node), Value::Object(spec)) = (node, &mut pod["spec"]) {
+        spec.insert("nodeName".into(), Value::String(node.to_string()));
+    }
+    serde_path_to_error::deserialize(pod).map_err(|e| FieldError::new(e.path().to_string(), e.into_inner().to_string()))
+}
+
+/// The pre-v1 form (`net.alpha.kubernetes.io/v1alpha1`): `spec.podSelector` is a plain label
+/// map and `spec.allowIncoming` holds `from[].pods`/`from[].namespaces` (label maps) and
+/// `toPorts[]`. No `allowIncoming` means no incoming traffic is allowed.
+fn legacy_to_v1(v: &Value) -> Result<Value, FieldError> {
+    let spec = v.get("spec").cloned().unwrap_or(Value::Object(Map::new()));
+    let labels = |value: Option<&Value>, path: &str| -> Result<Value, FieldError> {
+        match value {
+            None | Some(Value::Null) => Ok(json!({})),
+            Some(Value::Object(m)) => Ok(json!({"matchLabels": m})),
+            Some(_) => Err(FieldError::new(path, "must be a map of labels")),
+        }
+    };
+    let mut rule = Map::new();
+    if let Some(incoming) = spec.get("allowIncoming") {
+        if let Some(from) = incoming.get("from") {
+            let list = from.as_array().ok_or_else(|| FieldError::new("spec.allowIncoming.from", "must be a list"))?;
+            let mut peers = Vec::new();
+            for (i, peer) in list.iter().enumerate() {
+                let mut out = Map::new();
+                if let Some(p) = peer.get("pods") {
+                    out.insert("podSelector".into(), labels(Some(p), &format!("spec.allowIncoming.from[{i}].pods"))?);
+                }
+                if let Some(n) = peer.get("namespaces") {
+                    out.insert("namespaceSelector".into(), labels(Some(n), &format!("spec.allowIncoming.from[{i}].namespaces"))?);
+                }
+                peers.push(Value::Object(out));
+            }
+            rule.insert("from".into(), Value::Array(peers));
+        }
+        if let Some(ports) = incoming.get("toPorts") {
+            rule.insert("ports".into(), ports.clone());
+        }
+    }
+    let ingress = if spec.get("allowIncoming").is_some() { vec![Value::Object(rule)] } else { vec![] };
+    let mut metadata = v.get("metadata").cloned().unwrap_or(json!({}));
+    if let Value::Object(m) = &mut metadata {
+        m.retain(|k, _| k == "name" || k == "namespace" || k == "labels");
+    }
+    Ok(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata,
+        "spec": {
+            "podSelector": labels(spec.get("podSelector"), "spec.podSelector")?,
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        }
+    }))
+}
+
+/// Places synthesized pods on nodes (round robin) and gives them addresses (in order).
+struct Placer {
+    nodes: Vec<String>,
+    next_node: usize,
+    v4: IpNet,
+    v6: Option<IpNet>,
+    next_host: u128,
+    taken: BTreeSet<IpAddr>,
+    exhausted: bool,
+}
+
+impl Placer {
+    fn new(options: &LoadOptions, nodes: Vec<String>, taken: BTreeSet<IpAddr>) -> Self {
+        Placer { nodes, next_node: 0, v4: options.synthetic_ipv4, v6: options.synthetic_ipv6, next_host: 1, taken, exhausted: false }
+    }
+
+    fn nth(net: IpNet, k: u128) -> Option<IpAddr> {
+        match net {
+            IpNet::V4(n) => {
+                let size = 1u128 << (32 - n.prefix_len());
+                (k < size.saturating_sub(1)).then(|| IpAddr::from(std::net::Ipv4Addr::from((u32::from(n.network()) as u128 + k) as u32)))
+            }
+            IpNet::V6(n) => {
+                let bits = 128 - u32::from(n.prefix_len());
+                let fits = bits >= 127 || k < (1u128 << bits) - 1;
+                fits.then(|| IpAddr::from(std::net::Ipv6Addr::from(u128::from(n.network()) + k)))
+            }
+        }
+    }
+
+    fn place(&mut self, _id: &ObjectRef) -> (String, Vec<IpAddr>) {
+        let node = self.nodes[self.next_node % self.nodes.len()].clone();
+        self.next_node += 1;
+        loop {
+            let k = self.next_host;
+            self.next_host += 1;
+            let Some(v4) = Self::nth(self.v4, k) else {
+                self.exhausted = true;
+                return (node, vec![]);
+            };
+            if self.taken.contains(&v4) {
+                continue;
+            }
+            let mut ips = vec![v4];
+            if let Some(v6) = self.v6.and_then(|net| Self::nth(net, k)) {
+                ips.push(v6);
+            }
+            return (node, ips);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_report_their_first_content_line() {
+        let docs = split_documents("# head\n---\n\nkind: A\n---\nkind: B\n");
+        assert_eq!(docs.iter().map(|(l, _)| *l).collect::<Vec<_>>(), vec![4, 6]);
+    }
+}

@@ -1,0 +1,316 @@
+//! The domain model: our own small types for namespaces, pods and policies.
+//!
+//! ```text
+//!  k8s-openapi objects ──► convert ──► model::{Namespace, Pod, Policy} ──► Cluster (sorted, indexed)
+//!                                                                             │
+//!                                                 evaluate / matrix / compile ◄┘
+//! ```
+//!
+//! Everything here is already defaulted and validated: an invalid state cannot be
+//! represented (a port is `1..=65535`, a range has `start <= end`, an `except` lies inside
+//! its `cidr`). Nothing in this module does I/O.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::selector::Selector;
+
+/// Label key → value, sorted so that output and hashing are deterministic.
+pub type Labels = BTreeMap<String, String>;
+
+/// The label the API server puts on every namespace (since Kubernetes 1.21).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A layer-4 protocol that NetworkPolicy can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// The spelling Kubernetes uses (`TCP`, `UDP`, `SCTP`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
+    /// The IANA protocol number, as nftables' `meta l4proto` sees it.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// Parses the Kubernetes spelling; case-insensitive for CLI convenience.
+    pub fn parse(text: &str) -> Option<Protocol> {
+        match text.to_ascii_uppercase().as_str() {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `namespace/name`, the identity of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+/// A port a container declares; named ones are what named policy ports resolve to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub id: ObjectRef,
+    pub labels: Labels,
+    pub node: String,
+    /// The pod's IPs, primary first (at most one per family in practice).
+    pub ips: Vec<IpAddr>,
+    /// hostNetwork pods share the node's IP: never policy targets, peers by ipBlock only.
+    pub host_network: bool,
+    pub ports: Vec<ContainerPort>,
+}
+
+impl Pod {
+    /// The pod's IP of the same family as `like`, if it has one.
+    pub fn ip_of_family(&self, ipv6: bool) -> Option<IpAddr> {
+        self.ips.iter().copied().find(|ip| ip.is_ipv6() == ipv6)
+    }
+
+    /// Resolves a named port on this pod: "a named port ... is resolved on the destination
+    /// pod's containerPorts (name + protocol)".
+    pub fn resolve_named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.protocol == protocol && p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+    }
+}
+
+/// Which way traffic flows relative to the selected pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "Ingress",
+            Direction::Egress => "Egress",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A NetworkPolicy after defaulting and validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub id: ObjectRef,
+    pub pod_selector: Selector,
+    /// `Some` iff `policyTypes` contains `Ingress`; an empty list denies all ingress.
+    pub ingress: Option<Vec<Rule>>,
+    /// `Some` iff `policyTypes` contains `Egress`; an empty list denies all egress.
+    pub egress: Option<Vec<Rule>>,
+}
+
+impl Policy {
+    pub fn rules(&self, direction: Direction) -> Option<&[Rule]> {
+        match direction {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+        }
+    }
+}
+
+/// One entry of `ingress` or `egress`: traffic matching any peer AND any port is allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// "If this field is empty or missing, this rule matches all sources/destinations."
+    pub peers: Option<Vec<Peer>>,
+    /// "If this field is empty or missing, this rule matches all ports."
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// podSelector and/or namespaceSelector.
+    Pods { namespaces: NamespaceScope, pods: Selector },
+    IpBlock(IpBlock),
+}
+
+/// Where a pod peer's pods may live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamespaceScope {
+    /// No namespaceSelector: "selects the pods matching podSelector in the policy's own namespace".
+    PolicyNamespace,
+    /// A namespaceSelector; `{}` selects all namespaces.
+    Matching(Selector),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpBlock {
+    pub cidr: IpNet,
+    /// Each a strict subset of `cidr`, same family.
+    pub except: Vec<IpNet>,
+}
+
+impl IpBlock {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.cidr.contains(&ip) && !self.except.iter().any(|e| e.contains(&ip))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortSpec {
+    pub protocol: Protocol,
+    pub port: PortMatch,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortMatch {
+    /// No `port`: every port of the protocol.
+    Any,
+    /// `port`, or `port`..=`endPort`; `start <= end`.
+    Range(u16, u16),
+    /// A named port, resolved on the destination pod.
+    Named(String),
+}
+
+impl PortSpec {
+    /// Does this spec admit `protocol`/`port` towards `destination` (a pod, or an outside IP)?
+    pub fn matches(&self, protocol: Protocol, port: u16, destination: Option<&Pod>) -> bool {
+        if self.protocol != protocol {
+            return false;
+        }
+        match &self.port {
+            PortMatch::Any => true,
+            PortMatch::Range(start, end) => (*start..=*end).contains(&port),
+            // "A named port never matches a non-pod destination."
+            PortMatch::Named(name) => destination
+                .and_then(|pod| pod.resolve_named_port(name, protocol))
+                .is_some_and(|resolved| resolved == port),
+        }
+    }
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.port {
+            PortMatch::Any => write!(f, "{} any port", self.protocol),
+            PortMatch::Range(a, b) if a == b => write!(f, "{}/{}", self.protocol, a),
+            PortMatch::Range(a, b) => write!(f, "{}/{}-{}", self.protocol, a, b),
+            PortMatch::Named(n) => write!(f, "{}/{} (named)", self.protocol, n),
+        }
+    }
+}
+
+/// A whole cluster state: namespaces by name, pods and policies sorted by namespace/name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cluster {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: Vec<Pod>,
+    pub policies: Vec<Policy>,
+}
+
+impl Cluster {
+    /// Builds a cluster, sorting pods and policies and synthesizing any namespace that a pod
+    /// or policy names but that was not declared (with its `kubernetes.io/metadata.name`
+    /// label, as the API server would have set it).
+    pub fn new(namespaces: Vec<Namespace>, mut pods: Vec<Pod>, mut policies: Vec<Policy>) -> Self {
+        let mut by_name: BTreeMap<String, Namespace> = BTreeMap::new();
+        for mut ns in namespaces {
+            ns.labels.entry(NAMESPACE_NAME_LABEL.to_string()).or_insert_with(|| ns.name.clone());
+            by_name.insert(ns.name.clone(), ns);
+        }
+        let referenced = pods.iter().map(|p| &p.id.namespace).chain(policies.iter().map(|p| &p.id.namespace));
+        for name in referenced {
+            if !by_name.contains_key(name) {
+                by_name.insert(name.clone(), Namespace::synthesized(name));
+            }
+        }
+        pods.sort_by(|a, b| a.id.cmp(&b.id));
+        policies.sort_by(|a, b| a.id.cmp(&b.id));
+        Cluster { namespaces: by_name, pods, policies }
+    }
+
+    pub fn pod_index(&self, id: &ObjectRef) -> Option<usize> {
+        self.pods.binary_search_by(|p| p.id.cmp(id)).ok()
+    }
+
+    pub fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {
+        self.namespaces.get(namespace).map(|ns| &ns.labels)
+    }
+
+    /// The pod (not hostNetwork) that owns `ip`, if any.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<usize> {
+        self.pods.iter().position(|p| !p.host_network && p.ips.contains(&ip))
+    }
+
+    /// Every node that runs at least one pod, sorted.
+    pub fn nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self.pods.iter().map(|p| p.node.clone()).collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+}
+
+impl Namespace {
+    pub fn synthesized(name: &str) -> Self {
+        Namespace {
+            name: name.to_string(),
+            labels: Labels::from([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())]),
+        }
+    }
+}
