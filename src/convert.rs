@@ -71,7 +71,10 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace> {
 
 /// Converts a Pod. `fallback` supplies a node and IPs for pods that were written as
 /// manifests (no status at all), which the offline checker uses; the agent passes `None`.
-pub fn pod(pod: &core::Pod, fallback: Option<&mut dyn FnMut(&ObjectRef) -> (String, Vec<IpAddr>)>) -> Result<PodOutcome> {
+pub fn pod(
+    pod: &core::Pod,
+    fallback: Option<&mut dyn FnMut(&ObjectRef) -> (String, Vec<IpAddr>)>,
+) -> Result<PodOutcome> {
     let id = object_ref(&pod.metadata)?;
     let labels = labels(pod.metadata.labels.as_ref(), "metadata.labels")?;
     let spec = pod.spec.as_ref();
@@ -96,10 +99,14 @@ pub fn pod(pod: &core::Pod, fallback: Option<&mut dyn FnMut(&ObjectRef) -> (Stri
         Some(list) if !list.is_empty() => {
             list.iter().enumerate().map(|(i, p)| (p.ip.as_str(), format!("status.podIPs[{i}].ip"))).collect()
         }
-        _ => status.and_then(|s| s.pod_ip.as_deref()).map(|ip| vec![(ip, "status.podIP".to_string())]).unwrap_or_default(),
+        _ => status
+            .and_then(|s| s.pod_ip.as_deref())
+            .map(|ip| vec![(ip, "status.podIP".to_string())])
+            .unwrap_or_default(),
     };
     for (text, path) in listed {
-        let ip: IpAddr = text.parse().map_err(|_| FieldError::new(path, format!("{text:?} is not a valid IP address")))?;
+        let ip: IpAddr =
+            text.parse().map_err(|_| FieldError::new(path, format!("{text:?} is not a valid IP address")))?;
         if !ips.contains(&ip) {
             ips.push(ip);
         }
@@ -183,7 +190,12 @@ pub fn policy(np: &net::NetworkPolicy) -> Result<Policy> {
     })
 }
 
-fn rule(peers: Option<&[net::NetworkPolicyPeer]>, ports: Option<&[net::NetworkPolicyPort]>, path: &str, peer_field: &str) -> Result<Rule> {
+fn rule(
+    peers: Option<&[net::NetworkPolicyPeer]>,
+    ports: Option<&[net::NetworkPolicyPort]>,
+    path: &str,
+    peer_field: &str,
+) -> Result<Rule> {
     let peers = match peers {
         None | Some([]) => None,
         Some(list) => {
@@ -209,10 +221,13 @@ fn rule(peers: Option<&[net::NetworkPolicyPeer]>, ports: Option<&[net::NetworkPo
 
 fn peer(p: &net::NetworkPolicyPeer, path: &str) -> Result<Peer> {
     match (&p.pod_selector, &p.namespace_selector, &p.ip_block) {
-        (None, None, None) => Err(FieldError::new(path, "must specify a peer (podSelector, namespaceSelector or ipBlock)")),
-        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
-            Err(FieldError::new(path, "may not specify more than 1 peer: ipBlock cannot be combined with podSelector or namespaceSelector"))
+        (None, None, None) => {
+            Err(FieldError::new(path, "must specify a peer (podSelector, namespaceSelector or ipBlock)"))
         }
+        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => Err(FieldError::new(
+            path,
+            "may not specify more than 1 peer: ipBlock cannot be combined with podSelector or namespaceSelector",
+        )),
         (pods, namespaces, None) => {
             let pods = match pods {
                 Some(s) => selector(s, &format!("{path}.podSelector"))?,
@@ -235,7 +250,10 @@ fn ip_block(block: &net::IPBlock, path: &str) -> Result<IpBlock> {
         let epath = format!("{path}.except[{i}]");
         let net = parse_cidr(e, &epath)?;
         // "must be a strict subset of `cidr`"
-        if !cidr.contains(&net.network()) || net.prefix_len() <= cidr.prefix_len() || net.addr().is_ipv4() != cidr.addr().is_ipv4() {
+        if !cidr.contains(&net.network())
+            || net.prefix_len() <= cidr.prefix_len()
+            || net.addr().is_ipv4() != cidr.addr().is_ipv4()
+        {
             return Err(FieldError::new(epath, format!("{e:?} must be a strict subset of cidr {:?}", block.cidr)));
         }
         except.push(net);
@@ -247,7 +265,9 @@ fn ip_block(block: &net::IPBlock, path: &str) -> Result<IpBlock> {
 
 /// Parses a CIDR as the API server's `ParseCIDR` does: host bits may be set and are masked.
 pub fn parse_cidr(text: &str, path: &str) -> Result<IpNet> {
-    let net: IpNet = text.parse().map_err(|_| FieldError::new(path, format!("{text:?} is not a valid CIDR (expected e.g. 10.0.0.0/16 or fd00::/64)")))?;
+    let net: IpNet = text.parse().map_err(|_| {
+        FieldError::new(path, format!("{text:?} is not a valid CIDR (expected e.g. 10.0.0.0/16 or fd00::/64)"))
+    })?;
     Ok(net.trunc())
 }
 
@@ -257,7 +277,9 @@ fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
     let protocol = protocol(p.protocol.as_deref(), &format!("{path}.protocol"))?;
     let port = match (&p.port, p.end_port) {
         (None, None) => PortMatch::Any,
-        (None, Some(_)) => return Err(FieldError::new(format!("{path}.endPort"), "may not be specified when `port` is not specified")),
+        (None, Some(_)) => {
+            return Err(FieldError::new(format!("{path}.endPort"), "may not be specified when `port` is not specified"));
+        }
         (Some(IntOrString::Int(n)), end) => {
             let start = port_number(*n, &format!("{path}.port"))?;
             // "endPort indicates that the range of ports from port to endPort if set,
@@ -269,7 +291,10 @@ fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
                 Some(e) => {
                     let end = port_number(e, &format!("{path}.endPort"))?;
                     if end < start {
-                        return Err(FieldError::new(format!("{path}.endPort"), format!("{end} must be greater than or equal to `port` ({start})")));
+                        return Err(FieldError::new(
+                            format!("{path}.endPort"),
+                            format!("{end} must be greater than or equal to `port` ({start})"),
+                        ));
                     }
                     end
                 }
@@ -279,10 +304,20 @@ fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
         (Some(IntOrString::String(s)), end) => {
             // A string holding digits is still a string to the API: but users mean a number.
             if let Ok(n) = s.parse::<i32>() {
-                return port_spec(&net::NetworkPolicyPort { port: Some(IntOrString::Int(n)), end_port: end, protocol: p.protocol.clone() }, path);
+                return port_spec(
+                    &net::NetworkPolicyPort {
+                        port: Some(IntOrString::Int(n)),
+                        end_port: end,
+                        protocol: p.protocol.clone(),
+                    },
+                    path,
+                );
             }
             if end.is_some() {
-                return Err(FieldError::new(format!("{path}.endPort"), "may not be specified when `port` is a named port"));
+                return Err(FieldError::new(
+                    format!("{path}.endPort"),
+                    "may not be specified when `port` is a named port",
+                ));
             }
             validate_port_name(s, &format!("{path}.port"))?;
             PortMatch::Named(s.clone())
@@ -295,7 +330,10 @@ fn protocol(text: Option<&str>, path: &str) -> Result<Protocol> {
     match text {
         None => Ok(Protocol::Tcp),
         Some(t @ ("TCP" | "UDP" | "SCTP")) => Ok(Protocol::parse(t).expect("listed")),
-        Some(other) => Err(FieldError::new(path, format!("unsupported value {other:?}: supported values are \"TCP\", \"UDP\", \"SCTP\""))),
+        Some(other) => Err(FieldError::new(
+            path,
+            format!("unsupported value {other:?}: supported values are \"TCP\", \"UDP\", \"SCTP\""),
+        )),
     }
 }
 
@@ -322,19 +360,27 @@ pub fn selector(s: &LabelSelector, path: &str) -> Result<Selector> {
         }
         let operator = match e.operator.as_str() {
             "In" | "NotIn" if values.is_empty() => {
-                return Err(FieldError::new(format!("{epath}.values"), format!("must be specified when `operator` is {:?}", e.operator)));
+                return Err(FieldError::new(
+                    format!("{epath}.values"),
+                    format!("must be specified when `operator` is {:?}", e.operator),
+                ));
             }
             "In" => Operator::In(values),
             "NotIn" => Operator::NotIn(values),
             "Exists" | "DoesNotExist" if !values.is_empty() => {
-                return Err(FieldError::new(format!("{epath}.values"), format!("may not be specified when `operator` is {:?}", e.operator)));
+                return Err(FieldError::new(
+                    format!("{epath}.values"),
+                    format!("may not be specified when `operator` is {:?}", e.operator),
+                ));
             }
             "Exists" => Operator::Exists,
             "DoesNotExist" => Operator::DoesNotExist,
             other => {
                 return Err(FieldError::new(
                     format!("{epath}.operator"),
-                    format!("not a valid selector operator {other:?}: supported values are \"In\", \"NotIn\", \"Exists\", \"DoesNotExist\""),
+                    format!(
+                        "not a valid selector operator {other:?}: supported values are \"In\", \"NotIn\", \"Exists\", \"DoesNotExist\""
+                    ),
                 ));
             }
         };
@@ -396,12 +442,17 @@ pub fn validate_label_key(key: &str, path: &str) -> Result<()> {
     if let Some(p) = prefix
         && !is_dns_subdomain(p)
     {
-        return Err(FieldError::new(path, format!("invalid label key {key:?}: prefix must be a DNS subdomain (lower case letters, digits, '-', '.')")));
+        return Err(FieldError::new(
+            path,
+            format!("invalid label key {key:?}: prefix must be a DNS subdomain (lower case letters, digits, '-', '.')"),
+        ));
     }
     if !is_qualified_name_part(name) {
         return Err(FieldError::new(
             path,
-            format!("invalid label key {key:?}: name part must be 1-63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"),
+            format!(
+                "invalid label key {key:?}: name part must be 1-63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+            ),
         ));
     }
     Ok(())
@@ -413,7 +464,9 @@ pub fn validate_label_value(value: &str, path: &str) -> Result<()> {
     } else {
         Err(FieldError::new(
             path,
-            format!("invalid label value {value:?}: must be at most 63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"),
+            format!(
+                "invalid label value {value:?}: must be at most 63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+            ),
         ))
     }
 }
@@ -424,7 +477,12 @@ fn validate_dns_label(s: &str, path: &str) -> Result<()> {
     } else if s.is_empty() {
         Err(FieldError::new(path, "is required"))
     } else {
-        Err(FieldError::new(path, format!("{s:?} is not a valid name: must be at most 63 lower case letters, digits or '-', starting and ending with a letter or digit")))
+        Err(FieldError::new(
+            path,
+            format!(
+                "{s:?} is not a valid name: must be at most 63 lower case letters, digits or '-', starting and ending with a letter or digit"
+            ),
+        ))
     }
 }
 
@@ -434,7 +492,12 @@ fn validate_dns_subdomain(s: &str, path: &str) -> Result<()> {
     } else if s.is_empty() {
         Err(FieldError::new(path, "is required"))
     } else {
-        Err(FieldError::new(path, format!("{s:?} is not a valid name: must be lower case letters, digits, '-' or '.', at most 253 characters")))
+        Err(FieldError::new(
+            path,
+            format!(
+                "{s:?} is not a valid name: must be lower case letters, digits, '-' or '.', at most 253 characters"
+            ),
+        ))
     }
 }
 
@@ -453,7 +516,9 @@ pub fn validate_port_name(name: &str, path: &str) -> Result<()> {
     } else {
         Err(FieldError::new(
             path,
-            format!("invalid port name {name:?}: must be 1-15 lower case letters, digits or '-', with at least one letter and no leading, trailing or double '-'"),
+            format!(
+                "invalid port name {name:?}: must be 1-15 lower case letters, digits or '-', with at least one letter and no leading, trailing or double '-'"
+            ),
         ))
     }
 }

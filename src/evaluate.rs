@@ -183,14 +183,27 @@ enum TierDecision {
 }
 
 impl Tier {
-    fn decide(self, cluster: &Cluster, conn: &Connection, direction: Direction, subject: usize, peer: Endpoint) -> TierDecision {
+    fn decide(
+        self,
+        cluster: &Cluster,
+        conn: &Connection,
+        direction: Direction,
+        subject: usize,
+        peer: Endpoint,
+    ) -> TierDecision {
         match self {
             Tier::NetworkPolicy => network_policy_tier(cluster, conn, direction, subject, peer),
         }
     }
 }
 
-fn network_policy_tier(cluster: &Cluster, conn: &Connection, direction: Direction, subject: usize, peer: Endpoint) -> TierDecision {
+fn network_policy_tier(
+    cluster: &Cluster,
+    conn: &Connection,
+    direction: Direction,
+    subject: usize,
+    peer: Endpoint,
+) -> TierDecision {
     let pod = &cluster.pods[subject];
     // "A pod is isolated for a direction iff some policy in its namespace selects it and
     // lists that direction." Unisolated pods pass to the next tier.
@@ -198,7 +211,9 @@ fn network_policy_tier(cluster: &Cluster, conn: &Connection, direction: Directio
         .policies
         .iter()
         .enumerate()
-        .filter(|(_, p)| p.id.namespace == pod.id.namespace && p.rules(direction).is_some() && p.pod_selector.matches(&pod.labels))
+        .filter(|(_, p)| {
+            p.id.namespace == pod.id.namespace && p.rules(direction).is_some() && p.pod_selector.matches(&pod.labels)
+        })
         .map(|(i, _)| i)
         .collect();
     if isolated_by.is_empty() {
@@ -213,7 +228,9 @@ fn network_policy_tier(cluster: &Cluster, conn: &Connection, direction: Directio
     for &pi in &isolated_by {
         let policy = &cluster.policies[pi];
         for (ri, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
-            if let Some((peer_idx, port_idx)) = rule_admits(cluster, &policy.id.namespace, rule, peer, peer_ip, destination, conn) {
+            if let Some((peer_idx, port_idx)) =
+                rule_admits(cluster, &policy.id.namespace, rule, peer, peer_ip, destination, conn)
+            {
                 let decision = Decision::Allowed(RuleMatch { policy: pi, rule: ri, peer: peer_idx, port: port_idx });
                 return TierDecision::Decided(SideVerdict { direction, isolated_by, decision });
             }
@@ -244,7 +261,13 @@ fn rule_admits(
     Some((peer_idx, port_idx))
 }
 
-pub(crate) fn peer_matches(cluster: &Cluster, policy_namespace: &str, peer: &Peer, endpoint: Endpoint, ip: IpAddr) -> bool {
+pub(crate) fn peer_matches(
+    cluster: &Cluster,
+    policy_namespace: &str,
+    peer: &Peer,
+    endpoint: Endpoint,
+    ip: IpAddr,
+) -> bool {
     match peer {
         // "ipBlock matches any source/destination IP, pod IPs included."
         Peer::IpBlock(block) => block.contains(ip),

@@ -1,0 +1,326 @@
+//! A deterministic generator of realistic clusters, for benchmarks and property tests.
+//!
+//! ```text
+//!  Params{pods, namespaces, policies, nodes, seed} ──► SplitMix64 ──► Cluster
+//! ```
+//!
+//! Labels come from small vocabularies like real clusters have (`app`, `tier`, `env`,
+//! `team`), so selectors match realistic fractions of pods. The same parameters always
+//! give the same cluster.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::model::{
+    Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch,
+    PortSpec, Protocol, Rule,
+};
+use crate::selector::{Operator, Requirement, Selector};
+
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub pods: usize,
+    pub namespaces: usize,
+    pub policies: usize,
+    pub nodes: usize,
+    pub seed: u64,
+    /// Give every pod an IPv6 address too.
+    pub dual_stack: bool,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { pods: 100, namespaces: 10, policies: 30, nodes: 3, seed: 1, dual_stack: false }
+    }
+}
+
+/// SplitMix64: tiny, fast, good enough for test data, and stable across platforms.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const APPS: &[&str] =
+    &["frontend", "backend", "api", "db", "cache", "worker", "nginx", "auth", "search", "queue", "metrics", "billing"];
+const TIERS: &[&str] = &["web", "app", "data"];
+const ENVS: &[&str] = &["prod", "staging", "dev"];
+const TEAMS: &[&str] = &["payments", "identity", "platform", "growth", "data"];
+/// (port, protocol, name) that apps serve.
+const PORTS: &[(u16, Protocol, &str)] = &[
+    (80, Protocol::Tcp, "http"),
+    (443, Protocol::Tcp, "https"),
+    (8080, Protocol::Tcp, "web"),
+    (5432, Protocol::Tcp, "postgres"),
+    (6379, Protocol::Tcp, "redis"),
+    (53, Protocol::Udp, "dns"),
+    (9090, Protocol::Tcp, "metrics"),
+];
+
+fn app_port(app_index: usize) -> (u16, Protocol, &'static str) {
+    PORTS[app_index % PORTS.len()]
+}
+
+pub fn cluster(p: &Params) -> Cluster {
+    let mut rng = Rng::new(p.seed);
+    let namespaces: Vec<Namespace> = (0..p.namespaces.max(1))
+        .map(|i| {
+            let name = format!("ns-{i}");
+            let mut labels = Labels::new();
+            labels.insert("team".into(), rng.pick(TEAMS).to_string());
+            labels.insert("env".into(), rng.pick(ENVS).to_string());
+            labels.insert(crate::model::NAMESPACE_NAME_LABEL.into(), name.clone());
+            Namespace { name, labels }
+        })
+        .collect();
+    let pods: Vec<Pod> = (0..p.pods)
+        .map(|i| {
+            let ns = &namespaces[i % namespaces.len()];
+            let app_index = rng.below(APPS.len());
+            let app = APPS[app_index];
+            let mut labels = Labels::new();
+            labels.insert("app".into(), app.to_string());
+            labels.insert("tier".into(), rng.pick(TIERS).to_string());
+            if rng.chance(60) {
+                labels.insert("env".into(), rng.pick(ENVS).to_string());
+            }
+            let (port, protocol, name) = app_port(app_index);
+            // Named ports resolve to different numbers on different pods now and then.
+            let port = if rng.chance(20) { port + 1000 } else { port };
+            let ports = vec![
+                ContainerPort { name: Some(name.to_string()), port, protocol },
+                ContainerPort { name: Some("metrics".into()), port: 9090, protocol: Protocol::Tcp },
+            ];
+            let v4 = IpAddr::V4(Ipv4Addr::from(0x0A00_0000u32 + 0x1_0000 + i as u32));
+            let mut ips = vec![v4];
+            if p.dual_stack {
+                ips.push(IpAddr::V6(Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0001_0000u128 + i as u128)));
+            }
+            Pod {
+                id: ObjectRef::new(ns.name.clone(), format!("{app}-{i}")),
+                labels,
+                node: format!("node-{}", i % p.nodes.max(1)),
+                ips,
+                host_network: false,
+                ports: {
+                    let mut ports = ports;
+                    ports.sort();
+                    ports.dedup_by(|a, b| a.name == b.name);
+                    ports
+                },
+            }
+        })
+        .collect();
+    let policies =
+        (0..p.policies).map(|i| policy(&mut rng, i, &namespaces[rng_index(i, namespaces.len())].name)).collect();
+    Cluster::new(namespaces, pods, policies)
+}
+
+fn rng_index(i: usize, n: usize) -> usize {
+    (i * 7 + 3) % n
+}
+
+fn app_selector(rng: &mut Rng) -> Selector {
+    match rng.below(10) {
+        0 => Selector::everything(),
+        1 => Selector::new(vec![Requirement {
+            key: "app".into(),
+            operator: Operator::In(BTreeSet::from([rng.pick(APPS).to_string(), rng.pick(APPS).to_string()])),
+        }]),
+        2 => Selector::new(vec![
+            Requirement { key: "tier".into(), operator: Operator::In(BTreeSet::from([rng.pick(TIERS).to_string()])) },
+            Requirement { key: "env".into(), operator: Operator::NotIn(BTreeSet::from(["dev".to_string()])) },
+        ]),
+        3 => Selector::new(vec![Requirement { key: "env".into(), operator: Operator::Exists }]),
+        _ => Selector::from_labels([("app", *rng.pick(APPS))]),
+    }
+}
+
+fn ports(rng: &mut Rng) -> Option<Vec<PortSpec>> {
+    match rng.below(6) {
+        0 => None,
+        1 => Some(vec![PortSpec { protocol: Protocol::Tcp, port: PortMatch::Range(8000, 9000) }]),
+        2 => {
+            let (_, protocol, name) = *rng.pick(PORTS);
+            Some(vec![PortSpec { protocol, port: PortMatch::Named(name.to_string()) }])
+        }
+        _ => {
+            let (port, protocol, _) = *rng.pick(PORTS);
+            Some(vec![PortSpec { protocol, port: PortMatch::Range(port, port) }])
+        }
+    }
+}
+
+fn peer(rng: &mut Rng) -> Peer {
+    match rng.below(8) {
+        0 => Peer::IpBlock(IpBlock {
+            cidr: "10.0.0.0/8".parse().expect("valid"),
+            except: vec![format!("10.1.{}.0/24", rng.below(4)).parse().expect("valid")],
+        }),
+        1 | 2 => Peer::Pods {
+            namespaces: NamespaceScope::Matching(Selector::from_labels([("team", *rng.pick(TEAMS))])),
+            pods: app_selector(rng),
+        },
+        3 => Peer::Pods { namespaces: NamespaceScope::Matching(Selector::everything()), pods: app_selector(rng) },
+        _ => Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods: app_selector(rng) },
+    }
+}
+
+fn rules(rng: &mut Rng) -> Vec<Rule> {
+    (0..rng.below(3))
+        .map(|_| Rule {
+            peers: if rng.chance(10) { None } else { Some((0..1 + rng.below(2)).map(|_| peer(rng)).collect()) },
+            ports: ports(rng),
+        })
+        .collect()
+}
+
+fn policy(rng: &mut Rng, i: usize, namespace: &str) -> Policy {
+    let kind = rng.below(10);
+    let pod_selector =
+        if kind == 0 { Selector::everything() } else { Selector::from_labels([("app", *rng.pick(APPS))]) };
+    let ingress = if kind == 0 { Some(Vec::new()) } else { Some(rules(rng)) };
+    let egress = if rng.chance(30) { Some(rules(rng)) } else { None };
+    Policy { id: ObjectRef::new(namespace, format!("policy-{i}")), pod_selector, ingress, egress }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_parameters_give_the_same_cluster() {
+        let p = Params { pods: 50, ..Params::default() };
+        assert_eq!(cluster(&p), cluster(&p));
+    }
+
+    #[test]
+    fn the_cluster_has_the_requested_sizes() {
+        let c = cluster(&Params { pods: 200, namespaces: 7, policies: 40, nodes: 4, seed: 9, dual_stack: true });
+        assert_eq!((c.pods.len(), c.namespaces.len(), c.policies.len(), c.nodes().len()), (200, 7, 40, 4));
+        assert!(c.pods.iter().all(|p| p.ips.len() == 2));
+    }
+}
+
+/// The cluster as Kubernetes manifests (a YAML stream), so the CLI can be benchmarked on it.
+pub fn to_yaml(cluster: &Cluster) -> String {
+    use serde_json::{Value, json};
+    fn selector(s: &Selector) -> Value {
+        let mut labels = serde_json::Map::new();
+        let mut exprs = Vec::new();
+        for r in s.requirements() {
+            match &r.operator {
+                Operator::In(vs) if vs.len() == 1 => {
+                    labels.insert(r.key.clone(), Value::String(vs.iter().next().cloned().unwrap_or_default()));
+                }
+                Operator::In(vs) => exprs.push(json!({"key": r.key, "operator": "In", "values": vs})),
+                Operator::NotIn(vs) => exprs.push(json!({"key": r.key, "operator": "NotIn", "values": vs})),
+                Operator::Exists => exprs.push(json!({"key": r.key, "operator": "Exists"})),
+                Operator::DoesNotExist => exprs.push(json!({"key": r.key, "operator": "DoesNotExist"})),
+            }
+        }
+        let mut out = serde_json::Map::new();
+        if !labels.is_empty() {
+            out.insert("matchLabels".into(), Value::Object(labels));
+        }
+        if !exprs.is_empty() {
+            out.insert("matchExpressions".into(), Value::Array(exprs));
+        }
+        Value::Object(out)
+    }
+    fn rules(rules: &[Rule], peer_key: &str) -> Value {
+        Value::Array(
+            rules
+                .iter()
+                .map(|r| {
+                    let mut out = serde_json::Map::new();
+                    if let Some(peers) = &r.peers {
+                        let peers: Vec<Value> = peers
+                            .iter()
+                            .map(|p| match p {
+                                Peer::IpBlock(b) => json!({"ipBlock": {"cidr": b.cidr.to_string(), "except": b.except.iter().map(|e| e.to_string()).collect::<Vec<_>>()}}),
+                                Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods } => json!({"podSelector": selector(pods)}),
+                                Peer::Pods { namespaces: NamespaceScope::Matching(ns), pods } => {
+                                    json!({"namespaceSelector": selector(ns), "podSelector": selector(pods)})
+                                }
+                            })
+                            .collect();
+                        out.insert(peer_key.into(), Value::Array(peers));
+                    }
+                    if let Some(ports) = &r.ports {
+                        let ports: Vec<Value> = ports
+                            .iter()
+                            .map(|p| match &p.port {
+                                PortMatch::Any => json!({"protocol": p.protocol.as_str()}),
+                                PortMatch::Range(a, b) if a == b => json!({"protocol": p.protocol.as_str(), "port": a}),
+                                PortMatch::Range(a, b) => json!({"protocol": p.protocol.as_str(), "port": a, "endPort": b}),
+                                PortMatch::Named(n) => json!({"protocol": p.protocol.as_str(), "port": n}),
+                            })
+                            .collect();
+                        out.insert("ports".into(), Value::Array(ports));
+                    }
+                    Value::Object(out)
+                })
+                .collect(),
+        )
+    }
+    let mut docs: Vec<Value> = Vec::new();
+    for ns in cluster.namespaces.values() {
+        docs.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": ns.labels}}));
+    }
+    for pod in &cluster.pods {
+        let ports: Vec<Value> = pod
+            .ports
+            .iter()
+            .map(|p| json!({"name": p.name, "containerPort": p.port, "protocol": p.protocol.as_str()}))
+            .collect();
+        docs.push(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod.id.name, "namespace": pod.id.namespace, "labels": pod.labels},
+            "spec": {"nodeName": pod.node, "hostNetwork": pod.host_network, "containers": [{"name": "main", "image": "registry.example/app:1", "ports": ports}]},
+            "status": {"phase": "Running", "podIP": pod.ips.first().map(|ip| ip.to_string()),
+                       "podIPs": pod.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
+        }));
+    }
+    for p in &cluster.policies {
+        let mut types = Vec::new();
+        let mut spec = serde_json::Map::new();
+        spec.insert("podSelector".into(), selector(&p.pod_selector));
+        if let Some(r) = &p.ingress {
+            types.push("Ingress");
+            spec.insert("ingress".into(), rules(r, "from"));
+        }
+        if let Some(r) = &p.egress {
+            types.push("Egress");
+            spec.insert("egress".into(), rules(r, "to"));
+        }
+        spec.insert("policyTypes".into(), json!(types));
+        docs.push(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": p.id.name, "namespace": p.id.namespace}, "spec": spec}));
+    }
+    let mut out = String::new();
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&yaml_serde::to_string(&d).unwrap_or_default());
+    }
+    out
+}

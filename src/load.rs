@@ -183,7 +183,12 @@ enum Raw {
     Pod(core::Pod),
     Policy(net::NetworkPolicy),
     /// Pod templates to instantiate: (workload label, pods to make, per-node?).
-    Workload { kind: String, object: ObjectRef, template: Value, replicas: Replicas },
+    Workload {
+        kind: String,
+        object: ObjectRef,
+        template: Value,
+        replicas: Replicas,
+    },
 }
 
 enum Replicas {
@@ -258,24 +263,35 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
                         pod_ids.insert(pod.id.clone(), origin.at());
                         pods.push(pod)
                     }
-                    PodOutcome::Inactive(why) => warnings.push(format!("{}: {label} {why}: it takes no part", origin.at())),
+                    PodOutcome::Inactive(why) => {
+                        warnings.push(format!("{}: {label} {why}: it takes no part", origin.at()))
+                    }
                 }
             }
             Raw::Workload { kind, object, template, replicas } => {
                 let names: Vec<(String, Option<String>)> = match replicas {
                     Replicas::Count(n) => (0..n).map(|i| (format!("{}-{i}", object.name), None)).collect(),
-                    Replicas::OnePerNode => placer.nodes.iter().map(|node| (format!("{}-{node}", object.name), Some(node.clone()))).collect(),
+                    Replicas::OnePerNode => placer
+                        .nodes
+                        .iter()
+                        .map(|node| (format!("{}-{node}", object.name), Some(node.clone())))
+                        .collect(),
                 };
                 for (name, node) in names {
-                    let pod = pod_from_template(&template, &object.namespace, &name, node.as_deref())
-                        .map_err(|e| origin.error(Some(label.clone()), Some(format!("spec.template.{}", e.path)), e.reason))?;
+                    let pod = pod_from_template(&template, &object.namespace, &name, node.as_deref()).map_err(|e| {
+                        origin.error(Some(label.clone()), Some(format!("spec.template.{}", e.path)), e.reason)
+                    })?;
                     let mut assign = |id: &ObjectRef| placer.place(id);
                     let converted = convert::pod(&pod, Some(&mut assign)).map_err(|e| {
                         origin.error(Some(label.clone()), Some(format!("spec.template.{}", e.path)), e.reason)
                     })?;
                     if let PodOutcome::Pod(pod) = converted {
                         if let Some(first) = pod_ids.insert(pod.id.clone(), origin.at()) {
-                            return Err(origin.error(Some(label.clone()), None, format!("{kind} makes pod {} which is also declared at {first}", pod.id)));
+                            return Err(origin.error(
+                                Some(label.clone()),
+                                None,
+                                format!("{kind} makes pod {} which is also declared at {first}", pod.id),
+                            ));
                         }
                         pods.push(pod);
                     }
@@ -289,7 +305,10 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
             line: 0,
             object: None,
             field: None,
-            reason: format!("the synthetic IP range {} is too small for the pods that need addresses", options.synthetic_ipv4),
+            reason: format!(
+                "the synthetic IP range {} is too small for the pods that need addresses",
+                options.synthetic_ipv4
+            ),
         });
     }
     Ok(Loaded { cluster: Cluster::new(namespaces, pods, policies), warnings })
@@ -335,7 +354,12 @@ fn parse_document(file: &str, doc: &str, line: usize) -> Result<Option<Value>, L
 
 fn yaml_error(e: &yaml_serde::Error, doc_line: usize) -> String {
     match e.location() {
-        Some(loc) => format!("invalid YAML at line {}, column {}: {}", doc_line + loc.line() - 1, loc.column(), strip_location(&e.to_string())),
+        Some(loc) => format!(
+            "invalid YAML at line {}, column {}: {}",
+            doc_line + loc.line() - 1,
+            loc.column(),
+            strip_location(&e.to_string())
+        ),
         None => format!("invalid YAML: {e}"),
     }
 }
@@ -370,7 +394,11 @@ fn collect(
     skipped: &mut BTreeMap<String, String>,
 ) -> Result<(), LoadError> {
     if !value.is_object() {
-        return Err(origin.error(None, (!path.is_empty()).then(|| path.to_string()), "expected a Kubernetes object (a mapping with apiVersion and kind)"));
+        return Err(origin.error(
+            None,
+            (!path.is_empty()).then(|| path.to_string()),
+            "expected a Kubernetes object (a mapping with apiVersion and kind)",
+        ));
     }
     let api_version = str_field(&value, "apiVersion").unwrap_or("").to_string();
     let Some(kind) = str_field(&value, "kind").map(str::to_string) else {
@@ -384,11 +412,21 @@ fn collect(
         origin.error(Some(label.clone()), field, e.into_inner().to_string())
     };
     match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => raws.push((origin.clone(), label.clone(), Raw::Namespace(serde_path_to_error::deserialize(value).map_err(field)?))),
-        ("v1", "Pod") => raws.push((origin.clone(), label.clone(), Raw::Pod(serde_path_to_error::deserialize(value).map_err(field)?))),
-        ("networking.k8s.io/v1", "NetworkPolicy") => {
-            raws.push((origin.clone(), label.clone(), Raw::Policy(serde_path_to_error::deserialize(value).map_err(field)?)))
-        }
+        ("v1", "Namespace") => raws.push((
+            origin.clone(),
+            label.clone(),
+            Raw::Namespace(serde_path_to_error::deserialize(value).map_err(field)?),
+        )),
+        ("v1", "Pod") => raws.push((
+            origin.clone(),
+            label.clone(),
+            Raw::Pod(serde_path_to_error::deserialize(value).map_err(field)?),
+        )),
+        ("networking.k8s.io/v1", "NetworkPolicy") => raws.push((
+            origin.clone(),
+            label.clone(),
+            Raw::Policy(serde_path_to_error::deserialize(value).map_err(field)?),
+        )),
         ("net.alpha.kubernetes.io/v1alpha1", "NetworkPolicy") => {
             let v1 = legacy_to_v1(&value).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
             let yaml = yaml_serde::to_string(&v1).unwrap_or_default();
@@ -397,7 +435,11 @@ fn collect(
                 origin.at(),
                 yaml.trim_end()
             ));
-            raws.push((origin.clone(), label.clone(), Raw::Policy(serde_path_to_error::deserialize(v1).map_err(field)?)));
+            raws.push((
+                origin.clone(),
+                label.clone(),
+                Raw::Policy(serde_path_to_error::deserialize(v1).map_err(field)?),
+            ));
         }
         ("conformance.netpol/v1", "Expectation") => {}
         (_, k) if k.ends_with("List") && value.get("items").is_some() => {
@@ -409,7 +451,8 @@ fn collect(
             }
         }
         (group, k) if workload_kind(group, k) => {
-            let (template, replicas) = workload_template(&value, k).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
+            let (template, replicas) =
+                workload_template(&value, k).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
             let meta = value.get("metadata");
             let object = ObjectRef::new(
                 meta.and_then(|m| str_field(m, "namespace")).unwrap_or("default"),
@@ -418,7 +461,11 @@ fn collect(
             if object.name.is_empty() {
                 return Err(origin.error(Some(label), Some("metadata.name".into()), "is required"));
             }
-            raws.push((origin.clone(), label.clone(), Raw::Workload { kind: k.to_string(), object, template, replicas }));
+            raws.push((
+                origin.clone(),
+                label.clone(),
+                Raw::Workload { kind: k.to_string(), object, template, replicas },
+            ));
         }
         _ => {
             let key = if api_version.is_empty() { kind.clone() } else { format!("{api_version} {kind}") };
@@ -440,20 +487,22 @@ fn workload_kind(group: &str, kind: &str) -> bool {
 fn workload_template(v: &Value, kind: &str) -> Result<(Value, Replicas), FieldError> {
     let spec = v.get("spec").ok_or_else(|| FieldError::new("spec", "is required"))?;
     let (spec, prefix) = if kind == "CronJob" {
-        let job = spec.get("jobTemplate").and_then(|j| j.get("spec")).ok_or_else(|| FieldError::new("spec.jobTemplate.spec", "is required"))?;
+        let job = spec
+            .get("jobTemplate")
+            .and_then(|j| j.get("spec"))
+            .ok_or_else(|| FieldError::new("spec.jobTemplate.spec", "is required"))?;
         (job, "spec.jobTemplate.spec")
     } else {
         (spec, "spec")
     };
-    let template = spec.get("template").cloned().ok_or_else(|| FieldError::new(format!("{prefix}.template"), "is required"))?;
+    let template =
+        spec.get("template").cloned().ok_or_else(|| FieldError::new(format!("{prefix}.template"), "is required"))?;
     let count = |key: &str| -> Result<u32, FieldError> {
         match spec.get(key) {
             None | Some(Value::Null) => Ok(1),
-            Some(n) => n
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|n| *n <= 10_000)
-                .ok_or_else(|| FieldError::new(format!("{prefix}.{key}"), format!("must be a whole number from 0 to 10000 (got {n})"))),
+            Some(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()).filter(|n| *n <= 10_000).ok_or_else(|| {
+                FieldError::new(format!("{prefix}.{key}"), format!("must be a whole number from 0 to 10000 (got {n})"))
+            }),
         }
     };
     let replicas = match kind {
@@ -464,7 +513,12 @@ fn workload_template(v: &Value, kind: &str) -> Result<(Value, Replicas), FieldEr
     Ok((template, replicas))
 }
 
-fn pod_from_template(template: &Value, namespace: &str, name: &str, node: Option<&str>) -> Result<core::Pod, FieldError> {
+fn pod_from_template(
+    template: &Value,
+    namespace: &str,
+    name: &str,
+    node: Option<&str>,
+) -> Result<core::Pod, FieldError> {
     let mut pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {}, "spec": {}});
     if let Some(meta) = template.get("metadata") {
         pod["metadata"] = meta.clone();
@@ -506,7 +560,10 @@ fn legacy_to_v1(v: &Value) -> Result<Value, FieldError> {
                     out.insert("podSelector".into(), labels(Some(p), &format!("spec.allowIncoming.from[{i}].pods"))?);
                 }
                 if let Some(n) = peer.get("namespaces") {
-                    out.insert("namespaceSelector".into(), labels(Some(n), &format!("spec.allowIncoming.from[{i}].namespaces"))?);
+                    out.insert(
+                        "namespaceSelector".into(),
+                        labels(Some(n), &format!("spec.allowIncoming.from[{i}].namespaces"))?,
+                    );
                 }
                 peers.push(Value::Object(out));
             }
@@ -546,14 +603,23 @@ struct Placer {
 
 impl Placer {
     fn new(options: &LoadOptions, nodes: Vec<String>, taken: BTreeSet<IpAddr>) -> Self {
-        Placer { nodes, next_node: 0, v4: options.synthetic_ipv4, v6: options.synthetic_ipv6, next_host: 1, taken, exhausted: false }
+        Placer {
+            nodes,
+            next_node: 0,
+            v4: options.synthetic_ipv4,
+            v6: options.synthetic_ipv6,
+            next_host: 1,
+            taken,
+            exhausted: false,
+        }
     }
 
     fn nth(net: IpNet, k: u128) -> Option<IpAddr> {
         match net {
             IpNet::V4(n) => {
                 let size = 1u128 << (32 - n.prefix_len());
-                (k < size.saturating_sub(1)).then(|| IpAddr::from(std::net::Ipv4Addr::from((u32::from(n.network()) as u128 + k) as u32)))
+                (k < size.saturating_sub(1))
+                    .then(|| IpAddr::from(std::net::Ipv4Addr::from((u32::from(n.network()) as u128 + k) as u32)))
             }
             IpNet::V6(n) => {
                 let bits = 128 - u32::from(n.prefix_len());

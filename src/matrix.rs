@@ -114,7 +114,9 @@ pub fn reference_matrix(cluster: &Cluster, probe: &Probe, family: Family) -> Bit
         .map(|i| {
             let mut row = BitSet::empty(n);
             for j in 0..n {
-                if cell_connection(cluster, probe, family, i, j).is_some_and(|c| evaluate::evaluate(cluster, &c).allowed) {
+                if cell_connection(cluster, probe, family, i, j)
+                    .is_some_and(|c| evaluate::evaluate(cluster, &c).allowed)
+                {
                     row.insert(j);
                 }
             }
@@ -274,7 +276,8 @@ impl<'a> Index<'a> {
         for j in 0..self.n {
             let dst = &cluster.pods[j];
             let ipv6 = self.dst_is_v6.contains(j);
-            let value = if dst_port[j].is_none() || src.ip_of_family(ipv6).is_none() || dst.ip_of_family(ipv6).is_none() {
+            let value = if dst_port[j].is_none() || src.ip_of_family(ipv6).is_none() || dst.ip_of_family(ipv6).is_none()
+            {
                 Some(false)
             } else if i == j || (src.host_network && !dst.host_network && src.node == dst.node) {
                 Some(true)
@@ -368,9 +371,12 @@ fn rule_peer_sets<'s>(
                     let mut set = BitSet::empty(n);
                     let namespaces: Vec<&str> = match namespaces {
                         NamespaceScope::PolicyNamespace => vec![policy_namespace],
-                        NamespaceScope::Matching(sel) => {
-                            cluster.namespaces.values().filter(|ns| sel.matches(&ns.labels)).map(|ns| ns.name.as_str()).collect()
-                        }
+                        NamespaceScope::Matching(sel) => cluster
+                            .namespaces
+                            .values()
+                            .filter(|ns| sel.matches(&ns.labels))
+                            .map(|ns| ns.name.as_str())
+                            .collect(),
                     };
                     for ns in namespaces {
                         for &i in by_namespace.get(ns).map(Vec::as_slice).unwrap_or_default() {

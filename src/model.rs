@@ -124,10 +124,7 @@ impl Pod {
     /// Resolves a named port on this pod: "a named port ... is resolved on the destination
     /// pod's containerPorts (name + protocol)".
     pub fn resolve_named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
-        self.ports
-            .iter()
-            .find(|p| p.protocol == protocol && p.name.as_deref() == Some(name))
-            .map(|p| p.port)
+        self.ports.iter().find(|p| p.protocol == protocol && p.name.as_deref() == Some(name)).map(|p| p.port)
     }
 }
 
@@ -185,7 +182,10 @@ pub struct Rule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Peer {
     /// podSelector and/or namespaceSelector.
-    Pods { namespaces: NamespaceScope, pods: Selector },
+    Pods {
+        namespaces: NamespaceScope,
+        pods: Selector,
+    },
     IpBlock(IpBlock),
 }
 

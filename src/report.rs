@@ -1,0 +1,277 @@
+//! Human and machine output: matrices (text, JSON, YAML, CSV) and plain-language
+//! descriptions of policies, peers and verdicts.
+//!
+//! ```text
+//!  MatrixReport{engine, pods, probes[BitMatrix]} ──► write_text | write_json | write_yaml | write_csv
+//!  Verdict ──► describe_verdict (query)          Pod ──► describe_pod (explain)
+//! ```
+//!
+//! The JSON matrix is a contract scripts rely on:
+//! `{"engine": E, "pods": ["ns/name", ...], "probes": [{"port": 80|"name", "protocol": "TCP",
+//! "allowed": [[bool, ...], ...]}]}`, `allowed[i][j]` meaning `pods[i] -> pods[j]`.
+
+use std::io::{self, Write};
+
+use crate::bitset::BitMatrix;
+use crate::evaluate::{Connection, Decision, Endpoint, Shortcut, SideVerdict, Verdict};
+use crate::matrix::{Probe, ProbePort};
+use crate::model::{Cluster, Direction, NamespaceScope, Peer, PortSpec, Rule};
+
+pub struct MatrixReport<'a> {
+    pub engine: &'a str,
+    pub pods: Vec<String>,
+    pub probes: Vec<(Probe, BitMatrix)>,
+}
+
+fn json_port(port: &ProbePort) -> String {
+    match port {
+        ProbePort::Number(n) => n.to_string(),
+        ProbePort::Named(name) => serde_json::to_string(name).unwrap_or_default(),
+    }
+}
+
+pub fn write_json(out: &mut impl Write, r: &MatrixReport) -> io::Result<()> {
+    write!(out, "{{\"engine\": {}, \"pods\": [", serde_json::to_string(r.engine)?)?;
+    for (i, p) in r.pods.iter().enumerate() {
+        if i > 0 {
+            out.write_all(b", ")?;
+        }
+        out.write_all(serde_json::to_string(p)?.as_bytes())?;
+    }
+    out.write_all(b"], \"probes\": [")?;
+    for (k, (probe, m)) in r.probes.iter().enumerate() {
+        if k > 0 {
+            out.write_all(b", ")?;
+        }
+        write!(out, "{{\"port\": {}, \"protocol\": \"{}\", \"allowed\": [", json_port(&probe.port), probe.protocol)?;
+        for i in 0..m.size() {
+            out.write_all(if i > 0 { b", [" } else { b"[" })?;
+            for j in 0..m.size() {
+                let cell: &[u8] = if m.get(i, j) { b"true" } else { b"false" };
+                if j > 0 {
+                    out.write_all(b", ")?;
+                }
+                out.write_all(cell)?;
+            }
+            out.write_all(b"]")?;
+        }
+        out.write_all(b"]}")?;
+    }
+    out.write_all(b"]}\n")
+}
+
+pub fn write_yaml(out: &mut impl Write, r: &MatrixReport) -> io::Result<()> {
+    writeln!(out, "engine: {}", r.engine)?;
+    writeln!(out, "pods:")?;
+    for p in &r.pods {
+        writeln!(out, "- {}", serde_json::to_string(p)?)?;
+    }
+    writeln!(out, "probes:")?;
+    for (probe, m) in &r.probes {
+        writeln!(out, "- port: {}\n  protocol: {}\n  allowed:", json_port(&probe.port), probe.protocol)?;
+        for i in 0..m.size() {
+            let cells: Vec<&str> = (0..m.size()).map(|j| if m.get(i, j) { "true" } else { "false" }).collect();
+            writeln!(out, "  - [{}]", cells.join(", "))?;
+        }
+    }
+    Ok(())
+}
+
+/// One line per cell: easy to filter with grep, awk or a spreadsheet.
+pub fn write_csv(out: &mut impl Write, r: &MatrixReport) -> io::Result<()> {
+    writeln!(out, "port,protocol,from,to,allowed")?;
+    for (probe, m) in &r.probes {
+        for i in 0..m.size() {
+            for j in 0..m.size() {
+                writeln!(out, "{},{},{},{},{}", probe.port, probe.protocol, r.pods[i], r.pods[j], m.get(i, j))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A truth table per probe: rows are sources, columns destinations.
+pub fn write_text(out: &mut impl Write, r: &MatrixReport, color: bool) -> io::Result<()> {
+    let (allow, deny) = if color { ("\x1b[32m.\x1b[0m", "\x1b[1;31mX\x1b[0m") } else { (".", "X") };
+    let n = r.pods.len();
+    let width = r.pods.iter().map(String::len).max().unwrap_or(0);
+    let number_width = n.to_string().len();
+    writeln!(out, "engine: {}    legend: {allow} allowed   {deny} denied    rows: from   columns: to", r.engine)?;
+    if n == 0 {
+        writeln!(out, "(no pods)")?;
+        return Ok(());
+    }
+    let col = number_width.max(1);
+    for (probe, m) in &r.probes {
+        let allowed = (0..n).map(|i| m.row(i).count()).sum::<usize>();
+        writeln!(out, "\n{} {}   ({allowed} of {} allowed)", probe.protocol, probe.port, n * n)?;
+        // Column numbers, printed vertically when they take more than one digit.
+        for digit in 0..number_width {
+            write!(out, "{:w$}  ", "", w = width + number_width + 1)?;
+            for j in 0..n {
+                let s = format!("{:>w$}", j + 1, w = number_width);
+                write!(out, "{:>col$}", &s[digit..digit + 1])?;
+                out.write_all(b" ")?;
+            }
+            out.write_all(b"\n")?;
+        }
+        for i in 0..n {
+            write!(out, "{:>nw$} {:<w$}  ", i + 1, r.pods[i], nw = number_width, w = width)?;
+            for j in 0..n {
+                write!(out, "{:>pad$}{} ", "", if m.get(i, j) { allow } else { deny }, pad = col - 1)?;
+            }
+            out.write_all(b"\n")?;
+        }
+    }
+    Ok(())
+}
+
+// --- descriptions ----------------------------------------------------------------------------
+
+pub fn describe_peer(cluster: &Cluster, policy_namespace: &str, peer: &Peer) -> String {
+    let _ = cluster;
+    match peer {
+        Peer::IpBlock(b) if b.except.is_empty() => format!("addresses in {}", b.cidr),
+        Peer::IpBlock(b) => {
+            format!(
+                "addresses in {} except {}",
+                b.cidr,
+                b.except.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", ")
+            )
+        }
+        Peer::Pods { namespaces, pods } => {
+            let who = if pods.is_everything() { "all pods".to_string() } else { format!("pods with {pods}") };
+            match namespaces {
+                NamespaceScope::PolicyNamespace => format!("{who} in namespace {policy_namespace}"),
+                NamespaceScope::Matching(ns) if ns.is_everything() => format!("{who} in every namespace"),
+                NamespaceScope::Matching(ns) => format!("{who} in namespaces with {ns}"),
+            }
+        }
+    }
+}
+
+pub fn describe_ports(ports: &Option<Vec<PortSpec>>) -> String {
+    match ports {
+        None => "any port and protocol".to_string(),
+        Some(list) => list.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// "from pods with app=web in namespace shop, on TCP/80" — one rule, plainly.
+pub fn describe_rule(cluster: &Cluster, policy_namespace: &str, rule: &Rule, direction: Direction) -> String {
+    let (prep, everyone) = match direction {
+        Direction::Ingress => ("from", "from anywhere"),
+        Direction::Egress => ("to", "to anywhere"),
+    };
+    let peers = match &rule.peers {
+        None => everyone.to_string(),
+        Some(peers) => {
+            format!(
+                "{prep} {}",
+                peers.iter().map(|p| describe_peer(cluster, policy_namespace, p)).collect::<Vec<_>>().join(" or ")
+            )
+        }
+    };
+    format!("{peers}, on {}", describe_ports(&rule.ports))
+}
+
+pub fn endpoint_name(cluster: &Cluster, e: Endpoint) -> String {
+    match e {
+        Endpoint::Pod(i) => cluster.pods[i].id.to_string(),
+        Endpoint::Ip(ip) => ip.to_string(),
+    }
+}
+
+fn side_field(direction: Direction) -> (&'static str, &'static str) {
+    match direction {
+        Direction::Ingress => ("ingress", "from"),
+        Direction::Egress => ("egress", "to"),
+    }
+}
+
+/// The explanation of one side of a verdict, as lines.
+pub fn describe_side(cluster: &Cluster, conn: &Connection, side: &SideVerdict) -> Vec<String> {
+    let (subject, label) = match side.direction {
+        Direction::Egress => (conn.src, "egress from"),
+        Direction::Ingress => (conn.dst, "ingress to"),
+    };
+    let name = endpoint_name(cluster, subject);
+    let mut lines = Vec::new();
+    let isolating: Vec<String> = side.isolated_by.iter().map(|&i| cluster.policies[i].id.to_string()).collect();
+    match &side.decision {
+        Decision::Skipped => {}
+        Decision::NotPoliced => match subject {
+            Endpoint::Ip(_) => lines.push(format!("{label} {name}: not a pod, no NetworkPolicy applies")),
+            Endpoint::Pod(_) => lines.push(format!("{label} {name}: a hostNetwork pod, which NetworkPolicy does not select")),
+        },
+        Decision::NotIsolated => lines.push(format!(
+            "{label} {name}: allowed, the pod is not isolated for {} (no policy in its namespace selects it with policyTypes {})",
+            side.direction, side.direction
+        )),
+        Decision::Allowed(m) => {
+            let policy = &cluster.policies[m.policy];
+            let rule = &policy.rules(side.direction).unwrap_or_default()[m.rule];
+            let (field, peer_field) = side_field(side.direction);
+            lines.push(format!("{label} {name}: allowed; isolated by {}", isolating.join(", ")));
+            let mut at = format!("spec.{field}[{}]", m.rule);
+            if let Some(p) = m.peer {
+                at.push_str(&format!(".{peer_field}[{p}]"));
+            }
+            if let Some(p) = m.port {
+                at.push_str(&format!(", ports[{p}]"));
+            }
+            lines.push(format!(
+                "  matched {} {at}: {}",
+                policy.id,
+                describe_rule(cluster, &policy.id.namespace, rule, side.direction)
+            ));
+        }
+        Decision::NoRuleMatched => {
+            lines.push(format!("{label} {name}: DENIED; isolated by {}, and no rule matches", isolating.join(", ")));
+            for &pi in &side.isolated_by {
+                let policy = &cluster.policies[pi];
+                let rules = policy.rules(side.direction).unwrap_or_default();
+                if rules.is_empty() {
+                    lines.push(format!("  {} allows no {} at all", policy.id, side.direction));
+                }
+                for (ri, rule) in rules.iter().enumerate() {
+                    let (field, _) = side_field(side.direction);
+                    lines.push(format!(
+                        "  {} spec.{field}[{ri}] allows only {}",
+                        policy.id,
+                        describe_rule(cluster, &policy.id.namespace, rule, side.direction)
+                    ));
+                }
+            }
+        }
+    }
+    lines
+}
+
+pub fn describe_verdict(cluster: &Cluster, conn: &Connection, v: &Verdict) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{}  {} -> {} {}/{}",
+        if v.allowed { "ALLOWED" } else { "DENIED" },
+        endpoint_name(cluster, conn.src),
+        endpoint_name(cluster, conn.dst),
+        conn.protocol,
+        conn.port
+    )];
+    match v.shortcut {
+        Some(Shortcut::SamePod) => {
+            lines.push("a pod talking to itself: the traffic never reaches the node and is not policed".into())
+        }
+        Some(Shortcut::NodeToLocalPod) => lines.push(
+            "from the node (a hostNetwork pod) to a pod on the same node: always allowed (kubelet probes)".into(),
+        ),
+        Some(Shortcut::NoAddress) => lines.push(format!(
+            "one side has no {} address, so no such connection can be made",
+            if conn.ipv6 { "IPv6" } else { "IPv4" }
+        )),
+        None => {
+            lines.extend(describe_side(cluster, conn, &v.egress));
+            lines.extend(describe_side(cluster, conn, &v.ingress));
+        }
+    }
+    lines
+}

@@ -53,7 +53,10 @@ impl Selector {
         Selector::new(
             labels
                 .into_iter()
-                .map(|(k, v)| Requirement { key: k.to_string(), operator: Operator::In(BTreeSet::from([v.to_string()])) })
+                .map(|(k, v)| Requirement {
+                    key: k.to_string(),
+                    operator: Operator::In(BTreeSet::from([v.to_string()])),
+                })
                 .collect(),
         )
     }
@@ -183,11 +186,8 @@ mod tests {
     }
 
     fn to_selector(s: &NaiveSelector) -> Selector {
-        let mut reqs: Vec<Requirement> = s
-            .match_labels
-            .iter()
-            .map(|(k, v)| req(k, Operator::In(BTreeSet::from([v.clone()]))))
-            .collect();
+        let mut reqs: Vec<Requirement> =
+            s.match_labels.iter().map(|(k, v)| req(k, Operator::In(BTreeSet::from([v.clone()])))).collect();
         for (k, op, values) in &s.expressions {
             let values: BTreeSet<String> = values.iter().cloned().collect();
             reqs.push(req(
@@ -211,7 +211,11 @@ mod tests {
         prop::sample::select(vec!["web", "db", "prod", ""]).prop_map(String::from)
     }
     fn naive_selector() -> impl Strategy<Value = NaiveSelector> {
-        let expr = (key(), prop::sample::select(vec!["In", "NotIn", "Exists", "DoesNotExist"]), prop::collection::vec(value(), 1..3))
+        let expr = (
+            key(),
+            prop::sample::select(vec!["In", "NotIn", "Exists", "DoesNotExist"]),
+            prop::collection::vec(value(), 1..3),
+        )
             .prop_map(|(k, op, vs)| if op == "Exists" || op == "DoesNotExist" { (k, op, vec![]) } else { (k, op, vs) });
         (prop::collection::vec((key(), value()), 0..3), prop::collection::vec(expr, 0..3))
             .prop_map(|(match_labels, expressions)| NaiveSelector { match_labels, expressions })

@@ -1,1 +1,476 @@
-fn main(){}
+//! `netpol-check`: the netpol engine as a dry-run CLI over Kubernetes YAML.
+//! Thin: argument parsing, wiring, exit codes (0 ok/allowed, 1 denied/disagreement, 2 error).
+
+use std::io::{IsTerminal, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use netpol::evaluate::{self, Connection, Endpoint};
+use netpol::load::{self, LoadOptions, Loaded};
+use netpol::matrix::{self, Family, Probe, ProbePort};
+use netpol::model::{Cluster, Direction, ObjectRef, Protocol};
+use netpol::report::{self, MatrixReport};
+
+const ABOUT: &str = "Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.";
+
+const LONG_ABOUT: &str = "\
+Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.
+
+netpol-check reads Kubernetes YAML or JSON (Namespaces, Pods, NetworkPolicies, and workloads
+such as Deployments, whose pods it makes from their templates) and answers with the same
+semantics a cluster enforces.
+
+Examples:
+  netpol-check matrix -f policy-examples/frontend-backend
+  netpol-check matrix -f cluster/ --port 80,http --protocol TCP -o json
+  netpol-check query --from tenant-a/nginx --to tenant-a/backend-1 --port 80 -f policy-examples/frontend-backend
+  netpol-check explain tenant-a/backend-1 -f policy-examples/frontend-backend
+  kubectl get ns,pods,networkpolicies -A -o yaml | netpol-check matrix -f -
+
+Exit codes: 0 success (query: allowed), 1 query denied, 2 bad input or usage.";
+
+#[derive(Parser)]
+#[command(name = "netpol-check", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print reachability matrices: one truth table per port and protocol.
+    #[command(long_about = "Print reachability matrices: one truth table per port and protocol.\n\n\
+Rows are sources, columns destinations; '.' allowed, 'X' denied. Without --port, every port that\n\
+any pod declares or any policy names is probed. A named port (--port http) is resolved on each\n\
+destination pod; a destination without that port is denied (nothing can listen there).")]
+    Matrix(MatrixArgs),
+    /// Can A open a connection to B? ALLOWED or DENIED, and the rules that decided it.
+    #[command(long_about = "Can A open a connection to B? Prints ALLOWED or DENIED, then why: for each side,\n\
+whether it is isolated and by which policies, and which rule (policy, direction, rule index,\n\
+peer, port) allowed it, or that no rule matched. Exit code 0 allowed, 1 denied, 2 error.\n\n\
+Endpoints are NAMESPACE/POD or an IP address (an IP that belongs to a pod means that pod).")]
+    Query(QueryArgs),
+    /// Which policies select a pod, and what it may receive and send, in plain language.
+    Explain(ExplainArgs),
+    /// Write a generated cluster (namespaces, pods, policies) as YAML, for benchmarks.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct Input {
+    /// A YAML/JSON file, a folder (read recursively: *.yaml, *.yml, *.json) or - for stdin.
+    #[arg(short = 'f', long = "file", value_name = "PATH", required = true)]
+    files: Vec<PathBuf>,
+    /// Range for the IPv4 addresses of pods that have none (workload templates, bare manifests).
+    #[arg(long, value_name = "CIDR", default_value = "10.244.0.0/16")]
+    synthetic_ipv4: IpNet,
+    /// Also give such pods an IPv6 address from this range (dual stack).
+    #[arg(long, value_name = "CIDR")]
+    synthetic_ipv6: Option<IpNet>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Engine {
+    /// The reference semantics of NetworkPolicy v1.
+    Evaluator,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Evaluator => "evaluator",
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MatrixFormat {
+    Text,
+    Json,
+    Yaml,
+    Csv,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FamilyArg {
+    /// Each destination's first IP decides the family; the source uses its IP of that family.
+    Primary,
+    Ipv4,
+    Ipv6,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ColorArg {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Args)]
+struct MatrixArgs {
+    #[command(flatten)]
+    input: Input,
+    /// Ports to probe: numbers or container port names, comma separated (default: all known).
+    #[arg(long, value_delimiter = ',', value_name = "PORT")]
+    port: Vec<String>,
+    /// Protocols to probe, comma separated (default: those the probed ports use).
+    #[arg(long, value_delimiter = ',', value_name = "PROTOCOL")]
+    protocol: Vec<String>,
+    /// Show only pods of this namespace (repeatable).
+    #[arg(short = 'n', long = "namespace", value_name = "NS")]
+    namespaces: Vec<String>,
+    /// Which engine computes the verdicts.
+    #[arg(long, value_enum, default_value = "evaluator")]
+    engine: Engine,
+    /// Address family of the probes.
+    #[arg(long, value_enum, default_value = "primary")]
+    family: FamilyArg,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    output: MatrixFormat,
+    /// Colour the text table (auto: only on a terminal, and not when NO_COLOR is set).
+    #[arg(long, value_enum, default_value = "auto")]
+    color: ColorArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QueryFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    #[command(flatten)]
+    input: Input,
+    /// Source: NAMESPACE/POD or an IP address.
+    #[arg(long, value_name = "NS/POD|IP")]
+    from: String,
+    /// Destination: NAMESPACE/POD or an IP address.
+    #[arg(long, value_name = "NS/POD|IP")]
+    to: String,
+    /// Destination port: a number, or a container port name of the destination pod.
+    #[arg(long)]
+    port: String,
+    #[arg(long, default_value = "TCP")]
+    protocol: String,
+    /// Address family (default: the destination's first IP).
+    #[arg(long, value_enum, default_value = "primary")]
+    family: FamilyArg,
+    #[arg(long, value_enum, default_value = "evaluator")]
+    engine: Engine,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    output: QueryFormat,
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    #[command(flatten)]
+    input: Input,
+    /// The pod to explain.
+    #[arg(value_name = "NS/POD")]
+    pod: String,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long, default_value_t = 1000)]
+    pods: usize,
+    #[arg(long, default_value_t = 300)]
+    policies: usize,
+    #[arg(long, default_value_t = 20)]
+    namespaces: usize,
+    #[arg(long, default_value_t = 10)]
+    nodes: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Give every pod an IPv6 address too.
+    #[arg(long)]
+    dual_stack: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Matrix(a) => matrix_cmd(a),
+        Command::Query(a) => query_cmd(a),
+        Command::Explain(a) => explain_cmd(a),
+        Command::Generate(a) => generate_cmd(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // A closed pipe (`| head`) is not an error worth a message.
+            if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load(input: &Input) -> Result<Cluster> {
+    let sources = load::read_sources(&input.files)?;
+    let options = LoadOptions { synthetic_ipv4: input.synthetic_ipv4, synthetic_ipv6: input.synthetic_ipv6 };
+    let Loaded { cluster, warnings } = load::load_sources(&sources, &options)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(cluster)
+}
+
+fn family(f: FamilyArg) -> Family {
+    match f {
+        FamilyArg::Primary => Family::Primary,
+        FamilyArg::Ipv4 => Family::Ipv4,
+        FamilyArg::Ipv6 => Family::Ipv6,
+    }
+}
+
+fn parse_protocol(text: &str) -> Result<Protocol> {
+    Protocol::parse(text).ok_or_else(|| anyhow!("--protocol: unknown protocol {text:?} (expected TCP, UDP or SCTP)"))
+}
+
+fn probes(cluster: &Cluster, ports: &[String], protocols: &[String]) -> Result<Vec<Probe>> {
+    let protocols: Vec<Protocol> = protocols.iter().map(|p| parse_protocol(p)).collect::<Result<_>>()?;
+    let mut out = if ports.is_empty() {
+        matrix::default_probes(cluster)
+    } else {
+        let mut out = Vec::new();
+        for p in ports {
+            let port = match p.parse::<u32>() {
+                Ok(n) if (1..=65535).contains(&n) => ProbePort::Number(n as u16),
+                Ok(n) => bail!("--port: {n} is not a port (1-65535)"),
+                Err(_) => {
+                    netpol::convert::validate_port_name(p, "--port")
+                        .map_err(|e| anyhow!("{}: {}", e.path, e.reason))?;
+                    ProbePort::Named(p.clone())
+                }
+            };
+            let protos: &[Protocol] = if protocols.is_empty() { &[Protocol::Tcp] } else { &protocols };
+            out.extend(protos.iter().map(|&protocol| Probe { port: port.clone(), protocol }));
+        }
+        out
+    };
+    if !protocols.is_empty() {
+        out.retain(|p| protocols.contains(&p.protocol));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
+    let cluster = load(&a.input)?;
+    let probes = probes(&cluster, &a.port, &a.protocol)?;
+    for ns in &a.namespaces {
+        if !cluster.namespaces.contains_key(ns) {
+            bail!("--namespace: no namespace {ns:?} in the input");
+        }
+    }
+    let keep: Vec<usize> = (0..cluster.pods.len())
+        .filter(|&i| a.namespaces.is_empty() || a.namespaces.contains(&cluster.pods[i].id.namespace))
+        .collect();
+    let fam = family(a.family);
+    let results = match a.engine {
+        Engine::Evaluator => {
+            let index = matrix::Index::new(&cluster, fam);
+            probes
+                .into_iter()
+                .map(|p| {
+                    let m = index.matrix(&p).project(&keep);
+                    (p, m)
+                })
+                .collect()
+        }
+    };
+    let report = MatrixReport {
+        engine: a.engine.name(),
+        pods: keep.iter().map(|&i| cluster.pods[i].id.to_string()).collect(),
+        probes: results,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    match a.output {
+        MatrixFormat::Text => {
+            let color = match a.color {
+                ColorArg::Always => true,
+                ColorArg::Never => false,
+                ColorArg::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            };
+            report::write_text(&mut out, &report, color)?
+        }
+        MatrixFormat::Json => report::write_json(&mut out, &report)?,
+        MatrixFormat::Yaml => report::write_yaml(&mut out, &report)?,
+        MatrixFormat::Csv => report::write_csv(&mut out, &report)?,
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn endpoint(cluster: &Cluster, text: &str, flag: &str) -> Result<Endpoint> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(cluster.pod_by_ip(ip).map(Endpoint::Pod).unwrap_or(Endpoint::Ip(ip)));
+    }
+    let Some((ns, name)) = text.split_once('/') else {
+        bail!("{flag}: {text:?} is neither NAMESPACE/POD nor an IP address");
+    };
+    cluster.pod_index(&ObjectRef::new(ns, name)).map(Endpoint::Pod).ok_or_else(|| {
+        anyhow!("{flag}: no pod {text} in the input (pods without an IP, or in a terminal phase, take no part)")
+    })
+}
+
+fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
+    let cluster = load(&a.input)?;
+    let src = endpoint(&cluster, &a.from, "--from")?;
+    let dst = endpoint(&cluster, &a.to, "--to")?;
+    let protocol = parse_protocol(&a.protocol)?;
+    let port = match a.port.parse::<u32>() {
+        Ok(n) if (1..=65535).contains(&n) => n as u16,
+        Ok(n) => bail!("--port: {n} is not a port (1-65535)"),
+        Err(_) => match dst {
+            Endpoint::Pod(j) => cluster.pods[j].resolve_named_port(&a.port, protocol).with_context(|| {
+                format!("--port: {} declares no {protocol} port named {:?}", cluster.pods[j].id, a.port)
+            })?,
+            Endpoint::Ip(_) => {
+                bail!("--port: a named port needs a pod destination (it is resolved on the destination pod)")
+            }
+        },
+    };
+    let ipv6 = match (family(a.family), dst, src) {
+        (Family::Ipv4, ..) => false,
+        (Family::Ipv6, ..) => true,
+        (Family::Primary, Endpoint::Ip(ip), _) => ip.is_ipv6(),
+        (Family::Primary, Endpoint::Pod(j), Endpoint::Ip(ip))
+            if cluster.pods[j].ip_of_family(ip.is_ipv6()).is_some() =>
+        {
+            ip.is_ipv6()
+        }
+        (Family::Primary, Endpoint::Pod(j), _) => Family::Primary.ipv6_towards(&cluster, j),
+    };
+    let conn = Connection { src, dst, protocol, port, ipv6 };
+    let verdict = match a.engine {
+        Engine::Evaluator => evaluate::evaluate(&cluster, &conn),
+    };
+    match a.output {
+        QueryFormat::Text => {
+            for line in report::describe_verdict(&cluster, &conn, &verdict) {
+                println!("{line}");
+            }
+        }
+        QueryFormat::Json => {
+            let side = |s: &evaluate::SideVerdict| {
+                serde_json::json!({
+                    "isolatedBy": s.isolated_by.iter().map(|&i| cluster.policies[i].id.to_string()).collect::<Vec<_>>(),
+                    "decision": match &s.decision {
+                        evaluate::Decision::NotPoliced => serde_json::json!("not-policed"),
+                        evaluate::Decision::NotIsolated => serde_json::json!("not-isolated"),
+                        evaluate::Decision::NoRuleMatched => serde_json::json!("no-rule-matched"),
+                        evaluate::Decision::Skipped => serde_json::json!("skipped"),
+                        evaluate::Decision::Allowed(m) => serde_json::json!({
+                            "policy": cluster.policies[m.policy].id.to_string(),
+                            "direction": s.direction.as_str(),
+                            "rule": m.rule, "peer": m.peer, "port": m.port,
+                        }),
+                    },
+                })
+            };
+            let body = serde_json::json!({
+                "engine": a.engine.name(),
+                "allowed": verdict.allowed,
+                "from": report::endpoint_name(&cluster, src),
+                "to": report::endpoint_name(&cluster, dst),
+                "port": port,
+                "protocol": protocol.as_str(),
+                "family": if ipv6 { "IPv6" } else { "IPv4" },
+                "shortcut": verdict.shortcut.map(|s| format!("{s:?}")),
+                "egress": side(&verdict.egress),
+                "ingress": side(&verdict.ingress),
+                "explanation": report::describe_verdict(&cluster, &conn, &verdict),
+            });
+            println!("{}", serde_json::to_string_pretty(&body)?);
+        }
+    }
+    Ok(if verdict.allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
+    let cluster = load(&a.input)?;
+    let Endpoint::Pod(i) = endpoint(&cluster, &a.pod, "NS/POD")? else {
+        bail!("NS/POD: {:?} is not a pod of the input", a.pod);
+    };
+    let pod = &cluster.pods[i];
+    let ips: Vec<String> = pod.ips.iter().map(|ip| ip.to_string()).collect();
+    let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "{}  ({}; node {}; labels {})",
+        pod.id,
+        ips.join(", "),
+        pod.node,
+        if labels.is_empty() { "none".into() } else { labels.join(",") }
+    );
+    if pod.host_network {
+        println!("hostNetwork pod: NetworkPolicy never selects it; it is reached (and seen) by its node's IP only");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let selecting: Vec<usize> = cluster
+            .policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                p.id.namespace == pod.id.namespace
+                    && p.rules(direction).is_some()
+                    && p.pod_selector.matches(&pod.labels)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let verb = if direction == Direction::Ingress { "receive" } else { "send" };
+        println!();
+        if selecting.is_empty() {
+            println!(
+                "{direction}: not isolated; it may {verb} anything (no policy in {} selects it for {direction})",
+                pod.id.namespace
+            );
+            continue;
+        }
+        let names: Vec<String> = selecting.iter().map(|&k| cluster.policies[k].id.name.clone()).collect();
+        println!("{direction}: isolated by {}; it may {verb} only:", names.join(", "));
+        let mut any = false;
+        for &k in &selecting {
+            let policy = &cluster.policies[k];
+            for (ri, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
+                any = true;
+                let field = if direction == Direction::Ingress { "ingress" } else { "egress" };
+                println!(
+                    "  - {}   [{} spec.{field}[{ri}]]",
+                    report::describe_rule(&cluster, &policy.id.namespace, rule, direction),
+                    policy.id.name
+                );
+            }
+        }
+        if !any {
+            println!("  nothing: every {} connection is denied", direction.as_str().to_lowercase());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn generate_cmd(a: GenerateArgs) -> Result<ExitCode> {
+    let params = netpol::generate::Params {
+        pods: a.pods,
+        namespaces: a.namespaces,
+        policies: a.policies,
+        nodes: a.nodes,
+        seed: a.seed,
+        dual_stack: a.dual_stack,
+    };
+    let yaml = netpol::generate::to_yaml(&netpol::generate::cluster(&params));
+    std::io::stdout().lock().write_all(yaml.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
