@@ -1,1 +1,3 @@
 pub fn _placeholder() {}
+pub mod agent;
+pub mod testkit;
