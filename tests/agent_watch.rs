@@ -710,3 +710,108 @@ async fn the_agent_runs_from_a_kubeconfig_and_cleans_up_on_exit() {
     let returned = task.await.unwrap().unwrap();
     assert_eq!(returned.cleanups(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_apiserver_speaks_paging_bookmarks_timeouts_and_410() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let addr = server.addr();
+
+    // Paging: 3 pods, 2 per page, then the continuation.
+    let (code, body) = http_get(addr, "/api/v1/pods?limit=2").await;
+    assert_eq!(code, 200);
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["kind"], "PodList");
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    let token = page["metadata"]["continue"].as_str().unwrap().to_string();
+    let rv = page["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, body) = http_get(addr, &format!("/api/v1/pods?limit=2&continue={token}")).await;
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(page["metadata"]["resourceVersion"], rv.as_str());
+    // Namespaced path.
+    let (_, body) = http_get(
+        addr,
+        "/apis/networking.k8s.io/v1/namespaces/ops/networkpolicies",
+    )
+    .await;
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(list["items"].as_array().unwrap().is_empty());
+
+    // A watch with bookmarks that times out: events since rv, then a bookmark, then the end.
+    server.apply(&policy("shop", "late", &[])).unwrap();
+    let (code, body) = http_get(
+        addr,
+        &format!(
+            "/apis/networking.k8s.io/v1/networkpolicies?watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=1"
+        ),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(
+        body.contains(r#""type":"ADDED""#) && body.contains(r#""name":"late""#),
+        "{body}"
+    );
+    assert!(body.contains(r#""type":"BOOKMARK""#), "{body}");
+
+    // After compaction, an old resourceVersion gets an ERROR event with 410 Expired.
+    server.compact();
+    let (code, body) = http_get(
+        addr,
+        &format!("/api/v1/pods?watch=true&resourceVersion={rv}&timeoutSeconds=1"),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(
+        body.contains(r#""type":"ERROR""#) && body.contains(r#""code":410"#),
+        "{body}"
+    );
+    assert!(body.contains("Expired"), "{body}");
+    // And so does a continue token from before the compaction.
+    let (code, _) = http_get(addr, &format!("/api/v1/pods?limit=2&continue={token}")).await;
+    assert_eq!(code, 410);
+    assert_eq!(server.list_requests(Kind::Pod), 2);
+    assert_eq!(server.watch_requests(Kind::NetworkPolicy), 1);
+    assert_eq!(server.live_watches(), 0);
+}
+
+/// Measurement behind the default debounce (run with `--ignored --nocapture`): a burst of
+/// 100 pod updates 1 ms apart, syncs taken and latency from the last update to its sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn measure_how_debounce_trades_syncs_for_latency() {
+    for debounce_ms in [0u64, 5, 10, 20, 50, 100] {
+        let server = FakeApiServer::start().await.unwrap();
+        seed(&server);
+        let config = SyncLoopConfig {
+            debounce: Duration::from_millis(debounce_ms),
+            ..fast_config()
+        };
+        let agent = Agent::start(&server, config);
+        agent
+            .wait_synced("the first sync", |s| s.pods.len() == 3)
+            .await;
+        let before = agent.target.calls().len();
+        for i in 0..100 {
+            let v = i.to_string();
+            server
+                .apply(&pod("shop", "web-1", "192.0.2.1", &[("version", &v)]))
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let last = Instant::now();
+        agent
+            .wait_synced("the last version", |s| {
+                pod_labels(s).get("shop/web-1") == Some(&l(&[("version", "99")]))
+            })
+            .await;
+        let latency = agent.target.last().unwrap().at - last;
+        let syncs = agent.target.calls().len() - before;
+        println!(
+            "debounce {debounce_ms:>3} ms: {syncs:>3} syncs, last change synced after {latency:?}"
+        );
+    }
+}

@@ -83,8 +83,13 @@ pub struct SyncLoopConfig {
 
 /// Default debounce. A burst of pod events (a rollout, a node drain) arrives over a few
 /// milliseconds to tens of milliseconds; waiting 20 ms of quiet folds such a burst into
-/// one or two syncs while adding only 20 ms to the latency of an isolated change, far
-/// below the seconds a pod takes to start.
+/// one sync while adding only 20 ms to the latency of an isolated change, far below the
+/// seconds a pod takes to start.
+///
+/// Measured (`measure_how_debounce_trades_syncs_for_latency` in `tests/agent_watch.rs`,
+/// 100 updates 1 ms apart through the fake apiserver): 0 ms debounce took 85 syncs, 5 ms
+/// took 3, 10 ms and more took 1, with the last change synced after about the debounce.
+/// 20 ms keeps one sync per burst with margin for gaps from a busy apiserver or node.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(20);
 
 impl Default for SyncLoopConfig {
