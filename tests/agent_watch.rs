@@ -640,7 +640,7 @@ async fn the_admin_server_reports_readiness_and_metrics() {
         "netpol_watch_relists_total{resource=\"pods\"} 0",
         "netpol_index_objects{resource=\"pods\"} 4",
         "netpol_ruleset_set_elements 4",
-        "netpol_since_last_successful_sync_seconds",
+        "netpol_last_successful_sync_age_seconds",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }

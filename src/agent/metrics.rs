@@ -172,7 +172,7 @@ impl Metrics {
             watch_errors.clone(),
         );
         registry.register_with_unit(
-            "since_last_successful_sync",
+            "last_successful_sync_age",
             "Time since the last successful sync (since start when none yet)",
             prometheus_client::registry::Unit::Seconds,
             seconds_since_sync.clone(),
@@ -311,7 +311,7 @@ mod tests {
             "netpol_ruleset_set_elements 9",
             "netpol_watch_events_total{resource=\"pods\"} 0",
             "netpol_watch_relists_total{resource=\"networkpolicies\"} 0",
-            "netpol_since_last_successful_sync_seconds ",
+            "netpol_last_successful_sync_age_seconds ",
             "netpol_sync_transaction_ops_count{mode=\"full\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");

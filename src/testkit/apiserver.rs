@@ -195,6 +195,8 @@ pub struct FakeApiServer {
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
         self.accept.abort();
+        // Ends the feeding tasks, which hold `shared` and would otherwise wait for events.
+        self.shared.state().subscribers.clear();
         self.abort_connections();
     }
 }
