@@ -278,7 +278,10 @@ fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
     let port = match (&p.port, p.end_port) {
         (None, None) => PortMatch::Any,
         (None, Some(_)) => {
-            return Err(FieldError::new(format!("{path}.endPort"), "may not be specified when `port` is not specified"));
+            return Err(FieldError::new(
+                format!("{path}.endPort"),
+                "may not be specified when `port` is not specified",
+            ));
         }
         (Some(IntOrString::Int(n)), end) => {
             let start = port_number(*n, &format!("{path}.port"))?;

@@ -10,6 +10,7 @@
 //! `convert` is the only module that knows k8s-openapi types; `load` reads files.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod bitset;
 pub mod convert;
 pub mod evaluate;
@@ -19,3 +20,4 @@ pub mod matrix;
 pub mod model;
 pub mod report;
 pub mod selector;
+pub mod testkit;

@@ -1,0 +1,199 @@
+//! Command-line and environment configuration of `netpol-agent`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Default admin address. 9090 is Prometheus' own port and the agent runs on the host
+/// network, so a less crowded port is taken.
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9469";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// netpol-agent: enforces Kubernetes NetworkPolicies on this node with nftables.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "netpol-agent", version, about)]
+pub struct AgentConfig {
+    /// Name of the node this agent programs (usually from the downward API).
+    #[arg(long, env = "NODE_NAME", value_parser = parse_node_name)]
+    pub node: String,
+
+    /// nftables table (family inet) owned by the agent.
+    #[arg(long, env = "NETPOL_TABLE", default_value = "netpol", value_parser = parse_table)]
+    pub table: String,
+
+    /// Kubeconfig file; without it the in-cluster service account is used.
+    #[arg(long, env = "KUBECONFIG", value_parser = parse_kubeconfig)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Full resync at least this often (e.g. 30s, 5m, 1h).
+    #[arg(long, env = "NETPOL_RESYNC_PERIOD", default_value = "5m", value_parser = parse_resync)]
+    pub resync_period: Duration,
+
+    /// Quiet period that folds a burst of changes into one sync (e.g. 20ms; 0 disables).
+    #[arg(long, env = "NETPOL_DEBOUNCE", default_value = "20ms", value_parser = parse_debounce)]
+    pub debounce: Duration,
+
+    /// Address of the /metrics, /healthz and /readyz server.
+    #[arg(long, env = "NETPOL_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "NETPOL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `netpol=debug,kube=warn`).
+    #[arg(long, env = "RUST_LOG", default_value = "info", value_parser = parse_log_level)]
+    pub log_level: String,
+
+    /// Delete the agent's nftables table on exit (otherwise the rules stay in force while
+    /// the agent restarts).
+    #[arg(long, env = "NETPOL_CLEANUP_ON_EXIT")]
+    pub cleanup_on_exit: bool,
+}
+
+/// Parses `500ms`, `20s`, `5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (examples: 500ms, 20s, 5m, 1h)"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)"));
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn parse_resync(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
+}
+
+fn parse_debounce(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > Duration::from_secs(10) {
+        return Err("must be at most 10s (it delays every change)".into());
+    }
+    Ok(d)
+}
+
+/// A node name is a DNS subdomain: at most 253 characters of lowercase letters, digits,
+/// `-` and `.`, starting and ending with a letter or digit.
+fn parse_node_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("`{s}` is not a valid node name (DNS subdomain: lowercase letters, digits, '-', '.')"))
+    }
+}
+
+/// nft identifiers: a letter, then letters, digits and `_`; kept short.
+fn parse_table(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("`{s}` is not a valid table name (a letter, then letters, digits or '_'; at most 32)"))
+    }
+}
+
+fn parse_kubeconfig(s: &str) -> Result<PathBuf, String> {
+    // KUBECONFIG may list several files separated by ':'; we take one file.
+    if s.contains(':') {
+        return Err(format!("`{s}`: pass a single kubeconfig file (lists of files are not supported)"));
+    }
+    let p = PathBuf::from(s);
+    if !p.is_file() {
+        return Err(format!("`{s}` is not a readable file"));
+    }
+    Ok(p)
+}
+
+fn parse_log_level(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("`{s}` is not a valid log filter: {e}"))
+}
+
+impl AgentConfig {
+    /// Installs the global tracing subscriber per `--log-format` and `--log-level`.
+    /// Fails if one is already installed.
+    pub fn init_logging(&self) -> Result<(), String> {
+        let filter = tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| format!("log filter: {e}"))?;
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        match self.log_format {
+            LogFormat::Text => builder.try_init(),
+            LogFormat::Json => builder.json().try_init(),
+        }
+        .map_err(|e| format!("logging: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<AgentConfig, clap::Error> {
+        AgentConfig::try_parse_from(std::iter::once("netpol-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn defaults_apply_when_only_the_node_is_given() {
+        let c = parse(&["--node", "node-a"]).unwrap();
+        assert_eq!(c.node, "node-a");
+        assert_eq!(c.table, "netpol");
+        assert_eq!(c.resync_period, Duration::from_secs(300));
+        assert_eq!(c.debounce, Duration::from_millis(20));
+        assert_eq!(c.admin_addr, DEFAULT_ADMIN_ADDR.parse().unwrap());
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(!c.cleanup_on_exit);
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_reason() {
+        let e = parse(&["--node", "Node_A"]).unwrap_err().to_string();
+        assert!(e.contains("not a valid node name"), "{e}");
+        let e = parse(&["--node", "a", "--table", "1bad"]).unwrap_err().to_string();
+        assert!(e.contains("not a valid table name"), "{e}");
+        let e = parse(&["--node", "a", "--resync-period", "10ms"]).unwrap_err().to_string();
+        assert!(e.contains("at least 1s"), "{e}");
+        let e = parse(&["--node", "a", "--kubeconfig", "/nonexistent/kc"]).unwrap_err().to_string();
+        assert!(e.contains("not a readable file"), "{e}");
+        let e = parse(&["--node", "a", "--log-format", "xml"]).unwrap_err().to_string();
+        assert!(e.contains("xml"), "{e}");
+    }
+}

@@ -1,0 +1,772 @@
+//! An in-process fake Kubernetes API server that speaks the list/watch protocol.
+//!
+//! It serves Pods, Namespaces and NetworkPolicies (cluster-wide and namespaced paths) over
+//! plain HTTP/1.1 on `127.0.0.1:0`, with the parts of the protocol a `kube-runtime`
+//! watcher relies on:
+//!
+//! * list: `*List` with `metadata.resourceVersion`; `limit`/`continue` paging served from a
+//!   consistent snapshot (an unknown or compacted continue token is a `410 Expired`);
+//! * watch (`watch=1|true`) from a `resourceVersion`: chunked, newline-delimited JSON
+//!   `WatchEvent`s (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK` when `allowWatchBookmarks`
+//!   is set); a `resourceVersion` older than the retained history gets, like the real
+//!   apiserver, HTTP 200 and one `ERROR` event carrying a `Status` 410 `Expired`;
+//!   `timeoutSeconds` ends the stream cleanly (after a bookmark when bookmarks are on);
+//!   `resourceVersion` absent or `"0"` replays the current state as `ADDED` first.
+//!
+//! Test controls change the world and the transport: [`FakeApiServer::apply`],
+//! [`FakeApiServer::delete`], [`FakeApiServer::compact`], [`FakeApiServer::expire_watches`],
+//! [`FakeApiServer::drop_connections`], [`FakeApiServer::set_latency`],
+//! [`FakeApiServer::pause`]/[`FakeApiServer::resume`] (also per resource), and counters of
+//! requests served. Label and field selectors are ignored (the agent uses none).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::{AbortHandle, JoinHandle};
+
+/// The resources the fake serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Pod,
+    Namespace,
+    NetworkPolicy,
+}
+
+impl Kind {
+    /// All kinds, in a fixed order.
+    pub const ALL: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy];
+
+    /// The kind of a k8s-openapi resource type, if the fake serves it.
+    pub fn of<K: k8s_openapi::Resource>() -> Option<Kind> {
+        Self::from_kind_str(K::KIND)
+    }
+
+    fn from_kind_str(kind: &str) -> Option<Kind> {
+        match kind {
+            "Pod" => Some(Kind::Pod),
+            "Namespace" => Some(Kind::Namespace),
+            "NetworkPolicy" => Some(Kind::NetworkPolicy),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::Pod | Kind::Namespace => "v1",
+            Kind::NetworkPolicy => "networking.k8s.io/v1",
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace)
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Kind::Pod => 0,
+            Kind::Namespace => 1,
+            Kind::NetworkPolicy => 2,
+        }
+    }
+}
+
+/// Errors from the test controls.
+#[derive(Debug, thiserror::Error)]
+pub enum FakeError {
+    #[error("object is not JSON-serializable: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("object kind {0:?} is not served by the fake apiserver")]
+    UnknownKind(String),
+    #[error("object has no metadata.name")]
+    NoName,
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+type Key = (Kind, String, String);
+
+enum WatchMsg {
+    /// One serialized watch event line (with trailing newline) and its resourceVersion.
+    Line(u64, Bytes),
+    /// Send a bookmark at this resourceVersion if the watch asked for them. Queued under
+    /// the state lock, so every earlier event of this watch precedes it.
+    Bookmark(u64),
+    /// Send a 410 ERROR event and close the stream.
+    Expire,
+}
+
+struct Subscriber {
+    id: u64,
+    kind: Kind,
+    namespace: Option<String>,
+    tx: mpsc::UnboundedSender<WatchMsg>,
+}
+
+struct HistoryEvent {
+    rv: u64,
+    kind: Kind,
+    namespace: String,
+    line: Bytes,
+}
+
+struct Page {
+    rv: u64,
+    kind: Kind,
+    items: Vec<Value>,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    compacted_rv: u64,
+    next_id: u64,
+    objects: BTreeMap<Key, Value>,
+    history: Vec<HistoryEvent>,
+    subscribers: Vec<Subscriber>,
+    pages: HashMap<String, Page>,
+}
+
+#[derive(Default, Clone)]
+struct Pause {
+    all: bool,
+    kinds: HashSet<Kind>,
+}
+
+impl Pause {
+    fn blocks(&self, kind: Kind) -> bool {
+        self.all || self.kinds.contains(&kind)
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    latency: Mutex<Duration>,
+    pause: tokio::sync::watch::Sender<Pause>,
+    lists: [AtomicU64; 3],
+    watches: [AtomicU64; 3],
+    live_watches: AtomicUsize,
+    conns: Mutex<HashMap<u64, AbortHandle>>,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn wait_unpaused(&self, kind: Kind) {
+        let mut rx = self.pause.subscribe();
+        // The sender lives as long as `self`, so this only fails if it is gone: then go on.
+        let _ = rx.wait_for(|p| !p.blocks(kind)).await;
+    }
+
+    fn latency(&self) -> Duration {
+        *self.latency.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The fake API server. Dropping it stops serving and closes every connection.
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+        // Ends the feeding tasks, which hold `shared` and would otherwise wait for events.
+        self.shared.state().subscribers.clear();
+        self.abort_connections();
+    }
+}
+
+impl FakeApiServer {
+    /// Binds `127.0.0.1:0` and starts serving. Must run inside a tokio runtime.
+    pub async fn start() -> std::io::Result<FakeApiServer> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            latency: Mutex::new(Duration::ZERO),
+            pause: tokio::sync::watch::Sender::new(Pause::default()),
+            lists: Default::default(),
+            watches: Default::default(),
+            live_watches: AtomicUsize::new(0),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok(FakeApiServer { addr, shared, accept })
+    }
+
+    /// The address served.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig (YAML) pointing at this server over plain HTTP, without credentials.
+    pub fn kubeconfig_yaml(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
+             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            url = self.url()
+        )
+    }
+
+    /// A `kube::Client` talking to this server.
+    pub fn client(&self) -> kube::Client {
+        let url = self.url().parse().expect("own URL parses");
+        let config = kube::Config::new(url);
+        kube::Client::try_from(config).expect("a plain-http kube client builds")
+    }
+
+    /// Creates or replaces an object; returns its new resourceVersion.
+    pub fn apply<K>(&self, obj: &K) -> Result<u64, FakeError>
+    where
+        K: k8s_openapi::Resource + serde::Serialize,
+    {
+        let mut value = serde_json::to_value(obj)?;
+        if let Some(map) = value.as_object_mut() {
+            map.insert("apiVersion".into(), K::API_VERSION.into());
+            map.insert("kind".into(), K::KIND.into());
+        }
+        self.apply_json(value)
+    }
+
+    /// Creates or replaces an object given as JSON (with `kind`); returns its resourceVersion.
+    pub fn apply_json(&self, mut value: Value) -> Result<u64, FakeError> {
+        let kind_str = value.get("kind").and_then(Value::as_str).unwrap_or("");
+        let kind = Kind::from_kind_str(kind_str).ok_or_else(|| FakeError::UnknownKind(kind_str.into()))?;
+        value["apiVersion"] = kind.api_version().into();
+        let meta = value.get("metadata").cloned().unwrap_or_else(|| json!({}));
+        let name =
+            meta.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()).ok_or(FakeError::NoName)?.to_string();
+        let namespace = if kind.namespaced() {
+            meta.get("namespace").and_then(Value::as_str).filter(|n| !n.is_empty()).unwrap_or("default").to_string()
+        } else {
+            String::new()
+        };
+        let mut st = self.shared.state();
+        st.rv += 1;
+        let rv = st.rv;
+        let key = (kind, namespace.clone(), name);
+        let previous_uid = st.objects.get(&key).and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
+        let event_type = if st.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+        let uid = meta
+            .get("uid")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or(previous_uid)
+            .unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}"));
+        if !value["metadata"].is_object() {
+            value["metadata"] = json!({});
+        }
+        value["metadata"]["resourceVersion"] = rv.to_string().into();
+        value["metadata"]["uid"] = uid.into();
+        if kind.namespaced() {
+            value["metadata"]["namespace"] = namespace.clone().into();
+        }
+        st.objects.insert(key, value.clone());
+        publish(&mut st, kind, &namespace, event_type, &value);
+        Ok(rv)
+    }
+
+    /// Deletes an object (namespace `""` for Namespaces); returns the deletion's
+    /// resourceVersion, or `None` if there was no such object.
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Option<u64> {
+        let namespace = if kind.namespaced() { namespace } else { "" };
+        let mut st = self.shared.state();
+        let mut value = st.objects.remove(&(kind, namespace.to_string(), name.to_string()))?;
+        st.rv += 1;
+        let rv = st.rv;
+        value["metadata"]["resourceVersion"] = rv.to_string().into();
+        publish(&mut st, kind, namespace, "DELETED", &value);
+        Some(rv)
+    }
+
+    /// The current (global) resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.state().rv
+    }
+
+    /// Number of stored objects of a kind.
+    pub fn count(&self, kind: Kind) -> usize {
+        self.shared.state().objects.keys().filter(|k| k.0 == kind).count()
+    }
+
+    /// Forgets all history (and pending list continuations): a watch from any
+    /// resourceVersion older than now gets a 410 `Expired`.
+    pub fn compact(&self) {
+        let mut st = self.shared.state();
+        st.compacted_rv = st.rv;
+        st.history.clear();
+        st.pages.clear();
+    }
+
+    /// Ends every live watch with an `ERROR` event carrying a 410 `Expired` Status, as the
+    /// apiserver does when a watcher falls too far behind.
+    pub fn expire_watches(&self) {
+        let mut st = self.shared.state();
+        for s in &st.subscribers {
+            let _ = s.tx.unbounded_send(WatchMsg::Expire);
+        }
+        st.subscribers.clear();
+    }
+
+    /// Sends a `BOOKMARK` (current resourceVersion) on every live watch that asked for them.
+    pub fn bookmark(&self) {
+        let st = self.shared.state();
+        for s in &st.subscribers {
+            let _ = s.tx.unbounded_send(WatchMsg::Bookmark(st.rv));
+        }
+    }
+
+    /// Closes every client connection abruptly (TCP closed mid-stream, no final chunk).
+    pub fn drop_connections(&self) {
+        self.shared.state().subscribers.clear();
+        self.abort_connections();
+    }
+
+    fn abort_connections(&self) {
+        let conns: Vec<AbortHandle> =
+            self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, h)| h).collect();
+        for c in conns {
+            c.abort();
+        }
+    }
+
+    /// Delays every response (list, and the start of every watch) by `latency`.
+    pub fn set_latency(&self, latency: Duration) {
+        *self.shared.latency.lock().unwrap_or_else(|e| e.into_inner()) = latency;
+    }
+
+    /// Holds every response and every watch event until [`FakeApiServer::resume`].
+    pub fn pause(&self) {
+        self.shared.pause.send_modify(|p| p.all = true);
+    }
+
+    /// Holds responses and watch events of one kind until [`FakeApiServer::resume_kind`].
+    pub fn pause_kind(&self, kind: Kind) {
+        self.shared.pause.send_modify(|p| {
+            p.kinds.insert(kind);
+        });
+    }
+
+    /// Releases everything held by [`FakeApiServer::pause`] and [`FakeApiServer::pause_kind`].
+    pub fn resume(&self) {
+        self.shared.pause.send_modify(|p| {
+            p.all = false;
+            p.kinds.clear();
+        });
+    }
+
+    /// Releases one kind held by [`FakeApiServer::pause_kind`] (a global pause stays).
+    pub fn resume_kind(&self, kind: Kind) {
+        self.shared.pause.send_modify(|p| {
+            p.kinds.remove(&kind);
+        });
+    }
+
+    /// List requests served (answered) for a kind, including continuation pages.
+    pub fn list_requests(&self, kind: Kind) -> u64 {
+        self.shared.lists[kind.index()].load(Ordering::SeqCst)
+    }
+
+    /// Watch requests served (stream started) for a kind.
+    pub fn watch_requests(&self, kind: Kind) -> u64 {
+        self.shared.watches[kind.index()].load(Ordering::SeqCst)
+    }
+
+    /// Watch streams currently open.
+    pub fn live_watches(&self) -> usize {
+        self.shared.live_watches.load(Ordering::SeqCst)
+    }
+}
+
+fn event_line(event_type: &str, object: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({ "type": event_type, "object": object })).expect("JSON values serialize");
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Records an event in history and fans it out to matching live watches. Called with the
+/// state lock held, so every watch sees events in resourceVersion order without gaps.
+fn publish(st: &mut State, kind: Kind, namespace: &str, event_type: &str, object: &Value) {
+    let line = event_line(event_type, object);
+    st.history.push(HistoryEvent { rv: st.rv, kind, namespace: namespace.to_string(), line: line.clone() });
+    let rv = st.rv;
+    st.subscribers.retain(|s| {
+        if s.kind != kind || s.namespace.as_deref().is_some_and(|n| n != namespace) {
+            return true;
+        }
+        s.tx.unbounded_send(WatchMsg::Line(rv, line.clone())).is_ok()
+    });
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
+        let conn_shared = shared.clone();
+        let task = tokio::spawn(async move {
+            let service_shared = conn_shared.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let shared = service_shared.clone();
+                async move { Ok::<_, Infallible>(handle(shared, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            conn_shared.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        });
+        shared.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(id, task.abort_handle());
+    }
+}
+
+fn full(status: StatusCode, body: Value) -> Response<Body> {
+    let bytes = Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"));
+    let mut resp = Response::new(Full::new(bytes).map_err(|e: Infallible| match e {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn status_json(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn error(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    full(code, status_json(code.as_u16(), reason, message))
+}
+
+/// Which resource (and namespace) a path names.
+fn route(path: &str) -> Option<(Kind, Option<String>)> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["api", "v1", "pods"] => Some((Kind::Pod, None)),
+        ["api", "v1", "namespaces"] => Some((Kind::Namespace, None)),
+        ["api", "v1", "namespaces", ns, "pods"] => Some((Kind::Pod, Some(ns.to_string()))),
+        ["apis", "networking.k8s.io", "v1", "networkpolicies"] => Some((Kind::NetworkPolicy, None)),
+        ["apis", "networking.k8s.io", "v1", "namespaces", ns, "networkpolicies"] => {
+            Some((Kind::NetworkPolicy, Some(ns.to_string())))
+        }
+        _ => None,
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(hi), Some(lo)) => {
+                        out.push((hi * 16 + lo) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn truthy(v: Option<&String>) -> bool {
+    matches!(v.map(String::as_str), Some("1" | "true"))
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "the fake apiserver serves only GET");
+    }
+    if req.uri().path() == "/version" {
+        return full(
+            StatusCode::OK,
+            json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-fake", "platform": "linux/amd64"}),
+        );
+    }
+    let Some((kind, namespace)) = route(req.uri().path()) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("the server could not find the requested resource ({})", req.uri().path()),
+        );
+    };
+    let q = query(&req);
+    let latency = shared.latency();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    shared.wait_unpaused(kind).await;
+    if truthy(q.get("watch")) { watch(shared, kind, namespace, &q) } else { list(&shared, kind, namespace, &q) }
+}
+
+fn list(shared: &Shared, kind: Kind, namespace: Option<String>, q: &HashMap<String, String>) -> Response<Body> {
+    let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+    let mut st = shared.state();
+    let (rv, mut items) = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => match st.pages.remove(token) {
+            Some(page) if page.kind == kind => (page.rv, page.items),
+            _ => {
+                return error(
+                    StatusCode::GONE,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result.",
+                );
+            }
+        },
+        None => {
+            let items: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|((k, ns, _), _)| *k == kind && namespace.as_deref().is_none_or(|n| n == ns))
+                .map(|(_, v)| v.clone())
+                .collect();
+            (st.rv, items)
+        }
+    };
+    let mut metadata = json!({ "resourceVersion": rv.to_string() });
+    if let Some(limit) = limit
+        && items.len() > limit
+    {
+        let rest = items.split_off(limit);
+        st.next_id += 1;
+        let token = format!("page-{}-{}", rv, st.next_id);
+        metadata["continue"] = token.clone().into();
+        metadata["remainingItemCount"] = rest.len().into();
+        st.pages.insert(token, Page { rv, kind, items: rest });
+    }
+    drop(st);
+    shared.lists[kind.index()].fetch_add(1, Ordering::SeqCst);
+    full(
+        StatusCode::OK,
+        json!({
+            "kind": format!("{}List", kind.as_str()),
+            "apiVersion": kind.api_version(),
+            "metadata": metadata,
+            "items": items,
+        }),
+    )
+}
+
+fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, q: &HashMap<String, String>) -> Response<Body> {
+    let bookmarks = truthy(q.get("allowWatchBookmarks"));
+    let send_initial = truthy(q.get("sendInitialEvents"));
+    let timeout = q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).unwrap_or(1800);
+    let from: Option<u64> = match q.get("resourceVersion").map(String::as_str) {
+        None | Some("") | Some("0") => None,
+        Some(rv) => match rv.parse() {
+            Ok(rv) => Some(rv),
+            Err(_) => {
+                return error(StatusCode::BAD_REQUEST, "BadRequest", &format!("invalid resource version: {rv}"));
+            }
+        },
+    };
+
+    let (tx, rx) = mpsc::unbounded::<WatchMsg>();
+    let mut initial: Vec<Bytes> = Vec::new();
+    let start_rv;
+    {
+        let mut st = shared.state();
+        match from {
+            Some(from) if from < st.compacted_rv => {
+                let msg = format!("too old resource version: {from} ({})", st.compacted_rv);
+                drop(st);
+                shared.watches[kind.index()].fetch_add(1, Ordering::SeqCst);
+                let line = event_line("ERROR", &status_json(410, "Expired", &msg));
+                return streaming(
+                    shared,
+                    Stream {
+                        kind,
+                        bookmarks,
+                        start_rv: 0,
+                        rx: None,
+                        initial: vec![line],
+                        timeout: Duration::ZERO,
+                        id: 0,
+                    },
+                );
+            }
+            Some(from) => {
+                initial.extend(
+                    st.history
+                        .iter()
+                        .filter(|e| {
+                            e.rv > from && e.kind == kind && namespace.as_deref().is_none_or(|n| n == e.namespace)
+                        })
+                        .map(|e| e.line.clone()),
+                );
+            }
+            None => {
+                initial.extend(
+                    st.objects
+                        .iter()
+                        .filter(|((k, ns, _), _)| *k == kind && namespace.as_deref().is_none_or(|n| n == ns))
+                        .map(|(_, v)| event_line("ADDED", v)),
+                );
+                if send_initial {
+                    let bm = json!({
+                        "kind": kind.as_str(),
+                        "apiVersion": kind.api_version(),
+                        "metadata": {
+                            "resourceVersion": st.rv.to_string(),
+                            "annotations": {"k8s.io/initial-events-end": "true"},
+                        },
+                    });
+                    initial.push(event_line("BOOKMARK", &bm));
+                }
+            }
+        }
+        start_rv = st.rv;
+        st.next_id += 1;
+        let id = st.next_id;
+        st.subscribers.push(Subscriber { id, kind, namespace, tx });
+        shared.watches[kind.index()].fetch_add(1, Ordering::SeqCst);
+        streaming(
+            shared.clone(),
+            Stream { kind, bookmarks, start_rv, rx: Some(rx), initial, timeout: Duration::from_secs(timeout), id },
+        )
+    }
+}
+
+/// Builds a chunked streaming response and spawns the task that feeds it.
+struct Stream {
+    kind: Kind,
+    bookmarks: bool,
+    /// Every event up to this resourceVersion is in `initial`.
+    start_rv: u64,
+    rx: Option<mpsc::UnboundedReceiver<WatchMsg>>,
+    initial: Vec<Bytes>,
+    timeout: Duration,
+    id: u64,
+}
+
+fn bookmark_line(kind: Kind, rv: u64) -> Bytes {
+    let bm = json!({
+        "kind": kind.as_str(),
+        "apiVersion": kind.api_version(),
+        "metadata": { "resourceVersion": rv.to_string() },
+    });
+    event_line("BOOKMARK", &bm)
+}
+
+fn streaming(shared: Arc<Shared>, s: Stream) -> Response<Body> {
+    let (mut body_tx, body_rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
+    let body = BodyExt::boxed(StreamBody::new(body_rx));
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    shared.live_watches.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(async move {
+        let Stream { kind, bookmarks, start_rv, rx, initial, timeout, id } = s;
+        let feed = async {
+            for line in initial {
+                shared.wait_unpaused(kind).await;
+                body_tx.send(Ok(Frame::data(line))).await.ok()?;
+            }
+            let Some(mut rx) = rx else { return Some(()) };
+            // Highest resourceVersion up to which this watch has delivered everything.
+            let mut known_rv = start_rv;
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            loop {
+                let msg = tokio::select! {
+                    msg = rx.next() => msg,
+                    _ = &mut deadline => {
+                        if bookmarks {
+                            shared.wait_unpaused(kind).await;
+                            let line = bookmark_line(kind, known_rv);
+                            body_tx.send(Ok(Frame::data(line))).await.ok()?;
+                        }
+                        return Some(());
+                    }
+                };
+                shared.wait_unpaused(kind).await;
+                match msg {
+                    // Sender dropped by drop_connections: fail the stream mid-body.
+                    None => {
+                        let _ = body_tx.send(Err(std::io::Error::other("watch dropped"))).await;
+                        return None;
+                    }
+                    Some(WatchMsg::Line(rv, line)) => {
+                        known_rv = known_rv.max(rv);
+                        body_tx.send(Ok(Frame::data(line))).await.ok()?;
+                    }
+                    Some(WatchMsg::Bookmark(rv)) => {
+                        known_rv = known_rv.max(rv);
+                        if bookmarks {
+                            let line = bookmark_line(kind, known_rv);
+                            body_tx.send(Ok(Frame::data(line))).await.ok()?;
+                        }
+                    }
+                    Some(WatchMsg::Expire) => {
+                        let line = event_line("ERROR", &status_json(410, "Expired", "too old resource version"));
+                        body_tx.send(Ok(Frame::data(line))).await.ok()?;
+                        return Some(());
+                    }
+                }
+            }
+        };
+        feed.await;
+        shared.live_watches.fetch_sub(1, Ordering::SeqCst);
+        shared.state().subscribers.retain(|s| s.id != id);
+    });
+    resp
+}

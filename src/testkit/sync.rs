@@ -1,0 +1,125 @@
+//! A recording [`SyncTarget`] for tests: keeps every call with its snapshot, and can be
+//! told to fail, panic or be slow.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::agent::{Snapshot, SyncError, SyncStats, SyncTarget};
+
+/// One call to [`SyncTarget::sync`].
+#[derive(Debug, Clone)]
+pub struct SyncCall {
+    pub full: bool,
+    pub snapshot: Snapshot,
+    pub at: Instant,
+    /// Whether this call was made to fail (or panic).
+    pub failed: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    calls: Vec<SyncCall>,
+    fail_next: u32,
+    panic_next: u32,
+    delay: Duration,
+    cleanups: u32,
+}
+
+/// A [`SyncTarget`] that records. Clones share the record, so a test keeps one clone and
+/// hands the other to the sync loop.
+#[derive(Clone, Default)]
+pub struct RecordingTarget {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl RecordingTarget {
+    pub fn new() -> RecordingTarget {
+        RecordingTarget::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every call so far, oldest first.
+    pub fn calls(&self) -> Vec<SyncCall> {
+        self.lock().calls.clone()
+    }
+
+    /// The last call, if any.
+    pub fn last(&self) -> Option<SyncCall> {
+        self.lock().calls.last().cloned()
+    }
+
+    /// The next `n` calls fail with [`SyncError::Apply`].
+    pub fn fail_next(&self, n: u32) {
+        self.lock().fail_next = n;
+    }
+
+    /// The next `n` calls panic.
+    pub fn panic_next(&self, n: u32) {
+        self.lock().panic_next = n;
+    }
+
+    /// Every call takes this long (blocking, as a real `nft` run does).
+    pub fn set_delay(&self, delay: Duration) {
+        self.lock().delay = delay;
+    }
+
+    /// Calls to [`SyncTarget::cleanup`].
+    pub fn cleanups(&self) -> u32 {
+        self.lock().cleanups
+    }
+
+    /// Polls (every 10 ms, real time) until `pred` holds for the calls, or `timeout`.
+    pub async fn wait_until(&self, timeout: Duration, mut pred: impl FnMut(&[SyncCall]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&self.lock().calls) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl SyncTarget for RecordingTarget {
+    fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
+        let (delay, panic, fail) = {
+            let mut g = self.lock();
+            let panic = g.panic_next > 0;
+            g.panic_next = g.panic_next.saturating_sub(1);
+            let fail = !panic && g.fail_next > 0;
+            if fail {
+                g.fail_next -= 1;
+            }
+            g.calls.push(SyncCall { full, snapshot: snapshot.clone(), at: Instant::now(), failed: panic || fail });
+            (g.delay, panic, fail)
+        };
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        if panic {
+            panic!("injected panic");
+        }
+        if fail {
+            return Err(SyncError::Apply("injected failure".into()));
+        }
+        Ok(SyncStats {
+            transaction_ops: snapshot.pods.len() + snapshot.policies.len(),
+            chains: snapshot.policies.len(),
+            sets: snapshot.policies.len(),
+            set_elements: snapshot.pods.len(),
+            rules: snapshot.policies.len(),
+            skipped_objects: 0,
+        })
+    }
+
+    fn cleanup(&mut self) -> Result<(), SyncError> {
+        self.lock().cleanups += 1;
+        Ok(())
+    }
+}

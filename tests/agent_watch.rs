@@ -1,0 +1,586 @@
+//! The agent's Kubernetes half against the in-process fake apiserver, with a real kube
+//! client: watches, readiness gating, relists, reconnects, coalescing, retries, the admin
+//! server, and `agent::run` from a kubeconfig.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use kube::runtime::watcher;
+use netpol::agent::watch::Resource;
+use netpol::agent::{ClusterWatch, Metrics, Snapshot, SyncLoop, SyncLoopConfig, SyncState, Trigger, admin};
+use netpol::testkit::apiserver::{FakeApiServer, Kind};
+use netpol::testkit::sync::RecordingTarget;
+use tokio::task::JoinHandle;
+
+// ---------------------------------------------------------------- builders
+
+fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+    Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+}
+
+fn namespace(name: &str, l: &[(&str, &str)]) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: labels(l),
+            annotations: labels(&[("note", "stripped on arrival")]),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    }
+}
+
+fn pod(ns: &str, name: &str, ip: &str, l: &[(&str, &str)]) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            labels: labels(l),
+            annotations: labels(&[("note", "stripped on arrival")]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some("node-a".into()),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("registry.example/app:1".into()),
+                ports: Some(vec![ContainerPort {
+                    name: Some("http".into()),
+                    container_port: 80,
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                }]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.into()),
+            host_ip: Some("198.51.100.1".into()),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+fn policy(ns: &str, name: &str, selects: &[(&str, &str)]) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some(ns.into()), ..ObjectMeta::default() },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector { match_labels: labels(selects), ..LabelSelector::default() }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// Two namespaces, three pods, one policy.
+fn seed(server: &FakeApiServer) {
+    server.apply(&namespace("shop", &[("team", "a")])).unwrap();
+    server.apply(&namespace("ops", &[("team", "b")])).unwrap();
+    server.apply(&pod("shop", "web-1", "192.0.2.1", &[("segment", "frontend")])).unwrap();
+    server.apply(&pod("shop", "web-2", "192.0.2.2", &[("segment", "frontend")])).unwrap();
+    server.apply(&pod("shop", "db-1", "192.0.2.3", &[("segment", "backend")])).unwrap();
+    server.apply(&policy("shop", "backend-from-frontend", &[("segment", "backend")])).unwrap();
+}
+
+// ---------------------------------------------------------------- snapshot views
+
+fn key(meta: &ObjectMeta) -> String {
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref().unwrap_or(""))
+}
+
+fn pod_labels(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, String>> {
+    s.pods.iter().map(|p| (key(&p.metadata), p.metadata.labels.clone().unwrap_or_default())).collect()
+}
+
+fn ns_labels(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, String>> {
+    s.namespaces.iter().map(|n| (key(&n.metadata), n.metadata.labels.clone().unwrap_or_default())).collect()
+}
+
+fn policy_names(s: &Snapshot) -> Vec<String> {
+    s.policies.iter().map(|p| key(&p.metadata)).collect()
+}
+
+fn l(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    labels(pairs).unwrap()
+}
+
+// ---------------------------------------------------------------- harness
+
+async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn fast_config() -> SyncLoopConfig {
+    SyncLoopConfig {
+        debounce: Duration::from_millis(20),
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_secs(1),
+        ..SyncLoopConfig::default()
+    }
+}
+
+struct Agent {
+    watch: ClusterWatch,
+    target: RecordingTarget,
+    status: tokio::sync::watch::Receiver<SyncState>,
+    metrics: Metrics,
+    config: SyncLoopConfig,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Agent {
+    /// Watches (paged lists of 2 objects) and the sync loop over a recording target.
+    fn start(server: &FakeApiServer, config: SyncLoopConfig) -> Agent {
+        let trigger = Trigger::new();
+        let (watch, driver) =
+            ClusterWatch::start(server.client(), watcher::Config::default().page_size(2), trigger.clone());
+        let target = RecordingTarget::new();
+        let metrics = Metrics::new();
+        let sync_loop =
+            SyncLoop::new(target.clone(), watch.clone(), trigger, config.clone()).with_metrics(metrics.clone());
+        let status = sync_loop.status();
+        let tasks = vec![
+            tokio::spawn(driver),
+            tokio::spawn(async move {
+                sync_loop.run(std::future::pending::<()>()).await;
+            }),
+        ];
+        Agent { watch, target, status, metrics, config, tasks }
+    }
+
+    fn synced(&self) -> Snapshot {
+        self.target.calls().iter().rev().find(|c| !c.failed).map(|c| c.snapshot.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the last successful sync saw a snapshot satisfying `pred`.
+    async fn wait_synced(&self, what: &str, pred: impl Fn(&Snapshot) -> bool) {
+        wait_for(what, Duration::from_secs(10), || pred(&self.synced())).await;
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_initial_list_and_then_live_updates_reach_the_snapshot() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.watch.wait_ready().await;
+
+    let snap = agent.watch.snapshot();
+    assert_eq!(pod_labels(&snap).keys().collect::<Vec<_>>(), ["shop/db-1", "shop/web-1", "shop/web-2"]);
+    assert_eq!(ns_labels(&snap)["/shop"], l(&[("team", "a")]));
+    assert_eq!(policy_names(&snap), ["shop/backend-from-frontend"]);
+    // Stripped on arrival: no annotations, no image, no hostIP; ports and IPs kept.
+    let web = &snap.pods[1];
+    assert!(web.metadata.annotations.is_none());
+    let spec = web.spec.as_ref().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some("node-a"));
+    assert!(spec.containers[0].image.is_none());
+    assert_eq!(spec.containers[0].ports.as_ref().unwrap()[0].container_port, 80);
+    let status = web.status.as_ref().unwrap();
+    assert_eq!(status.pod_ip.as_deref(), Some("192.0.2.1"));
+    assert!(status.host_ip.is_none());
+    assert!(snap.namespaces[0].metadata.annotations.is_none());
+    // Lists of 3 pods with page size 2 took two pages.
+    assert!(server.list_requests(Kind::Pod) >= 2);
+
+    // Live: add, relabel, delete.
+    server.apply(&pod("ops", "mon-1", "192.0.2.9", &[("app", "mon")])).unwrap();
+    server.apply(&pod("shop", "web-1", "192.0.2.1", &[("segment", "canary")])).unwrap();
+    server.delete(Kind::Pod, "shop", "web-2").unwrap();
+    server.apply(&namespace("ops", &[("team", "c")])).unwrap();
+    server.delete(Kind::NetworkPolicy, "shop", "backend-from-frontend").unwrap();
+    server.apply(&policy("ops", "deny-all", &[])).unwrap();
+
+    agent
+        .wait_synced("live updates to reach the synced snapshot", |s| {
+            let pods = pod_labels(s);
+            pods.len() == 3
+                && pods.get("shop/web-1") == Some(&l(&[("segment", "canary")]))
+                && pods.contains_key("ops/mon-1")
+                && ns_labels(s)["/ops"] == l(&[("team", "c")])
+                && policy_names(s) == ["ops/deny-all"]
+        })
+        .await;
+    assert_eq!(agent.synced(), agent.watch.snapshot());
+    assert_eq!(agent.watch.counters().relists(Resource::Pods), 0);
+    assert!(agent.watch.counters().events(Resource::Pods) >= 3);
+    assert_eq!(agent.watch.counters().events(Resource::NetworkPolicies), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_synced_until_pods_namespaces_and_policies_have_all_listed() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    server.pause_kind(Kind::NetworkPolicy);
+    let agent = Agent::start(&server, fast_config());
+    let counters = agent.watch.counters().clone();
+    wait_for("pods and namespaces to list", Duration::from_secs(5), || {
+        counters.listed(Resource::Pods) && counters.listed(Resource::Namespaces)
+    })
+    .await;
+    // Pod changes keep coming; still nothing may be programmed.
+    server.apply(&pod("shop", "web-3", "192.0.2.4", &[("segment", "frontend")])).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!agent.watch.is_ready());
+    assert!(agent.target.calls().is_empty(), "synced before policies listed");
+
+    server.resume_kind(Kind::NetworkPolicy);
+    agent.wait_synced("the first sync", |s| !s.policies.is_empty()).await;
+    let calls = agent.target.calls();
+    assert!(calls[0].full, "the first sync is full");
+    assert_eq!(pod_labels(&calls[0].snapshot).len(), 4);
+    assert_eq!(policy_names(&calls[0].snapshot), ["shop/backend-from-frontend"]);
+    assert!(agent.status.borrow().first_full_sync_done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_after_compaction_makes_the_watcher_relist_and_converge_with_nothing_lost() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let lists_before = server.list_requests(Kind::Pod);
+
+    // Changes the agent does not see before history is forgotten and the streams die.
+    server.pause();
+    for i in 0..10 {
+        server.apply(&pod("ops", &format!("job-{i}"), &format!("192.0.2.{}", 100 + i), &[("job", "x")])).unwrap();
+    }
+    server.delete(Kind::Pod, "shop", "web-2").unwrap();
+    server.apply(&namespace("shop", &[("team", "z")])).unwrap();
+    server.apply(&policy("ops", "jobs", &[("job", "x")])).unwrap();
+    server.compact();
+    server.drop_connections();
+    server.resume();
+
+    agent
+        .wait_synced("convergence after the relist", |s| {
+            let pods = pod_labels(s);
+            pods.len() == 12
+                && !pods.contains_key("shop/web-2")
+                && ns_labels(s)["/shop"] == l(&[("team", "z")])
+                && policy_names(s) == ["ops/jobs", "shop/backend-from-frontend"]
+        })
+        .await;
+    let c = agent.watch.counters();
+    assert!(c.relists(Resource::Pods) >= 1, "pods relisted after 410");
+    assert!(c.relists(Resource::Namespaces) >= 1);
+    assert!(c.relists(Resource::NetworkPolicies) >= 1);
+    assert!(server.list_requests(Kind::Pod) > lists_before);
+    assert_eq!(agent.synced(), agent.watch.snapshot());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_live_watch_makes_the_watcher_relist() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    wait_for("three live watches", Duration::from_secs(5), || server.live_watches() == 3).await;
+
+    server.expire_watches();
+    server.apply(&pod("shop", "web-9", "192.0.2.99", &[("segment", "frontend")])).unwrap();
+    agent.wait_synced("the new pod after the relist", |s| s.pods.len() == 4).await;
+    wait_for("the pods relist to be counted", Duration::from_secs(5), || {
+        agent.watch.counters().relists(Resource::Pods) >= 1
+    })
+    .await;
+    assert!(agent.watch.counters().errors(Resource::Pods) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_reconnect_from_the_last_version_and_converge() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let watches_before = server.watch_requests(Kind::Pod);
+
+    for round in 0..3 {
+        server.drop_connections();
+        server
+            .apply(&pod("shop", &format!("drop-{round}"), &format!("192.0.2.{}", 50 + round), &[("round", "x")]))
+            .unwrap();
+    }
+    agent.wait_synced("the pods added while connections dropped", |s| s.pods.len() == 6).await;
+    assert!(server.watch_requests(Kind::Pod) > watches_before);
+    // History was kept, so the watcher resumed instead of relisting.
+    assert_eq!(agent.watch.counters().relists(Resource::Pods), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_apiserver_responses_delay_but_do_not_break_convergence() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    server.set_latency(Duration::from_millis(300));
+    let started = Instant::now();
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    // Pods need two pages, each 300 ms late.
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    server.drop_connections();
+    server.apply(&pod("shop", "late", "192.0.2.77", &[("segment", "frontend")])).unwrap();
+    agent.wait_synced("the pod added behind a slow reconnect", |s| s.pods.len() == 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_rapid_changes_coalesce_into_a_few_syncs_and_the_last_state_wins() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let before = agent.target.calls().len();
+
+    for i in 0..100 {
+        let v = i.to_string();
+        server.apply(&pod("shop", "web-1", "192.0.2.1", &[("version", &v)])).unwrap();
+    }
+    agent.wait_synced("the last version", |s| pod_labels(s).get("shop/web-1") == Some(&l(&[("version", "99")]))).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls = agent.target.calls();
+    let syncs = calls.len() - before;
+    assert!(syncs <= 5, "100 changes took {syncs} syncs");
+    assert!(calls[before..].iter().all(|c| !c.full), "changes sync partially");
+    assert_eq!(pod_labels(&calls.last().unwrap().snapshot)["shop/web-1"], l(&[("version", "99")]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_is_retried_with_growing_backoff_and_the_next_sync_is_full() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let before = agent.target.calls().len();
+
+    agent.target.fail_next(3);
+    server.apply(&pod("shop", "web-4", "192.0.2.5", &[("segment", "frontend")])).unwrap();
+    agent.wait_synced("the retried sync", |s| s.pods.len() == 4).await;
+    let calls = agent.target.calls()[before..].to_vec();
+    let shape: Vec<(bool, bool)> = calls.iter().map(|c| (c.full, c.failed)).collect();
+    assert_eq!(
+        shape,
+        [(false, true), (true, true), (true, true), (true, false)],
+        "partial fails, then full retries until one succeeds"
+    );
+    let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1].at - w[0].at).collect();
+    let initial = agent.config.retry_initial;
+    for (i, gap) in gaps.iter().enumerate() {
+        assert!(*gap >= initial * (1 << i), "retry {i} came after {gap:?}");
+    }
+    let st = agent.status.borrow().clone();
+    assert_eq!(st.failures, 3);
+    assert_eq!(st.consecutive_failures, 0);
+    let text = agent.metrics.encode(None, &st);
+    assert!(text.contains("netpol_sync_failures_total{mode=\"full\",kind=\"apply\"} 2"), "{text}");
+}
+
+/// GET over a fresh connection; returns (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let status = buf[9..12].parse().unwrap();
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_server_reports_readiness_and_metrics() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    server.pause_kind(Kind::Namespace);
+    let agent = Agent::start(&server, fast_config());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        admin::AdminState {
+            metrics: agent.metrics.clone(),
+            status: agent.status.clone(),
+            watch_counters: Some(agent.watch.counters().clone()),
+            unready_after_failures: 3,
+        },
+    ));
+
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    let (code, body) = http_get(addr, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("no full sync"), "{body}");
+
+    server.resume_kind(Kind::Namespace);
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    assert_eq!(http_get(addr, "/readyz").await.0, 200);
+    server.apply(&pod("shop", "web-5", "192.0.2.6", &[("segment", "frontend")])).unwrap();
+    agent.wait_synced("the new pod", |s| s.pods.len() == 4).await;
+
+    let (code, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    for needle in [
+        "netpol_sync_duration_seconds_count{mode=\"full\"} 1",
+        "netpol_sync_duration_seconds_count{mode=\"partial\"}",
+        "netpol_watch_events_total{resource=\"pods\"} 1",
+        "netpol_watch_relists_total{resource=\"pods\"} 0",
+        "netpol_index_objects{resource=\"pods\"} 4",
+        "netpol_ruleset_set_elements 4",
+        "netpol_last_successful_sync_age_seconds",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+
+    // Three failures in a row make the node unready.
+    agent.target.fail_next(100);
+    server.delete(Kind::Pod, "shop", "web-5").unwrap();
+    let status = agent.status.clone();
+    wait_for("three failures", Duration::from_secs(5), || status.borrow().consecutive_failures >= 3).await;
+    let (code, body) = http_get(addr, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("injected failure"), "{body}");
+    assert_eq!(http_get(addr, "/nope").await.0, 404);
+    admin_task.abort();
+}
+
+fn run_agent(
+    config: netpol::agent::AgentConfig,
+    target: RecordingTarget,
+) -> (tokio::sync::oneshot::Sender<()>, JoinHandle<Result<RecordingTarget, netpol::agent::AgentError>>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+        let _ = stopped.await;
+    });
+    let task = tokio::spawn(netpol::agent::run(config, target, shutdown));
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_runs_from_a_kubeconfig_and_cleans_up_on_exit() {
+    use clap::Parser;
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
+    let config = netpol::agent::AgentConfig::try_parse_from([
+        "netpol-agent",
+        "--node",
+        "node-a",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--debounce",
+        "5ms",
+        "--cleanup-on-exit",
+    ])
+    .unwrap();
+    let target = RecordingTarget::new();
+    let (stop, task) = run_agent(config, target.clone());
+    assert!(
+        target
+            .wait_until(Duration::from_secs(10), |c| c.last().is_some_and(|c| c.full && c.snapshot.pods.len() == 3))
+            .await,
+        "the agent synced the seeded cluster"
+    );
+    stop.send(()).unwrap();
+    let returned = task.await.unwrap().unwrap();
+    assert_eq!(returned.cleanups(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_apiserver_speaks_paging_bookmarks_timeouts_and_410() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let addr = server.addr();
+
+    // Paging: 3 pods, 2 per page, then the continuation.
+    let (code, body) = http_get(addr, "/api/v1/pods?limit=2").await;
+    assert_eq!(code, 200);
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["kind"], "PodList");
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    let token = page["metadata"]["continue"].as_str().unwrap().to_string();
+    let rv = page["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let (_, body) = http_get(addr, &format!("/api/v1/pods?limit=2&continue={token}")).await;
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(page["metadata"]["resourceVersion"], rv.as_str());
+    // Namespaced path.
+    let (_, body) = http_get(addr, "/apis/networking.k8s.io/v1/namespaces/ops/networkpolicies").await;
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(list["items"].as_array().unwrap().is_empty());
+
+    // A watch with bookmarks that times out: events since rv, then a bookmark, then the end.
+    server.apply(&policy("shop", "late", &[])).unwrap();
+    let (code, body) = http_get(
+        addr,
+        &format!(
+            "/apis/networking.k8s.io/v1/networkpolicies?watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=1"
+        ),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""type":"ADDED""#) && body.contains(r#""name":"late""#), "{body}");
+    assert!(body.contains(r#""type":"BOOKMARK""#), "{body}");
+
+    // After compaction, an old resourceVersion gets an ERROR event with 410 Expired.
+    server.compact();
+    let (code, body) = http_get(addr, &format!("/api/v1/pods?watch=true&resourceVersion={rv}&timeoutSeconds=1")).await;
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""type":"ERROR""#) && body.contains(r#""code":410"#), "{body}");
+    assert!(body.contains("Expired"), "{body}");
+    // And so does a continue token from before the compaction.
+    let (code, _) = http_get(addr, &format!("/api/v1/pods?limit=2&continue={token}")).await;
+    assert_eq!(code, 410);
+    assert_eq!(server.list_requests(Kind::Pod), 2);
+    assert_eq!(server.watch_requests(Kind::NetworkPolicy), 1);
+    assert_eq!(server.live_watches(), 0);
+}
+
+/// Measurement behind the default debounce (run with `--ignored --nocapture`): a burst of
+/// 100 pod updates 1 ms apart, syncs taken and latency from the last update to its sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn measure_how_debounce_trades_syncs_for_latency() {
+    for debounce_ms in [0u64, 5, 10, 20, 50, 100] {
+        let server = FakeApiServer::start().await.unwrap();
+        seed(&server);
+        let config = SyncLoopConfig { debounce: Duration::from_millis(debounce_ms), ..fast_config() };
+        let agent = Agent::start(&server, config);
+        agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+        let before = agent.target.calls().len();
+        for i in 0..100 {
+            let v = i.to_string();
+            server.apply(&pod("shop", "web-1", "192.0.2.1", &[("version", &v)])).unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let last = Instant::now();
+        agent
+            .wait_synced("the last version", |s| pod_labels(s).get("shop/web-1") == Some(&l(&[("version", "99")])))
+            .await;
+        let latency = agent.target.last().unwrap().at - last;
+        let syncs = agent.target.calls().len() - before;
+        println!("debounce {debounce_ms:>3} ms: {syncs:>3} syncs, last change synced after {latency:?}");
+    }
+}
