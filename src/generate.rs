@@ -324,3 +324,132 @@ pub fn to_yaml(cluster: &Cluster) -> String {
     }
     out
 }
+
+/// A small cluster that packs in every feature, for property tests: several nodes,
+/// hostNetwork pods, IPv4-only, IPv6-only and dual-stack pods, named ports that resolve to
+/// different numbers on different pods, matchExpressions, ipBlocks with except, endPort
+/// ranges, TCP/UDP/SCTP, policies that select nothing.
+pub fn small_random(seed: u64) -> Cluster {
+    let mut rng = Rng::new(seed);
+    let namespaces: Vec<Namespace> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            let mut labels = Labels::from([(crate::model::NAMESPACE_NAME_LABEL.to_string(), name.to_string())]);
+            if rng.chance(50) {
+                labels.insert("team".into(), rng.pick(&["x", "y"]).to_string());
+            }
+            Namespace { name: name.to_string(), labels }
+        })
+        .collect();
+    let pod_count = 2 + rng.below(7);
+    let pods: Vec<Pod> = (0..pod_count)
+        .map(|i| {
+            let mut labels = Labels::new();
+            for key in ["app", "tier"] {
+                if rng.chance(70) {
+                    labels.insert(key.into(), rng.pick(&["web", "db", "api"]).to_string());
+                }
+            }
+            let v4 = IpAddr::V4(Ipv4Addr::new(10, 0, rng.below(2) as u8, 1 + i as u8));
+            let v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, rng.below(2) as u16, 1 + i as u16));
+            let ips = match rng.below(5) {
+                0 => vec![v6],
+                1 => vec![v4, v6],
+                2 => vec![v6, v4],
+                _ => vec![v4],
+            };
+            let mut ports = Vec::new();
+            for (name, protocol) in [("web", Protocol::Tcp), ("dns", Protocol::Udp), ("sig", Protocol::Sctp)] {
+                if rng.chance(60) {
+                    ports.push(ContainerPort { name: Some(name.into()), port: *rng.pick(&[80, 81, 8080]), protocol });
+                }
+            }
+            ports.sort();
+            ports.dedup_by(|a, b| a.name == b.name);
+            Pod {
+                id: ObjectRef::new(namespaces[rng.below(3)].name.clone(), format!("p{i}")),
+                labels,
+                node: format!("node-{}", rng.below(2)),
+                ips,
+                host_network: rng.chance(8),
+                ports,
+            }
+        })
+        .collect();
+    let selector = |rng: &mut Rng| -> Selector {
+        match rng.below(6) {
+            0 => Selector::everything(),
+            1 => Selector::new(vec![Requirement {
+                key: "app".into(),
+                operator: Operator::NotIn(BTreeSet::from([rng.pick(&["web", "db"]).to_string()])),
+            }]),
+            2 => Selector::new(vec![Requirement { key: "tier".into(), operator: Operator::Exists }]),
+            3 => Selector::new(vec![Requirement { key: "tier".into(), operator: Operator::DoesNotExist }]),
+            4 => Selector::from_labels([("app", "nothing-has-this")]),
+            _ => Selector::from_labels([("app", *rng.pick(&["web", "db", "api"]))]),
+        }
+    };
+    let peer = |rng: &mut Rng| -> Peer {
+        match rng.below(5) {
+            0 => {
+                let v6 = rng.chance(40);
+                let (cidr, except): (&str, &[&str]) = if v6 {
+                    ("fd00::/64", &["fd00::1:0/112", "fd00::3/128"])
+                } else {
+                    ("10.0.0.0/16", &["10.0.1.0/24", "10.0.0.2/32"])
+                };
+                Peer::IpBlock(IpBlock {
+                    cidr: cidr.parse().expect("valid"),
+                    except: except.iter().filter(|_| rng.chance(50)).map(|e| e.parse().expect("valid")).collect(),
+                })
+            }
+            1 => Peer::Pods {
+                namespaces: NamespaceScope::Matching(Selector::from_labels([("team", "x")])),
+                pods: selector(rng),
+            },
+            2 => Peer::Pods { namespaces: NamespaceScope::Matching(Selector::everything()), pods: selector(rng) },
+            _ => Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods: selector(rng) },
+        }
+    };
+    let port = |rng: &mut Rng| -> PortSpec {
+        let protocol = *rng.pick(&Protocol::ALL);
+        let port = match rng.below(4) {
+            0 => PortMatch::Any,
+            1 => PortMatch::Range(80, 81),
+            2 => PortMatch::Named(rng.pick(&["web", "dns", "sig"]).to_string()),
+            _ => PortMatch::Range(*rng.pick(&[80, 8080]), 0).normalized(),
+        };
+        PortSpec { protocol, port }
+    };
+    let rules = |rng: &mut Rng| -> Vec<Rule> {
+        (0..rng.below(3))
+            .map(|_| Rule {
+                peers: rng.chance(75).then(|| (0..1 + rng.below(2)).map(|_| peer(rng)).collect()),
+                ports: rng.chance(60).then(|| (0..1 + rng.below(2)).map(|_| port(rng)).collect()),
+            })
+            .collect()
+    };
+    let policies = (0..rng.below(5))
+        .map(|i| {
+            let ingress = rng.chance(75).then(|| rules(&mut rng));
+            let egress = (ingress.is_none() || rng.chance(40)).then(|| rules(&mut rng));
+            Policy {
+                id: ObjectRef::new(namespaces[rng.below(3)].name.clone(), format!("pol{i}")),
+                pod_selector: selector(&mut rng),
+                ingress,
+                egress,
+            }
+        })
+        .collect();
+    Cluster::new(namespaces, pods, policies)
+}
+
+impl PortMatch {
+    /// `Range(p, 0)` as shorthand for the single port `p`.
+    fn normalized(self) -> Self {
+        match self {
+            PortMatch::Range(p, 0) => PortMatch::Range(p, p),
+            other => other,
+        }
+    }
+}

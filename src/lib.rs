@@ -18,6 +18,7 @@ pub mod generate;
 pub mod load;
 pub mod matrix;
 pub mod model;
+pub mod query;
 pub mod report;
 pub mod selector;
 pub mod testkit;

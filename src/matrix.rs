@@ -395,3 +395,7 @@ fn rule_peer_sets<'s>(
     }
     sets
 }
+
+#[cfg(test)]
+#[path = "matrix_tests.rs"]
+mod tests;

@@ -2,18 +2,18 @@
 //! Thin: argument parsing, wiring, exit codes (0 ok/allowed, 1 denied/disagreement, 2 error).
 
 use std::io::{IsTerminal, Write};
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
-use netpol::evaluate::{self, Connection, Endpoint};
+use netpol::evaluate::{self, Endpoint};
 use netpol::load::{self, LoadOptions, Loaded};
 use netpol::matrix::{self, Family, Probe, ProbePort};
-use netpol::model::{Cluster, Direction, ObjectRef, Protocol};
+use netpol::model::{Cluster, Direction, Protocol};
+use netpol::query;
 use netpol::report::{self, MatrixReport};
 
 const ABOUT: &str = "Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.";
@@ -313,47 +313,12 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn endpoint(cluster: &Cluster, text: &str, flag: &str) -> Result<Endpoint> {
-    if let Ok(ip) = text.parse::<IpAddr>() {
-        return Ok(cluster.pod_by_ip(ip).map(Endpoint::Pod).unwrap_or(Endpoint::Ip(ip)));
-    }
-    let Some((ns, name)) = text.split_once('/') else {
-        bail!("{flag}: {text:?} is neither NAMESPACE/POD nor an IP address");
-    };
-    cluster.pod_index(&ObjectRef::new(ns, name)).map(Endpoint::Pod).ok_or_else(|| {
-        anyhow!("{flag}: no pod {text} in the input (pods without an IP, or in a terminal phase, take no part)")
-    })
-}
-
 fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
     let cluster = load(&a.input)?;
-    let src = endpoint(&cluster, &a.from, "--from")?;
-    let dst = endpoint(&cluster, &a.to, "--to")?;
     let protocol = parse_protocol(&a.protocol)?;
-    let port = match a.port.parse::<u32>() {
-        Ok(n) if (1..=65535).contains(&n) => n as u16,
-        Ok(n) => bail!("--port: {n} is not a port (1-65535)"),
-        Err(_) => match dst {
-            Endpoint::Pod(j) => cluster.pods[j].resolve_named_port(&a.port, protocol).with_context(|| {
-                format!("--port: {} declares no {protocol} port named {:?}", cluster.pods[j].id, a.port)
-            })?,
-            Endpoint::Ip(_) => {
-                bail!("--port: a named port needs a pod destination (it is resolved on the destination pod)")
-            }
-        },
-    };
-    let ipv6 = match (family(a.family), dst, src) {
-        (Family::Ipv4, ..) => false,
-        (Family::Ipv6, ..) => true,
-        (Family::Primary, Endpoint::Ip(ip), _) => ip.is_ipv6(),
-        (Family::Primary, Endpoint::Pod(j), Endpoint::Ip(ip))
-            if cluster.pods[j].ip_of_family(ip.is_ipv6()).is_some() =>
-        {
-            ip.is_ipv6()
-        }
-        (Family::Primary, Endpoint::Pod(j), _) => Family::Primary.ipv6_towards(&cluster, j),
-    };
-    let conn = Connection { src, dst, protocol, port, ipv6 };
+    let conn =
+        query::connection(&cluster, &a.from, &a.to, &a.port, protocol, family(a.family)).map_err(|e| anyhow!(e))?;
+    let (src, dst, port, ipv6) = (conn.src, conn.dst, conn.port, conn.ipv6);
     let verdict = match a.engine {
         Engine::Evaluator => evaluate::evaluate(&cluster, &conn),
     };
@@ -401,7 +366,7 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
 
 fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
     let cluster = load(&a.input)?;
-    let Endpoint::Pod(i) = endpoint(&cluster, &a.pod, "NS/POD")? else {
+    let Endpoint::Pod(i) = query::resolve_endpoint(&cluster, &a.pod).map_err(|e| anyhow!("NS/POD: {e}"))? else {
         bail!("NS/POD: {:?} is not a pod of the input", a.pod);
     };
     let pod = &cluster.pods[i];

@@ -1,0 +1,73 @@
+//! Turning what a user types (`ns/pod` or an IP, a port number or name) into a
+//! [`Connection`] to evaluate. Shared by the CLI and the tests.
+//!
+//! ```text
+//!  "tenant-a/nginx", "10.1.2.3", "http", TCP, Family ──► Connection{src, dst, protocol, port, ipv6}
+//! ```
+
+use std::net::IpAddr;
+
+use crate::evaluate::{Connection, Endpoint};
+use crate::matrix::Family;
+use crate::model::{Cluster, ObjectRef, Protocol};
+
+/// `NAMESPACE/POD`, or an IP address (an IP that belongs to a pod means that pod).
+pub fn resolve_endpoint(cluster: &Cluster, text: &str) -> Result<Endpoint, String> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(cluster.pod_by_ip(ip).map(Endpoint::Pod).unwrap_or(Endpoint::Ip(ip)));
+    }
+    let Some((ns, name)) = text.split_once('/') else {
+        return Err(format!("{text:?} is neither NAMESPACE/POD nor an IP address"));
+    };
+    cluster
+        .pod_index(&ObjectRef::new(ns, name))
+        .map(Endpoint::Pod)
+        .ok_or_else(|| format!("no pod {text} in the input (pods without an IP, or in a terminal phase, take no part)"))
+}
+
+/// A port number, or a container port name resolved on the destination pod.
+pub fn resolve_port(cluster: &Cluster, dst: Endpoint, port: &str, protocol: Protocol) -> Result<u16, String> {
+    match port.parse::<u32>() {
+        Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
+        Ok(n) => Err(format!("{n} is not a port (1-65535)")),
+        Err(_) => match dst {
+            Endpoint::Pod(j) => cluster.pods[j]
+                .resolve_named_port(port, protocol)
+                .ok_or_else(|| format!("{} declares no {protocol} port named {port:?}", cluster.pods[j].id)),
+            Endpoint::Ip(_) => {
+                Err("a named port needs a pod destination (it is resolved on the destination pod)".into())
+            }
+        },
+    }
+}
+
+/// The family a connection uses: forced, or that of an IP endpoint the user typed, or the
+/// destination pod's primary one.
+pub fn connection_family(cluster: &Cluster, src: Endpoint, dst: Endpoint, family: Family) -> bool {
+    match (family, src, dst) {
+        (Family::Ipv4, ..) => false,
+        (Family::Ipv6, ..) => true,
+        (Family::Primary, _, Endpoint::Ip(ip)) => ip.is_ipv6(),
+        (Family::Primary, Endpoint::Ip(ip), Endpoint::Pod(j))
+            if cluster.pods[j].ip_of_family(ip.is_ipv6()).is_some() =>
+        {
+            ip.is_ipv6()
+        }
+        (Family::Primary, _, Endpoint::Pod(j)) => Family::Primary.ipv6_towards(cluster, j),
+    }
+}
+
+/// Everything at once: the connection a user asked about.
+pub fn connection(
+    cluster: &Cluster,
+    from: &str,
+    to: &str,
+    port: &str,
+    protocol: Protocol,
+    family: Family,
+) -> Result<Connection, String> {
+    let src = resolve_endpoint(cluster, from).map_err(|e| format!("--from: {e}"))?;
+    let dst = resolve_endpoint(cluster, to).map_err(|e| format!("--to: {e}"))?;
+    let port = resolve_port(cluster, dst, port, protocol).map_err(|e| format!("--port: {e}"))?;
+    Ok(Connection { src, dst, protocol, port, ipv6: connection_family(cluster, src, dst, family) })
+}

@@ -1,0 +1,144 @@
+//! The loader never panics: arbitrary bytes, and arbitrary YAML shaped like Kubernetes
+//! objects (real kinds and field names, wrong types and values), either load or give an
+//! error.
+
+use netpol::load::{LoadOptions, Source, load_sources};
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+fn load(text: String) {
+    let sources = [Source { name: "fuzz.yaml".into(), text }];
+    if let Err(e) = load_sources(&sources, &LoadOptions::default()) {
+        // Every error names the file.
+        assert!(e.to_string().starts_with("fuzz.yaml"), "{e}");
+    }
+}
+
+const KEYS: &[&str] = &[
+    "metadata",
+    "name",
+    "namespace",
+    "labels",
+    "spec",
+    "podSelector",
+    "namespaceSelector",
+    "ingress",
+    "egress",
+    "from",
+    "to",
+    "ports",
+    "port",
+    "endPort",
+    "protocol",
+    "ipBlock",
+    "cidr",
+    "except",
+    "policyTypes",
+    "matchLabels",
+    "matchExpressions",
+    "key",
+    "operator",
+    "values",
+    "containers",
+    "containerPort",
+    "status",
+    "podIP",
+    "podIPs",
+    "ip",
+    "phase",
+    "nodeName",
+    "hostNetwork",
+    "template",
+    "replicas",
+    "items",
+    "allowIncoming",
+    "pods",
+    "toPorts",
+];
+
+fn leaf() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        (0i64..70000).prop_map(|n| json!(n)),
+        prop::sample::select(vec![
+            "TCP",
+            "UDP",
+            "SCTP",
+            "In",
+            "NotIn",
+            "Exists",
+            "DoesNotExist",
+            "Ingress",
+            "Egress",
+            "10.0.0.0/8",
+            "10.1.2.3",
+            "fd00::/64",
+            "fd00::1",
+            "::",
+            "0.0.0.0/0",
+            "http",
+            "a",
+            "",
+            "x/y",
+            "-",
+            "Running",
+            "node-1",
+        ])
+        .prop_map(|s| Value::String(s.to_string())),
+        ".{0,12}".prop_map(Value::String),
+    ]
+}
+
+fn shape() -> impl Strategy<Value = Value> {
+    leaf().prop_recursive(5, 64, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::vec((prop::sample::select(KEYS), inner), 0..6)
+                .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect::<Map<_, _>>())),
+        ]
+    })
+}
+
+fn object() -> impl Strategy<Value = Value> {
+    let kinds = prop::sample::select(vec![
+        ("v1", "Namespace"),
+        ("v1", "Pod"),
+        ("networking.k8s.io/v1", "NetworkPolicy"),
+        ("net.alpha.kubernetes.io/v1alpha1", "NetworkPolicy"),
+        ("apps/v1", "Deployment"),
+        ("apps/v1", "DaemonSet"),
+        ("batch/v1", "CronJob"),
+        ("v1", "List"),
+        ("v1", "Service"),
+    ]);
+    (kinds, shape(), shape()).prop_map(|((api, kind), meta, spec)| {
+        let mut o = Map::new();
+        o.insert("apiVersion".into(), json!(api));
+        o.insert("kind".into(), json!(kind));
+        o.insert("metadata".into(), meta);
+        o.insert(if kind == "List" { "items" } else { "spec" }.into(), spec);
+        Value::Object(o)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #[test]
+    fn arbitrary_bytes_never_panic_the_loader(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+        load(String::from_utf8_lossy(&bytes).into_owned());
+    }
+
+    #[test]
+    fn arbitrary_kubernetes_shaped_yaml_never_panics_the_loader(docs in prop::collection::vec(object(), 1..4)) {
+        let text = docs.iter().map(|d| yaml_serde::to_string(d).unwrap()).collect::<Vec<_>>().join("---\n");
+        load(text);
+    }
+}
+
+#[test]
+fn deeply_nested_yaml_is_an_error_not_a_crash() {
+    load(format!("kind: Pod\nspec: {}{}", "[".repeat(10_000), "]".repeat(10_000)));
+    load(format!("kind: Pod\nspec: {}", "- ".repeat(5_000)));
+}
