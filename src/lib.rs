@@ -1,1 +1,2 @@
 pub fn _placeholder() {}
+pub mod lab;
