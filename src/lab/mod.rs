@@ -347,9 +347,17 @@ impl Lab {
             .chain((0..pods.len()).map(|j| (lab.names.pod(j), topology::POD_SYSCTLS)))
             .chain([(lab.names.fabric(), topology::FABRIC_SYSCTLS)])
             .collect();
-        for (ns, values) in &sysctl_jobs {
-            netns::sysctls(ns, values).map_err(|e| LabError::io(format!("configuring {ns}"), e))?;
-        }
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = sysctl_jobs
+                .iter()
+                .map(|(ns, values)| (ns, s.spawn(move || netns::sysctls(ns, values))))
+                .collect();
+            jobs.into_iter().try_for_each(|(ns, job)| {
+                job.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("sysctl thread panicked")))
+                    .map_err(|e| LabError::io(format!("configuring {ns}"), e))
+            })
+        })?;
         netns::ip_batches(&plan.nodes)?;
         netns::ip_batches(&plan.ends)?;
         for node in nodes {
@@ -535,4 +543,65 @@ pub fn lab_namespaces() -> Result<Vec<String>, LabError> {
         .into_iter()
         .filter(|n| n.starts_with(NETNS_PREFIX))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, node: &str, ips: &[&str]) -> LabPod {
+        LabPod {
+            name: name.into(),
+            node: node.into(),
+            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            serve: vec![(80, L4::Tcp)],
+        }
+    }
+
+    fn node(name: &str) -> LabNode {
+        LabNode {
+            name: name.into(),
+            ruleset: String::new(),
+        }
+    }
+
+    #[test]
+    fn pods_are_placed_on_their_nodes_by_index() {
+        let pods = [
+            pod("a/x", "n2", &["10.0.0.1"]),
+            pod("a/y", "n1", &["10.0.0.2"]),
+        ];
+        assert_eq!(
+            validate(&[node("n1"), node("n2")], &pods).unwrap(),
+            vec![1, 0]
+        );
+    }
+
+    #[test]
+    fn a_spec_the_lab_cannot_build_is_refused_before_anything_is_created() {
+        let nodes = [node("n1")];
+        let err = |pods: &[LabPod]| validate(&nodes, pods).unwrap_err().to_string();
+        assert!(err(&[pod("a/x", "n9", &[])]).contains("unknown node `n9`"));
+        assert!(
+            err(&[
+                pod("a/x", "n1", &["10.0.0.1"]),
+                pod("a/y", "n1", &["10.0.0.1"])
+            ])
+            .contains("share address 10.0.0.1")
+        );
+        assert!(err(&[pod("a/x", "n1", &["169.254.1.1"])]).contains("cannot give a pod"));
+        assert!(err(&[pod("a/x", "n1", &[]), pod("a/x", "n1", &[])]).contains("declared twice"));
+        assert!(validate(&[node("n1"), node("n1")], &[]).is_err());
+    }
+
+    #[test]
+    fn run_ids_differ_within_one_process_and_carry_its_pid() {
+        let (a, b) = (new_run_id(), new_run_id());
+        assert_ne!(a, b);
+        let pid = std::process::id();
+        assert_eq!(
+            topology::owner_pid(&topology::Names::new(a).pod(0)),
+            Some(pid)
+        );
+    }
 }
