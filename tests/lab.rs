@@ -223,11 +223,14 @@ fn nothing_is_left_behind_after_success_error_or_a_crash() {
     assert_eq!(ours(), Vec::<String>::new());
 
     // A panic while a lab is live: Drop tears it down during unwinding.
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
     let r = std::panic::catch_unwind(|| {
         let _lab = Lab::build(&[node("a", "")], &[pod("x/p", "a", &["10.9.0.1"])]).unwrap();
         assert!(!ours().is_empty());
         panic!("deliberate");
     });
+    std::panic::set_hook(quiet);
     assert!(r.is_err());
     assert_eq!(ours(), Vec::<String>::new());
 

@@ -61,7 +61,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use topology::NETNS_PREFIX;
+pub use topology::{FABRIC_IF, NETNS_PREFIX, POD_IF};
+
+/// Name of the node-side interface of pod `pod` (index in the lab's pods), inside its
+/// node's namespace: `p<index>`. Traffic from the fabric arrives on [`FABRIC_IF`].
+pub fn node_side_interface(pod: usize) -> String {
+    topology::pod_peer_if(pod)
+}
 
 /// Layer-4 protocol of a served port or a probe.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]

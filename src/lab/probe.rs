@@ -265,6 +265,13 @@ pub fn wave(
             }
         }
     }
+    // INITs that arrive after the deadline must not linger in the shared set.
+    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    for s in &states {
+        if let State::Sctp { key, .. } = s {
+            seen.remove(key);
+        }
+    }
     Ok(states
         .iter()
         .map(|s| matches!(s, State::Done(true)))
