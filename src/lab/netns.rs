@@ -132,7 +132,16 @@ pub fn delete_namespaces(names: &[String]) -> Result<(), LabError> {
     }
     let script: String = names.iter().map(|n| format!("netns del {n}\n")).collect();
     let (what, child) = spawn_with_input(ip_command(None, true), &script)?;
-    finish(what, child)
+    let result = finish(what, child);
+    // Someone else (a concurrent `cleanup_leftovers`, the interrupt handler) may have
+    // deleted some first: that is success, as long as none is left.
+    if result.is_err()
+        && let Ok(present) = list()
+        && !names.iter().any(|n| present.contains(n))
+    {
+        return Ok(());
+    }
+    result
 }
 
 /// Delete those of `names` that exist (a build that failed half-way created only some).
@@ -166,6 +175,58 @@ pub fn ip_batches(scripts: &[(String, String)]) -> Result<(), LabError> {
     first_err.map_or(Ok(()), Err)
 }
 
+/// True when every interface in `ip -o link show` output, loopback aside, is
+/// operationally up with its real qdisc attached. Both happen in the kernel's link
+/// watcher, asynchronously after `link set up`; until then a veth drops what it is given
+/// (`qdisc noop`), which would turn the first probes into false "blocked"s.
+pub fn links_ready(ip_o_link: &str) -> bool {
+    ip_o_link
+        .lines()
+        .filter(|l| !l.contains(" lo: ") && !l.trim().is_empty())
+        .all(|l| l.contains(" state UP ") && !l.contains(" qdisc noop "))
+}
+
+/// Wait until every interface of `names` is ready (see [`links_ready`]), at most `limit`.
+pub fn wait_links_ready(names: &[String], limit: std::time::Duration) -> Result<(), LabError> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut pending: Vec<&String> = names.iter().collect();
+    loop {
+        let children: Vec<(&String, io::Result<Child>)> = pending
+            .iter()
+            .map(|ns| {
+                let child = Command::new("ip")
+                    .args(["-n", ns, "-o", "link", "show"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn();
+                (*ns, child)
+            })
+            .collect();
+        let mut still = Vec::new();
+        for (ns, child) in children {
+            let out = child
+                .and_then(Child::wait_with_output)
+                .map_err(|e| LabError::io(format!("listing links of {ns}"), e))?;
+            if !out.status.success() || !links_ready(&String::from_utf8_lossy(&out.stdout)) {
+                still.push(ns);
+            }
+        }
+        if still.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let list: Vec<&str> = still.iter().map(|s| s.as_str()).collect();
+            return Err(LabError::io(
+                "waiting for lab links to come up",
+                io::Error::new(io::ErrorKind::TimedOut, list.join(", ")),
+            ));
+        }
+        pending = still;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Load an nft script in namespace `ns` in one transaction (`nft -f -`).
 pub fn nft_load(ns: &str, script: &str) -> Result<(), LabError> {
     let mut cmd = Command::new("ip");
@@ -187,5 +248,20 @@ pub fn list() -> io::Result<Vec<String>> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn links_are_ready_only_when_up_with_a_real_qdisc() {
+        let lo = "1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN mode DEFAULT";
+        let up =
+            "2: eth0@if3: <BROADCAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT";
+        let noop = "2: eth0@if3: <BROADCAST,UP,LOWER_UP> mtu 1500 qdisc noop state UP mode DEFAULT";
+        let down = "2: eth0@if3: <NO-CARRIER,UP> mtu 1500 qdisc noqueue state DOWN mode DEFAULT";
+        assert!(super::links_ready(&format!("{lo}\n{up}\n")));
+        assert!(!super::links_ready(&format!("{lo}\n{noop}\n")));
+        assert!(!super::links_ready(&format!("{lo}\n{down}\n")));
     }
 }

@@ -21,6 +21,18 @@ pub const NODE_SIDE_MAC: &str = "ee:ee:ee:ee:ee:ee";
 pub const POD_IF: &str = "eth0";
 /// Name of the node's interface into the fabric.
 pub const FABRIC_IF: &str = "fab0";
+/// Interface indexes are set explicitly so that the two ends of a veth never share one.
+/// The kernel's link watcher treats a device whose index equals its peer's (`iflink`) as
+/// not urgent and handles its carrier change up to a second later; until then the end
+/// brought up first has no qdisc and drops every packet (measured: cross-node probes
+/// failed for ~1 s when both fabric ends happened to be index 2 in their namespaces).
+pub const POD_IF_INDEX: u32 = 10;
+/// See [`POD_IF_INDEX`]: the node's fabric interface.
+pub const FABRIC_IF_INDEX: u32 = 10;
+/// See [`POD_IF_INDEX`]: node-side pod veth `p<j>` is `PEER_INDEX_BASE + j`, fabric port
+/// `n<i>` is `PEER_INDEX_BASE + i`; both differ from their peers' index 10.
+pub const PEER_INDEX_BASE: usize = 100;
+
 /// Most nodes a lab wires (one /24 of fabric addresses, .254 being the router).
 pub const MAX_NODES: usize = 250;
 
@@ -172,9 +184,10 @@ impl Plan {
             let _ = writeln!(s, "link set lo up");
             let _ = writeln!(
                 s,
-                "link add {FABRIC_IF} address {} type veth peer name {} netns {fabric} address {}",
+                "link add {FABRIC_IF} index {FABRIC_IF_INDEX} address {} type veth peer name {} netns {fabric} index {} address {}",
                 node_mac(i),
                 fabric_port(i),
+                PEER_INDEX_BASE + i,
                 fabric_mac(i)
             );
             let _ = writeln!(s, "link set {FABRIC_IF} up");
@@ -192,7 +205,8 @@ impl Plan {
                     let peer = pod_peer_if(j);
                     let _ = writeln!(
                         s,
-                        "link add {peer} address {NODE_SIDE_MAC} type veth peer name {POD_IF} netns {} address {}",
+                        "link add {peer} index {} address {NODE_SIDE_MAC} type veth peer name {POD_IF} netns {} index {POD_IF_INDEX} address {}",
+                        PEER_INDEX_BASE + j,
                         names.pod(j),
                         pod_mac(j)
                     );
@@ -360,7 +374,7 @@ mod tests {
         let (ns, n0) = &plan.nodes[0];
         assert_eq!(ns, "npl-1-a-n0");
         assert!(n0.contains(
-            "link add p0 address ee:ee:ee:ee:ee:ee type veth peer name eth0 netns npl-1-a-p0 address 02:00:00:00:00:00\n"
+            "link add p0 index 100 address ee:ee:ee:ee:ee:ee type veth peer name eth0 netns npl-1-a-p0 index 10 address 02:00:00:00:00:00\n"
         ));
         assert!(n0.contains("route add 10.0.0.1/32 dev p0\n"));
         assert!(n0.contains("route add fd00::1/128 dev p0\n"));
