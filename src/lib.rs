@@ -22,3 +22,4 @@ pub mod query;
 pub mod report;
 pub mod selector;
 pub mod testkit;
+pub mod lab;
