@@ -19,3 +19,6 @@ pub mod matrix;
 pub mod model;
 pub mod report;
 pub mod selector;
+pub mod nft;
+pub mod compile;
+pub mod ruleset_engine;

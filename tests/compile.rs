@@ -1,0 +1,296 @@
+//! The compiler against the reference evaluator: random clusters, the conformance corpus,
+//! golden files of `policy-examples/`, and incremental diffs against full syncs.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use netpol::bitset::BitMatrix;
+use netpol::compile::{NodeConfig, compile};
+use netpol::matrix::{Family, Probe, ProbePort, reference_matrix};
+use netpol::model::{Cluster, ContainerPort, IpBlock, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule};
+use netpol::ruleset_engine::Engine;
+use netpol::selector::{Operator, Requirement, Selector};
+use proptest::prelude::*;
+
+// --- a small random cluster generator -------------------------------------------------------
+
+/// xorshift64*: deterministic from a proptest-chosen seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const NAMESPACES: [&str; 3] = ["a", "b", "c"];
+const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
+const PORTS: [u16; 4] = [80, 81, 443, 8080];
+const PORT_NAMES: [&str; 2] = ["http", "dns"];
+
+fn labels(rng: &mut Rng, keys: &[(&str, &[&str])]) -> netpol::model::Labels {
+    let mut l = netpol::model::Labels::new();
+    for (k, vs) in keys {
+        if rng.chance(60) {
+            l.insert(k.to_string(), rng.pick(vs).to_string());
+        }
+    }
+    l
+}
+
+const POD_LABELS: &[(&str, &[&str])] = &[("app", &["web", "db", "api"]), ("tier", &["fe", "be"])];
+const NS_LABELS: &[(&str, &[&str])] = &[("team", &["x", "y"]), ("env", &["prod"])];
+
+fn selector(rng: &mut Rng, keys: &[(&str, &[&str])]) -> Selector {
+    let mut reqs = Vec::new();
+    for _ in 0..rng.below(3) {
+        let (k, vs) = rng.pick(keys);
+        let vals = |rng: &mut Rng| -> BTreeSet<String> { (0..1 + rng.below(2)).map(|_| rng.pick(vs).to_string()).collect() };
+        let operator = match rng.below(5) {
+            0 | 1 => Operator::In(vals(rng)),
+            2 => Operator::NotIn(vals(rng)),
+            3 => Operator::Exists,
+            _ => Operator::DoesNotExist,
+        };
+        reqs.push(Requirement { key: k.to_string(), operator });
+    }
+    Selector::new(reqs)
+}
+
+fn v4(i: usize) -> IpAddr {
+    format!("10.0.0.{}", i + 1).parse().unwrap()
+}
+fn v6(i: usize) -> IpAddr {
+    format!("fd00::{:x}", i + 1).parse().unwrap()
+}
+
+fn pod(rng: &mut Rng, i: usize) -> Pod {
+    let ips = match rng.below(6) {
+        0 => vec![v6(i)],
+        1 => vec![v4(i), v6(i)],
+        2 => vec![v6(i), v4(i)],
+        _ => vec![v4(i)],
+    };
+    let mut ports = Vec::new();
+    for _ in 0..rng.below(4) {
+        let name = if rng.chance(70) { Some(rng.pick(&PORT_NAMES).to_string()) } else { None };
+        let protocol = *rng.pick(&Protocol::ALL);
+        // A container port name is unique within a pod.
+        if name.is_some() && ports.iter().any(|p: &ContainerPort| p.name == name) {
+            continue;
+        }
+        ports.push(ContainerPort { name, port: *rng.pick(&PORTS), protocol });
+    }
+    Pod {
+        id: ObjectRef::new(*rng.pick(&NAMESPACES), format!("p{i}")),
+        labels: labels(rng, POD_LABELS),
+        node: rng.pick(&NODES).to_string(),
+        ips,
+        host_network: rng.chance(12),
+        ports,
+    }
+}
+
+const CIDRS: [&str; 9] = ["10.0.0.0/29", "10.0.0.0/30", "10.0.0.4/31", "10.0.0.0/24", "0.0.0.0/0", "fd00::/125", "fd00::4/126", "::/0", "10.0.0.6/32"];
+const EXCEPTS: [&str; 8] = ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/30", "10.0.0.0/29", "fd00::2/127", "fd00::1/128", "fd00::4/126", "10.0.0.128/25"];
+
+fn peer(rng: &mut Rng) -> Peer {
+    if rng.chance(30) {
+        let cidr: ipnet::IpNet = rng.pick(&CIDRS).parse().unwrap();
+        let except = EXCEPTS
+            .iter()
+            .map(|e| e.parse::<ipnet::IpNet>().unwrap())
+            .filter(|e| cidr.contains(e) && *e != cidr && rng.chance(40))
+            .collect();
+        return Peer::IpBlock(IpBlock { cidr, except });
+    }
+    let namespaces = if rng.chance(50) { NamespaceScope::PolicyNamespace } else { NamespaceScope::Matching(selector(rng, NS_LABELS)) };
+    Peer::Pods { namespaces, pods: selector(rng, POD_LABELS) }
+}
+
+fn port_spec(rng: &mut Rng) -> PortSpec {
+    let protocol = *rng.pick(&Protocol::ALL);
+    let port = match rng.below(6) {
+        0 => PortMatch::Any,
+        1 => {
+            let a = *rng.pick(&PORTS);
+            let b = *rng.pick(&PORTS);
+            PortMatch::Range(a.min(b), a.max(b))
+        }
+        2 | 3 => PortMatch::Named(rng.pick(&PORT_NAMES).to_string()),
+        _ => {
+            let p = *rng.pick(&PORTS);
+            PortMatch::Range(p, p)
+        }
+    };
+    PortSpec { protocol, port }
+}
+
+fn rules(rng: &mut Rng) -> Option<Vec<Rule>> {
+    if rng.chance(40) {
+        return None;
+    }
+    Some(
+        (0..rng.below(3))
+            .map(|_| Rule {
+                peers: if rng.chance(25) { None } else { Some((0..1 + rng.below(3)).map(|_| peer(rng)).collect()) },
+                ports: if rng.chance(35) { None } else { Some((0..1 + rng.below(3)).map(|_| port_spec(rng)).collect()) },
+            })
+            .collect(),
+    )
+}
+
+fn policy(rng: &mut Rng, i: usize) -> Policy {
+    let mut p = Policy {
+        id: ObjectRef::new(*rng.pick(&NAMESPACES), format!("pol{i}")),
+        pod_selector: selector(rng, POD_LABELS),
+        ingress: rules(rng),
+        egress: rules(rng),
+    };
+    if p.ingress.is_none() && p.egress.is_none() {
+        p.ingress = Some(Vec::new());
+    }
+    p
+}
+
+fn random_cluster(seed: u64) -> Cluster {
+    let mut rng = Rng(seed | 1);
+    let namespaces = NAMESPACES.iter().map(|n| Namespace { name: n.to_string(), labels: labels(&mut rng, NS_LABELS) }).collect();
+    let pods = (0..2 + rng.below(7)).map(|i| pod(&mut rng, i)).collect();
+    let policies = (0..rng.below(5)).map(|i| policy(&mut rng, i)).collect();
+    Cluster::new(namespaces, pods, policies)
+}
+
+fn probes() -> Vec<Probe> {
+    let mut out = Vec::new();
+    for protocol in Protocol::ALL {
+        for p in PORTS {
+            out.push(Probe { port: ProbePort::Number(p), protocol });
+        }
+        for n in PORT_NAMES {
+            out.push(Probe { port: ProbePort::Named(n.to_string()), protocol });
+        }
+    }
+    out
+}
+
+fn show(m: &BitMatrix) -> String {
+    (0..m.size()).map(|i| (0..m.size()).map(|j| if m.get(i, j) { '.' } else { 'X' }).collect::<String>() + "\n").collect()
+}
+
+fn check_equal(cluster: &Cluster) -> Result<(), String> {
+    let engine = Engine::new(cluster);
+    for probe in probes() {
+        for family in [Family::Primary, Family::Ipv4, Family::Ipv6] {
+            let want = reference_matrix(cluster, &probe, family);
+            let got = engine.matrix(cluster, &probe, family);
+            if want != got {
+                return Err(format!("probe {probe} {family:?}\nreference:\n{}ruleset:\n{}cluster: {cluster:#?}", show(&want), show(&got)));
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_ruleset_engine_agrees_with_the_reference_on_random_clusters(seed in any::<u64>()) {
+        let cluster = random_cluster(seed);
+        if let Err(e) = check_equal(&cluster) {
+            prop_assert!(false, "seed {seed}: {e}");
+        }
+    }
+
+    #[test]
+    fn compiling_is_deterministic(seed in any::<u64>()) {
+        let cluster = random_cluster(seed);
+        for node in NODES {
+            let a = netpol::nft::render::ruleset(&compile(&cluster, &NodeConfig::new(node)));
+            let b = netpol::nft::render::ruleset(&compile(&cluster.clone(), &NodeConfig::new(node)));
+            prop_assert_eq!(a, b);
+        }
+    }
+}
+
+// --- conformance ----------------------------------------------------------------------------
+
+fn conformance_dir() -> Option<PathBuf> {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/cases");
+    if d.is_dir() {
+        return Some(d);
+    }
+    let d = Path::new("/work/shared/conformance/cases").to_path_buf();
+    d.is_dir().then_some(d)
+}
+
+#[test]
+fn every_conformance_case_passes_on_the_ruleset_engine() {
+    let Some(dir) = conformance_dir() else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "conformance corpus missing under CI");
+        eprintln!("conformance corpus not found: skipped");
+        return;
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let mut failures = Vec::new();
+    for file in &files {
+        let sources = netpol::load::read_sources(std::slice::from_ref(file)).unwrap();
+        let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
+        let text = std::fs::read_to_string(file).unwrap();
+        let expectation: serde_json::Value = netpol::load::split_documents(&text)
+            .into_iter()
+            .filter_map(|(_, doc)| yaml_serde::from_str::<serde_json::Value>(&doc).ok())
+            .find(|v| v["kind"] == "Expectation")
+            .expect("an Expectation document");
+        let order: Vec<usize> = expectation["podOrder"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let (ns, name) = s.as_str().unwrap().split_once('/').unwrap();
+                cluster.pod_index(&ObjectRef::new(ns, name)).expect("pod in podOrder")
+            })
+            .collect();
+        let engine = Engine::new(&cluster);
+        for probe in expectation["probes"].as_array().unwrap() {
+            let port = match &probe["port"] {
+                serde_json::Value::Number(n) => ProbePort::Number(n.as_u64().unwrap() as u16),
+                v => ProbePort::Named(v.as_str().unwrap().to_string()),
+            };
+            let protocol = Protocol::parse(probe["protocol"].as_str().unwrap()).unwrap();
+            let p = Probe { port, protocol };
+            let got = engine.matrix(&cluster, &p, Family::Primary);
+            let want: Vec<Vec<bool>> = probe["matrix"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| l.split_whitespace().map(|c| c == ".").collect())
+                .collect();
+            for (r, &i) in order.iter().enumerate() {
+                for (c, &j) in order.iter().enumerate() {
+                    if r != c && want[r][c] != got.get(i, j) {
+                        failures.push(format!("{}: probe {p}: {} -> {}: want {}, ruleset says {}", file.display(), cluster.pods[i].id, cluster.pods[j].id, want[r][c], got.get(i, j)));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} cells differ:\n{}", failures.len(), failures.join("\n"));
+}
