@@ -26,8 +26,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::model::{Cluster, Direction, IpBlock, NamespaceScope, Peer, Pod, PortMatch, Protocol, Rule as PolicyRule};
 use crate::nft::ir::{
-    AddrField, BaseChain, Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, Map, MapVerdict, Match, Rule,
-    Ruleset, Set, Value, Verdict,
+    AddrField, BaseChain, Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, Map, MapVerdict, Match, Rule, Ruleset, Set,
+    Value, Verdict,
 };
 use crate::nft::names;
 use crate::selector::Selector;
@@ -78,14 +78,7 @@ impl<'a> Compiler<'a> {
         for (i, p) in cluster.policies.iter().enumerate() {
             policies_by_ns.entry(p.id.namespace.as_str()).or_default().push(i);
         }
-        Compiler {
-            cluster,
-            config,
-            rs: Ruleset::new(config.table.clone()),
-            pods_by_ns,
-            policies_by_ns,
-            peer_sets: HashMap::new(),
-        }
+        Compiler { cluster, config, rs: Ruleset::new(config.table.clone()), pods_by_ns, policies_by_ns, peer_sets: HashMap::new() }
     }
 
     fn run(mut self) -> Ruleset {
@@ -164,11 +157,7 @@ impl<'a> Compiler<'a> {
         let base = |hook, priority| Some(BaseChain { hook, priority, policy: ChainPolicy::Accept });
         self.rs.chains.insert(
             names::EGRESS_FORWARD.into(),
-            Chain {
-                base: base(Hook::Forward, names::EGRESS_PRIORITY),
-                comment: Some("egress of local pods".into()),
-                rules: egress(),
-            },
+            Chain { base: base(Hook::Forward, names::EGRESS_PRIORITY), comment: Some("egress of local pods".into()), rules: egress() },
         );
         self.rs.chains.insert(
             names::EGRESS_INPUT.into(),
@@ -182,11 +171,7 @@ impl<'a> Compiler<'a> {
         ingress.extend(dispatch(AddrField::Daddr, names::INGRESS_DISPATCH_V4, names::INGRESS_DISPATCH_V6));
         self.rs.chains.insert(
             names::INGRESS_FORWARD.into(),
-            Chain {
-                base: base(Hook::Forward, names::INGRESS_PRIORITY),
-                comment: Some("ingress to local pods".into()),
-                rules: ingress,
-            },
+            Chain { base: base(Hook::Forward, names::INGRESS_PRIORITY), comment: Some("ingress to local pods".into()), rules: ingress },
         );
     }
 
@@ -275,11 +260,21 @@ impl<'a> Compiler<'a> {
                             continue;
                         }
                         let prefix = if f == IpFamily::V4 { names::CIDR_V4 } else { names::CIDR_V6 };
-                        let set = names::generated(prefix, &[ns, &policy.id.name, dir, &ri.to_string()], &format!("{ns}_{}", policy.id.name));
-                        let elements = ranges.iter().flat_map(|&(lo, hi)| range_to_prefixes(lo, hi, f)).map(|n| Element::single(Value::Prefix(n))).collect();
+                        let set =
+                            names::generated(prefix, &[ns, &policy.id.name, dir, &ri.to_string()], &format!("{ns}_{}", policy.id.name));
+                        let elements = ranges
+                            .iter()
+                            .flat_map(|&(lo, hi)| range_to_prefixes(lo, hi, f))
+                            .map(|n| Element::single(Value::Prefix(n)))
+                            .collect();
                         self.rs.sets.insert(
                             set.clone(),
-                            Set { key: vec![f.addr_type()], interval: true, comment: Some(names::comment(&format!("{base_comment} ipBlocks"))), elements },
+                            Set {
+                                key: vec![f.addr_type()],
+                                interval: true,
+                                comment: Some(names::comment(&format!("{base_comment} ipBlocks"))),
+                                elements,
+                            },
                         );
                         peer_matches.push((Some(Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false }), "ipBlocks".into()));
                     }
@@ -312,7 +307,12 @@ impl<'a> Compiler<'a> {
         }
 
         let mut push = |matches: Vec<Match>, what: String| {
-            let r = Rule { matches, counter: true, verdict: Some(Verdict::Accept), comment: Some(names::comment(&format!("{base_comment} {what}"))) };
+            let r = Rule {
+                matches,
+                counter: true,
+                verdict: Some(Verdict::Accept),
+                comment: Some(names::comment(&format!("{base_comment} {what}"))),
+            };
             if !out.contains(&r) {
                 out.push(r);
             }
@@ -333,7 +333,9 @@ impl<'a> Compiler<'a> {
             let set = names::generated(prefix, &[ns, &policy.id.name, dir, &ri.to_string()], &format!("{ns}_{}", policy.id.name));
             let mut elements = BTreeSet::new();
             let mut add = |pod: &Pod| {
-                let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else { return };
+                let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
+                    return;
+                };
                 for &(n, proto) in &named {
                     if let Some(port) = pod.resolve_named_port(n, proto) {
                         elements.insert(Element(vec![Value::Addr(ip), Value::Proto(proto.number()), Value::Port(port)]));
@@ -348,10 +350,14 @@ impl<'a> Compiler<'a> {
             } else {
                 // The destination is any pod the peers admit, so the set encodes peer AND port.
                 for (j, pod) in cluster.pods.iter().enumerate() {
-                    let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else { continue };
+                    let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
+                        continue;
+                    };
                     let admitted = match &rule.peers {
                         None => true,
-                        Some(peers) => peers.iter().any(|p| crate::evaluate::peer_matches(cluster, ns, p, crate::evaluate::Endpoint::Pod(j), ip)),
+                        Some(peers) => {
+                            peers.iter().any(|p| crate::evaluate::peer_matches(cluster, ns, p, crate::evaluate::Endpoint::Pod(j), ip))
+                        }
                     };
                     if admitted {
                         add(pod);
@@ -514,7 +520,9 @@ pub fn block_ranges(blocks: &[&IpBlock], f: IpFamily) -> Vec<(u128, u128)> {
 /// The fewest prefixes covering exactly `lo..=hi`.
 pub fn range_to_prefixes(lo: u128, hi: u128, f: IpFamily) -> Vec<IpNet> {
     let bits: u32 = if f == IpFamily::V4 { 32 } else { 128 };
-    let mask = |n: u32| if n >= 128 { u128::MAX } else { (1u128 << n) - 1 };
+    let mask = |n: u32| {
+        if n >= 128 { u128::MAX } else { (1u128 << n) - 1 }
+    };
     let mut out = Vec::new();
     let mut lo = lo;
     loop {
@@ -546,7 +554,10 @@ mod tests {
 
     #[test]
     fn a_cidr_minus_an_except_becomes_disjoint_prefixes() {
-        let b = IpBlock { cidr: "10.0.0.0/24".parse().unwrap(), except: vec!["10.0.0.128/25".parse().unwrap(), "10.0.0.5/32".parse().unwrap()] };
+        let b = IpBlock {
+            cidr: "10.0.0.0/24".parse().unwrap(),
+            except: vec!["10.0.0.128/25".parse().unwrap(), "10.0.0.5/32".parse().unwrap()],
+        };
         let r = block_ranges(&[&b], IpFamily::V4);
         let p: Vec<String> = r.iter().flat_map(|&(lo, hi)| range_to_prefixes(lo, hi, IpFamily::V4)).map(|n| n.to_string()).collect();
         assert_eq!(p, ["10.0.0.0/30", "10.0.0.4/32", "10.0.0.6/31", "10.0.0.8/29", "10.0.0.16/28", "10.0.0.32/27", "10.0.0.64/26"]);

@@ -11,14 +11,14 @@
 #![forbid(unsafe_code)]
 
 pub mod bitset;
+pub mod compile;
 pub mod convert;
 pub mod evaluate;
 pub mod generate;
 pub mod load;
 pub mod matrix;
 pub mod model;
-pub mod report;
-pub mod selector;
 pub mod nft;
-pub mod compile;
+pub mod report;
 pub mod ruleset_engine;
+pub mod selector;

@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
 
 use crate::bitset::{BitMatrix, BitSet};
 use crate::compile::{NodeConfig, compile};
@@ -158,7 +157,9 @@ fn decide(cluster: &Cluster, interps: &BTreeMap<&str, Interpreter<'_>>, conn: &C
         l.push("sent by the node to its own pod: no hooked chain on the path".into());
     }
     for (node, hook) in path {
-        let Some(interp) = interps.get(node.as_str()) else { continue };
+        let Some(interp) = interps.get(node.as_str()) else {
+            continue;
+        };
         let mut steps: Option<Vec<Step>> = lines.is_some().then(Vec::new);
         let fate = interp.hook_traced(hook, &pkt, &mut steps);
         if let Some(l) = lines.as_deref_mut() {
@@ -173,10 +174,4 @@ fn decide(cluster: &Cluster, interps: &BTreeMap<&str, Interpreter<'_>>, conn: &C
         }
     }
     true
-}
-
-/// A probe of an outside address is not a matrix cell; expose the packet decision for it too.
-pub fn decide_ip(engine: &Engine, cluster: &Cluster, src: Endpoint, dst: IpAddr, conn: &Connection) -> Trace {
-    let c = Connection { src, dst: Endpoint::Ip(dst), ..*conn };
-    engine.trace(cluster, &c)
 }

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use netpol::bitset::BitMatrix;
 use netpol::compile::{NodeConfig, compile};
 use netpol::matrix::{Family, Probe, ProbePort, reference_matrix};
-use netpol::model::{Cluster, ContainerPort, IpBlock, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule};
+use netpol::model::{
+    Cluster, ContainerPort, IpBlock, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule,
+};
 use netpol::ruleset_engine::Engine;
 use netpol::selector::{Operator, Requirement, Selector};
 use proptest::prelude::*;
@@ -104,8 +106,10 @@ fn pod(rng: &mut Rng, i: usize) -> Pod {
     }
 }
 
-const CIDRS: [&str; 9] = ["10.0.0.0/29", "10.0.0.0/30", "10.0.0.4/31", "10.0.0.0/24", "0.0.0.0/0", "fd00::/125", "fd00::4/126", "::/0", "10.0.0.6/32"];
-const EXCEPTS: [&str; 8] = ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/30", "10.0.0.0/29", "fd00::2/127", "fd00::1/128", "fd00::4/126", "10.0.0.128/25"];
+const CIDRS: [&str; 9] =
+    ["10.0.0.0/29", "10.0.0.0/30", "10.0.0.4/31", "10.0.0.0/24", "0.0.0.0/0", "fd00::/125", "fd00::4/126", "::/0", "10.0.0.6/32"];
+const EXCEPTS: [&str; 8] =
+    ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/30", "10.0.0.0/29", "fd00::2/127", "fd00::1/128", "fd00::4/126", "10.0.0.128/25"];
 
 fn peer(rng: &mut Rng) -> Peer {
     if rng.chance(30) {
@@ -245,7 +249,8 @@ fn every_conformance_case_passes_on_the_ruleset_engine() {
         eprintln!("conformance corpus not found: skipped");
         return;
     };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
     files.sort();
     assert!(!files.is_empty());
     let mut failures = Vec::new();
@@ -286,11 +291,157 @@ fn every_conformance_case_passes_on_the_ruleset_engine() {
             for (r, &i) in order.iter().enumerate() {
                 for (c, &j) in order.iter().enumerate() {
                     if r != c && want[r][c] != got.get(i, j) {
-                        failures.push(format!("{}: probe {p}: {} -> {}: want {}, ruleset says {}", file.display(), cluster.pods[i].id, cluster.pods[j].id, want[r][c], got.get(i, j)));
+                        failures.push(format!(
+                            "{}: probe {p}: {} -> {}: want {}, ruleset says {}",
+                            file.display(),
+                            cluster.pods[i].id,
+                            cluster.pods[j].id,
+                            want[r][c],
+                            got.get(i, j)
+                        ));
                     }
                 }
             }
         }
     }
     assert!(failures.is_empty(), "{} cells differ:\n{}", failures.len(), failures.join("\n"));
+}
+
+// --- diffs ----------------------------------------------------------------------------------
+
+use netpol::nft::diff::{diff, full_sync};
+use netpol::nft::fake::FakeNftables;
+use netpol::nft::real::RealNftables;
+use netpol::nft::{Nftables, render};
+
+/// One random change of the kinds the agent sees.
+fn mutate(c: &Cluster, rng: &mut Rng) -> Cluster {
+    let mut namespaces: Vec<Namespace> = c.namespaces.values().cloned().collect();
+    let mut pods = c.pods.clone();
+    let mut policies = c.policies.clone();
+    let fresh = 20 + rng.below(200);
+    for _ in 0..1 + rng.below(3) {
+        match rng.below(8) {
+            0 => pods.push(pod(rng, fresh)),
+            1 if !pods.is_empty() => {
+                pods.remove(rng.below(pods.len()));
+            }
+            2 if !pods.is_empty() => {
+                let k = rng.below(pods.len());
+                pods[k].labels = labels(rng, POD_LABELS);
+            }
+            3 if !pods.is_empty() => {
+                // The IP of a deleted pod reused by a new one.
+                let old = pods.remove(rng.below(pods.len()));
+                let mut new = pod(rng, fresh + 1);
+                new.ips = old.ips.clone();
+                new.node = old.node.clone();
+                pods.push(new);
+            }
+            4 => {
+                let k = rng.below(namespaces.len());
+                namespaces[k].labels = labels(rng, NS_LABELS);
+            }
+            5 => policies.push(policy(rng, fresh)),
+            6 if !policies.is_empty() => {
+                let k = rng.below(policies.len());
+                let id = policies[k].id.clone();
+                policies[k] = policy(rng, 0);
+                policies[k].id = id;
+            }
+            7 if !policies.is_empty() => {
+                policies.remove(rng.below(policies.len()));
+            }
+            _ => {}
+        }
+    }
+    // Names must stay unique.
+    pods.sort_by(|a, b| a.id.cmp(&b.id));
+    pods.dedup_by(|a, b| a.id == b.id);
+    policies.sort_by(|a, b| a.id.cmp(&b.id));
+    policies.dedup_by(|a, b| a.id == b.id);
+    // A pod IP belongs to one pod at a time.
+    let mut seen = BTreeSet::new();
+    pods.retain(|p| p.ips.iter().all(|ip| seen.insert(*ip)));
+    Cluster::new(namespaces, pods, policies)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn applying_a_diff_to_the_fake_yields_exactly_the_desired_ruleset(seed in any::<u64>()) {
+        let mut rng = Rng(seed | 1);
+        let before = random_cluster(seed);
+        let after = mutate(&before, &mut rng);
+        for node in NODES {
+            let config = NodeConfig::new(node);
+            let (a, b) = (compile(&before, &config), compile(&after, &config));
+            let mut fake = FakeNftables::new();
+            fake.apply(&full_sync(&a)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(fake.list("netpol").unwrap(), render::ruleset(&a));
+            let tx = diff(&a, &b);
+            if let Err(e) = fake.apply(&tx) {
+                prop_assert!(false, "seed {seed}: {e}\n{}", tx.render());
+            }
+            prop_assert_eq!(fake.list("netpol").unwrap(), render::ruleset(&b), "seed {}\n{}", seed, tx.render());
+            prop_assert!(diff(&b, &b).is_empty());
+            // A full sync over an existing table is one transaction that also lands on `b`.
+            fake.apply(&full_sync(&b)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(fake.list("netpol").unwrap(), render::ruleset(&b));
+        }
+    }
+}
+
+// --- the real kernel, in a throwaway network namespace ---------------------------------------
+
+/// A network namespace deleted on drop (also when a test panics).
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Option<Netns> {
+        let name = format!("npl-{tag}-{}", std::process::id());
+        let ok = std::process::Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
+        ok.then(|| Netns(name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn nft_available() -> bool {
+    let found = std::process::Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "nft is required under CI=true");
+    }
+    found
+}
+
+#[test]
+fn diffs_apply_on_the_real_kernel_and_list_back() {
+    if !nft_available() {
+        eprintln!("nft missing: skipped");
+        return;
+    }
+    let Some(ns) = Netns::new("diff") else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
+        return;
+    };
+    let mut nft = RealNftables::in_netns(ns.0.clone());
+    for seed in 1..=40u64 {
+        let mut rng = Rng(seed * 7919);
+        let before = random_cluster(seed * 104_729);
+        let after = mutate(&before, &mut rng);
+        let config = NodeConfig::new("node-1");
+        let (a, b) = (compile(&before, &config), compile(&after, &config));
+        nft.apply(&full_sync(&a)).unwrap_or_else(|e| panic!("seed {seed}: full sync: {e}\n{}", full_sync(&a).render()));
+        let tx = diff(&a, &b);
+        if !tx.is_empty() {
+            nft.apply(&tx).unwrap_or_else(|e| panic!("seed {seed}: diff: {e}\n{}", tx.render()));
+        }
+        assert!(nft.list("netpol").is_ok());
+    }
 }

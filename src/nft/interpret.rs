@@ -198,7 +198,9 @@ impl<'a> Interpreter<'a> {
             Match::CtState(states) => states.contains(&pkt.ct),
             Match::NfProto(f) => pkt.family() == *f,
             Match::Lookup { key, set, negate } => {
-                let Some(k) = key_of(*key, pkt) else { return false };
+                let Some(k) = key_of(*key, pkt) else {
+                    return false;
+                };
                 let found = self.sets.get(set.as_str()).is_some_and(|s| s.get(&k).is_some());
                 found != *negate
             }
@@ -215,7 +217,9 @@ fn key_of(key: Key, pkt: &Packet) -> Option<Vec<Value>> {
     Some(match key {
         Key::Addr(_, field) => vec![addr(field)],
         Key::ProtoDport => vec![Value::Proto(pkt.proto), Value::Port(pkt.dport)],
-        Key::AddrProtoDport(_, field) => vec![addr(field), Value::Proto(pkt.proto), Value::Port(pkt.dport)],
+        Key::AddrProtoDport(_, field) => {
+            vec![addr(field), Value::Proto(pkt.proto), Value::Port(pkt.dport)]
+        }
     })
 }
 

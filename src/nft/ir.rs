@@ -209,7 +209,9 @@ impl Key {
         match self {
             Key::Addr(f, _) => vec![f.addr_type()],
             Key::ProtoDport => vec![KeyType::InetProto, KeyType::InetService],
-            Key::AddrProtoDport(f, _) => vec![f.addr_type(), KeyType::InetProto, KeyType::InetService],
+            Key::AddrProtoDport(f, _) => {
+                vec![f.addr_type(), KeyType::InetProto, KeyType::InetService]
+            }
         }
     }
     /// The IP family the key implies, if any.
@@ -241,7 +243,10 @@ pub enum Verdict {
     Jump(String),
     Goto(String),
     /// `<key> vmap @map`: the verdict of the element the key finds; no element, no match.
-    Vmap { key: Key, map: String },
+    Vmap {
+        key: Key,
+        map: String,
+    },
 }
 
 /// The data of a verdict map's element.

@@ -28,19 +28,51 @@ pub enum Op {
     /// `delete table inet <t>` (error if missing).
     DeleteTable,
     /// `add chain`: declaration only (its `rules` are ignored; add them with `AddRule`).
-    AddChain { name: String, chain: Chain },
-    FlushChain { name: String },
-    DeleteChain { name: String },
-    AddRule { chain: String, rule: Rule },
+    AddChain {
+        name: String,
+        chain: Chain,
+    },
+    FlushChain {
+        name: String,
+    },
+    DeleteChain {
+        name: String,
+    },
+    AddRule {
+        chain: String,
+        rule: Rule,
+    },
     /// `add set`, with any elements it carries.
-    AddSet { name: String, set: Set },
-    DeleteSet { name: String },
-    AddMap { name: String, map: Map },
-    DeleteMap { name: String },
-    AddElements { set: String, elements: Vec<Element> },
-    DeleteElements { set: String, elements: Vec<Element> },
-    AddMapElements { map: String, elements: Vec<(Element, MapVerdict)> },
-    DeleteMapElements { map: String, elements: Vec<Element> },
+    AddSet {
+        name: String,
+        set: Set,
+    },
+    DeleteSet {
+        name: String,
+    },
+    AddMap {
+        name: String,
+        map: Map,
+    },
+    DeleteMap {
+        name: String,
+    },
+    AddElements {
+        set: String,
+        elements: Vec<Element>,
+    },
+    DeleteElements {
+        set: String,
+        elements: Vec<Element>,
+    },
+    AddMapElements {
+        map: String,
+        elements: Vec<(Element, MapVerdict)>,
+    },
+    DeleteMapElements {
+        map: String,
+        elements: Vec<Element>,
+    },
     /// A whole table in block syntax (what a full sync loads after `delete table`).
     DefineTable(Box<Ruleset>),
 }

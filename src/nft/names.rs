@@ -30,15 +30,8 @@ pub const INGRESS_DISPATCH_V6: &str = "ingress_dispatch_v6";
 pub const EGRESS_PRIORITY: i32 = 0;
 pub const INGRESS_PRIORITY: i32 = 10;
 
-pub const FIXED: &[&str] = &[
-    EGRESS_FORWARD,
-    EGRESS_INPUT,
-    INGRESS_FORWARD,
-    EGRESS_DISPATCH_V4,
-    EGRESS_DISPATCH_V6,
-    INGRESS_DISPATCH_V4,
-    INGRESS_DISPATCH_V6,
-];
+pub const FIXED: &[&str] =
+    &[EGRESS_FORWARD, EGRESS_INPUT, INGRESS_FORWARD, EGRESS_DISPATCH_V4, EGRESS_DISPATCH_V6, INGRESS_DISPATCH_V4, INGRESS_DISPATCH_V6];
 
 /// Generated-name prefixes.
 pub const POD_INGRESS: &str = "pod_in_";
@@ -79,7 +72,12 @@ pub fn stable_hash(parts: &[&str]) -> u64 {
         h ^= part.len() as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    h
+    // fmix64 (MurmurHash3): spreads the last bytes over the top bits we keep.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 /// `[a-z0-9_]` only; runs of anything else become one `_`.
@@ -123,7 +121,8 @@ pub fn is_ours(name: &str) -> bool {
             let (hash, hint) = rest.split_at(rest.len().min(HASH_LEN));
             hash.len() == HASH_LEN
                 && hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-                && (hint.is_empty() || (hint.starts_with('_') && hint.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')))
+                && (hint.is_empty()
+                    || (hint.starts_with('_') && hint.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')))
                 && name.len() <= MAX_NAME_LEN
         })
     })
@@ -132,10 +131,8 @@ pub fn is_ours(name: &str) -> bool {
 /// A safe comment: printable ASCII without quotes or backslashes, bounded length. The
 /// renderer wraps it in double quotes.
 pub fn comment(text: &str) -> String {
-    let mut out: String = text
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || " ./:=,-_()<>!+#@[]{}".contains(c) { c } else { '_' })
-        .collect();
+    let mut out: String =
+        text.chars().map(|c| if c.is_ascii_alphanumeric() || " ./:=,-_()<>!+#@[]{}".contains(c) { c } else { '_' }).collect();
     if out.len() > MAX_COMMENT_LEN {
         out.truncate(MAX_COMMENT_LEN - 3);
         out.push_str("...");

@@ -17,7 +17,9 @@ pub fn key(k: Key) -> String {
     match k {
         Key::Addr(f, a) => format!("{} {}", f.keyword(), a.as_str()),
         Key::ProtoDport => "meta l4proto . th dport".to_string(),
-        Key::AddrProtoDport(f, a) => format!("{} {} . meta l4proto . th dport", f.keyword(), a.as_str()),
+        Key::AddrProtoDport(f, a) => {
+            format!("{} {} . meta l4proto . th dport", f.keyword(), a.as_str())
+        }
     }
 }
 
@@ -167,16 +169,26 @@ pub fn op(table: &str, op: &Op) -> String {
         Op::FlushChain { name } => format!("flush chain {t} {name}"),
         Op::DeleteChain { name } => format!("delete chain {t} {name}"),
         Op::AddRule { chain, rule: r } => format!("add rule {t} {chain} {}", rule(r)),
-        Op::AddSet { name, set } => format!("add set {t} {name} {{ {}; }}", set_spec(set).join("; ")),
+        Op::AddSet { name, set } => {
+            format!("add set {t} {name} {{ {}; }}", set_spec(set).join("; "))
+        }
         Op::DeleteSet { name } => format!("delete set {t} {name}"),
-        Op::AddMap { name, map } => format!("add map {t} {name} {{ {}; }}", map_spec(map).join("; ")),
+        Op::AddMap { name, map } => {
+            format!("add map {t} {name} {{ {}; }}", map_spec(map).join("; "))
+        }
         Op::DeleteMap { name } => format!("delete map {t} {name}"),
-        Op::AddElements { set, elements: e } => format!("add element {t} {set} {{ {} }}", elements(e.iter())),
-        Op::DeleteElements { set, elements: e } => format!("delete element {t} {set} {{ {} }}", elements(e.iter())),
+        Op::AddElements { set, elements: e } => {
+            format!("add element {t} {set} {{ {} }}", elements(e.iter()))
+        }
+        Op::DeleteElements { set, elements: e } => {
+            format!("delete element {t} {set} {{ {} }}", elements(e.iter()))
+        }
         Op::AddMapElements { map, elements: e } => {
             format!("add element {t} {map} {{ {} }}", map_elements(e.iter().map(|(k, v)| (k, v))))
         }
-        Op::DeleteMapElements { map, elements: e } => format!("delete element {t} {map} {{ {} }}", elements(e.iter())),
+        Op::DeleteMapElements { map, elements: e } => {
+            format!("delete element {t} {map} {{ {} }}", elements(e.iter()))
+        }
         Op::DefineTable(rs) => ruleset(rs).trim_end().to_string(),
     }
 }
