@@ -445,3 +445,93 @@ fn diffs_apply_on_the_real_kernel_and_list_back() {
         assert!(nft.list("netpol").is_ok());
     }
 }
+
+// --- golden files ---------------------------------------------------------------------------
+
+/// A unified-style line diff (LCS), enough to read what changed in a golden file.
+fn line_diff(want: &str, got: &str) -> String {
+    let (a, b): (Vec<&str>, Vec<&str>) = (want.lines().collect(), got.lines().collect());
+    let mut lcs = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, String::new());
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            i += 1;
+            j += 1;
+        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            out.push_str(&format!("-{:4} {}\n", i + 1, a[i]));
+            i += 1;
+        } else {
+            out.push_str(&format!("+{:4} {}\n", j + 1, b[j]));
+            j += 1;
+        }
+    }
+    out
+}
+
+fn examples() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy-examples");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    dirs
+}
+
+fn golden_path(example: &Path) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{}.nft", example.file_name().unwrap().to_str().unwrap()))
+}
+
+fn example_ruleset(example: &Path) -> String {
+    let sources = netpol::load::read_sources(&[example.to_path_buf()]).unwrap();
+    let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
+    render::ruleset(&compile(&cluster, &NodeConfig::new("node-1")))
+}
+
+#[test]
+fn every_policy_example_renders_as_its_golden_file() {
+    let update = std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1");
+    let mut failures = Vec::new();
+    for example in examples() {
+        let got = example_ruleset(&example);
+        let path = golden_path(&example);
+        if update {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &got).unwrap();
+            continue;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(want) if want == got => {}
+            Ok(want) => failures.push(format!("{} changed (- golden, + now):\n{}", path.display(), line_diff(&want, &got))),
+            Err(_) => failures.push(format!("{} is missing", path.display())),
+        }
+    }
+    assert!(failures.is_empty(), "{}\nrerun with UPDATE_GOLDEN=1 to accept", failures.join("\n"));
+}
+
+#[test]
+fn every_golden_file_passes_nft_check_in_a_throwaway_namespace() {
+    if !nft_available() {
+        eprintln!("nft missing: skipped");
+        return;
+    }
+    let Some(ns) = Netns::new("golden") else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
+        return;
+    };
+    let nft = RealNftables::in_netns(ns.0.clone());
+    let mut checked = 0;
+    for example in examples() {
+        let text = std::fs::read_to_string(golden_path(&example)).unwrap_or_else(|_| example_ruleset(&example));
+        nft.check_text(&text).unwrap_or_else(|e| panic!("{}: {e}", example.display()));
+        // And the full-sync transaction around it, which the agent would send.
+        let sources = netpol::load::read_sources(std::slice::from_ref(&example)).unwrap();
+        let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
+        let tx = full_sync(&compile(&cluster, &NodeConfig::new("node-1")));
+        nft.check_text(&tx.render()).unwrap_or_else(|e| panic!("{}: full sync: {e}", example.display()));
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
