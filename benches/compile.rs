@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use netpol::compile::{NodeConfig, compile};
-use netpol::model::{Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule};
+use netpol::model::{
+    Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule,
+};
 use netpol::nft::diff::{diff, full_sync};
 use netpol::selector::Selector;
 
@@ -30,7 +32,7 @@ fn v4(i: usize) -> IpAddr {
 
 fn make_pod(i: usize, namespaces: usize, nodes: usize) -> Pod {
     let mut ips = vec![v4(i)];
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         ips.push(IpAddr::V6(Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + 1 + i as u128)));
     }
     Pod {
@@ -40,7 +42,7 @@ fn make_pod(i: usize, namespaces: usize, nodes: usize) -> Pod {
         ips,
         host_network: false,
         ports: vec![
-            ContainerPort { name: Some("http".into()), port: if i % 2 == 0 { 80 } else { 8080 }, protocol: Protocol::Tcp },
+            ContainerPort { name: Some("http".into()), port: if i.is_multiple_of(2) { 80 } else { 8080 }, protocol: Protocol::Tcp },
             ContainerPort { name: Some("metrics".into()), port: 9090, protocol: Protocol::Tcp },
         ],
     }
@@ -53,7 +55,7 @@ fn cluster(pods: usize, policies: usize) -> Cluster {
     let nss = (0..namespaces)
         .map(|k| Namespace {
             name: format!("ns-{k}"),
-            labels: labels(&[("team", format!("t{}", k % 10)), ("env", if k % 2 == 0 { "prod" } else { "dev" }.into())]),
+            labels: labels(&[("team", format!("t{}", k % 10)), ("env", if k.is_multiple_of(2) { "prod" } else { "dev" }.into())]),
         })
         .collect();
     let pod_list = (0..pods).map(|i| make_pod(i, namespaces, nodes)).collect();
@@ -62,25 +64,41 @@ fn cluster(pods: usize, policies: usize) -> Cluster {
         .map(|j| {
             let mut ingress = vec![Rule {
                 peers: Some(vec![Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods: sel("tier", "fe") }]),
-                ports: Some(vec![if j % 2 == 0 { tcp(80) } else { PortSpec { protocol: Protocol::Tcp, port: PortMatch::Named("http".into()) } }]),
+                ports: Some(vec![if j.is_multiple_of(2) {
+                    tcp(80)
+                } else {
+                    PortSpec { protocol: Protocol::Tcp, port: PortMatch::Named("http".into()) }
+                }]),
             }];
-            if j % 3 == 0 {
+            if j.is_multiple_of(3) {
                 ingress.push(Rule {
-                    peers: Some(vec![Peer::Pods { namespaces: NamespaceScope::Matching(sel("team", &format!("t{}", j % 10))), pods: Selector::everything() }]),
+                    peers: Some(vec![Peer::Pods {
+                        namespaces: NamespaceScope::Matching(sel("team", &format!("t{}", j % 10))),
+                        pods: Selector::everything(),
+                    }]),
                     ports: Some(vec![PortSpec { protocol: Protocol::Tcp, port: PortMatch::Named("metrics".into()) }]),
                 });
             }
-            if j % 5 == 0 {
+            if j.is_multiple_of(5) {
                 ingress.push(Rule {
-                    peers: Some(vec![Peer::IpBlock(IpBlock { cidr: "10.200.0.0/16".parse().unwrap(), except: vec!["10.200.1.0/24".parse().unwrap()] })]),
+                    peers: Some(vec![Peer::IpBlock(IpBlock {
+                        cidr: "10.200.0.0/16".parse().unwrap(),
+                        except: vec!["10.200.1.0/24".parse().unwrap()],
+                    })]),
                     ports: Some(vec![PortSpec { protocol: Protocol::Tcp, port: PortMatch::Range(8000, 8100) }]),
                 });
             }
-            let egress = (j % 4 == 0).then(|| {
+            let egress = j.is_multiple_of(4).then(|| {
                 vec![
-                    Rule { peers: Some(vec![Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods: sel("tier", "db") }]), ports: Some(vec![tcp(5432)]) },
                     Rule {
-                        peers: Some(vec![Peer::IpBlock(IpBlock { cidr: "0.0.0.0/0".parse().unwrap(), except: vec!["10.0.0.0/8".parse().unwrap()] })]),
+                        peers: Some(vec![Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods: sel("tier", "db") }]),
+                        ports: Some(vec![tcp(5432)]),
+                    },
+                    Rule {
+                        peers: Some(vec![Peer::IpBlock(IpBlock {
+                            cidr: "0.0.0.0/0".parse().unwrap(),
+                            except: vec!["10.0.0.0/8".parse().unwrap()],
+                        })]),
                         ports: Some(vec![PortSpec { protocol: Protocol::Udp, port: PortMatch::Range(53, 53) }]),
                     },
                 ]

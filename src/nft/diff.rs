@@ -3,7 +3,8 @@
 //! ```text
 //!  1 add chain        new chains (declared, empty)      create before use
 //!  2 add set/map      new sets and maps, with elements
-//!  3 add element      new elements of kept sets/maps (a changed map verdict: delete + add)
+//!  3 add element      new elements of kept sets/maps (a changed map verdict, or a changed
+//!                     interval set: delete first, in the same transaction)
 //!  4 flush + add rule changed chains rewritten; new chains filled
 //!  5 delete element   gone elements of kept sets/maps
 //!  6 flush chain      obsolete chains (drops their references)
@@ -74,7 +75,10 @@ pub fn diff(applied: &Ruleset, desired: &Ruleset) -> Transaction {
             let added: Vec<Element> = set.elements.difference(&old.elements).cloned().collect();
             let removed: Vec<Element> = old.elements.difference(&set.elements).cloned().collect();
             if !removed.is_empty() {
-                removals.push(Op::DeleteElements { set: name.clone(), elements: removed });
+                // Interval elements must not overlap, not even for an instant inside the
+                // transaction: delete first (still atomic for packets), then add.
+                let op = Op::DeleteElements { set: name.clone(), elements: removed };
+                if set.interval { ops.push(op) } else { removals.push(op) }
             }
             if !added.is_empty() {
                 ops.push(Op::AddElements { set: name.clone(), elements: added });
