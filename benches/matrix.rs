@@ -30,7 +30,8 @@ fn matrices(c: &mut Criterion) {
     let mut g = c.benchmark_group("matrix_all_probes");
     g.sample_size(10);
     for (pods, policies) in [(100, 30), (1_000, 300), (10_000, 1_000)] {
-        let cluster = generate::cluster(&Params { pods, policies, namespaces: 20, nodes: 10, seed: 1, dual_stack: false });
+        let cluster =
+            generate::cluster(&Params { pods, policies, namespaces: 20, nodes: 10, seed: 1, dual_stack: false });
         let probes = default_probes(&cluster);
         g.bench_with_input(BenchmarkId::new("pods", pods), &cluster, |b, cluster| {
             b.iter(|| {

@@ -12,14 +12,17 @@
 
 pub mod agent;
 pub mod bitset;
+pub mod compile;
 pub mod convert;
 pub mod evaluate;
 pub mod generate;
+pub mod lab;
 pub mod load;
 pub mod matrix;
 pub mod model;
+pub mod nft;
 pub mod query;
 pub mod report;
+pub mod ruleset_engine;
 pub mod selector;
 pub mod testkit;
-pub mod lab;

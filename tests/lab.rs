@@ -13,15 +13,8 @@ use netpol::lab::{self, Family, L4, Lab, LabError, LabNode, LabPod, LabSpec, Pro
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn lab_env_ok() -> bool {
-    let root = std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false);
-    let has = |tool: &str, arg: &str| {
-        Command::new(tool)
-            .arg(arg)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
+    let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+    let has = |tool: &str, arg: &str| Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success());
     let mut missing = Vec::new();
     if !root {
         missing.push("root");
@@ -45,11 +38,7 @@ fn lab_env_ok() -> bool {
 
 fn ours() -> Vec<String> {
     let prefix = format!("{}{}-", lab::NETNS_PREFIX, std::process::id());
-    lab::lab_namespaces()
-        .unwrap()
-        .into_iter()
-        .filter(|n| n.starts_with(&prefix))
-        .collect()
+    lab::lab_namespaces().unwrap().into_iter().filter(|n| n.starts_with(&prefix)).collect()
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -59,19 +48,11 @@ fn ip(s: &str) -> IpAddr {
 const SERVE: &[(u16, L4)] = &[(80, L4::Tcp), (53, L4::Udp), (9000, L4::Sctp)];
 
 fn node(name: &str, ruleset: &str) -> LabNode {
-    LabNode {
-        name: name.into(),
-        ruleset: ruleset.into(),
-    }
+    LabNode { name: name.into(), ruleset: ruleset.into() }
 }
 
 fn pod(name: &str, node: &str, ips: &[&str]) -> LabPod {
-    LabPod {
-        name: name.into(),
-        node: node.into(),
-        ips: ips.iter().map(|s| ip(s)).collect(),
-        serve: SERVE.to_vec(),
-    }
+    LabPod { name: name.into(), node: node.into(), ips: ips.iter().map(|s| ip(s)).collect(), serve: SERVE.to_vec() }
 }
 
 /// Two nodes, two pods each, dual stack.
@@ -180,10 +161,7 @@ fn a_node_ruleset_drops_exactly_the_matching_probes_across_and_within_nodes() {
         .map(|(p, f)| format!("{} -> {f}", describe(p)))
         .collect();
     assert!(wrong.is_empty(), "unexpected facts: {wrong:#?}");
-    assert!(matches!(
-        lab.load_ruleset("nope", ""),
-        Err(LabError::UnknownNode(_))
-    ));
+    assert!(matches!(lab.load_ruleset("nope", ""), Err(LabError::UnknownNode(_))));
     lab.teardown().unwrap();
     assert_eq!(ours(), Vec::<String>::new());
 }
@@ -196,10 +174,7 @@ fn nothing_is_left_behind_after_success_error_or_a_crash() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut spec = LabSpec {
         nodes: vec![node("a", "")],
-        pods: vec![
-            pod("x/p", "a", &["10.9.0.1"]),
-            pod("x/q", "a", &["10.9.0.2"]),
-        ],
+        pods: vec![pod("x/p", "a", &["10.9.0.1"]), pod("x/q", "a", &["10.9.0.2"])],
         probes: vec![Probe::new(0, 1, 80, L4::Tcp)],
         timeout: LabSpec::DEFAULT_TIMEOUT,
     };
@@ -216,10 +191,7 @@ fn nothing_is_left_behind_after_success_error_or_a_crash() {
     // A probe that cannot be asked (no IPv6 address) is an error, not a "false".
     spec.nodes[0].ruleset.clear();
     spec.probes = vec![Probe::new(0, 1, 80, L4::Tcp).v6()];
-    assert!(matches!(
-        lab::run(&spec),
-        Err(LabError::Probe { index: 0, .. })
-    ));
+    assert!(matches!(lab::run(&spec), Err(LabError::Probe { index: 0, .. })));
     assert_eq!(ours(), Vec::<String>::new());
 
     // A panic while a lab is live: Drop tears it down during unwinding.
@@ -239,15 +211,8 @@ fn nothing_is_left_behind_after_success_error_or_a_crash() {
     let dead = child.id();
     child.wait().unwrap();
     let leaked = format!("{}{dead}-dead-p0", lab::NETNS_PREFIX);
-    let out = Command::new("ip")
-        .args(["netns", "add", &leaked])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("ip").args(["netns", "add", &leaked]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // A namespace of a live process (this one) must survive the cleanup.
     let lab = Lab::build(&[node("a", "")], &[]).unwrap();
     // (Another test process may run the same cleanup concurrently and get there first.)
@@ -306,19 +271,10 @@ fn a_nine_pod_matrix_builds_and_probes_in_seconds() {
             let mut p = pod(
                 &format!("ns/p{j}"),
                 ["a", "b", "c"][j % 3],
-                &[
-                    &format!("10.1.{}.{}", j % 3, j + 1),
-                    &format!("fd00:1::{:x}", j + 1),
-                ],
+                &[&format!("10.1.{}.{}", j % 3, j + 1), &format!("fd00:1::{:x}", j + 1)],
             );
-            p.serve = vec![
-                (80, L4::Tcp),
-                (443, L4::Tcp),
-                (53, L4::Udp),
-                (5353, L4::Udp),
-                (9000, L4::Sctp),
-                (9001, L4::Sctp),
-            ];
+            p.serve =
+                vec![(80, L4::Tcp), (443, L4::Tcp), (53, L4::Udp), (5353, L4::Udp), (9000, L4::Sctp), (9001, L4::Sctp)];
             p
         })
         .collect();
@@ -338,16 +294,7 @@ fn a_nine_pod_matrix_builds_and_probes_in_seconds() {
     let probed = t.elapsed();
     let t = Instant::now();
     lab.teardown().unwrap();
-    eprintln!(
-        "9 pods / 3 nodes: build {built:?}, {} probes {probed:?}, teardown {:?}",
-        probes.len(),
-        t.elapsed()
-    );
-    assert!(
-        facts.iter().all(|f| *f),
-        "{} of {} failed",
-        facts.iter().filter(|f| !**f).count(),
-        facts.len()
-    );
+    eprintln!("9 pods / 3 nodes: build {built:?}, {} probes {probed:?}, teardown {:?}", probes.len(), t.elapsed());
+    assert!(facts.iter().all(|f| *f), "{} of {} failed", facts.iter().filter(|f| !**f).count(), facts.len());
     assert!(built < Duration::from_secs(5) && probed < Duration::from_secs(5));
 }

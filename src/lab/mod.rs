@@ -134,20 +134,11 @@ pub struct Probe {
 impl Probe {
     /// An IPv4 probe from pod `from` to pod `to`.
     pub fn new(from: usize, to: usize, port: u16, proto: L4) -> Probe {
-        Probe {
-            from,
-            to: Endpoint::Pod(to),
-            port,
-            proto,
-            family: Family::V4,
-        }
+        Probe { from, to: Endpoint::Pod(to), port, proto, family: Family::V4 }
     }
     /// The same probe over IPv6.
     pub fn v6(self) -> Probe {
-        Probe {
-            family: Family::V6,
-            ..self
-        }
+        Probe { family: Family::V6, ..self }
     }
 }
 
@@ -178,11 +169,7 @@ pub enum LabError {
     #[error("nft rejected the ruleset of node `{node}`: {stderr}")]
     Ruleset { node: String, stderr: String },
     #[error("`{command}` failed ({status}): {stderr}")]
-    Command {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    Command { command: String, status: String, stderr: String },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -193,10 +180,7 @@ pub enum LabError {
 
 impl LabError {
     fn io(context: impl Into<String>, source: std::io::Error) -> LabError {
-        LabError::Io {
-            context: context.into(),
-            source,
-        }
+        LabError::Io { context: context.into(), source }
     }
 }
 
@@ -238,9 +222,7 @@ pub fn install_interrupt_handler() {
 fn new_run_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     // Fold the clock into 16 bits: two processes that reuse a pid still differ.
     let h = (nanos ^ (nanos >> 16) ^ (nanos >> 32) ^ (nanos >> 48)) as u16;
     format!("{}-{n:x}{h:04x}", std::process::id())
@@ -267,11 +249,7 @@ pub struct Lab {
 fn validate(nodes: &[LabNode], pods: &[LabPod]) -> Result<Vec<usize>, LabError> {
     let spec = |m: String| Err(LabError::Spec(m));
     if nodes.len() > topology::MAX_NODES {
-        return spec(format!(
-            "{} nodes, at most {}",
-            nodes.len(),
-            topology::MAX_NODES
-        ));
+        return spec(format!("{} nodes, at most {}", nodes.len(), topology::MAX_NODES));
     }
     let mut node_ix = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
@@ -299,10 +277,7 @@ fn validate(nodes: &[LabNode], pods: &[LabPod]) -> Result<Vec<usize>, LabError> 
                 ));
             }
             if let Some(other) = owners.insert(*ip, &p.name) {
-                return spec(format!(
-                    "pods `{other}` and `{}` share address {ip}",
-                    p.name
-                ));
+                return spec(format!("pods `{other}` and `{}` share address {ip}", p.name));
             }
         }
         if let Some((port, _)) = p.serve.iter().find(|(port, _)| *port == 0) {
@@ -320,31 +295,17 @@ impl Lab {
         let placement = validate(nodes, pods)?;
         install_interrupt_handler();
         let names = topology::Names::new(new_run_id());
-        let wiring: Vec<topology::PodWiring> = pods
-            .iter()
-            .zip(&placement)
-            .map(|(p, &node)| topology::PodWiring {
-                node,
-                ips: p.ips.clone(),
-            })
-            .collect();
+        let wiring: Vec<topology::PodWiring> =
+            pods.iter().zip(&placement).map(|(p, &node)| topology::PodWiring { node, ips: p.ips.clone() }).collect();
         let plan = topology::Plan::new(&names, nodes.len(), &wiring);
         // Register before creating, so an interrupt mid-build removes what exists.
         live().insert(names.run_id().to_owned(), plan.namespaces.clone());
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos())
+        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
             ^ std::process::id().rotate_left(16);
         let mut lab = Lab {
             names,
             node_names: nodes.iter().map(|n| n.name.clone()).collect(),
-            pods: pods
-                .iter()
-                .map(|p| PodRt {
-                    name: p.name.clone(),
-                    ips: p.ips.clone(),
-                })
-                .collect(),
+            pods: pods.iter().map(|p| PodRt { name: p.name.clone(), ips: p.ips.clone() }).collect(),
             namespaces: plan.namespaces.clone(),
             server: None,
             seen: Arc::default(),
@@ -360,10 +321,8 @@ impl Lab {
             .chain([(lab.names.fabric(), topology::FABRIC_SYSCTLS)])
             .collect();
         std::thread::scope(|s| {
-            let jobs: Vec<_> = sysctl_jobs
-                .iter()
-                .map(|(ns, values)| (ns, s.spawn(move || netns::sysctls(ns, values))))
-                .collect();
+            let jobs: Vec<_> =
+                sysctl_jobs.iter().map(|(ns, values)| (ns, s.spawn(move || netns::sysctls(ns, values)))).collect();
             jobs.into_iter().try_for_each(|(ns, job)| {
                 job.join()
                     .unwrap_or_else(|_| Err(std::io::Error::other("sysctl thread panicked")))
@@ -379,11 +338,7 @@ impl Lab {
         let services: Vec<serve::PodService<'_>> = pods
             .iter()
             .enumerate()
-            .map(|(j, p)| serve::PodService {
-                netns: &lab.namespaces[nodes.len() + j],
-                ips: &p.ips,
-                serve: &p.serve,
-            })
+            .map(|(j, p)| serve::PodService { netns: &lab.namespaces[nodes.len() + j], ips: &p.ips, serve: &p.serve })
             .collect();
         let server = serve::Server::start(&services, lab.seen.clone())
             .map_err(|e| LabError::io("starting the lab's servers", e))?;
@@ -404,10 +359,7 @@ impl Lab {
 
     /// The namespace of the node called `node`.
     pub fn node_netns(&self, node: &str) -> Option<String> {
-        self.node_names
-            .iter()
-            .position(|n| n == node)
-            .map(|i| self.names.node(i))
+        self.node_names.iter().position(|n| n == node).map(|i| self.names.node(i))
     }
 
     /// The namespace of pod `index`.
@@ -423,17 +375,12 @@ impl Lab {
     /// Load `nft_text` in node `node`'s namespace, one transaction (`nft -f -` under `ip
     /// netns exec`). Empty (blank) text loads nothing.
     pub fn load_ruleset(&self, node: &str, nft_text: &str) -> Result<(), LabError> {
-        let ns = self
-            .node_netns(node)
-            .ok_or_else(|| LabError::UnknownNode(node.to_owned()))?;
+        let ns = self.node_netns(node).ok_or_else(|| LabError::UnknownNode(node.to_owned()))?;
         if nft_text.trim().is_empty() {
             return Ok(());
         }
         netns::nft_load(&ns, nft_text).map_err(|e| match e {
-            LabError::Command { stderr, .. } => LabError::Ruleset {
-                node: node.to_owned(),
-                stderr,
-            },
+            LabError::Command { stderr, .. } => LabError::Ruleset { node: node.to_owned(), stderr },
             e => e,
         })
     }
@@ -442,20 +389,12 @@ impl Lab {
         let bad = |reason: String| LabError::Probe { index, reason };
         let Endpoint::Pod(to) = p.to;
         let pick = |pod: usize, role: &str| -> Result<IpAddr, LabError> {
-            let rt = self
-                .pods
-                .get(pod)
-                .ok_or_else(|| bad(format!("{role} pod #{pod} does not exist")))?;
+            let rt = self.pods.get(pod).ok_or_else(|| bad(format!("{role} pod #{pod} does not exist")))?;
             rt.ips
                 .iter()
                 .copied()
                 .find(|ip| Family::of(ip) == p.family)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "{role} pod `{}` has no {:?} address",
-                        rt.name, p.family
-                    ))
-                })
+                .ok_or_else(|| bad(format!("{role} pod `{}` has no {:?} address", rt.name, p.family)))
         };
         if p.port == 0 {
             return Err(bad("port 0".into()));
@@ -473,16 +412,13 @@ impl Lab {
     /// Probe everything concurrently; one fact per probe, in order. Probes run in waves
     /// sized to the open-file limit, each wave bounded by one `timeout`.
     pub fn probe_all(&self, probes: &[Probe], timeout: Duration) -> Result<Vec<bool>, LabError> {
-        let resolved: Vec<probe::Resolved> = probes
-            .iter()
-            .enumerate()
-            .map(|(i, p)| self.resolve(i, p))
-            .collect::<Result<_, _>>()?;
+        let resolved: Vec<probe::Resolved> =
+            probes.iter().enumerate().map(|(i, p)| self.resolve(i, p)).collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(resolved.len());
         let ns_of = |pod: usize| self.names.pod(pod);
         for chunk in resolved.chunks(wave_size()) {
-            let facts = probe::wave(chunk, &ns_of, timeout, &self.seen, &self.tags)
-                .map_err(|e| LabError::io("probing", e))?;
+            let facts =
+                probe::wave(chunk, &ns_of, timeout, &self.seen, &self.tags).map_err(|e| LabError::io("probing", e))?;
             out.extend(facts);
         }
         Ok(out)
@@ -517,13 +453,11 @@ impl Drop for Lab {
 
 /// How many probes one wave may hold: each TCP/UDP probe is one open file.
 fn wave_size() -> usize {
-    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map_or(1024, |(soft, _)| soft);
+    let soft =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
     let open = std::fs::read_dir("/proc/self/fd").map_or(64, |d| d.count() as u64);
     let free = soft.saturating_sub(open + 64);
-    usize::try_from(free / 2)
-        .unwrap_or(usize::MAX)
-        .clamp(16, 2048)
+    usize::try_from(free / 2).unwrap_or(usize::MAX).clamp(16, 2048)
 }
 
 /// Build the lab, probe, tear down (also on error).
@@ -540,10 +474,7 @@ pub fn cleanup_leftovers() -> Result<usize, LabError> {
     let stale: Vec<String> = netns::list()
         .map_err(|e| LabError::io(format!("listing {}", netns::NETNS_DIR), e))?
         .into_iter()
-        .filter(|n| {
-            topology::owner_pid(n)
-                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
-        })
+        .filter(|n| topology::owner_pid(n).is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()))
         .collect();
     netns::delete_namespaces(&stale)?;
     Ok(stale.len())
@@ -572,22 +503,13 @@ mod tests {
     }
 
     fn node(name: &str) -> LabNode {
-        LabNode {
-            name: name.into(),
-            ruleset: String::new(),
-        }
+        LabNode { name: name.into(), ruleset: String::new() }
     }
 
     #[test]
     fn pods_are_placed_on_their_nodes_by_index() {
-        let pods = [
-            pod("a/x", "n2", &["10.0.0.1"]),
-            pod("a/y", "n1", &["10.0.0.2"]),
-        ];
-        assert_eq!(
-            validate(&[node("n1"), node("n2")], &pods).unwrap(),
-            vec![1, 0]
-        );
+        let pods = [pod("a/x", "n2", &["10.0.0.1"]), pod("a/y", "n1", &["10.0.0.2"])];
+        assert_eq!(validate(&[node("n1"), node("n2")], &pods).unwrap(), vec![1, 0]);
     }
 
     #[test]
@@ -596,11 +518,7 @@ mod tests {
         let err = |pods: &[LabPod]| validate(&nodes, pods).unwrap_err().to_string();
         assert!(err(&[pod("a/x", "n9", &[])]).contains("unknown node `n9`"));
         assert!(
-            err(&[
-                pod("a/x", "n1", &["10.0.0.1"]),
-                pod("a/y", "n1", &["10.0.0.1"])
-            ])
-            .contains("share address 10.0.0.1")
+            err(&[pod("a/x", "n1", &["10.0.0.1"]), pod("a/y", "n1", &["10.0.0.1"])]).contains("share address 10.0.0.1")
         );
         assert!(err(&[pod("a/x", "n1", &["169.254.1.1"])]).contains("cannot give a pod"));
         assert!(err(&[pod("a/x", "n1", &[]), pod("a/x", "n1", &[])]).contains("declared twice"));
@@ -612,9 +530,6 @@ mod tests {
         let (a, b) = (new_run_id(), new_run_id());
         assert_ne!(a, b);
         let pid = std::process::id();
-        assert_eq!(
-            topology::owner_pid(&topology::Names::new(a).pod(0)),
-            Some(pid)
-        );
+        assert_eq!(topology::owner_pid(&topology::Names::new(a).pod(0)), Some(pid));
     }
 }

@@ -30,9 +30,7 @@ fn enter(name: &str) -> io::Result<()> {
     setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
     let now = std::fs::metadata("/proc/thread-self/ns/net")?;
     if (now.dev(), now.ino()) != (want.dev(), want.ino()) {
-        return Err(io::Error::other(format!(
-            "setns into {name} did not take effect"
-        )));
+        return Err(io::Error::other(format!("setns into {name} did not take effect")));
     }
     Ok(())
 }
@@ -92,9 +90,7 @@ fn spawn_with_input(mut cmd: Command, input: &str) -> Result<(String, Child), La
 }
 
 fn finish(what: String, child: Child) -> Result<(), LabError> {
-    let out = child
-        .wait_with_output()
-        .map_err(|e| LabError::io(format!("waiting for `{what}`"), e))?;
+    let out = child.wait_with_output().map_err(|e| LabError::io(format!("waiting for `{what}`"), e))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -147,11 +143,7 @@ pub fn delete_namespaces(names: &[String]) -> Result<(), LabError> {
 /// Delete those of `names` that exist (a build that failed half-way created only some).
 pub fn delete_existing(names: &[String]) -> Result<(), LabError> {
     let present = list().map_err(|e| LabError::io(format!("listing {NETNS_DIR}"), e))?;
-    let doomed: Vec<String> = names
-        .iter()
-        .filter(|n| present.contains(n))
-        .cloned()
-        .collect();
+    let doomed: Vec<String> = names.iter().filter(|n| present.contains(n)).cloned().collect();
     delete_namespaces(&doomed)
 }
 
@@ -256,8 +248,7 @@ mod tests {
     #[test]
     fn links_are_ready_only_when_up_with_a_real_qdisc() {
         let lo = "1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN mode DEFAULT";
-        let up =
-            "2: eth0@if3: <BROADCAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT";
+        let up = "2: eth0@if3: <BROADCAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT";
         let noop = "2: eth0@if3: <BROADCAST,UP,LOWER_UP> mtu 1500 qdisc noop state UP mode DEFAULT";
         let down = "2: eth0@if3: <NO-CARRIER,UP> mtu 1500 qdisc noqueue state DOWN mode DEFAULT";
         assert!(super::links_ready(&format!("{lo}\n{up}\n")));

@@ -44,12 +44,7 @@ enum State {
     Done(bool),
     Tcp(Socket),
     Udp(UdpSocket, [u8; 16]),
-    Sctp {
-        raw: usize,
-        to: SockAddr,
-        packet: [u8; sctp::INIT_PACKET_LEN],
-        key: (usize, u16, u32),
-    },
+    Sctp { raw: usize, to: SockAddr, packet: [u8; sctp::INIT_PACKET_LEN], key: (usize, u16, u32) },
 }
 
 impl State {
@@ -59,11 +54,7 @@ impl State {
 }
 
 fn domain(ip: IpAddr) -> Domain {
-    if ip.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    }
+    if ip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 }
 }
 
 fn next_tag(tags: &AtomicU32) -> u32 {
@@ -91,11 +82,7 @@ fn open_sockets(ns: &str, probes: &[Resolved], idx: &[usize]) -> io::Result<Sour
                 L4::Udp => (Type::DGRAM, Protocol::UDP),
                 L4::Sctp => {
                     if !raws.iter().any(|(ip, _)| *ip == p.src) {
-                        let s = Socket::new(
-                            domain(p.src),
-                            Type::RAW,
-                            Some(Protocol::from(sctp::IPPROTO_SCTP)),
-                        )?;
+                        let s = Socket::new(domain(p.src), Type::RAW, Some(Protocol::from(sctp::IPPROTO_SCTP)))?;
                         s.bind(&SocketAddr::new(p.src, 0).into())?;
                         raws.push((p.src, s));
                     }
@@ -161,11 +148,7 @@ pub fn wave(
             L4::Sctp => unreachable!("SCTP probes have no per-probe socket"),
         };
     }
-    for (i, p) in probes
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.proto == L4::Sctp)
-    {
+    for (i, p) in probes.iter().enumerate().filter(|(_, p)| p.proto == L4::Sctp) {
         let tag = next_tag(tags);
         // A source port derived from the tag keeps concurrent probes' conntrack tuples apart.
         let sport = 32_768 + (tag % 28_000) as u16;
@@ -173,12 +156,7 @@ pub fn wave(
         let to: SockAddr = SocketAddr::new(p.dst, 0).into();
         let raw = raw_of[&p.src];
         states[i] = match raws[raw].send_to(&packet, &to) {
-            Ok(_) => State::Sctp {
-                raw,
-                to,
-                packet,
-                key: (p.dst_pod, p.port, tag),
-            },
+            Ok(_) => State::Sctp { raw, to, packet, key: (p.dst_pod, p.port, tag) },
             Err(_) => State::Done(false),
         };
     }
@@ -207,9 +185,7 @@ pub fn wave(
                     State::Udp(u, token) => {
                         let _ = u.send(token);
                     }
-                    State::Sctp {
-                        raw, to, packet, ..
-                    } => {
+                    State::Sctp { raw, to, packet, .. } => {
                         let _ = raws[*raw].send_to(packet, to);
                     }
                     _ => {}
@@ -272,8 +248,5 @@ pub fn wave(
             seen.remove(key);
         }
     }
-    Ok(states
-        .iter()
-        .map(|s| matches!(s, State::Done(true)))
-        .collect())
+    Ok(states.iter().map(|s| matches!(s, State::Done(true))).collect())
 }

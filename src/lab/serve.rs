@@ -34,12 +34,7 @@ pub struct PodService<'a> {
 enum Served {
     Tcp(TcpListener),
     Udp(UdpSocket),
-    Sctp {
-        sock: Socket,
-        v4: bool,
-        pod: usize,
-        ports: Vec<u16>,
-    },
+    Sctp { sock: Socket, v4: bool, pod: usize, ports: Vec<u16> },
 }
 
 pub struct Server {
@@ -59,13 +54,9 @@ impl Server {
             served.extend(sockets);
         }
         let (rx, wake) = io::pipe()?;
-        let thread = std::thread::Builder::new()
-            .name("netpol-lab-serve".into())
-            .spawn(move || serve(rx, served, seen))?;
-        Ok(Server {
-            wake,
-            thread: Some(thread),
-        })
+        let thread =
+            std::thread::Builder::new().name("netpol-lab-serve".into()).spawn(move || serve(rx, served, seen))?;
+        Ok(Server { wake, thread: Some(thread) })
     }
 
     pub fn stop(&mut self) {
@@ -88,28 +79,11 @@ fn domain(v4: bool) -> Domain {
 
 fn open(pod: usize, p: &PodService<'_>) -> io::Result<Vec<Served>> {
     let mut out = Vec::new();
-    let families: Vec<bool> = [true, false]
-        .into_iter()
-        .filter(|&v4| p.ips.iter().any(|ip| ip.is_ipv4() == v4))
-        .collect();
-    let mut tcp: Vec<u16> = p
-        .serve
-        .iter()
-        .filter(|s| s.1 == L4::Tcp)
-        .map(|s| s.0)
-        .collect();
-    let mut udp: Vec<u16> = p
-        .serve
-        .iter()
-        .filter(|s| s.1 == L4::Udp)
-        .map(|s| s.0)
-        .collect();
-    let mut sctp_ports: Vec<u16> = p
-        .serve
-        .iter()
-        .filter(|s| s.1 == L4::Sctp)
-        .map(|s| s.0)
-        .collect();
+    let families: Vec<bool> =
+        [true, false].into_iter().filter(|&v4| p.ips.iter().any(|ip| ip.is_ipv4() == v4)).collect();
+    let mut tcp: Vec<u16> = p.serve.iter().filter(|s| s.1 == L4::Tcp).map(|s| s.0).collect();
+    let mut udp: Vec<u16> = p.serve.iter().filter(|s| s.1 == L4::Udp).map(|s| s.0).collect();
+    let mut sctp_ports: Vec<u16> = p.serve.iter().filter(|s| s.1 == L4::Sctp).map(|s| s.0).collect();
     for v in [&mut tcp, &mut udp, &mut sctp_ports] {
         v.sort_unstable();
         v.dedup();
@@ -117,11 +91,7 @@ fn open(pod: usize, p: &PodService<'_>) -> io::Result<Vec<Served>> {
     for &v4 in &families {
         for &port in &tcp {
             let s = Socket::new(domain(v4), Type::STREAM, Some(Protocol::TCP))?;
-            let any: IpAddr = if v4 {
-                Ipv4Addr::UNSPECIFIED.into()
-            } else {
-                Ipv6Addr::UNSPECIFIED.into()
-            };
+            let any: IpAddr = if v4 { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
             if !v4 {
                 s.set_only_v6(true)?;
             }
@@ -132,18 +102,9 @@ fn open(pod: usize, p: &PodService<'_>) -> io::Result<Vec<Served>> {
             out.push(Served::Tcp(s.into()));
         }
         if !sctp_ports.is_empty() {
-            let s = Socket::new(
-                domain(v4),
-                Type::RAW,
-                Some(Protocol::from(sctp::IPPROTO_SCTP)),
-            )?;
+            let s = Socket::new(domain(v4), Type::RAW, Some(Protocol::from(sctp::IPPROTO_SCTP)))?;
             s.set_nonblocking(true)?;
-            out.push(Served::Sctp {
-                sock: s,
-                v4,
-                pod,
-                ports: sctp_ports.clone(),
-            });
+            out.push(Served::Sctp { sock: s, v4, pod, ports: sctp_ports.clone() });
         }
     }
     for ip in p.ips {
@@ -182,9 +143,7 @@ fn serve(mut wake: io::PipeReader, served: Vec<Served>, seen: Seen) {
                     return;
                 }
             }
-            fds.iter()
-                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-                .collect()
+            fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect()
         };
         if ready[0] {
             let _ = wake.read(&mut buf);
@@ -198,25 +157,14 @@ fn serve(mut wake: io::PipeReader, served: Vec<Served>, seen: Seen) {
                         let _ = u.send_to(&buf[..n], from);
                     }
                 }
-                Served::Sctp {
-                    sock,
-                    v4,
-                    pod,
-                    ports,
-                } => {
+                Served::Sctp { sock, v4, pod, ports } => {
                     while let Ok(n) = (&*sock).read(&mut buf) {
                         let pkt = &buf[..n];
-                        let body = if *v4 {
-                            sctp::strip_ipv4_header(pkt)
-                        } else {
-                            Some(pkt)
-                        };
+                        let body = if *v4 { sctp::strip_ipv4_header(pkt) } else { Some(pkt) };
                         if let Some((port, tag)) = body.and_then(sctp::parse_init)
                             && ports.contains(&port)
                         {
-                            seen.lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert((*pod, port, tag));
+                            seen.lock().unwrap_or_else(|e| e.into_inner()).insert((*pod, port, tag));
                         }
                     }
                 }

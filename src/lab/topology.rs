@@ -38,26 +38,12 @@ pub const MAX_NODES: usize = 250;
 
 /// The fabric addresses of node `i`: `169.254.100.<i+1>/24` and `fd00:fab::<i+1>/64`.
 pub fn fabric_v4(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(
-        169,
-        254,
-        100,
-        u8::try_from(i + 1).expect("at most MAX_NODES nodes"),
-    )
+    Ipv4Addr::new(169, 254, 100, u8::try_from(i + 1).expect("at most MAX_NODES nodes"))
 }
 
 /// See [`fabric_v4`].
 pub fn fabric_v6(i: usize) -> Ipv6Addr {
-    Ipv6Addr::new(
-        0xfd00,
-        0xfab,
-        0,
-        0,
-        0,
-        0,
-        0,
-        u16::try_from(i + 1).expect("at most MAX_NODES nodes"),
-    )
+    Ipv6Addr::new(0xfd00, 0xfab, 0, 0, 0, 0, 0, u16::try_from(i + 1).expect("at most MAX_NODES nodes"))
 }
 
 /// The fabric router's address as the nodes see it (a static neighbour entry only).
@@ -70,11 +56,7 @@ pub const FABRIC_GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xfab, 0, 0, 0, 0, 0, 0
 pub fn reserved(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            v4.is_unspecified()
-                || v4.is_loopback()
-                || v4.is_link_local()
-                || v4.is_multicast()
-                || v4.is_broadcast()
+            v4.is_unspecified() || v4.is_loopback() || v4.is_link_local() || v4.is_multicast() || v4.is_broadcast()
         }
         IpAddr::V6(v6) => {
             let s = v6.segments();
@@ -124,9 +106,7 @@ pub struct Names {
 
 impl Names {
     pub fn new(run_id: impl Into<String>) -> Self {
-        Names {
-            run_id: run_id.into(),
-        }
+        Names { run_id: run_id.into() }
     }
     pub fn run_id(&self) -> &str {
         &self.run_id
@@ -194,11 +174,7 @@ impl Plan {
             let _ = writeln!(s, "addr add {}/24 dev {FABRIC_IF}", fabric_v4(i));
             let _ = writeln!(s, "addr add {}/64 dev {FABRIC_IF} nodad", fabric_v6(i));
             for gw in [IpAddr::V4(FABRIC_GW_V4), IpAddr::V6(FABRIC_GW_V6)] {
-                let _ = writeln!(
-                    s,
-                    "neigh add {gw} lladdr {} dev {FABRIC_IF} nud permanent",
-                    fabric_mac(i)
-                );
+                let _ = writeln!(s, "neigh add {gw} lladdr {} dev {FABRIC_IF} nud permanent", fabric_mac(i));
             }
             for (j, pod) in pods.iter().enumerate() {
                 if pod.node == i {
@@ -213,11 +189,7 @@ impl Plan {
                     let _ = writeln!(s, "link set {peer} up");
                     for ip in &pod.ips {
                         let _ = writeln!(s, "route add {} dev {peer}", host_prefix(*ip));
-                        let _ = writeln!(
-                            s,
-                            "neigh add {ip} lladdr {} dev {peer} nud permanent",
-                            pod_mac(j)
-                        );
+                        let _ = writeln!(s, "neigh add {ip} lladdr {} dev {peer} nud permanent", pod_mac(j));
                     }
                 } else {
                     for ip in &pod.ips {
@@ -225,11 +197,7 @@ impl Plan {
                             IpAddr::V4(_) => IpAddr::V4(FABRIC_GW_V4),
                             IpAddr::V6(_) => IpAddr::V6(FABRIC_GW_V6),
                         };
-                        let _ = writeln!(
-                            s,
-                            "route add {} via {via} dev {FABRIC_IF}",
-                            host_prefix(*ip)
-                        );
+                        let _ = writeln!(s, "route add {} via {via} dev {FABRIC_IF}", host_prefix(*ip));
                     }
                 }
             }
@@ -245,18 +213,9 @@ impl Plan {
                 let nodad = if ip.is_ipv6() { " nodad" } else { "" };
                 let _ = writeln!(s, "addr add {} dev {POD_IF}{nodad}", host_prefix(*ip));
             }
-            let _ = writeln!(
-                s,
-                "neigh add {POD_GATEWAY_V4} lladdr {NODE_SIDE_MAC} dev {POD_IF} nud permanent"
-            );
-            let _ = writeln!(
-                s,
-                "route add 0.0.0.0/0 via {POD_GATEWAY_V4} dev {POD_IF} onlink"
-            );
-            let _ = writeln!(
-                s,
-                "neigh add {POD_GATEWAY_V6} lladdr {NODE_SIDE_MAC} dev {POD_IF} nud permanent"
-            );
+            let _ = writeln!(s, "neigh add {POD_GATEWAY_V4} lladdr {NODE_SIDE_MAC} dev {POD_IF} nud permanent");
+            let _ = writeln!(s, "route add 0.0.0.0/0 via {POD_GATEWAY_V4} dev {POD_IF} onlink");
+            let _ = writeln!(s, "neigh add {POD_GATEWAY_V6} lladdr {NODE_SIDE_MAC} dev {POD_IF} nud permanent");
             let _ = writeln!(s, "route add ::/0 via {POD_GATEWAY_V6} dev {POD_IF}");
             ends.push((names.pod(j), s));
         }
@@ -266,11 +225,7 @@ impl Plan {
             let port = fabric_port(i);
             let _ = writeln!(s, "link set {port} up");
             for gw in [IpAddr::V4(fabric_v4(i)), IpAddr::V6(fabric_v6(i))] {
-                let _ = writeln!(
-                    s,
-                    "neigh add {gw} lladdr {} dev {port} nud permanent",
-                    node_mac(i)
-                );
+                let _ = writeln!(s, "neigh add {gw} lladdr {} dev {port} nud permanent", node_mac(i));
             }
         }
         for pod in pods {
@@ -279,21 +234,12 @@ impl Plan {
                     IpAddr::V4(_) => IpAddr::V4(fabric_v4(pod.node)),
                     IpAddr::V6(_) => IpAddr::V6(fabric_v6(pod.node)),
                 };
-                let _ = writeln!(
-                    s,
-                    "route add {} via {via} dev {} onlink",
-                    host_prefix(*ip),
-                    fabric_port(pod.node)
-                );
+                let _ = writeln!(s, "route add {} via {via} dev {} onlink", host_prefix(*ip), fabric_port(pod.node));
             }
         }
         ends.push((fabric, s));
 
-        Plan {
-            namespaces,
-            nodes,
-            ends,
-        }
+        Plan { namespaces, nodes, ends }
     }
 }
 
@@ -360,14 +306,8 @@ mod tests {
     #[test]
     fn local_pods_are_routed_to_their_veth_and_remote_pods_via_the_owner_node() {
         let pods = vec![
-            PodWiring {
-                node: 0,
-                ips: vec![ip("10.0.0.1"), ip("fd00::1")],
-            },
-            PodWiring {
-                node: 1,
-                ips: vec![ip("10.0.1.1")],
-            },
+            PodWiring { node: 0, ips: vec![ip("10.0.0.1"), ip("fd00::1")] },
+            PodWiring { node: 1, ips: vec![ip("10.0.1.1")] },
         ];
         let plan = Plan::new(&Names::new("1-a"), 2, &pods);
         assert_eq!(plan.namespaces.len(), 5);
@@ -379,9 +319,7 @@ mod tests {
         assert!(n0.contains("route add 10.0.0.1/32 dev p0\n"));
         assert!(n0.contains("route add fd00::1/128 dev p0\n"));
         assert!(n0.contains("route add 10.0.1.1/32 via 169.254.100.254 dev fab0\n"));
-        assert!(n0.contains(
-            "neigh add 169.254.100.254 lladdr 02:fb:00:00:00:00 dev fab0 nud permanent\n"
-        ));
+        assert!(n0.contains("neigh add 169.254.100.254 lladdr 02:fb:00:00:00:00 dev fab0 nud permanent\n"));
         let (_, p0) = &plan.ends[0];
         assert!(p0.contains("addr add fd00::1/128 dev eth0 nodad\n"));
         assert!(p0.contains("route add 0.0.0.0/0 via 169.254.1.1 dev eth0 onlink\n"));
@@ -389,15 +327,8 @@ mod tests {
         assert_eq!(fab, "npl-1-a-fab");
         assert!(f.contains("route add 10.0.1.1/32 via 169.254.100.2 dev n1 onlink\n"));
         assert!(f.contains("route add fd00::1/128 via fd00:fab::1 dev n0 onlink\n"));
-        assert!(
-            f.contains("neigh add 169.254.100.2 lladdr 02:fa:00:00:00:01 dev n1 nud permanent\n")
-        );
+        assert!(f.contains("neigh add 169.254.100.2 lladdr 02:fa:00:00:00:01 dev n1 nud permanent\n"));
         // No script line mentions the root namespace: every script runs under `ip -n`.
-        assert!(
-            plan.nodes
-                .iter()
-                .chain(&plan.ends)
-                .all(|(ns, _)| ns.starts_with(NETNS_PREFIX))
-        );
+        assert!(plan.nodes.iter().chain(&plan.ends).all(|(ns, _)| ns.starts_with(NETNS_PREFIX)));
     }
 }

@@ -1,0 +1,645 @@
+//! The compiler: cluster state → the nftables ruleset one node needs.
+//!
+//! ```text
+//!  forward, prio 0  egress_forward ─┐  ct established,related accept · ct invalid drop
+//!  input,   prio 0  egress_input   ─┴► ip saddr vmap @egress_dispatch_v4 (ip6 twin)
+//!                                         │ local isolated pod IP → jump pod_eg_<pod>
+//!  forward, prio 10 ingress_forward ──► ip daddr vmap @ingress_dispatch_v4 (ip6 twin)
+//!                                         │ local isolated pod IP → jump pod_in_<pod>
+//!  pod_{eg,in}_<pod>: jump pol_{eg,in}_<policy> for each policy selecting it; counter drop
+//!  pol_{eg,in}_<policy>: one rule per (rule × peer kind × port kind), set lookups, accept
+//! ```
+//!
+//! An `accept` inside an egress chain ends only the priority-0 base chain: nftables still
+//! runs the priority-10 ingress base chain on the same hook, so both sides are checked.
+//! Traffic the node itself sends (`output`) is never hooked: "traffic from the node to its
+//! own local pods (kubelet probes) is always allowed".
+//!
+//! Pure and deterministic: `BTreeMap`s everywhere, names from [`crate::nft::names`].
+//! Rule count grows with local pods and the policies selecting them, never with the number
+//! of pods in the cluster: cluster pods only ever become set elements.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::model::{Cluster, Direction, IpBlock, NamespaceScope, Peer, Pod, PortMatch, Protocol, Rule as PolicyRule};
+use crate::nft::ir::{
+    AddrField, BaseChain, Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, Map, MapVerdict, Match,
+    Rule, Ruleset, Set, Value, Verdict,
+};
+use crate::nft::names;
+use crate::selector::Selector;
+
+/// Which node to compile for, and the table to own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub node: String,
+    pub table: String,
+}
+
+impl NodeConfig {
+    /// `node`, with the default table name `netpol`.
+    pub fn new(node: impl Into<String>) -> Self {
+        NodeConfig { node: node.into(), table: names::DEFAULT_TABLE.to_string() }
+    }
+}
+
+const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+/// Compiles the ruleset of one node.
+pub fn compile(cluster: &Cluster, config: &NodeConfig) -> Ruleset {
+    Compiler::new(cluster, config).run()
+}
+
+struct Compiler<'a> {
+    cluster: &'a Cluster,
+    config: &'a NodeConfig,
+    rs: Ruleset,
+    /// Pod indices by namespace.
+    pods_by_ns: HashMap<&'a str, Vec<usize>>,
+    /// Policy indices by namespace.
+    policies_by_ns: HashMap<&'a str, Vec<usize>>,
+    /// Peer-set names already built, by (scope, selector).
+    peer_sets: HashMap<PeerKey<'a>, [String; 2]>,
+}
+
+/// (policy namespace for the own-namespace scope, namespace selector, pod selector).
+type PeerKey<'a> = (Option<&'a str>, Option<&'a Selector>, &'a Selector);
+
+impl<'a> Compiler<'a> {
+    fn new(cluster: &'a Cluster, config: &'a NodeConfig) -> Self {
+        let mut pods_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, p) in cluster.pods.iter().enumerate() {
+            pods_by_ns.entry(p.id.namespace.as_str()).or_default().push(i);
+        }
+        let mut policies_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, p) in cluster.policies.iter().enumerate() {
+            policies_by_ns.entry(p.id.namespace.as_str()).or_default().push(i);
+        }
+        Compiler {
+            cluster,
+            config,
+            rs: Ruleset::new(config.table.clone()),
+            pods_by_ns,
+            policies_by_ns,
+            peer_sets: HashMap::new(),
+        }
+    }
+
+    fn run(mut self) -> Ruleset {
+        self.base();
+        let cluster = self.cluster;
+        // "hostNetwork pods are not selectable as policy targets"; pods without an IP take no part.
+        let local: Vec<usize> = (0..cluster.pods.len())
+            .filter(|&i| {
+                let p = &cluster.pods[i];
+                p.node == self.config.node && !p.host_network && !p.ips.is_empty()
+            })
+            .collect();
+        // (policy, direction) → the local pods it selects.
+        let mut selected: BTreeMap<(usize, Direction), Vec<usize>> = BTreeMap::new();
+        for &i in &local {
+            let pod = &cluster.pods[i];
+            for d in [Direction::Egress, Direction::Ingress] {
+                // "A pod is isolated for a direction iff some policy in its namespace selects
+                // it and lists that direction."
+                let policies: Vec<usize> = self
+                    .policies_by_ns
+                    .get(pod.id.namespace.as_str())
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .copied()
+                    .filter(|&pi| {
+                        let p = &cluster.policies[pi];
+                        p.rules(d).is_some() && p.pod_selector.matches(&pod.labels)
+                    })
+                    .collect();
+                if policies.is_empty() {
+                    continue; // unisolated: absent from the dispatch map, passes
+                }
+                for &pi in &policies {
+                    selected.entry((pi, d)).or_default().push(i);
+                }
+                self.pod_chain(pod, d, &policies);
+            }
+        }
+        for ((pi, d), pods) in &selected {
+            self.policy_chain(*pi, *d, pods);
+        }
+        self.rs
+    }
+
+    /// Base chains and dispatch maps: always present, so the layout never depends on pods.
+    fn base(&mut self) {
+        for name in [names::EGRESS_DISPATCH_V4, names::INGRESS_DISPATCH_V4] {
+            self.rs.maps.insert(name.into(), Map { key: vec![KeyType::Ipv4Addr], ..Map::default() });
+        }
+        for name in [names::EGRESS_DISPATCH_V6, names::INGRESS_DISPATCH_V6] {
+            self.rs.maps.insert(name.into(), Map { key: vec![KeyType::Ipv6Addr], ..Map::default() });
+        }
+        let ct = || {
+            vec![
+                Rule {
+                    matches: vec![Match::CtState(BTreeSet::from([CtState::Established, CtState::Related]))],
+                    verdict: Some(Verdict::Accept),
+                    ..Rule::default()
+                },
+                Rule {
+                    matches: vec![Match::CtState(BTreeSet::from([CtState::Invalid]))],
+                    verdict: Some(Verdict::Drop),
+                    ..Rule::default()
+                },
+            ]
+        };
+        let dispatch = |field: AddrField, v4: &str, v6: &str| {
+            [(IpFamily::V4, v4), (IpFamily::V6, v6)]
+                .into_iter()
+                .map(|(f, map)| Rule {
+                    verdict: Some(Verdict::Vmap { key: Key::Addr(f, field), map: map.into() }),
+                    ..Rule::default()
+                })
+                .collect::<Vec<_>>()
+        };
+        let egress = || {
+            let mut rules = ct();
+            rules.extend(dispatch(AddrField::Saddr, names::EGRESS_DISPATCH_V4, names::EGRESS_DISPATCH_V6));
+            rules
+        };
+        let base = |hook, priority| Some(BaseChain { hook, priority, policy: ChainPolicy::Accept });
+        self.rs.chains.insert(
+            names::EGRESS_FORWARD.into(),
+            Chain {
+                base: base(Hook::Forward, names::EGRESS_PRIORITY),
+                comment: Some("egress of local pods".into()),
+                rules: egress(),
+            },
+        );
+        self.rs.chains.insert(
+            names::EGRESS_INPUT.into(),
+            Chain {
+                base: base(Hook::Input, names::EGRESS_PRIORITY),
+                comment: Some("egress of local pods to this node".into()),
+                rules: egress(),
+            },
+        );
+        let mut ingress = ct();
+        ingress.extend(dispatch(AddrField::Daddr, names::INGRESS_DISPATCH_V4, names::INGRESS_DISPATCH_V6));
+        self.rs.chains.insert(
+            names::INGRESS_FORWARD.into(),
+            Chain {
+                base: base(Hook::Forward, names::INGRESS_PRIORITY),
+                comment: Some("ingress to local pods".into()),
+                rules: ingress,
+            },
+        );
+    }
+
+    /// A local isolated pod's chain: its policies' chains, then drop; and its dispatch entries.
+    fn pod_chain(&mut self, pod: &Pod, d: Direction, policies: &[usize]) {
+        let ingress = d == Direction::Ingress;
+        let name = names::pod_chain(ingress, &pod.id.namespace, &pod.id.name);
+        let mut rules: Vec<Rule> = policies
+            .iter()
+            .map(|&pi| {
+                let p = &self.cluster.policies[pi];
+                Rule {
+                    verdict: Some(Verdict::Jump(names::policy_chain(ingress, &p.id.namespace, &p.id.name))),
+                    ..Rule::default()
+                }
+            })
+            .collect();
+        rules.push(Rule {
+            counter: true,
+            verdict: Some(Verdict::Drop),
+            comment: Some(names::comment(&format!("{} {}: no policy allows", pod.id, d.as_str().to_lowercase()))),
+            ..Rule::default()
+        });
+        self.rs.chains.insert(
+            name.clone(),
+            Chain {
+                base: None,
+                comment: Some(names::comment(&format!("{} {}", pod.id, d.as_str().to_lowercase()))),
+                rules,
+            },
+        );
+        for ip in &pod.ips {
+            let map = match (ingress, ip.is_ipv6()) {
+                (false, false) => names::EGRESS_DISPATCH_V4,
+                (false, true) => names::EGRESS_DISPATCH_V6,
+                (true, false) => names::INGRESS_DISPATCH_V4,
+                (true, true) => names::INGRESS_DISPATCH_V6,
+            };
+            let m = self.rs.maps.get_mut(map).expect("base maps exist");
+            m.elements.insert(Element::single(Value::Addr(*ip)), MapVerdict::Jump(name.clone()));
+        }
+    }
+
+    /// The chain of one policy in one direction; `local` are the local pods it selects.
+    fn policy_chain(&mut self, pi: usize, d: Direction, local: &[usize]) {
+        let cluster = self.cluster;
+        let policy = &cluster.policies[pi];
+        let ingress = d == Direction::Ingress;
+        let name = names::policy_chain(ingress, &policy.id.namespace, &policy.id.name);
+        let mut rules = Vec::new();
+        for (ri, rule) in policy.rules(d).unwrap_or_default().iter().enumerate() {
+            self.rule(pi, d, ri, rule, local, &mut rules);
+        }
+        self.rs.chains.insert(
+            name,
+            Chain {
+                base: None,
+                comment: Some(names::comment(&format!("{} {}", policy.id, d.as_str().to_lowercase()))),
+                rules,
+            },
+        );
+    }
+
+    /// "Traffic is allowed if it matches at least one peer AND at least one port": one nft rule
+    /// per (peer kind × port kind), each a set lookup ending in accept.
+    fn rule(&mut self, pi: usize, d: Direction, ri: usize, rule: &'a PolicyRule, local: &[usize], out: &mut Vec<Rule>) {
+        let cluster = self.cluster;
+        let policy = &cluster.policies[pi];
+        let ns = policy.id.namespace.as_str();
+        let ingress = d == Direction::Ingress;
+        let dir = if ingress { "ingress" } else { "egress" };
+        let peer_field = if ingress { AddrField::Saddr } else { AddrField::Daddr };
+        let base_comment = format!("{}/{} {dir} rule {ri}", ns, policy.id.name);
+
+        // Peer matches: None = any peer (no match at all).
+        let mut peer_matches: Vec<(Option<Match>, String)> = Vec::new();
+        match &rule.peers {
+            None => peer_matches.push((None, "any peer".into())),
+            Some(peers) => {
+                let mut blocks: Vec<&IpBlock> = Vec::new();
+                for (k, peer) in peers.iter().enumerate() {
+                    match peer {
+                        Peer::Pods { namespaces, pods } => {
+                            let sets = self.peer_set(ns, namespaces, pods);
+                            for (f, set) in FAMILIES.into_iter().zip(sets) {
+                                let m = Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false };
+                                peer_matches.push((Some(m), format!("peer {k} pods")));
+                            }
+                        }
+                        Peer::IpBlock(b) => blocks.push(b),
+                    }
+                }
+                if !blocks.is_empty() {
+                    for f in FAMILIES {
+                        let ranges = block_ranges(&blocks, f);
+                        if ranges.is_empty() && !blocks.iter().any(|b| family_of_net(b.cidr) == f) {
+                            continue;
+                        }
+                        let prefix = if f == IpFamily::V4 { names::CIDR_V4 } else { names::CIDR_V6 };
+                        let set = names::generated(
+                            prefix,
+                            &[ns, &policy.id.name, dir, &ri.to_string()],
+                            &format!("{ns}_{}", policy.id.name),
+                        );
+                        let elements = ranges
+                            .iter()
+                            .flat_map(|&(lo, hi)| range_to_prefixes(lo, hi, f))
+                            .map(|n| Element::single(Value::Prefix(n)))
+                            .collect();
+                        self.rs.sets.insert(
+                            set.clone(),
+                            Set {
+                                key: vec![f.addr_type()],
+                                interval: true,
+                                comment: Some(names::comment(&format!("{base_comment} ipBlocks"))),
+                                elements,
+                            },
+                        );
+                        peer_matches.push((
+                            Some(Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false }),
+                            "ipBlocks".into(),
+                        ));
+                    }
+                }
+            }
+        }
+
+        // Port matches: None = all ports, all protocols.
+        let mut port_matches: Vec<(Option<Match>, String)> = Vec::new();
+        let mut named: Vec<(&str, Protocol)> = Vec::new();
+        match &rule.ports {
+            None => port_matches.push((None, "all ports".into())),
+            Some(specs) => {
+                let mut ranges: BTreeMap<Protocol, Vec<(u16, u16)>> = BTreeMap::new();
+                for s in specs {
+                    match &s.port {
+                        // "ports with protocol but no port = every port of that protocol"
+                        PortMatch::Any => ranges.entry(s.protocol).or_default().push((0, u16::MAX)),
+                        PortMatch::Range(a, b) => ranges.entry(s.protocol).or_default().push((*a, *b)),
+                        PortMatch::Named(n) => named.push((n.as_str(), s.protocol)),
+                    }
+                }
+                named.sort();
+                named.dedup();
+                if !ranges.is_empty() {
+                    let set = self.ports_set(ranges);
+                    port_matches
+                        .push((Some(Match::Lookup { key: Key::ProtoDport, set, negate: false }), "ports".into()));
+                }
+            }
+        }
+
+        let mut push = |matches: Vec<Match>, what: String| {
+            let r = Rule {
+                matches,
+                counter: true,
+                verdict: Some(Verdict::Accept),
+                comment: Some(names::comment(&format!("{base_comment} {what}"))),
+            };
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        };
+        for (pm, pwhat) in &peer_matches {
+            for (qm, qwhat) in &port_matches {
+                push(pm.iter().chain(qm).cloned().collect(), format!("{pwhat}, {qwhat}"));
+            }
+        }
+
+        // "A named port is resolved on the destination pod's containerPorts, per pod; it never
+        // matches a non-pod destination": daddr . proto . port sets of resolved pods.
+        if named.is_empty() {
+            return;
+        }
+        for f in FAMILIES {
+            let prefix = if f == IpFamily::V4 { names::NAMED_V4 } else { names::NAMED_V6 };
+            let set = names::generated(
+                prefix,
+                &[ns, &policy.id.name, dir, &ri.to_string()],
+                &format!("{ns}_{}", policy.id.name),
+            );
+            let mut elements = BTreeSet::new();
+            let mut add = |pod: &Pod| {
+                let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
+                    return;
+                };
+                for &(n, proto) in &named {
+                    if let Some(port) = pod.resolve_named_port(n, proto) {
+                        elements.insert(Element(vec![
+                            Value::Addr(ip),
+                            Value::Proto(proto.number()),
+                            Value::Port(port),
+                        ]));
+                    }
+                }
+            };
+            if ingress {
+                // The destination is the local pod itself.
+                for &i in local {
+                    add(&cluster.pods[i]);
+                }
+            } else {
+                // The destination is any pod the peers admit, so the set encodes peer AND port.
+                for (j, pod) in cluster.pods.iter().enumerate() {
+                    let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
+                        continue;
+                    };
+                    let admitted = match &rule.peers {
+                        None => true,
+                        Some(peers) => peers.iter().any(|p| {
+                            crate::evaluate::peer_matches(cluster, ns, p, crate::evaluate::Endpoint::Pod(j), ip)
+                        }),
+                    };
+                    if admitted {
+                        add(pod);
+                    }
+                }
+            }
+            let key = vec![f.addr_type(), KeyType::InetProto, KeyType::InetService];
+            self.rs.sets.insert(
+                set.clone(),
+                Set {
+                    key,
+                    interval: false,
+                    comment: Some(names::comment(&format!("{base_comment} named ports"))),
+                    elements,
+                },
+            );
+            let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
+            if ingress {
+                for (pm, pwhat) in &peer_matches {
+                    if pm.as_ref().is_some_and(|m| matches!(m, Match::Lookup { key, .. } if key.family() != Some(f))) {
+                        continue; // a v6 peer set never matches a v4 packet
+                    }
+                    push(pm.iter().cloned().chain([lookup.clone()]).collect(), format!("{pwhat}, named ports"));
+                }
+            } else {
+                push(vec![lookup], "peers, named ports".into());
+            }
+        }
+    }
+
+    /// The shared pod-IP sets (v4, v6) of one (namespace scope, pod selector).
+    fn peer_set(&mut self, policy_ns: &'a str, scope: &'a NamespaceScope, pods: &'a Selector) -> [String; 2] {
+        let key: PeerKey<'a> = match scope {
+            NamespaceScope::PolicyNamespace => (Some(policy_ns), None, pods),
+            NamespaceScope::Matching(s) => (None, Some(s), pods),
+        };
+        if let Some(names) = self.peer_sets.get(&key) {
+            return names.clone();
+        }
+        let cluster = self.cluster;
+        let (identity, hint): (Vec<String>, String) = match scope {
+            NamespaceScope::PolicyNamespace => {
+                (vec!["ns".into(), policy_ns.into(), format!("{pods:?}")], format!("{policy_ns}_{pods}"))
+            }
+            NamespaceScope::Matching(s) => {
+                (vec!["nssel".into(), format!("{s:?}"), format!("{pods:?}")], format!("ns_{s}_{pods}"))
+            }
+        };
+        let namespaces: Vec<&str> = match scope {
+            NamespaceScope::PolicyNamespace => vec![policy_ns],
+            NamespaceScope::Matching(s) => {
+                cluster.namespaces.values().filter(|n| s.matches(&n.labels)).map(|n| n.name.as_str()).collect()
+            }
+        };
+        let mut elements: [BTreeSet<Element>; 2] = [BTreeSet::new(), BTreeSet::new()];
+        for ns in namespaces {
+            for &i in self.pods_by_ns.get(ns).map(Vec::as_slice).unwrap_or_default() {
+                let pod = &cluster.pods[i];
+                // hostNetwork pods are reached by IP (ipBlock) only.
+                if pod.host_network || !pods.matches(&pod.labels) {
+                    continue;
+                }
+                for ip in &pod.ips {
+                    elements[usize::from(ip.is_ipv6())].insert(Element::single(Value::Addr(*ip)));
+                }
+            }
+        }
+        let ids: Vec<&str> = identity.iter().map(String::as_str).collect();
+        let scope_text = match scope {
+            NamespaceScope::PolicyNamespace => format!("pods {pods} in {policy_ns}"),
+            NamespaceScope::Matching(s) => format!("pods {pods} in namespaces {s}"),
+        };
+        let out = [names::generated(names::PEERS_V4, &ids, &hint), names::generated(names::PEERS_V6, &ids, &hint)];
+        for (k, f) in FAMILIES.into_iter().enumerate() {
+            let set = Set {
+                key: vec![f.addr_type()],
+                interval: false,
+                comment: Some(names::comment(&scope_text)),
+                elements: std::mem::take(&mut elements[k]),
+            };
+            self.rs.sets.insert(out[k].clone(), set);
+        }
+        self.peer_sets.insert(key, out.clone());
+        out
+    }
+
+    /// A `inet_proto . inet_service` interval set, named by content (shared by equal port lists).
+    fn ports_set(&mut self, ranges: BTreeMap<Protocol, Vec<(u16, u16)>>) -> String {
+        let mut elements = BTreeSet::new();
+        for (proto, mut rs) in ranges {
+            rs.sort();
+            let mut merged: Vec<(u16, u16)> = Vec::new();
+            for (a, b) in rs {
+                match merged.last_mut() {
+                    Some(last) if u32::from(a) <= u32::from(last.1) + 1 => last.1 = last.1.max(b),
+                    _ => merged.push((a, b)),
+                }
+            }
+            for (a, b) in merged {
+                let port = if a == b { Value::Port(a) } else { Value::PortRange(a, b) };
+                elements.insert(Element(vec![Value::Proto(proto.number()), port]));
+            }
+        }
+        let text: Vec<String> = elements.iter().map(|e: &Element| e.to_string()).collect();
+        let text = text.join(",");
+        let name = names::generated(names::PORTS, &[&text], &text);
+        self.rs.sets.entry(name.clone()).or_insert_with(|| Set {
+            key: vec![KeyType::InetProto, KeyType::InetService],
+            interval: true,
+            comment: Some(names::comment(&text)),
+            elements,
+        });
+        name
+    }
+}
+
+fn family_of_net(n: IpNet) -> IpFamily {
+    match n {
+        IpNet::V4(_) => IpFamily::V4,
+        IpNet::V6(_) => IpFamily::V6,
+    }
+}
+
+fn ip_num(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn net_range(n: IpNet) -> (u128, u128) {
+    (ip_num(n.network()), ip_num(n.broadcast()))
+}
+
+/// The union over `blocks` of (cidr minus excepts), for one family, as disjoint sorted
+/// inclusive ranges with adjacent ones merged.
+pub fn block_ranges(blocks: &[&IpBlock], f: IpFamily) -> Vec<(u128, u128)> {
+    let mut all: Vec<(u128, u128)> = Vec::new();
+    for b in blocks.iter().filter(|b| family_of_net(b.cidr) == f) {
+        let mut pieces = vec![net_range(b.cidr)];
+        for e in &b.except {
+            let (elo, ehi) = net_range(*e);
+            let mut next = Vec::new();
+            for (lo, hi) in pieces {
+                if ehi < lo || elo > hi {
+                    next.push((lo, hi));
+                    continue;
+                }
+                if elo > lo {
+                    next.push((lo, elo - 1));
+                }
+                if ehi < hi {
+                    next.push((ehi + 1, hi));
+                }
+            }
+            pieces = next;
+        }
+        all.extend(pieces);
+    }
+    all.sort();
+    let mut merged: Vec<(u128, u128)> = Vec::new();
+    for (lo, hi) in all {
+        match merged.last_mut() {
+            Some(last) if last.1 == u128::MAX || lo <= last.1 + 1 => last.1 = last.1.max(hi),
+            _ => merged.push((lo, hi)),
+        }
+    }
+    merged
+}
+
+/// The fewest prefixes covering exactly `lo..=hi`.
+pub fn range_to_prefixes(lo: u128, hi: u128, f: IpFamily) -> Vec<IpNet> {
+    let bits: u32 = if f == IpFamily::V4 { 32 } else { 128 };
+    let mask = |n: u32| {
+        if n >= 128 { u128::MAX } else { (1u128 << n) - 1 }
+    };
+    let mut out = Vec::new();
+    let mut lo = lo;
+    loop {
+        let mut k = 0;
+        while k < bits {
+            let next = k + 1;
+            if lo & mask(next) != 0 || lo.checked_add(mask(next)).is_none_or(|end| end > hi) {
+                break;
+            }
+            k = next;
+        }
+        let len = (bits - k) as u8;
+        out.push(match f {
+            IpFamily::V4 => IpNet::V4(Ipv4Net::new(Ipv4Addr::from(lo as u32), len).expect("valid prefix")),
+            IpFamily::V6 => IpNet::V6(Ipv6Net::new(Ipv6Addr::from(lo), len).expect("valid prefix")),
+        });
+        let end = lo + mask(k);
+        if end >= hi {
+            break;
+        }
+        lo = end + 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cidr_minus_an_except_becomes_disjoint_prefixes() {
+        let b = IpBlock {
+            cidr: "10.0.0.0/24".parse().unwrap(),
+            except: vec!["10.0.0.128/25".parse().unwrap(), "10.0.0.5/32".parse().unwrap()],
+        };
+        let r = block_ranges(&[&b], IpFamily::V4);
+        let p: Vec<String> =
+            r.iter().flat_map(|&(lo, hi)| range_to_prefixes(lo, hi, IpFamily::V4)).map(|n| n.to_string()).collect();
+        assert_eq!(
+            p,
+            [
+                "10.0.0.0/30",
+                "10.0.0.4/32",
+                "10.0.0.6/31",
+                "10.0.0.8/29",
+                "10.0.0.16/28",
+                "10.0.0.32/27",
+                "10.0.0.64/26"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_whole_address_space_is_one_prefix() {
+        assert_eq!(range_to_prefixes(0, u128::MAX, IpFamily::V6), vec!["::/0".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            range_to_prefixes(0, u128::from(u32::MAX), IpFamily::V4),
+            vec!["0.0.0.0/0".parse::<IpNet>().unwrap()]
+        );
+    }
+}

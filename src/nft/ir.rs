@@ -1,0 +1,450 @@
+//! The typed nftables IR: what a node's ruleset is made of, as data, never as free text.
+//!
+//! ```text
+//!  Ruleset (one `inet` table)
+//!   ├─ sets   name → Set { key: [KeyType], interval, elements: {Element} }
+//!   ├─ maps   name → Map { key: [KeyType], elements: {Element → MapVerdict} }   (verdict maps)
+//!   └─ chains name → Chain { base: Option<BaseChain{hook, priority, policy}>, rules: [Rule] }
+//!                          Rule { matches: [Match], counter, verdict, comment }
+//! ```
+//!
+//! Every collection is a `BTreeMap`/`BTreeSet`, so equal rulesets render byte-identically.
+//! Names come from [`crate::nft::names`]; comments are sanitised there too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// The address family of the one table we own: `inet` (IPv4 and IPv6 together).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TableFamily {
+    Inet,
+}
+
+impl TableFamily {
+    pub fn as_str(self) -> &'static str {
+        "inet"
+    }
+}
+
+/// A whole table: the unit `compile` produces, `diff` compares and the fake holds.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Ruleset {
+    pub table: String,
+    pub sets: BTreeMap<String, Set>,
+    pub maps: BTreeMap<String, Map>,
+    pub chains: BTreeMap<String, Chain>,
+}
+
+impl Ruleset {
+    pub fn new(table: impl Into<String>) -> Self {
+        Ruleset { table: table.into(), ..Ruleset::default() }
+    }
+
+    pub fn family(&self) -> TableFamily {
+        TableFamily::Inet
+    }
+
+    /// Number of rules over all chains.
+    pub fn rule_count(&self) -> usize {
+        self.chains.values().map(|c| c.rules.len()).sum()
+    }
+
+    /// Number of set and map elements over all sets and maps.
+    pub fn element_count(&self) -> usize {
+        self.sets.values().map(|s| s.elements.len()).sum::<usize>()
+            + self.maps.values().map(|m| m.elements.len()).sum::<usize>()
+    }
+
+    /// Base chains of a hook, by ascending priority (then name): the kernel's evaluation order.
+    pub fn base_chains(&self, hook: Hook) -> Vec<(&str, &Chain)> {
+        let mut out: Vec<(&str, &Chain)> = self
+            .chains
+            .iter()
+            .filter(|(_, c)| c.base.is_some_and(|b| b.hook == hook))
+            .map(|(n, c)| (n.as_str(), c))
+            .collect();
+        out.sort_by_key(|(n, c)| (c.base.map(|b| b.priority), *n));
+        out
+    }
+}
+
+/// A netfilter hook of the `inet` family that we attach to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    Prerouting,
+    Input,
+    Forward,
+    Output,
+    Postrouting,
+}
+
+impl Hook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Prerouting => "prerouting",
+            Hook::Input => "input",
+            Hook::Forward => "forward",
+            Hook::Output => "output",
+            Hook::Postrouting => "postrouting",
+        }
+    }
+}
+
+/// What a base chain does with a packet that falls off its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChainPolicy {
+    Accept,
+    Drop,
+}
+
+impl ChainPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChainPolicy::Accept => "accept",
+            ChainPolicy::Drop => "drop",
+        }
+    }
+}
+
+/// `type filter hook <hook> priority <priority>; policy <policy>;`
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BaseChain {
+    pub hook: Hook,
+    pub priority: i32,
+    pub policy: ChainPolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Chain {
+    /// `Some` for a base chain (attached to a hook), `None` for a regular chain.
+    pub base: Option<BaseChain>,
+    pub comment: Option<String>,
+    pub rules: Vec<Rule>,
+}
+
+/// One rule: all matches must hold, then the optional counter, then the verdict.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub counter: bool,
+    /// `None`: the rule only counts; evaluation continues with the next rule.
+    pub verdict: Option<Verdict>,
+    pub comment: Option<String>,
+}
+
+/// A connection-tracking state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CtState {
+    New,
+    Established,
+    Related,
+    Invalid,
+}
+
+impl CtState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CtState::New => "new",
+            CtState::Established => "established",
+            CtState::Related => "related",
+            CtState::Invalid => "invalid",
+        }
+    }
+}
+
+/// Which address of the packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AddrField {
+    Saddr,
+    Daddr,
+}
+
+impl AddrField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddrField::Saddr => "saddr",
+            AddrField::Daddr => "daddr",
+        }
+    }
+}
+
+/// IPv4 (`ip`) or IPv6 (`ip6`) payload; an `ip`/`ip6` match implies that family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv6() { IpFamily::V6 } else { IpFamily::V4 }
+    }
+    /// The nft payload protocol keyword.
+    pub fn keyword(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        }
+    }
+    pub fn addr_type(self) -> KeyType {
+        match self {
+            IpFamily::V4 => KeyType::Ipv4Addr,
+            IpFamily::V6 => KeyType::Ipv6Addr,
+        }
+    }
+}
+
+/// What a set lookup or a verdict map is keyed by: a packet field or a concatenation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    /// `ip saddr` / `ip6 daddr` ...
+    Addr(IpFamily, AddrField),
+    /// `meta l4proto . th dport`
+    ProtoDport,
+    /// `ip daddr . meta l4proto . th dport` (named ports resolved per pod)
+    AddrProtoDport(IpFamily, AddrField),
+}
+
+impl Key {
+    /// The set key type a lookup with this key needs.
+    pub fn key_types(self) -> Vec<KeyType> {
+        match self {
+            Key::Addr(f, _) => vec![f.addr_type()],
+            Key::ProtoDport => vec![KeyType::InetProto, KeyType::InetService],
+            Key::AddrProtoDport(f, _) => {
+                vec![f.addr_type(), KeyType::InetProto, KeyType::InetService]
+            }
+        }
+    }
+    /// The IP family the key implies, if any.
+    pub fn family(self) -> Option<IpFamily> {
+        match self {
+            Key::Addr(f, _) | Key::AddrProtoDport(f, _) => Some(f),
+            Key::ProtoDport => None,
+        }
+    }
+}
+
+/// A match expression of a rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Match {
+    /// `ct state { ... }`: true iff the packet's state is one of these.
+    CtState(BTreeSet<CtState>),
+    /// `<key> @set` (or `<key> != @set` when negated).
+    Lookup { key: Key, set: String, negate: bool },
+    /// `meta nfproto ipv4|ipv6`
+    NfProto(IpFamily),
+}
+
+/// The verdict a rule ends with.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    Goto(String),
+    /// `<key> vmap @map`: the verdict of the element the key finds; no element, no match.
+    Vmap {
+        key: Key,
+        map: String,
+    },
+}
+
+/// The data of a verdict map's element.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapVerdict {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    Goto(String),
+}
+
+/// The type of one component of a set key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeyType {
+    Ipv4Addr,
+    Ipv6Addr,
+    InetProto,
+    InetService,
+}
+
+impl KeyType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Ipv4Addr => "ipv4_addr",
+            KeyType::Ipv6Addr => "ipv6_addr",
+            KeyType::InetProto => "inet_proto",
+            KeyType::InetService => "inet_service",
+        }
+    }
+}
+
+/// A named set.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Set {
+    /// One type, or several for a concatenation (`ipv4_addr . inet_proto . inet_service`).
+    pub key: Vec<KeyType>,
+    /// `flags interval`: elements may be prefixes and ranges (and must not overlap).
+    pub interval: bool,
+    pub comment: Option<String>,
+    pub elements: BTreeSet<Element>,
+}
+
+impl Set {
+    /// Same type and flags (what an `add set` of an existing set must agree with).
+    pub fn same_declaration(&self, other: &Set) -> bool {
+        self.key == other.key && self.interval == other.interval && self.comment == other.comment
+    }
+}
+
+/// A named verdict map (`type <key> : verdict`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Map {
+    pub key: Vec<KeyType>,
+    pub interval: bool,
+    pub comment: Option<String>,
+    pub elements: BTreeMap<Element, MapVerdict>,
+}
+
+impl Map {
+    pub fn same_declaration(&self, other: &Map) -> bool {
+        self.key == other.key && self.interval == other.interval && self.comment == other.comment
+    }
+}
+
+/// One component of a set element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Value {
+    Addr(IpAddr),
+    /// A prefix (interval sets only).
+    Prefix(IpNet),
+    /// An inclusive address range (interval sets only).
+    AddrRange(IpAddr, IpAddr),
+    Proto(u8),
+    Port(u16),
+    /// An inclusive port range (interval sets only).
+    PortRange(u16, u16),
+}
+
+impl Value {
+    /// The key type this value belongs to.
+    pub fn key_type(self) -> KeyType {
+        match self {
+            Value::Addr(ip) | Value::AddrRange(ip, _) => {
+                if ip.is_ipv6() {
+                    KeyType::Ipv6Addr
+                } else {
+                    KeyType::Ipv4Addr
+                }
+            }
+            Value::Prefix(net) => match net {
+                IpNet::V4(_) => KeyType::Ipv4Addr,
+                IpNet::V6(_) => KeyType::Ipv6Addr,
+            },
+            Value::Proto(_) => KeyType::InetProto,
+            Value::Port(_) | Value::PortRange(..) => KeyType::InetService,
+        }
+    }
+
+    pub fn is_interval(self) -> bool {
+        matches!(self, Value::Prefix(_) | Value::AddrRange(..) | Value::PortRange(..))
+    }
+
+    /// The inclusive span this value covers, as numbers (for overlap checks and lookups).
+    pub fn span(self) -> (u128, u128) {
+        fn num(ip: IpAddr) -> u128 {
+            match ip {
+                IpAddr::V4(a) => u128::from(u32::from(a)),
+                IpAddr::V6(a) => u128::from(a),
+            }
+        }
+        match self {
+            Value::Addr(ip) => (num(ip), num(ip)),
+            Value::Prefix(net) => (num(net.network()), num(net.broadcast())),
+            Value::AddrRange(a, b) => (num(a), num(b)),
+            Value::Proto(p) => (u128::from(p), u128::from(p)),
+            Value::Port(p) => (u128::from(p), u128::from(p)),
+            Value::PortRange(a, b) => (u128::from(a), u128::from(b)),
+        }
+    }
+
+    /// Does this (possibly interval) value hold the packet value `v` (a single value)?
+    pub fn contains(self, v: Value) -> bool {
+        if self.key_type() != v.key_type() {
+            return false;
+        }
+        let (lo, hi) = self.span();
+        let (x, _) = v.span();
+        lo <= x && x <= hi
+    }
+}
+
+/// A set element: one value per key component.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Element(pub Vec<Value>);
+
+impl Element {
+    pub fn single(v: Value) -> Self {
+        Element(vec![v])
+    }
+    pub fn key_types(&self) -> Vec<KeyType> {
+        self.0.iter().map(|v| v.key_type()).collect()
+    }
+    pub fn is_interval(&self) -> bool {
+        self.0.iter().any(|v| v.is_interval())
+    }
+    /// Does this element hold the packet key `key` (all single values)?
+    pub fn contains(&self, key: &[Value]) -> bool {
+        self.0.len() == key.len() && self.0.iter().zip(key).all(|(e, k)| e.contains(*k))
+    }
+    /// Do two elements of the same set share any key?
+    pub fn overlaps(&self, other: &Element) -> bool {
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(&other.0).all(|(a, b)| {
+                let ((a0, a1), (b0, b1)) = (a.span(), b.span());
+                a.key_type() == b.key_type() && a0 <= b1 && b0 <= a1
+            })
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Addr(ip) => write!(f, "{ip}"),
+            Value::Prefix(net) => write!(f, "{net}"),
+            Value::AddrRange(a, b) => write!(f, "{a}-{b}"),
+            Value::Proto(p) => f.write_str(&proto_name(*p)),
+            Value::Port(p) => write!(f, "{p}"),
+            Value::PortRange(a, b) => write!(f, "{a}-{b}"),
+        }
+    }
+}
+
+impl fmt::Display for Element {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, v) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" . ")?;
+            }
+            write!(f, "{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// nft's spelling of an IP protocol number.
+pub fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        132 => "sctp".into(),
+        1 => "icmp".into(),
+        58 => "ipv6-icmp".into(),
+        n => n.to_string(),
+    }
+}

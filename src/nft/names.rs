@@ -1,0 +1,201 @@
+//! Every nftables object name, in one place.
+//!
+//! ```text
+//!  fixed names ──► constants below
+//!  generated   ──► <prefix> + 12 hex digits of a stable hash + '_' + readable hint
+//!                  hint sanitised to [a-z0-9_], whole name ≤ MAX_NAME_LEN
+//! ```
+//!
+//! No Kubernetes string reaches nft text unescaped: names are sanitised here, comments go
+//! through [`comment`] (a restricted alphabet, bounded length, quoted by the renderer).
+
+/// The default table name (`NodeConfig::table`).
+pub const DEFAULT_TABLE: &str = "netpol";
+
+/// Base chain on `forward`, priority [`EGRESS_PRIORITY`]: egress of local pods to pods and the outside.
+pub const EGRESS_FORWARD: &str = "egress_forward";
+/// Base chain on `input`, priority [`EGRESS_PRIORITY`]: egress of local pods to the node.
+pub const EGRESS_INPUT: &str = "egress_input";
+/// Base chain on `forward`, priority [`INGRESS_PRIORITY`]: ingress to local pods.
+pub const INGRESS_FORWARD: &str = "ingress_forward";
+
+/// Verdict maps: local isolated pod IP → that pod's chain.
+pub const EGRESS_DISPATCH_V4: &str = "egress_dispatch_v4";
+pub const EGRESS_DISPATCH_V6: &str = "egress_dispatch_v6";
+pub const INGRESS_DISPATCH_V4: &str = "ingress_dispatch_v4";
+pub const INGRESS_DISPATCH_V6: &str = "ingress_dispatch_v6";
+
+/// Egress is decided first; its `accept` only ends the egress base chain, and the ingress
+/// base chain (a later priority on the same hook) still sees the packet.
+pub const EGRESS_PRIORITY: i32 = 0;
+pub const INGRESS_PRIORITY: i32 = 10;
+
+pub const FIXED: &[&str] = &[
+    EGRESS_FORWARD,
+    EGRESS_INPUT,
+    INGRESS_FORWARD,
+    EGRESS_DISPATCH_V4,
+    EGRESS_DISPATCH_V6,
+    INGRESS_DISPATCH_V4,
+    INGRESS_DISPATCH_V6,
+];
+
+/// Generated-name prefixes.
+pub const POD_INGRESS: &str = "pod_in_";
+pub const POD_EGRESS: &str = "pod_eg_";
+pub const POLICY_INGRESS: &str = "pol_in_";
+pub const POLICY_EGRESS: &str = "pol_eg_";
+pub const PEERS_V4: &str = "peers4_";
+pub const PEERS_V6: &str = "peers6_";
+pub const CIDR_V4: &str = "cidr4_";
+pub const CIDR_V6: &str = "cidr6_";
+pub const PORTS: &str = "ports_";
+pub const NAMED_V4: &str = "named4_";
+pub const NAMED_V6: &str = "named6_";
+
+pub const PREFIXES: &[&str] = &[
+    POD_INGRESS,
+    POD_EGRESS,
+    POLICY_INGRESS,
+    POLICY_EGRESS,
+    PEERS_V4,
+    PEERS_V6,
+    CIDR_V4,
+    CIDR_V6,
+    PORTS,
+    NAMED_V4,
+    NAMED_V6,
+];
+
+/// Longest name we generate (nft allows 255; short names keep rules readable).
+pub const MAX_NAME_LEN: usize = 48;
+/// Hex digits of hash in a generated name (48 bits: collisions negligible at 10⁵ objects).
+pub const HASH_LEN: usize = 12;
+/// Longest comment we emit (the kernel allows 128 bytes).
+pub const MAX_COMMENT_LEN: usize = 120;
+
+/// FNV-1a, 64 bit: stable across runs, platforms and Rust versions (unlike `DefaultHasher`).
+pub fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            // A separator no part can forge by itself being split differently.
+            h ^= 0xff;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        for b in part.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= part.len() as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // fmix64 (MurmurHash3): spreads the last bytes over the top bits we keep.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// `[a-z0-9_]` only; runs of anything else become one `_`.
+pub fn sanitize(hint: &str) -> String {
+    let mut out = String::with_capacity(hint.len());
+    for c in hint.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    out.trim_matches('_').to_string()
+}
+
+/// `prefix` + hash of `identity` + `_` + sanitised hint, at most [`MAX_NAME_LEN`] bytes.
+pub fn generated(prefix: &str, identity: &[&str], hint: &str) -> String {
+    debug_assert!(PREFIXES.contains(&prefix));
+    let hash = stable_hash(identity);
+    let mut name = format!("{prefix}{:0width$x}", hash >> (64 - 4 * HASH_LEN), width = HASH_LEN);
+    let hint = sanitize(hint);
+    if !hint.is_empty() {
+        name.push('_');
+        name.push_str(&hint);
+    }
+    name.truncate(MAX_NAME_LEN);
+    while name.ends_with('_') {
+        name.pop();
+    }
+    name
+}
+
+/// Is this chain/set/map name one we generate or fix?
+pub fn is_ours(name: &str) -> bool {
+    if FIXED.contains(&name) {
+        return true;
+    }
+    PREFIXES.iter().any(|p| {
+        name.strip_prefix(p).is_some_and(|rest| {
+            let (hash, hint) = rest.split_at(rest.len().min(HASH_LEN));
+            hash.len() == HASH_LEN
+                && hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                && (hint.is_empty()
+                    || (hint.starts_with('_')
+                        && hint.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')))
+                && name.len() <= MAX_NAME_LEN
+        })
+    })
+}
+
+/// A safe comment: printable ASCII without quotes or backslashes, bounded length. The
+/// renderer wraps it in double quotes.
+pub fn comment(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || " ./:=,-_()<>!+#@[]{}".contains(c) { c } else { '_' })
+        .collect();
+    if out.len() > MAX_COMMENT_LEN {
+        out.truncate(MAX_COMMENT_LEN - 3);
+        out.push_str("...");
+    }
+    out
+}
+
+/// The chain of a local pod for a direction.
+pub fn pod_chain(ingress: bool, namespace: &str, name: &str) -> String {
+    let prefix = if ingress { POD_INGRESS } else { POD_EGRESS };
+    generated(prefix, &[namespace, name], &format!("{namespace}_{name}"))
+}
+
+/// The chain of a policy for a direction.
+pub fn policy_chain(ingress: bool, namespace: &str, name: &str) -> String {
+    let prefix = if ingress { POLICY_INGRESS } else { POLICY_EGRESS };
+    generated(prefix, &[namespace, name], &format!("{namespace}_{name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_names_are_ours_sanitised_and_bounded() {
+        let n = pod_chain(true, "Weird NS\"; drop", "a-very-long-pod-name-that-goes-on-and-on-and-on-forever");
+        assert!(is_ours(&n), "{n}");
+        assert!(n.len() <= MAX_NAME_LEN);
+        assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+        assert!(!is_ours("KUBE-SERVICES"));
+        assert!(!is_ours("pod_in_xyz"));
+        assert!(is_ours(EGRESS_FORWARD));
+    }
+
+    #[test]
+    fn names_differ_for_different_identities_with_the_same_hint() {
+        assert_ne!(pod_chain(true, "a-b", "c"), pod_chain(true, "a", "b-c"));
+    }
+
+    #[test]
+    fn comments_lose_quotes_and_backslashes() {
+        let c = comment("ns/\"pol\"\\n; flush ruleset");
+        assert!(!c.contains('"') && !c.contains('\\') && !c.contains(';'));
+    }
+}
