@@ -39,6 +39,11 @@ impl BitSet {
         self.words[i / 64] |= 1 << (i % 64);
     }
 
+    /// Removes `i` from the set.
+    pub fn remove(&mut self, i: usize) {
+        self.words[i / 64] &= !(1 << (i % 64));
+    }
+
     pub fn contains(&self, i: usize) -> bool {
         self.words[i / 64] & (1 << (i % 64)) != 0
     }
@@ -176,12 +181,5 @@ mod tests {
         let t = m.transpose();
         assert!(t.get(129, 0) && t.get(3, 64) && t.get(0, 129) && t.get(77, 77));
         assert_eq!(t.transpose(), m);
-    }
-}
-
-impl BitSet {
-    /// Removes `i` from the set.
-    pub fn remove(&mut self, i: usize) {
-        self.words[i / 64] &= !(1 << (i % 64));
     }
 }

@@ -69,12 +69,12 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace> {
     Ok(ns)
 }
 
+/// Chooses a node and IPs for a pod that has none (offline only).
+pub type Placement<'a> = dyn FnMut(&ObjectRef) -> (String, Vec<IpAddr>) + 'a;
+
 /// Converts a Pod. `fallback` supplies a node and IPs for pods that were written as
 /// manifests (no status at all), which the offline checker uses; the agent passes `None`.
-pub fn pod(
-    pod: &core::Pod,
-    fallback: Option<&mut dyn FnMut(&ObjectRef) -> (String, Vec<IpAddr>)>,
-) -> Result<PodOutcome> {
+pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodOutcome> {
     let id = object_ref(&pod.metadata)?;
     let labels = labels(pod.metadata.labels.as_ref(), "metadata.labels")?;
     let spec = pod.spec.as_ref();

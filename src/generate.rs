@@ -203,24 +203,6 @@ fn policy(rng: &mut Rng, i: usize, namespace: &str) -> Policy {
     Policy { id: ObjectRef::new(namespace, format!("policy-{i}")), pod_selector, ingress, egress }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_same_parameters_give_the_same_cluster() {
-        let p = Params { pods: 50, ..Params::default() };
-        assert_eq!(cluster(&p), cluster(&p));
-    }
-
-    #[test]
-    fn the_cluster_has_the_requested_sizes() {
-        let c = cluster(&Params { pods: 200, namespaces: 7, policies: 40, nodes: 4, seed: 9, dual_stack: true });
-        assert_eq!((c.pods.len(), c.namespaces.len(), c.policies.len(), c.nodes().len()), (200, 7, 40, 4));
-        assert!(c.pods.iter().all(|p| p.ips.len() == 2));
-    }
-}
-
 /// The cluster as Kubernetes manifests (a YAML stream), so the CLI can be benchmarked on it.
 pub fn to_yaml(cluster: &Cluster) -> String {
     use serde_json::{Value, json};
@@ -451,5 +433,23 @@ impl PortMatch {
             PortMatch::Range(p, 0) => PortMatch::Range(p, p),
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_parameters_give_the_same_cluster() {
+        let p = Params { pods: 50, ..Params::default() };
+        assert_eq!(cluster(&p), cluster(&p));
+    }
+
+    #[test]
+    fn the_cluster_has_the_requested_sizes() {
+        let c = cluster(&Params { pods: 200, namespaces: 7, policies: 40, nodes: 4, seed: 9, dual_stack: true });
+        assert_eq!((c.pods.len(), c.namespaces.len(), c.policies.len(), c.nodes().len()), (200, 7, 40, 4));
+        assert!(c.pods.iter().all(|p| p.ips.len() == 2));
     }
 }

@@ -180,7 +180,7 @@ impl Origin {
 /// A recognised object, not yet converted.
 enum Raw {
     Namespace(core::Namespace),
-    Pod(core::Pod),
+    Pod(Box<core::Pod>),
     Policy(net::NetworkPolicy),
     /// Pod templates to instantiate: (workload label, pods to make, per-node?).
     Workload {
@@ -420,7 +420,7 @@ fn collect(
         ("v1", "Pod") => raws.push((
             origin.clone(),
             label.clone(),
-            Raw::Pod(serde_path_to_error::deserialize(value).map_err(field)?),
+            Raw::Pod(Box::new(serde_path_to_error::deserialize(value).map_err(field)?)),
         )),
         ("networking.k8s.io/v1", "NetworkPolicy") => raws.push((
             origin.clone(),

@@ -273,11 +273,10 @@ impl<'a> Index<'a> {
     fn apply_shortcuts(&self, i: usize, row: &mut BitSet, dst_port: &[Option<u16>]) {
         let cluster = self.cluster;
         let src = &cluster.pods[i];
-        for j in 0..self.n {
+        for (j, port) in dst_port.iter().enumerate() {
             let dst = &cluster.pods[j];
             let ipv6 = self.dst_is_v6.contains(j);
-            let value = if dst_port[j].is_none() || src.ip_of_family(ipv6).is_none() || dst.ip_of_family(ipv6).is_none()
-            {
+            let value = if port.is_none() || src.ip_of_family(ipv6).is_none() || dst.ip_of_family(ipv6).is_none() {
                 Some(false)
             } else if i == j || (src.host_network && !dst.host_network && src.node == dst.node) {
                 Some(true)

@@ -178,7 +178,7 @@ fn assert_error(text: &str, args: &[&str], expected: &str) {
     }
     let o = netpol_check(dir.path(), &all);
     assert_eq!(o.status.code(), Some(2), "stdout: {}\nstderr: {}", stdout(&o), stderr(&o));
-    let last = stderr(&o).lines().filter(|l| l.starts_with("error: ")).last().unwrap_or_default().to_string();
+    let last = stderr(&o).lines().rfind(|l| l.starts_with("error: ")).unwrap_or_default().to_string();
     assert_eq!(last, expected);
 }
 
@@ -361,9 +361,7 @@ fn a_wrong_type_is_named_with_its_path() {
     assert_error(
         &policy("  ingress:\n  - ports:\n    - port: [80]\n"),
         MATRIX,
-        &format!(
-            "error: bad.yaml:1: {P}: spec.ingress[0].ports[0].port: invalid type: sequence, expected string or int"
-        ),
+        &format!("error: bad.yaml:1: {P}: spec.ingress[0].ports[0].port: invalid type: sequence, expected IntOrString"),
     );
 }
 
@@ -372,7 +370,7 @@ fn invalid_yaml_names_its_line() {
     assert_error(
         "apiVersion: v1\nkind: Namespace\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: [\n",
         MATRIX,
-        "error: bad.yaml:4: invalid YAML at line 7, column 1: did not find expected ',' or ']'",
+        "error: bad.yaml:4: invalid YAML at line 7, column 1: did not find expected node content",
     );
 }
 
@@ -431,4 +429,40 @@ fn an_unknown_protocol_flag_is_named() {
 fn a_usage_error_exits_two() {
     let o = netpol_check(repo(), &["matrix"]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn the_ruleset_command_prints_each_node_under_a_heading_and_rejects_a_bad_table_name() {
+    let o = netpol_check(repo(), &["ruleset", "-f", FOUNDING]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("# ===== node node-1 =====") && text.contains("# ===== node node-2 ====="));
+    assert_eq!(text.matches("table inet netpol {").count(), 2);
+    let bad = netpol_check(repo(), &["ruleset", "--table", "x;y", "-f", FOUNDING]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("--table: \"x;y\" is not an nftables table name"));
+}
+
+#[test]
+fn a_ruleset_trace_shows_the_chain_that_dropped_the_packet() {
+    let o = netpol_check(
+        repo(),
+        &[
+            "query",
+            "--engine",
+            "ruleset",
+            "--trace",
+            "--from",
+            "tenant-a/debug",
+            "--to",
+            "tenant-a/backend-1",
+            "--port",
+            "80",
+            "-f",
+            FOUNDING,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let text = stdout(&o);
+    assert!(text.contains("ruleset trace:") && text.contains("node-1 forward: drop"), "{text}");
 }

@@ -96,3 +96,8 @@ fn check_engine(engine: &str) {
 fn every_conformance_case_passes_with_the_evaluator_engine() {
     check_engine("evaluator");
 }
+
+#[test]
+fn every_conformance_case_passes_with_the_ruleset_engine() {
+    check_engine("ruleset");
+}

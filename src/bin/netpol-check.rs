@@ -9,12 +9,15 @@ use anyhow::{Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use netpol::compile::{self, NodeConfig};
 use netpol::evaluate::{self, Endpoint};
 use netpol::load::{self, LoadOptions, Loaded};
 use netpol::matrix::{self, Family, Probe, ProbePort};
 use netpol::model::{Cluster, Direction, Protocol};
+use netpol::nft::{json, render};
 use netpol::query;
 use netpol::report::{self, MatrixReport};
+use netpol::ruleset_engine;
 
 const ABOUT: &str = "Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.";
 
@@ -57,6 +60,10 @@ Endpoints are NAMESPACE/POD or an IP address (an IP that belongs to a pod means 
     Query(QueryArgs),
     /// Which policies select a pod, and what it may receive and send, in plain language.
     Explain(ExplainArgs),
+    /// Print the nftables ruleset a node would get (default: every node that runs pods).
+    #[command(long_about = "Print the nftables ruleset a node would get, exactly as netpol-agent would load it\n\
+with `nft -f` (or as `nft -j` JSON). Without --node, every node that runs pods, one after another.")]
+    Ruleset(RulesetArgs),
     /// Write a generated cluster (namespaces, pods, policies) as YAML, for benchmarks.
     Generate(GenerateArgs),
 }
@@ -78,12 +85,15 @@ struct Input {
 enum Engine {
     /// The reference semantics of NetworkPolicy v1.
     Evaluator,
+    /// Each node's compiled nftables ruleset, interpreted packet by packet.
+    Ruleset,
 }
 
 impl Engine {
     fn name(self) -> &'static str {
         match self {
             Engine::Evaluator => "evaluator",
+            Engine::Ruleset => "ruleset",
         }
     }
 }
@@ -163,6 +173,9 @@ struct QueryArgs {
     family: FamilyArg,
     #[arg(long, value_enum, default_value = "evaluator")]
     engine: Engine,
+    /// With --engine ruleset: print the chains and rules the packet went through.
+    #[arg(long)]
+    trace: bool,
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     output: QueryFormat,
 }
@@ -174,6 +187,28 @@ struct ExplainArgs {
     /// The pod to explain.
     #[arg(value_name = "NS/POD")]
     pod: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RulesetFormat {
+    /// `nft -f` text.
+    Nft,
+    /// `nft -j` JSON.
+    Json,
+}
+
+#[derive(Args)]
+struct RulesetArgs {
+    #[command(flatten)]
+    input: Input,
+    /// The node to compile for (repeatable; default: every node that runs pods).
+    #[arg(long = "node", value_name = "NODE")]
+    nodes: Vec<String>,
+    /// The nftables table name.
+    #[arg(long, default_value = "netpol")]
+    table: String,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "nft")]
+    output: RulesetFormat,
 }
 
 #[derive(Args)]
@@ -199,6 +234,7 @@ fn main() -> ExitCode {
         Command::Matrix(a) => matrix_cmd(a),
         Command::Query(a) => query_cmd(a),
         Command::Explain(a) => explain_cmd(a),
+        Command::Ruleset(a) => ruleset_cmd(a),
         Command::Generate(a) => generate_cmd(a),
     };
     match result {
@@ -288,6 +324,16 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
                 })
                 .collect()
         }
+        Engine::Ruleset => {
+            let engine = ruleset_engine::Engine::new(&cluster);
+            probes
+                .into_iter()
+                .map(|p| {
+                    let m = engine.matrix(&cluster, &p, fam).project(&keep);
+                    (p, m)
+                })
+                .collect()
+        }
     };
     let report = MatrixReport {
         engine: a.engine.name(),
@@ -319,13 +365,24 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
     let conn =
         query::connection(&cluster, &a.from, &a.to, &a.port, protocol, family(a.family)).map_err(|e| anyhow!(e))?;
     let (src, dst, port, ipv6) = (conn.src, conn.dst, conn.port, conn.ipv6);
-    let verdict = match a.engine {
-        Engine::Evaluator => evaluate::evaluate(&cluster, &conn),
-    };
+    if a.trace && !matches!(a.engine, Engine::Ruleset) {
+        bail!("--trace: needs --engine ruleset (the evaluator explains itself without it)");
+    }
+    let mut verdict = evaluate::evaluate(&cluster, &conn);
+    let mut trace = None;
+    if let Engine::Ruleset = a.engine {
+        let t = ruleset_engine::trace(&cluster, &conn);
+        // The explanation stays the evaluator's; the verdict is the ruleset's own.
+        verdict.allowed = t.allowed;
+        trace = Some(t);
+    }
     match a.output {
         QueryFormat::Text => {
             for line in report::describe_verdict(&cluster, &conn, &verdict) {
                 println!("{line}");
+            }
+            if let (true, Some(t)) = (a.trace, &trace) {
+                println!("\nruleset trace:\n{t}");
             }
         }
         QueryFormat::Json => {
@@ -357,6 +414,7 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
                 "egress": side(&verdict.egress),
                 "ingress": side(&verdict.ingress),
                 "explanation": report::describe_verdict(&cluster, &conn, &verdict),
+                "trace": trace.as_ref().filter(|_| a.trace).map(|t| t.lines.clone()),
             });
             println!("{}", serde_json::to_string_pretty(&body)?);
         }
@@ -423,6 +481,39 @@ fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
             println!("  nothing: every {} connection is denied", direction.as_str().to_lowercase());
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ruleset_cmd(a: RulesetArgs) -> Result<ExitCode> {
+    let valid_table = a.table.starts_with(|c: char| c.is_ascii_alphabetic())
+        && a.table.len() <= 64
+        && a.table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid_table {
+        bail!("--table: {:?} is not an nftables table name (a letter, then letters, digits or '_')", a.table);
+    }
+    let cluster = load(&a.input)?;
+    let known = cluster.nodes();
+    let nodes = if a.nodes.is_empty() { known.clone() } else { a.nodes.clone() };
+    for node in &nodes {
+        if !known.contains(node) {
+            eprintln!("warning: --node {node}: no pod of the input runs there; its ruleset isolates nothing");
+        }
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (k, node) in nodes.iter().enumerate() {
+        let config = NodeConfig { node: node.clone(), table: a.table.clone() };
+        let ruleset = compile::compile(&cluster, &config);
+        match a.output {
+            RulesetFormat::Nft => {
+                if nodes.len() > 1 {
+                    writeln!(out, "{}# ===== node {node} =====", if k > 0 { "\n" } else { "" })?;
+                }
+                out.write_all(render::ruleset(&ruleset).as_bytes())?;
+            }
+            RulesetFormat::Json => writeln!(out, "{}", json::to_string(&ruleset))?,
+        }
+    }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
