@@ -16,6 +16,7 @@ pub mod compile;
 pub mod convert;
 pub mod evaluate;
 pub mod generate;
+pub mod kernel_engine;
 pub mod lab;
 pub mod load;
 pub mod matrix;

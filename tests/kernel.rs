@@ -1,0 +1,208 @@
+//! The kernel engine against the truth: the upstream conformance corpus, and the reference
+//! evaluator on random clusters (DESIGN.md §2: `kernel == evaluator`).
+//!
+//! They build network namespaces, so they need root, `ip` and `nft`. Without them they skip
+//! with a message, except under `CI=true`, where they fail.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use netpol::bitset::BitMatrix;
+use netpol::generate;
+use netpol::kernel_engine::{self, KernelError};
+use netpol::lab::LabSpec;
+use netpol::load::{LoadOptions, load_sources, read_sources};
+use netpol::matrix::{self, Family, Probe, ProbePort};
+use netpol::model::{Cluster, Protocol};
+use serde_json::Value;
+
+const TIMEOUT: Duration = LabSpec::DEFAULT_TIMEOUT;
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn kernel_ok() -> bool {
+    match kernel_engine::check_prerequisites() {
+        Ok(()) => true,
+        Err(e) if ci() => panic!("{e} (CI=true: failing instead of skipping)"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            false
+        }
+    }
+}
+
+fn conformance_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("NETPOL_CONFORMANCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/cases"));
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    assert!(!ci(), "conformance corpus missing at {}", dir.display());
+    eprintln!("SKIPPED: no conformance corpus at {}", dir.display());
+    None
+}
+
+/// The `Expectation` document of a case file.
+fn expectation(text: &str) -> Value {
+    text.split("\n---")
+        .filter_map(|doc| yaml_serde::from_str::<Value>(doc).ok())
+        .find(|v| v.get("kind").and_then(Value::as_str) == Some("Expectation"))
+        .expect("case has an Expectation document")
+}
+
+#[test]
+fn every_conformance_case_passes_with_the_kernel_engine() {
+    if !kernel_ok() {
+        return;
+    }
+    let Some(dir) = conformance_dir() else { return };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(files.len() >= 20, "expected the whole corpus, found {} files", files.len());
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    for file in &files {
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        let cluster = load_sources(&read_sources(std::slice::from_ref(file)).unwrap(), &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .cluster;
+        let exp = expectation(&std::fs::read_to_string(file).unwrap());
+        let order: Vec<String> =
+            exp["podOrder"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        let index: Vec<usize> = order
+            .iter()
+            .map(|id| cluster.pods.iter().position(|p| p.id.to_string() == *id).expect("pod of podOrder loaded"))
+            .collect();
+        let ignore_loopback = exp["ignoreLoopback"].as_bool().unwrap_or(false);
+        let expected = exp["probes"].as_array().unwrap();
+        let probes: Vec<Probe> = expected
+            .iter()
+            .map(|p| Probe {
+                port: ProbePort::Number(p["port"].as_u64().unwrap() as u16),
+                protocol: Protocol::parse(p["protocol"].as_str().unwrap()).unwrap(),
+            })
+            .collect();
+        let got = kernel_engine::matrices(&cluster, &probes, Family::Primary, TIMEOUT)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for ((probe, want), got) in probes.iter().zip(expected).zip(&got) {
+            let want: Vec<Vec<bool>> = want["matrix"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| l.split_whitespace().map(|c| c == ".").collect())
+                .collect();
+            for (i, from) in order.iter().enumerate() {
+                for (j, to) in order.iter().enumerate() {
+                    if i == j && ignore_loopback {
+                        continue;
+                    }
+                    let cell = got.get(index[i], index[j]);
+                    if cell != want[i][j] {
+                        failures.push(format!(
+                            "{name}: {probe} {from} -> {to}: expected {}, kernel says {}",
+                            verdict(want[i][j]),
+                            verdict(cell)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{} conformance cases on the kernel in {:.1?}", files.len(), started.elapsed());
+    assert!(failures.is_empty(), "{} cells disagree:\n{}", failures.len(), failures.join("\n"));
+}
+
+fn verdict(allowed: bool) -> &'static str {
+    if allowed { "allowed" } else { "denied" }
+}
+
+/// `small_random(seed)` without its hostNetwork pods, which the kernel engine refuses.
+fn random_cluster(seed: u64) -> Cluster {
+    let c = generate::small_random(seed);
+    let pods = c.pods.into_iter().filter(|p| !p.host_network).collect();
+    Cluster::new(c.namespaces.into_values().collect(), pods, c.policies)
+}
+
+fn random_probes() -> Vec<Probe> {
+    vec![
+        Probe { port: ProbePort::Number(80), protocol: Protocol::Tcp },
+        Probe { port: ProbePort::Number(81), protocol: Protocol::Udp },
+        Probe { port: ProbePort::Number(80), protocol: Protocol::Sctp },
+        Probe { port: ProbePort::Named("web".into()), protocol: Protocol::Tcp },
+    ]
+}
+
+/// Every differing cell, as `seed, family, probe, src -> dst: evaluator X, kernel Y`.
+fn diff(seed: u64, family: Family, probe: &Probe, cluster: &Cluster, want: &BitMatrix, got: &BitMatrix) -> Vec<String> {
+    let n = cluster.pods.len();
+    let mut out = Vec::new();
+    for i in 0..n {
+        for j in 0..n {
+            if want.get(i, j) != got.get(i, j) {
+                out.push(format!(
+                    "seed {seed}, {family:?}, {probe}: {} -> {}: evaluator {}, kernel {}",
+                    cluster.pods[i].id,
+                    cluster.pods[j].id,
+                    verdict(want.get(i, j)),
+                    verdict(got.get(i, j))
+                ));
+            }
+        }
+    }
+    out
+}
+
+const RANDOM_SEEDS: u64 = 40;
+
+#[test]
+fn kernel_equals_evaluator_on_random_clusters() {
+    if !kernel_ok() {
+        return;
+    }
+    let started = Instant::now();
+    let probes = random_probes();
+    let mut failures = Vec::new();
+    let mut cells = 0;
+    for seed in 0..RANDOM_SEEDS {
+        let cluster = random_cluster(seed);
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let got = match kernel_engine::matrices(&cluster, &probes, family, TIMEOUT) {
+                Ok(got) => got,
+                Err(e) => {
+                    failures.push(format!("seed {seed}, {family:?}: {e}"));
+                    continue;
+                }
+            };
+            assert_eq!(got.len(), probes.len());
+            for (probe, got) in probes.iter().zip(&got) {
+                let want = matrix::reference_matrix(&cluster, probe, family);
+                assert_eq!(got.size(), cluster.pods.len());
+                cells += cluster.pods.len() * cluster.pods.len();
+                failures.extend(diff(seed, family, probe, &cluster, &want, got));
+            }
+        }
+    }
+    eprintln!("{RANDOM_SEEDS} random clusters, {cells} cells on the kernel in {:.1?}", started.elapsed());
+    assert!(failures.is_empty(), "{} disagreements:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn host_network_pods_are_refused_with_a_clear_error() {
+    let cluster = (0..100).map(generate::small_random).find(|c| c.pods.iter().any(|p| p.host_network)).unwrap();
+    let probes = random_probes();
+    match kernel_engine::matrices(&cluster, &probes, Family::Ipv4, TIMEOUT) {
+        Err(e @ KernelError::Unsupported(_)) => assert!(e.to_string().contains("hostNetwork"), "{e}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
+
+#[test]
+fn errors_say_how_to_fix_them() {
+    let missing = KernelError::MissingTool { tool: "nft", package: "nftables" }.to_string();
+    assert!(missing.contains("apt-get install -y nftables iproute2"), "{missing}");
+    assert!(KernelError::NotRoot.to_string().contains("root"));
+}
