@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod config;
 pub mod metrics;
+pub mod nft_target;
 pub mod trigger;
 pub mod watch;
 

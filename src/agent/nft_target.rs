@@ -1,0 +1,202 @@
+//! The real [`SyncTarget`]: snapshot → model → compile for this node → one atomic nft
+//! transaction (the diff against what was last applied, or a full replacement).
+//!
+//! ```text
+//!  Snapshot ──convert──► Cluster ──compile(node)──► desired ──┬─ full / nothing known ─► full_sync
+//!     (invalid objects: warn, count, skip)                    └─ else ─► diff(last, desired)
+//! ```
+//!
+//! What was applied is remembered only after nft accepted it; any failure forgets it, so
+//! the next sync replaces the whole table. A table left by an earlier run stays in force
+//! until the first (full) sync replaces it in the same transaction.
+
+use std::sync::{Arc, Mutex};
+
+use crate::agent::{Snapshot, SyncError, SyncStats, SyncTarget};
+use crate::compile::{NodeConfig, compile};
+use crate::convert::{self, FieldError, PodOutcome};
+use crate::model::Cluster;
+use crate::nft::diff::{diff, full_sync};
+use crate::nft::ir::Ruleset;
+use crate::nft::{NftError, Nftables, Op, Transaction};
+
+/// Programs one node's nftables table from whole snapshots.
+#[derive(Debug)]
+pub struct NftTarget<N: Nftables> {
+    nft: N,
+    config: NodeConfig,
+    /// The ruleset nft last accepted; `None` before the first sync and after any failure.
+    applied: Option<Ruleset>,
+}
+
+impl<N: Nftables> NftTarget<N> {
+    pub fn new(nft: N, node: impl Into<String>, table: impl Into<String>) -> Self {
+        NftTarget { nft, config: NodeConfig { node: node.into(), table: table.into() }, applied: None }
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The ruleset nft last accepted, if the target still trusts it.
+    pub fn last_applied(&self) -> Option<&Ruleset> {
+        self.applied.as_ref()
+    }
+
+    pub fn nftables(&self) -> &N {
+        &self.nft
+    }
+
+    pub fn into_nftables(self) -> N {
+        self.nft
+    }
+
+    /// The ruleset this node should have for `snapshot`, and how many objects were skipped
+    /// as invalid.
+    pub fn desired(&self, snapshot: &Snapshot) -> (Ruleset, usize) {
+        let (cluster, skipped) = cluster(snapshot);
+        (compile(&cluster, &self.config), skipped)
+    }
+}
+
+/// Converts a snapshot; an invalid object is logged, counted and left out, never blocking
+/// the others.
+pub fn cluster(snapshot: &Snapshot) -> (Cluster, usize) {
+    let mut skipped = 0;
+    let mut skip = |kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, e: FieldError| {
+        skipped += 1;
+        let name = match &meta.namespace {
+            Some(ns) => format!("{ns}/{}", meta.name.as_deref().unwrap_or("?")),
+            None => meta.name.clone().unwrap_or_else(|| "?".into()),
+        };
+        tracing::warn!("skipping invalid {kind} {name}: {e}");
+    };
+    let mut namespaces = Vec::new();
+    for ns in &snapshot.namespaces {
+        match convert::namespace(ns) {
+            Ok(n) => namespaces.push(n),
+            Err(e) => skip("Namespace", &ns.metadata, e),
+        }
+    }
+    let mut pods = Vec::new();
+    for p in &snapshot.pods {
+        match convert::pod(p, None) {
+            Ok(PodOutcome::Pod(pod)) => pods.push(pod),
+            Ok(PodOutcome::Inactive(why)) => {
+                tracing::debug!(
+                    "pod {}/{} {why}; not enforced",
+                    p.metadata.namespace.as_deref().unwrap_or(""),
+                    p.metadata.name.as_deref().unwrap_or("")
+                );
+            }
+            Err(e) => skip("Pod", &p.metadata, e),
+        }
+    }
+    let mut policies = Vec::new();
+    for np in &snapshot.policies {
+        match convert::policy(np) {
+            Ok(p) => policies.push(p),
+            Err(e) => skip("NetworkPolicy", &np.metadata, e),
+        }
+    }
+    (Cluster::new(namespaces, pods, policies), skipped)
+}
+
+impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
+    fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
+        let (desired, skipped) = self.desired(snapshot);
+        let applied = if full { None } else { self.applied.as_ref() };
+        let tx = match applied {
+            Some(applied) => diff(applied, &desired),
+            None => full_sync(&desired),
+        };
+        let stats = SyncStats {
+            transaction_ops: tx.ops.len(),
+            chains: desired.chains.len(),
+            sets: desired.sets.len() + desired.maps.len(),
+            set_elements: desired.element_count(),
+            rules: desired.rule_count(),
+            skipped_objects: skipped,
+        };
+        if tx.is_empty() {
+            tracing::debug!("ruleset unchanged; nothing to apply");
+            return Ok(stats);
+        }
+        let kind = if is_full_sync(&tx) { "full" } else { "incremental" };
+        match self.nft.apply(&tx) {
+            Ok(()) => {
+                tracing::info!(kind, ops = tx.ops.len(), touched = %tx.stats(), table = %tx.table, "applied");
+                self.applied = Some(desired);
+                Ok(stats)
+            }
+            Err(e) => {
+                // We no longer know what the kernel has: the next sync replaces everything.
+                self.applied = None;
+                Err(SyncError::Apply(Box::new(e)))
+            }
+        }
+    }
+
+    fn cleanup(&mut self) -> Result<(), SyncError> {
+        self.applied = None;
+        // `add` first so that `delete` cannot fail on a missing table; one transaction.
+        let tx = Transaction { table: self.config.table.clone(), ops: vec![Op::AddTable, Op::DeleteTable] };
+        self.nft.apply(&tx).map_err(|e| SyncError::Apply(Box::new(e)))
+    }
+}
+
+/// Is `tx` a whole-table replacement (as made by [`full_sync`])?
+pub fn is_full_sync(tx: &Transaction) -> bool {
+    matches!(tx.ops.as_slice(), [Op::AddTable, Op::DeleteTable, Op::DefineTable(_)])
+}
+
+/// An nftables shared between the target and its owner (tests keep one clone to inspect
+/// the fake while the agent runs).
+impl<N: Nftables> Nftables for Arc<Mutex<N>> {
+    fn apply(&mut self, tx: &Transaction) -> Result<(), NftError> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).apply(tx)
+    }
+
+    fn check(&self, tx: &Transaction) -> Result<(), NftError> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).check(tx)
+    }
+
+    fn list(&self, table: &str) -> Result<String, NftError> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).list(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::fake::FakeNftables;
+
+    #[test]
+    fn a_full_sync_is_one_transaction_that_replaces_the_table() {
+        let rs = Ruleset::new("t");
+        let tx = full_sync(&rs);
+        assert!(is_full_sync(&tx));
+        let text = tx.render();
+        let add = text.find("add table inet t").unwrap();
+        let del = text.find("delete table inet t").unwrap();
+        assert!(add < del, "{text}");
+    }
+
+    #[test]
+    fn an_unchanged_snapshot_applies_nothing_the_second_time() {
+        let mut t = NftTarget::new(FakeNftables::new(), "node-a", "t");
+        let s = Snapshot::default();
+        let first = t.sync(&s, false).unwrap();
+        assert_eq!(first.transaction_ops, 3);
+        assert_eq!(t.nftables().applied_count(), 1);
+        let second = t.sync(&s, false).unwrap();
+        assert_eq!(second.transaction_ops, 0);
+        assert_eq!(t.nftables().applied_count(), 1);
+        // `full` always rebuilds.
+        t.sync(&s, true).unwrap();
+        assert!(is_full_sync(t.nftables().last_transaction().unwrap()));
+        t.cleanup().unwrap();
+        assert!(t.nftables().ruleset("t").is_none());
+        t.cleanup().unwrap();
+    }
+}

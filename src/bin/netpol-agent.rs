@@ -1,0 +1,49 @@
+//! `netpol-agent`: enforces Kubernetes NetworkPolicies on this node with nftables.
+//! Thin: configuration, logging, wiring, exit codes (0 clean shutdown, 1 fatal runtime
+//! error, 2 bad configuration).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use netpol::agent::nft_target::NftTarget;
+use netpol::agent::{self, AgentConfig, AgentError};
+use netpol::nft::real::RealNftables;
+
+const BAD_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let config = match AgentConfig::try_parse() {
+        Ok(c) => c,
+        // clap prints the reason (or --help / --version) and picks the code: 2 for errors.
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = config.init_logging() {
+        eprintln!("netpol-agent: {e}");
+        return ExitCode::from(BAD_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("netpol-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let target = NftTarget::new(RealNftables::default(), config.node.clone(), config.table.clone());
+    match runtime.block_on(agent::run(config, target, agent::shutdown_signal())) {
+        Ok(_) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e @ AgentError::Kubeconfig(_)) => {
+            tracing::error!("{e}");
+            eprintln!("netpol-agent: {e}");
+            ExitCode::from(BAD_CONFIG)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("netpol-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

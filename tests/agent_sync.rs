@@ -1,0 +1,372 @@
+//! The whole agent pipeline against the in-process fake apiserver (real kube client) and
+//! the fake nftables: watches → snapshot → convert → compile → diff → one transaction.
+//! The fake's table must always equal the compiled ruleset of the cluster as it is.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::runtime::watcher;
+use netpol::agent::nft_target::{self, NftTarget, is_full_sync};
+use netpol::agent::{ClusterWatch, Snapshot, SyncLoop, SyncLoopConfig, SyncTarget, Trigger};
+use netpol::compile::{NodeConfig, compile};
+use netpol::nft::fake::FakeNftables;
+use netpol::nft::{NftError, Nftables, Transaction, render};
+use netpol::testkit::apiserver::{FakeApiServer, Kind};
+use tokio::task::JoinHandle;
+
+const NODE: &str = "node-a";
+const TABLE: &str = "netpol_sync";
+
+// ---------------------------------------------------------------- builders
+
+fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+    Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+}
+
+fn namespace(name: &str, l: &[(&str, &str)]) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta { name: Some(name.into()), labels: labels(l), ..ObjectMeta::default() },
+        ..Namespace::default()
+    }
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str, l: &[(&str, &str)]) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            labels: labels(l),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            containers: vec![Container {
+                name: "app".into(),
+                ports: Some(vec![ContainerPort {
+                    name: Some("http".into()),
+                    container_port: 80,
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                }]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus { phase: Some("Running".into()), pod_ip: Some(ip.into()), ..PodStatus::default() }),
+    }
+}
+
+/// Pods labelled `selects` accept ingress from pods labelled `from` on `port`.
+fn policy(ns: &str, name: &str, selects: &[(&str, &str)], from: &[(&str, &str)], port: i32) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some(ns.into()), ..ObjectMeta::default() },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector { match_labels: labels(selects), ..LabelSelector::default() }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![NetworkPolicyPeer {
+                    pod_selector: Some(LabelSelector { match_labels: labels(from), ..LabelSelector::default() }),
+                    ..NetworkPolicyPeer::default()
+                }]),
+                ports: Some(vec![NetworkPolicyPort {
+                    port: Some(IntOrString::Int(port)),
+                    protocol: Some("TCP".into()),
+                    ..NetworkPolicyPort::default()
+                }]),
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// A policy the converter rejects: its ipBlock is not a CIDR.
+fn invalid_policy(ns: &str, name: &str) -> NetworkPolicy {
+    let mut p = policy(ns, name, &[], &[], 80);
+    let rule = &mut p.spec.as_mut().unwrap().ingress.as_mut().unwrap()[0];
+    rule.from = Some(vec![NetworkPolicyPeer {
+        ip_block: Some(IPBlock { cidr: "10.0.0.0/33".into(), except: None }),
+        ..NetworkPolicyPeer::default()
+    }]);
+    p
+}
+
+// ---------------------------------------------------------------- a fake that can fail
+
+#[derive(Default)]
+struct Flaky {
+    fake: FakeNftables,
+    fail_next: u32,
+    /// Every transaction accepted, in order.
+    history: Vec<Transaction>,
+    failures: u32,
+}
+
+impl Nftables for Flaky {
+    fn apply(&mut self, tx: &Transaction) -> Result<(), NftError> {
+        if self.fail_next > 0 {
+            self.fail_next -= 1;
+            self.failures += 1;
+            return Err(NftError::Rejected("injected failure".into()));
+        }
+        self.fake.apply(tx)?;
+        self.history.push(tx.clone());
+        Ok(())
+    }
+    fn check(&self, tx: &Transaction) -> Result<(), NftError> {
+        self.fake.check(tx)
+    }
+    fn list(&self, table: &str) -> Result<String, NftError> {
+        self.fake.list(table)
+    }
+}
+
+// ---------------------------------------------------------------- harness
+
+/// The fake apiserver, a mirror of what it holds, and the agent's sync loop over an
+/// `NftTarget` sharing its fake nftables with the test.
+struct World {
+    server: FakeApiServer,
+    namespaces: BTreeMap<String, Namespace>,
+    pods: BTreeMap<(String, String), Pod>,
+    policies: BTreeMap<(String, String), NetworkPolicy>,
+    nft: Arc<Mutex<Flaky>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn key(m: &ObjectMeta) -> (String, String) {
+    (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
+}
+
+impl World {
+    async fn new() -> World {
+        let server = FakeApiServer::start().await.unwrap();
+        World {
+            server,
+            namespaces: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            nft: Arc::default(),
+            tasks: Vec::new(),
+        }
+    }
+
+    fn start_agent(&mut self) {
+        let trigger = Trigger::new();
+        let (watch, driver) =
+            ClusterWatch::start(self.server.client(), watcher::Config::default().page_size(2), trigger.clone());
+        let target = NftTarget::new(self.nft.clone(), NODE, TABLE);
+        let config = SyncLoopConfig {
+            debounce: Duration::from_millis(20),
+            retry_initial: Duration::from_millis(50),
+            retry_max: Duration::from_secs(1),
+            ..SyncLoopConfig::default()
+        };
+        let sync_loop = SyncLoop::new(target, watch, trigger, config);
+        self.tasks.push(tokio::spawn(driver));
+        self.tasks.push(tokio::spawn(async move {
+            sync_loop.run(std::future::pending::<()>()).await;
+        }));
+    }
+
+    fn nft(&self) -> MutexGuard<'_, Flaky> {
+        self.nft.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ns(&mut self, n: Namespace) {
+        self.server.apply(&n).unwrap();
+        self.namespaces.insert(n.metadata.name.clone().unwrap(), n);
+    }
+
+    fn pod(&mut self, p: Pod) {
+        self.server.apply(&p).unwrap();
+        self.pods.insert(key(&p.metadata), p);
+    }
+
+    fn policy(&mut self, p: NetworkPolicy) {
+        self.server.apply(&p).unwrap();
+        self.policies.insert(key(&p.metadata), p);
+    }
+
+    fn delete_pod(&mut self, ns: &str, name: &str) {
+        self.server.delete(Kind::Pod, ns, name).expect("pod exists");
+        self.pods.remove(&(ns.to_string(), name.to_string()));
+    }
+
+    /// The cluster as the test wrote it.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            namespaces: self.namespaces.values().cloned().collect(),
+            pods: self.pods.values().cloned().collect(),
+            policies: self.policies.values().cloned().collect(),
+        }
+    }
+
+    /// The compiled ruleset of the cluster as the test wrote it, rendered.
+    fn expected(&self) -> String {
+        let (cluster, _) = nft_target::cluster(&self.snapshot());
+        render::ruleset(&compile(&cluster, &NodeConfig { node: NODE.into(), table: TABLE.into() }))
+    }
+
+    /// Waits until the fake's table equals the expected one.
+    async fn converged(&self, what: &str) {
+        let expected = self.expected();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let dump = self.nft().fake.dump();
+            if dump == expected {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out converging after {what}:\n--- expected\n{expected}\n--- got\n{dump}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn history_len(&self) -> usize {
+        self.nft().history.len()
+    }
+
+    /// Transactions applied since `mark`: at least one, and none of them a full sync.
+    fn assert_incremental_since(&self, mark: usize, what: &str) {
+        let nft = self.nft();
+        let since = &nft.history[mark..];
+        assert!(!since.is_empty(), "{what}: nothing applied");
+        for tx in since {
+            assert!(!is_full_sync(tx), "{what}: expected a diff, got a full sync:\n{}", tx.render());
+        }
+    }
+
+    /// Two namespaces, pods on this node and another, one policy.
+    fn seed(&mut self) {
+        self.ns(namespace("shop", &[("team", "a")]));
+        self.ns(namespace("ops", &[("team", "b")]));
+        self.pod(pod("shop", "web-1", NODE, "192.0.2.1", &[("segment", "frontend")]));
+        self.pod(pod("shop", "web-2", "node-b", "192.0.2.2", &[("segment", "frontend")]));
+        self.pod(pod("shop", "db-1", NODE, "192.0.2.3", &[("segment", "backend")]));
+        self.policy(policy("shop", "backend-from-frontend", &[("segment", "backend")], &[("segment", "frontend")], 80));
+    }
+}
+
+async fn seeded_and_synced() -> World {
+    let mut w = World::new().await;
+    w.seed();
+    w.start_agent();
+    w.converged("the initial lists").await;
+    w
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_programmed_until_all_three_kinds_have_listed_and_the_first_sync_is_full() {
+    let mut w = World::new().await;
+    w.seed();
+    w.server.pause_kind(Kind::NetworkPolicy);
+    w.start_agent();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.nft().history.len(), 0, "programmed before NetworkPolicies listed");
+    assert!(w.nft().fake.ruleset(TABLE).is_none());
+
+    w.server.resume_kind(Kind::NetworkPolicy);
+    w.converged("the initial lists").await;
+    let nft = w.nft();
+    assert!(is_full_sync(&nft.history[0]), "the first sync must replace the table");
+    // The policy is really there: the backend pod is isolated on this node.
+    assert!(nft.fake.dump().contains("192.0.2.3"), "{}", nft.fake.dump());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_adds_relabels_deletes_and_policy_changes_converge_through_diffs() {
+    let mut w = seeded_and_synced().await;
+
+    let mark = w.history_len();
+    w.pod(pod("shop", "web-3", NODE, "192.0.2.4", &[("segment", "frontend")]));
+    w.converged("a pod add").await;
+    w.assert_incremental_since(mark, "a pod add");
+
+    let mark = w.history_len();
+    w.pod(pod("shop", "web-3", NODE, "192.0.2.4", &[("segment", "backend")]));
+    w.converged("a relabel").await;
+    w.assert_incremental_since(mark, "a relabel");
+
+    let mark = w.history_len();
+    w.delete_pod("shop", "web-1");
+    w.converged("a pod delete").await;
+    w.assert_incremental_since(mark, "a pod delete");
+
+    let mark = w.history_len();
+    w.policy(policy("shop", "backend-from-frontend", &[("segment", "backend")], &[("segment", "frontend")], 8080));
+    w.converged("a policy change").await;
+    w.assert_incremental_since(mark, "a policy change");
+
+    let mark = w.history_len();
+    w.policy(policy("shop", "backend-ssh-from-frontend", &[("segment", "backend")], &[("segment", "frontend")], 22));
+    w.converged("a new policy").await;
+    w.assert_incremental_since(mark, "a new policy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_policy_is_skipped_while_the_valid_ones_are_enforced() {
+    let mut w = World::new().await;
+    w.seed();
+    w.server.apply(&invalid_policy("shop", "broken")).unwrap();
+    w.start_agent();
+    // `expected` leaves the broken policy out of the mirror: it must not count.
+    w.converged("the initial lists with an invalid policy").await;
+
+    let mut with_broken = w.snapshot();
+    with_broken.policies.push(invalid_policy("shop", "broken"));
+    let mut target = NftTarget::new(FakeNftables::new(), NODE, TABLE);
+    let stats = target.sync(&with_broken, true).unwrap();
+    assert_eq!(stats.skipped_objects, 1);
+    assert_eq!(target.nftables().dump(), w.expected());
+    assert!(stats.rules > 0 && stats.chains > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nft_failure_is_retried_and_the_retry_is_a_full_sync() {
+    let mut w = seeded_and_synced().await;
+    let mark = w.history_len();
+    w.nft().fail_next = 1;
+    w.pod(pod("shop", "web-3", NODE, "192.0.2.4", &[("segment", "frontend")]));
+    w.converged("a pod add after a failure").await;
+    let nft = w.nft();
+    assert_eq!(nft.failures, 1);
+    assert!(is_full_sync(&nft.history[mark]), "the sync after a failure must be full:\n{}", nft.history[mark].render());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_watches_and_dropped_connections_still_converge() {
+    let mut w = seeded_and_synced().await;
+
+    w.server.compact();
+    w.server.expire_watches();
+    w.pod(pod("shop", "web-3", NODE, "192.0.2.4", &[("segment", "frontend")]));
+    w.converged("a 410").await;
+
+    w.server.drop_connections();
+    w.delete_pod("shop", "web-2");
+    w.policy(policy("shop", "backend-from-frontend", &[("segment", "backend")], &[("segment", "frontend")], 443));
+    w.converged("dropped connections").await;
+
+    w.server.compact();
+    w.server.drop_connections();
+    w.pod(pod("shop", "db-2", NODE, "192.0.2.5", &[("segment", "backend")]));
+    w.converged("a 410 after dropped connections").await;
+}
