@@ -73,10 +73,11 @@ impl std::error::Error for KernelError {
 
 impl From<LabError> for KernelError {
     fn from(e: LabError) -> Self {
-        // nft says "Operation not supported" / "No such file or directory" when an
-        // expression's module is missing from the kernel.
+        // nft says "Operation not supported" when an expression's module is missing from the
+        // kernel. ("No such file or directory" also means a dangling set or chain reference,
+        // a compiler bug, so it stays a lab error.)
         if let LabError::Ruleset { stderr, .. } = &e
-            && (stderr.contains("Operation not supported") || stderr.contains("No such file or directory"))
+            && stderr.contains("Operation not supported")
         {
             return KernelError::KernelFeature(e.to_string());
         }
