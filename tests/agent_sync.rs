@@ -370,3 +370,159 @@ async fn expired_watches_and_dropped_connections_still_converge() {
     w.pod(pod("shop", "db-2", NODE, "192.0.2.5", &[("segment", "backend")]));
     w.converged("a 410 after dropped connections").await;
 }
+
+// ---------------------------------------------------------------- the real binary
+
+/// Root, `ip` and `nft`, or the system test skips (fails under `CI=true`).
+fn system_env_ok() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+    let has = |tool: &str, arg: &str| Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success());
+    if root && has("ip", "-V") && has("nft", "--version") {
+        return true;
+    }
+    let msg = "the netpol-agent system test needs root, `ip` and `nft`";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg} (CI=true: failing instead of skipping)");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+use std::process::{Child, Command, Stdio};
+
+/// A throwaway network namespace, deleted on drop (with every table in it).
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Netns {
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let out = Command::new("ip").args(["netns", "add", &name]).output().unwrap();
+        assert!(out.status.success(), "ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr));
+        Netns(name)
+    }
+
+    /// `nft list table inet <table>` inside the namespace, or `None` if it does not exist.
+    fn list(&self, table: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", "list", "table", "inet", table])
+            .output()
+            .unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// The agent process, killed on drop if still running.
+struct AgentProcess(Child);
+
+impl AgentProcess {
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.0.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "netpol-agent did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real `netpol-agent` against the fake apiserver. The agent runs in the root
+/// namespace (to reach the apiserver on 127.0.0.1), but the `nft` it finds first on PATH
+/// is a wrapper that runs the real nft inside a throwaway namespace, so the host's
+/// ruleset is never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_with_cleanup_on_exit() {
+    if !system_env_ok() {
+        return;
+    }
+    let mut w = World::new().await;
+    w.seed();
+    let pid = std::process::id();
+    let netns = Netns::new(format!("npl-agent-{pid}"));
+    let table = format!("netpol_test_{pid}");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, w.server.kubeconfig_yaml()).unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let real_nft =
+        String::from_utf8(Command::new("sh").args(["-c", "command -v nft"]).output().unwrap().stdout).unwrap();
+    let wrapper = bin.join("nft");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nexec ip netns exec {} {} \"$@\"\n", netns.0, real_nft.trim()))
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+
+    let expected = {
+        let (cluster, _) = nft_target::cluster(&w.snapshot());
+        compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone() })
+    };
+    let start = |extra: &[&str]| {
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_netpol-agent"))
+            .args(["--node", NODE, "--table", &table, "--admin-addr", "127.0.0.1:0", "--log-level", "info"])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(extra)
+            .env("PATH", &path)
+            .env_remove("NODE_NAME")
+            .env_remove("NETPOL_TABLE")
+            .env_remove("KUBECONFIG")
+            .env_remove("NETPOL_CLEANUP_ON_EXIT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        AgentProcess(child)
+    };
+    let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    let wait_for_table = |agent: &mut AgentProcess| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(text) = netns.list(&table)
+                && expected.chains.keys().all(|c| text.contains(&format!("chain {c} {{")))
+            {
+                return text;
+            }
+            if let Some(status) = agent.0.try_wait().unwrap() {
+                panic!("netpol-agent exited ({status}) before programming:\n{}", log());
+            }
+            assert!(Instant::now() < deadline, "the table never appeared with its chains:\n{}", log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Without --cleanup-on-exit the rules stay in force after SIGTERM.
+    let mut agent = start(&[]);
+    let text = wait_for_table(&mut agent);
+    assert!(text.contains("192.0.2.3"), "{text}");
+    let status = agent.terminate();
+    assert_eq!(status.code(), Some(0), "{}", log());
+    assert!(netns.list(&table).is_some(), "the table must survive a plain shutdown");
+
+    // A restart takes the old table over; with --cleanup-on-exit it is removed on SIGTERM.
+    let mut agent = start(&["--cleanup-on-exit"]);
+    wait_for_table(&mut agent);
+    let status = agent.terminate();
+    assert_eq!(status.code(), Some(0), "{}", log());
+    assert!(netns.list(&table).is_none(), "--cleanup-on-exit must delete the table");
+}
