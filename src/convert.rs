@@ -475,32 +475,26 @@ pub fn validate_label_value(value: &str, path: &str) -> Result<()> {
 }
 
 fn validate_dns_label(s: &str, path: &str) -> Result<()> {
-    if is_dns_label(s) {
-        Ok(())
-    } else if s.is_empty() {
-        Err(FieldError::new(path, "is required"))
-    } else {
-        Err(FieldError::new(
-            path,
-            format!(
-                "{s:?} is not a valid name: must be at most 63 lower case letters, digits or '-', starting and ending with a letter or digit"
-            ),
-        ))
-    }
+    validate_name(
+        s,
+        path,
+        is_dns_label,
+        "at most 63 lower case letters, digits or '-', starting and ending with a letter or digit",
+    )
 }
 
 fn validate_dns_subdomain(s: &str, path: &str) -> Result<()> {
-    if is_dns_subdomain(s) {
+    validate_name(s, path, is_dns_subdomain, "lower case letters, digits, '-' or '.', at most 253 characters")
+}
+
+/// A required object name, checked by `is_valid`; `rule` says what a valid one looks like.
+fn validate_name(s: &str, path: &str, is_valid: fn(&str) -> bool, rule: &str) -> Result<()> {
+    if is_valid(s) {
         Ok(())
     } else if s.is_empty() {
         Err(FieldError::new(path, "is required"))
     } else {
-        Err(FieldError::new(
-            path,
-            format!(
-                "{s:?} is not a valid name: must be lower case letters, digits, '-' or '.', at most 253 characters"
-            ),
-        ))
+        Err(FieldError::new(path, format!("{s:?} is not a valid name: must be {rule}")))
     }
 }
 

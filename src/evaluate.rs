@@ -204,18 +204,9 @@ fn network_policy_tier(
     subject: usize,
     peer: Endpoint,
 ) -> TierDecision {
-    let pod = &cluster.pods[subject];
     // "A pod is isolated for a direction iff some policy in its namespace selects it and
     // lists that direction." Unisolated pods pass to the next tier.
-    let isolated_by: Vec<usize> = cluster
-        .policies
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| {
-            p.id.namespace == pod.id.namespace && p.rules(direction).is_some() && p.pod_selector.matches(&pod.labels)
-        })
-        .map(|(i, _)| i)
-        .collect();
+    let isolated_by = cluster.isolating_policies(subject, direction);
     if isolated_by.is_empty() {
         return TierDecision::Pass;
     }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::bitset::{BitMatrix, BitSet};
 use crate::compile::{NodeConfig, compile};
-use crate::lab::{self, L4, Lab, LabError, LabNode, LabPod};
+use crate::lab::{self, Lab, LabError, LabNode, LabPod};
 use crate::matrix::{self, Family};
 use crate::model::{Cluster, Protocol};
 use crate::nft::render;
@@ -101,14 +101,6 @@ pub fn check_prerequisites() -> Result<(), KernelError> {
     Ok(())
 }
 
-fn l4(protocol: Protocol) -> L4 {
-    match protocol {
-        Protocol::Tcp => L4::Tcp,
-        Protocol::Udp => L4::Udp,
-        Protocol::Sctp => L4::Sctp,
-    }
-}
-
 /// One reachability matrix per probe (rows: source pod, columns: destination pod, indices
 /// of `cluster.pods`), measured on a real kernel. One lab for all probes; `timeout` bounds
 /// each wave of concurrent probes (a blocked probe costs that much once per wave).
@@ -130,11 +122,11 @@ pub fn matrices(
         Fixed(bool),
         Probe(usize),
     }
-    let mut serve: Vec<BTreeSet<(u16, L4)>> = vec![BTreeSet::new(); n];
+    let mut serve: Vec<BTreeSet<(u16, Protocol)>> = vec![BTreeSet::new(); n];
     let mut lab_probes = Vec::new();
     let mut cells: Vec<Vec<Cell>> = Vec::with_capacity(probes.len());
     for probe in probes {
-        let proto = l4(probe.protocol);
+        let proto = probe.protocol;
         let mut these = Vec::with_capacity(n * n);
         for i in 0..n {
             for (j, served) in serve.iter_mut().enumerate() {

@@ -109,14 +109,24 @@ pub fn default_probes(cluster: &Cluster) -> Vec<Probe> {
 /// The whole-cluster matrix of one probe, by the reference evaluator, cell by cell. Slow
 /// (every cell walks every policy) and obviously right: the yardstick for [`Index`].
 pub fn reference_matrix(cluster: &Cluster, probe: &Probe, family: Family) -> BitMatrix {
+    cell_by_cell(cluster, probe, family, |c| evaluate::evaluate(cluster, c).allowed)
+}
+
+/// A matrix decided one cell at a time: each cell's connection (see [`cell_connection`])
+/// goes to `decide`; a cell without one is denied. Engines that decide single packets
+/// (the reference, the ruleset interpreter) share this.
+pub fn cell_by_cell(
+    cluster: &Cluster,
+    probe: &Probe,
+    family: Family,
+    decide: impl Fn(&Connection) -> bool,
+) -> BitMatrix {
     let n = cluster.pods.len();
     let rows = (0..n)
         .map(|i| {
             let mut row = BitSet::empty(n);
             for j in 0..n {
-                if cell_connection(cluster, probe, family, i, j)
-                    .is_some_and(|c| evaluate::evaluate(cluster, &c).allowed)
-                {
+                if cell_connection(cluster, probe, family, i, j).is_some_and(|c| decide(&c)) {
                     row.insert(j);
                 }
             }
@@ -132,9 +142,12 @@ pub struct Index<'a> {
     n: usize,
     /// Per pod, the rules of the policies isolating it, as (policy, direction) lists.
     isolating: [Vec<Vec<usize>>; 2],
-    /// Per (policy, direction, rule): the peer pods, for IPv4 and IPv6 packets.
-    rule_peers: HashMap<(usize, Direction, usize), [BitSet; 2]>,
-    /// Pods reachable over IPv6 under `family` (per destination) — to mix per-family sets.
+    /// Per ingress (policy, rule): the source pods it admits, for IPv4 and IPv6 packets.
+    ingress_peers: HashMap<(usize, usize), [BitSet; 2]>,
+    /// Per egress (policy, rule): the destination pods it admits, each seen through the
+    /// family its cells use (the destination's).
+    egress_peers: HashMap<(usize, usize), BitSet>,
+    /// Destinations whose cells use IPv6 under `family`.
     dst_is_v6: BitSet,
     family: Family,
 }
@@ -157,12 +170,8 @@ impl<'a> Index<'a> {
         for (pi, policy) in cluster.policies.iter().enumerate() {
             let candidates = by_namespace.get(policy.id.namespace.as_str()).map(Vec::as_slice).unwrap_or_default();
             for &i in candidates {
-                let pod = &cluster.pods[i];
-                if pod.host_network || !policy.pod_selector.matches(&pod.labels) {
-                    continue;
-                }
                 for d in [Direction::Ingress, Direction::Egress] {
-                    if policy.rules(d).is_some() {
+                    if policy.isolates(&cluster.pods[i], d) {
                         isolating[dir_slot(d)][i].push(pi);
                     }
                 }
@@ -170,20 +179,35 @@ impl<'a> Index<'a> {
         }
         // Peer sets, shared between rules with equal selectors.
         let mut selector_cache: HashMap<(Option<&str>, Option<&Selector>, &Selector), BitSet> = HashMap::new();
-        let mut rule_peers = HashMap::new();
-        for (pi, policy) in cluster.policies.iter().enumerate() {
-            for d in [Direction::Ingress, Direction::Egress] {
-                for (ri, rule) in policy.rules(d).unwrap_or_default().iter().enumerate() {
-                    let sets = rule_peer_sets(cluster, &policy.id.namespace, rule, &by_namespace, &mut selector_cache);
-                    rule_peers.insert((pi, d, ri), sets);
-                }
-            }
-        }
         let dst_is_v6 = (0..n).filter(|&j| family.ipv6_towards(cluster, j)).fold(BitSet::empty(n), |mut s, j| {
             s.insert(j);
             s
         });
-        Index { cluster, n, isolating, rule_peers, dst_is_v6, family }
+        let mut dst_is_v4 = BitSet::full(n);
+        for j in dst_is_v6.iter() {
+            dst_is_v4.remove(j);
+        }
+        let (mut ingress_peers, mut egress_peers) = (HashMap::new(), HashMap::new());
+        for (pi, policy) in cluster.policies.iter().enumerate() {
+            for d in [Direction::Ingress, Direction::Egress] {
+                for (ri, rule) in policy.rules(d).unwrap_or_default().iter().enumerate() {
+                    let [v4, v6] =
+                        rule_peer_sets(cluster, &policy.id.namespace, rule, &by_namespace, &mut selector_cache);
+                    match d {
+                        Direction::Ingress => {
+                            ingress_peers.insert((pi, ri), [v4, v6]);
+                        }
+                        Direction::Egress => {
+                            let mut mixed = v4;
+                            mixed.intersect_with(&dst_is_v4);
+                            mixed.union_with_intersection(&v6, &dst_is_v6);
+                            egress_peers.insert((pi, ri), mixed);
+                        }
+                    }
+                }
+            }
+        }
+        Index { cluster, n, isolating, ingress_peers, egress_peers, dst_is_v6, family }
     }
 
     /// The allowed matrix of one probe over every pod of the cluster.
@@ -196,23 +220,19 @@ impl<'a> Index<'a> {
                 ProbePort::Named(name) => cluster.pods[j].resolve_named_port(name, probe.protocol),
             })
             .collect();
-        let mut ports_cache: HashMap<(usize, Direction, usize), PortsAdmit> = HashMap::new();
-        let mut ports_admit = |pi: usize, d: Direction, ri: usize| -> PortsAdmit {
-            ports_cache
-                .entry((pi, d, ri))
-                .or_insert_with(|| {
-                    let rule = &cluster.policies[pi].rules(d).expect("isolating")[ri];
-                    ports_admit_set(cluster, rule, probe.protocol, &dst_port)
+        // Which destinations each rule's ports admit: once per probe, shared by every pod.
+        let uniform_port = dst_port.windows(2).all(|w| w[0] == w[1]);
+        let ports_admit: HashMap<(usize, Direction, usize), PortsAdmit> = cluster
+            .policies
+            .iter()
+            .enumerate()
+            .flat_map(|(pi, policy)| {
+                [Direction::Ingress, Direction::Egress].into_iter().flat_map(move |d| {
+                    policy.rules(d).unwrap_or_default().iter().enumerate().map(move |(ri, rule)| ((pi, d, ri), rule))
                 })
-                .clone()
-        };
-        let v4_family_dsts = {
-            let mut s = BitSet::full(n);
-            for j in self.dst_is_v6.iter() {
-                s.remove(j);
-            }
-            s
-        };
+            })
+            .map(|(key, rule)| (key, ports_admit_set(cluster, rule, probe.protocol, &dst_port, uniform_port)))
+            .collect();
 
         // Ingress: for each destination j, the sources allowed in.
         let mut ingress_rows = Vec::with_capacity(n);
@@ -227,8 +247,8 @@ impl<'a> Index<'a> {
             for &pi in policies {
                 let rules = cluster.policies[pi].ingress.as_deref().unwrap_or_default();
                 for ri in 0..rules.len() {
-                    if ports_admit(pi, Direction::Ingress, ri).admits(j) {
-                        allowed.union_with(&self.rule_peers[&(pi, Direction::Ingress, ri)][fam]);
+                    if ports_admit[&(pi, Direction::Ingress, ri)].admits(j) {
+                        allowed.union_with(&self.ingress_peers[&(pi, ri)][fam]);
                     }
                 }
             }
@@ -247,15 +267,11 @@ impl<'a> Index<'a> {
                 for &pi in policies {
                     let rules = cluster.policies[pi].egress.as_deref().unwrap_or_default();
                     for ri in 0..rules.len() {
-                        let peers = &self.rule_peers[&(pi, Direction::Egress, ri)];
-                        // The family of each cell is the destination's: mix the two sets.
-                        let mut mixed = peers[0].clone();
-                        mixed.intersect_with(&v4_family_dsts);
-                        mixed.union_with_intersection(&peers[1], &self.dst_is_v6);
-                        match ports_admit(pi, Direction::Egress, ri) {
-                            PortsAdmit::All => allowed.union_with(&mixed),
+                        let peers = &self.egress_peers[&(pi, ri)];
+                        match &ports_admit[&(pi, Direction::Egress, ri)] {
+                            PortsAdmit::All => allowed.union_with(peers),
                             PortsAdmit::None => {}
-                            PortsAdmit::Some(set) => allowed.union_with_intersection(&mixed, &set),
+                            PortsAdmit::Some(set) => allowed.union_with_intersection(peers, set),
                         }
                     }
                 }
@@ -297,7 +313,6 @@ impl<'a> Index<'a> {
 }
 
 /// For which destinations a rule's ports admit the probe.
-#[derive(Clone)]
 enum PortsAdmit {
     All,
     None,
@@ -314,10 +329,16 @@ impl PortsAdmit {
     }
 }
 
-fn ports_admit_set(cluster: &Cluster, rule: &Rule, protocol: Protocol, dst_port: &[Option<u16>]) -> PortsAdmit {
+/// `uniform`: every destination is probed on the same port (computed once per probe).
+fn ports_admit_set(
+    cluster: &Cluster,
+    rule: &Rule,
+    protocol: Protocol,
+    dst_port: &[Option<u16>],
+    uniform: bool,
+) -> PortsAdmit {
     let Some(specs) = &rule.ports else { return PortsAdmit::All };
     let named = specs.iter().any(|s| matches!(s.port, PortMatch::Named(_)));
-    let uniform = dst_port.windows(2).all(|w| w[0] == w[1]);
     if !named && uniform {
         // Same answer for every destination (that has the port at all).
         return match dst_port.first().copied().flatten() {

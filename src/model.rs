@@ -162,6 +162,15 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// "A pod is isolated for a direction iff some policy in its namespace selects it and
+    /// lists that direction." hostNetwork pods are never selected.
+    pub fn isolates(&self, pod: &Pod, direction: Direction) -> bool {
+        self.id.namespace == pod.id.namespace
+            && !pod.host_network
+            && self.rules(direction).is_some()
+            && self.pod_selector.matches(&pod.labels)
+    }
+
     pub fn rules(&self, direction: Direction) -> Option<&[Rule]> {
         match direction {
             Direction::Ingress => self.ingress.as_deref(),
@@ -286,6 +295,12 @@ impl Cluster {
 
     pub fn pod_index(&self, id: &ObjectRef) -> Option<usize> {
         self.pods.binary_search_by(|p| p.id.cmp(id)).ok()
+    }
+
+    /// Indices of the policies that isolate pod `pod` for `direction`.
+    pub fn isolating_policies(&self, pod: usize, direction: Direction) -> Vec<usize> {
+        let pod = &self.pods[pod];
+        self.policies.iter().enumerate().filter(|(_, p)| p.isolates(pod, direction)).map(|(i, _)| i).collect()
     }
 
     pub fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {

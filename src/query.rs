@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 
 use crate::evaluate::{Connection, Endpoint};
-use crate::matrix::Family;
+use crate::matrix::{Family, ProbePort};
 use crate::model::{Cluster, ObjectRef, Protocol};
 
 /// `NAMESPACE/POD`, or an IP address (an IP that belongs to a pod means that pod).
@@ -25,19 +25,28 @@ pub fn resolve_endpoint(cluster: &Cluster, text: &str) -> Result<Endpoint, Strin
         .ok_or_else(|| format!("no pod {text} in the input (pods without an IP, or in a terminal phase, take no part)"))
 }
 
+/// A port as typed: a number in 1..=65535, or a valid container port name.
+pub fn parse_port(text: &str) -> Result<ProbePort, String> {
+    match text.parse::<u32>() {
+        Ok(n) if (1..=65535).contains(&n) => Ok(ProbePort::Number(n as u16)),
+        Ok(n) => Err(format!("{n} is not a port (1-65535)")),
+        Err(_) => {
+            crate::convert::validate_port_name(text, "").map_err(|e| e.reason)?;
+            Ok(ProbePort::Named(text.to_string()))
+        }
+    }
+}
+
 /// A port number, or a container port name resolved on the destination pod.
 pub fn resolve_port(cluster: &Cluster, dst: Endpoint, port: &str, protocol: Protocol) -> Result<u16, String> {
-    match port.parse::<u32>() {
-        Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
-        Ok(n) => Err(format!("{n} is not a port (1-65535)")),
-        Err(_) => match dst {
-            Endpoint::Pod(j) => cluster.pods[j]
-                .resolve_named_port(port, protocol)
-                .ok_or_else(|| format!("{} declares no {protocol} port named {port:?}", cluster.pods[j].id)),
-            Endpoint::Ip(_) => {
-                Err("a named port needs a pod destination (it is resolved on the destination pod)".into())
-            }
-        },
+    match (parse_port(port)?, dst) {
+        (ProbePort::Number(n), _) => Ok(n),
+        (ProbePort::Named(name), Endpoint::Pod(j)) => cluster.pods[j]
+            .resolve_named_port(&name, protocol)
+            .ok_or_else(|| format!("{} declares no {protocol} port named {name:?}", cluster.pods[j].id)),
+        (ProbePort::Named(_), Endpoint::Ip(_)) => {
+            Err("a named port needs a pod destination (it is resolved on the destination pod)".into())
+        }
     }
 }
 

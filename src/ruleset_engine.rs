@@ -14,10 +14,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::bitset::{BitMatrix, BitSet};
+use crate::bitset::BitMatrix;
 use crate::compile::{NodeConfig, compile};
 use crate::evaluate::{Connection, Endpoint};
-use crate::matrix::{Family, Probe, cell_connection};
+use crate::matrix::{Family, Probe, cell_by_cell};
 use crate::model::Cluster;
 use crate::nft::interpret::{Fate, Interpreter, Packet, Step};
 use crate::nft::ir::{CtState, Hook, Ruleset};
@@ -70,21 +70,7 @@ impl Engine {
     /// The matrix of one probe, with the same cell semantics as `matrix::reference_matrix`.
     pub fn matrix(&self, cluster: &Cluster, probe: &Probe, family: Family) -> BitMatrix {
         let interps = self.interpreters();
-        let n = cluster.pods.len();
-        let rows = (0..n)
-            .map(|i| {
-                let mut row = BitSet::empty(n);
-                for j in 0..n {
-                    if cell_connection(cluster, probe, family, i, j)
-                        .is_some_and(|c| decide(cluster, &interps, &c, None))
-                    {
-                        row.insert(j);
-                    }
-                }
-                row
-            })
-            .collect();
-        BitMatrix::from_rows(rows)
+        cell_by_cell(cluster, probe, family, |c| decide(cluster, &interps, c, None))
     }
 }
 

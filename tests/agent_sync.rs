@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
@@ -19,49 +19,13 @@ use netpol::compile::{NodeConfig, compile};
 use netpol::nft::fake::FakeNftables;
 use netpol::nft::{NftError, Nftables, Transaction, render};
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
+use netpol::testkit::objects::{labels, namespace, pod};
 use tokio::task::JoinHandle;
 
 const NODE: &str = "node-a";
 const TABLE: &str = "netpol_sync";
 
 // ---------------------------------------------------------------- builders
-
-fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
-    Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
-}
-
-fn namespace(name: &str, l: &[(&str, &str)]) -> Namespace {
-    Namespace {
-        metadata: ObjectMeta { name: Some(name.into()), labels: labels(l), ..ObjectMeta::default() },
-        ..Namespace::default()
-    }
-}
-
-fn pod(ns: &str, name: &str, node: &str, ip: &str, l: &[(&str, &str)]) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(ns.into()),
-            labels: labels(l),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            containers: vec![Container {
-                name: "app".into(),
-                ports: Some(vec![ContainerPort {
-                    name: Some("http".into()),
-                    container_port: 80,
-                    protocol: Some("TCP".into()),
-                    ..ContainerPort::default()
-                }]),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        status: Some(PodStatus { phase: Some("Running".into()), pod_ip: Some(ip.into()), ..PodStatus::default() }),
-    }
-}
 
 /// Pods labelled `selects` accept ingress from pods labelled `from` on `port`.
 fn policy(ns: &str, name: &str, selects: &[(&str, &str)], from: &[(&str, &str)], port: i32) -> NetworkPolicy {

@@ -6,65 +6,21 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::runtime::watcher;
 use netpol::agent::watch::Resource;
 use netpol::agent::{ClusterWatch, Metrics, Snapshot, SyncLoop, SyncLoopConfig, SyncState, Trigger, admin};
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
+use netpol::testkit::objects::{self, labels, namespace};
 use netpol::testkit::sync::RecordingTarget;
 use tokio::task::JoinHandle;
 
 // ---------------------------------------------------------------- builders
 
-fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
-    Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
-}
-
-fn namespace(name: &str, l: &[(&str, &str)]) -> Namespace {
-    Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: labels(l),
-            annotations: labels(&[("note", "stripped on arrival")]),
-            ..ObjectMeta::default()
-        },
-        ..Namespace::default()
-    }
-}
-
 fn pod(ns: &str, name: &str, ip: &str, l: &[(&str, &str)]) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(ns.into()),
-            labels: labels(l),
-            annotations: labels(&[("note", "stripped on arrival")]),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some("node-a".into()),
-            containers: vec![Container {
-                name: "app".into(),
-                image: Some("registry.example/app:1".into()),
-                ports: Some(vec![ContainerPort {
-                    name: Some("http".into()),
-                    container_port: 80,
-                    protocol: Some("TCP".into()),
-                    ..ContainerPort::default()
-                }]),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".into()),
-            pod_ip: Some(ip.into()),
-            host_ip: Some("198.51.100.1".into()),
-            ..PodStatus::default()
-        }),
-    }
+    objects::pod(ns, name, "node-a", ip, l)
 }
 
 fn policy(ns: &str, name: &str, selects: &[(&str, &str)]) -> NetworkPolicy {

@@ -4,23 +4,19 @@
 //! They build network namespaces, so they need root, `ip` and `nft`. Without them they skip
 //! with a message, except under `CI=true`, where they fail.
 
-use std::path::PathBuf;
+mod common;
+
+use common::ci;
 use std::time::{Duration, Instant};
 
 use netpol::bitset::BitMatrix;
 use netpol::generate;
 use netpol::kernel_engine::{self, KernelError};
 use netpol::lab::LabSpec;
-use netpol::load::{LoadOptions, load_sources, read_sources};
 use netpol::matrix::{self, Family, Probe, ProbePort};
 use netpol::model::{Cluster, Protocol};
-use serde_json::Value;
 
 const TIMEOUT: Duration = LabSpec::DEFAULT_TIMEOUT;
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
 
 fn kernel_ok() -> bool {
     match kernel_engine::check_prerequisites() {
@@ -33,86 +29,23 @@ fn kernel_ok() -> bool {
     }
 }
 
-fn conformance_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("NETPOL_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/cases"));
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    assert!(!ci(), "conformance corpus missing at {}", dir.display());
-    eprintln!("SKIPPED: no conformance corpus at {}", dir.display());
-    None
-}
-
-/// The `Expectation` document of a case file.
-fn expectation(text: &str) -> Value {
-    text.split("\n---")
-        .filter_map(|doc| yaml_serde::from_str::<Value>(doc).ok())
-        .find(|v| v.get("kind").and_then(Value::as_str) == Some("Expectation"))
-        .expect("case has an Expectation document")
-}
-
 #[test]
 fn every_conformance_case_passes_with_the_kernel_engine() {
     if !kernel_ok() {
         return;
     }
-    let Some(dir) = conformance_dir() else { return };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
-    assert!(files.len() >= 20, "expected the whole corpus, found {} files", files.len());
+    let cases = common::conformance_cases();
     let started = Instant::now();
     let mut failures = Vec::new();
-    for file in &files {
-        let name = file.file_name().unwrap().to_string_lossy().to_string();
-        let cluster = load_sources(&read_sources(std::slice::from_ref(file)).unwrap(), &LoadOptions::default())
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
-            .cluster;
-        let exp = expectation(&std::fs::read_to_string(file).unwrap());
-        let order: Vec<String> =
-            exp["podOrder"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-        let index: Vec<usize> = order
-            .iter()
-            .map(|id| cluster.pods.iter().position(|p| p.id.to_string() == *id).expect("pod of podOrder loaded"))
-            .collect();
-        let ignore_loopback = exp["ignoreLoopback"].as_bool().unwrap_or(false);
-        let expected = exp["probes"].as_array().unwrap();
-        let probes: Vec<Probe> = expected
-            .iter()
-            .map(|p| Probe {
-                port: ProbePort::Number(p["port"].as_u64().unwrap() as u16),
-                protocol: Protocol::parse(p["protocol"].as_str().unwrap()).unwrap(),
-            })
-            .collect();
-        let got = kernel_engine::matrices(&cluster, &probes, Family::Primary, TIMEOUT)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        for ((probe, want), got) in probes.iter().zip(expected).zip(&got) {
-            let want: Vec<Vec<bool>> = want["matrix"]
-                .as_str()
-                .unwrap()
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| l.split_whitespace().map(|c| c == ".").collect())
-                .collect();
-            for (i, from) in order.iter().enumerate() {
-                for (j, to) in order.iter().enumerate() {
-                    if i == j && ignore_loopback {
-                        continue;
-                    }
-                    let cell = got.get(index[i], index[j]);
-                    if cell != want[i][j] {
-                        failures.push(format!(
-                            "{name}: {probe} {from} -> {to}: expected {}, kernel says {}",
-                            verdict(want[i][j]),
-                            verdict(cell)
-                        ));
-                    }
-                }
-            }
+    for case in &cases {
+        let probes: Vec<Probe> = case.probes.iter().map(|(p, _)| p.clone()).collect();
+        let got = kernel_engine::matrices(&case.cluster, &probes, Family::Primary, TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        for (k, m) in got.iter().enumerate() {
+            failures.extend(case.disagreements(k, "the kernel", |i, j| m.get(i, j)));
         }
     }
-    eprintln!("{} conformance cases on the kernel in {:.1?}", files.len(), started.elapsed());
+    eprintln!("{} conformance cases on the kernel in {:.1?}", cases.len(), started.elapsed());
     assert!(failures.is_empty(), "{} cells disagree:\n{}", failures.len(), failures.join("\n"));
 }
 

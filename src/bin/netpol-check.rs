@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use netpol::compile::{self, NodeConfig};
 use netpol::evaluate::{self, Endpoint};
 use netpol::load::{self, LoadOptions, Loaded};
-use netpol::matrix::{self, Family, Probe, ProbePort};
+use netpol::matrix::{self, Family, Probe};
 use netpol::model::{Cluster, Direction, Protocol};
 use netpol::nft::{json, render};
 use netpol::query;
@@ -279,15 +279,7 @@ fn probes(cluster: &Cluster, ports: &[String], protocols: &[String]) -> Result<V
     } else {
         let mut out = Vec::new();
         for p in ports {
-            let port = match p.parse::<u32>() {
-                Ok(n) if (1..=65535).contains(&n) => ProbePort::Number(n as u16),
-                Ok(n) => bail!("--port: {n} is not a port (1-65535)"),
-                Err(_) => {
-                    netpol::convert::validate_port_name(p, "--port")
-                        .map_err(|e| anyhow!("{}: {}", e.path, e.reason))?;
-                    ProbePort::Named(p.clone())
-                }
-            };
+            let port = query::parse_port(p).map_err(|e| anyhow!("--port: {e}"))?;
             let protos: &[Protocol] = if protocols.is_empty() { &[Protocol::Tcp] } else { &protocols };
             out.extend(protos.iter().map(|&protocol| Probe { port: port.clone(), protocol }));
         }
@@ -442,17 +434,7 @@ fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     for direction in [Direction::Ingress, Direction::Egress] {
-        let selecting: Vec<usize> = cluster
-            .policies
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| {
-                p.id.namespace == pod.id.namespace
-                    && p.rules(direction).is_some()
-                    && p.pod_selector.matches(&pod.labels)
-            })
-            .map(|(k, _)| k)
-            .collect();
+        let selecting = cluster.isolating_policies(i, direction);
         let verb = if direction == Direction::Ingress { "receive" } else { "send" };
         println!();
         if selecting.is_empty() {

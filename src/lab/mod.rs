@@ -71,13 +71,11 @@ pub fn node_side_interface(pod: usize) -> String {
     topology::pod_peer_if(pod)
 }
 
-/// Layer-4 protocol of a served port or a probe.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
-pub enum L4 {
-    Tcp,
-    Udp,
-    Sctp,
-}
+/// Layer-4 protocol of a served port or a probe: the model's own [`Protocol`], so callers
+/// need no conversion.
+///
+/// [`Protocol`]: crate::model::Protocol
+pub use crate::model::Protocol as L4;
 
 /// Address family of a probe.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, PartialOrd, Ord)]

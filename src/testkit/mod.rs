@@ -2,4 +2,5 @@
 //! fake Kubernetes API server and a recording [`crate::agent::SyncTarget`].
 
 pub mod apiserver;
+pub mod objects;
 pub mod sync;

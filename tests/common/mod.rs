@@ -1,0 +1,126 @@
+//! Shared by the integration tests: the upstream conformance corpus, loaded once per file,
+//! and the cell-by-cell comparison every engine's test makes against it.
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::PathBuf;
+
+use netpol::load::{LoadOptions, load_sources, read_sources};
+use netpol::matrix::{Probe, ProbePort};
+use netpol::model::{Cluster, ObjectRef, Protocol};
+use serde_json::Value;
+
+/// CI runs as root with everything installed: there a missing prerequisite is a failure.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// `../shared/conformance/cases` beside the repository, or `NETPOL_CONFORMANCE_DIR`.
+/// `None` (with a message) when absent; under `CI=true` its absence fails the test.
+pub fn conformance_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("NETPOL_CONFORMANCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/cases"));
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    assert!(!ci(), "conformance corpus missing at {}", dir.display());
+    eprintln!("SKIPPED: no conformance corpus at {}", dir.display());
+    None
+}
+
+/// One case file: its cluster and what upstream expects of it.
+pub struct Case {
+    pub name: String,
+    pub path: PathBuf,
+    pub cluster: Cluster,
+    /// `podOrder`, as indices into `cluster.pods`.
+    pub order: Vec<usize>,
+    pub ignore_loopback: bool,
+    /// Each probe with its expected matrix (rows: source, columns: destination, in `order`).
+    pub probes: Vec<(Probe, Vec<Vec<bool>>)>,
+}
+
+/// Every case of the corpus, sorted by file name (empty when the corpus is absent).
+pub fn conformance_cases() -> Vec<Case> {
+    let Some(dir) = conformance_dir() else { return Vec::new() };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20, "expected the whole corpus, found {} files", files.len());
+    files.into_iter().map(load_case).collect()
+}
+
+fn load_case(path: PathBuf) -> Case {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let cluster = load_sources(&read_sources(std::slice::from_ref(&path)).unwrap(), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .cluster;
+    let text = std::fs::read_to_string(&path).unwrap();
+    let exp: Value = netpol::load::split_documents(&text)
+        .into_iter()
+        .filter_map(|(_, doc)| yaml_serde::from_str::<Value>(&doc).ok())
+        .find(|v| v["kind"] == "Expectation")
+        .unwrap_or_else(|| panic!("{name}: no Expectation document"));
+    let order = exp["podOrder"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let (ns, pod) = s.as_str().unwrap().split_once('/').unwrap();
+            cluster.pod_index(&ObjectRef::new(ns, pod)).unwrap_or_else(|| panic!("{name}: pod {ns}/{pod} not loaded"))
+        })
+        .collect();
+    let probes = exp["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let port = match &p["port"] {
+                Value::Number(n) => ProbePort::Number(n.as_u64().unwrap() as u16),
+                v => ProbePort::Named(v.as_str().unwrap().to_string()),
+            };
+            let protocol = Protocol::parse(p["protocol"].as_str().unwrap()).unwrap();
+            let matrix = p["matrix"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| l.split_whitespace().map(|c| c == ".").collect())
+                .collect();
+            (Probe { port, protocol }, matrix)
+        })
+        .collect();
+    Case { name, path, cluster, order, ignore_loopback: exp["ignoreLoopback"].as_bool().unwrap_or(false), probes }
+}
+
+fn verdict(allowed: bool) -> &'static str {
+    if allowed { "allowed" } else { "denied" }
+}
+
+impl Case {
+    /// The cells where `got(i, j)` (indices into `cluster.pods`) disagrees with probe
+    /// `probe`'s expected matrix, one line each naming `engine`.
+    pub fn disagreements(&self, probe: usize, engine: &str, got: impl Fn(usize, usize) -> bool) -> Vec<String> {
+        let (p, want) = &self.probes[probe];
+        let mut out = Vec::new();
+        for (r, &i) in self.order.iter().enumerate() {
+            for (c, &j) in self.order.iter().enumerate() {
+                if (r == c && self.ignore_loopback) || got(i, j) == want[r][c] {
+                    continue;
+                }
+                out.push(format!(
+                    "{}: {p} {} -> {}: expected {}, {engine} says {}",
+                    self.name,
+                    self.cluster.pods[i].id,
+                    self.cluster.pods[j].id,
+                    verdict(want[r][c]),
+                    verdict(got(i, j))
+                ));
+            }
+        }
+        out
+    }
+}
