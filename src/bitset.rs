@@ -130,19 +130,6 @@ impl BitMatrix {
         }
     }
 
-    /// The transpose, 64×64 blocks at a time would be faster; this is simple and fast enough
-    /// (10 000² bits in well under a second).
-    pub fn transpose(&self) -> BitMatrix {
-        let n = self.rows.len();
-        let mut out: Vec<BitSet> = (0..n).map(|_| BitSet::empty(n)).collect();
-        for (i, row) in self.rows.iter().enumerate() {
-            for j in row.iter() {
-                out[j].insert(i);
-            }
-        }
-        BitMatrix { rows: out }
-    }
-
     /// The sub-matrix of the given rows/columns (both in the same order).
     pub fn project(&self, keep: &[usize]) -> BitMatrix {
         let rows = keep
@@ -170,16 +157,5 @@ mod tests {
         let s = BitSet::full(70);
         assert_eq!(s.count(), 70);
         assert_eq!(s.iter().last(), Some(69));
-    }
-
-    #[test]
-    fn transposing_twice_gives_the_original() {
-        let mut m = BitMatrix::from_rows((0..130).map(|_| BitSet::empty(130)).collect());
-        for (i, j) in [(0, 129), (64, 3), (129, 0), (77, 77)] {
-            m.set(i, j, true);
-        }
-        let t = m.transpose();
-        assert!(t.get(129, 0) && t.get(3, 64) && t.get(0, 129) && t.get(77, 77));
-        assert_eq!(t.transpose(), m);
     }
 }

@@ -234,17 +234,18 @@ impl<'a> Index<'a> {
             .map(|(key, rule)| (key, ports_admit_set(cluster, rule, probe.protocol, &dst_port, uniform_port)))
             .collect();
 
-        // Ingress: for each destination j, the sources allowed in.
-        let mut ingress_rows = Vec::with_capacity(n);
-        for j in 0..n {
-            let policies = &self.isolating[0][j];
-            if policies.is_empty() {
-                ingress_rows.push(BitSet::full(n));
-                continue;
-            }
+        // Ingress, by source: for each source i, the destinations that let it in. Every
+        // unisolated destination does; an isolated one lets in the sources its rules allow.
+        // (Only isolated destinations are walked: no full n×n transpose.)
+        let mut unisolated = BitSet::empty(n);
+        for j in (0..n).filter(|&j| self.isolating[0][j].is_empty()) {
+            unisolated.insert(j);
+        }
+        let mut ingress_by_source = vec![unisolated; n];
+        for j in (0..n).filter(|&j| !self.isolating[0][j].is_empty()) {
             let fam = usize::from(self.dst_is_v6.contains(j));
             let mut allowed = BitSet::empty(n);
-            for &pi in policies {
+            for &pi in &self.isolating[0][j] {
                 let rules = cluster.policies[pi].ingress.as_deref().unwrap_or_default();
                 for ri in 0..rules.len() {
                     if ports_admit[&(pi, Direction::Ingress, ri)].admits(j) {
@@ -252,63 +253,89 @@ impl<'a> Index<'a> {
                     }
                 }
             }
-            ingress_rows.push(allowed);
-        }
-        let ingress_by_source = BitMatrix::from_rows(ingress_rows).transpose();
-
-        // Egress: for each source i, the destinations allowed out, then AND with ingress.
-        let mut rows = Vec::with_capacity(n);
-        for i in 0..n {
-            let policies = &self.isolating[1][i];
-            let mut allowed = if policies.is_empty() {
-                BitSet::full(n)
-            } else {
-                let mut allowed = BitSet::empty(n);
-                for &pi in policies {
-                    let rules = cluster.policies[pi].egress.as_deref().unwrap_or_default();
-                    for ri in 0..rules.len() {
-                        let peers = &self.egress_peers[&(pi, ri)];
-                        match &ports_admit[&(pi, Direction::Egress, ri)] {
-                            PortsAdmit::All => allowed.union_with(peers),
-                            PortsAdmit::None => {}
-                            PortsAdmit::Some(set) => allowed.union_with_intersection(peers, set),
-                        }
-                    }
-                }
-                allowed
-            };
-            allowed.intersect_with(ingress_by_source.row(i));
-            self.apply_shortcuts(i, &mut allowed, &dst_port);
-            rows.push(allowed);
-        }
-        BitMatrix::from_rows(rows)
-    }
-
-    /// The cells that policy does not decide: no address, self traffic, node to local pod,
-    /// and destinations lacking the named port.
-    fn apply_shortcuts(&self, i: usize, row: &mut BitSet, dst_port: &[Option<u16>]) {
-        let cluster = self.cluster;
-        let src = &cluster.pods[i];
-        for (j, port) in dst_port.iter().enumerate() {
-            let dst = &cluster.pods[j];
-            let ipv6 = self.dst_is_v6.contains(j);
-            let value = if port.is_none() || src.ip_of_family(ipv6).is_none() || dst.ip_of_family(ipv6).is_none() {
-                Some(false)
-            } else if i == j || (src.host_network && !dst.host_network && src.node == dst.node) {
-                Some(true)
-            } else {
-                None
-            };
-            match value {
-                Some(true) => row.insert(j),
-                Some(false) if row.contains(j) => row.remove(j),
-                _ => {}
+            for i in allowed.iter() {
+                ingress_by_source[i].insert(j);
             }
         }
+        let shortcuts = Shortcuts::new(self, &dst_port);
+
+        // Egress: each source's row starts as the destinations that let it in, narrowed to
+        // those its own egress rules allow when it is isolated.
+        let rows = ingress_by_source
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut row)| {
+                let policies = &self.isolating[1][i];
+                if !policies.is_empty() {
+                    let mut allowed = BitSet::empty(n);
+                    for &pi in policies {
+                        let rules = cluster.policies[pi].egress.as_deref().unwrap_or_default();
+                        for ri in 0..rules.len() {
+                            let peers = &self.egress_peers[&(pi, ri)];
+                            match &ports_admit[&(pi, Direction::Egress, ri)] {
+                                PortsAdmit::All => allowed.union_with(peers),
+                                PortsAdmit::None => {}
+                                PortsAdmit::Some(set) => allowed.union_with_intersection(peers, set),
+                            }
+                        }
+                    }
+                    row.intersect_with(&allowed);
+                }
+                shortcuts.apply(cluster, i, &mut row);
+                row
+            })
+            .collect();
+        BitMatrix::from_rows(rows)
     }
 
     pub fn family(&self) -> Family {
         self.family
+    }
+}
+
+/// The cells that policy does not decide, as masks over destinations: a cell is denied
+/// when the destination lacks the probed (named) port or either end lacks an address of
+/// the cell's family; otherwise it is allowed when it is self traffic or a hostNetwork
+/// source talking to a pod on its own node.
+struct Shortcuts {
+    /// Indexed by (source has IPv4, source has IPv6): the destinations a cell can reach.
+    reachable: [[BitSet; 2]; 2],
+}
+
+impl Shortcuts {
+    fn new(index: &Index, dst_port: &[Option<u16>]) -> Self {
+        let n = index.n;
+        let (mut v4, mut v6) = (BitSet::empty(n), BitSet::empty(n));
+        for (j, pod) in index.cluster.pods.iter().enumerate() {
+            if dst_port[j].is_none() {
+                continue;
+            }
+            let ipv6 = index.dst_is_v6.contains(j);
+            if pod.ip_of_family(ipv6).is_some() {
+                if ipv6 { v6.insert(j) } else { v4.insert(j) }
+            }
+        }
+        let mut both = v4.clone();
+        both.union_with(&v6);
+        let none = BitSet::empty(n);
+        Shortcuts { reachable: [[none, v6], [v4, both]] }
+    }
+
+    fn apply(&self, cluster: &Cluster, i: usize, row: &mut BitSet) {
+        let src = &cluster.pods[i];
+        let has = |ipv6| usize::from(src.ip_of_family(ipv6).is_some());
+        let reachable = &self.reachable[has(false)][has(true)];
+        row.intersect_with(reachable);
+        if reachable.contains(i) {
+            row.insert(i);
+        }
+        if src.host_network {
+            for (j, dst) in cluster.pods.iter().enumerate() {
+                if !dst.host_network && dst.node == src.node && reachable.contains(j) {
+                    row.insert(j);
+                }
+            }
+        }
     }
 }
 

@@ -115,12 +115,18 @@ pub fn write_text(out: &mut impl Write, r: &MatrixReport, color: bool) -> io::Re
             }
             out.write_all(b"\n")?;
         }
+        // Each cell pre-rendered once; a row is assembled and written in one go.
+        let (allow_cell, deny_cell) =
+            (format!("{:>pad$}{allow} ", "", pad = col - 1), format!("{:>pad$}{deny} ", "", pad = col - 1));
+        let mut line = Vec::with_capacity(width + number_width + 3 + n * allow_cell.len() + 1);
         for i in 0..n {
-            write!(out, "{:>nw$} {:<w$}  ", i + 1, r.pods[i], nw = number_width, w = width)?;
+            line.clear();
+            write!(line, "{:>nw$} {:<w$}  ", i + 1, r.pods[i], nw = number_width, w = width)?;
             for j in 0..n {
-                write!(out, "{:>pad$}{} ", "", if m.get(i, j) { allow } else { deny }, pad = col - 1)?;
+                line.extend_from_slice(if m.get(i, j) { allow_cell.as_bytes() } else { deny_cell.as_bytes() });
             }
-            out.write_all(b"\n")?;
+            line.push(b'\n');
+            out.write_all(&line)?;
         }
     }
     Ok(())
