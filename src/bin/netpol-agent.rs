@@ -12,22 +12,6 @@ use netpol::nft::real::RealNftables;
 
 const BAD_CONFIG: u8 = 2;
 
-/// SIGTERM / SIGINT handlers, installed now rather than on first poll: the sync loop
-/// first polls its shutdown future after the first sync attempt, and a SIGTERM before
-/// that would otherwise kill the process with the default action (skipping cleanup).
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-        tracing::info!("shutdown signal received");
-    })
-}
-
 fn main() -> ExitCode {
     let config = match AgentConfig::try_parse() {
         Ok(c) => c,
@@ -47,7 +31,7 @@ fn main() -> ExitCode {
     };
     let target = NftTarget::new(RealNftables::default(), config.node.clone(), config.table.clone());
     let result = runtime.block_on(async {
-        let shutdown = shutdown_signal()?;
+        let shutdown = agent::shutdown_signal()?;
         Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
     });
     let result = match result {

@@ -1,6 +1,8 @@
 //! Test support shared by unit tests, integration tests and system tests: an in-process
-//! fake Kubernetes API server and a recording [`crate::agent::SyncTarget`].
+//! fake Kubernetes API server, a recording [`crate::agent::SyncTarget`] and the real
+//! `netpol-agent` binary as a child process.
 
+pub mod agent_process;
 pub mod apiserver;
 pub mod objects;
 pub mod sync;
