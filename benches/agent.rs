@@ -128,7 +128,11 @@ impl Netns {
     }
 
     fn nft(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("ip").args(["netns", "exec", &self.0, "nft"]).args(args).output().map_err(|e| e.to_string())?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft"])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -185,8 +189,12 @@ impl Drop for Proc {
 /// A pod as a Deployment's pod looks on the wire (owner, annotations, env, volumes,
 /// conditions, managedFields), so lists and watch events carry the bytes the agent strips.
 fn pod_json(p: &Pod) -> Value {
-    let labels: serde_json::Map<String, Value> =
-        p.labels.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).chain([("pod-template-hash".to_string(), json!("7d9f8b6c5"))]).collect();
+    let labels: serde_json::Map<String, Value> = p
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .chain([("pod-template-hash".to_string(), json!("7d9f8b6c5"))])
+        .collect();
     let ports: Vec<Value> = p
         .ports
         .iter()
@@ -340,15 +348,15 @@ impl Monitor {
         }
         let monitor = Monitor { _proc: proc, commits, seen_probe };
         // Wait until the monitor really listens: create and drop a probe table until it
-        // reports one.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // reports one. It reads the whole ruleset first, which takes a while at 100k pods.
+        let deadline = Instant::now() + Duration::from_secs(300);
         while !*monitor.seen_probe.lock().unwrap_or_else(|e| e.into_inner()) {
             if Instant::now() > deadline {
-                return Err("nft monitor printed nothing for 10 s".into());
+                return Err("nft monitor printed nothing for 300 s".into());
             }
             netns.nft(&["add", "table", "inet", "bench_probe"])?;
             netns.nft(&["delete", "table", "inet", "bench_probe"])?;
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(500));
         }
         Ok(monitor)
     }
@@ -516,10 +524,8 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
+    let admin_port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
 
     let log_path = setup.dir.join(format!("agent-{}.log", params.pods));
     let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
@@ -567,10 +573,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     // Let the allocator settle after the first sync's peak.
     std::thread::sleep(Duration::from_secs(2));
     let rss_first = memory_kib(agent.pid());
-    eprintln!(
-        "   first full sync after {first_sync_secs:.1} s; RSS {} KiB, HWM {} KiB",
-        rss_first.0, rss_first.1
-    );
+    eprintln!("   first full sync after {first_sync_secs:.1} s; RSS {} KiB, HWM {} KiB", rss_first.0, rss_first.1);
 
     let monitor = Monitor::start(&netns)?;
     let cpu_before = cpu_seconds(agent.pid());
@@ -663,12 +666,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     std::thread::sleep(Duration::from_secs(3));
     let agent_cpu_per_sec = (cpu_seconds(agent.pid()) - cpu_before) / (churn_secs + 3.0);
     let rss_end = memory_kib(agent.pid());
-    eprintln!(
-        "   {} events in {churn_secs:.1} s; RSS {} KiB, HWM {} KiB",
-        events.len(),
-        rss_end.0,
-        rss_end.1
-    );
+    eprintln!("   {} events in {churn_secs:.1} s; RSS {} KiB, HWM {} KiB", events.len(), rss_end.0, rss_end.1);
     let partial_syncs = http_get(admin_port, "/metrics").and_then(|(_, body)| partial_sync_histogram(&body));
 
     // ---- ground truth: which events change their pod's set memberships (initial vs final
@@ -676,8 +674,11 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let config = NodeConfig { node: NODE.into(), table: TABLE.into() };
     let local_pods_at_end = mirror.values().filter(|p| p.node == NODE).count();
     let before = memberships(&compile(&base, &config));
-    let final_cluster =
-        Cluster::new(base.namespaces.values().cloned().collect(), mirror.into_values().collect(), base.policies.clone());
+    let final_cluster = Cluster::new(
+        base.namespaces.values().cloned().collect(),
+        mirror.into_values().collect(),
+        base.policies.clone(),
+    );
     let after = memberships(&compile(&final_cluster, &config));
     let empty = BTreeSet::new();
     let changes = |ip: &Ipv4Addr| before.get(ip).unwrap_or(&empty) != after.get(ip).unwrap_or(&empty);
@@ -848,8 +849,14 @@ fn main() {
         }
     };
     let setup = Setup { args: &args, agent: &agent, dir: dir.path() };
-    let mut sizes =
-        vec![Params { pods: args.pods, namespaces: args.namespaces, policies: args.policies, nodes: args.nodes, seed: args.seed, dual_stack: false }];
+    let mut sizes = vec![Params {
+        pods: args.pods,
+        namespaces: args.namespaces,
+        policies: args.policies,
+        nodes: args.nodes,
+        seed: args.seed,
+        dual_stack: false,
+    }];
     for &pods in args.scale_to.iter().filter(|p| **p > 0) {
         let scale = pods as f64 / args.pods as f64;
         let scaled = |n: usize| ((n as f64 * scale).round() as usize).max(1);
