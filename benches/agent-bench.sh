@@ -1,0 +1,14 @@
+#!/bin/sh
+# End-to-end benchmark of the real netpol-agent (see benches/agent.rs): event → rules
+# committed in the kernel at 100 pod events/s, and agent RSS per cluster pod at 10 000
+# and 100 000 pods. Needs root, `ip` and `nft`; everything happens in a throwaway network
+# namespace that is removed afterwards (also on failure and Ctrl-C).
+#
+#   benches/agent-bench.sh                      # 10k pods/1k policies, then 100k/10k
+#   benches/agent-bench.sh --scale-to 0         # only the 10k cluster
+#   benches/agent-bench.sh --seconds 60 --debounce 10ms --agent-env MALLOC_ARENA_MAX=2
+set -eu
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-rel}"
+# Builds the release netpol-agent with the benchmark, then runs it.
+exec cargo bench --bench agent -- "$@"

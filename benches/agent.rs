@@ -1,0 +1,887 @@
+//! End-to-end benchmark of the real `netpol-agent` binary: event → rules committed in the
+//! kernel, and the agent's memory per cluster pod.
+//!
+//! ```text
+//!  generate::cluster ──► FakeApiServer (in-process, bulk-loaded) ◄── list/watch ── netpol-agent (child)
+//!        │                      ▲                                                  │ nft (PATH wrapper)
+//!        │   churn: add/delete/relabel pods at --rate                              ▼
+//!        └──────────────────────┘                                 throwaway netns "npl-bench-<pid>"
+//!                                                                                  │
+//!     latency = commit seen by `nft monitor` in that netns  −  event applied to the fake
+//! ```
+//!
+//! The kernel is the witness: each churn event touches one pod with its own IP, and its
+//! latency is the time from applying the event to the fake apiserver until `nft monitor`
+//! (run in the agent's netns) prints the end of a commit (`# new generation`) whose
+//! element changes mention that IP. Events whose IP shows up in no commit changed no rule;
+//! they are counted apart and left out of the percentiles. At the end the kernel's table
+//! must hold exactly the pod IPs that `compile` gives for the final cluster.
+//!
+//! Memory: VmRSS / VmHWM of the agent from `/proc/<pid>/status`, after the first full
+//! sync and after the churn, divided by the cluster's pod count.
+//!
+//! Run it with `benches/agent-bench.sh` (root, `ip`, `nft`); it is not part of CI.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use netpol::compile::{NodeConfig, compile};
+use netpol::generate::{self, Params, Rng};
+use netpol::model::{Cluster, Pod};
+use netpol::nft::ir::{Ruleset, Value as NftValue};
+use netpol::testkit::apiserver::{FakeApiServer, Kind};
+use serde_json::{Value, json};
+
+const NODE: &str = "node-0";
+const TABLE: &str = "netpol";
+
+/// Benchmark of the real netpol-agent binary against an in-process fake apiserver.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Pods of the latency cluster.
+    #[arg(long, default_value_t = 10_000)]
+    pods: usize,
+    /// Policies of the latency cluster.
+    #[arg(long, default_value_t = 1_000)]
+    policies: usize,
+    /// Namespaces of the latency cluster.
+    #[arg(long, default_value_t = 100)]
+    namespaces: usize,
+    /// Nodes of the latency cluster. Prime by default: pods go to node `i % nodes` and
+    /// namespace `i % namespaces`, so an even divisor would put one node's pods in one
+    /// namespace.
+    #[arg(long, default_value_t = 101)]
+    nodes: usize,
+    /// Larger clusters (pod counts) to run after the first, with policies, namespaces and
+    /// nodes scaled alike (comma-separated; 0 for none).
+    #[arg(long, value_delimiter = ',', default_value = "100000")]
+    scale_to: Vec<usize>,
+    /// Pod events per second during the churn.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Seconds of churn per cluster.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Passed to the agent as --debounce (its default when absent).
+    #[arg(long)]
+    debounce: Option<String>,
+    /// Extra environment for the agent (NAME=VALUE), e.g. MALLOC_ARENA_MAX=2.
+    #[arg(long)]
+    agent_env: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The agent binary (default: the one cargo built with this benchmark).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+// ---------------------------------------------------------------- cleanup, also on Ctrl-C
+
+/// Child processes and network namespaces alive right now, for the Ctrl-C handler. Normal
+/// exits and panics clean up through `Drop`; a signal does not unwind, so the handler
+/// removes what is registered here.
+static LIVE: Mutex<(Vec<u32>, Vec<String>)> = Mutex::new((Vec::new(), Vec::new()));
+
+fn live() -> std::sync::MutexGuard<'static, (Vec<u32>, Vec<String>)> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn install_signal_cleanup() {
+    let result = ctrlc::set_handler(|| {
+        let (pids, netns) = live().clone();
+        for pid in pids {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        for ns in netns {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        eprintln!("interrupted: killed the agent and removed the benchmark netns");
+        std::process::exit(130);
+    });
+    if let Err(e) = result {
+        eprintln!("warning: no Ctrl-C cleanup: {e}");
+    }
+}
+
+/// A throwaway network namespace, deleted on drop with every table in it.
+struct Netns(String);
+
+impl Netns {
+    fn create(name: String) -> Result<Netns, String> {
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        live().1.push(name.clone());
+        let out = Command::new("ip").args(["netns", "add", &name]).output().map_err(|e| format!("ip: {e}"))?;
+        if !out.status.success() {
+            live().1.retain(|n| *n != name);
+            return Err(format!("ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(Netns(name))
+    }
+
+    fn nft(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft"])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        live().1.retain(|n| *n != self.0);
+    }
+}
+
+/// A child process, killed on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Result<Proc, String> {
+        let child = cmd.spawn().map_err(|e| format!("{cmd:?}: {e}"))?;
+        live().0.push(child.id());
+        Ok(Proc(child))
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGTERM, then up to 10 s for it to exit.
+    fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = self.0.id();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        live().0.retain(|p| *p != pid);
+    }
+}
+
+// ---------------------------------------------------------------- the cluster as API objects
+
+/// A pod as a Deployment's pod looks on the wire (owner, annotations, env, volumes,
+/// conditions, managedFields), so lists and watch events carry the bytes the agent strips.
+fn pod_json(p: &Pod) -> Value {
+    let labels: serde_json::Map<String, Value> = p
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .chain([("pod-template-hash".to_string(), json!("7d9f8b6c5"))])
+        .collect();
+    let ports: Vec<Value> = p
+        .ports
+        .iter()
+        .map(|port| json!({"name": port.name, "containerPort": port.port, "protocol": port.protocol.as_str()}))
+        .collect();
+    let ip = p.ips.first().map(IpAddr::to_string);
+    let app = p.labels.get("app").cloned().unwrap_or_default();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": p.id.name, "namespace": p.id.namespace, "labels": labels,
+            "generateName": format!("{app}-7d9f8b6c5-"),
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z",
+                            "prometheus.io/scrape": "true"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-7d9f8b6c5"),
+                                 "uid": "3f1c8f8e-0000-4000-8000-000000000001", "controller": true, "blockOwnerDeletion": true}],
+            "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+                               "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+                               "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:app": {}}}, "f:spec": {"f:containers": {}}}},
+                              {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "subresource": "status",
+                               "time": "2026-01-01T00:00:05Z", "fieldsType": "FieldsV1",
+                               "fieldsV1": {"f:status": {"f:conditions": {}, "f:podIP": {}, "f:podIPs": {}}}}],
+        },
+        "spec": {
+            "nodeName": p.node, "hostNetwork": p.host_network,
+            "restartPolicy": "Always", "dnsPolicy": "ClusterFirst", "serviceAccountName": "default",
+            "terminationGracePeriodSeconds": 30, "schedulerName": "default-scheduler",
+            "containers": [{
+                "name": "main", "image": format!("registry.example/{app}:1.4.2"), "imagePullPolicy": "IfNotPresent",
+                "ports": ports,
+                "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}],
+                "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
+            }],
+            "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
+            "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}],
+        },
+        "status": {
+            "phase": "Running", "hostIP": "192.0.2.1", "podIP": ip,
+            "podIPs": p.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>(),
+            "startTime": "2026-01-01T00:00:01Z", "qosClass": "Burstable",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:05Z"},
+                           {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-01-01T00:00:05Z"},
+                           {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "containerStatuses": [{"name": "main", "ready": true, "restartCount": 0, "started": true,
+                                   "image": format!("registry.example/{app}:1.4.2"), "imageID": "sha256:0123456789abcdef",
+                                   "containerID": "containerd://0123456789abcdef",
+                                   "state": {"running": {"startedAt": "2026-01-01T00:00:04Z"}}}],
+        },
+    })
+}
+
+/// Namespaces and policies as API objects, through `generate::to_yaml` (its pods are
+/// written by [`pod_json`], which is faster and fatter).
+fn namespaces_and_policies_json(cluster: &Cluster) -> Vec<Value> {
+    let without_pods =
+        Cluster::new(cluster.namespaces.values().cloned().collect(), Vec::new(), cluster.policies.clone());
+    generate::to_yaml(&without_pods)
+        .split("---\n")
+        .filter(|doc| !doc.trim().is_empty())
+        .map(|doc| yaml_serde::from_str::<Value>(doc).expect("generate::to_yaml writes valid YAML"))
+        .collect()
+}
+
+/// Which set or map elements each pod IPv4 address is part of.
+fn memberships(rs: &Ruleset) -> HashMap<Ipv4Addr, BTreeSet<String>> {
+    let mut out: HashMap<Ipv4Addr, BTreeSet<String>> = HashMap::new();
+    let mut note = |name: &str, values: &[NftValue]| {
+        for v in values {
+            if let NftValue::Addr(IpAddr::V4(ip)) = v {
+                out.entry(*ip).or_default().insert(format!("{name} {values:?}"));
+            }
+        }
+    };
+    for (name, set) in &rs.sets {
+        for e in &set.elements {
+            note(name, &e.0);
+        }
+    }
+    for (name, map) in &rs.maps {
+        for e in map.elements.keys() {
+            note(name, &e.0);
+        }
+    }
+    out
+}
+
+/// Plain IPv4 addresses (not prefixes) in nft output.
+fn ipv4_tokens(line: &str) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    line.split(|c: char| c.is_whitespace() || matches!(c, '{' | '}' | ',' | ':' | '(' | ')'))
+        .filter(|t| !t.contains('/'))
+        .filter_map(|t| t.parse().ok())
+}
+
+// ---------------------------------------------------------------- kernel witness
+
+/// Commit times per IP, as `nft monitor` reports them.
+#[derive(Default)]
+struct Commits {
+    by_ip: HashMap<Ipv4Addr, Vec<Instant>>,
+    generations: u64,
+    lines: u64,
+}
+
+/// `nft monitor` in the netns; a thread timestamps each commit.
+struct Monitor {
+    _proc: Proc,
+    commits: Arc<Mutex<Commits>>,
+    seen_probe: Arc<Mutex<bool>>,
+}
+
+impl Monitor {
+    fn start(netns: &Netns) -> Result<Monitor, String> {
+        let mut proc = Proc::spawn(
+            Command::new("ip")
+                .args(["netns", "exec", &netns.0, "nft", "monitor"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        )?;
+        let stdout = proc.0.stdout.take().expect("piped");
+        let commits = Arc::new(Mutex::new(Commits::default()));
+        let seen_probe = Arc::new(Mutex::new(false));
+        {
+            let commits = commits.clone();
+            let seen_probe = seen_probe.clone();
+            std::thread::spawn(move || {
+                let mut pending: Vec<Ipv4Addr> = Vec::new();
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let now = Instant::now();
+                    let mut c = commits.lock().unwrap_or_else(|e| e.into_inner());
+                    c.lines += 1;
+                    if line.starts_with("# new generation") {
+                        c.generations += 1;
+                        for ip in pending.drain(..) {
+                            let times = c.by_ip.entry(ip).or_default();
+                            if times.last() != Some(&now) {
+                                times.push(now);
+                            }
+                        }
+                    } else if line.contains("element") {
+                        pending.extend(ipv4_tokens(&line));
+                    } else if line.contains("bench_probe") {
+                        *seen_probe.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    }
+                }
+            });
+        }
+        let monitor = Monitor { _proc: proc, commits, seen_probe };
+        // Wait until the monitor really listens: create and drop a probe table until it
+        // reports one. It reads the whole ruleset first, which takes a while at 100k pods.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !*monitor.seen_probe.lock().unwrap_or_else(|e| e.into_inner()) {
+            if Instant::now() > deadline {
+                return Err("nft monitor printed nothing for 300 s".into());
+            }
+            netns.nft(&["add", "table", "inet", "bench_probe"])?;
+            netns.nft(&["delete", "table", "inet", "bench_probe"])?;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(monitor)
+    }
+}
+
+// ---------------------------------------------------------------- agent process probes
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// (VmRSS, VmHWM) in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// User + system CPU seconds of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The agent's partial-sync duration histogram: (count, sum seconds, p50, p99 upper bounds).
+fn partial_sync_histogram(metrics: &str) -> Option<(u64, f64, f64, f64)> {
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    let (mut count, mut sum) = (0u64, 0.0);
+    for line in metrics.lines().filter(|l| l.contains("mode=\"partial\"")) {
+        let value = line.rsplit(' ').next()?;
+        if line.starts_with("netpol_sync_duration_seconds_bucket") {
+            let le = line.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            buckets.push((le, value.parse().ok()?));
+        } else if line.starts_with("netpol_sync_duration_seconds_count") {
+            count = value.parse().ok()?;
+        } else if line.starts_with("netpol_sync_duration_seconds_sum") {
+            sum = value.parse().ok()?;
+        }
+    }
+    let quantile = |q: f64| {
+        let want = (q * count as f64).ceil() as u64;
+        buckets.iter().find(|(_, n)| *n >= want).map(|(le, _)| *le).unwrap_or(f64::NAN)
+    };
+    Some((count, sum, quantile(0.5), quantile(0.99)))
+}
+
+// ---------------------------------------------------------------- one run
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventKind {
+    Add,
+    Delete,
+    Relabel,
+}
+
+struct Event {
+    kind: EventKind,
+    ip: Ipv4Addr,
+    at: Instant,
+    local: bool,
+}
+
+struct Outcome {
+    pods: usize,
+    policies: usize,
+    namespaces: usize,
+    nodes: usize,
+    load_secs: f64,
+    first_sync_secs: f64,
+    rss_first: (u64, u64),
+    rss_end: (u64, u64),
+    events: Vec<Event>,
+    latencies: Vec<(EventKind, Duration)>,
+    tally: Tally,
+    local_pods: (usize, usize),
+    converged: Result<usize, String>,
+    partial_syncs: Option<(u64, f64, f64, f64)>,
+    agent_cpu_per_sec: f64,
+    generations: u64,
+}
+
+/// Events that are not in the latency percentiles.
+#[derive(Default)]
+struct Tally {
+    /// Events that change no set membership of their pod, by kind.
+    unchanged: BTreeMap<&'static str, usize>,
+    /// ... of which a commit mentioned the IP anyway (a set created or dropped whole
+    /// because of another event).
+    mentioned_anyway: usize,
+    /// Events that should have changed rules but no commit mentioned their IP.
+    missed: usize,
+}
+
+struct Setup<'a> {
+    args: &'a Args,
+    agent: &'a Path,
+    dir: &'a Path,
+}
+
+fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
+    let args = setup.args;
+    eprintln!(
+        "== {} pods, {} policies, {} namespaces, {} nodes",
+        params.pods, params.policies, params.namespaces, params.nodes
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let server = runtime.block_on(FakeApiServer::start()).map_err(|e| e.to_string())?;
+
+    let t = Instant::now();
+    let base = generate::cluster(params);
+    let mut objects = namespaces_and_policies_json(&base);
+    objects.extend(base.pods.iter().map(pod_json));
+    server.apply_bulk(objects).map_err(|e| e.to_string())?;
+    let load_secs = t.elapsed().as_secs_f64();
+    eprintln!("   generated and loaded into the fake apiserver in {load_secs:.1} s");
+
+    let netns = Netns::create(format!("npl-bench-{}", std::process::id()))?;
+    let kubeconfig = setup.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).map_err(|e| e.to_string())?;
+    let bin = setup.dir.join("bin");
+    std::fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+    let real_nft = String::from_utf8_lossy(
+        &Command::new("sh").args(["-c", "command -v nft"]).output().map_err(|e| e.to_string())?.stdout,
+    )
+    .trim()
+    .to_string();
+    if real_nft.is_empty() {
+        return Err("nft not found on PATH".into());
+    }
+    let wrapper = bin.join("nft");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nexec ip netns exec {} {real_nft} \"$@\"\n", netns.0))
+        .map_err(|e| e.to_string())?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let admin_port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+
+    let log_path = setup.dir.join(format!("agent-{}.log", params.pods));
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(setup.agent);
+    cmd.args(["--node", NODE, "--table", TABLE, "--log-level", "warn"])
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{admin_port}"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env("PATH", &path)
+        .env_remove("NODE_NAME")
+        .env_remove("NETPOL_TABLE")
+        .env_remove("KUBECONFIG")
+        .env_remove("NETPOL_DEBOUNCE")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(d) = &args.debounce {
+        cmd.arg("--debounce").arg(d);
+    }
+    for kv in &args.agent_env {
+        let (k, v) = kv.split_once('=').ok_or_else(|| format!("--agent-env {kv}: expected NAME=VALUE"))?;
+        cmd.env(k, v);
+    }
+    let started = Instant::now();
+    let mut agent = Proc::spawn(&mut cmd)?;
+    let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    // First full sync: /readyz turns 200 once it is in the kernel.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        if let Ok(Some(status)) = agent.0.try_wait() {
+            return Err(format!("netpol-agent exited ({status}) before its first sync:\n{}", agent_log()));
+        }
+        if http_get(admin_port, "/readyz").is_some_and(|(code, _)| code == 200) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no first sync within 900 s:\n{}", agent_log()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first_sync_secs = started.elapsed().as_secs_f64();
+    // Let the allocator settle after the first sync's peak.
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_first = memory_kib(agent.pid());
+    eprintln!("   first full sync after {first_sync_secs:.1} s; RSS {} KiB, HWM {} KiB", rss_first.0, rss_first.1);
+
+    let monitor = Monitor::start(&netns)?;
+    let cpu_before = cpu_seconds(agent.pid());
+
+    // ---- churn
+    let mut rng = Rng::new(params.seed ^ 0x5eed);
+    let apps: Vec<String> =
+        base.pods.iter().filter_map(|p| p.labels.get("app").cloned()).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut mirror: BTreeMap<(String, String), Pod> =
+        base.pods.iter().map(|p| ((p.id.namespace.clone(), p.id.name.clone()), p.clone())).collect();
+    // Untouched pods of the initial cluster (remote, local): each event touches its own pod,
+    // so each IP has one event and its commit is unambiguous.
+    let mut pool: [Vec<(String, String)>; 2] = [Vec::new(), Vec::new()];
+    for (k, p) in &mirror {
+        pool[usize::from(p.node == NODE)].push(k.clone());
+    }
+    let local_pods_at_start = pool[1].len();
+    let other_nodes: Vec<String> = (1..params.nodes).map(|i| format!("node-{i}")).collect();
+    let mut events: Vec<Event> = Vec::new();
+    let period = Duration::from_secs_f64(1.0 / args.rate);
+    let total = (args.rate * args.seconds as f64) as usize;
+    let churn_start = Instant::now();
+    for n in 0..total {
+        let due = churn_start + period * n as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let local = rng.chance(50);
+        let roll = rng.below(10);
+        let kind = if roll < 4 {
+            EventKind::Add
+        } else if roll < 7 {
+            EventKind::Delete
+        } else {
+            EventKind::Relabel
+        };
+        // An untouched pod, from the chosen side while it has any.
+        let pick = |rng: &mut Rng| -> Option<(usize, usize)> {
+            let side = if pool[usize::from(local)].is_empty() { usize::from(!local) } else { usize::from(local) };
+            (!pool[side].is_empty()).then(|| (side, rng.below(pool[side].len())))
+        };
+        let event = match kind {
+            EventKind::Add => {
+                let template = &base.pods[rng.below(base.pods.len())];
+                let ip = Ipv4Addr::from(0x0A80_0000u32 + n as u32);
+                let mut p = template.clone();
+                p.id.name = format!("churn-{n}");
+                // A fifth of the new pods land on the agent's node (about as many as leave it).
+                p.node = if rng.chance(20) { NODE.to_string() } else { rng.pick(&other_nodes).clone() };
+                p.ips = vec![IpAddr::V4(ip)];
+                let key = (p.id.namespace.clone(), p.id.name.clone());
+                let p_local = p.node == NODE;
+                let at = Instant::now();
+                server.apply_json(pod_json(&p)).map_err(|e| e.to_string())?;
+                // Touched once: not pooled for a later delete or relabel.
+                mirror.insert(key, p);
+                Event { kind, ip, at, local: p_local }
+            }
+            EventKind::Delete | EventKind::Relabel => {
+                let Some((side, i)) = pick(&mut rng) else { continue };
+                let key = pool[side][i].clone();
+                let Some(IpAddr::V4(ip)) = mirror[&key].ips.first().copied() else { continue };
+                let at = Instant::now();
+                if kind == EventKind::Delete {
+                    server.delete(Kind::Pod, &key.0, &key.1).ok_or("pod to delete is missing")?;
+                    mirror.remove(&key);
+                } else {
+                    let p = mirror.get_mut(&key).expect("pooled pods are live");
+                    let old = p.labels.get("app").cloned().unwrap_or_default();
+                    let new = loop {
+                        let a = rng.pick(&apps);
+                        if *a != old || apps.len() < 2 {
+                            break a.clone();
+                        }
+                    };
+                    p.labels.insert("app".into(), new);
+                    server.apply_json(pod_json(p)).map_err(|e| e.to_string())?;
+                }
+                pool[side].swap_remove(i);
+                Event { kind, ip, at, local: side == 1 }
+            }
+        };
+        events.push(event);
+        if let Ok(Some(status)) = agent.0.try_wait() {
+            return Err(format!("netpol-agent exited ({status}) during the churn:\n{}", agent_log()));
+        }
+    }
+    let churn_secs = churn_start.elapsed().as_secs_f64();
+    // Drain: the last events' commits.
+    std::thread::sleep(Duration::from_secs(3));
+    let agent_cpu_per_sec = (cpu_seconds(agent.pid()) - cpu_before) / (churn_secs + 3.0);
+    let rss_end = memory_kib(agent.pid());
+    eprintln!("   {} events in {churn_secs:.1} s; RSS {} KiB, HWM {} KiB", events.len(), rss_end.0, rss_end.1);
+    let partial_syncs = http_get(admin_port, "/metrics").and_then(|(_, body)| partial_sync_histogram(&body));
+
+    // ---- ground truth: which events change their pod's set memberships (initial vs final
+    // cluster; each pod is touched at most once)
+    let config = NodeConfig { node: NODE.into(), table: TABLE.into() };
+    let local_pods_at_end = mirror.values().filter(|p| p.node == NODE).count();
+    let before = memberships(&compile(&base, &config));
+    let final_cluster = Cluster::new(
+        base.namespaces.values().cloned().collect(),
+        mirror.into_values().collect(),
+        base.policies.clone(),
+    );
+    let after = memberships(&compile(&final_cluster, &config));
+    let empty = BTreeSet::new();
+    let changes = |ip: &Ipv4Addr| before.get(ip).unwrap_or(&empty) != after.get(ip).unwrap_or(&empty);
+
+    // ---- match events to the first commit mentioning their IP
+    let commits = monitor.commits.lock().unwrap_or_else(|e| e.into_inner());
+    let mut latencies = Vec::new();
+    let mut tally = Tally::default();
+    for e in &events {
+        let commit = commits.by_ip.get(&e.ip).and_then(|times| times.iter().copied().find(|t| *t >= e.at));
+        match (changes(&e.ip), commit) {
+            (true, Some(t)) => latencies.push((e.kind, t - e.at)),
+            (true, None) => tally.missed += 1,
+            (false, None) => *tally.unchanged.entry(kind_name(e.kind)).or_default() += 1,
+            (false, Some(_)) => {
+                *tally.unchanged.entry(kind_name(e.kind)).or_default() += 1;
+                tally.mentioned_anyway += 1;
+            }
+        }
+    }
+    let generations = commits.generations;
+    drop(commits);
+
+    // ---- the kernel holds exactly the expected pod IPs
+    let converged = netns.nft(&["list", "table", "inet", TABLE]).and_then(|text| {
+        let kernel: BTreeSet<Ipv4Addr> = text.lines().flat_map(ipv4_tokens).collect();
+        let expected: BTreeSet<Ipv4Addr> = after.keys().copied().collect();
+        if kernel == expected {
+            Ok(kernel.len())
+        } else {
+            Err(format!(
+                "kernel has {} IPs, expected {}; {} missing, {} extra",
+                kernel.len(),
+                expected.len(),
+                expected.difference(&kernel).count(),
+                kernel.difference(&expected).count()
+            ))
+        }
+    });
+
+    agent.terminate();
+    drop(monitor);
+    drop(agent);
+    drop(netns);
+    drop(server);
+    Ok(Outcome {
+        pods: params.pods,
+        policies: params.policies,
+        namespaces: params.namespaces,
+        nodes: params.nodes,
+        load_secs,
+        first_sync_secs,
+        rss_first,
+        rss_end,
+        events,
+        latencies,
+        tally,
+        local_pods: (local_pods_at_start, local_pods_at_end),
+        converged,
+        partial_syncs,
+        agent_cpu_per_sec,
+        generations,
+    })
+}
+
+fn kind_name(k: EventKind) -> &'static str {
+    match k {
+        EventKind::Add => "add",
+        EventKind::Delete => "delete",
+        EventKind::Relabel => "relabel",
+    }
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn report(o: &Outcome, args: &Args) {
+    println!();
+    println!(
+        "cluster: {} pods, {} policies, {} namespaces, {} nodes (agent on {NODE})",
+        o.pods, o.policies, o.namespaces, o.nodes
+    );
+    println!(
+        "setup: generate+load {:.1} s; agent start to first full sync in the kernel {:.1} s",
+        o.load_secs, o.first_sync_secs
+    );
+    let local = o.events.iter().filter(|e| e.local).count();
+
+    println!(
+        "churn: {} events at {}/s for {} s ({} on the agent's node), {} nft commits seen",
+        o.events.len(),
+        args.rate,
+        args.seconds,
+        local,
+        o.generations
+    );
+    println!("| events | measured (changed rules) | no rule change | p50 ms | p90 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for kind in [Some(EventKind::Add), Some(EventKind::Delete), Some(EventKind::Relabel), None] {
+        let mut ds: Vec<Duration> =
+            o.latencies.iter().filter(|(k, _)| kind.is_none_or(|w| w == *k)).map(|(_, d)| *d).collect();
+        ds.sort();
+        let name = kind.map(kind_name).unwrap_or("all");
+        let total = o.events.iter().filter(|e| kind.is_none_or(|w| w == e.kind)).count();
+        let unchanged: usize = match kind {
+            Some(k) => o.tally.unchanged.get(kind_name(k)).copied().unwrap_or(0),
+            None => o.tally.unchanged.values().sum(),
+        };
+        println!(
+            "| {name} ({total}) | {} | {unchanged} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            ds.len(),
+            percentile(&ds, 0.5),
+            percentile(&ds, 0.9),
+            percentile(&ds, 0.99),
+            ds.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN)
+        );
+    }
+    println!(
+        "no rule change = the pod's set memberships are the same in the compiled initial and final cluster \
+         ({} of them had their IP in some commit anyway, from sets made or dropped whole); \
+         changes never committed: {}",
+        o.tally.mentioned_anyway, o.tally.missed
+    );
+    println!("pods on the agent's node: {} before the churn, {} after", o.local_pods.0, o.local_pods.1);
+    match &o.converged {
+        Ok(n) => println!("kernel table after churn holds exactly the expected {n} pod IPs"),
+        Err(e) => println!("KERNEL TABLE DIFFERS from the expected ruleset: {e}"),
+    }
+    if let Some((count, sum, p50, p99)) = o.partial_syncs {
+        println!(
+            "agent partial syncs: {count}, mean {:.1} ms, p50 <= {:.1} ms, p99 <= {:.1} ms (histogram buckets)",
+            if count > 0 { sum / count as f64 * 1000.0 } else { f64::NAN },
+            p50 * 1000.0,
+            p99 * 1000.0
+        );
+    }
+    println!("agent CPU during churn: {:.2} cores", o.agent_cpu_per_sec);
+    let per_pod = |kib: u64| kib as f64 / o.pods as f64;
+    println!("| memory | after first sync | after churn |");
+    println!("|---|---|---|");
+    println!("| VmRSS KiB | {} | {} |", o.rss_first.0, o.rss_end.0);
+    println!("| VmHWM KiB | {} | {} |", o.rss_first.1, o.rss_end.1);
+    println!("| RSS KiB per cluster pod | {:.2} | {:.2} |", per_pod(o.rss_first.0), per_pod(o.rss_end.0));
+    println!("| HWM KiB per cluster pod | {:.2} | {:.2} |", per_pod(o.rss_first.1), per_pod(o.rss_end.1));
+}
+
+fn main() {
+    let args = Args::parse();
+    install_signal_cleanup();
+    let agent = args.agent.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_netpol-agent")));
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false);
+    if !is_root {
+        eprintln!("the agent benchmark needs root (network namespaces and nft)");
+        std::process::exit(2);
+    }
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("tempdir: {e}");
+            std::process::exit(1);
+        }
+    };
+    let setup = Setup { args: &args, agent: &agent, dir: dir.path() };
+    let mut sizes = vec![Params {
+        pods: args.pods,
+        namespaces: args.namespaces,
+        policies: args.policies,
+        nodes: args.nodes,
+        seed: args.seed,
+        dual_stack: false,
+    }];
+    for &pods in args.scale_to.iter().filter(|p| **p > 0) {
+        let scale = pods as f64 / args.pods as f64;
+        let scaled = |n: usize| ((n as f64 * scale).round() as usize).max(1);
+        sizes.push(Params {
+            pods,
+            namespaces: scaled(args.namespaces),
+            policies: scaled(args.policies),
+            // Odd, so pods of one node spread over namespaces.
+            nodes: scaled(args.nodes) | 1,
+            seed: args.seed,
+            dual_stack: false,
+        });
+    }
+    let mut failed = false;
+    for params in &sizes {
+        match run(&setup, params) {
+            Ok(outcome) => report(&outcome, &args),
+            Err(e) => {
+                eprintln!("run with {} pods failed: {e}", params.pods);
+                failed = true;
+            }
+        }
+    }
+    drop(dir);
+    if failed {
+        std::process::exit(1);
+    }
+}
