@@ -34,7 +34,6 @@ pub const RESEND: Duration = Duration::from_millis(100);
 pub struct Resolved {
     pub src_pod: usize,
     pub src: IpAddr,
-    pub dst_pod: usize,
     pub dst: IpAddr,
     pub port: u16,
     pub proto: L4,
@@ -44,7 +43,7 @@ enum State {
     Done(bool),
     Tcp(Socket),
     Udp(UdpSocket, [u8; 16]),
-    Sctp { raw: usize, to: SockAddr, packet: [u8; sctp::INIT_PACKET_LEN], key: (usize, u16, u32) },
+    Sctp { raw: usize, to: SockAddr, packet: [u8; sctp::INIT_PACKET_LEN], key: (IpAddr, u16, u32) },
 }
 
 impl State {
@@ -156,7 +155,7 @@ pub fn wave(
         let to: SockAddr = SocketAddr::new(p.dst, 0).into();
         let raw = raw_of[&p.src];
         states[i] = match raws[raw].send_to(&packet, &to) {
-            Ok(_) => State::Sctp { raw, to, packet, key: (p.dst_pod, p.port, tag) },
+            Ok(_) => State::Sctp { raw, to, packet, key: (p.dst, p.port, tag) },
             Err(_) => State::Done(false),
         };
     }

@@ -2,16 +2,20 @@
 //! entered each pod's namespace (a socket keeps the namespace it was created in), then a
 //! single `poll` loop in the server thread, itself in the root namespace, answers them:
 //!
-//! * TCP: a listener per declared port and family; connections are accepted and closed
+//! * TCP: a listener per address and declared port; connections are accepted and closed
 //!   (the probe's fact is the completed handshake).
-//! * UDP: a socket per pod address and port that echoes every datagram back, bound to
-//!   the address so the reply leaves from the address the probe targeted.
-//! * SCTP: one raw socket (protocol 132) per family records every well-formed INIT to a
-//!   declared SCTP port, keyed by its initiate tag, in a set the prober reads.
+//! * UDP: a socket per address and port that echoes every datagram back, bound to the
+//!   address so the reply leaves from the address the probe targeted.
+//! * SCTP: one raw socket (protocol 132) per address, bound to it, records every
+//!   well-formed INIT to a declared SCTP port, keyed by address, port and initiate tag, in
+//!   a set the prober reads.
+//!
+//! Everything is bound to the served address, not the wildcard: a node's namespace holds
+//! the addresses of all its hostNetwork pods, which may serve the same port.
 
 use std::collections::HashSet;
 use std::io::{self, Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsFd as _;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,20 +25,20 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{L4, netns, sctp};
 
-/// INITs seen at destinations: (destination pod index, destination port, initiate tag).
-pub type Seen = Arc<Mutex<HashSet<(usize, u16, u32)>>>;
+/// INITs seen at destinations: (destination address, destination port, initiate tag).
+pub type Seen = Arc<Mutex<HashSet<(IpAddr, u16, u32)>>>;
 
-/// What one pod serves.
-pub struct PodService<'a> {
+/// What one address of a namespace serves (every pod holding the address, merged).
+pub struct AddressService<'a> {
     pub netns: &'a str,
-    pub ips: &'a [IpAddr],
-    pub serve: &'a [(u16, L4)],
+    pub ip: IpAddr,
+    pub serve: Vec<(u16, L4)>,
 }
 
 enum Served {
     Tcp(TcpListener),
     Udp(UdpSocket),
-    Sctp { sock: Socket, v4: bool, pod: usize, ports: Vec<u16> },
+    Sctp { sock: Socket, ip: IpAddr, ports: Vec<u16> },
 }
 
 pub struct Server {
@@ -43,15 +47,19 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(pods: &[PodService<'_>], seen: Seen) -> io::Result<Server> {
+    pub fn start(services: &[AddressService<'_>], seen: Seen) -> io::Result<Server> {
         let mut served = Vec::new();
-        for (j, pod) in pods.iter().enumerate() {
-            if pod.ips.is_empty() || pod.serve.is_empty() {
-                continue;
+        let mut by_netns: Vec<(&str, Vec<&AddressService<'_>>)> = Vec::new();
+        for s in services.iter().filter(|s| !s.serve.is_empty()) {
+            match by_netns.iter_mut().find(|(ns, _)| *ns == s.netns) {
+                Some((_, v)) => v.push(s),
+                None => by_netns.push((s.netns, vec![s])),
             }
-            let sockets = netns::run_in(pod.netns, || open(j, pod))
-                .map_err(|e| io::Error::new(e.kind(), format!("serving in {}: {e}", pod.netns)))?;
-            served.extend(sockets);
+        }
+        for (ns, these) in by_netns {
+            let sockets = netns::run_in(ns, || these.iter().map(|s| open(s)).collect::<io::Result<Vec<_>>>())
+                .map_err(|e| io::Error::new(e.kind(), format!("serving in {ns}: {e}")))?;
+            served.extend(sockets.into_iter().flatten());
         }
         let (rx, wake) = io::pipe()?;
         let thread =
@@ -77,46 +85,41 @@ fn domain(v4: bool) -> Domain {
     if v4 { Domain::IPV4 } else { Domain::IPV6 }
 }
 
-fn open(pod: usize, p: &PodService<'_>) -> io::Result<Vec<Served>> {
-    let mut out = Vec::new();
-    let families: Vec<bool> =
-        [true, false].into_iter().filter(|&v4| p.ips.iter().any(|ip| ip.is_ipv4() == v4)).collect();
-    let mut tcp: Vec<u16> = p.serve.iter().filter(|s| s.1 == L4::Tcp).map(|s| s.0).collect();
-    let mut udp: Vec<u16> = p.serve.iter().filter(|s| s.1 == L4::Udp).map(|s| s.0).collect();
-    let mut sctp_ports: Vec<u16> = p.serve.iter().filter(|s| s.1 == L4::Sctp).map(|s| s.0).collect();
-    for v in [&mut tcp, &mut udp, &mut sctp_ports] {
+fn open(service: &AddressService<'_>) -> io::Result<Vec<Served>> {
+    let ip = service.ip;
+    let ports = |proto: L4| {
+        let mut v: Vec<u16> = service.serve.iter().filter(|s| s.1 == proto).map(|s| s.0).collect();
         v.sort_unstable();
         v.dedup();
+        v
+    };
+    let mut out = Vec::new();
+    let socket = |ty: Type, proto: Protocol| -> io::Result<Socket> {
+        let s = Socket::new(domain(ip.is_ipv4()), ty, Some(proto))?;
+        if ip.is_ipv6() && ty != Type::RAW {
+            s.set_only_v6(true)?;
+        }
+        s.set_nonblocking(true)?;
+        Ok(s)
+    };
+    for port in ports(L4::Tcp) {
+        let s = socket(Type::STREAM, Protocol::TCP)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::new(ip, port).into())?;
+        s.listen(1024)?;
+        out.push(Served::Tcp(s.into()));
     }
-    for &v4 in &families {
-        for &port in &tcp {
-            let s = Socket::new(domain(v4), Type::STREAM, Some(Protocol::TCP))?;
-            let any: IpAddr = if v4 { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-            if !v4 {
-                s.set_only_v6(true)?;
-            }
-            s.set_reuse_address(true)?;
-            s.bind(&SocketAddr::new(any, port).into())?;
-            s.listen(1024)?;
-            s.set_nonblocking(true)?;
-            out.push(Served::Tcp(s.into()));
-        }
-        if !sctp_ports.is_empty() {
-            let s = Socket::new(domain(v4), Type::RAW, Some(Protocol::from(sctp::IPPROTO_SCTP)))?;
-            s.set_nonblocking(true)?;
-            out.push(Served::Sctp { sock: s, v4, pod, ports: sctp_ports.clone() });
-        }
+    for port in ports(L4::Udp) {
+        let s = socket(Type::DGRAM, Protocol::UDP)?;
+        s.bind(&SocketAddr::new(ip, port).into())?;
+        out.push(Served::Udp(s.into()));
     }
-    for ip in p.ips {
-        for &port in &udp {
-            let s = Socket::new(domain(ip.is_ipv4()), Type::DGRAM, Some(Protocol::UDP))?;
-            if ip.is_ipv6() {
-                s.set_only_v6(true)?;
-            }
-            s.bind(&SocketAddr::new(*ip, port).into())?;
-            s.set_nonblocking(true)?;
-            out.push(Served::Udp(s.into()));
-        }
+    let sctp_ports = ports(L4::Sctp);
+    if !sctp_ports.is_empty() {
+        // Bound to the address: the socket sees only INITs addressed to it.
+        let s = socket(Type::RAW, Protocol::from(sctp::IPPROTO_SCTP))?;
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+        out.push(Served::Sctp { sock: s, ip, ports: sctp_ports });
     }
     Ok(out)
 }
@@ -157,14 +160,14 @@ fn serve(mut wake: io::PipeReader, served: Vec<Served>, seen: Seen) {
                         let _ = u.send_to(&buf[..n], from);
                     }
                 }
-                Served::Sctp { sock, v4, pod, ports } => {
+                Served::Sctp { sock, ip, ports } => {
                     while let Ok(n) = (&*sock).read(&mut buf) {
                         let pkt = &buf[..n];
-                        let body = if *v4 { sctp::strip_ipv4_header(pkt) } else { Some(pkt) };
+                        let body = if ip.is_ipv4() { sctp::strip_ipv4_header(pkt) } else { Some(pkt) };
                         if let Some((port, tag)) = body.and_then(sctp::parse_init)
                             && ports.contains(&port)
                         {
-                            seen.lock().unwrap_or_else(|e| e.into_inner()).insert((*pod, port, tag));
+                            seen.lock().unwrap_or_else(|e| e.into_inner()).insert((*ip, port, tag));
                         }
                     }
                 }
