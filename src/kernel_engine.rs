@@ -131,18 +131,7 @@ const CAP_SYS_ADMIN: u32 = 21;
 /// PATH: what [`matrices`] needs before it touches anything. Tools are found through PATH
 /// like every other command the lab runs, so a PATH without them is reported here.
 pub fn check_prerequisites() -> Result<(), KernelError> {
-    let (euid, caps) = identity().unwrap_or((u32::MAX, 0));
-    if euid != 0 {
-        return Err(KernelError::NotRoot);
-    }
-    let missing: Vec<&str> = [(CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
-        .into_iter()
-        .filter(|(bit, _)| caps & (1 << bit) == 0)
-        .map(|(_, name)| name)
-        .collect();
-    if !missing.is_empty() {
-        return Err(KernelError::MissingCapabilities(missing.join(" and ")));
-    }
+    check_privileges()?;
     if !std::path::Path::new("/proc/self/ns/net").exists() {
         return Err(KernelError::KernelFeature(
             "network namespaces (/proc/self/ns/net is missing: a kernel without CONFIG_NET_NS)".into(),
@@ -154,6 +143,24 @@ pub fn check_prerequisites() -> Result<(), KernelError> {
     }
     if !runs("nft", "--version") {
         return Err(KernelError::MissingTool { tool: "nft", package: "nftables" });
+    }
+    Ok(())
+}
+
+/// Effective uid 0 with CAP_NET_ADMIN and CAP_SYS_ADMIN: what creating and deleting network
+/// namespaces needs (also `netpol-check lab cleanup`).
+pub fn check_privileges() -> Result<(), KernelError> {
+    let (euid, caps) = identity().unwrap_or((u32::MAX, 0));
+    if euid != 0 {
+        return Err(KernelError::NotRoot);
+    }
+    let missing: Vec<&str> = [(CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
+        .into_iter()
+        .filter(|(bit, _)| caps & (1 << bit) == 0)
+        .map(|(_, name)| name)
+        .collect();
+    if !missing.is_empty() {
+        return Err(KernelError::MissingCapabilities(missing.join(" and ")));
     }
     Ok(())
 }
