@@ -76,7 +76,12 @@ pub struct Report {
 
 impl Report {
     /// Compares `results[f][e][k]`: family `families[f]`, engine `engines[e]`, probe `probes[k]`.
-    pub fn new(engines: Vec<String>, families: Vec<Family>, probes: Vec<Probe>, results: &[Vec<Vec<BitMatrix>>]) -> Self {
+    pub fn new(
+        engines: Vec<String>,
+        families: Vec<Family>,
+        probes: Vec<Probe>,
+        results: &[Vec<Vec<BitMatrix>>],
+    ) -> Self {
         assert_eq!(results.len(), families.len(), "one result per family");
         let mut report = Report { engines, families, probes, cells: 0, denied: 0, disagreements: Vec::new() };
         for (family, per_engine) in report.families.iter().zip(results) {
@@ -254,11 +259,13 @@ mod tests {
         let good = vec![matrix(&[".X", "X."])];
         let bad = vec![matrix(&["..", "X."])];
         let engines = vec!["evaluator".to_string(), "kernel".to_string()];
-        let report =
-            Report::new(engines, vec![Family::Primary], vec![tcp80()], &[vec![good.clone(), bad.clone()]]);
+        let report = Report::new(engines, vec![Family::Primary], vec![tcp80()], &[vec![good.clone(), bad.clone()]]);
         assert!(!report.agree());
         assert_eq!((report.cells, report.denied), (4, 1));
-        assert_eq!(report.describe(&c, &report.disagreements[0]), "TCP/80 IPv6 a/x -> a/y: evaluator denied, kernel allowed");
+        assert_eq!(
+            report.describe(&c, &report.disagreements[0]),
+            "TCP/80 IPv6 a/x -> a/y: evaluator denied, kernel allowed"
+        );
         assert_eq!(
             report.summary(),
             "verify: 1 of 4 cells (1 probes × primary × pods²; 1 denied by all) disagree between evaluator, kernel"
@@ -267,7 +274,8 @@ mod tests {
         assert_eq!(j["disagreements"][0]["verdicts"]["kernel"], "allowed");
         assert_eq!(j["disagreements"][0]["family"], "IPv6");
         assert_eq!(j["agree"], false);
-        let same = Report::new(vec!["a".into(), "b".into()], vec![Family::Ipv4], vec![tcp80()], &[vec![good.clone(), good]]);
+        let same =
+            Report::new(vec!["a".into(), "b".into()], vec![Family::Ipv4], vec![tcp80()], &[vec![good.clone(), good]]);
         assert!(same.agree());
         assert!(same.summary().starts_with("verify: a, b agree on all 4 cells"), "{}", same.summary());
     }

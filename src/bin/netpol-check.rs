@@ -9,16 +9,16 @@ use anyhow::{Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use netpol::bitset::BitMatrix;
 use netpol::compile::{self, NodeConfig};
 use netpol::evaluate::{self, Endpoint};
+use netpol::kernel_engine;
+use netpol::lab;
 use netpol::load::{self, LoadOptions, Loaded};
 use netpol::matrix::{self, Family, Probe};
 use netpol::model::{Cluster, Direction, Protocol};
 use netpol::nft::{json, render};
 use netpol::query;
-use netpol::bitset::BitMatrix;
-use netpol::kernel_engine;
-use netpol::lab;
 use netpol::report::{self, MatrixReport};
 use netpol::ruleset_engine;
 use netpol::verify;
@@ -87,9 +87,11 @@ The kernel engine needs root, `ip` and `nft` (it builds the cluster from network
 #[derive(Subcommand)]
 enum LabCommand {
     /// Remove the network namespaces left by lab runs that crashed (killed with SIGKILL, ...).
-    #[command(long_about = "Remove the network namespaces left by lab runs that crashed (killed with SIGKILL, ...).\n\n\
+    #[command(
+        long_about = "Remove the network namespaces left by lab runs that crashed (killed with SIGKILL, ...).\n\n\
 Only namespaces named npl-<pid>-... whose process <pid> no longer exists are removed; those of\n\
-running labs (any process, this one included) are never touched. Prints each name removed.")]
+running labs (any process, this one included) are never touched. Prints each name removed."
+    )]
     Cleanup(CleanupArgs),
 }
 
@@ -149,12 +151,10 @@ fn parse_probe_timeout(text: &str) -> Result<ProbeTimeout, String> {
     } else {
         (t, 1.0)
     };
-    let value: f64 = number
-        .trim()
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite() && *v >= 0.0)
-        .ok_or_else(|| format!("{text:?} is not a duration (milliseconds like 300 or 300ms, or seconds like 1.5s)"))?;
+    let value: f64 =
+        number.trim().parse().ok().filter(|v: &f64| v.is_finite() && *v >= 0.0).ok_or_else(|| {
+            format!("{text:?} is not a duration (milliseconds like 300 or 300ms, or seconds like 1.5s)")
+        })?;
     let ms = (value * scale).round() as u64;
     let (lo, hi) = PROBE_TIMEOUT_RANGE;
     if !(lo..=hi).contains(&ms) {
@@ -669,7 +669,8 @@ fn verify_cmd(a: VerifyArgs) -> Result<ExitCode> {
 fn lab_cleanup_cmd(a: CleanupArgs) -> Result<ExitCode> {
     let stale = lab::leftovers()?;
     let others = lab::lab_namespaces()?.len().saturating_sub(stale.len());
-    let kept = if others > 0 { format!("; {others} other npl-* namespaces (running labs) left alone") } else { String::new() };
+    let kept =
+        if others > 0 { format!("; {others} other npl-* namespaces (running labs) left alone") } else { String::new() };
     if stale.is_empty() {
         println!("no leftover lab namespaces{kept}");
         return Ok(ExitCode::SUCCESS);

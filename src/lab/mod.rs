@@ -332,7 +332,12 @@ impl Lab {
         netns::add_namespaces(&plan.namespaces)?;
         let sysctl_jobs: Vec<(String, &[(&str, &str)])> = (0..nodes.len())
             .map(|i| (lab.names.node(i), topology::NODE_SYSCTLS))
-            .chain(pods.iter().enumerate().filter(|(_, p)| !p.host_network).map(|(j, _)| (lab.names.pod(j), topology::POD_SYSCTLS)))
+            .chain(
+                pods.iter()
+                    .enumerate()
+                    .filter(|(_, p)| !p.host_network)
+                    .map(|(j, _)| (lab.names.pod(j), topology::POD_SYSCTLS)),
+            )
             .chain([(lab.names.fabric(), topology::FABRIC_SYSCTLS)])
             .collect();
         std::thread::scope(|s| {

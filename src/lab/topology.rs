@@ -161,8 +161,11 @@ impl Plan {
         let mut namespaces: Vec<String> = (0..node_count).map(|i| names.node(i)).collect();
         namespaces.extend(pods.iter().enumerate().filter(|(_, p)| !p.host_network).map(|(j, _)| names.pod(j)));
         namespaces.push(names.fabric());
-        let pod_netns =
-            pods.iter().enumerate().map(|(j, p)| if p.host_network { names.node(p.node) } else { names.pod(j) }).collect();
+        let pod_netns = pods
+            .iter()
+            .enumerate()
+            .map(|(j, p)| if p.host_network { names.node(p.node) } else { names.pod(j) })
+            .collect();
         // hostNetwork pods of one node may share an address (they are the node): each
         // address is configured and routed once.
         let mut routed = std::collections::HashSet::new();
