@@ -372,6 +372,28 @@ fn the_binary_verifies_random_clusters_in_both_families() {
 }
 
 #[test]
+fn query_with_the_kernel_engine_sends_one_probe_and_exits_by_its_fate() {
+    if !kernel_ok() {
+        return;
+    }
+    let query = |from: &str, to: &str| {
+        bin()
+            .args(["query", "--engine", "kernel", "--probe-timeout", "100ms", "--port", "80", "-f", FOUNDING])
+            .args(["--from", from, "--to", to])
+            .output()
+            .unwrap()
+    };
+    let allowed = query("tenant-a/nginx", "tenant-a/backend-1");
+    assert_eq!(allowed.status.code(), Some(0), "{}", text(&allowed.stderr));
+    assert!(text(&allowed.stdout).starts_with("ALLOWED  tenant-a/nginx -> tenant-a/backend-1 TCP/80"));
+    let denied = query("tenant-a/debug", "tenant-a/backend-1");
+    assert_eq!(denied.status.code(), Some(1), "{}", text(&denied.stderr));
+    assert!(text(&denied.stdout).starts_with("DENIED"));
+    let outside = query("192.0.2.7", "tenant-a/backend-1");
+    assert_one_line_error(&outside, "does not support 192.0.2.7 as an endpoint: the lab holds only the input's pods");
+}
+
+#[test]
 fn verify_reports_a_kernel_that_enforces_nothing_and_exits_one() {
     if !kernel_ok() {
         return;
