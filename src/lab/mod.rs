@@ -16,6 +16,9 @@
 //!                                                      169.254.100.1   10.0.1.1/32 via .2 dev n1
 //! ```
 //!
+//! A hostNetwork pod is a process of its node: no namespace of its own, its addresses on the
+//! node namespace's `lo`, routed to that node by the fabric, served and probed from there.
+//!
 //! Each pod namespace has one `eth0` whose veth peer lives in its node's namespace. The
 //! pod's addresses are /32 and /128; its default routes go to `169.254.1.1` / `fe80::1`,
 //! which exist only as static neighbour entries pointing at the node side's MAC. Each node
@@ -45,7 +48,8 @@
 //! directly in the pod or fabric namespace. Sysctls are written from a thread that has
 //! entered the namespace and checked that it did (same nsfs inode). Nodes have no default
 //! route, so nothing can leave the lab. Every namespace is named
-//! `npl-<pid>-<suffix>-{n<i>,p<j>,fab}` and registered before it is created; [`Lab`]'s
+//! `npl-<pid>-<suffix>-{n<i>,p<j>,fab}` (no `p<j>` for a hostNetwork pod) and registered
+//! before it is created; [`Lab`]'s
 //! `Drop` deletes them (also on error and panic), a Ctrl-C/SIGTERM handler deletes those of
 //! every live lab before exiting 130, and [`cleanup_leftovers`] removes those whose
 //! process is gone.
