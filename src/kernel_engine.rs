@@ -178,6 +178,10 @@ pub fn matrices(
     Ok(per_family.pop().unwrap_or_default())
 }
 
+/// Most matrix cells one run probes: each is a real connection attempt (a socket, a
+/// conntrack entry), and a blocked one costs a time-out per wave of ~500.
+pub const MAX_CELLS: usize = 1_000_000;
+
 /// [`matrices`] for several families at once, from one lab: `result[f][k]` is the matrix
 /// of `probes[k]` under `families[f]`.
 pub fn matrices_per_family(
@@ -187,6 +191,15 @@ pub fn matrices_per_family(
     timeout: Duration,
 ) -> Result<Vec<Vec<BitMatrix>>, KernelError> {
     let n = cluster.pods.len();
+    let cells = families.len().saturating_mul(probes.len()).saturating_mul(n.saturating_mul(n));
+    if cells > MAX_CELLS {
+        return Err(KernelError::Unsupported(format!(
+            "{cells} cells ({n} pods² × {} probes × {} families) in one run, at most {MAX_CELLS}: \
+             every cell is a real connection; narrow it with --port/--protocol or a smaller input",
+            probes.len(),
+            families.len()
+        )));
+    }
     // Every cell, row-major per (family, probe); None: the destination lacks the named port.
     let cells: Vec<Option<Connection>> = families
         .iter()
@@ -240,14 +253,14 @@ pub fn decide(cluster: &Cluster, connections: &[Connection], timeout: Duration) 
     let mut families_used = [false; 2];
     let mut verdicts = Vec::with_capacity(connections.len());
     for conn in connections {
-        let (Endpoint::Pod(i), Endpoint::Pod(j)) = (conn.src, conn.dst) else {
-            let ip = match (conn.src, conn.dst) {
-                (Endpoint::Ip(ip), _) | (_, Endpoint::Ip(ip)) => ip,
-                _ => unreachable!("both ends are pods otherwise"),
-            };
-            return Err(KernelError::Unsupported(format!(
-                "{ip} as an endpoint: the lab holds only the input's pods (for a hostNetwork pod, name it NAMESPACE/POD)"
-            )));
+        let (i, j) = match (conn.src, conn.dst) {
+            (Endpoint::Pod(i), Endpoint::Pod(j)) => (i, j),
+            (Endpoint::Ip(ip), _) | (_, Endpoint::Ip(ip)) => {
+                return Err(KernelError::Unsupported(format!(
+                    "{ip} as an endpoint: the lab holds only the input's pods \
+                     (for a hostNetwork pod, name it NAMESPACE/POD)"
+                )));
+            }
         };
         let has = |k: usize| cluster.pods[k].ip_of_family(conn.ipv6).is_some();
         verdicts.push(if !has(i) || !has(j) {

@@ -400,7 +400,17 @@ fn probes(cluster: &Cluster, ports: &[String], protocols: &[String]) -> Result<V
     Ok(out)
 }
 
+/// The kernel engine's prerequisites (root, `ip`, `nft`) come first: no point reading input
+/// a run cannot use.
+fn check_kernel(engines: &[Engine]) -> Result<()> {
+    if engines.contains(&Engine::Kernel) {
+        kernel_engine::check_prerequisites()?;
+    }
+    Ok(())
+}
+
 fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
+    check_kernel(&[a.engine])?;
     let cluster = load(&a.input)?;
     let probes = probes(&cluster, &a.port, &a.protocol)?;
     for ns in &a.namespaces {
@@ -465,6 +475,7 @@ fn engine_matrices(
 }
 
 fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
+    check_kernel(&[a.engine])?;
     let cluster = load(&a.input)?;
     let protocol = parse_protocol(&a.protocol)?;
     let conn =
@@ -639,6 +650,7 @@ fn verify_cmd(a: VerifyArgs) -> Result<ExitCode> {
         }
     }
     let families: Vec<Family> = families.into_iter().map(family).collect();
+    check_kernel(&engines)?;
     let cluster = load(&a.input)?;
     let probes = probes(&cluster, &a.port, &a.protocol)?;
     // Engine by engine (the kernel's lab serves every family at once), then regrouped per family.
