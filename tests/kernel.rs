@@ -406,6 +406,29 @@ fn the_binary_verifies_random_clusters_in_both_families() {
     }
 }
 
+/// 50 pods on 3 nodes, 14 probes, both families: 70 000 cells, most of them blocked, so the
+/// lab sends its probes in waves of thousands. Sending one such wave takes a large part of
+/// the time-out on a loaded machine; this caught a deadline that started before the
+/// sending and turned allowed cells into false "blocked"s.
+#[test]
+fn the_binary_verifies_a_50_pod_cluster_sent_in_large_waves() {
+    if !kernel_ok() {
+        return;
+    }
+    let params = generate::Params { pods: 50, namespaces: 4, policies: 20, nodes: 3, seed: 1, dual_stack: true };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fifty.yaml");
+    std::fs::write(&file, generate::to_yaml(&generate::cluster(&params))).unwrap();
+    let started = Instant::now();
+    let out = bin().args(["verify", "--family", "ipv4,ipv6", "-o", "json", "-f"]).arg(&file).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    eprintln!("verify, 50 pods, 70 000 cells: {:.1?}", started.elapsed());
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", text(&out.stderr), text(&out.stdout));
+    assert_eq!((v["agree"].as_bool(), v["cells"].as_u64()), (Some(true), Some(70_000)));
+    let denied = v["deniedByAll"].as_u64().unwrap();
+    assert!((10_000..65_500).contains(&denied), "{denied} denied: neither nothing nor everything");
+}
+
 #[test]
 fn query_with_the_kernel_engine_sends_one_probe_and_exits_by_its_fate() {
     if !kernel_ok() {

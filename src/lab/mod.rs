@@ -480,13 +480,29 @@ impl Drop for Lab {
     }
 }
 
+/// Most probes in one wave. Every blocked probe of a wave costs the wave's one time-out, so
+/// fewer, larger waves are faster (measured, 50 pods × 14 probes, 35 000 probes: 8.0 s in
+/// waves of 2 048, 2.7 s in waves of 8 192); `poll` over 8 192 sockets stays cheap.
+const MAX_WAVE: usize = 8192;
+
 /// How many probes one wave may hold: each TCP/UDP probe is one open file.
 fn wave_size() -> usize {
-    let soft =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // Raise the soft open-file limit to the hard one, once per process, as Go's runtime
+    // does for every program: the common soft default of 1 024 would cut waves to ~480
+    // (the run above took 84 s under it).
+    static RAISE: Once = Once::new();
+    RAISE.call_once(|| {
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+            && soft < hard
+        {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(1 << 20), hard);
+        }
+    });
+    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
     let open = std::fs::read_dir("/proc/self/fd").map_or(64, |d| d.count() as u64);
     let free = soft.saturating_sub(open + 64);
-    usize::try_from(free / 2).unwrap_or(usize::MAX).clamp(16, 2048)
+    usize::try_from(free / 2).unwrap_or(usize::MAX).clamp(16, MAX_WAVE)
 }
 
 /// Build the lab, probe, tear down (also on error).
