@@ -277,6 +277,18 @@ pub fn decide(cluster: &Cluster, connections: &[Connection], timeout: Duration) 
         });
     }
 
+    // Every allowed probe leaves a conntrack entry in each node namespace it crosses (TCP
+    // ones linger in TIME_WAIT), and a full table drops new connections: false "blocked"s.
+    if let Some(max) = conntrack_max()
+        && lab_probes.len() > max
+    {
+        return Err(KernelError::Unsupported(format!(
+            "{} connections in one run, more than this kernel's conntrack table holds \
+             (net.netfilter.nf_conntrack_max = {max}); narrow it with --port/--protocol or raise that sysctl",
+            lab_probes.len()
+        )));
+    }
+
     let facts = if lab_probes.is_empty() {
         Vec::new()
     } else {
@@ -319,6 +331,12 @@ pub fn decide(cluster: &Cluster, connections: &[Connection], timeout: Duration) 
             Verdict::Probe(k) => facts[k],
         })
         .collect())
+}
+
+/// The kernel's conntrack table size, when the conntrack module is loaded (it is loaded on
+/// the first ruleset otherwise, with the default that depends on memory).
+fn conntrack_max() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").ok()?.trim().parse().ok()
 }
 
 /// What the lab cannot model, refused before anything is built: an address held by two

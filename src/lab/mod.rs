@@ -195,6 +195,9 @@ impl LabError {
 /// link watcher may lag on a loaded machine).
 const LINKS_READY_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long a wave's end waits for the serving thread to answer what reached it in time.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
+
 /// Namespaces of live labs, by run id, for the Ctrl-C handler.
 static LIVE: Mutex<BTreeMap<String, Vec<String>>> = Mutex::new(BTreeMap::new());
 
@@ -445,9 +448,16 @@ impl Lab {
             probes.iter().enumerate().map(|(i, p)| self.resolve(i, p)).collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(resolved.len());
         let ns_of = |pod: usize| self.pod_netns[pod].clone();
+        let catch_up = || {
+            if let Some(server) = &self.server
+                && !server.catch_up(CATCH_UP_LIMIT)
+            {
+                eprintln!("netpol lab {}: the serving thread did not catch up in {CATCH_UP_LIMIT:?}", self.run_id());
+            }
+        };
         for chunk in resolved.chunks(wave_size()) {
-            let facts =
-                probe::wave(chunk, &ns_of, timeout, &self.seen, &self.tags).map_err(|e| LabError::io("probing", e))?;
+            let facts = probe::wave(chunk, &ns_of, timeout, &self.seen, &self.tags, &catch_up)
+                .map_err(|e| LabError::io("probing", e))?;
             out.extend(facts);
         }
         Ok(out)

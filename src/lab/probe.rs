@@ -29,6 +29,9 @@ use super::{L4, netns, sctp};
 /// How often UDP tokens and SCTP INITs are sent again while unanswered.
 pub const RESEND: Duration = Duration::from_millis(100);
 
+/// How long the last look at a wave waits after the server caught up.
+const SETTLE: Duration = Duration::from_millis(20);
+
 /// A probe with its addresses resolved.
 #[derive(Clone, Debug)]
 pub struct Resolved {
@@ -97,13 +100,17 @@ fn open_sockets(ns: &str, probes: &[Resolved], idx: &[usize]) -> io::Result<Sour
     })
 }
 
-/// Run one wave of probes concurrently; `ns_of(pod)` names a pod's namespace.
+/// Run one wave of probes concurrently; `ns_of(pod)` names a pod's namespace. At the
+/// deadline, `catch_up()` returns once the destinations' server has answered everything
+/// that reached it, and the answers are collected one last time: a probe fails only when
+/// its packet did not arrive in time, not when the one serving thread was behind.
 pub fn wave(
     probes: &[Resolved],
     ns_of: &dyn Fn(usize) -> String,
     timeout: Duration,
     seen: &Seen,
     tags: &AtomicU32,
+    catch_up: &dyn Fn(),
 ) -> io::Result<Vec<bool>> {
     let mut by_source: HashMap<usize, Vec<usize>> = HashMap::new();
     for (i, p) in probes.iter().enumerate() {
@@ -168,6 +175,7 @@ pub fn wave(
     let mut next_resend = start + RESEND;
     tracing::trace!(probes = probes.len(), sending = ?start.duration_since(sending), "lab wave sent");
     let mut buf = [0u8; 64];
+    let mut last_round = false;
     loop {
         let sctp_pending = states.iter().any(|s| matches!(s, State::Sctp { .. }));
         if sctp_pending {
@@ -181,10 +189,17 @@ pub fn wave(
             }
         }
         let now = Instant::now();
-        if now >= deadline || !states.iter().any(State::pending) {
+        if last_round || !states.iter().any(State::pending) {
             break;
         }
-        if now >= next_resend {
+        if now >= deadline {
+            catch_up();
+            // Answers sent by then are normally queued already (veth hops run in the
+            // sender's softirq); under softirq load the kernel defers to ksoftirqd, so
+            // give them a moment before the last look.
+            std::thread::sleep(SETTLE);
+            last_round = true;
+        } else if now >= next_resend {
             for s in &states {
                 match s {
                     State::Udp(u, token) => {
@@ -202,6 +217,9 @@ pub fn wave(
         if sctp_pending {
             wait = wait.min(Duration::from_millis(2));
         }
+        if last_round {
+            wait = Duration::ZERO;
+        }
         let (ready, order): (Vec<Option<PollFlags>>, Vec<usize>) = {
             let mut fds = Vec::new();
             let mut order = Vec::new();
@@ -213,7 +231,7 @@ pub fn wave(
                 }
                 order.push(i);
             }
-            let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
+            let ms = if last_round { 0 } else { u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX) };
             match poll(&mut fds, PollTimeout::from(ms)) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),

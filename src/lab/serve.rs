@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsFd as _;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -42,7 +42,9 @@ enum Served {
 }
 
 pub struct Server {
+    /// `x`: stop; `s`: catch up (handle everything queued now, then say so on `caught_up`).
     wake: io::PipeWriter,
+    caught_up: Mutex<mpsc::Receiver<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -62,9 +64,20 @@ impl Server {
             served.extend(sockets.into_iter().flatten());
         }
         let (rx, wake) = io::pipe()?;
+        let (done, caught_up) = mpsc::channel();
         let thread =
-            std::thread::Builder::new().name("netpol-lab-serve".into()).spawn(move || serve(rx, served, seen))?;
-        Ok(Server { wake, thread: Some(thread) })
+            std::thread::Builder::new().name("netpol-lab-serve".into()).spawn(move || serve(rx, served, seen, done))?;
+        Ok(Server { wake, caught_up: Mutex::new(caught_up), thread: Some(thread) })
+    }
+
+    /// Wait (at most `limit`) until the server has handled every datagram, connection and
+    /// INIT queued on its sockets right now. A probe whose packet arrived in time then has
+    /// its answer out, however far behind the one serving thread was (thousands of UDP
+    /// echoes per wave on a loaded machine can take longer than the probes' time-out).
+    pub fn catch_up(&self, limit: std::time::Duration) -> bool {
+        let caught_up = self.caught_up.lock().unwrap_or_else(|e| e.into_inner());
+        while caught_up.try_recv().is_ok() {}
+        (&self.wake).write_all(b"s").is_ok() && caught_up.recv_timeout(limit).is_ok()
     }
 
     pub fn stop(&mut self) {
@@ -124,7 +137,7 @@ fn open(service: &AddressService<'_>) -> io::Result<Vec<Served>> {
     Ok(out)
 }
 
-fn serve(mut wake: io::PipeReader, served: Vec<Served>, seen: Seen) {
+fn serve(mut wake: io::PipeReader, served: Vec<Served>, seen: Seen, caught_up: mpsc::Sender<()>) {
     let mut buf = [0u8; 2048];
     loop {
         let ready: Vec<bool> = {
@@ -149,27 +162,42 @@ fn serve(mut wake: io::PipeReader, served: Vec<Served>, seen: Seen) {
             fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect()
         };
         if ready[0] {
-            let _ = wake.read(&mut buf);
-            return;
+            let n = wake.read(&mut buf).unwrap_or(0);
+            let requests = &buf[..n];
+            if n == 0 || requests.contains(&b'x') {
+                return;
+            }
+            // Catch up: every socket, ready or not, until it has nothing queued.
+            for s in &served {
+                answer(s, &mut buf, &seen);
+            }
+            let _ = caught_up.send(());
+            continue;
         }
         for (s, _) in served.iter().zip(&ready[1..]).filter(|(_, r)| **r) {
-            match s {
-                Served::Tcp(l) => while l.accept().is_ok() {},
-                Served::Udp(u) => {
-                    while let Ok((n, from)) = u.recv_from(&mut buf) {
-                        let _ = u.send_to(&buf[..n], from);
-                    }
-                }
-                Served::Sctp { sock, ip, ports } => {
-                    while let Ok(n) = (&*sock).read(&mut buf) {
-                        let pkt = &buf[..n];
-                        let body = if ip.is_ipv4() { sctp::strip_ipv4_header(pkt) } else { Some(pkt) };
-                        if let Some((port, tag)) = body.and_then(sctp::parse_init)
-                            && ports.contains(&port)
-                        {
-                            seen.lock().unwrap_or_else(|e| e.into_inner()).insert((*ip, port, tag));
-                        }
-                    }
+            answer(s, &mut buf, &seen);
+        }
+    }
+}
+
+/// Handle everything queued on one socket (they are non-blocking: each loop ends at
+/// `WouldBlock`).
+fn answer(s: &Served, buf: &mut [u8], seen: &Seen) {
+    match s {
+        Served::Tcp(l) => while l.accept().is_ok() {},
+        Served::Udp(u) => {
+            while let Ok((n, from)) = u.recv_from(buf) {
+                let _ = u.send_to(&buf[..n], from);
+            }
+        }
+        Served::Sctp { sock, ip, ports } => {
+            while let Ok(n) = (&*sock).read(buf) {
+                let pkt = &buf[..n];
+                let body = if ip.is_ipv4() { sctp::strip_ipv4_header(pkt) } else { Some(pkt) };
+                if let Some((port, tag)) = body.and_then(sctp::parse_init)
+                    && ports.contains(&port)
+                {
+                    seen.lock().unwrap_or_else(|e| e.into_inner()).insert((*ip, port, tag));
                 }
             }
         }
