@@ -10,7 +10,10 @@
 //!   the destination's raw socket saw that tag on a served port. No reply is expected.
 //!
 //! UDP datagrams and SCTP INITs are resent every [`RESEND`] until the deadline, so a lost
-//! packet does not turn into a false "blocked". Sockets are created inside the source
+//! packet does not turn into a false "blocked". The deadline counts from the moment the
+//! wave's last first packet is out; at the deadline the serving thread catches up on
+//! everything that reached it and the answers are read once more, so a slow server (not
+//! the ruleset) never makes a probe fail. Sockets are created inside the source
 //! pod's namespace (from a short-lived thread) and driven from the caller's thread.
 
 use std::collections::HashMap;
