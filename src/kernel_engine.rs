@@ -22,6 +22,10 @@
 //! hostNetwork pod is judged by the node's `input` hook. hostNetwork pods of one node may
 //! share an address (they are that node); any other shared address is
 //! [`KernelError::Unsupported`]: one address cannot be two endpoints in one kernel.
+//!
+//! Every probed cell is a real connection attempt, so a run is refused up front beyond
+//! [`MAX_CELLS`] cells or beyond the kernel's conntrack table (a full table drops new
+//! connections, which would read as "blocked"). Narrow such runs with ports/protocols.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;

@@ -85,11 +85,11 @@ fn three_engines(cluster: &Cluster, probes: &[Probe]) -> Result<Vec<Vec<Vec<BitM
 /// Cells the engines deny although both ends have an address of the family, the port
 /// resolves and source != destination: only the loaded ruleset can make the kernel deny
 /// them. Counted overall and for cells with a hostNetwork end.
-fn policed_denials(cluster: &Cluster, probe: &Probe, family: Family, denied: &BitMatrix) -> (usize, usize) {
+fn policed_denials(cluster: &Cluster, probe: &Probe, family: Family, allowed: &BitMatrix) -> (usize, usize) {
     let n = cluster.pods.len();
     let (mut all, mut host) = (0, 0);
     for i in 0..n {
-        for j in (0..n).filter(|&j| j != i && !denied.get(i, j)) {
+        for j in (0..n).filter(|&j| j != i && !allowed.get(i, j)) {
             if let Some(conn) = matrix::cell_connection(cluster, probe, family, i, j) {
                 let has = |k: usize| cluster.pods[k].ip_of_family(conn.ipv6).is_some();
                 if has(i) && has(j) {
