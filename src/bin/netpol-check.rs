@@ -681,8 +681,11 @@ fn verify_cmd(a: VerifyArgs) -> Result<ExitCode> {
 fn lab_cleanup_cmd(a: CleanupArgs) -> Result<ExitCode> {
     let stale = lab::leftovers()?;
     let others = lab::lab_namespaces()?.len().saturating_sub(stale.len());
-    let kept =
-        if others > 0 { format!("; {others} other npl-* namespaces (running labs) left alone") } else { String::new() };
+    let kept = if others > 0 {
+        format!("; {others} other npl-* namespaces left alone (not a crashed run's)")
+    } else {
+        String::new()
+    };
     if stale.is_empty() {
         println!("no leftover lab namespaces{kept}");
         return Ok(ExitCode::SUCCESS);
