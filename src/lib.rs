@@ -27,3 +27,4 @@ pub mod report;
 pub mod ruleset_engine;
 pub mod selector;
 pub mod testkit;
+pub mod verify;

@@ -466,3 +466,50 @@ fn a_ruleset_trace_shows_the_chain_that_dropped_the_packet() {
     let text = stdout(&o);
     assert!(text.contains("ruleset trace:") && text.contains("node-1 forward: drop"), "{text}");
 }
+
+// --- verify and the kernel engine's options (no root needed) -----------------------------------
+
+#[test]
+fn verify_of_the_pure_engines_agrees_and_says_what_it_compared() {
+    let o = netpol_check(repo(), &["verify", "--engines", "evaluator,ruleset", "-f", FOUNDING]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "verify: evaluator, ruleset agree on all 75 cells (3 probes × primary × pods²; 22 denied by all)\n"
+    );
+    let j = netpol_check(
+        repo(),
+        &["verify", "--engines", "ruleset,evaluator", "--family", "ipv4,ipv6", "-o", "json", "-f", FOUNDING],
+    );
+    assert_eq!(j.status.code(), Some(0), "{}", stderr(&j));
+    let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
+    assert_eq!(v["engines"], serde_json::json!(["ruleset", "evaluator"]));
+    assert_eq!(v["families"], serde_json::json!(["ipv4", "ipv6"]));
+    assert_eq!((v["agree"].as_bool(), v["cells"].as_u64()), (Some(true), Some(150)));
+}
+
+#[test]
+fn verify_needs_two_different_engines() {
+    let one = netpol_check(repo(), &["verify", "--engines", "evaluator", "-f", FOUNDING]);
+    assert_eq!(one.status.code(), Some(2));
+    assert_eq!(stderr(&one), "error: --engines: name at least two engines to compare (evaluator, ruleset, kernel)\n");
+    let twice = netpol_check(repo(), &["verify", "--engines", "ruleset,ruleset", "-f", FOUNDING]);
+    assert_eq!(stderr(&twice), "error: --engines: ruleset is named twice\n");
+}
+
+#[test]
+fn a_bad_probe_timeout_is_refused_before_anything_runs() {
+    for (value, reason) in [
+        ("soon", "\"soon\" is not a duration (milliseconds like 300 or 300ms, or seconds like 1.5s)"),
+        ("2ms", "\"2ms\" is out of range (10ms to 60s)"),
+        ("61s", "\"61s\" is out of range (10ms to 60s)"),
+    ] {
+        let o = netpol_check(repo(), &["matrix", "--engine", "kernel", "--probe-timeout", value, "-f", FOUNDING]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(
+            stderr(&o).contains(&format!("invalid value '{value}' for '--probe-timeout <DURATION>': {reason}")),
+            "{}",
+            stderr(&o)
+        );
+    }
+}

@@ -52,7 +52,13 @@ fn node(name: &str, ruleset: &str) -> LabNode {
 }
 
 fn pod(name: &str, node: &str, ips: &[&str]) -> LabPod {
-    LabPod { name: name.into(), node: node.into(), ips: ips.iter().map(|s| ip(s)).collect(), serve: SERVE.to_vec() }
+    LabPod {
+        name: name.into(),
+        node: node.into(),
+        ips: ips.iter().map(|s| ip(s)).collect(),
+        serve: SERVE.to_vec(),
+        host_network: false,
+    }
 }
 
 /// Two nodes, two pods each, dual stack.

@@ -9,8 +9,11 @@ use anyhow::{Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use netpol::bitset::BitMatrix;
 use netpol::compile::{self, NodeConfig};
 use netpol::evaluate::{self, Endpoint};
+use netpol::kernel_engine;
+use netpol::lab;
 use netpol::load::{self, LoadOptions, Loaded};
 use netpol::matrix::{self, Family, Probe};
 use netpol::model::{Cluster, Direction, Protocol};
@@ -18,6 +21,7 @@ use netpol::nft::{json, render};
 use netpol::query;
 use netpol::report::{self, MatrixReport};
 use netpol::ruleset_engine;
+use netpol::verify;
 
 const ABOUT: &str = "Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.";
 
@@ -34,8 +38,11 @@ Examples:
   netpol-check query --from tenant-a/nginx --to tenant-a/backend-1 --port 80 -f policy-examples/frontend-backend
   netpol-check explain tenant-a/backend-1 -f policy-examples/frontend-backend
   kubectl get ns,pods,networkpolicies -A -o yaml | netpol-check matrix -f -
+  sudo netpol-check matrix --engine kernel -f policy-examples/frontend-backend
+  sudo netpol-check verify -f policy-examples/frontend-backend
 
-Exit codes: 0 success (query: allowed), 1 query denied, 2 bad input or usage.";
+Exit codes: 0 success (query: allowed; verify: the engines agree), 1 query denied or engines
+disagree, 2 bad input, usage, or an engine that cannot run.";
 
 #[derive(Parser)]
 #[command(name = "netpol-check", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -64,8 +71,35 @@ Endpoints are NAMESPACE/POD or an IP address (an IP that belongs to a pod means 
     #[command(long_about = "Print the nftables ruleset a node would get, exactly as netpol-agent would load it\n\
 with `nft -f` (or as `nft -j` JSON). Without --node, every node that runs pods, one after another.")]
     Ruleset(RulesetArgs),
+    /// Run several engines on the same input and print every cell where they disagree.
+    #[command(long_about = "Run several engines on the same input and print every cell where they disagree.\n\n\
+Each disagreement is one line: probe, packet family, source -> destination, and each engine's\n\
+verdict; then one summary line. Exit code 0 when all agree, 1 on any disagreement, 2 on errors.\n\
+The kernel engine needs root, `ip` and `nft` (it builds the cluster from network namespaces).")]
+    Verify(VerifyArgs),
+    /// Housekeeping of the kernel engine's lab (network namespaces named npl-*).
+    #[command(subcommand)]
+    Lab(LabCommand),
     /// Write a generated cluster (namespaces, pods, policies) as YAML, for benchmarks.
     Generate(GenerateArgs),
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Remove the network namespaces left by lab runs that crashed (killed with SIGKILL, ...).
+    #[command(
+        long_about = "Remove the network namespaces left by lab runs that crashed (killed with SIGKILL, ...).\n\n\
+Only namespaces named npl-<pid>-... whose process <pid> no longer exists are removed; those of\n\
+running labs (any process, this one included) are never touched. Prints each name removed."
+    )]
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    /// Only print what would be removed.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args)]
@@ -81,12 +115,15 @@ struct Input {
     synthetic_ipv6: Option<IpNet>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Engine {
     /// The reference semantics of NetworkPolicy v1.
     Evaluator,
     /// Each node's compiled nftables ruleset, interpreted packet by packet.
     Ruleset,
+    /// The compiled rulesets loaded into a real kernel (network namespaces), probed with real
+    /// packets. Needs root, `ip` and `nft`.
+    Kernel,
 }
 
 impl Engine {
@@ -94,8 +131,44 @@ impl Engine {
         match self {
             Engine::Evaluator => "evaluator",
             Engine::Ruleset => "ruleset",
+            Engine::Kernel => "kernel",
         }
     }
+}
+
+/// How long a kernel probe waits for an answer: `300`, `300ms`, `1s`, `1.5s`.
+#[derive(Clone, Copy)]
+struct ProbeTimeout(std::time::Duration);
+
+const PROBE_TIMEOUT_RANGE: (u64, u64) = (10, 60_000);
+
+fn parse_probe_timeout(text: &str) -> Result<ProbeTimeout, String> {
+    let t = text.trim();
+    let (number, scale) = if let Some(ms) = t.strip_suffix("ms") {
+        (ms, 1.0)
+    } else if let Some(s) = t.strip_suffix('s') {
+        (s, 1000.0)
+    } else {
+        (t, 1.0)
+    };
+    let value: f64 =
+        number.trim().parse().ok().filter(|v: &f64| v.is_finite() && *v >= 0.0).ok_or_else(|| {
+            format!("{text:?} is not a duration (milliseconds like 300 or 300ms, or seconds like 1.5s)")
+        })?;
+    let ms = (value * scale).round() as u64;
+    let (lo, hi) = PROBE_TIMEOUT_RANGE;
+    if !(lo..=hi).contains(&ms) {
+        return Err(format!("{text:?} is out of range ({lo}ms to {}s)", hi / 1000));
+    }
+    Ok(ProbeTimeout(std::time::Duration::from_millis(ms)))
+}
+
+#[derive(Args)]
+struct KernelOptions {
+    /// With the kernel engine: how long each probe waits for its answer (ms, or 1.5s).
+    /// A blocked connection costs this once per wave of concurrent probes.
+    #[arg(long, value_name = "DURATION", default_value = "300ms", value_parser = parse_probe_timeout)]
+    probe_timeout: ProbeTimeout,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -106,7 +179,7 @@ enum MatrixFormat {
     Csv,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum FamilyArg {
     /// Each destination's first IP decides the family; the source uses its IP of that family.
     Primary,
@@ -137,6 +210,8 @@ struct MatrixArgs {
     /// Which engine computes the verdicts.
     #[arg(long, value_enum, default_value = "evaluator")]
     engine: Engine,
+    #[command(flatten)]
+    kernel: KernelOptions,
     /// Address family of the probes.
     #[arg(long, value_enum, default_value = "primary")]
     family: FamilyArg,
@@ -173,11 +248,41 @@ struct QueryArgs {
     family: FamilyArg,
     #[arg(long, value_enum, default_value = "evaluator")]
     engine: Engine,
+    #[command(flatten)]
+    kernel: KernelOptions,
     /// With --engine ruleset: print the chains and rules the packet went through.
     #[arg(long)]
     trace: bool,
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     output: QueryFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VerifyFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    input: Input,
+    /// The engines to compare, comma separated (at least two).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "evaluator,ruleset,kernel")]
+    engines: Vec<Engine>,
+    /// Ports to probe: numbers or container port names, comma separated (default: all known).
+    #[arg(long, value_delimiter = ',', value_name = "PORT")]
+    port: Vec<String>,
+    /// Protocols to probe, comma separated (default: those the probed ports use).
+    #[arg(long, value_delimiter = ',', value_name = "PROTOCOL")]
+    protocol: Vec<String>,
+    /// Address families of the probes, comma separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "primary")]
+    family: Vec<FamilyArg>,
+    #[command(flatten)]
+    kernel: KernelOptions,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    output: VerifyFormat,
 }
 
 #[derive(Args)]
@@ -235,6 +340,8 @@ fn main() -> ExitCode {
         Command::Query(a) => query_cmd(a),
         Command::Explain(a) => explain_cmd(a),
         Command::Ruleset(a) => ruleset_cmd(a),
+        Command::Verify(a) => verify_cmd(a),
+        Command::Lab(LabCommand::Cleanup(a)) => lab_cleanup_cmd(a),
         Command::Generate(a) => generate_cmd(a),
     };
     match result {
@@ -293,7 +400,17 @@ fn probes(cluster: &Cluster, ports: &[String], protocols: &[String]) -> Result<V
     Ok(out)
 }
 
+/// The kernel engine's prerequisites (root, `ip`, `nft`) come first: no point reading input
+/// a run cannot use.
+fn check_kernel(engines: &[Engine]) -> Result<()> {
+    if engines.contains(&Engine::Kernel) {
+        kernel_engine::check_prerequisites()?;
+    }
+    Ok(())
+}
+
 fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
+    check_kernel(&[a.engine])?;
     let cluster = load(&a.input)?;
     let probes = probes(&cluster, &a.port, &a.protocol)?;
     for ns in &a.namespaces {
@@ -305,28 +422,9 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
         .filter(|&i| a.namespaces.is_empty() || a.namespaces.contains(&cluster.pods[i].id.namespace))
         .collect();
     let fam = family(a.family);
-    let results = match a.engine {
-        Engine::Evaluator => {
-            let index = matrix::Index::new(&cluster, fam);
-            probes
-                .into_iter()
-                .map(|p| {
-                    let m = index.matrix(&p).project(&keep);
-                    (p, m)
-                })
-                .collect()
-        }
-        Engine::Ruleset => {
-            let engine = ruleset_engine::Engine::new(&cluster);
-            probes
-                .into_iter()
-                .map(|p| {
-                    let m = engine.matrix(&cluster, &p, fam).project(&keep);
-                    (p, m)
-                })
-                .collect()
-        }
-    };
+    let mut per_family = engine_matrices(a.engine, &cluster, &probes, &[fam], a.kernel.probe_timeout)?;
+    let matrices = per_family.pop().unwrap_or_default();
+    let results = probes.into_iter().zip(matrices).map(|(p, m)| (p, m.project(&keep))).collect();
     let report = MatrixReport {
         engine: a.engine.name(),
         pods: keep.iter().map(|&i| cluster.pods[i].id.to_string()).collect(),
@@ -351,7 +449,33 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One engine's matrices over every pod: `result[f][k]` for `families[f]` and `probes[k]`.
+/// The kernel engine builds one lab for all families.
+fn engine_matrices(
+    engine: Engine,
+    cluster: &Cluster,
+    probes: &[Probe],
+    families: &[Family],
+    timeout: ProbeTimeout,
+) -> Result<Vec<Vec<BitMatrix>>> {
+    Ok(match engine {
+        Engine::Evaluator => families
+            .iter()
+            .map(|&f| {
+                let index = matrix::Index::new(cluster, f);
+                probes.iter().map(|p| index.matrix(p)).collect()
+            })
+            .collect(),
+        Engine::Ruleset => {
+            let rulesets = ruleset_engine::Engine::new(cluster);
+            families.iter().map(|&f| probes.iter().map(|p| rulesets.matrix(cluster, p, f)).collect()).collect()
+        }
+        Engine::Kernel => kernel_engine::matrices_per_family(cluster, probes, families, timeout.0)?,
+    })
+}
+
 fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
+    check_kernel(&[a.engine])?;
     let cluster = load(&a.input)?;
     let protocol = parse_protocol(&a.protocol)?;
     let conn =
@@ -362,11 +486,20 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
     }
     let mut verdict = evaluate::evaluate(&cluster, &conn);
     let mut trace = None;
-    if let Engine::Ruleset = a.engine {
-        let t = ruleset_engine::trace(&cluster, &conn);
-        // The explanation stays the evaluator's; the verdict is the ruleset's own.
-        verdict.allowed = t.allowed;
-        trace = Some(t);
+    match a.engine {
+        Engine::Evaluator => {}
+        Engine::Ruleset => {
+            let t = ruleset_engine::trace(&cluster, &conn);
+            // The explanation stays the evaluator's; the verdict is the ruleset's own.
+            verdict.allowed = t.allowed;
+            trace = Some(t);
+        }
+        Engine::Kernel => {
+            // One connection, one probe (in a lab of the whole cluster); the explanation
+            // stays the evaluator's, the verdict is what the packets did.
+            let facts = kernel_engine::decide(&cluster, &[conn], a.kernel.probe_timeout.0)?;
+            verdict.allowed = facts.first().copied().unwrap_or(false);
+        }
     }
     match a.output {
         QueryFormat::Text => {
@@ -496,6 +629,86 @@ fn ruleset_cmd(a: RulesetArgs) -> Result<ExitCode> {
         }
     }
     out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify_cmd(a: VerifyArgs) -> Result<ExitCode> {
+    let mut engines: Vec<Engine> = Vec::new();
+    for e in a.engines {
+        if engines.contains(&e) {
+            bail!("--engines: {} is named twice", e.name());
+        }
+        engines.push(e);
+    }
+    if engines.len() < 2 {
+        bail!("--engines: name at least two engines to compare (evaluator, ruleset, kernel)");
+    }
+    let mut families: Vec<FamilyArg> = Vec::new();
+    for f in a.family {
+        if !families.contains(&f) {
+            families.push(f);
+        }
+    }
+    let families: Vec<Family> = families.into_iter().map(family).collect();
+    check_kernel(&engines)?;
+    let cluster = load(&a.input)?;
+    let probes = probes(&cluster, &a.port, &a.protocol)?;
+    // Engine by engine (the kernel's lab serves every family at once), then regrouped per family.
+    let mut results: Vec<Vec<Vec<BitMatrix>>> = vec![Vec::new(); families.len()];
+    for &engine in &engines {
+        let per_family = engine_matrices(engine, &cluster, &probes, &families, a.kernel.probe_timeout)
+            .map_err(|e| anyhow!("{} engine: {e:#}", engine.name()))?;
+        for (slot, matrices) in results.iter_mut().zip(per_family) {
+            slot.push(matrices);
+        }
+    }
+    let names = engines.iter().map(|e| e.name().to_string()).collect();
+    let report = verify::Report::new(names, families, probes, &results);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match a.output {
+        VerifyFormat::Text => {
+            for d in &report.disagreements {
+                writeln!(out, "{}", report.describe(&cluster, d))?;
+            }
+            writeln!(out, "{}", report.summary())?;
+        }
+        VerifyFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report.to_json(&cluster))?)?,
+    }
+    out.flush()?;
+    Ok(if report.agree() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn lab_cleanup_cmd(a: CleanupArgs) -> Result<ExitCode> {
+    let stale = lab::leftovers()?;
+    let others = lab::lab_namespaces()?.len().saturating_sub(stale.len());
+    let kept = if others > 0 {
+        format!("; {others} other npl-* namespaces left alone (not a crashed run's)")
+    } else {
+        String::new()
+    };
+    if stale.is_empty() {
+        println!("no leftover lab namespaces{kept}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.dry_run {
+        for name in &stale {
+            println!("would remove {name}");
+        }
+        println!("{} leftover lab namespaces would be removed{kept}", stale.len());
+        return Ok(ExitCode::SUCCESS);
+    }
+    kernel_engine::check_privileges().map_err(|e| match e {
+        kernel_engine::KernelError::NotRoot => {
+            anyhow!("removing network namespaces needs root; run `sudo netpol-check lab cleanup`")
+        }
+        e => anyhow!(e),
+    })?;
+    // Listed again by the library, which re-checks every owner right before deleting.
+    let removed = lab::cleanup_leftovers()?;
+    for name in &removed {
+        println!("removed {name}");
+    }
+    println!("removed {} leftover lab namespaces{kept}", removed.len());
     Ok(ExitCode::SUCCESS)
 }
 

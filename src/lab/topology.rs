@@ -134,15 +134,20 @@ pub fn owner_pid(netns: &str) -> Option<u32> {
 pub struct PodWiring {
     pub node: usize,
     pub ips: Vec<IpAddr>,
+    /// A hostNetwork pod is a process of its node: no namespace of its own; its addresses
+    /// belong to the node's namespace (on `lo`), and the fabric routes them to that node.
+    pub host_network: bool,
 }
 
 /// The scripts that build a lab, in the order they must run. Scripts of one phase are
 /// independent and may run concurrently.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// Namespaces to create, in order (nodes, pods, fabric). Run in the root namespace
-    /// as `netns add` lines: the only root-namespace operation of a build.
+    /// Namespaces to create, in order (nodes, pods that are not hostNetwork, fabric). Run
+    /// in the root namespace as `netns add` lines: the only root-namespace operation of a build.
     pub namespaces: Vec<String>,
+    /// Per pod, the namespace its sockets live in: its own, or its node's for a hostNetwork pod.
+    pub pod_netns: Vec<String>,
     /// Phase 1: one script per node namespace (creates the veths to its pods and to the
     /// fabric, addresses, routes, static neighbours).
     pub nodes: Vec<(String, String)>,
@@ -154,8 +159,21 @@ pub struct Plan {
 impl Plan {
     pub fn new(names: &Names, node_count: usize, pods: &[PodWiring]) -> Plan {
         let mut namespaces: Vec<String> = (0..node_count).map(|i| names.node(i)).collect();
-        namespaces.extend((0..pods.len()).map(|j| names.pod(j)));
+        namespaces.extend(pods.iter().enumerate().filter(|(_, p)| !p.host_network).map(|(j, _)| names.pod(j)));
         namespaces.push(names.fabric());
+        let pod_netns = pods
+            .iter()
+            .enumerate()
+            .map(|(j, p)| if p.host_network { names.node(p.node) } else { names.pod(j) })
+            .collect();
+        // hostNetwork pods of one node may share an address (they are the node): each
+        // address is configured and routed once.
+        let mut routed = std::collections::HashSet::new();
+        let unique_ips: Vec<(usize, &PodWiring, Vec<IpAddr>)> = pods
+            .iter()
+            .enumerate()
+            .map(|(j, p)| (j, p, p.ips.iter().copied().filter(|ip| routed.insert(*ip)).collect()))
+            .collect();
 
         let fabric = names.fabric();
         let mut nodes = Vec::with_capacity(node_count);
@@ -176,8 +194,17 @@ impl Plan {
             for gw in [IpAddr::V4(FABRIC_GW_V4), IpAddr::V6(FABRIC_GW_V6)] {
                 let _ = writeln!(s, "neigh add {gw} lladdr {} dev {FABRIC_IF} nud permanent", fabric_mac(i));
             }
-            for (j, pod) in pods.iter().enumerate() {
-                if pod.node == i {
+            for (j, pod, ips) in &unique_ips {
+                let j = *j;
+                if pod.node == i && pod.host_network {
+                    // The node's own addresses, on `lo` so no link needs to come up: packets to
+                    // them are delivered locally (the `input` hook), packets from them are
+                    // sent by the node (`output`, which the ruleset leaves alone).
+                    for ip in ips {
+                        let nodad = if ip.is_ipv6() { " nodad" } else { "" };
+                        let _ = writeln!(s, "addr add {} dev lo{nodad}", host_prefix(*ip));
+                    }
+                } else if pod.node == i {
                     let peer = pod_peer_if(j);
                     let _ = writeln!(
                         s,
@@ -187,12 +214,12 @@ impl Plan {
                         pod_mac(j)
                     );
                     let _ = writeln!(s, "link set {peer} up");
-                    for ip in &pod.ips {
+                    for ip in ips {
                         let _ = writeln!(s, "route add {} dev {peer}", host_prefix(*ip));
                         let _ = writeln!(s, "neigh add {ip} lladdr {} dev {peer} nud permanent", pod_mac(j));
                     }
                 } else {
-                    for ip in &pod.ips {
+                    for ip in ips {
                         let via = match ip {
                             IpAddr::V4(_) => IpAddr::V4(FABRIC_GW_V4),
                             IpAddr::V6(_) => IpAddr::V6(FABRIC_GW_V6),
@@ -205,7 +232,7 @@ impl Plan {
         }
 
         let mut ends = Vec::with_capacity(pods.len() + 1);
-        for (j, pod) in pods.iter().enumerate() {
+        for (j, pod) in pods.iter().enumerate().filter(|(_, p)| !p.host_network) {
             let mut s = String::new();
             let _ = writeln!(s, "link set lo up");
             let _ = writeln!(s, "link set {POD_IF} up");
@@ -228,8 +255,8 @@ impl Plan {
                 let _ = writeln!(s, "neigh add {gw} lladdr {} dev {port} nud permanent", node_mac(i));
             }
         }
-        for pod in pods {
-            for ip in &pod.ips {
+        for (_, pod, ips) in &unique_ips {
+            for ip in ips {
                 let via = match ip {
                     IpAddr::V4(_) => IpAddr::V4(fabric_v4(pod.node)),
                     IpAddr::V6(_) => IpAddr::V6(fabric_v6(pod.node)),
@@ -239,7 +266,7 @@ impl Plan {
         }
         ends.push((fabric, s));
 
-        Plan { namespaces, nodes, ends }
+        Plan { namespaces, pod_netns, nodes, ends }
     }
 }
 
@@ -306,8 +333,8 @@ mod tests {
     #[test]
     fn local_pods_are_routed_to_their_veth_and_remote_pods_via_the_owner_node() {
         let pods = vec![
-            PodWiring { node: 0, ips: vec![ip("10.0.0.1"), ip("fd00::1")] },
-            PodWiring { node: 1, ips: vec![ip("10.0.1.1")] },
+            PodWiring { node: 0, ips: vec![ip("10.0.0.1"), ip("fd00::1")], host_network: false },
+            PodWiring { node: 1, ips: vec![ip("10.0.1.1")], host_network: false },
         ];
         let plan = Plan::new(&Names::new("1-a"), 2, &pods);
         assert_eq!(plan.namespaces.len(), 5);
@@ -330,5 +357,29 @@ mod tests {
         assert!(f.contains("neigh add 169.254.100.2 lladdr 02:fa:00:00:00:01 dev n1 nud permanent\n"));
         // No script line mentions the root namespace: every script runs under `ip -n`.
         assert!(plan.nodes.iter().chain(&plan.ends).all(|(ns, _)| ns.starts_with(NETNS_PREFIX)));
+    }
+
+    #[test]
+    fn host_network_pods_are_addresses_of_their_node_routed_to_it_by_the_fabric() {
+        let pods = vec![
+            PodWiring { node: 0, ips: vec![ip("10.0.0.1")], host_network: false },
+            PodWiring { node: 1, ips: vec![ip("10.0.1.9"), ip("fd00::9")], host_network: true },
+            // A second hostNetwork pod of node 1 with the node's address again.
+            PodWiring { node: 1, ips: vec![ip("10.0.1.9")], host_network: true },
+        ];
+        let plan = Plan::new(&Names::new("1-a"), 2, &pods);
+        // No namespace of their own; their sockets live in node 1's.
+        assert_eq!(plan.namespaces, ["npl-1-a-n0", "npl-1-a-n1", "npl-1-a-p0", "npl-1-a-fab"]);
+        assert_eq!(plan.pod_netns, ["npl-1-a-p0", "npl-1-a-n1", "npl-1-a-n1"]);
+        let n1 = &plan.nodes[1].1;
+        assert_eq!(n1.matches("addr add 10.0.1.9/32 dev lo\n").count(), 1, "{n1}");
+        assert!(n1.contains("addr add fd00::9/128 dev lo nodad\n"));
+        assert!(!n1.contains("link add p1"));
+        let n0 = &plan.nodes[0].1;
+        assert_eq!(n0.matches("route add 10.0.1.9/32 via 169.254.100.254 dev fab0\n").count(), 1);
+        let fab = &plan.ends.last().unwrap().1;
+        assert_eq!(fab.matches("route add 10.0.1.9/32 via 169.254.100.2 dev n1 onlink\n").count(), 1);
+        assert!(fab.contains("route add fd00::9/128 via fd00:fab::2 dev n1 onlink\n"));
+        assert_eq!(plan.ends.len(), 2, "one pod script and the fabric's");
     }
 }
