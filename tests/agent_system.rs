@@ -276,6 +276,7 @@ fn build_lab(nodes: &[&str], slots: &[Slot], ports: &[(u16, L4)]) -> Lab {
             node: s.node.into(),
             ips: vec![IpAddr::V4(s.ip)],
             serve: ports.to_vec(),
+            host_network: false,
         })
         .collect();
     Lab::build(&lab_nodes, &pods).unwrap()
