@@ -6,7 +6,7 @@
 //!  caller thread ──Lab::in_pod(j, f)──► fresh thread, setns into pod j ──► f()
 //!                                         tcp_connect / udp_exchange / std sockets
 //!                                         (sockets it opens live in pod j for good)
-//!  Lab::tcp_server(j, addr, mode) ──► listener opened in pod j, served from a root-ns
+//!  Lab::tcp_server(j, addr) ──► listener opened in pod j, served from a root-ns
 //!                                     thread (accepted sockets keep the listener's ns)
 //! ```
 //!
@@ -127,29 +127,34 @@ pub fn udp_exchange(from: SocketAddr, to: SocketAddr, token: u64, timeout: Durat
     }
 }
 
-/// What a [`TcpServer`] does with each accepted connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServerMode {
-    /// Read one byte, write it back, close: one request/response per connection.
-    EchoOneByte,
-    /// Read and discard until the peer closes, then close: a bulk-transfer sink.
-    Sink,
-}
-
-/// A TCP server of our own in one lab pod, one connection at a time, until dropped.
+/// A TCP server of our own in one lab pod, one connection at a time, until dropped. Each
+/// connection gets its first byte echoed, then everything else is read and discarded until
+/// the peer closes: a one-byte request/response for connection-rate loops, a sink for
+/// bulk transfers.
 pub struct TcpServer {
     stop: Arc<AtomicBool>,
-    received: Arc<AtomicU64>,
+    counts: Arc<Counts>,
     thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    connections: AtomicU64,
+    bytes: AtomicU64,
 }
 
 /// How often a server idle in `accept` looks at its stop flag.
 const SERVER_POLL: Duration = Duration::from_millis(50);
 
 impl TcpServer {
+    /// Connections whose first byte was echoed so far.
+    pub fn connections(&self) -> u64 {
+        self.counts.connections.load(Ordering::Relaxed)
+    }
+
     /// Bytes read from all connections so far.
     pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+        self.counts.bytes.load(Ordering::Relaxed)
     }
 
     /// Stop serving and report whether the server failed.
@@ -172,7 +177,7 @@ impl Drop for TcpServer {
     }
 }
 
-fn serve_tcp(listener: TcpListener, mode: ServerMode, stop: &AtomicBool, received: &AtomicU64) -> io::Result<()> {
+fn serve_tcp(listener: TcpListener, stop: &AtomicBool, counts: &Counts) -> io::Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
     while !stop.load(Ordering::Relaxed) {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
@@ -192,22 +197,15 @@ fn serve_tcp(listener: TcpListener, mode: ServerMode, stop: &AtomicBool, receive
         conn.set_nodelay(true)?;
         // A client that vanishes must not wedge the server.
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-        match mode {
-            ServerMode::EchoOneByte => {
-                let mut one = [0u8; 1];
-                if matches!(conn.read(&mut one), Ok(1)) {
-                    received.fetch_add(1, Ordering::Relaxed);
-                    let _ = conn.write_all(&one);
-                }
-            }
-            ServerMode::Sink => loop {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        received.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                }
-            },
+        let mut first = [0u8; 1];
+        if !matches!(conn.read(&mut first), Ok(1)) || conn.write_all(&first).is_err() {
+            continue;
+        }
+        counts.connections.fetch_add(1, Ordering::Relaxed);
+        counts.bytes.fetch_add(1, Ordering::Relaxed);
+        // Until the peer closes (FIN) or resets.
+        while let Ok(n @ 1..) = conn.read(&mut buf) {
+            counts.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
     Ok(())
@@ -221,9 +219,9 @@ impl Lab {
         netns::run_in(&ns, f).map_err(|e| LabError::io(format!("in pod `{}` ({ns})", self.pods[pod].name), e))
     }
 
-    /// Start a TCP server listening on `addr` (an address of pod `pod`, on a port the lab
-    /// does not serve itself), handling one connection at a time as `mode` says.
-    pub fn tcp_server(&self, pod: usize, addr: SocketAddr, mode: ServerMode) -> Result<TcpServer, LabError> {
+    /// Start a [`TcpServer`] listening on `addr` (an address of pod `pod`, on a port the lab
+    /// does not serve itself).
+    pub fn tcp_server(&self, pod: usize, addr: SocketAddr) -> Result<TcpServer, LabError> {
         let listener = self.in_pod(pod, || {
             let s = Socket::new(domain(&addr), Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
@@ -236,12 +234,12 @@ impl Lab {
             Ok(TcpListener::from(s))
         })?;
         let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(AtomicU64::new(0));
-        let (stop2, received2) = (stop.clone(), received.clone());
+        let counts = Arc::new(Counts::default());
+        let (stop2, counts2) = (stop.clone(), counts.clone());
         let thread = std::thread::Builder::new()
             .name("netpol-lab-tcp-server".into())
-            .spawn(move || serve_tcp(listener, mode, &stop2, &received2))
+            .spawn(move || serve_tcp(listener, &stop2, &counts2))
             .map_err(|e| LabError::io("starting a lab TCP server", e))?;
-        Ok(TcpServer { stop, received, thread: Some(thread) })
+        Ok(TcpServer { stop, counts, thread: Some(thread) })
     }
 }
