@@ -464,10 +464,12 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
     let count = |class: Class| attempts.iter().filter(|((c, _, _), _)| *c == class).map(|(_, n)| n).sum::<u64>();
     eprintln!(
         "{} swaps ({SWAPS} full sync, {SWAPS} incremental averaging {} ops per node) in {swap_time:.1?} \
-         (median nft apply {:.1?}); {} MustPass and {} MustBlock attempts in {total:.1?}; by (class, tcp, cross-node): {attempts:?}",
+         (median nft apply {:.1?}), each followed by a sample of {} OnlyA/OnlyB connections; {} MustPass and {} \
+         MustBlock attempts in {total:.1?}; by (class, tcp, cross-node): {attempts:?}",
         2 * SWAPS,
         incremental_ops / (SWAPS * node_names.len()),
         median(apply_times),
+        only_a.len() + only_b.len(),
         count(Class::MustPass),
         count(Class::MustBlock),
     );
