@@ -7,7 +7,7 @@
 //!                                         tcp_connect / udp_exchange / std sockets
 //!                                         (sockets it opens live in pod j for good)
 //!  Lab::tcp_server(j, addr) ──► listener opened in pod j, served from a root-ns
-//!                                     thread (accepted sockets keep the listener's ns)
+//!                               thread (accepted sockets keep the listener's ns)
 //! ```
 //!
 //! [`Lab::probe_all`] answers "is this reachable" for a batch of probes; the functions here
