@@ -60,6 +60,7 @@ mod probe;
 mod sctp;
 mod serve;
 mod topology;
+pub mod traffic;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
