@@ -213,11 +213,10 @@ impl Api {
     /// The cluster as the agents see it once synced: the agent's own conversion of the
     /// mirror's objects.
     fn cluster(&self) -> Cluster {
-        let snapshot = Snapshot {
-            namespaces: self.namespaces.values().cloned().collect(),
-            pods: self.pods.values().cloned().collect(),
-            policies: self.policies.values().cloned().collect(),
-        };
+        let namespaces: Vec<Namespace> = self.namespaces.values().cloned().collect();
+        let pods: Vec<Pod> = self.pods.values().cloned().collect();
+        let policies: Vec<NetworkPolicy> = self.policies.values().cloned().collect();
+        let snapshot = Snapshot::from_objects(&namespaces, &pods, &policies);
         let (cluster, skipped) = nft_target::cluster(&snapshot);
         assert_eq!(skipped, 0, "every object the test applies is valid");
         cluster

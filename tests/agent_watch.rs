@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::runtime::watcher;
 use netpol::agent::watch::Resource;
 use netpol::agent::{ClusterWatch, Metrics, Snapshot, SyncLoop, SyncLoopConfig, SyncState, Trigger, admin};
+use netpol::model::NAMESPACE_NAME_LABEL;
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
 use netpol::testkit::objects::{self, labels, namespace};
 use netpol::testkit::sync::RecordingTarget;
@@ -46,20 +47,25 @@ fn seed(server: &FakeApiServer) {
 
 // ---------------------------------------------------------------- snapshot views
 
-fn key(meta: &ObjectMeta) -> String {
-    format!("{}/{}", meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref().unwrap_or(""))
-}
-
 fn pod_labels(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, String>> {
-    s.pods.iter().map(|p| (key(&p.metadata), p.metadata.labels.clone().unwrap_or_default())).collect()
+    s.pods.iter().map(|p| (p.id.to_string(), p.labels.clone())).collect()
 }
 
+/// Namespace labels as written (without the name label the API server adds), keyed
+/// `/<name>` like a cluster-scoped object.
 fn ns_labels(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, String>> {
-    s.namespaces.iter().map(|n| (key(&n.metadata), n.metadata.labels.clone().unwrap_or_default())).collect()
+    s.namespaces
+        .iter()
+        .map(|n| {
+            let mut labels = n.labels.clone();
+            labels.remove(NAMESPACE_NAME_LABEL);
+            (format!("/{}", n.name), labels)
+        })
+        .collect()
 }
 
 fn policy_names(s: &Snapshot) -> Vec<String> {
-    s.policies.iter().map(|p| key(&p.metadata)).collect()
+    s.policies.iter().map(|p| p.id.to_string()).collect()
 }
 
 fn l(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -145,17 +151,13 @@ async fn the_initial_list_and_then_live_updates_reach_the_snapshot() {
     assert_eq!(pod_labels(&snap).keys().collect::<Vec<_>>(), ["shop/db-1", "shop/web-1", "shop/web-2"]);
     assert_eq!(ns_labels(&snap)["/shop"], l(&[("team", "a")]));
     assert_eq!(policy_names(&snap), ["shop/backend-from-frontend"]);
-    // Stripped on arrival: no annotations, no image, no hostIP; ports and IPs kept.
+    // Converted on arrival: node, ports and IPs are what the API objects say.
     let web = &snap.pods[1];
-    assert!(web.metadata.annotations.is_none());
-    let spec = web.spec.as_ref().unwrap();
-    assert_eq!(spec.node_name.as_deref(), Some("node-a"));
-    assert!(spec.containers[0].image.is_none());
-    assert_eq!(spec.containers[0].ports.as_ref().unwrap()[0].container_port, 80);
-    let status = web.status.as_ref().unwrap();
-    assert_eq!(status.pod_ip.as_deref(), Some("192.0.2.1"));
-    assert!(status.host_ip.is_none());
-    assert!(snap.namespaces[0].metadata.annotations.is_none());
+    assert_eq!(web.id.to_string(), "shop/web-1");
+    assert_eq!(web.node, "node-a");
+    assert_eq!(web.ports[0].port, 80);
+    assert_eq!(web.ips, ["192.0.2.1".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(snap.skipped_objects, 0);
     // Lists of 3 pods with page size 2 took two pages.
     assert!(server.list_requests(Kind::Pod) >= 2);
 

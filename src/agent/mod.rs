@@ -16,21 +16,25 @@ pub mod watch;
 
 use std::future::Future;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use std::sync::Arc;
+
+use crate::model::{Namespace, Pod, Policy};
 
 pub use config::AgentConfig;
 pub use metrics::Metrics;
 pub use trigger::{SyncLoop, SyncLoopConfig, SyncState, Trigger};
 pub use watch::ClusterWatch;
 
-/// Everything the agent knows about the cluster at one moment, as stripped k8s-openapi
-/// objects, each list sorted by namespace and name.
+/// Everything the agent knows about the cluster at one moment: the model objects taking
+/// part (pods with an IP on a node, valid namespaces and policies), each list sorted by
+/// namespace and name. Shares the objects with the watch stores, so taking one is cheap.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    pub namespaces: Vec<Namespace>,
-    pub pods: Vec<Pod>,
-    pub policies: Vec<NetworkPolicy>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub policies: Vec<Arc<Policy>>,
+    /// Objects left out because they failed conversion or validation.
+    pub skipped_objects: usize,
 }
 
 /// What one sync did, for metrics.
