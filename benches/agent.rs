@@ -426,7 +426,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let t = Instant::now();
     let base = generate::cluster(params);
     let mut objects = namespaces_and_policies_json(&base);
-    objects.extend(base.pods.iter().map(pod_json));
+    objects.extend(base.pods.iter().map(|p| pod_json(p)));
     server.apply_bulk(objects).map_err(|e| e.to_string())?;
     let load_secs = t.elapsed().as_secs_f64();
     eprintln!("   generated and loaded into the fake apiserver in {load_secs:.1} s");
@@ -509,7 +509,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let apps: Vec<String> =
         base.pods.iter().filter_map(|p| p.labels.get("app").cloned()).collect::<BTreeSet<_>>().into_iter().collect();
     let mut mirror: BTreeMap<(String, String), Pod> =
-        base.pods.iter().map(|p| ((p.id.namespace.clone(), p.id.name.clone()), p.clone())).collect();
+        base.pods.iter().map(|p| ((p.id.namespace.clone(), p.id.name.clone()), (**p).clone())).collect();
     // Untouched pods of the initial cluster (remote, local): each event touches its own pod,
     // so each IP has one event and its commit is unambiguous.
     let mut pool: [Vec<(String, String)>; 2] = [Vec::new(), Vec::new()];
@@ -545,7 +545,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
             EventKind::Add => {
                 let template = &base.pods[rng.below(base.pods.len())];
                 let ip = Ipv4Addr::from(0x0A80_0000u32 + n as u32);
-                let mut p = template.clone();
+                let mut p = (**template).clone();
                 p.id.name = format!("churn-{n}");
                 // A fifth of the new pods land on the agent's node (about as many as leave it).
                 p.node = if rng.chance(20) { NODE.to_string() } else { rng.pick(&other_nodes).clone() };
@@ -600,11 +600,8 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let config = NodeConfig { node: NODE.into(), table: TABLE.into() };
     let local_pods_at_end = mirror.values().filter(|p| p.node == NODE).count();
     let before = memberships(&compile(&base, &config));
-    let final_cluster = Cluster::new(
-        base.namespaces.values().cloned().collect(),
-        mirror.into_values().collect(),
-        base.policies.clone(),
-    );
+    let final_cluster =
+        Cluster::new(base.namespaces.values().cloned().collect(), mirror.into_values(), base.policies.clone());
     let after = memberships(&compile(&final_cluster, &config));
     let empty = BTreeSet::new();
     let changes = |ip: &Ipv4Addr| before.get(ip).unwrap_or(&empty) != after.get(ip).unwrap_or(&empty);

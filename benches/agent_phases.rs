@@ -93,7 +93,7 @@ fn main() {
     );
     let base = generate::cluster(&params);
     let mut objects = objects::namespaces_and_policies_json(&base);
-    objects.extend(base.pods.iter().map(objects::pod_json));
+    objects.extend(base.pods.iter().map(|p| objects::pod_json(p)));
 
     let (m, n, stores) = time(1, || {
         let mut stores = AgentStores::default();
@@ -126,10 +126,10 @@ fn main() {
     // One pod event on this node, one elsewhere.
     let local = base.pods.iter().find(|p| p.node == "node-0").expect("node-0 runs pods");
     let remote = base.pods.iter().find(|p| p.node != "node-0").expect("other nodes run pods");
-    let mut new_local = local.clone();
+    let mut new_local = (**local).clone();
     new_local.id.name = format!("{}-new", local.id.name);
     new_local.ips = vec!["10.250.0.1".parse().expect("valid")];
-    let mut relabelled = remote.clone();
+    let mut relabelled = (**remote).clone();
     relabelled.labels.insert("app".into(), "relabelled".into());
     for (what, pod) in [("new pod on node-0", new_local), ("remote pod relabelled", relabelled)] {
         let mut stores = stores.clone();

@@ -56,7 +56,7 @@ fn verdict(allowed: bool) -> &'static str {
 /// `small_random(seed)` without its hostNetwork pods, which the kernel engine refuses.
 fn random_cluster(seed: u64) -> Cluster {
     let c = generate::small_random(seed);
-    let pods = c.pods.into_iter().filter(|p| !p.host_network).collect();
+    let pods = c.pods.into_iter().filter(|p| !p.host_network);
     Cluster::new(c.namespaces.into_values().collect(), pods, c.policies)
 }
 

@@ -73,7 +73,7 @@ pub fn pod_json(p: &Pod) -> Value {
 /// written by [`pod_json`], which is faster and fatter).
 pub fn namespaces_and_policies_json(cluster: &Cluster) -> Vec<Value> {
     let without_pods =
-        Cluster::new(cluster.namespaces.values().cloned().collect(), Vec::new(), cluster.policies.clone());
+        Cluster::new(cluster.namespaces.values().cloned().collect(), Vec::<Pod>::new(), cluster.policies.clone());
     generate::to_yaml(&without_pods)
         .split("---\n")
         .filter(|doc| !doc.trim().is_empty())

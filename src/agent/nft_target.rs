@@ -2,7 +2,7 @@
 //! transaction (the diff against what was last applied, or a full replacement).
 //!
 //! ```text
-//!  Snapshot ──clone──► Cluster  ──compile(node)──► desired ──┬─ full / nothing known ─► full_sync
+//!  Snapshot ──Arcs──► Cluster   ──compile(node)──► desired ──┬─ full / nothing known ─► full_sync
 //!     (objects converted on arrival by the watch)             └─ else ─► diff(last, desired)
 //! ```
 //!
@@ -62,9 +62,8 @@ impl<N: Nftables> NftTarget<N> {
 /// when they arrived), and how many objects were left out.
 pub fn cluster(snapshot: &Snapshot) -> (Cluster, usize) {
     let namespaces = snapshot.namespaces.iter().map(|n| (**n).clone()).collect();
-    let pods = snapshot.pods.iter().map(|p| (**p).clone()).collect();
-    let policies = snapshot.policies.iter().map(|p| (**p).clone()).collect();
-    (Cluster::new(namespaces, pods, policies), snapshot.skipped_objects)
+    let cluster = Cluster::new(namespaces, snapshot.pods.iter().cloned(), snapshot.policies.iter().cloned());
+    (cluster, snapshot.skipped_objects)
 }
 
 impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
