@@ -19,7 +19,7 @@
 //! Rule count grows with local pods and the policies selecting them, never with the number
 //! of pods in the cluster: cluster pods only ever become set elements.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -30,7 +30,7 @@ use crate::nft::ir::{
     Rule, Ruleset, Set, Value, Verdict,
 };
 use crate::nft::names;
-use crate::selector::Selector;
+use crate::selector::{Operator, Selector};
 
 /// Which node to compile for, and the table to own.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +63,9 @@ struct Compiler<'a> {
     policies_by_ns: HashMap<&'a str, Vec<usize>>,
     /// Peer-set names already built, by (scope, selector).
     peer_sets: HashMap<PeerKey<'a>, [String; 2]>,
+    /// Pod indices (ascending) by label value, per label key; built for a key the first
+    /// time a selector requires it to be `In` some values.
+    pods_by_label: HashMap<&'a str, HashMap<&'a str, Vec<usize>>>,
 }
 
 /// (policy namespace for the own-namespace scope, namespace selector, pod selector).
@@ -85,6 +88,7 @@ impl<'a> Compiler<'a> {
             pods_by_ns,
             policies_by_ns,
             peer_sets: HashMap::new(),
+            pods_by_label: HashMap::new(),
         }
     }
 
@@ -461,16 +465,14 @@ impl<'a> Compiler<'a> {
             }
         };
         let mut elements: [BTreeSet<Element>; 2] = [BTreeSet::new(), BTreeSet::new()];
-        for ns in namespaces {
-            for &i in self.pods_by_ns.get(ns).map(Vec::as_slice).unwrap_or_default() {
-                let pod = &cluster.pods[i];
-                // hostNetwork pods are reached by IP (ipBlock) only.
-                if pod.host_network || !pods.matches(&pod.labels) {
-                    continue;
-                }
-                for ip in &pod.ips {
-                    elements[usize::from(ip.is_ipv6())].insert(Element::single(Value::Addr(*ip)));
-                }
+        for i in self.candidates(&namespaces, pods) {
+            let pod = &cluster.pods[i];
+            // hostNetwork pods are reached by IP (ipBlock) only.
+            if pod.host_network || !pods.matches(&pod.labels) {
+                continue;
+            }
+            for ip in &pod.ips {
+                elements[usize::from(ip.is_ipv6())].insert(Element::single(Value::Addr(*ip)));
             }
         }
         let ids: Vec<&str> = identity.iter().map(String::as_str).collect();
@@ -489,6 +491,42 @@ impl<'a> Compiler<'a> {
             self.rs.sets.insert(out[k].clone(), set);
         }
         self.peer_sets.insert(key, out.clone());
+        out
+    }
+
+    /// Indices of the pods in `namespaces` that may match `selector` (a superset of those
+    /// that do): the pods of those namespaces, or, when `selector` requires a label to be
+    /// `In` some values and fewer pods carry them, the pods carrying them.
+    fn candidates(&mut self, namespaces: &[&str], selector: &'a Selector) -> Vec<usize> {
+        let in_namespaces = || namespaces.iter().flat_map(|ns| self.pods_by_ns.get(ns).into_iter().flatten().copied());
+        let scope_len: usize = namespaces.iter().map(|ns| self.pods_by_ns.get(ns).map_or(0, Vec::len)).sum();
+        let Some((key, values)) = selector.requirements().iter().find_map(|r| match &r.operator {
+            Operator::In(values) => Some((r.key.as_str(), values)),
+            _ => None,
+        }) else {
+            return in_namespaces().collect();
+        };
+        let cluster = self.cluster;
+        let by_value = self.pods_by_label.entry(key).or_insert_with(|| {
+            let mut by_value: HashMap<&str, Vec<usize>> = HashMap::new();
+            for (i, pod) in cluster.pods.iter().enumerate() {
+                if let Some(v) = pod.labels.get(key) {
+                    by_value.entry(v.as_str()).or_default().push(i);
+                }
+            }
+            by_value
+        });
+        let labelled: usize = values.iter().map(|v| by_value.get(v.as_str()).map_or(0, Vec::len)).sum();
+        if labelled >= scope_len {
+            return in_namespaces().collect();
+        }
+        let wanted: HashSet<&str> = namespaces.iter().copied().collect();
+        let mut out: Vec<usize> = values
+            .iter()
+            .flat_map(|v| by_value.get(v.as_str()).into_iter().flatten().copied())
+            .filter(|&i| wanted.contains(cluster.pods[i].id.namespace.as_str()))
+            .collect();
+        out.sort_unstable();
         out
     }
 
