@@ -975,7 +975,7 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
 // ---------------------------------------------------------------- shutdown
 
 /// The sync loop polls its shutdown future only after its first sync attempt, which waits
-/// out the debounce (here 2 s, bounded by the 500 ms max delay). A SIGTERM in that window
+/// out the batching window (here 2 s). A SIGTERM in that window
 /// must still be a clean shutdown, so the handlers must exist from the start. Needs no
 /// root: nothing is ever synced (NetworkPolicies never list) and `nft` refuses anyway.
 #[test]

@@ -323,6 +323,31 @@ async fn a_hundred_rapid_changes_coalesce_into_a_few_syncs_and_the_last_state_wi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_during_a_slow_sync_are_all_taken_by_the_one_sync_right_after_it() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    agent.target.set_delay(Duration::from_millis(400));
+    let before = agent.target.calls().len();
+
+    server.apply(&pod("shop", "web-1", "192.0.2.1", &[("version", "0")])).unwrap();
+    wait_for("the slow sync to start", Duration::from_secs(5), || agent.target.calls().len() > before).await;
+    let started = Instant::now();
+    for i in 1..20 {
+        let v = i.to_string();
+        server.apply(&pod("shop", "web-1", "192.0.2.1", &[("version", &v)])).unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(started.elapsed() < Duration::from_millis(300), "the changes must land during the slow sync");
+    agent.wait_synced("the last version", |s| pod_labels(s).get("shop/web-1") == Some(&l(&[("version", "19")]))).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let calls = agent.target.calls();
+    assert_eq!(calls.len() - before, 2, "one sync for the first change, one for the 19 during it");
+    assert_eq!(pod_labels(&calls[before].snapshot)["shop/web-1"], l(&[("version", "0")]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_sync_is_retried_with_growing_backoff_and_the_next_sync_is_full() {
     let server = FakeApiServer::start().await.unwrap();
     seed(&server);
