@@ -117,6 +117,14 @@ fn main() {
         applied.sets.len() + applied.maps.len(),
         applied.element_count()
     );
+    // The same cluster from freshly allocated copies: what memory locality costs compile.
+    let fresh = netpol::model::Cluster::new(
+        cluster.namespaces.values().cloned().collect(),
+        cluster.pods.iter().map(|p| (**p).clone()).collect::<Vec<_>>(),
+        cluster.policies.iter().map(|p| (**p).clone()).collect::<Vec<_>>(),
+    );
+    let (m, n, _) = time(args.runs, || compile(&fresh, &config));
+    row("compile node-0, fresh copies", (m, n));
     let (m, n, tx) = time(args.runs, || full_sync(&applied));
     row("full_sync transaction", (m, n));
     let (m, n, text) = time(args.runs, || tx.render());

@@ -19,7 +19,7 @@
 //! Rule count grows with local pods and the policies selecting them, never with the number
 //! of pods in the cluster: cluster pods only ever become set elements.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -63,9 +63,9 @@ struct Compiler<'a> {
     policies_by_ns: HashMap<&'a str, Vec<usize>>,
     /// Peer-set names already built, by (scope, selector).
     peer_sets: HashMap<PeerKey<'a>, [String; 2]>,
-    /// Pod indices (ascending) by label value, per label key; built for a key the first
-    /// time a selector requires it to be `In` some values.
-    pods_by_label: HashMap<&'a str, HashMap<&'a str, Vec<usize>>>,
+    /// Pod indices (ascending) by (namespace, label value), per label key; built for a key
+    /// the first time a selector requires it to be `In` some values.
+    pods_by_label: HashMap<&'a str, HashMap<(&'a str, &'a str), Vec<usize>>>,
 }
 
 /// (policy namespace for the own-namespace scope, namespace selector, pod selector).
@@ -372,6 +372,23 @@ impl<'a> Compiler<'a> {
         if named.is_empty() {
             return;
         }
+        // Egress: the pods any peer may admit (a superset; each is checked below).
+        let destinations: Vec<usize> = match &rule.peers {
+            Some(peers) if !ingress && !peers.iter().any(|p| matches!(p, Peer::IpBlock(_))) => {
+                let mut out = Vec::new();
+                for peer in peers {
+                    if let Peer::Pods { namespaces, pods } = peer {
+                        let in_scope = self.scope_namespaces(ns, namespaces);
+                        out.extend(self.candidates(&in_scope, pods));
+                    }
+                }
+                out.sort_unstable();
+                out.dedup();
+                out
+            }
+            _ if !ingress => (0..cluster.pods.len()).collect(),
+            _ => Vec::new(),
+        };
         for f in FAMILIES {
             let prefix = if f == IpFamily::V4 { names::NAMED_V4 } else { names::NAMED_V6 };
             let set = names::generated(
@@ -401,7 +418,8 @@ impl<'a> Compiler<'a> {
                 }
             } else {
                 // The destination is any pod the peers admit, so the set encodes peer AND port.
-                for (j, pod) in cluster.pods.iter().enumerate() {
+                for &j in &destinations {
+                    let pod = &cluster.pods[j];
                     let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
                         continue;
                     };
@@ -458,12 +476,7 @@ impl<'a> Compiler<'a> {
                 (vec!["nssel".into(), format!("{s:?}"), format!("{pods:?}")], format!("ns_{s}_{pods}"))
             }
         };
-        let namespaces: Vec<&str> = match scope {
-            NamespaceScope::PolicyNamespace => vec![policy_ns],
-            NamespaceScope::Matching(s) => {
-                cluster.namespaces.values().filter(|n| s.matches(&n.labels)).map(|n| n.name.as_str()).collect()
-            }
-        };
+        let namespaces = self.scope_namespaces(policy_ns, scope);
         let mut elements: [BTreeSet<Element>; 2] = [BTreeSet::new(), BTreeSet::new()];
         for i in self.candidates(&namespaces, pods) {
             let pod = &cluster.pods[i];
@@ -494,38 +507,46 @@ impl<'a> Compiler<'a> {
         out
     }
 
-    /// Indices of the pods in `namespaces` that may match `selector` (a superset of those
-    /// that do): the pods of those namespaces, or, when `selector` requires a label to be
-    /// `In` some values and fewer pods carry them, the pods carrying them.
-    fn candidates(&mut self, namespaces: &[&str], selector: &'a Selector) -> Vec<usize> {
-        let in_namespaces = || namespaces.iter().flat_map(|ns| self.pods_by_ns.get(ns).into_iter().flatten().copied());
-        let scope_len: usize = namespaces.iter().map(|ns| self.pods_by_ns.get(ns).map_or(0, Vec::len)).sum();
+    /// The namespaces a peer's pods may live in.
+    fn scope_namespaces(&self, policy_ns: &'a str, scope: &NamespaceScope) -> Vec<&'a str> {
+        match scope {
+            NamespaceScope::PolicyNamespace => vec![policy_ns],
+            NamespaceScope::Matching(s) => {
+                self.cluster.namespaces.values().filter(|n| s.matches(&n.labels)).map(|n| n.name.as_str()).collect()
+            }
+        }
+    }
+
+    /// Indices (ascending) of the pods in `namespaces` that may match `selector` (a
+    /// superset of those that do): the pods of those namespaces, or, when `selector`
+    /// requires a label to be `In` some values, the pods of those namespaces carrying them.
+    fn candidates(&mut self, namespaces: &[&'a str], selector: &'a Selector) -> Vec<usize> {
         let Some((key, values)) = selector.requirements().iter().find_map(|r| match &r.operator {
             Operator::In(values) => Some((r.key.as_str(), values)),
             _ => None,
         }) else {
-            return in_namespaces().collect();
+            let mut out: Vec<usize> =
+                namespaces.iter().flat_map(|ns| self.pods_by_ns.get(ns).into_iter().flatten().copied()).collect();
+            out.sort_unstable();
+            return out;
         };
         let cluster = self.cluster;
-        let by_value = self.pods_by_label.entry(key).or_insert_with(|| {
-            let mut by_value: HashMap<&str, Vec<usize>> = HashMap::new();
+        let index = self.pods_by_label.entry(key).or_insert_with(|| {
+            let mut index: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
             for (i, pod) in cluster.pods.iter().enumerate() {
                 if let Some(v) = pod.labels.get(key) {
-                    by_value.entry(v.as_str()).or_default().push(i);
+                    index.entry((pod.id.namespace.as_str(), v.as_str())).or_default().push(i);
                 }
             }
-            by_value
+            index
         });
-        let labelled: usize = values.iter().map(|v| by_value.get(v.as_str()).map_or(0, Vec::len)).sum();
-        if labelled >= scope_len {
-            return in_namespaces().collect();
+        let index: &HashMap<(&str, &str), Vec<usize>> = index;
+        let mut out = Vec::new();
+        for &ns in namespaces {
+            for v in values {
+                out.extend(index.get(&(ns, v.as_str())).into_iter().flatten().copied());
+            }
         }
-        let wanted: HashSet<&str> = namespaces.iter().copied().collect();
-        let mut out: Vec<usize> = values
-            .iter()
-            .flat_map(|v| by_value.get(v.as_str()).into_iter().flatten().copied())
-            .filter(|&i| wanted.contains(cluster.pods[i].id.namespace.as_str()))
-            .collect();
         out.sort_unstable();
         out
     }
