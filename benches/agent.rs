@@ -274,7 +274,7 @@ impl Monitor {
         }
         let monitor = Monitor { _proc: proc, commits, seen_probe };
         // Wait until the monitor really listens: create and drop a probe table until it
-        // reports one. It reads the whole ruleset first, which takes a while at 100k pods.
+        // reports one. It reads the whole ruleset first: start it before the agent's table.
         let deadline = Instant::now() + Duration::from_secs(300);
         while !*monitor.seen_probe.lock().unwrap_or_else(|e| e.into_inner()) {
             if Instant::now() > deadline {
@@ -477,6 +477,9 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         let (k, v) = kv.split_once('=').ok_or_else(|| format!("--agent-env {kv}: expected NAME=VALUE"))?;
         cmd.env(k, v);
     }
+    // The monitor starts on the still empty netns: started after the first sync, it reads
+    // the whole table first, and at 100k pods it printed nothing for 300 s.
+    let monitor = Monitor::start(&netns)?;
     let started = Instant::now();
     let mut agent = Proc::spawn(&mut cmd)?;
     let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -501,7 +504,6 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let rss_first = memory_kib(agent.pid());
     eprintln!("   first full sync after {first_sync_secs:.1} s; RSS {} KiB, HWM {} KiB", rss_first.0, rss_first.1);
 
-    let monitor = Monitor::start(&netns)?;
     let cpu_before = cpu_seconds(agent.pid());
 
     // ---- churn
