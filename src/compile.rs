@@ -396,18 +396,15 @@ impl<'a> Compiler<'a> {
                 &[ns, &policy.id.name, dir, &ri.to_string()],
                 &format!("{ns}_{}", policy.id.name),
             );
-            let mut elements = BTreeSet::new();
+            // (address, protocol, port), sorted before the set is built (bulk-loaded).
+            let mut entries: Vec<(IpAddr, u8, u16)> = Vec::new();
             let mut add = |pod: &Pod| {
                 let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
                     return;
                 };
                 for &(n, proto) in &named {
                     if let Some(port) = pod.resolve_named_port(n, proto) {
-                        elements.insert(Element(vec![
-                            Value::Addr(ip),
-                            Value::Proto(proto.number()),
-                            Value::Port(port),
-                        ]));
+                        entries.push((ip, proto.number(), port));
                     }
                 }
             };
@@ -434,6 +431,12 @@ impl<'a> Compiler<'a> {
                     }
                 }
             }
+            entries.sort_unstable();
+            entries.dedup();
+            let elements = entries
+                .into_iter()
+                .map(|(ip, proto, port)| Element(vec![Value::Addr(ip), Value::Proto(proto), Value::Port(port)]))
+                .collect();
             let key = vec![f.addr_type(), KeyType::InetProto, KeyType::InetService];
             self.rs.sets.insert(
                 set.clone(),
@@ -477,7 +480,9 @@ impl<'a> Compiler<'a> {
             }
         };
         let namespaces = self.scope_namespaces(policy_ns, scope);
-        let mut elements: [BTreeSet<Element>; 2] = [BTreeSet::new(), BTreeSet::new()];
+        // Addresses first, sorted: a BTreeSet built from sorted items is bulk-loaded, where
+        // inserting one by one searches the tree for each.
+        let mut addrs: [Vec<IpAddr>; 2] = [Vec::new(), Vec::new()];
         for i in self.candidates(&namespaces, pods) {
             let pod = &cluster.pods[i];
             // hostNetwork pods are reached by IP (ipBlock) only.
@@ -485,9 +490,14 @@ impl<'a> Compiler<'a> {
                 continue;
             }
             for ip in &pod.ips {
-                elements[usize::from(ip.is_ipv6())].insert(Element::single(Value::Addr(*ip)));
+                addrs[usize::from(ip.is_ipv6())].push(*ip);
             }
         }
+        let mut elements = addrs.map(|mut a| {
+            a.sort_unstable();
+            a.dedup();
+            a.into_iter().map(|ip| Element::single(Value::Addr(ip))).collect::<BTreeSet<Element>>()
+        });
         let ids: Vec<&str> = identity.iter().map(String::as_str).collect();
         let scope_text = match scope {
             NamespaceScope::PolicyNamespace => format!("pods {pods} in {policy_ns}"),
