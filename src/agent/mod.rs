@@ -171,7 +171,7 @@ pub async fn run<T: SyncTarget>(
 
 /// A future that resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed
 /// now, when this is called, not when the future is first polled: [`run`] polls its
-/// shutdown future only after the first sync attempt (up to the debounce's max delay
+/// shutdown future only after the first sync attempt (up to the batching window
 /// later), and a signal before that would hit the default action and kill the process
 /// without its clean shutdown. Call it inside a tokio runtime, before [`run`].
 pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
