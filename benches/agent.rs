@@ -36,7 +36,6 @@ use netpol::generate::{self, Params, Rng};
 use netpol::model::{Cluster, Pod};
 use netpol::nft::ir::{Ruleset, Value as NftValue};
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
-use serde_json::{Value, json};
 
 const NODE: &str = "node-0";
 const TABLE: &str = "netpol";
@@ -184,82 +183,9 @@ impl Drop for Proc {
     }
 }
 
-// ---------------------------------------------------------------- the cluster as API objects
-
-/// A pod as a Deployment's pod looks on the wire (owner, annotations, env, volumes,
-/// conditions, managedFields), so lists and watch events carry the bytes the agent strips.
-fn pod_json(p: &Pod) -> Value {
-    let labels: serde_json::Map<String, Value> = p
-        .labels
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .chain([("pod-template-hash".to_string(), json!("7d9f8b6c5"))])
-        .collect();
-    let ports: Vec<Value> = p
-        .ports
-        .iter()
-        .map(|port| json!({"name": port.name, "containerPort": port.port, "protocol": port.protocol.as_str()}))
-        .collect();
-    let ip = p.ips.first().map(IpAddr::to_string);
-    let app = p.labels.get("app").cloned().unwrap_or_default();
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {
-            "name": p.id.name, "namespace": p.id.namespace, "labels": labels,
-            "generateName": format!("{app}-7d9f8b6c5-"),
-            "creationTimestamp": "2026-01-01T00:00:00Z",
-            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z",
-                            "prometheus.io/scrape": "true"},
-            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-7d9f8b6c5"),
-                                 "uid": "3f1c8f8e-0000-4000-8000-000000000001", "controller": true, "blockOwnerDeletion": true}],
-            "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
-                               "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
-                               "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:app": {}}}, "f:spec": {"f:containers": {}}}},
-                              {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "subresource": "status",
-                               "time": "2026-01-01T00:00:05Z", "fieldsType": "FieldsV1",
-                               "fieldsV1": {"f:status": {"f:conditions": {}, "f:podIP": {}, "f:podIPs": {}}}}],
-        },
-        "spec": {
-            "nodeName": p.node, "hostNetwork": p.host_network,
-            "restartPolicy": "Always", "dnsPolicy": "ClusterFirst", "serviceAccountName": "default",
-            "terminationGracePeriodSeconds": 30, "schedulerName": "default-scheduler",
-            "containers": [{
-                "name": "main", "image": format!("registry.example/{app}:1.4.2"), "imagePullPolicy": "IfNotPresent",
-                "ports": ports,
-                "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
-                "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}],
-                "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
-            }],
-            "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
-            "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}],
-        },
-        "status": {
-            "phase": "Running", "hostIP": "192.0.2.1", "podIP": ip,
-            "podIPs": p.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>(),
-            "startTime": "2026-01-01T00:00:01Z", "qosClass": "Burstable",
-            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:05Z"},
-                           {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-01-01T00:00:05Z"},
-                           {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-            "containerStatuses": [{"name": "main", "ready": true, "restartCount": 0, "started": true,
-                                   "image": format!("registry.example/{app}:1.4.2"), "imageID": "sha256:0123456789abcdef",
-                                   "containerID": "containerd://0123456789abcdef",
-                                   "state": {"running": {"startedAt": "2026-01-01T00:00:04Z"}}}],
-        },
-    })
-}
-
-/// Namespaces and policies as API objects, through `generate::to_yaml` (its pods are
-/// written by [`pod_json`], which is faster and fatter).
-fn namespaces_and_policies_json(cluster: &Cluster) -> Vec<Value> {
-    let without_pods =
-        Cluster::new(cluster.namespaces.values().cloned().collect(), Vec::new(), cluster.policies.clone());
-    generate::to_yaml(&without_pods)
-        .split("---\n")
-        .filter(|doc| !doc.trim().is_empty())
-        .map(|doc| yaml_serde::from_str::<Value>(doc).expect("generate::to_yaml writes valid YAML"))
-        .collect()
-}
+#[path = "common/objects.rs"]
+mod objects;
+use objects::{namespaces_and_policies_json, pod_json};
 
 /// Which set or map elements each pod IPv4 address is part of.
 fn memberships(rs: &Ruleset) -> HashMap<Ipv4Addr, BTreeSet<String>> {
@@ -348,7 +274,7 @@ impl Monitor {
         }
         let monitor = Monitor { _proc: proc, commits, seen_probe };
         // Wait until the monitor really listens: create and drop a probe table until it
-        // reports one. It reads the whole ruleset first, which takes a while at 100k pods.
+        // reports one. It reads the whole ruleset first: start it before the agent's table.
         let deadline = Instant::now() + Duration::from_secs(300);
         while !*monitor.seen_probe.lock().unwrap_or_else(|e| e.into_inner()) {
             if Instant::now() > deadline {
@@ -500,7 +426,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let t = Instant::now();
     let base = generate::cluster(params);
     let mut objects = namespaces_and_policies_json(&base);
-    objects.extend(base.pods.iter().map(pod_json));
+    objects.extend(base.pods.iter().map(|p| pod_json(p)));
     server.apply_bulk(objects).map_err(|e| e.to_string())?;
     let load_secs = t.elapsed().as_secs_f64();
     eprintln!("   generated and loaded into the fake apiserver in {load_secs:.1} s");
@@ -551,6 +477,9 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         let (k, v) = kv.split_once('=').ok_or_else(|| format!("--agent-env {kv}: expected NAME=VALUE"))?;
         cmd.env(k, v);
     }
+    // The monitor starts on the still empty netns: started after the first sync, it reads
+    // the whole table first, and at 100k pods it printed nothing for 300 s.
+    let monitor = Monitor::start(&netns)?;
     let started = Instant::now();
     let mut agent = Proc::spawn(&mut cmd)?;
     let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -575,7 +504,6 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let rss_first = memory_kib(agent.pid());
     eprintln!("   first full sync after {first_sync_secs:.1} s; RSS {} KiB, HWM {} KiB", rss_first.0, rss_first.1);
 
-    let monitor = Monitor::start(&netns)?;
     let cpu_before = cpu_seconds(agent.pid());
 
     // ---- churn
@@ -583,7 +511,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let apps: Vec<String> =
         base.pods.iter().filter_map(|p| p.labels.get("app").cloned()).collect::<BTreeSet<_>>().into_iter().collect();
     let mut mirror: BTreeMap<(String, String), Pod> =
-        base.pods.iter().map(|p| ((p.id.namespace.clone(), p.id.name.clone()), p.clone())).collect();
+        base.pods.iter().map(|p| ((p.id.namespace.clone(), p.id.name.clone()), (**p).clone())).collect();
     // Untouched pods of the initial cluster (remote, local): each event touches its own pod,
     // so each IP has one event and its commit is unambiguous.
     let mut pool: [Vec<(String, String)>; 2] = [Vec::new(), Vec::new()];
@@ -619,7 +547,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
             EventKind::Add => {
                 let template = &base.pods[rng.below(base.pods.len())];
                 let ip = Ipv4Addr::from(0x0A80_0000u32 + n as u32);
-                let mut p = template.clone();
+                let mut p = (**template).clone();
                 p.id.name = format!("churn-{n}");
                 // A fifth of the new pods land on the agent's node (about as many as leave it).
                 p.node = if rng.chance(20) { NODE.to_string() } else { rng.pick(&other_nodes).clone() };
@@ -674,11 +602,8 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let config = NodeConfig { node: NODE.into(), table: TABLE.into() };
     let local_pods_at_end = mirror.values().filter(|p| p.node == NODE).count();
     let before = memberships(&compile(&base, &config));
-    let final_cluster = Cluster::new(
-        base.namespaces.values().cloned().collect(),
-        mirror.into_values().collect(),
-        base.policies.clone(),
-    );
+    let final_cluster =
+        Cluster::new(base.namespaces.values().cloned().collect(), mirror.into_values(), base.policies.clone());
     let after = memberships(&compile(&final_cluster, &config));
     let empty = BTreeSet::new();
     let changes = |ip: &Ipv4Addr| before.get(ip).unwrap_or(&empty) != after.get(ip).unwrap_or(&empty);

@@ -5,6 +5,7 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
@@ -69,9 +70,9 @@ fn cluster(pods: usize, policies: usize) -> Cluster {
             ]),
         })
         .collect();
-    let pod_list = (0..pods).map(|i| make_pod(i, namespaces, nodes)).collect();
+    let pod_list: Vec<Pod> = (0..pods).map(|i| make_pod(i, namespaces, nodes)).collect();
     let tcp = |p: u16| PortSpec { protocol: Protocol::Tcp, port: PortMatch::Range(p, p) };
-    let pols = (0..policies)
+    let pols: Vec<Policy> = (0..policies)
         .map(|j| {
             let mut ingress = vec![Rule {
                 peers: Some(vec![Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods: sel("tier", "fe") }]),
@@ -128,7 +129,7 @@ fn cluster(pods: usize, policies: usize) -> Cluster {
     Cluster::new(nss, pod_list, pols)
 }
 
-fn with_pods(c: &Cluster, pods: Vec<Pod>) -> Cluster {
+fn with_pods(c: &Cluster, pods: Vec<Arc<Pod>>) -> Cluster {
     Cluster::new(c.namespaces.values().cloned().collect(), pods, c.policies.clone())
 }
 
@@ -169,21 +170,21 @@ fn bench_diff(c: &mut Criterion) {
     let nodes = base.nodes().len();
     // A new pod on node-0 (index ≡ 0 mod nodes), one deleted there, one relabelled there.
     let mut added = base.pods.clone();
-    added.push(make_pod(10_000 * nodes, namespaces, nodes));
+    added.push(make_pod(10_000 * nodes, namespaces, nodes).into());
     let mut deleted = base.pods.clone();
     let victim = deleted.iter().position(|p| p.node == "node-0").unwrap();
     deleted.remove(victim);
     // A local isolated pod no policy selects any more; a remote pod that becomes a peer.
     let mut relabelled = base.pods.clone();
     let k = relabelled.iter().position(|p| p.node == "node-0").unwrap();
-    relabelled[k].labels.insert("app".into(), "none".into());
+    Arc::make_mut(&mut relabelled[k]).labels.insert("app".into(), "none".into());
     let local_ns = &base.pods[k].id.namespace;
     let mut peer = base.pods.clone();
     let k = peer
         .iter()
         .position(|p| p.node != "node-0" && &p.id.namespace == local_ns && p.labels["tier"] != "fe")
         .unwrap();
-    peer[k].labels.insert("tier".into(), "fe".into());
+    Arc::make_mut(&mut peer[k]).labels.insert("tier".into(), "fe".into());
     let mut g = c.benchmark_group("diff_one_pod_change");
     for (name, pods) in
         [("pod_add", added), ("pod_delete", deleted), ("pod_relabel_local", relabelled), ("pod_relabel_peer", peer)]

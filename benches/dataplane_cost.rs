@@ -35,7 +35,7 @@ use netpol::generate::{self, Params, Rng};
 use netpol::kernel_engine;
 use netpol::lab::traffic::TcpServer;
 use netpol::lab::{Lab, LabNode, LabPod};
-use netpol::model::{Cluster, Direction, Protocol};
+use netpol::model::{Cluster, Direction, Policy, Protocol};
 use netpol::nft::ir::{MapVerdict, Ruleset, Value, Verdict};
 use netpol::nft::real::RealNftables;
 use netpol::nft::{names, render};
@@ -138,8 +138,8 @@ fn small_cluster(big: &Cluster, pair: &Pair) -> (Cluster, usize, usize) {
     policies.dedup();
     let small = Cluster::new(
         big.namespaces.values().cloned().collect(),
-        keep.iter().map(|&i| big.pods[i].clone()).collect(),
-        policies.iter().map(|&i| big.policies[i].clone()).collect(),
+        keep.iter().map(|&i| big.pods[i].clone()),
+        policies.iter().map(|&i| big.policies[i].clone()),
     );
     let index = |i: usize| small.pod_index(&big.pods[i].id).expect("kept");
     let (src, dst) = (index(pair.src), index(pair.dst));
@@ -282,7 +282,11 @@ fn run() -> Result<(), String> {
         }
     }
     let (src_pod, dst_pod) = (&big.pods[pair.src], &big.pods[pair.dst]);
-    let bare = Cluster::new(big.namespaces.values().cloned().collect(), vec![src_pod.clone(), dst_pod.clone()], vec![]);
+    let bare = Cluster::new(
+        big.namespaces.values().cloned().collect(),
+        vec![src_pod.clone(), dst_pod.clone()],
+        Vec::<Policy>::new(),
+    );
     let nodes = [src_pod.node.clone(), dst_pod.node.clone()];
     let compile_for = |c: &Cluster| -> Vec<Ruleset> { nodes.iter().map(|n| compile(c, &NodeConfig::new(n))).collect() };
     let (src_ip, dst_ip) = (src_pod.ips[0], dst_pod.ips[0]);

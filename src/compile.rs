@@ -30,7 +30,7 @@ use crate::nft::ir::{
     Rule, Ruleset, Set, Value, Verdict,
 };
 use crate::nft::names;
-use crate::selector::Selector;
+use crate::selector::{Operator, Selector};
 
 /// Which node to compile for, and the table to own.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +63,9 @@ struct Compiler<'a> {
     policies_by_ns: HashMap<&'a str, Vec<usize>>,
     /// Peer-set names already built, by (scope, selector).
     peer_sets: HashMap<PeerKey<'a>, [String; 2]>,
+    /// Pod indices (ascending) by (namespace, label value), per label key; built for a key
+    /// the first time a selector requires it to be `In` some values.
+    pods_by_label: HashMap<&'a str, HashMap<(&'a str, &'a str), Vec<usize>>>,
 }
 
 /// (policy namespace for the own-namespace scope, namespace selector, pod selector).
@@ -85,6 +88,7 @@ impl<'a> Compiler<'a> {
             pods_by_ns,
             policies_by_ns,
             peer_sets: HashMap::new(),
+            pods_by_label: HashMap::new(),
         }
     }
 
@@ -368,6 +372,23 @@ impl<'a> Compiler<'a> {
         if named.is_empty() {
             return;
         }
+        // Egress: the pods any peer may admit (a superset; each is checked below).
+        let destinations: Vec<usize> = match &rule.peers {
+            Some(peers) if !ingress && !peers.iter().any(|p| matches!(p, Peer::IpBlock(_))) => {
+                let mut out = Vec::new();
+                for peer in peers {
+                    if let Peer::Pods { namespaces, pods } = peer {
+                        let in_scope = self.scope_namespaces(ns, namespaces);
+                        out.extend(self.candidates(&in_scope, pods));
+                    }
+                }
+                out.sort_unstable();
+                out.dedup();
+                out
+            }
+            _ if !ingress => (0..cluster.pods.len()).collect(),
+            _ => Vec::new(),
+        };
         for f in FAMILIES {
             let prefix = if f == IpFamily::V4 { names::NAMED_V4 } else { names::NAMED_V6 };
             let set = names::generated(
@@ -375,18 +396,15 @@ impl<'a> Compiler<'a> {
                 &[ns, &policy.id.name, dir, &ri.to_string()],
                 &format!("{ns}_{}", policy.id.name),
             );
-            let mut elements = BTreeSet::new();
+            // (address, protocol, port), sorted before the set is built (bulk-loaded).
+            let mut entries: Vec<(IpAddr, u8, u16)> = Vec::new();
             let mut add = |pod: &Pod| {
                 let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
                     return;
                 };
                 for &(n, proto) in &named {
                     if let Some(port) = pod.resolve_named_port(n, proto) {
-                        elements.insert(Element(vec![
-                            Value::Addr(ip),
-                            Value::Proto(proto.number()),
-                            Value::Port(port),
-                        ]));
+                        entries.push((ip, proto.number(), port));
                     }
                 }
             };
@@ -397,7 +415,8 @@ impl<'a> Compiler<'a> {
                 }
             } else {
                 // The destination is any pod the peers admit, so the set encodes peer AND port.
-                for (j, pod) in cluster.pods.iter().enumerate() {
+                for &j in &destinations {
+                    let pod = &cluster.pods[j];
                     let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
                         continue;
                     };
@@ -412,6 +431,12 @@ impl<'a> Compiler<'a> {
                     }
                 }
             }
+            entries.sort_unstable();
+            entries.dedup();
+            let elements = entries
+                .into_iter()
+                .map(|(ip, proto, port)| Element(vec![Value::Addr(ip), Value::Proto(proto), Value::Port(port)]))
+                .collect();
             let key = vec![f.addr_type(), KeyType::InetProto, KeyType::InetService];
             self.rs.sets.insert(
                 set.clone(),
@@ -454,25 +479,25 @@ impl<'a> Compiler<'a> {
                 (vec!["nssel".into(), format!("{s:?}"), format!("{pods:?}")], format!("ns_{s}_{pods}"))
             }
         };
-        let namespaces: Vec<&str> = match scope {
-            NamespaceScope::PolicyNamespace => vec![policy_ns],
-            NamespaceScope::Matching(s) => {
-                cluster.namespaces.values().filter(|n| s.matches(&n.labels)).map(|n| n.name.as_str()).collect()
+        let namespaces = self.scope_namespaces(policy_ns, scope);
+        // Addresses first, sorted: a BTreeSet built from sorted items is bulk-loaded, where
+        // inserting one by one searches the tree for each.
+        let mut addrs: [Vec<IpAddr>; 2] = [Vec::new(), Vec::new()];
+        for i in self.candidates(&namespaces, pods) {
+            let pod = &cluster.pods[i];
+            // hostNetwork pods are reached by IP (ipBlock) only.
+            if pod.host_network || !pods.matches(&pod.labels) {
+                continue;
             }
-        };
-        let mut elements: [BTreeSet<Element>; 2] = [BTreeSet::new(), BTreeSet::new()];
-        for ns in namespaces {
-            for &i in self.pods_by_ns.get(ns).map(Vec::as_slice).unwrap_or_default() {
-                let pod = &cluster.pods[i];
-                // hostNetwork pods are reached by IP (ipBlock) only.
-                if pod.host_network || !pods.matches(&pod.labels) {
-                    continue;
-                }
-                for ip in &pod.ips {
-                    elements[usize::from(ip.is_ipv6())].insert(Element::single(Value::Addr(*ip)));
-                }
+            for ip in &pod.ips {
+                addrs[usize::from(ip.is_ipv6())].push(*ip);
             }
         }
+        let mut elements = addrs.map(|mut a| {
+            a.sort_unstable();
+            a.dedup();
+            a.into_iter().map(|ip| Element::single(Value::Addr(ip))).collect::<BTreeSet<Element>>()
+        });
         let ids: Vec<&str> = identity.iter().map(String::as_str).collect();
         let scope_text = match scope {
             NamespaceScope::PolicyNamespace => format!("pods {pods} in {policy_ns}"),
@@ -489,6 +514,50 @@ impl<'a> Compiler<'a> {
             self.rs.sets.insert(out[k].clone(), set);
         }
         self.peer_sets.insert(key, out.clone());
+        out
+    }
+
+    /// The namespaces a peer's pods may live in.
+    fn scope_namespaces(&self, policy_ns: &'a str, scope: &NamespaceScope) -> Vec<&'a str> {
+        match scope {
+            NamespaceScope::PolicyNamespace => vec![policy_ns],
+            NamespaceScope::Matching(s) => {
+                self.cluster.namespaces.values().filter(|n| s.matches(&n.labels)).map(|n| n.name.as_str()).collect()
+            }
+        }
+    }
+
+    /// Indices (ascending) of the pods in `namespaces` that may match `selector` (a
+    /// superset of those that do): the pods of those namespaces, or, when `selector`
+    /// requires a label to be `In` some values, the pods of those namespaces carrying them.
+    fn candidates(&mut self, namespaces: &[&'a str], selector: &'a Selector) -> Vec<usize> {
+        let Some((key, values)) = selector.requirements().iter().find_map(|r| match &r.operator {
+            Operator::In(values) => Some((r.key.as_str(), values)),
+            _ => None,
+        }) else {
+            let mut out: Vec<usize> =
+                namespaces.iter().flat_map(|ns| self.pods_by_ns.get(ns).into_iter().flatten().copied()).collect();
+            out.sort_unstable();
+            return out;
+        };
+        let cluster = self.cluster;
+        let index = self.pods_by_label.entry(key).or_insert_with(|| {
+            let mut index: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+            for (i, pod) in cluster.pods.iter().enumerate() {
+                if let Some(v) = pod.labels.get(key) {
+                    index.entry((pod.id.namespace.as_str(), v.as_str())).or_default().push(i);
+                }
+            }
+            index
+        });
+        let index: &HashMap<(&str, &str), Vec<usize>> = index;
+        let mut out = Vec::new();
+        for &ns in namespaces {
+            for v in values {
+                out.extend(index.get(&(ns, v.as_str())).into_iter().flatten().copied());
+            }
+        }
+        out.sort_unstable();
         out
     }
 

@@ -211,7 +211,7 @@ fn network_policy_tier(
         return TierDecision::Pass;
     }
     let destination = match conn.dst {
-        Endpoint::Pod(i) => Some(&cluster.pods[i]),
+        Endpoint::Pod(i) => Some(&*cluster.pods[i]),
         Endpoint::Ip(_) => None,
     };
     let peer_ip = conn.ip_of(cluster, peer).expect("shortcut checked addresses");

@@ -130,7 +130,7 @@ pub fn cluster(p: &Params) -> Cluster {
             }
         })
         .collect();
-    let policies =
+    let policies: Vec<Policy> =
         (0..p.policies).map(|i| policy(&mut rng, i, &namespaces[rng_index(i, namespaces.len())].name)).collect();
     Cluster::new(namespaces, pods, policies)
 }
@@ -411,7 +411,7 @@ pub fn small_random(seed: u64) -> Cluster {
             })
             .collect()
     };
-    let policies = (0..rng.below(5))
+    let policies: Vec<Policy> = (0..rng.below(5))
         .map(|i| {
             let ingress = rng.chance(75).then(|| rules(&mut rng));
             let egress = (ingress.is_none() || rng.chance(40)).then(|| rules(&mut rng));

@@ -371,7 +371,7 @@ pub fn check_supported(cluster: &Cluster) -> Result<(), KernelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ObjectRef, Pod};
+    use crate::model::{ObjectRef, Pod, Policy};
 
     fn pod(name: &str, node: &str, ip: &str, host_network: bool) -> Pod {
         Pod {
@@ -404,12 +404,13 @@ mod tests {
     #[test]
     fn host_network_pods_of_one_node_may_share_an_address_and_nothing_else_may() {
         let host = |name: &str, node: &str| pod(name, node, "10.0.0.1", true);
-        let ok = Cluster::new(vec![], vec![host("h1", "n1"), host("h2", "n1")], vec![]);
+        let ok = Cluster::new(vec![], vec![host("h1", "n1"), host("h2", "n1")], Vec::<Policy>::new());
         assert!(check_supported(&ok).is_ok());
-        let two_nodes = Cluster::new(vec![], vec![host("h1", "n1"), host("h2", "n2")], vec![]);
+        let two_nodes = Cluster::new(vec![], vec![host("h1", "n1"), host("h2", "n2")], Vec::<Policy>::new());
         let e = check_supported(&two_nodes).unwrap_err().to_string();
         assert!(e.contains("a/h1 and a/h2 sharing address 10.0.0.1"), "{e}");
-        let with_pod = Cluster::new(vec![], vec![host("h1", "n1"), pod("p", "n1", "10.0.0.1", false)], vec![]);
+        let with_pod =
+            Cluster::new(vec![], vec![host("h1", "n1"), pod("p", "n1", "10.0.0.1", false)], Vec::<Policy>::new());
         assert!(check_supported(&with_pod).is_err());
     }
 }

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -268,15 +269,22 @@ impl fmt::Display for PortSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cluster {
     pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: Vec<Pod>,
-    pub policies: Vec<Policy>,
+    /// Shared, so that the agent builds a cluster from its stores without copying objects.
+    pub pods: Vec<Arc<Pod>>,
+    pub policies: Vec<Arc<Policy>>,
 }
 
 impl Cluster {
     /// Builds a cluster, sorting pods and policies and synthesizing any namespace that a pod
     /// or policy names but that was not declared (with its `kubernetes.io/metadata.name`
     /// label, as the API server would have set it).
-    pub fn new(namespaces: Vec<Namespace>, mut pods: Vec<Pod>, mut policies: Vec<Policy>) -> Self {
+    pub fn new<P: Into<Arc<Pod>>, Q: Into<Arc<Policy>>>(
+        namespaces: Vec<Namespace>,
+        pods: impl IntoIterator<Item = P>,
+        policies: impl IntoIterator<Item = Q>,
+    ) -> Self {
+        let mut pods: Vec<Arc<Pod>> = pods.into_iter().map(Into::into).collect();
+        let mut policies: Vec<Arc<Policy>> = policies.into_iter().map(Into::into).collect();
         let mut by_name: BTreeMap<String, Namespace> = BTreeMap::new();
         for mut ns in namespaces {
             ns.labels.entry(NAMESPACE_NAME_LABEL.to_string()).or_insert_with(|| ns.name.clone());

@@ -205,7 +205,7 @@ fn resolved_port(cluster: &Cluster, probe: &Probe, d: &Disagreement) -> Option<u
 mod tests {
     use super::*;
     use crate::bitset::BitSet;
-    use crate::model::{ObjectRef, Pod, Protocol};
+    use crate::model::{ObjectRef, Pod, Policy, Protocol};
 
     /// Rows of `.` (allowed) and `X` (denied).
     fn matrix(rows: &[&str]) -> BitMatrix {
@@ -226,7 +226,7 @@ mod tests {
             host_network: false,
             ports: Vec::new(),
         };
-        Cluster::new(vec![], vec![pod("x", "10.0.0.1"), pod("y", "fd00::2")], vec![])
+        Cluster::new(vec![], vec![pod("x", "10.0.0.1"), pod("y", "fd00::2")], Vec::<Policy>::new())
     }
 
     fn tcp80() -> Probe {

@@ -173,11 +173,16 @@ impl World {
 
     /// The cluster as the test wrote it.
     fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            namespaces: self.namespaces.values().cloned().collect(),
-            pods: self.pods.values().cloned().collect(),
-            policies: self.policies.values().cloned().collect(),
-        }
+        self.snapshot_with(&[])
+    }
+
+    /// The cluster as the test wrote it, plus `extra` policies, as the agent's stores
+    /// would hold it.
+    fn snapshot_with(&self, extra: &[NetworkPolicy]) -> Snapshot {
+        let policies: Vec<NetworkPolicy> = self.policies.values().cloned().chain(extra.iter().cloned()).collect();
+        let namespaces: Vec<Namespace> = self.namespaces.values().cloned().collect();
+        let pods: Vec<Pod> = self.pods.values().cloned().collect();
+        Snapshot::from_objects(&namespaces, &pods, &policies)
     }
 
     /// The compiled ruleset of the cluster as the test wrote it, rendered.
@@ -294,8 +299,7 @@ async fn an_invalid_policy_is_skipped_while_the_valid_ones_are_enforced() {
     // `expected` leaves the broken policy out of the mirror: it must not count.
     w.converged("the initial lists with an invalid policy").await;
 
-    let mut with_broken = w.snapshot();
-    with_broken.policies.push(invalid_policy("shop", "broken"));
+    let with_broken = w.snapshot_with(&[invalid_policy("shop", "broken")]);
     let mut target = NftTarget::new(FakeNftables::new(), NODE, TABLE);
     let stats = target.sync(&with_broken, true).unwrap();
     assert_eq!(stats.skipped_objects, 1);

@@ -213,11 +213,10 @@ impl Api {
     /// The cluster as the agents see it once synced: the agent's own conversion of the
     /// mirror's objects.
     fn cluster(&self) -> Cluster {
-        let snapshot = Snapshot {
-            namespaces: self.namespaces.values().cloned().collect(),
-            pods: self.pods.values().cloned().collect(),
-            policies: self.policies.values().cloned().collect(),
-        };
+        let namespaces: Vec<Namespace> = self.namespaces.values().cloned().collect();
+        let pods: Vec<Pod> = self.pods.values().cloned().collect();
+        let policies: Vec<NetworkPolicy> = self.policies.values().cloned().collect();
+        let snapshot = Snapshot::from_objects(&namespaces, &pods, &policies);
         let (cluster, skipped) = nft_target::cluster(&snapshot);
         assert_eq!(skipped, 0, "every object the test applies is valid");
         cluster
@@ -977,7 +976,7 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
 // ---------------------------------------------------------------- shutdown
 
 /// The sync loop polls its shutdown future only after its first sync attempt, which waits
-/// out the debounce (here 2 s, bounded by the 500 ms max delay). A SIGTERM in that window
+/// out the batching window (here 2 s). A SIGTERM in that window
 /// must still be a clean shutdown, so the handlers must exist from the start. Needs no
 /// root: nothing is ever synced (NetworkPolicies never list) and `nft` refuses anyway.
 #[test]

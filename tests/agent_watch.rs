@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::runtime::watcher;
 use netpol::agent::watch::Resource;
 use netpol::agent::{ClusterWatch, Metrics, Snapshot, SyncLoop, SyncLoopConfig, SyncState, Trigger, admin};
+use netpol::model::NAMESPACE_NAME_LABEL;
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
 use netpol::testkit::objects::{self, labels, namespace};
 use netpol::testkit::sync::RecordingTarget;
@@ -46,20 +47,25 @@ fn seed(server: &FakeApiServer) {
 
 // ---------------------------------------------------------------- snapshot views
 
-fn key(meta: &ObjectMeta) -> String {
-    format!("{}/{}", meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref().unwrap_or(""))
-}
-
 fn pod_labels(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, String>> {
-    s.pods.iter().map(|p| (key(&p.metadata), p.metadata.labels.clone().unwrap_or_default())).collect()
+    s.pods.iter().map(|p| (p.id.to_string(), p.labels.clone())).collect()
 }
 
+/// Namespace labels as written (without the name label the API server adds), keyed
+/// `/<name>` like a cluster-scoped object.
 fn ns_labels(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, String>> {
-    s.namespaces.iter().map(|n| (key(&n.metadata), n.metadata.labels.clone().unwrap_or_default())).collect()
+    s.namespaces
+        .iter()
+        .map(|n| {
+            let mut labels = n.labels.clone();
+            labels.remove(NAMESPACE_NAME_LABEL);
+            (format!("/{}", n.name), labels)
+        })
+        .collect()
 }
 
 fn policy_names(s: &Snapshot) -> Vec<String> {
-    s.policies.iter().map(|p| key(&p.metadata)).collect()
+    s.policies.iter().map(|p| p.id.to_string()).collect()
 }
 
 fn l(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -145,17 +151,13 @@ async fn the_initial_list_and_then_live_updates_reach_the_snapshot() {
     assert_eq!(pod_labels(&snap).keys().collect::<Vec<_>>(), ["shop/db-1", "shop/web-1", "shop/web-2"]);
     assert_eq!(ns_labels(&snap)["/shop"], l(&[("team", "a")]));
     assert_eq!(policy_names(&snap), ["shop/backend-from-frontend"]);
-    // Stripped on arrival: no annotations, no image, no hostIP; ports and IPs kept.
+    // Converted on arrival: node, ports and IPs are what the API objects say.
     let web = &snap.pods[1];
-    assert!(web.metadata.annotations.is_none());
-    let spec = web.spec.as_ref().unwrap();
-    assert_eq!(spec.node_name.as_deref(), Some("node-a"));
-    assert!(spec.containers[0].image.is_none());
-    assert_eq!(spec.containers[0].ports.as_ref().unwrap()[0].container_port, 80);
-    let status = web.status.as_ref().unwrap();
-    assert_eq!(status.pod_ip.as_deref(), Some("192.0.2.1"));
-    assert!(status.host_ip.is_none());
-    assert!(snap.namespaces[0].metadata.annotations.is_none());
+    assert_eq!(web.id.to_string(), "shop/web-1");
+    assert_eq!(web.node, "node-a");
+    assert_eq!(web.ports[0].port, 80);
+    assert_eq!(web.ips, ["192.0.2.1".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(snap.skipped_objects, 0);
     // Lists of 3 pods with page size 2 took two pages.
     assert!(server.list_requests(Kind::Pod) >= 2);
 
@@ -318,6 +320,31 @@ async fn a_hundred_rapid_changes_coalesce_into_a_few_syncs_and_the_last_state_wi
     assert!(syncs <= 5, "100 changes took {syncs} syncs");
     assert!(calls[before..].iter().all(|c| !c.full), "changes sync partially");
     assert_eq!(pod_labels(&calls.last().unwrap().snapshot)["shop/web-1"], l(&[("version", "99")]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_during_a_slow_sync_are_all_taken_by_the_one_sync_right_after_it() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    agent.target.set_delay(Duration::from_millis(1000));
+    let before = agent.target.calls().len();
+
+    server.apply(&pod("shop", "web-1", "192.0.2.1", &[("version", "0")])).unwrap();
+    wait_for("the slow sync to start", Duration::from_secs(5), || agent.target.calls().len() > before).await;
+    let started = Instant::now();
+    for i in 1..20 {
+        let v = i.to_string();
+        server.apply(&pod("shop", "web-1", "192.0.2.1", &[("version", &v)])).unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(started.elapsed() < Duration::from_millis(800), "the changes must land during the slow sync");
+    agent.wait_synced("the last version", |s| pod_labels(s).get("shop/web-1") == Some(&l(&[("version", "19")]))).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let calls = agent.target.calls();
+    assert_eq!(calls.len() - before, 2, "one sync for the first change, one for the 19 during it");
+    assert_eq!(pod_labels(&calls[before].snapshot)["shop/web-1"], l(&[("version", "0")]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -184,8 +184,8 @@ fn random_cluster(seed: u64) -> Cluster {
     let mut rng = Rng::new(seed);
     let namespaces =
         NAMESPACES.iter().map(|n| Namespace { name: n.to_string(), labels: labels(&mut rng, NS_LABELS) }).collect();
-    let pods = (0..2 + rng.below(7)).map(|i| pod(&mut rng, i)).collect();
-    let policies = (0..rng.below(5)).map(|i| policy(&mut rng, i)).collect();
+    let pods: Vec<Pod> = (0..2 + rng.below(7)).map(|i| pod(&mut rng, i)).collect();
+    let policies: Vec<Policy> = (0..rng.below(5)).map(|i| policy(&mut rng, i)).collect();
     Cluster::new(namespaces, pods, policies)
 }
 
@@ -273,8 +273,8 @@ use netpol::nft::{Nftables, render};
 /// One random change of the kinds the agent sees.
 fn mutate(c: &Cluster, rng: &mut Rng) -> Cluster {
     let mut namespaces: Vec<Namespace> = c.namespaces.values().cloned().collect();
-    let mut pods = c.pods.clone();
-    let mut policies = c.policies.clone();
+    let mut pods: Vec<Pod> = c.pods.iter().map(|p| (**p).clone()).collect();
+    let mut policies: Vec<Policy> = c.policies.iter().map(|p| (**p).clone()).collect();
     let fresh = 20 + rng.below(200);
     for _ in 0..1 + rng.below(3) {
         match rng.below(8) {

@@ -61,7 +61,7 @@ fn random_cluster(seed: u64) -> Cluster {
         && !pods.iter().any(|p| p.host_network)
         && let Some(last) = pods.last_mut()
     {
-        last.host_network = true;
+        std::sync::Arc::make_mut(last).host_network = true;
     }
     Cluster::new(c.namespaces.into_values().collect(), pods, c.policies)
 }

@@ -36,8 +36,10 @@ pub struct AgentConfig {
     #[arg(long, env = "NETPOL_RESYNC_PERIOD", default_value = "5m", value_parser = parse_resync)]
     pub resync_period: Duration,
 
-    /// Quiet period that folds a burst of changes into one sync (e.g. 20ms; 0 disables).
-    #[arg(long, env = "NETPOL_DEBOUNCE", default_value = "20ms", value_parser = parse_debounce)]
+    /// Batching window: a change is synced this long after it arrives, with whatever
+    /// arrived meanwhile (e.g. 5ms; 0 syncs at once). Changes arriving during a sync go
+    /// into the next one.
+    #[arg(long, env = "NETPOL_DEBOUNCE", default_value = "5ms", value_parser = parse_debounce)]
     pub debounce: Duration,
 
     /// Address of the /metrics, /healthz and /readyz server.
@@ -177,7 +179,7 @@ mod tests {
         assert_eq!(c.node, "node-a");
         assert_eq!(c.table, "netpol");
         assert_eq!(c.resync_period, Duration::from_secs(300));
-        assert_eq!(c.debounce, Duration::from_millis(20));
+        assert_eq!(c.debounce, Duration::from_millis(5));
         assert_eq!(c.admin_addr, DEFAULT_ADMIN_ADDR.parse().unwrap());
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(!c.cleanup_on_exit);

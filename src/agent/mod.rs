@@ -16,21 +16,25 @@ pub mod watch;
 
 use std::future::Future;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use std::sync::Arc;
+
+use crate::model::{Namespace, Pod, Policy};
 
 pub use config::AgentConfig;
 pub use metrics::Metrics;
 pub use trigger::{SyncLoop, SyncLoopConfig, SyncState, Trigger};
 pub use watch::ClusterWatch;
 
-/// Everything the agent knows about the cluster at one moment, as stripped k8s-openapi
-/// objects, each list sorted by namespace and name.
+/// Everything the agent knows about the cluster at one moment: the model objects taking
+/// part (pods with an IP on a node, valid namespaces and policies), each list sorted by
+/// namespace and name. Shares the objects with the watch stores, so taking one is cheap.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    pub namespaces: Vec<Namespace>,
-    pub pods: Vec<Pod>,
-    pub policies: Vec<NetworkPolicy>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub policies: Vec<Arc<Policy>>,
+    /// Objects left out because they failed conversion or validation.
+    pub skipped_objects: usize,
 }
 
 /// What one sync did, for metrics.
@@ -167,7 +171,7 @@ pub async fn run<T: SyncTarget>(
 
 /// A future that resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed
 /// now, when this is called, not when the future is first polled: [`run`] polls its
-/// shutdown future only after the first sync attempt (up to the debounce's max delay
+/// shutdown future only after the first sync attempt (up to the batching window
 /// later), and a signal before that would hit the default action and kill the process
 /// without its clean shutdown. Call it inside a tokio runtime, before [`run`].
 pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {

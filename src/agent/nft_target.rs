@@ -2,8 +2,8 @@
 //! transaction (the diff against what was last applied, or a full replacement).
 //!
 //! ```text
-//!  Snapshot ──convert──► Cluster ──compile(node)──► desired ──┬─ full / nothing known ─► full_sync
-//!     (invalid objects: warn, count, skip)                    └─ else ─► diff(last, desired)
+//!  Snapshot ──Arcs──► Cluster   ──compile(node)──► desired ──┬─ full / nothing known ─► full_sync
+//!     (objects converted on arrival by the watch)             └─ else ─► diff(last, desired)
 //! ```
 //!
 //! What was applied is remembered only after nft accepted it; any failure forgets it, so
@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 
 use crate::agent::{Snapshot, SyncError, SyncStats, SyncTarget};
 use crate::compile::{NodeConfig, compile};
-use crate::convert::{self, FieldError, PodOutcome};
 use crate::model::Cluster;
 use crate::nft::diff::{diff, full_sync};
 use crate::nft::ir::Ruleset;
@@ -59,47 +58,12 @@ impl<N: Nftables> NftTarget<N> {
     }
 }
 
-/// Converts a snapshot; an invalid object is logged, counted and left out, never blocking
-/// the others.
+/// The model cluster of a snapshot (its objects were converted, and invalid ones left out,
+/// when they arrived), and how many objects were left out.
 pub fn cluster(snapshot: &Snapshot) -> (Cluster, usize) {
-    let mut skipped = 0;
-    let mut skip = |kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, e: FieldError| {
-        skipped += 1;
-        let name = match &meta.namespace {
-            Some(ns) => format!("{ns}/{}", meta.name.as_deref().unwrap_or("?")),
-            None => meta.name.clone().unwrap_or_else(|| "?".into()),
-        };
-        tracing::warn!("skipping invalid {kind} {name}: {e}");
-    };
-    let mut namespaces = Vec::new();
-    for ns in &snapshot.namespaces {
-        match convert::namespace(ns) {
-            Ok(n) => namespaces.push(n),
-            Err(e) => skip("Namespace", &ns.metadata, e),
-        }
-    }
-    let mut pods = Vec::new();
-    for p in &snapshot.pods {
-        match convert::pod(p, None) {
-            Ok(PodOutcome::Pod(pod)) => pods.push(pod),
-            Ok(PodOutcome::Inactive(why)) => {
-                tracing::debug!(
-                    "pod {}/{} {why}; not enforced",
-                    p.metadata.namespace.as_deref().unwrap_or(""),
-                    p.metadata.name.as_deref().unwrap_or("")
-                );
-            }
-            Err(e) => skip("Pod", &p.metadata, e),
-        }
-    }
-    let mut policies = Vec::new();
-    for np in &snapshot.policies {
-        match convert::policy(np) {
-            Ok(p) => policies.push(p),
-            Err(e) => skip("NetworkPolicy", &np.metadata, e),
-        }
-    }
-    (Cluster::new(namespaces, pods, policies), skipped)
+    let namespaces = snapshot.namespaces.iter().map(|n| (**n).clone()).collect();
+    let cluster = Cluster::new(namespaces, snapshot.pods.iter().cloned(), snapshot.policies.iter().cloned());
+    (cluster, snapshot.skipped_objects)
 }
 
 impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {

@@ -1,26 +1,40 @@
-//! Kubernetes watches: `kube-runtime` watchers feeding reflector stores for Pods (all
-//! namespaces), Namespaces and NetworkPolicies.
+//! Kubernetes watches: `kube-runtime` watchers for Pods (all namespaces), Namespaces and
+//! NetworkPolicies, feeding the agent's own stores of converted model objects.
 //!
-//! Each object is stripped on arrival (`.modify()`) down to what the agent reads, so the
-//! stores hold a few hundred bytes per pod instead of kilobytes. Relists are
-//! level-triggered: the reflector swaps in the relisted set atomically at `InitDone`, and
-//! the agent only ever reads whole [`Snapshot`]s. Watch errors (including `410 Gone`,
-//! after which the watcher relists) are retried with the watcher's default backoff.
+//! ```text
+//!  watcher() ──Event──► convert on arrival ──► Store: namespace/name → Arc<model object>
+//!                        (invalid: warn once, keep as Invalid;          │
+//!                         no IP/terminal pod: keep as Inactive)         └─snapshot()─► Snapshot (Arc clones)
+//! ```
+//!
+//! Each object is converted the moment it arrives, so the stores hold only the model
+//! (a few hundred bytes per pod, no k8s-openapi objects) and a sync never re-converts.
+//! Relists are level-triggered: `Init` starts a fresh map, `InitApply` fills it,
+//! `InitDone` swaps it in whole (objects deleted while the watch was down vanish then).
+//! Lists are paged (kube-runtime asks for 500 objects a page), so no list is ever held
+//! whole. Watch errors (including `410 Gone`, after which the watcher relists) are retried
+//! with the watcher's default backoff.
 
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::{WatchStreamExt, reflector::store::Writer};
 use kube::{Api, Client};
 use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+
+use crate::convert::{self, FieldError, PodOutcome};
+use crate::model;
 
 use super::Snapshot;
 use super::trigger::{SnapshotSource, Trigger};
@@ -91,13 +105,192 @@ impl WatchCounters {
     }
 }
 
+/// How an object stands in a store.
+#[derive(Debug, Clone)]
+enum Entry<M> {
+    /// Converted; takes part in syncs.
+    Active(Arc<M>),
+    /// Valid, but takes no part (a pod without an IP, in a terminal phase, unscheduled).
+    Inactive,
+    /// Failed conversion; warned about on arrival, counted in every snapshot.
+    Invalid,
+}
+
+/// The objects of one resource, converted, by namespace/name.
+#[derive(Debug, Clone)]
+pub struct Objects<M> {
+    live: BTreeMap<ObjectKey, Entry<M>>,
+    /// The map a (re)list is building, swapped in at `InitDone`.
+    relisting: Option<BTreeMap<ObjectKey, Entry<M>>>,
+}
+
+impl<M> Default for Objects<M> {
+    fn default() -> Self {
+        Objects { live: BTreeMap::new(), relisting: None }
+    }
+}
+
+/// `(namespace, name)`; the namespace is empty for cluster-scoped objects.
+type ObjectKey = (String, String);
+
+fn object_key(meta: &ObjectMeta) -> ObjectKey {
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+}
+
+impl<M> Objects<M> {
+    fn init(&mut self) {
+        self.relisting = Some(BTreeMap::new());
+    }
+
+    fn apply(&mut self, key: ObjectKey, entry: Entry<M>, init: bool) {
+        match (&mut self.relisting, init) {
+            (Some(map), true) => map.insert(key, entry),
+            _ => self.live.insert(key, entry),
+        };
+    }
+
+    fn init_done(&mut self) {
+        if let Some(map) = self.relisting.take() {
+            self.live = map;
+        }
+    }
+
+    fn delete(&mut self, key: &ObjectKey) {
+        self.live.remove(key);
+    }
+
+    /// The active objects, sorted by namespace and name, and how many are invalid.
+    fn active(&self) -> (Vec<Arc<M>>, usize) {
+        let mut invalid = 0;
+        let mut out = Vec::with_capacity(self.live.len());
+        for entry in self.live.values() {
+            match entry {
+                Entry::Active(m) => out.push(m.clone()),
+                Entry::Inactive => {}
+                Entry::Invalid => invalid += 1,
+            }
+        }
+        (out, invalid)
+    }
+}
+
+/// A watched Kubernetes kind and the model object it converts to.
+pub trait Watched: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
+    type Model: Debug + Send + Sync + 'static;
+    const KIND: &'static str;
+    /// `Ok(None)`: valid, but it takes no part (logged at debug level with the reason).
+    fn convert(&self) -> Result<Option<Self::Model>, FieldError>;
+    fn objects(stores: &mut AgentStores) -> &mut Objects<Self::Model>;
+}
+
+impl Watched for Pod {
+    type Model = model::Pod;
+    const KIND: &'static str = "Pod";
+    fn convert(&self) -> Result<Option<model::Pod>, FieldError> {
+        Ok(match convert::pod(self, None)? {
+            PodOutcome::Pod(p) => Some(p),
+            PodOutcome::Inactive(why) => {
+                tracing::debug!("pod {} {why}; not enforced", display_key(&object_key(&self.metadata)));
+                None
+            }
+        })
+    }
+    fn objects(stores: &mut AgentStores) -> &mut Objects<model::Pod> {
+        &mut stores.pods
+    }
+}
+
+impl Watched for Namespace {
+    type Model = model::Namespace;
+    const KIND: &'static str = "Namespace";
+    fn convert(&self) -> Result<Option<model::Namespace>, FieldError> {
+        convert::namespace(self).map(Some)
+    }
+    fn objects(stores: &mut AgentStores) -> &mut Objects<model::Namespace> {
+        &mut stores.namespaces
+    }
+}
+
+impl Watched for NetworkPolicy {
+    type Model = model::Policy;
+    const KIND: &'static str = "NetworkPolicy";
+    fn convert(&self) -> Result<Option<model::Policy>, FieldError> {
+        convert::policy(self).map(Some)
+    }
+    fn objects(stores: &mut AgentStores) -> &mut Objects<model::Policy> {
+        &mut stores.policies
+    }
+}
+
+fn display_key((namespace, name): &ObjectKey) -> String {
+    if namespace.is_empty() { name.clone() } else { format!("{namespace}/{name}") }
+}
+
+/// Converts one arriving object; an invalid one is warned about here, once per version.
+fn entry<K: Watched>(obj: &K) -> Entry<K::Model> {
+    match obj.convert() {
+        Ok(Some(m)) => Entry::Active(Arc::new(m)),
+        Ok(None) => Entry::Inactive,
+        Err(e) => {
+            tracing::warn!("skipping invalid {} {}: {e}", K::KIND, display_key(&object_key(obj.meta())));
+            Entry::Invalid
+        }
+    }
+}
+
+/// The agent's stores: every watched object, converted on arrival. Cheap to snapshot:
+/// a snapshot clones `Arc`s, never objects.
+#[derive(Debug, Clone, Default)]
+pub struct AgentStores {
+    pods: Objects<model::Pod>,
+    namespaces: Objects<model::Namespace>,
+    policies: Objects<model::Policy>,
+}
+
+impl AgentStores {
+    /// Applies one watcher event.
+    pub fn handle<K: Watched>(&mut self, event: &Event<K>) {
+        let objects = K::objects(self);
+        match event {
+            Event::Init => objects.init(),
+            Event::InitApply(obj) => objects.apply(object_key(obj.meta()), entry(obj), true),
+            Event::InitDone => objects.init_done(),
+            Event::Apply(obj) => objects.apply(object_key(obj.meta()), entry(obj), false),
+            Event::Delete(obj) => objects.delete(&object_key(obj.meta())),
+        }
+    }
+
+    /// Adds or replaces one object (outside any list), as a watch `Apply` would.
+    pub fn apply<K: Watched>(&mut self, obj: &K) {
+        self.handle(&Event::Apply(obj.clone()));
+    }
+
+    /// The active objects, each list sorted by namespace and name.
+    pub fn snapshot(&self) -> Snapshot {
+        let (namespaces, a) = self.namespaces.active();
+        let (pods, b) = self.pods.active();
+        let (policies, c) = self.policies.active();
+        Snapshot { namespaces, pods, policies, skipped_objects: a + b + c }
+    }
+}
+
+impl Snapshot {
+    /// The snapshot the agent's stores would hold after listing these objects.
+    pub fn from_objects(namespaces: &[Namespace], pods: &[Pod], policies: &[NetworkPolicy]) -> Snapshot {
+        let mut stores = AgentStores::default();
+        namespaces.iter().for_each(|o| stores.apply(o));
+        pods.iter().for_each(|o| stores.apply(o));
+        policies.iter().for_each(|o| stores.apply(o));
+        stores.snapshot()
+    }
+}
+
 /// Read side of the watches: the stores and the counters. Cheap to clone.
 #[derive(Clone)]
 pub struct ClusterWatch {
-    pods: Store<Pod>,
-    namespaces: Store<Namespace>,
-    policies: Store<NetworkPolicy>,
+    stores: Arc<Mutex<AgentStores>>,
     counters: Arc<WatchCounters>,
+    listed: Arc<Notify>,
 }
 
 impl ClusterWatch {
@@ -105,45 +298,26 @@ impl ClusterWatch {
     /// watches (spawn it; it runs until dropped). Every change to a store, and every
     /// completed (re)list, calls `trigger.notify()`.
     pub fn start(client: Client, config: watcher::Config, trigger: Trigger) -> (ClusterWatch, BoxFuture<'static, ()>) {
-        let (pods, pods_w) = reflector::store();
-        let (namespaces, namespaces_w) = reflector::store();
-        let (policies, policies_w) = reflector::store();
-        let counters = Arc::new(WatchCounters::default());
+        let watch = ClusterWatch {
+            stores: Arc::default(),
+            counters: Arc::new(WatchCounters::default()),
+            listed: Arc::new(Notify::new()),
+        };
         let driver = {
-            let counters = counters.clone();
+            let watch = watch.clone();
             async move {
                 futures::join!(
-                    run_one(
-                        Api::<Pod>::all(client.clone()),
-                        config.clone(),
-                        pods_w,
-                        strip_pod,
-                        Resource::Pods,
-                        counters.clone(),
-                        trigger.clone(),
-                    ),
-                    run_one(
+                    watch.run_one(Api::<Pod>::all(client.clone()), config.clone(), Resource::Pods, trigger.clone()),
+                    watch.run_one(
                         Api::<Namespace>::all(client.clone()),
                         config.clone(),
-                        namespaces_w,
-                        strip_namespace,
                         Resource::Namespaces,
-                        counters.clone(),
                         trigger.clone(),
                     ),
-                    run_one(
-                        Api::<NetworkPolicy>::all(client),
-                        config,
-                        policies_w,
-                        strip_network_policy,
-                        Resource::NetworkPolicies,
-                        counters,
-                        trigger,
-                    ),
+                    watch.run_one(Api::<NetworkPolicy>::all(client), config, Resource::NetworkPolicies, trigger),
                 );
             }
         };
-        let watch = ClusterWatch { pods, namespaces, policies, counters };
         (watch, Box::pin(driver))
     }
 
@@ -154,21 +328,64 @@ impl ClusterWatch {
 
     /// Waits until [`ClusterWatch::is_ready`].
     pub async fn wait_ready(&self) {
-        // The writers live inside the driver; if it is dropped, readiness never comes.
-        let _ = futures::join!(
-            self.pods.wait_until_ready(),
-            self.namespaces.wait_until_ready(),
-            self.policies.wait_until_ready()
-        );
+        loop {
+            // Created before the check: a `notify_waiters` in between still reaches it.
+            let listed = self.listed.notified();
+            if self.is_ready() {
+                return;
+            }
+            listed.await;
+        }
     }
 
-    /// A copy of the three stores, each sorted by namespace and name.
+    /// The active objects of the three stores, each sorted by namespace and name.
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot { namespaces: sorted(&self.namespaces), pods: sorted(&self.pods), policies: sorted(&self.policies) }
+        self.lock().snapshot()
     }
 
     pub fn counters(&self) -> &Arc<WatchCounters> {
         &self.counters
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentStores> {
+        self.stores.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn run_one<K: Watched>(&self, api: Api<K>, config: watcher::Config, resource: Resource, trigger: Trigger) {
+        let per = &self.counters.per[resource.index()];
+        let stream = watcher(api, config).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let event = match item {
+                Ok(event) => event,
+                Err(error) => {
+                    per.errors.fetch_add(1, Ordering::SeqCst);
+                    tracing::warn!(resource = resource.as_str(), %error, "watch error; retrying with backoff");
+                    continue;
+                }
+            };
+            self.lock().handle(&event);
+            match event {
+                Event::Init => {
+                    let n = per.lists.fetch_add(1, Ordering::SeqCst);
+                    if n > 0 {
+                        tracing::info!(resource = resource.as_str(), "relisting");
+                    }
+                }
+                Event::InitApply(_) => {}
+                Event::InitDone => {
+                    if !per.listed.swap(true, Ordering::SeqCst) {
+                        tracing::info!(resource = resource.as_str(), "initial list complete");
+                        self.listed.notify_waiters();
+                    }
+                    trigger.notify();
+                }
+                Event::Apply(_) | Event::Delete(_) => {
+                    per.events.fetch_add(1, Ordering::SeqCst);
+                    trigger.notify();
+                }
+            }
+        }
     }
 }
 
@@ -182,221 +399,57 @@ impl SnapshotSource for ClusterWatch {
     }
 }
 
-fn sorted<K>(store: &Store<K>) -> Vec<K>
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: std::hash::Hash + Eq + Clone,
-{
-    let mut items: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
-    items.sort_by(|a, b| {
-        (a.meta().namespace.as_deref(), a.meta().name.as_deref())
-            .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
-    });
-    items
-}
-
-async fn run_one<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    writer: Writer<K>,
-    strip: fn(&mut K),
-    resource: Resource,
-    counters: Arc<WatchCounters>,
-    trigger: Trigger,
-) where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    let per = &counters.per[resource.index()];
-    let stream = watcher(api, config).default_backoff().modify(strip).reflect(writer);
-    let mut stream = std::pin::pin!(stream);
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(Event::Init) => {
-                let n = per.lists.fetch_add(1, Ordering::SeqCst);
-                if n > 0 {
-                    tracing::info!(resource = resource.as_str(), "relisting");
-                }
-            }
-            Ok(Event::InitApply(_)) => {}
-            Ok(Event::InitDone) => {
-                if !per.listed.swap(true, Ordering::SeqCst) {
-                    tracing::info!(resource = resource.as_str(), "initial list complete");
-                }
-                trigger.notify();
-            }
-            Ok(Event::Apply(_) | Event::Delete(_)) => {
-                per.events.fetch_add(1, Ordering::SeqCst);
-                trigger.notify();
-            }
-            Err(error) => {
-                per.errors.fetch_add(1, Ordering::SeqCst);
-                tracing::warn!(resource = resource.as_str(), %error, "watch error; retrying with backoff");
-            }
-        }
-    }
-}
-
 use kube::runtime::watcher::watcher;
-
-/// Keeps the identity and lifecycle fields of an object's metadata, and labels when asked.
-fn strip_meta(meta: &mut ObjectMeta, keep_labels: bool) {
-    let m = std::mem::take(meta);
-    *meta = ObjectMeta {
-        name: m.name,
-        namespace: m.namespace,
-        uid: m.uid,
-        resource_version: m.resource_version,
-        creation_timestamp: m.creation_timestamp,
-        deletion_timestamp: m.deletion_timestamp,
-        labels: if keep_labels { m.labels } else { None },
-        ..ObjectMeta::default()
-    };
-}
-
-fn strip_container(c: Container) -> Option<Container> {
-    let ports: Vec<ContainerPort> = c
-        .ports?
-        .into_iter()
-        .map(|p| ContainerPort {
-            name: p.name,
-            container_port: p.container_port,
-            protocol: p.protocol,
-            ..ContainerPort::default()
-        })
-        .collect();
-    if ports.is_empty() {
-        return None;
-    }
-    Some(Container { name: c.name, ports: Some(ports), restart_policy: c.restart_policy, ..Container::default() })
-}
-
-/// Keeps labels, name, namespace, `spec.nodeName`, `spec.hostNetwork`, container ports
-/// (name, number, protocol; also of sidecar init containers, which serve traffic),
-/// `status.phase` and `status.podIP(s)`.
-pub fn strip_pod(pod: &mut Pod) {
-    strip_meta(&mut pod.metadata, true);
-    if let Some(spec) = pod.spec.take() {
-        let init: Vec<Container> = spec
-            .init_containers
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| c.restart_policy.as_deref() == Some("Always"))
-            .filter_map(strip_container)
-            .collect();
-        pod.spec = Some(PodSpec {
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            containers: spec.containers.into_iter().filter_map(strip_container).collect(),
-            init_containers: (!init.is_empty()).then_some(init),
-            ..PodSpec::default()
-        });
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            ..PodStatus::default()
-        });
-    }
-}
-
-/// Keeps name and labels.
-pub fn strip_namespace(ns: &mut Namespace) {
-    strip_meta(&mut ns.metadata, true);
-    ns.spec = None;
-    ns.status = None;
-}
-
-/// Keeps name, namespace and the full spec.
-pub fn strip_network_policy(np: &mut NetworkPolicy) {
-    strip_meta(&mut np.metadata, false);
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
+    use crate::testkit::objects::{namespace, pod};
 
-    fn fat_pod() -> Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "web-1", "namespace": "shop", "uid": "u1", "resourceVersion": "7",
-                "labels": {"segment": "frontend"},
-                "annotations": {"big": "x".repeat(1000)},
-                "managedFields": [{"manager": "kubelet", "operation": "Update"}],
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r1"}],
-            },
-            "spec": {
-                "nodeName": "node-a",
-                "hostNetwork": false,
-                "containers": [
-                    {"name": "app", "image": "nginx", "env": [{"name": "A", "value": "b"}],
-                     "ports": [{"name": "http", "containerPort": 80, "protocol": "TCP", "hostPort": 8080}]},
-                    {"name": "log", "image": "busybox"}
-                ],
-                "initContainers": [
-                    {"name": "setup", "image": "busybox", "ports": [{"containerPort": 1}]},
-                    {"name": "mesh", "image": "proxy", "restartPolicy": "Always",
-                     "ports": [{"name": "admin", "containerPort": 15000}]}
-                ],
-                "volumes": [{"name": "v", "emptyDir": {}}]
-            },
-            "status": {"phase": "Running", "podIP": "192.0.2.10", "podIPs": [{"ip": "192.0.2.10"}, {"ip": "2001:db8::10"}],
-                       "hostIP": "198.51.100.1", "conditions": [{"type": "Ready", "status": "True"}]}
-        }))
-        .unwrap()
+    fn names(s: &Snapshot) -> Vec<String> {
+        s.pods.iter().map(|p| p.id.to_string()).collect()
     }
 
     #[test]
-    fn stripping_a_pod_keeps_only_what_the_agent_reads() {
-        let mut pod = fat_pod();
-        strip_pod(&mut pod);
-        let expected: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "web-1", "namespace": "shop", "uid": "u1", "resourceVersion": "7",
-                         "labels": {"segment": "frontend"}},
-            "spec": {
-                "nodeName": "node-a",
-                "hostNetwork": false,
-                "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 80, "protocol": "TCP"}]}],
-                "initContainers": [{"name": "mesh", "restartPolicy": "Always",
-                                    "ports": [{"name": "admin", "containerPort": 15000}]}]
-            },
-            "status": {"phase": "Running", "podIP": "192.0.2.10", "podIPs": [{"ip": "192.0.2.10"}, {"ip": "2001:db8::10"}]}
-        }))
-        .unwrap();
-        assert_eq!(pod, expected);
+    fn a_relist_replaces_the_store_at_init_done_so_pods_deleted_meanwhile_vanish() {
+        let mut stores = AgentStores::default();
+        stores.apply(&pod("shop", "web-1", "node-a", "192.0.2.1", &[]));
+        stores.apply(&pod("shop", "web-2", "node-a", "192.0.2.2", &[]));
+        stores.handle(&Event::<Pod>::Init);
+        stores.handle(&Event::InitApply(pod("shop", "web-2", "node-a", "192.0.2.2", &[("v", "2")])));
+        // Until the relist is done, the old state stands.
+        assert_eq!(names(&stores.snapshot()), ["shop/web-1", "shop/web-2"]);
+        stores.handle(&Event::<Pod>::InitDone);
+        let s = stores.snapshot();
+        assert_eq!(names(&s), ["shop/web-2"]);
+        assert_eq!(s.pods[0].labels["v"], "2");
     }
 
     #[test]
-    fn stripping_a_namespace_keeps_its_labels() {
-        let mut ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some("shop".into()),
-                labels: Some(BTreeMap::from([("team".into(), "a".into())])),
-                annotations: Some(BTreeMap::from([("x".into(), "y".into())])),
-                ..ObjectMeta::default()
-            },
-            ..Namespace::default()
-        };
-        strip_namespace(&mut ns);
-        assert_eq!(ns.metadata.labels.unwrap()["team"], "a");
-        assert!(ns.metadata.annotations.is_none());
+    fn invalid_objects_are_counted_and_pods_without_an_ip_take_no_part() {
+        let mut stores = AgentStores::default();
+        stores.apply(&namespace("shop", &[]));
+        stores.apply(&pod("shop", "web-1", "node-a", "192.0.2.1", &[]));
+        let mut pending = pod("shop", "pending", "node-a", "192.0.2.9", &[]);
+        pending.status.as_mut().unwrap().pod_ip = None;
+        stores.apply(&pending);
+        stores.apply(&pod("shop", "broken", "node-a", "not-an-ip", &[]));
+        let s = stores.snapshot();
+        assert_eq!(names(&s), ["shop/web-1"]);
+        assert_eq!(s.skipped_objects, 1);
+        assert_eq!(s.namespaces.len(), 1);
+        // Fixing the object clears the count; deleting it removes it.
+        stores.apply(&pod("shop", "broken", "node-a", "192.0.2.3", &[]));
+        assert_eq!(stores.snapshot().skipped_objects, 0);
+        stores.handle(&Event::Delete(pod("shop", "broken", "node-a", "192.0.2.3", &[])));
+        assert_eq!(names(&stores.snapshot()), ["shop/web-1"]);
     }
 
     #[test]
-    fn stripping_a_policy_keeps_its_whole_spec() {
-        let mut np: NetworkPolicy = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "p", "namespace": "shop", "labels": {"a": "b"}, "annotations": {"c": "d"}},
-            "spec": {"podSelector": {"matchLabels": {"segment": "backend"}},
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"segment": "frontend"}}}],
-                                  "ports": [{"port": 80}]}]}
-        }))
-        .unwrap();
-        let spec = np.spec.clone();
-        strip_network_policy(&mut np);
-        assert_eq!(np.spec, spec);
-        assert!(np.metadata.labels.is_none() && np.metadata.annotations.is_none());
-        assert_eq!(np.metadata.name.as_deref(), Some("p"));
+    fn a_snapshot_shares_the_stored_objects() {
+        let mut stores = AgentStores::default();
+        stores.apply(&pod("shop", "web-1", "node-a", "192.0.2.1", &[]));
+        let (a, b) = (stores.snapshot(), stores.snapshot());
+        assert!(Arc::ptr_eq(&a.pods[0], &b.pods[0]));
     }
 }
