@@ -2,11 +2,9 @@
 //! the fake nftables: watches → snapshot → convert → compile → diff → one transaction.
 //! The fake's table must always equal the compiled ruleset of the cluster as it is.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
@@ -14,11 +12,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::watcher;
 use netpol::agent::nft_target::{self, NftTarget, is_full_sync};
-use netpol::agent::{ClusterWatch, Snapshot, SyncLoop, SyncLoopConfig, SyncTarget, Trigger};
+use netpol::agent::{ClusterWatch, SyncLoop, SyncLoopConfig, SyncTarget, Trigger};
 use netpol::compile::{NodeConfig, compile};
 use netpol::nft::fake::FakeNftables;
 use netpol::nft::{NftError, Nftables, Transaction, render};
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
+use netpol::testkit::mirror::MirroredApi;
 use netpol::testkit::objects::{labels, namespace, pod};
 use tokio::task::JoinHandle;
 
@@ -96,10 +95,7 @@ impl Nftables for Flaky {
 /// The fake apiserver, a mirror of what it holds, and the agent's sync loop over an
 /// `NftTarget` sharing its fake nftables with the test.
 struct World {
-    server: FakeApiServer,
-    namespaces: BTreeMap<String, Namespace>,
-    pods: BTreeMap<(String, String), Pod>,
-    policies: BTreeMap<(String, String), NetworkPolicy>,
+    api: MirroredApi,
     nft: Arc<Mutex<Flaky>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -112,21 +108,24 @@ impl Drop for World {
     }
 }
 
-fn key(m: &ObjectMeta) -> (String, String) {
-    (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
+/// `world.pod(..)`, `world.server`, `world.snapshot()`: the mirrored API's.
+impl std::ops::Deref for World {
+    type Target = MirroredApi;
+    fn deref(&self) -> &MirroredApi {
+        &self.api
+    }
+}
+
+impl std::ops::DerefMut for World {
+    fn deref_mut(&mut self) -> &mut MirroredApi {
+        &mut self.api
+    }
 }
 
 impl World {
     async fn new() -> World {
         let server = FakeApiServer::start().await.unwrap();
-        World {
-            server,
-            namespaces: BTreeMap::new(),
-            pods: BTreeMap::new(),
-            policies: BTreeMap::new(),
-            nft: Arc::default(),
-            tasks: Vec::new(),
-        }
+        World { api: MirroredApi::new(server), nft: Arc::default(), tasks: Vec::new() }
     }
 
     fn start_agent(&mut self) {
@@ -149,40 +148,6 @@ impl World {
 
     fn nft(&self) -> MutexGuard<'_, Flaky> {
         self.nft.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn ns(&mut self, n: Namespace) {
-        self.server.apply(&n).unwrap();
-        self.namespaces.insert(n.metadata.name.clone().unwrap(), n);
-    }
-
-    fn pod(&mut self, p: Pod) {
-        self.server.apply(&p).unwrap();
-        self.pods.insert(key(&p.metadata), p);
-    }
-
-    fn policy(&mut self, p: NetworkPolicy) {
-        self.server.apply(&p).unwrap();
-        self.policies.insert(key(&p.metadata), p);
-    }
-
-    fn delete_pod(&mut self, ns: &str, name: &str) {
-        self.server.delete(Kind::Pod, ns, name).expect("pod exists");
-        self.pods.remove(&(ns.to_string(), name.to_string()));
-    }
-
-    /// The cluster as the test wrote it.
-    fn snapshot(&self) -> Snapshot {
-        self.snapshot_with(&[])
-    }
-
-    /// The cluster as the test wrote it, plus `extra` policies, as the agent's stores
-    /// would hold it.
-    fn snapshot_with(&self, extra: &[NetworkPolicy]) -> Snapshot {
-        let policies: Vec<NetworkPolicy> = self.policies.values().cloned().chain(extra.iter().cloned()).collect();
-        let namespaces: Vec<Namespace> = self.namespaces.values().cloned().collect();
-        let pods: Vec<Pod> = self.pods.values().cloned().collect();
-        Snapshot::from_objects(&namespaces, &pods, &policies)
     }
 
     /// The compiled ruleset of the cluster as the test wrote it, rendered.

@@ -36,14 +36,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use netpol::agent::Snapshot;
 use netpol::agent::nft_target;
 use netpol::bitset::BitMatrix;
 use netpol::compile::{NodeConfig, compile};
@@ -54,6 +53,7 @@ use netpol::model::{Cluster, Direction};
 use netpol::nft::ir::Ruleset;
 use netpol::testkit::agent_process::{AgentLaunch, AgentProcess, NftRoute};
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
+use netpol::testkit::mirror::MirroredApi;
 use netpol::testkit::objects::{labels, namespace, pod};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -164,63 +164,14 @@ fn policy(
 
 /// The fake apiserver and a mirror of everything applied to it: the cluster the agents
 /// must end up enforcing.
-struct Api {
-    server: FakeApiServer,
-    namespaces: BTreeMap<String, Namespace>,
-    pods: BTreeMap<(String, String), Pod>,
-    policies: BTreeMap<(String, String), NetworkPolicy>,
-}
+type Api = MirroredApi;
 
-fn key(m: &ObjectMeta) -> (String, String) {
-    (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
-}
-
-impl Api {
-    fn new(server: FakeApiServer) -> Api {
-        Api { server, namespaces: BTreeMap::new(), pods: BTreeMap::new(), policies: BTreeMap::new() }
-    }
-
-    fn ns(&mut self, n: Namespace) {
-        self.server.apply(&n).unwrap();
-        self.namespaces.insert(n.metadata.name.clone().unwrap(), n);
-    }
-
-    fn pod(&mut self, p: Pod) {
-        self.server.apply(&p).unwrap();
-        self.pods.insert(key(&p.metadata), p);
-    }
-
-    fn policy(&mut self, p: NetworkPolicy) {
-        self.server.apply(&p).unwrap();
-        self.policies.insert(key(&p.metadata), p);
-    }
-
-    fn delete_pod(&mut self, ns: &str, name: &str) {
-        self.server.delete(Kind::Pod, ns, name).expect("pod exists");
-        self.pods.remove(&(ns.to_string(), name.to_string()));
-    }
-
-    fn delete_policy(&mut self, ns: &str, name: &str) {
-        self.server.delete(Kind::NetworkPolicy, ns, name).expect("policy exists");
-        self.policies.remove(&(ns.to_string(), name.to_string()));
-    }
-
-    /// The pod as last applied, to modify.
-    fn get_pod(&self, ns: &str, name: &str) -> Pod {
-        self.pods[&(ns.to_string(), name.to_string())].clone()
-    }
-
-    /// The cluster as the agents see it once synced: the agent's own conversion of the
-    /// mirror's objects.
-    fn cluster(&self) -> Cluster {
-        let namespaces: Vec<Namespace> = self.namespaces.values().cloned().collect();
-        let pods: Vec<Pod> = self.pods.values().cloned().collect();
-        let policies: Vec<NetworkPolicy> = self.policies.values().cloned().collect();
-        let snapshot = Snapshot::from_objects(&namespaces, &pods, &policies);
-        let (cluster, skipped) = nft_target::cluster(&snapshot);
-        assert_eq!(skipped, 0, "every object the test applies is valid");
-        cluster
-    }
+/// The cluster as the agents see it once synced: the agent's own conversion of the
+/// mirror's objects.
+fn applied_cluster(api: &Api) -> Cluster {
+    let (cluster, skipped) = nft_target::cluster(&api.snapshot());
+    assert_eq!(skipped, 0, "every object the test applies is valid");
+    cluster
 }
 
 // ---------------------------------------------------------------- lab slots and matrices
@@ -488,7 +439,7 @@ impl Scene {
     /// ruleset changed must apply a transaction; then the kernel must equal the evaluator
     /// on every cell for two probe rounds in a row.
     fn settle(&mut self, name: &str, changed_at: Instant, before: &[usize]) -> Settled {
-        let cluster = self.api.cluster();
+        let cluster = applied_cluster(&self.api);
         let want = expected(&cluster, &self.slots, &self.cells);
         assert_ne!(want, self.facts, "step `{name}` does not change the expected matrix: it would prove nothing");
         let rulesets = self.compile_all(&cluster);
@@ -805,7 +756,7 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
     let initial = scene.settle("initial lists", started, &[0, 0]);
 
     // The flows, from the evaluator's verdicts; both must police something.
-    let cluster = scene.api.cluster();
+    let cluster = applied_cluster(&scene.api);
     let isolated_in = |slot: usize| match endpoint(&cluster, &GAP_SLOTS[slot]) {
         Endpoint::Pod(k) => !cluster.isolating_policies(k, Direction::Ingress).is_empty(),
         Endpoint::Ip(_) => false,

@@ -4,5 +4,6 @@
 
 pub mod agent_process;
 pub mod apiserver;
+pub mod mirror;
 pub mod objects;
 pub mod sync;
