@@ -370,9 +370,15 @@ async fn a_failed_sync_is_retried_with_growing_backoff_and_the_next_sync_is_full
     for (i, gap) in gaps.iter().enumerate() {
         assert!(*gap >= initial * (1 << i), "retry {i} came after {gap:?}");
     }
-    let st = agent.status.borrow().clone();
-    assert_eq!(st.failures, 3);
-    assert_eq!(st.consecutive_failures, 0);
+    // The loop publishes its state just after the target returns: wait for it, not race it.
+    let mut status = agent.status.clone();
+    let published = status.wait_for(|s| s.consecutive_failures == 0 && s.failures == 3);
+    let st = tokio::time::timeout(Duration::from_secs(5), published)
+        .await
+        .expect("the sync loop publishes the successful retry")
+        .expect("the sync loop is alive")
+        .clone();
+    assert_eq!((st.failures, st.consecutive_failures), (3, 0));
     let text = agent.metrics.encode(None, &st);
     assert!(text.contains("netpol_sync_failures_total{mode=\"full\",kind=\"apply\"} 2"), "{text}");
 }
