@@ -208,7 +208,9 @@ async fn nothing_is_synced_until_pods_namespaces_and_policies_have_all_listed() 
     assert!(calls[0].full, "the first sync is full");
     assert_eq!(pod_labels(&calls[0].snapshot).len(), 4);
     assert_eq!(policy_names(&calls[0].snapshot), ["shop/backend-from-frontend"]);
-    assert!(agent.status.borrow().first_full_sync_done);
+    let mut status = agent.status.clone();
+    let published = tokio::time::timeout(Duration::from_secs(5), status.wait_for(|s| s.first_full_sync_done)).await;
+    assert!(published.is_ok_and(|r| r.is_ok()), "the sync loop publishes its first full sync");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
