@@ -577,7 +577,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                             break a.clone();
                         }
                     };
-                    p.labels.insert("app".into(), new);
+                    Arc::make_mut(&mut p.labels).insert("app".into(), new);
                     server.apply_json(pod_json(p)).map_err(|e| e.to_string())?;
                 }
                 pool[side].swap_remove(i);
