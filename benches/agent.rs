@@ -70,7 +70,7 @@ struct Args {
     /// Passed to the agent as --debounce (its default when absent).
     #[arg(long)]
     debounce: Option<String>,
-    /// Extra environment for the agent (NAME=VALUE), e.g. MALLOC_ARENA_MAX=2.
+    /// Extra environment for the agent (NAME=VALUE), e.g. MALLOC_ARENA_MAX=1.
     #[arg(long)]
     agent_env: Vec<String>,
     #[arg(long, default_value_t = 1)]
