@@ -6,7 +6,7 @@
 #
 #   benches/agent-bench.sh                      # 10k pods/1k policies, then 100k/10k
 #   benches/agent-bench.sh --scale-to 0         # only the 10k cluster
-#   benches/agent-bench.sh --seconds 60 --debounce 10ms --agent-env MALLOC_ARENA_MAX=2
+#   benches/agent-bench.sh --seconds 60 --debounce 10ms --agent-env MALLOC_ARENA_MAX=1
 set -eu
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-rel}"

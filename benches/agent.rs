@@ -70,7 +70,7 @@ struct Args {
     /// Passed to the agent as --debounce (its default when absent).
     #[arg(long)]
     debounce: Option<String>,
-    /// Extra environment for the agent (NAME=VALUE), e.g. MALLOC_ARENA_MAX=2.
+    /// Extra environment for the agent (NAME=VALUE), e.g. MALLOC_ARENA_MAX=1.
     #[arg(long)]
     agent_env: Vec<String>,
     #[arg(long, default_value_t = 1)]
@@ -577,7 +577,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                             break a.clone();
                         }
                     };
-                    p.labels.insert("app".into(), new);
+                    Arc::make_mut(&mut p.labels).insert("app".into(), new);
                     server.apply_json(pod_json(p)).map_err(|e| e.to_string())?;
                 }
                 pool[side].swap_remove(i);

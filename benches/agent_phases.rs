@@ -138,7 +138,7 @@ fn main() {
     new_local.id.name = format!("{}-new", local.id.name);
     new_local.ips = vec!["10.250.0.1".parse().expect("valid")];
     let mut relabelled = (**remote).clone();
-    relabelled.labels.insert("app".into(), "relabelled".into());
+    std::sync::Arc::make_mut(&mut relabelled.labels).insert("app".into(), "relabelled".into());
     for (what, pod) in [("new pod on node-0", new_local), ("remote pod relabelled", relabelled)] {
         let mut stores = stores.clone();
         apply_json(&mut stores, objects::pod_json(&pod)).expect("valid pod");

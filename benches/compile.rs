@@ -42,7 +42,8 @@ fn make_pod(i: usize, namespaces: usize, nodes: usize) -> Pod {
         labels: labels(&[
             ("app", format!("a{}", (i / namespaces) % 20)),
             ("tier", ["fe", "be", "db"][i % 3].to_string()),
-        ]),
+        ])
+        .into(),
         node: format!("node-{}", i % nodes),
         ips,
         host_network: false,
@@ -177,14 +178,14 @@ fn bench_diff(c: &mut Criterion) {
     // A local isolated pod no policy selects any more; a remote pod that becomes a peer.
     let mut relabelled = base.pods.clone();
     let k = relabelled.iter().position(|p| p.node == "node-0").unwrap();
-    Arc::make_mut(&mut relabelled[k]).labels.insert("app".into(), "none".into());
+    Arc::make_mut(&mut Arc::make_mut(&mut relabelled[k]).labels).insert("app".into(), "none".into());
     let local_ns = &base.pods[k].id.namespace;
     let mut peer = base.pods.clone();
     let k = peer
         .iter()
         .position(|p| p.node != "node-0" && &p.id.namespace == local_ns && p.labels["tier"] != "fe")
         .unwrap();
-    Arc::make_mut(&mut peer[k]).labels.insert("tier".into(), "fe".into());
+    Arc::make_mut(&mut Arc::make_mut(&mut peer[k]).labels).insert("tier".into(), "fe".into());
     let mut g = c.benchmark_group("diff_one_pod_change");
     for (name, pods) in
         [("pod_add", added), ("pod_delete", deleted), ("pod_relabel_local", relabelled), ("pod_relabel_peer", peer)]

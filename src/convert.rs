@@ -126,7 +126,7 @@ pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodO
             _ => return Ok(PodOutcome::Inactive("is not scheduled to a node")),
         }
     }
-    Ok(PodOutcome::Pod(Pod { id, labels, node: node.unwrap_or_default(), ips, host_network, ports }))
+    Ok(PodOutcome::Pod(Pod { id, labels: labels.into(), node: node.unwrap_or_default(), ips, host_network, ports }))
 }
 
 fn container_port(p: &core::ContainerPort, path: &str) -> Result<ContainerPort> {

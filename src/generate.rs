@@ -117,7 +117,7 @@ pub fn cluster(p: &Params) -> Cluster {
             }
             Pod {
                 id: ObjectRef::new(ns.name.clone(), format!("{app}-{i}")),
-                labels,
+                labels: labels.into(),
                 node: format!("node-{}", i % p.nodes.max(1)),
                 ips,
                 host_network: false,
@@ -277,7 +277,7 @@ pub fn to_yaml(cluster: &Cluster) -> String {
             .collect();
         docs.push(json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod.id.name, "namespace": pod.id.namespace, "labels": pod.labels},
+            "metadata": {"name": pod.id.name, "namespace": pod.id.namespace, "labels": *pod.labels},
             "spec": {"nodeName": pod.node, "hostNetwork": pod.host_network, "containers": [{"name": "main", "image": "registry.example/app:1", "ports": ports}]},
             "status": {"phase": "Running", "podIP": pod.ips.first().map(|ip| ip.to_string()),
                        "podIPs": pod.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
@@ -350,7 +350,7 @@ pub fn small_random(seed: u64) -> Cluster {
             ports.dedup_by(|a, b| a.name == b.name);
             Pod {
                 id: ObjectRef::new(namespaces[rng.below(3)].name.clone(), format!("p{i}")),
-                labels,
+                labels: labels.into(),
                 node: format!("node-{}", rng.below(2)),
                 ips,
                 host_network: rng.chance(8),

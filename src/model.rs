@@ -107,7 +107,9 @@ pub struct ContainerPort {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
     pub id: ObjectRef,
-    pub labels: Labels,
+    /// Shared: many pods carry the same label set (every replica of a workload), and the
+    /// agent keeps one copy of each distinct set for the whole cluster.
+    pub labels: Arc<Labels>,
     pub node: String,
     /// The pod's IPs, primary first (at most one per family in practice).
     pub ips: Vec<IpAddr>,

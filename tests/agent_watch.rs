@@ -48,7 +48,7 @@ fn seed(server: &FakeApiServer) {
 // ---------------------------------------------------------------- snapshot views
 
 fn pod_labels(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, String>> {
-    s.pods.iter().map(|p| (p.id.to_string(), p.labels.clone())).collect()
+    s.pods.iter().map(|p| (p.id.to_string(), (*p.labels).clone())).collect()
 }
 
 /// Namespace labels as written (without the name label the API server adds), keyed

@@ -83,7 +83,7 @@ fn pod(rng: &mut Rng, i: usize) -> Pod {
     }
     Pod {
         id: ObjectRef::new(*rng.pick(&NAMESPACES), format!("p{i}")),
-        labels: labels(rng, POD_LABELS),
+        labels: labels(rng, POD_LABELS).into(),
         node: rng.pick(&NODES).to_string(),
         ips,
         host_network: rng.chance(12),
@@ -284,7 +284,7 @@ fn mutate(c: &Cluster, rng: &mut Rng) -> Cluster {
             }
             2 if !pods.is_empty() => {
                 let k = rng.below(pods.len());
-                pods[k].labels = labels(rng, POD_LABELS);
+                pods[k].labels = labels(rng, POD_LABELS).into();
             }
             3 if !pods.is_empty() => {
                 // The IP of a deleted pod reused by a new one.

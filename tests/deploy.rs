@@ -371,8 +371,8 @@ fn the_container_has_resource_requests_and_limits() {
     let limits: BTreeMap<String, Quantity> = r.limits.expect("limits");
     // The values come from benches/agent-bench.sh (see the comment in the manifest).
     assert_eq!(requests.get("cpu"), Some(&Quantity("100m".into())));
-    assert_eq!(requests.get("memory"), Some(&Quantity("128Mi".into())));
-    assert_eq!(limits.get("memory"), Some(&Quantity("640Mi".into())));
+    assert_eq!(requests.get("memory"), Some(&Quantity("64Mi".into())));
+    assert_eq!(limits.get("memory"), Some(&Quantity("448Mi".into())));
     assert!(!limits.contains_key("cpu"), "a CPU limit would throttle syncs");
 }
 

@@ -80,7 +80,7 @@ fn prerequisites_ok() -> bool {
 fn pod(name: &str, node: &str, ip: &str, app: &str) -> Pod {
     Pod {
         id: ObjectRef::new(NS, name),
-        labels: Labels::from([("app".to_string(), app.to_string())]),
+        labels: Labels::from([("app".to_string(), app.to_string())]).into(),
         node: node.into(),
         ips: vec![ip.parse().unwrap()],
         host_network: false,

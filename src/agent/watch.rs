@@ -15,7 +15,9 @@
 //! whole. Watch errors (including `410 Gone`, after which the watcher relists) are retried
 //! with the watcher's default backoff.
 
+use std::collections::HashSet;
 use std::fmt::Debug;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -180,6 +182,10 @@ pub trait Watched: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned +
     const KIND: &'static str;
     /// `Ok(None)`: valid, but it takes no part (logged at debug level with the reason).
     fn convert(&self) -> Result<Option<Self::Model>, FieldError>;
+    /// Replaces parts of a converted object with equal ones the stores already hold.
+    fn share(model: Self::Model, _stores: &mut AgentStores) -> Self::Model {
+        model
+    }
     fn objects(stores: &mut AgentStores) -> &mut Objects<Self::Model>;
 }
 
@@ -194,6 +200,10 @@ impl Watched for Pod {
                 None
             }
         })
+    }
+    fn share(mut pod: model::Pod, stores: &mut AgentStores) -> model::Pod {
+        pod.labels = stores.pod_labels.intern(pod.labels);
+        pod
     }
     fn objects(stores: &mut AgentStores) -> &mut Objects<model::Pod> {
         &mut stores.pods
@@ -227,9 +237,9 @@ fn display_key((namespace, name): &ObjectKey) -> String {
 }
 
 /// Converts one arriving object; an invalid one is warned about here, once per version.
-fn entry<K: Watched>(obj: &K) -> Entry<K::Model> {
+fn entry<K: Watched>(obj: &K, stores: &mut AgentStores) -> Entry<K::Model> {
     match obj.convert() {
-        Ok(Some(m)) => Entry::Active(Arc::new(m)),
+        Ok(Some(m)) => Entry::Active(Arc::new(K::share(m, stores))),
         Ok(None) => Entry::Inactive,
         Err(e) => {
             tracing::warn!("skipping invalid {} {}: {e}", K::KIND, display_key(&object_key(obj.meta())));
@@ -245,18 +255,57 @@ pub struct AgentStores {
     pods: Objects<model::Pod>,
     namespaces: Objects<model::Namespace>,
     policies: Objects<model::Policy>,
+    /// One copy of each distinct pod label set: replicas of a workload share theirs.
+    pod_labels: Interner<model::Labels>,
+}
+
+/// Hands out one shared `Arc` per distinct value. Values no longer used anywhere else are
+/// dropped in sweeps, each after the table has doubled since the last one, so a sweep
+/// costs amortized O(1) per insertion.
+#[derive(Debug, Clone)]
+struct Interner<T> {
+    values: HashSet<Arc<T>>,
+    sweep_at: usize,
+}
+
+/// Below this many distinct values an interner never sweeps.
+const MIN_SWEEP: usize = 1024;
+
+impl<T> Default for Interner<T> {
+    fn default() -> Self {
+        Interner { values: HashSet::new(), sweep_at: MIN_SWEEP }
+    }
+}
+
+impl<T: Eq + Hash> Interner<T> {
+    fn intern(&mut self, value: Arc<T>) -> Arc<T> {
+        if let Some(shared) = self.values.get(&*value) {
+            return shared.clone();
+        }
+        if self.values.len() >= self.sweep_at {
+            self.values.retain(|v| Arc::strong_count(v) > 1);
+            self.sweep_at = (2 * self.values.len()).max(MIN_SWEEP);
+        }
+        self.values.insert(value.clone());
+        value
+    }
 }
 
 impl AgentStores {
     /// Applies one watcher event.
     pub fn handle<K: Watched>(&mut self, event: &Event<K>) {
-        let objects = K::objects(self);
         match event {
-            Event::Init => objects.init(),
-            Event::InitApply(obj) => objects.apply(object_key(obj.meta()), entry(obj), true),
-            Event::InitDone => objects.init_done(),
-            Event::Apply(obj) => objects.apply(object_key(obj.meta()), entry(obj), false),
-            Event::Delete(obj) => objects.delete(&object_key(obj.meta())),
+            Event::Init => K::objects(self).init(),
+            Event::InitApply(obj) => {
+                let entry = entry(obj, self);
+                K::objects(self).apply(object_key(obj.meta()), entry, true)
+            }
+            Event::InitDone => K::objects(self).init_done(),
+            Event::Apply(obj) => {
+                let entry = entry(obj, self);
+                K::objects(self).apply(object_key(obj.meta()), entry, false)
+            }
+            Event::Delete(obj) => K::objects(self).delete(&object_key(obj.meta())),
         }
     }
 
@@ -451,5 +500,37 @@ mod tests {
         stores.apply(&pod("shop", "web-1", "node-a", "192.0.2.1", &[]));
         let (a, b) = (stores.snapshot(), stores.snapshot());
         assert!(Arc::ptr_eq(&a.pods[0], &b.pods[0]));
+    }
+
+    #[test]
+    fn pods_with_equal_labels_share_one_label_map_and_relabelled_pods_get_their_own() {
+        let mut stores = AgentStores::default();
+        stores.apply(&pod("shop", "web-1", "node-a", "192.0.2.1", &[("app", "web")]));
+        stores.apply(&pod("shop", "web-2", "node-b", "192.0.2.2", &[("app", "web")]));
+        stores.apply(&pod("shop", "db-1", "node-b", "192.0.2.3", &[("app", "db")]));
+        let s = stores.snapshot();
+        assert!(Arc::ptr_eq(&s.pods[1].labels, &s.pods[2].labels), "web-1 and web-2 share");
+        assert!(!Arc::ptr_eq(&s.pods[0].labels, &s.pods[1].labels));
+        stores.apply(&pod("shop", "web-2", "node-b", "192.0.2.2", &[("app", "web"), ("v", "2")]));
+        let s = stores.snapshot();
+        assert_eq!(names(&s), ["shop/db-1", "shop/web-1", "shop/web-2"]);
+        assert_eq!(s.pods[1].labels["app"], "web");
+        assert!(!s.pods[1].labels.contains_key("v"), "relabelling web-2 leaves web-1 alone");
+        assert_eq!(s.pods[2].labels["v"], "2");
+    }
+
+    #[test]
+    fn the_interner_forgets_label_sets_no_pod_uses_once_it_has_doubled() {
+        let mut interner = Interner::default();
+        let kept = interner.intern(Arc::new(model::Labels::from([("app".into(), "kept".into())])));
+        for i in 0..MIN_SWEEP {
+            interner.intern(Arc::new(model::Labels::from([("app".into(), format!("gone-{i}"))])));
+        }
+        // The sweep ran when the table was full: only `kept` and the newest value stay.
+        assert_eq!(interner.values.len(), 2);
+        assert!(interner.values.contains(&*kept));
+        assert_eq!(interner.sweep_at, MIN_SWEEP);
+        let again = interner.intern(Arc::new((*kept).clone()));
+        assert!(Arc::ptr_eq(&kept, &again));
     }
 }

@@ -22,7 +22,10 @@ fn main() -> ExitCode {
         eprintln!("netpol-agent: {e}");
         return ExitCode::from(BAD_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One worker is plenty: it only decodes watch events and serves the admin endpoints;
+    // syncs run on a blocking thread. Fewer threads also means fewer malloc arenas holding
+    // freed memory (see benches/agent-bench.sh).
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("netpol-agent: cannot start the async runtime: {e}");
