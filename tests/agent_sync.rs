@@ -16,6 +16,7 @@ use netpol::agent::{ClusterWatch, SyncLoop, SyncLoopConfig, SyncTarget, Trigger}
 use netpol::compile::{NodeConfig, compile};
 use netpol::nft::fake::FakeNftables;
 use netpol::nft::{NftError, Nftables, Transaction, render};
+use netpol::testkit::agent_process::{AgentLaunch, AgentProcess, NftRoute};
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
 use netpol::testkit::mirror::MirroredApi;
 use netpol::testkit::objects::{labels, namespace, pod};
@@ -322,7 +323,7 @@ fn system_env_ok() -> bool {
     false
 }
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 /// A throwaway network namespace, deleted on drop (with every table in it).
 struct Netns(String);
@@ -352,29 +353,8 @@ impl Drop for Netns {
 }
 
 /// The agent process, killed on drop if still running.
-struct AgentProcess(Child);
-
-impl AgentProcess {
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.0.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "netpol-agent did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// How long the agent may take to stop on SIGTERM.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
 
 /// The real `netpol-agent` against the fake apiserver. The agent runs in the root
 /// namespace (to reach the apiserver on 127.0.0.1), but the `nft` it finds first on PATH
@@ -393,41 +373,23 @@ async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, w.server.kubeconfig_yaml()).unwrap();
-    let bin = dir.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    let real_nft =
-        String::from_utf8(Command::new("sh").args(["-c", "command -v nft"]).output().unwrap().stdout).unwrap();
-    let wrapper = bin.join("nft");
-    std::fs::write(&wrapper, format!("#!/bin/sh\nexec ip netns exec {} {} \"$@\"\n", netns.0, real_nft.trim()))
-        .unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let launch = |extra: &[&str]| {
+        let mut l = AgentLaunch::new(
+            env!("CARGO_BIN_EXE_netpol-agent"),
+            NODE,
+            &table,
+            &kubeconfig,
+            NftRoute::Netns(netns.0.clone()),
+            dir.path(),
+        );
+        l.extra_args = extra.iter().map(|a| a.to_string()).collect();
+        l.spawn("agent.log").unwrap()
+    };
 
     let expected = {
         let (cluster, _) = nft_target::cluster(&w.snapshot());
         compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone() })
     };
-    let start = |extra: &[&str]| {
-        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_netpol-agent"))
-            .args(["--node", NODE, "--table", &table, "--admin-addr", "127.0.0.1:0", "--log-level", "info"])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(extra)
-            .env("PATH", &path)
-            .env_remove("NODE_NAME")
-            .env_remove("NETPOL_TABLE")
-            .env_remove("KUBECONFIG")
-            .env_remove("NETPOL_CLEANUP_ON_EXIT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        AgentProcess(child)
-    };
-    let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
     let wait_for_table = |agent: &mut AgentProcess| {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -436,26 +398,26 @@ async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_
             {
                 return text;
             }
-            if let Some(status) = agent.0.try_wait().unwrap() {
-                panic!("netpol-agent exited ({status}) before programming:\n{}", log());
+            if let Some(status) = agent.exited() {
+                panic!("netpol-agent exited ({status}) before programming:\n{}", agent.log());
             }
-            assert!(Instant::now() < deadline, "the table never appeared with its chains:\n{}", log());
+            assert!(Instant::now() < deadline, "the table never appeared with its chains:\n{}", agent.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     };
 
     // Without --cleanup-on-exit the rules stay in force after SIGTERM.
-    let mut agent = start(&[]);
+    let mut agent = launch(&[]);
     let text = wait_for_table(&mut agent);
     assert!(text.contains("192.0.2.3"), "{text}");
-    let status = agent.terminate();
-    assert_eq!(status.code(), Some(0), "{}", log());
+    let status = agent.terminate(STOP_LIMIT).unwrap().expect("netpol-agent stops on SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
     assert!(netns.list(&table).is_some(), "the table must survive a plain shutdown");
 
     // A restart takes the old table over; with --cleanup-on-exit it is removed on SIGTERM.
-    let mut agent = start(&["--cleanup-on-exit"]);
+    let mut agent = launch(&["--cleanup-on-exit"]);
     wait_for_table(&mut agent);
-    let status = agent.terminate();
-    assert_eq!(status.code(), Some(0), "{}", log());
+    let status = agent.terminate(STOP_LIMIT).unwrap().expect("netpol-agent stops on SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
     assert!(netns.list(&table).is_none(), "--cleanup-on-exit must delete the table");
 }

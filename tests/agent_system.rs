@@ -31,7 +31,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -65,15 +65,7 @@ fn launch(dir: &Path, server: &FakeApiServer, node: &str, table: &str, nft: NftR
     if !kubeconfig.exists() {
         std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
     }
-    AgentLaunch {
-        binary: PathBuf::from(env!("CARGO_BIN_EXE_netpol-agent")),
-        node: node.into(),
-        table: table.into(),
-        kubeconfig,
-        nft,
-        workdir: dir.to_path_buf(),
-        extra_args: Vec::new(),
-    }
+    AgentLaunch::new(env!("CARGO_BIN_EXE_netpol-agent"), node, table, kubeconfig, nft, dir)
 }
 
 /// Root, `ip` and `nft`, or the test skips (fails under `CI=true`).

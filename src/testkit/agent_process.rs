@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::CommandFactory as _;
+
+use crate::agent::AgentConfig;
+
 /// Where the agent's `nft` goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NftRoute {
@@ -37,8 +41,15 @@ pub struct AgentLaunch {
     pub nft: NftRoute,
     /// Holds the wrapper (`bin-<node>/nft`) and the logs; the caller removes it.
     pub workdir: PathBuf,
+    /// `--admin-addr` (default `127.0.0.1:0`: any free port).
+    pub admin_addr: String,
+    /// `--log-level` (default `info`; the log is JSON so [`AgentProcess::applied`] can read it).
+    pub log_level: String,
     /// Appended to the command line (e.g. `--debounce`, `--cleanup-on-exit`).
     pub extra_args: Vec<String>,
+    /// Environment set for the agent (e.g. `MALLOC_ARENA_MAX`), after every variable the
+    /// agent's flags fall back to has been removed.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running agent, killed (SIGKILL) and reaped on drop if still running.
@@ -49,6 +60,29 @@ pub struct AgentProcess {
 }
 
 impl AgentLaunch {
+    /// A launch with the defaults above and no extra arguments or environment.
+    pub fn new(
+        binary: impl Into<PathBuf>,
+        node: impl Into<String>,
+        table: impl Into<String>,
+        kubeconfig: impl Into<PathBuf>,
+        nft: NftRoute,
+        workdir: impl Into<PathBuf>,
+    ) -> AgentLaunch {
+        AgentLaunch {
+            binary: binary.into(),
+            node: node.into(),
+            table: table.into(),
+            kubeconfig: kubeconfig.into(),
+            nft,
+            workdir: workdir.into(),
+            admin_addr: "127.0.0.1:0".into(),
+            log_level: "info".into(),
+            extra_args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
     /// Writes the `nft` wrapper for this launch's route; returns the directory to put first
     /// on `PATH`.
     fn write_wrapper(&self) -> io::Result<PathBuf> {
@@ -77,23 +111,20 @@ impl AgentLaunch {
         let bin = self.write_wrapper()?;
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
         let log = self.workdir.join(log_name);
-        let child = Command::new(&self.binary)
-            .args(["--node", &self.node, "--table", &self.table])
-            .args(["--admin-addr", "127.0.0.1:0", "--log-format", "json", "--log-level", "info"])
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["--node", &self.node, "--table", &self.table, "--admin-addr", &self.admin_addr])
+            .args(["--log-format", "json", "--log-level", &self.log_level])
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
-            .args(&self.extra_args)
+            .args(&self.extra_args);
+        // Only the command line configures the agent under test: no variable its flags fall
+        // back to (the list comes from the flags themselves) leaks in from the caller.
+        for var in AgentConfig::command().get_arguments().filter_map(|a| a.get_env()) {
+            cmd.env_remove(var);
+        }
+        let child = cmd
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("PATH", path)
-            // Only the command line configures the agent under test.
-            .env_remove("NODE_NAME")
-            .env_remove("NETPOL_TABLE")
-            .env_remove("KUBECONFIG")
-            .env_remove("NETPOL_RESYNC_PERIOD")
-            .env_remove("NETPOL_DEBOUNCE")
-            .env_remove("NETPOL_ADMIN_ADDR")
-            .env_remove("NETPOL_LOG_FORMAT")
-            .env_remove("RUST_LOG")
-            .env_remove("NETPOL_CLEANUP_ON_EXIT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log)?)
