@@ -14,6 +14,7 @@ pub mod agent;
 pub mod bitset;
 pub mod compile;
 pub mod convert;
+pub mod engine;
 pub mod evaluate;
 pub mod generate;
 pub mod kernel_engine;

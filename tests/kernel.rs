@@ -15,12 +15,13 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use netpol::bitset::BitMatrix;
+use netpol::engine::Engine;
 use netpol::kernel_engine::{self, KernelError};
 use netpol::lab::{self, LabSpec};
 use netpol::load::{LoadOptions, Source, load_sources};
 use netpol::matrix::{self, Family, Probe, ProbePort};
 use netpol::model::{Cluster, Protocol};
-use netpol::{generate, ruleset_engine, verify};
+use netpol::{generate, verify};
 
 const TIMEOUT: Duration = LabSpec::DEFAULT_TIMEOUT;
 
@@ -68,18 +69,11 @@ fn random_cluster(seed: u64) -> Cluster {
 
 /// Every engine's matrices, `[family][engine][probe]`, engines in `verify` order.
 fn three_engines(cluster: &Cluster, probes: &[Probe]) -> Result<Vec<Vec<Vec<BitMatrix>>>, KernelError> {
-    let kernel = kernel_engine::matrices_per_family(cluster, probes, &FAMILIES, TIMEOUT)?;
-    let rulesets = ruleset_engine::Engine::new(cluster);
-    Ok(FAMILIES
-        .iter()
-        .zip(kernel)
-        .map(|(&family, kernel)| {
-            let index = matrix::Index::new(cluster, family);
-            let evaluator = probes.iter().map(|p| index.matrix(p)).collect();
-            let ruleset = probes.iter().map(|p| rulesets.matrix(cluster, p, family)).collect();
-            vec![evaluator, ruleset, kernel]
-        })
-        .collect())
+    let mut per_engine = Vec::new();
+    for engine in Engine::ALL {
+        per_engine.push(engine.matrices(cluster, probes, &FAMILIES, TIMEOUT)?);
+    }
+    Ok((0..FAMILIES.len()).map(|f| per_engine.iter_mut().map(|e| std::mem::take(&mut e[f])).collect()).collect())
 }
 
 /// Cells the engines deny although both ends have an address of the family, the port

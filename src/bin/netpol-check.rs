@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use netpol::bitset::BitMatrix;
 use netpol::compile::{self, NodeConfig};
+use netpol::engine::Engine;
 use netpol::evaluate::{self, Endpoint};
 use netpol::kernel_engine;
 use netpol::lab;
@@ -113,27 +114,6 @@ struct Input {
     /// Also give such pods an IPv6 address from this range (dual stack).
     #[arg(long, value_name = "CIDR")]
     synthetic_ipv6: Option<IpNet>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Engine {
-    /// The reference semantics of NetworkPolicy v1.
-    Evaluator,
-    /// Each node's compiled nftables ruleset, interpreted packet by packet.
-    Ruleset,
-    /// The compiled rulesets loaded into a real kernel (network namespaces), probed with real
-    /// packets. Needs root, `ip` and `nft`.
-    Kernel,
-}
-
-impl Engine {
-    fn name(self) -> &'static str {
-        match self {
-            Engine::Evaluator => "evaluator",
-            Engine::Ruleset => "ruleset",
-            Engine::Kernel => "kernel",
-        }
-    }
 }
 
 /// How long a kernel probe waits for an answer: `300`, `300ms`, `1s`, `1.5s`.
@@ -422,7 +402,7 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
         .filter(|&i| a.namespaces.is_empty() || a.namespaces.contains(&cluster.pods[i].id.namespace))
         .collect();
     let fam = family(a.family);
-    let mut per_family = engine_matrices(a.engine, &cluster, &probes, &[fam], a.kernel.probe_timeout)?;
+    let mut per_family = a.engine.matrices(&cluster, &probes, &[fam], a.kernel.probe_timeout.0)?;
     let matrices = per_family.pop().unwrap_or_default();
     let results = probes.into_iter().zip(matrices).map(|(p, m)| (p, m.project(&keep))).collect();
     let report = MatrixReport {
@@ -447,31 +427,6 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// One engine's matrices over every pod: `result[f][k]` for `families[f]` and `probes[k]`.
-/// The kernel engine builds one lab for all families.
-fn engine_matrices(
-    engine: Engine,
-    cluster: &Cluster,
-    probes: &[Probe],
-    families: &[Family],
-    timeout: ProbeTimeout,
-) -> Result<Vec<Vec<BitMatrix>>> {
-    Ok(match engine {
-        Engine::Evaluator => families
-            .iter()
-            .map(|&f| {
-                let index = matrix::Index::new(cluster, f);
-                probes.iter().map(|p| index.matrix(p)).collect()
-            })
-            .collect(),
-        Engine::Ruleset => {
-            let rulesets = ruleset_engine::Engine::new(cluster);
-            families.iter().map(|&f| probes.iter().map(|p| rulesets.matrix(cluster, p, f)).collect()).collect()
-        }
-        Engine::Kernel => kernel_engine::matrices_per_family(cluster, probes, families, timeout.0)?,
-    })
 }
 
 fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
@@ -656,7 +611,8 @@ fn verify_cmd(a: VerifyArgs) -> Result<ExitCode> {
     // Engine by engine (the kernel's lab serves every family at once), then regrouped per family.
     let mut results: Vec<Vec<Vec<BitMatrix>>> = vec![Vec::new(); families.len()];
     for &engine in &engines {
-        let per_family = engine_matrices(engine, &cluster, &probes, &families, a.kernel.probe_timeout)
+        let per_family = engine
+            .matrices(&cluster, &probes, &families, a.kernel.probe_timeout.0)
             .map_err(|e| anyhow!("{} engine: {e:#}", engine.name()))?;
         for (slot, matrices) in results.iter_mut().zip(per_family) {
             slot.push(matrices);
