@@ -1,133 +1,31 @@
-//! Compile, diff and load costs at cluster scale.
-//!
-//! The cluster generator here is private and minimal: `netpol::generate` is being written in
-//! main; switch to it when it lands.
+//! Compile, diff and load costs at cluster scale, on `netpol::generate` clusters (the
+//! generator the CLI, the agent bench and the tests use: mixed selectors, namespace
+//! selectors, ipBlocks with excepts, named ports, egress).
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use netpol::compile::{NodeConfig, compile};
-use netpol::model::{
-    Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch,
-    PortSpec, Protocol, Rule,
-};
+use netpol::generate::{self, Params};
+use netpol::model::{Cluster, Direction, Pod};
 use netpol::nft::diff::{diff, full_sync};
-use netpol::selector::Selector;
 
 const PODS_PER_NODE: usize = 110;
 const PODS_PER_NAMESPACE: usize = 20;
 
-fn labels(pairs: &[(&str, String)]) -> Labels {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
-}
-
-fn sel(k: &str, v: &str) -> Selector {
-    Selector::from_labels([(k, v)])
-}
-
-fn v4(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + 1 + i as u32))
-}
-
-fn make_pod(i: usize, namespaces: usize, nodes: usize) -> Pod {
-    let mut ips = vec![v4(i)];
-    if i.is_multiple_of(10) {
-        ips.push(IpAddr::V6(Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + 1 + i as u128)));
-    }
-    Pod {
-        id: ObjectRef::new(format!("ns-{}", i % namespaces), format!("pod-{i}")),
-        labels: labels(&[
-            ("app", format!("a{}", (i / namespaces) % 20)),
-            ("tier", ["fe", "be", "db"][i % 3].to_string()),
-        ])
-        .into(),
-        node: format!("node-{}", i % nodes),
-        ips,
-        host_network: false,
-        ports: vec![
-            ContainerPort {
-                name: Some("http".into()),
-                port: if i.is_multiple_of(2) { 80 } else { 8080 },
-                protocol: Protocol::Tcp,
-            },
-            ContainerPort { name: Some("metrics".into()), port: 9090, protocol: Protocol::Tcp },
-        ],
-    }
-}
-
-/// `pods` pods, 110 per node, 20 per namespace; `policies` policies spread over namespaces.
+/// `pods` pods, 110 per node, 20 per namespace, `policies` policies.
 fn cluster(pods: usize, policies: usize) -> Cluster {
-    let namespaces = pods.div_ceil(PODS_PER_NAMESPACE);
-    let nodes = pods.div_ceil(PODS_PER_NODE);
-    let nss = (0..namespaces)
-        .map(|k| Namespace {
-            name: format!("ns-{k}"),
-            labels: labels(&[
-                ("team", format!("t{}", k % 10)),
-                ("env", if k.is_multiple_of(2) { "prod" } else { "dev" }.into()),
-            ]),
-        })
-        .collect();
-    let pod_list: Vec<Pod> = (0..pods).map(|i| make_pod(i, namespaces, nodes)).collect();
-    let tcp = |p: u16| PortSpec { protocol: Protocol::Tcp, port: PortMatch::Range(p, p) };
-    let pols: Vec<Policy> = (0..policies)
-        .map(|j| {
-            let mut ingress = vec![Rule {
-                peers: Some(vec![Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods: sel("tier", "fe") }]),
-                ports: Some(vec![if j.is_multiple_of(2) {
-                    tcp(80)
-                } else {
-                    PortSpec { protocol: Protocol::Tcp, port: PortMatch::Named("http".into()) }
-                }]),
-            }];
-            if j.is_multiple_of(3) {
-                ingress.push(Rule {
-                    peers: Some(vec![Peer::Pods {
-                        namespaces: NamespaceScope::Matching(sel("team", &format!("t{}", j % 10))),
-                        pods: Selector::everything(),
-                    }]),
-                    ports: Some(vec![PortSpec { protocol: Protocol::Tcp, port: PortMatch::Named("metrics".into()) }]),
-                });
-            }
-            if j.is_multiple_of(5) {
-                ingress.push(Rule {
-                    peers: Some(vec![Peer::IpBlock(IpBlock {
-                        cidr: "10.200.0.0/16".parse().unwrap(),
-                        except: vec!["10.200.1.0/24".parse().unwrap()],
-                    })]),
-                    ports: Some(vec![PortSpec { protocol: Protocol::Tcp, port: PortMatch::Range(8000, 8100) }]),
-                });
-            }
-            let egress = j.is_multiple_of(4).then(|| {
-                vec![
-                    Rule {
-                        peers: Some(vec![Peer::Pods {
-                            namespaces: NamespaceScope::PolicyNamespace,
-                            pods: sel("tier", "db"),
-                        }]),
-                        ports: Some(vec![tcp(5432)]),
-                    },
-                    Rule {
-                        peers: Some(vec![Peer::IpBlock(IpBlock {
-                            cidr: "0.0.0.0/0".parse().unwrap(),
-                            except: vec!["10.0.0.0/8".parse().unwrap()],
-                        })]),
-                        ports: Some(vec![PortSpec { protocol: Protocol::Udp, port: PortMatch::Range(53, 53) }]),
-                    },
-                ]
-            });
-            Policy {
-                id: ObjectRef::new(format!("ns-{}", j % namespaces), format!("pol-{j}")),
-                pod_selector: sel("app", &format!("a{}", j % 20)),
-                ingress: Some(ingress),
-                egress,
-            }
-        })
-        .collect();
-    Cluster::new(nss, pod_list, pols)
+    generate::cluster(&Params {
+        pods,
+        policies,
+        namespaces: pods.div_ceil(PODS_PER_NAMESPACE),
+        nodes: pods.div_ceil(PODS_PER_NODE),
+        seed: 1,
+        dual_stack: false,
+    })
 }
 
 fn with_pods(c: &Cluster, pods: Vec<Arc<Pod>>) -> Cluster {
@@ -167,25 +65,29 @@ fn bench_diff(c: &mut Criterion) {
     let base = cluster(10_000, 1_000);
     let config = NodeConfig::new("node-0");
     let a = compile(&base, &config);
-    let namespaces = base.namespaces.len();
-    let nodes = base.nodes().len();
-    // A new pod on node-0 (index ≡ 0 mod nodes), one deleted there, one relabelled there.
+    // A new pod on node-0 (a copy of one there, at an unused address), one deleted there,
+    // one relabelled there.
     let mut added = base.pods.clone();
-    added.push(make_pod(10_000 * nodes, namespaces, nodes).into());
+    let mut new_pod: Pod = (**added.iter().find(|p| p.node == "node-0").unwrap()).clone();
+    new_pod.id.name = "bench-new-pod".into();
+    new_pod.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 255, 255, 254))];
+    added.push(new_pod.into());
     let mut deleted = base.pods.clone();
     let victim = deleted.iter().position(|p| p.node == "node-0").unwrap();
     deleted.remove(victim);
     // A local isolated pod no policy selects any more; a remote pod that becomes a peer.
     let mut relabelled = base.pods.clone();
-    let k = relabelled.iter().position(|p| p.node == "node-0").unwrap();
-    Arc::make_mut(&mut Arc::make_mut(&mut relabelled[k]).labels).insert("app".into(), "none".into());
+    let k = (0..base.pods.len())
+        .find(|&i| base.pods[i].node == "node-0" && !base.isolating_policies(i, Direction::Ingress).is_empty())
+        .unwrap();
+    Arc::make_mut(&mut relabelled[k]).labels = Default::default();
     let local_ns = &base.pods[k].id.namespace;
     let mut peer = base.pods.clone();
     let k = peer
         .iter()
-        .position(|p| p.node != "node-0" && &p.id.namespace == local_ns && p.labels["tier"] != "fe")
+        .position(|p| p.node != "node-0" && &p.id.namespace == local_ns && p.labels["tier"] != "web")
         .unwrap();
-    Arc::make_mut(&mut Arc::make_mut(&mut peer[k]).labels).insert("tier".into(), "fe".into());
+    Arc::make_mut(&mut Arc::make_mut(&mut peer[k]).labels).insert("tier".into(), "web".into());
     let mut g = c.benchmark_group("diff_one_pod_change");
     for (name, pods) in
         [("pod_add", added), ("pod_delete", deleted), ("pod_relabel_local", relabelled), ("pod_relabel_peer", peer)]
