@@ -292,14 +292,17 @@ impl Cluster {
             ns.labels.entry(NAMESPACE_NAME_LABEL.to_string()).or_insert_with(|| ns.name.clone());
             by_name.insert(ns.name.clone(), ns);
         }
-        let referenced = pods.iter().map(|p| &p.id.namespace).chain(policies.iter().map(|p| &p.id.namespace));
-        for name in referenced {
-            if !by_name.contains_key(name) {
-                by_name.insert(name.clone(), Namespace::synthesized(name));
-            }
-        }
         pods.sort_by(|a, b| a.id.cmp(&b.id));
         policies.sort_by(|a, b| a.id.cmp(&b.id));
+        let referenced = pods.iter().map(|p| &p.id.namespace).chain(policies.iter().map(|p| &p.id.namespace));
+        let mut last: Option<&String> = None;
+        for name in referenced {
+            // Sorted by namespace: one lookup per namespace, not per pod.
+            if last != Some(name) && !by_name.contains_key(name) {
+                by_name.insert(name.clone(), Namespace::synthesized(name));
+            }
+            last = Some(name);
+        }
         Cluster { namespaces: by_name, pods, policies }
     }
 
