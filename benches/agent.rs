@@ -184,12 +184,12 @@ fn memberships(rs: &Ruleset) -> HashMap<Ipv4Addr, BTreeSet<String>> {
     };
     for (name, set) in &rs.sets {
         for e in &set.elements {
-            note(name, &e.0);
+            note(name, e.values());
         }
     }
     for (name, map) in &rs.maps {
         for e in map.elements.keys() {
-            note(name, &e.0);
+            note(name, e.values());
         }
     }
     out

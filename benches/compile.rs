@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use netpol::compile::{NodeConfig, compile};
+use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
 use netpol::generate::{self, Params};
 use netpol::model::{Cluster, Direction, Pod};
 use netpol::nft::diff::{diff, full_sync};
@@ -88,14 +88,44 @@ fn bench_diff(c: &mut Criterion) {
         .position(|p| p.node != "node-0" && &p.id.namespace == local_ns && p.labels["tier"] != "web")
         .unwrap();
     Arc::make_mut(&mut Arc::make_mut(&mut peer[k]).labels).insert("tier".into(), "web".into());
+    let cases =
+        [("pod_add", added), ("pod_delete", deleted), ("pod_relabel_local", relabelled), ("pod_relabel_peer", peer)];
+    let cases: Vec<(&str, Cluster)> = cases.into_iter().map(|(name, pods)| (name, with_pods(&base, pods))).collect();
+    // The diff of two fresh compiles reads every element of both rulesets; the agent's
+    // incremental compiler shares unchanged sets, which the diff skips unread.
     let mut g = c.benchmark_group("diff_one_pod_change");
-    for (name, pods) in
-        [("pod_add", added), ("pod_delete", deleted), ("pod_relabel_local", relabelled), ("pod_relabel_peer", peer)]
-    {
-        let b_rs = compile(&with_pods(&base, pods), &config);
+    for (name, changed) in &cases {
+        let b_rs = compile(changed, &config);
         let tx = diff(&a, &b_rs);
         eprintln!("{name}: {} ({} ops)", tx.stats(), tx.ops.len());
-        g.bench_function(name, |b| b.iter(|| black_box(diff(black_box(&a), black_box(&b_rs)))));
+        g.bench_function(format!("{name}_fresh_compiles"), |b| {
+            b.iter(|| black_box(diff(black_box(&a), black_box(&b_rs))))
+        });
+        let mut compiler = IncrementalCompiler::new(config.clone());
+        let a_inc = compiler.compile(&base);
+        let b_inc = compiler.compile(changed);
+        assert_eq!(diff(&a_inc, &b_inc), tx, "{name}: the incremental compiler's diff differs");
+        g.bench_function(format!("{name}_incremental_compiles"), |b| {
+            b.iter(|| black_box(diff(black_box(&a_inc), black_box(&b_inc))))
+        });
+    }
+    g.finish();
+    // What one agent sync computes for one pod event: compile the new snapshot and diff it
+    // against the last. Each iteration goes there and back (two one-pod changes).
+    let mut g = c.benchmark_group("incremental_compile_and_diff_there_and_back");
+    g.sample_size(30);
+    for (name, changed) in &cases {
+        let mut compiler = IncrementalCompiler::new(config.clone());
+        let mut last = compiler.compile(&base);
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                for next in [changed, &base] {
+                    let rs = compiler.compile(next);
+                    black_box(diff(&last, &rs));
+                    last = rs;
+                }
+            })
+        });
     }
     g.finish();
 }

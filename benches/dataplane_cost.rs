@@ -150,7 +150,7 @@ fn small_cluster(big: &Cluster, pair: &Pair) -> (Cluster, usize, usize) {
 /// it to, then the policy chains it jumps to) and the rules they hold.
 fn first_packet_path(rs: &Ruleset, map: &str, ip: IpAddr) -> (Vec<String>, usize) {
     let Some(MapVerdict::Jump(pod_chain)) =
-        rs.maps.get(map).and_then(|m| m.elements.iter().find(|(k, _)| k.0 == [Value::Addr(ip)]).map(|(_, v)| v))
+        rs.maps.get(map).and_then(|m| m.elements.iter().find(|(k, _)| k.values() == [Value::Addr(ip)]).map(|(_, v)| v))
     else {
         return (Vec::new(), 0);
     };

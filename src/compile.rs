@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -50,17 +51,322 @@ const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
 
 /// Compiles the ruleset of one node.
 pub fn compile(cluster: &Cluster, config: &NodeConfig) -> Ruleset {
-    Compiler::new(cluster, config).run()
+    Compiler::new(cluster, config, &mut SetCache::default()).run()
 }
 
-struct Compiler<'a> {
+/// Compiles one node's ruleset again and again, as the cluster changes, for the agent.
+///
+/// ```text
+///  cluster_n ──► changed pods (cluster_{n-1} vs cluster_n, by value) ──► drop the cached
+///      │                                                              sets they could touch
+///      └──────► compile with the cache ──► ruleset_n (== compile(cluster_n), always)
+///                 │ a peer set still cached is reused: the same Arc as in ruleset_{n-1}
+/// ```
+///
+/// Still a compile of the whole snapshot, never of event deltas: what it reuses are the
+/// pod-address sets (peers, named ports) that no pod differing between the two snapshots
+/// can be a member of, before or after. Those sets are most of a node's ruleset at scale
+/// (every pod of the cluster can be a peer) while the rest (chains, dispatch maps) only
+/// grows with the node's own pods. Reused sets are the same allocations as in the previous
+/// ruleset, which is what lets [`crate::nft::diff`] skip them without reading elements.
+#[derive(Debug)]
+pub struct IncrementalCompiler {
+    config: NodeConfig,
+    /// The cluster the cache reflects.
+    last: Option<Cluster>,
+    cache: SetCache,
+}
+
+/// More changed pods than this and checking each cached set against each is no longer
+/// cheaper than rebuilding the sets.
+const MAX_TRACKED_POD_CHANGES: usize = 256;
+
+impl IncrementalCompiler {
+    pub fn new(config: NodeConfig) -> Self {
+        IncrementalCompiler { config, last: None, cache: SetCache::default() }
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The ruleset of this node for `cluster`: equal to [`compile`]`(cluster, config)`.
+    pub fn compile(&mut self, cluster: &Cluster) -> Ruleset {
+        match &self.last {
+            // Namespace labels decide which namespaces a peer set spans: any change there
+            // and nothing cached is trusted (namespaces change rarely).
+            Some(last) if last.namespaces == cluster.namespaces => {
+                match changed_pods(&last.pods, &cluster.pods, MAX_TRACKED_POD_CHANGES) {
+                    Some(changed) => self.cache.patch(&PodChanges::new(last, cluster, changed)),
+                    None => self.cache.clear(),
+                }
+            }
+            _ => self.cache.clear(),
+        }
+        let ruleset = Compiler::new(cluster, &self.config, &mut self.cache).run();
+        self.cache.keep_only_used();
+        match &mut self.last {
+            // Pods and policies are shared allocations; namespaces are copied only when they changed.
+            Some(last) => {
+                last.pods.clone_from(&cluster.pods);
+                last.policies.clone_from(&cluster.policies);
+                if last.namespaces != cluster.namespaces {
+                    last.namespaces.clone_from(&cluster.namespaces);
+                }
+            }
+            None => self.last = Some(cluster.clone()),
+        }
+        ruleset
+    }
+
+    /// How many sets the cache holds (for metrics and tests).
+    pub fn cached_sets(&self) -> usize {
+        self.cache.peers.len() * 2 + self.cache.named.len()
+    }
+}
+
+/// The pods that differ between two clusters (both sorted by namespace and name), as
+/// (index in the old cluster, index in the new one); `None` where absent.
+type ChangedPod = (Option<usize>, Option<usize>);
+
+/// The changed pods of two clusters' sorted pod lists, or `None` when more than `limit` differ.
+fn changed_pods(old: &[Arc<Pod>], new: &[Arc<Pod>], limit: usize) -> Option<Vec<ChangedPod>> {
+    let mut changed = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        // The agent shares unchanged pods between snapshots: the common case costs no
+        // comparison of names.
+        if let (Some(a), Some(b)) = (old.get(i), new.get(j))
+            && Arc::ptr_eq(a, b)
+        {
+            i += 1;
+            j += 1;
+            continue;
+        }
+        let order = match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) => a.id.cmp(&b.id),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        match order {
+            std::cmp::Ordering::Equal => {
+                // A relist brings equal pods in new allocations.
+                if old[i] != new[j] {
+                    changed.push((Some(i), Some(j)));
+                }
+                i += 1;
+                j += 1;
+            }
+            std::cmp::Ordering::Less => {
+                changed.push((Some(i), None));
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                changed.push((None, Some(j)));
+                j += 1;
+            }
+        }
+        if changed.len() > limit {
+            return None;
+        }
+    }
+    Some(changed)
+}
+
+/// Two clusters with the same namespaces, and the pods that differ between them.
+struct PodChanges<'p> {
+    old: &'p Cluster,
+    new: &'p Cluster,
+    changed: Vec<ChangedPod>,
+    /// For every address a changed pod had: the new cluster's pods that have it.
+    holders: HashMap<IpAddr, Vec<usize>>,
+}
+
+impl<'p> PodChanges<'p> {
+    fn new(old: &'p Cluster, new: &'p Cluster, changed: Vec<ChangedPod>) -> Self {
+        let mut holders: HashMap<IpAddr, Vec<usize>> = changed
+            .iter()
+            .filter_map(|(i, _)| *i)
+            .flat_map(|i| old.pods[i].ips.iter().map(|ip| (*ip, Vec::new())))
+            .collect();
+        if !holders.is_empty() {
+            for (j, pod) in new.pods.iter().enumerate() {
+                for ip in &pod.ips {
+                    if let Some(h) = holders.get_mut(ip) {
+                        h.push(j);
+                    }
+                }
+            }
+        }
+        PodChanges { old, new, changed, holders }
+    }
+
+    /// `set` for the new cluster, given that it held exactly what the pods of the old one
+    /// contribute, where `contribution(cluster, pod index)` are the elements one pod brings
+    /// to it. `None`: no changed pod brings or takes anything, `set` stands.
+    fn patch(&self, set: &Set, contribution: impl Fn(&Cluster, usize) -> Vec<Element>) -> Option<Set> {
+        let mut gone = BTreeSet::new();
+        let mut added = BTreeSet::new();
+        for &(old, new) in &self.changed {
+            gone.extend(old.into_iter().flat_map(|i| contribution(self.old, i)));
+            added.extend(new.into_iter().flat_map(|j| contribution(self.new, j)));
+        }
+        // An element the old version of a pod brought stays if another pod still brings it
+        // (two pods may share an address for a while: a deleted pod's IP reused).
+        gone.retain(|e: &Element| {
+            !added.contains(e) && !self.holders(e).iter().any(|&j| contribution(self.new, j).contains(e))
+        });
+        added.retain(|e| !set.elements.contains(e));
+        if gone.is_empty() && added.is_empty() {
+            return None;
+        }
+        let mut set = set.clone();
+        for e in &gone {
+            set.elements.remove(e);
+        }
+        set.elements.extend(added);
+        Some(set)
+    }
+
+    /// Indices of the new cluster's pods that carry the address of `element` (its first
+    /// component), an address some changed pod had.
+    fn holders(&self, element: &Element) -> &[usize] {
+        match element.values().first() {
+            Some(Value::Addr(ip)) => self.holders.get(ip).map(Vec::as_slice).unwrap_or_default(),
+            _ => &[],
+        }
+    }
+}
+
+/// Pod-address sets of earlier compiles, by set name (names are derived from what the set
+/// holds: its scope and selector, or its policy rule).
+#[derive(Debug, Default)]
+struct SetCache {
+    /// Peer sets by their IPv4 name.
+    peers: HashMap<String, CachedPeers>,
+    /// Egress named-port sets by name.
+    named: HashMap<String, CachedNamedPorts>,
+}
+
+/// The (v4, v6) address sets of the pods matching `selector` in `namespaces`.
+#[derive(Debug)]
+struct CachedPeers {
+    namespaces: Vec<String>,
+    selector: Selector,
+    sets: [Arc<Set>; 2],
+    used: bool,
+}
+
+impl CachedPeers {
+    /// "hostNetwork pods are reached by IP (ipBlock) only."
+    fn member(&self, pod: &Pod) -> bool {
+        !pod.host_network && self.namespaces.contains(&pod.id.namespace) && self.selector.matches(&pod.labels)
+    }
+}
+
+/// An egress rule's `daddr . proto . port` set of one family: the named ports `named` of
+/// the pods its peers admit.
+#[derive(Debug)]
+struct CachedNamedPorts {
+    policy: Arc<crate::model::Policy>,
+    rule: usize,
+    family: IpFamily,
+    named: Vec<(String, Protocol)>,
+    set: Arc<Set>,
+    used: bool,
+}
+
+impl CachedNamedPorts {
+    /// The elements pod `j` of `cluster` brings to the set.
+    fn contribution(&self, cluster: &Cluster, j: usize) -> Vec<Element> {
+        let rule = &self.policy.egress.as_deref().unwrap_or_default()[self.rule];
+        let named: Vec<(&str, Protocol)> = self.named.iter().map(|(n, p)| (n.as_str(), *p)).collect();
+        named_port_entries(cluster, &self.policy.id.namespace, rule, j, self.family, &named)
+            .into_iter()
+            .map(named_port_element)
+            .collect()
+    }
+}
+
+impl SetCache {
+    fn clear(&mut self) {
+        self.peers.clear();
+        self.named.clear();
+    }
+
+    /// Brings every cached set up to date with `changes`, touching only the sets a changed
+    /// pod was or becomes a member of.
+    fn patch(&mut self, changes: &PodChanges) {
+        for cached in self.peers.values_mut() {
+            for (k, family) in FAMILIES.into_iter().enumerate() {
+                let contribution = |cluster: &Cluster, i: usize| -> Vec<Element> {
+                    let pod = &cluster.pods[i];
+                    if !cached.member(pod) {
+                        return Vec::new();
+                    }
+                    pod.ips
+                        .iter()
+                        .filter(|ip| IpFamily::of(**ip) == family)
+                        .map(|ip| Element::single(Value::Addr(*ip)))
+                        .collect()
+                };
+                if let Some(set) = changes.patch(&cached.sets[k], contribution) {
+                    cached.sets[k] = Arc::new(set);
+                }
+            }
+        }
+        for cached in self.named.values_mut() {
+            if let Some(set) = changes.patch(&cached.set, |c, j| cached.contribution(c, j)) {
+                cached.set = Arc::new(set);
+            }
+        }
+    }
+
+    fn keep_only_used(&mut self) {
+        self.peers.retain(|_, c| std::mem::take(&mut c.used));
+        self.named.retain(|_, c| std::mem::take(&mut c.used));
+    }
+}
+
+/// "A named port is resolved on the destination pod's containerPorts": the (address,
+/// protocol, port) entries pod `j` brings to an egress rule's named-port set of family `f`,
+/// if the rule's peers admit it.
+fn named_port_entries(
+    cluster: &Cluster,
+    policy_ns: &str,
+    rule: &PolicyRule,
+    j: usize,
+    f: IpFamily,
+    named: &[(&str, Protocol)],
+) -> Vec<(IpAddr, u8, u16)> {
+    let pod = &cluster.pods[j];
+    let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
+        return Vec::new();
+    };
+    let admitted = match &rule.peers {
+        None => true,
+        Some(peers) => peers
+            .iter()
+            .any(|p| crate::evaluate::peer_matches(cluster, policy_ns, p, crate::evaluate::Endpoint::Pod(j), ip)),
+    };
+    if !admitted {
+        return Vec::new();
+    }
+    named
+        .iter()
+        .filter_map(|&(n, proto)| pod.resolve_named_port(n, proto).map(|port| (ip, proto.number(), port)))
+        .collect()
+}
+
+fn named_port_element((ip, proto, port): (IpAddr, u8, u16)) -> Element {
+    Element::concat(vec![Value::Addr(ip), Value::Proto(proto), Value::Port(port)])
+}
+
+struct Compiler<'a, 'c> {
     cluster: &'a Cluster,
     config: &'a NodeConfig,
+    cache: &'c mut SetCache,
     rs: Ruleset,
-    /// Pod indices by namespace.
-    pods_by_ns: HashMap<&'a str, Vec<usize>>,
-    /// Policy indices by namespace.
-    policies_by_ns: HashMap<&'a str, Vec<usize>>,
     /// Peer-set names already built, by (scope, selector).
     peer_sets: HashMap<PeerKey<'a>, [String; 2]>,
     /// Pod indices (ascending) by (namespace, label value), per label key; built for a key
@@ -71,25 +377,33 @@ struct Compiler<'a> {
 /// (policy namespace for the own-namespace scope, namespace selector, pod selector).
 type PeerKey<'a> = (Option<&'a str>, Option<&'a Selector>, &'a Selector);
 
-impl<'a> Compiler<'a> {
-    fn new(cluster: &'a Cluster, config: &'a NodeConfig) -> Self {
-        let mut pods_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, p) in cluster.pods.iter().enumerate() {
-            pods_by_ns.entry(p.id.namespace.as_str()).or_default().push(i);
-        }
-        let mut policies_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, p) in cluster.policies.iter().enumerate() {
-            policies_by_ns.entry(p.id.namespace.as_str()).or_default().push(i);
-        }
+/// The index range of the items of namespace `ns` in a list sorted by namespace first.
+fn namespace_range<T>(items: &[T], ns: &str, namespace_of: impl Fn(&T) -> &str) -> std::ops::Range<usize> {
+    let start = items.partition_point(|x| namespace_of(x) < ns);
+    let end = start + items[start..].partition_point(|x| namespace_of(x) == ns);
+    start..end
+}
+
+impl<'a, 'c> Compiler<'a, 'c> {
+    fn new(cluster: &'a Cluster, config: &'a NodeConfig, cache: &'c mut SetCache) -> Self {
         Compiler {
             cluster,
             config,
+            cache,
             rs: Ruleset::new(config.table.clone()),
-            pods_by_ns,
-            policies_by_ns,
             peer_sets: HashMap::new(),
             pods_by_label: HashMap::new(),
         }
+    }
+
+    /// Indices of the pods of namespace `ns` (the cluster keeps pods sorted by namespace, name).
+    fn pods_in(&self, ns: &str) -> std::ops::Range<usize> {
+        namespace_range(&self.cluster.pods, ns, |p| p.id.namespace.as_str())
+    }
+
+    /// Indices of the policies of namespace `ns`.
+    fn policies_in(&self, ns: &str) -> std::ops::Range<usize> {
+        namespace_range(&self.cluster.policies, ns, |p| p.id.namespace.as_str())
     }
 
     fn run(mut self) -> Ruleset {
@@ -110,12 +424,7 @@ impl<'a> Compiler<'a> {
                 // "A pod is isolated for a direction iff some policy in its namespace selects
                 // it and lists that direction."
                 let policies: Vec<usize> = self
-                    .policies_by_ns
-                    .get(pod.id.namespace.as_str())
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                    .iter()
-                    .copied()
+                    .policies_in(&pod.id.namespace)
                     .filter(|&pi| {
                         let p = &cluster.policies[pi];
                         p.rules(d).is_some() && p.pod_selector.matches(&pod.labels)
@@ -309,12 +618,12 @@ impl<'a> Compiler<'a> {
                             .collect();
                         self.rs.sets.insert(
                             set.clone(),
-                            Set {
+                            Arc::new(Set {
                                 key: vec![f.addr_type()],
                                 interval: true,
                                 comment: Some(names::comment(&format!("{base_comment} ipBlocks"))),
                                 elements,
-                            },
+                            }),
                         );
                         peer_matches.push((
                             Some(Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false }),
@@ -372,23 +681,6 @@ impl<'a> Compiler<'a> {
         if named.is_empty() {
             return;
         }
-        // Egress: the pods any peer may admit (a superset; each is checked below).
-        let destinations: Vec<usize> = match &rule.peers {
-            Some(peers) if !ingress && !peers.iter().any(|p| matches!(p, Peer::IpBlock(_))) => {
-                let mut out = Vec::new();
-                for peer in peers {
-                    if let Peer::Pods { namespaces, pods } = peer {
-                        let in_scope = self.scope_namespaces(ns, namespaces);
-                        out.extend(self.candidates(&in_scope, pods));
-                    }
-                }
-                out.sort_unstable();
-                out.dedup();
-                out
-            }
-            _ if !ingress => (0..cluster.pods.len()).collect(),
-            _ => Vec::new(),
-        };
         for f in FAMILIES {
             let prefix = if f == IpFamily::V4 { names::NAMED_V4 } else { names::NAMED_V6 };
             let set = names::generated(
@@ -396,57 +688,9 @@ impl<'a> Compiler<'a> {
                 &[ns, &policy.id.name, dir, &ri.to_string()],
                 &format!("{ns}_{}", policy.id.name),
             );
-            // (address, protocol, port), sorted before the set is built (bulk-loaded).
-            let mut entries: Vec<(IpAddr, u8, u16)> = Vec::new();
-            let mut add = |pod: &Pod| {
-                let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
-                    return;
-                };
-                for &(n, proto) in &named {
-                    if let Some(port) = pod.resolve_named_port(n, proto) {
-                        entries.push((ip, proto.number(), port));
-                    }
-                }
-            };
-            if ingress {
-                // The destination is the local pod itself.
-                for &i in local {
-                    add(&cluster.pods[i]);
-                }
-            } else {
-                // The destination is any pod the peers admit, so the set encodes peer AND port.
-                for &j in &destinations {
-                    let pod = &cluster.pods[j];
-                    let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
-                        continue;
-                    };
-                    let admitted = match &rule.peers {
-                        None => true,
-                        Some(peers) => peers.iter().any(|p| {
-                            crate::evaluate::peer_matches(cluster, ns, p, crate::evaluate::Endpoint::Pod(j), ip)
-                        }),
-                    };
-                    if admitted {
-                        add(pod);
-                    }
-                }
-            }
-            entries.sort_unstable();
-            entries.dedup();
-            let elements = entries
-                .into_iter()
-                .map(|(ip, proto, port)| Element(vec![Value::Addr(ip), Value::Proto(proto), Value::Port(port)]))
-                .collect();
-            let key = vec![f.addr_type(), KeyType::InetProto, KeyType::InetService];
-            self.rs.sets.insert(
-                set.clone(),
-                Set {
-                    key,
-                    interval: false,
-                    comment: Some(names::comment(&format!("{base_comment} named ports"))),
-                    elements,
-                },
-            );
+            let comment = names::comment(&format!("{base_comment} named ports"));
+            let elements = self.named_port_set(pi, ri, rule, ingress, local, &named, f, &set, comment);
+            self.rs.sets.insert(set.clone(), elements);
             let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
             if ingress {
                 for (pm, pwhat) in &peer_matches {
@@ -459,6 +703,89 @@ impl<'a> Compiler<'a> {
                 push(vec![lookup], "peers, named ports".into());
             }
         }
+    }
+
+    /// The `daddr . proto . port` set `name` (family `f`) of rule `ri` of policy `pi`, for
+    /// its named ports `named`. An egress set depends on the policy and on the pods its
+    /// peers admit: cached. An ingress set holds the local pods' own ports.
+    #[allow(clippy::too_many_arguments)]
+    fn named_port_set(
+        &mut self,
+        pi: usize,
+        ri: usize,
+        rule: &'a PolicyRule,
+        ingress: bool,
+        local: &[usize],
+        named: &[(&str, Protocol)],
+        f: IpFamily,
+        name: &str,
+        comment: String,
+    ) -> Arc<Set> {
+        let cluster = self.cluster;
+        let policy = &cluster.policies[pi];
+        let ns = policy.id.namespace.as_str();
+        if !ingress
+            && let Some(cached) = self.cache.named.get_mut(name)
+            && (Arc::ptr_eq(&cached.policy, policy) || cached.policy == *policy)
+        {
+            cached.used = true;
+            return Arc::clone(&cached.set);
+        }
+        // (address, protocol, port), sorted before the set is built (bulk-loaded).
+        let mut entries: Vec<(IpAddr, u8, u16)> = Vec::new();
+        if ingress {
+            // The destination is the local pod itself.
+            for &i in local {
+                let pod = &cluster.pods[i];
+                let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
+                    continue;
+                };
+                for &(n, proto) in named {
+                    entries.extend(pod.resolve_named_port(n, proto).map(|port| (ip, proto.number(), port)));
+                }
+            }
+        } else {
+            // The destination is any pod the peers admit, so the set encodes peer AND port.
+            // The pods any peer may admit (a superset; each is checked by named_port_entries).
+            let destinations: Vec<usize> = match &rule.peers {
+                Some(peers) if !peers.iter().any(|p| matches!(p, Peer::IpBlock(_))) => {
+                    let mut out = Vec::new();
+                    for peer in peers {
+                        if let Peer::Pods { namespaces, pods } = peer {
+                            let in_scope = self.scope_namespaces(ns, namespaces);
+                            out.extend(self.candidates(&in_scope, pods));
+                        }
+                    }
+                    out.sort_unstable();
+                    out.dedup();
+                    out
+                }
+                _ => (0..cluster.pods.len()).collect(),
+            };
+            for j in destinations {
+                entries.extend(named_port_entries(cluster, ns, rule, j, f, named));
+            }
+        }
+        entries.sort_unstable();
+        entries.dedup();
+        let set = Arc::new(Set {
+            key: vec![f.addr_type(), KeyType::InetProto, KeyType::InetService],
+            interval: false,
+            comment: Some(comment),
+            elements: entries.into_iter().map(named_port_element).collect(),
+        });
+        if !ingress {
+            let cached = CachedNamedPorts {
+                policy: Arc::clone(policy),
+                rule: ri,
+                family: f,
+                named: named.iter().map(|&(n, proto)| (n.to_string(), proto)).collect(),
+                set: Arc::clone(&set),
+                used: true,
+            };
+            self.cache.named.insert(name.to_string(), cached);
+        }
+        set
     }
 
     /// The shared pod-IP sets (v4, v6) of one (namespace scope, pod selector).
@@ -479,6 +806,16 @@ impl<'a> Compiler<'a> {
                 (vec!["nssel".into(), format!("{s:?}"), format!("{pods:?}")], format!("ns_{s}_{pods}"))
             }
         };
+        let ids: Vec<&str> = identity.iter().map(String::as_str).collect();
+        let out = [names::generated(names::PEERS_V4, &ids, &hint), names::generated(names::PEERS_V6, &ids, &hint)];
+        if let Some(cached) = self.cache.peers.get_mut(&out[0]) {
+            cached.used = true;
+            for (name, set) in out.iter().zip(&cached.sets) {
+                self.rs.sets.insert(name.clone(), Arc::clone(set));
+            }
+            self.peer_sets.insert(key, out.clone());
+            return out;
+        }
         let namespaces = self.scope_namespaces(policy_ns, scope);
         // Addresses first, sorted: a BTreeSet built from sorted items is bulk-loaded, where
         // inserting one by one searches the tree for each.
@@ -493,26 +830,26 @@ impl<'a> Compiler<'a> {
                 addrs[usize::from(ip.is_ipv6())].push(*ip);
             }
         }
-        let mut elements = addrs.map(|mut a| {
-            a.sort_unstable();
-            a.dedup();
-            a.into_iter().map(|ip| Element::single(Value::Addr(ip))).collect::<BTreeSet<Element>>()
-        });
-        let ids: Vec<&str> = identity.iter().map(String::as_str).collect();
         let scope_text = match scope {
             NamespaceScope::PolicyNamespace => format!("pods {pods} in {policy_ns}"),
             NamespaceScope::Matching(s) => format!("pods {pods} in namespaces {s}"),
         };
-        let out = [names::generated(names::PEERS_V4, &ids, &hint), names::generated(names::PEERS_V6, &ids, &hint)];
-        for (k, f) in FAMILIES.into_iter().enumerate() {
-            let set = Set {
-                key: vec![f.addr_type()],
+        let [v4, v6] = addrs;
+        let sets = [(IpFamily::V4, v4), (IpFamily::V6, v6)].map(|(family, mut addrs)| {
+            addrs.sort_unstable();
+            addrs.dedup();
+            Arc::new(Set {
+                key: vec![family.addr_type()],
                 interval: false,
                 comment: Some(names::comment(&scope_text)),
-                elements: std::mem::take(&mut elements[k]),
-            };
-            self.rs.sets.insert(out[k].clone(), set);
+                elements: addrs.into_iter().map(|ip| Element::single(Value::Addr(ip))).collect(),
+            })
+        });
+        for (name, set) in out.iter().zip(&sets) {
+            self.rs.sets.insert(name.clone(), Arc::clone(set));
         }
+        let namespaces = namespaces.into_iter().map(str::to_string).collect();
+        self.cache.peers.insert(out[0].clone(), CachedPeers { namespaces, selector: pods.clone(), sets, used: true });
         self.peer_sets.insert(key, out.clone());
         out
     }
@@ -535,8 +872,7 @@ impl<'a> Compiler<'a> {
             Operator::In(values) => Some((r.key.as_str(), values)),
             _ => None,
         }) else {
-            let mut out: Vec<usize> =
-                namespaces.iter().flat_map(|ns| self.pods_by_ns.get(ns).into_iter().flatten().copied()).collect();
+            let mut out: Vec<usize> = namespaces.iter().flat_map(|ns| self.pods_in(ns)).collect();
             out.sort_unstable();
             return out;
         };
@@ -575,17 +911,19 @@ impl<'a> Compiler<'a> {
             }
             for (a, b) in merged {
                 let port = if a == b { Value::Port(a) } else { Value::PortRange(a, b) };
-                elements.insert(Element(vec![Value::Proto(proto.number()), port]));
+                elements.insert(Element::concat(vec![Value::Proto(proto.number()), port]));
             }
         }
         let text: Vec<String> = elements.iter().map(|e: &Element| e.to_string()).collect();
         let text = text.join(",");
         let name = names::generated(names::PORTS, &[&text], &text);
-        self.rs.sets.entry(name.clone()).or_insert_with(|| Set {
-            key: vec![KeyType::InetProto, KeyType::InetService],
-            interval: true,
-            comment: Some(names::comment(&text)),
-            elements,
+        self.rs.sets.entry(name.clone()).or_insert_with(|| {
+            Arc::new(Set {
+                key: vec![KeyType::InetProto, KeyType::InetService],
+                interval: true,
+                comment: Some(names::comment(&text)),
+                elements,
+            })
         });
         name
     }

@@ -6,9 +6,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use netpol::bitset::BitMatrix;
-use netpol::compile::{NodeConfig, compile};
+use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
 use netpol::matrix::{Family, Probe, ProbePort, reference_matrix};
 use netpol::model::{
     Cluster, ContainerPort, IpBlock, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec,
@@ -347,6 +348,185 @@ proptest! {
             prop_assert_eq!(fake.list("netpol").unwrap(), render::ruleset(&b));
         }
     }
+}
+
+// --- the incremental compiler ---------------------------------------------------------------
+
+/// `next`, with every pod, policy that equals one of `prev` sharing `prev`'s allocation, as
+/// the agent's snapshots do for objects that did not change.
+fn share_unchanged(prev: &Cluster, mut next: Cluster) -> Cluster {
+    for p in &mut next.pods {
+        if let Some(i) = prev.pod_index(&p.id)
+            && prev.pods[i] == *p
+        {
+            *p = Arc::clone(&prev.pods[i]);
+        }
+    }
+    for q in &mut next.policies {
+        if let Some(old) = prev.policies.iter().find(|o| **o == *q) {
+            *q = Arc::clone(old);
+        }
+    }
+    next
+}
+
+/// `c` plus a pod that shares the addresses of one of its pods (a deleted pod's IP already
+/// reused while the old pod is still listed; hostNetwork pods sharing their node's IP).
+fn with_ip_twin(c: &Cluster, rng: &mut Rng, step: usize) -> Cluster {
+    if c.pods.is_empty() {
+        return c.clone();
+    }
+    let mut pods = c.pods.clone();
+    let shared: Vec<usize> =
+        (0..pods.len()).filter(|&i| (0..pods.len()).any(|j| j != i && pods[j].ips == pods[i].ips)).collect();
+    if !shared.is_empty() && rng.chance(50) {
+        // One of two pods sharing an address goes, or changes labels.
+        let k = shared[rng.below(shared.len())];
+        if rng.chance(50) {
+            pods.remove(k);
+        } else {
+            Arc::make_mut(&mut pods[k]).labels = labels(rng, POD_LABELS).into();
+        }
+    } else {
+        let mut twin = pod(rng, 240 + step);
+        twin.id.name = format!("twin-{step}");
+        twin.ips = pods[rng.below(pods.len())].ips.clone();
+        pods.push(Arc::new(twin));
+    }
+    Cluster::new(c.namespaces.values().cloned().collect(), pods, c.policies.clone())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_incremental_compiler_always_equals_a_fresh_compile(seed in any::<u64>()) {
+        let mut rng = Rng::new(seed);
+        let mut cluster = random_cluster(seed);
+        let mut compilers: Vec<IncrementalCompiler> =
+            NODES.iter().map(|n| IncrementalCompiler::new(NodeConfig::new(*n))).collect();
+        for step in 0..12 {
+            for (node, compiler) in NODES.iter().zip(&mut compilers) {
+                let want = compile(&cluster, &NodeConfig::new(*node));
+                let got = compiler.compile(&cluster);
+                prop_assert!(
+                    got == want,
+                    "seed {} step {} node {}:\n{}",
+                    seed,
+                    step,
+                    node,
+                    line_diff(&render::ruleset(&want), &render::ruleset(&got))
+                );
+            }
+            // Half the steps share unchanged objects (the agent's snapshots), half bring every
+            // object in a new allocation (a relist).
+            let mut next = mutate(&cluster, &mut rng);
+            if rng.chance(60) {
+                next = with_ip_twin(&next, &mut rng, step);
+            }
+            cluster = if step % 2 == 0 { share_unchanged(&cluster, next) } else { next };
+        }
+    }
+}
+
+#[test]
+fn an_unchanged_cluster_compiles_to_the_same_set_allocations() {
+    let mut peer_sets = 0;
+    for seed in 0..40 {
+        let cluster = random_cluster(seed);
+        for node in NODES {
+            let mut compiler = IncrementalCompiler::new(NodeConfig::new(node));
+            let a = compiler.compile(&cluster);
+            let b = compiler.compile(&cluster.clone());
+            let peers: Vec<&String> = b.sets.keys().filter(|n| n.starts_with("peers")).collect();
+            peer_sets += peers.len();
+            for name in peers {
+                assert!(Arc::ptr_eq(&a.sets[name], &b.sets[name]), "seed {seed} {node}: {name} rebuilt");
+            }
+            assert!(diff(&a, &b).is_empty());
+        }
+    }
+    assert!(peer_sets > 100, "too few peer sets to mean anything: {peer_sets}");
+}
+
+/// An ingress policy of namespace `a` admitting the pods labelled `app: <app>`.
+fn allow_from(name: &str, app: &str) -> Policy {
+    let peer = Peer::Pods {
+        namespaces: NamespaceScope::PolicyNamespace,
+        pods: Selector::new(vec![Requirement { key: "app".into(), operator: Operator::In([app.into()].into()) }]),
+    };
+    Policy {
+        id: ObjectRef::new("a", name),
+        pod_selector: Selector::default(),
+        ingress: Some(vec![Rule { peers: Some(vec![peer]), ports: None }]),
+        egress: None,
+    }
+}
+
+/// A pod of namespace `a` labelled `app: <app>`.
+fn app_pod(name: &str, app: &str, node: &str, ip: &str) -> Pod {
+    Pod {
+        id: ObjectRef::new("a", name),
+        labels: netpol::model::Labels::from([("app".to_string(), app.to_string())]).into(),
+        node: node.into(),
+        ips: vec![ip.parse().unwrap()],
+        host_network: false,
+        ports: vec![],
+    }
+}
+
+#[test]
+fn an_address_stays_in_a_peer_set_while_another_member_pod_still_has_it() {
+    let before = Cluster::new(
+        vec![],
+        vec![
+            app_pod("target", "target", "node-1", "10.0.0.1"),
+            app_pod("web-old", "web", "node-2", "10.0.0.2"),
+            app_pod("web-new", "web", "node-2", "10.0.0.2"),
+        ],
+        vec![allow_from("from-web", "web")],
+    );
+    let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
+    compiler.compile(&before);
+    let mut after = before.clone();
+    after.pods.remove(after.pod_index(&ObjectRef::new("a", "web-old")).unwrap());
+    let got = compiler.compile(&after);
+    assert_eq!(render::ruleset(&got), render::ruleset(&compile(&after, &NodeConfig::new("node-1"))));
+    assert!(render::ruleset(&got).contains("10.0.0.2"));
+}
+
+#[test]
+fn a_pod_change_rebuilds_only_the_sets_it_is_or_becomes_a_member_of() {
+    let before = Cluster::new(
+        vec![],
+        vec![
+            app_pod("target", "target", "node-1", "10.0.0.1"),
+            app_pod("web", "web", "node-2", "10.0.0.2"),
+            app_pod("db", "db", "node-2", "10.0.0.3"),
+        ],
+        vec![allow_from("from-web", "web"), allow_from("from-db", "db"), allow_from("from-api", "api")],
+    );
+    // The db pod becomes an api pod: the db and api sets change, the web set does not.
+    let mut after = before.clone();
+    let db = after.pod_index(&ObjectRef::new("a", "db")).unwrap();
+    Arc::make_mut(&mut after.pods[db]).labels = netpol::model::Labels::from([("app".into(), "api".into())]).into();
+
+    let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
+    let a = compiler.compile(&before);
+    let b = compiler.compile(&after);
+    assert_eq!(b, compile(&after, &NodeConfig::new("node-1")));
+    let v4_sets_of = |rs: &netpol::nft::ir::Ruleset, ip: &str| -> Vec<String> {
+        let ip = netpol::nft::ir::Value::Addr(ip.parse().unwrap());
+        rs.sets.iter().filter(|(_, s)| s.elements.iter().any(|e| e.values() == [ip])).map(|(n, _)| n.clone()).collect()
+    };
+    let web_set = &v4_sets_of(&a, "10.0.0.2")[0];
+    let db_set = &v4_sets_of(&a, "10.0.0.3")[0];
+    let api_set = &v4_sets_of(&b, "10.0.0.3")[0];
+    assert!(Arc::ptr_eq(&a.sets[web_set], &b.sets[web_set]), "the web set is reused");
+    assert!(!Arc::ptr_eq(&a.sets[db_set], &b.sets[db_set]), "the db set lost a member");
+    assert!(!Arc::ptr_eq(&a.sets[api_set], &b.sets[api_set]), "the api set gained one");
+    let tx = diff(&a, &b);
+    assert_eq!(tx.stats().elements, 2, "one element out of the db set, one into the api set:\n{}", tx.render());
 }
 
 // --- the real kernel, in a throwaway network namespace ---------------------------------------

@@ -2,8 +2,9 @@
 //! transaction (the diff against what was last applied, or a full replacement).
 //!
 //! ```text
-//!  Snapshot ──Arcs──► Cluster   ──compile(node)──► desired ──┬─ full / nothing known ─► full_sync
-//!     (objects converted on arrival by the watch)             └─ else ─► diff(last, desired)
+//!  Snapshot ──Arcs──► Cluster ──IncrementalCompiler(node)──► desired ─┬─ full / nothing known ─► full_sync
+//!   (objects converted on arrival   (reuses the pod-address sets        └─ else ─► diff(last, desired)
+//!    by the watch)                   no changed pod can be in)               (reused sets skipped unread)
 //! ```
 //!
 //! What was applied is remembered only after nft accepted it; any failure forgets it, so
@@ -13,7 +14,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::agent::{Snapshot, SyncError, SyncStats, SyncTarget};
-use crate::compile::{NodeConfig, compile};
+use crate::compile::{IncrementalCompiler, NodeConfig};
 use crate::model::Cluster;
 use crate::nft::diff::{diff, full_sync};
 use crate::nft::ir::Ruleset;
@@ -23,18 +24,19 @@ use crate::nft::{NftError, Nftables, Op, Transaction};
 #[derive(Debug)]
 pub struct NftTarget<N: Nftables> {
     nft: N,
-    config: NodeConfig,
+    compiler: IncrementalCompiler,
     /// The ruleset nft last accepted; `None` before the first sync and after any failure.
     applied: Option<Ruleset>,
 }
 
 impl<N: Nftables> NftTarget<N> {
     pub fn new(nft: N, node: impl Into<String>, table: impl Into<String>) -> Self {
-        NftTarget { nft, config: NodeConfig { node: node.into(), table: table.into() }, applied: None }
+        let config = NodeConfig { node: node.into(), table: table.into() };
+        NftTarget { nft, compiler: IncrementalCompiler::new(config), applied: None }
     }
 
     pub fn config(&self) -> &NodeConfig {
-        &self.config
+        self.compiler.config()
     }
 
     /// The ruleset nft last accepted, if the target still trusts it.
@@ -52,9 +54,9 @@ impl<N: Nftables> NftTarget<N> {
 
     /// The ruleset this node should have for `snapshot`, and how many objects were skipped
     /// as invalid.
-    pub fn desired(&self, snapshot: &Snapshot) -> (Ruleset, usize) {
+    pub fn desired(&mut self, snapshot: &Snapshot) -> (Ruleset, usize) {
         let (cluster, skipped) = cluster(snapshot);
-        (compile(&cluster, &self.config), skipped)
+        (self.compiler.compile(&cluster), skipped)
     }
 }
 
@@ -104,7 +106,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
     fn cleanup(&mut self) -> Result<(), SyncError> {
         self.applied = None;
         // `add` first so that `delete` cannot fail on a missing table; one transaction.
-        let tx = Transaction { table: self.config.table.clone(), ops: vec![Op::AddTable, Op::DeleteTable] };
+        let tx = Transaction { table: self.config().table.clone(), ops: vec![Op::AddTable, Op::DeleteTable] };
         self.nft.apply(&tx).map_err(|e| SyncError::Apply(Box::new(e)))
     }
 }

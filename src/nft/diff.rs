@@ -12,10 +12,12 @@
 //!  8 delete chain     obsolete chains
 //! ```
 //!
-//! Sets are never emptied and refilled: only their changed elements move. A changed layout
+//! Sets are never emptied and refilled: only their changed elements move. A set that is the
+//! same allocation in both rulesets (the compiler reused it) is skipped unread. A changed layout
 //! (another table, base chain, or set type under the same name) makes the diff a full sync.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::ir::{Element, MapVerdict, Ruleset};
 use super::{Op, Transaction};
@@ -79,6 +81,9 @@ pub fn diff(applied: &Ruleset, desired: &Ruleset) -> Transaction {
     let mut removals = Vec::new();
     for (name, set) in &desired.sets {
         if let Some(old) = applied.sets.get(name) {
+            if Arc::ptr_eq(old, set) {
+                continue; // the compiler reused it: unchanged, whatever its size
+            }
             let added: Vec<Element> = set.elements.difference(&old.elements).cloned().collect();
             let removed: Vec<Element> = old.elements.difference(&set.elements).cloned().collect();
             if !removed.is_empty() {

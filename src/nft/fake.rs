@@ -5,6 +5,7 @@
 //! dumps are deterministic.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::ir::{Chain, Element, Map, MapVerdict, Match, Rule, Ruleset, Set, Verdict};
 use super::{NftError, Nftables, Op, Transaction, render};
@@ -151,10 +152,10 @@ fn apply_op(tables: &mut BTreeMap<String, Ruleset>, table: &str, op: &Op) -> R {
                 }
                 Op::AddElements { set, elements } => {
                     let s = t.sets.get_mut(set).ok_or("No such file or directory (set)")?;
-                    add_elements(s, elements)
+                    add_elements(Arc::make_mut(s), elements)
                 }
                 Op::DeleteElements { set, elements } => {
-                    let s = t.sets.get_mut(set).ok_or("No such file or directory (set)")?;
+                    let s = Arc::make_mut(t.sets.get_mut(set).ok_or("No such file or directory (set)")?);
                     for e in elements {
                         if !s.elements.remove(e) {
                             return Err(format!("No such file or directory (element {e})"));
@@ -265,11 +266,11 @@ fn add_set(t: &mut Ruleset, name: &str, set: &Set) -> R {
         Some(existing) if !existing.same_declaration(set) => {
             Err(format!("File exists (set {name} with another type or flags)"))
         }
-        Some(existing) => add_elements(existing, &set.elements.iter().cloned().collect::<Vec<_>>()),
+        Some(existing) => add_elements(Arc::make_mut(existing), &set.elements.iter().cloned().collect::<Vec<_>>()),
         None => {
             let mut s = Set { elements: Default::default(), ..set.clone() };
             add_elements(&mut s, &set.elements.iter().cloned().collect::<Vec<_>>())?;
-            t.sets.insert(name.to_string(), s);
+            t.sets.insert(name.to_string(), Arc::new(s));
             Ok(())
         }
     }
@@ -374,7 +375,7 @@ mod tests {
         };
         f.apply(&tx(vec![
             Op::AddTable,
-            Op::AddSet { name: "s".into(), set },
+            Op::AddSet { name: "s".into(), set: set.into() },
             Op::AddChain { name: "c".into(), chain: Chain::default() },
             Op::AddRule { chain: "c".into(), rule },
         ]))
@@ -392,7 +393,7 @@ mod tests {
         let set = Set { key: vec![KeyType::Ipv4Addr], interval: true, ..Set::default() };
         f.apply(&tx(vec![
             Op::AddTable,
-            Op::AddSet { name: "s".into(), set },
+            Op::AddSet { name: "s".into(), set: set.into() },
             Op::AddElements { set: "s".into(), elements: vec![p("10.0.0.0/24")] },
         ]))
         .unwrap();

@@ -78,7 +78,7 @@ impl<T: Clone> Lookup<T> {
             if e.is_interval() {
                 l.intervals.push((e.clone(), t));
             } else {
-                l.exact.insert(e.0.clone(), t);
+                l.exact.insert(e.values().to_vec(), t);
             }
         }
         l

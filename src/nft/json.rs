@@ -57,10 +57,10 @@ fn value(v: &Value) -> Expression<'static> {
 }
 
 fn element(e: &Element) -> Expression<'static> {
-    if e.0.len() == 1 {
-        value(&e.0[0])
+    if let [v] = e.values() {
+        value(v)
     } else {
-        Expression::Named(NamedExpression::Concat(e.0.iter().map(value).collect()))
+        Expression::Named(NamedExpression::Concat(e.values().iter().map(value).collect()))
     }
 }
 

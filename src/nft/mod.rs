@@ -18,6 +18,8 @@ pub mod names;
 pub mod real;
 pub mod render;
 
+use std::sync::Arc;
+
 use ir::{Chain, Element, Map, MapVerdict, Rule, Ruleset, Set};
 
 /// One typed operation of a transaction (nft command syntax when rendered).
@@ -45,7 +47,7 @@ pub enum Op {
     /// `add set`, with any elements it carries.
     AddSet {
         name: String,
-        set: Set,
+        set: Arc<Set>,
     },
     DeleteSet {
         name: String,
