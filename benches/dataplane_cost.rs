@@ -6,10 +6,16 @@
 //!   policies) that contains both pods, isolates them, and allows the measured port,
 //! * (c) the ruleset of a small cluster: the same two pods, 8 neighbours and only the
 //!   policies that isolate the pair (the same first-packet path, tiny sets and maps),
-//! * (d) our table with no policy at all: conntrack and the base chains, the pair unisolated.
+//! * (d) our table with no policy at all: conntrack and the base chains, the pair unisolated,
+//! * (e) conntrack only: a one-rule table (`ct state established,related accept`) whose only
+//!   effect is that the kernel tracks connections, as on every Kubernetes node (kube-proxy),
+//! * any number of variants (`--variant LABEL=SRC.nft,DST.nft`): hand-edited rulesets, e.g.
+//!   of (b) written out with `--dump DIR`, measured like the others.
 //!
-//! (a)→(d) is the price of a stateful table, (d)→(c) that of the pair's policy chains,
-//! (c)→(b) that of cluster size.
+//! (a)→(e) is the price of connection tracking, (e)→(d) that of our base chains, (d)→(c)
+//! that of the pair's policy chains, (c)→(b) that of cluster size. Every configuration that
+//! isolates the pair must drop a connection the policies deny (checked once per lab), and
+//! its destination's policy rules must have counted every measured connection.
 //!
 //! ```text
 //!  generate::cluster ──► pick (src, dst): other nodes, both isolated, TCP port allowed
@@ -17,12 +23,13 @@
 //!        ▼                                           ▼
 //!  compile(src node), compile(dst node)      one Lab per configuration (same pods, same
 //!        │  loaded once per lab                      │ addresses), TCP server in dst
-//!        └──────► rounds × (a, b, c, d) slices ◄─────┘ clients inside src (Lab::in_pod)
-//!                    conn/s, MB/s ──► medians, ratios to (a)
+//!        └──────► rounds × (a, b, c, d, e, variants) ◄┘ clients inside src (Lab::in_pod)
+//!                    conn/s, MB/s, nf_conntrack_count ──► medians, ratios to (a) and (e)
 //! ```
 //!
 //! Run with `benches/dataplane-cost.sh` (root, `ip`, `nft`), which passes its arguments on:
-//! `--rounds N --slice SECONDS --pods P --policies Q --namespaces K --nodes M --seed X`.
+//! `--rounds N --slice SECONDS --pods P --policies Q --namespaces K --nodes M --seed X
+//! --configs abcde --dump DIR --variant LABEL=SRC.nft,DST.nft`.
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
@@ -33,7 +40,7 @@ use netpol::compile::{NodeConfig, compile};
 use netpol::evaluate::{Connection, Endpoint, evaluate};
 use netpol::generate::{self, Params, Rng};
 use netpol::kernel_engine;
-use netpol::lab::traffic::TcpServer;
+use netpol::lab::traffic::{Outcome, TcpServer, tcp_connect};
 use netpol::lab::{Lab, LabNode, LabPod};
 use netpol::model::{Cluster, Direction, Policy, Protocol};
 use netpol::nft::ir::{MapVerdict, Ruleset, Value, Verdict};
@@ -45,6 +52,28 @@ struct Args {
     rounds: usize,
     slice: f64,
     params: Params,
+    /// Which built-in configurations to run, by letter (`abcde`).
+    configs: String,
+    /// Write the (b) rulesets of both nodes as nft text into this directory and stop.
+    dump: Option<std::path::PathBuf>,
+    variants: Vec<Variant>,
+}
+
+/// A hand-edited ruleset pair, measured as one more configuration.
+struct Variant {
+    label: String,
+    src: std::path::PathBuf,
+    dst: std::path::PathBuf,
+}
+
+fn parse_variant(value: &str) -> Result<Variant, String> {
+    let bad = || format!("--variant {value}: expected LABEL=SRC.nft,DST.nft");
+    let (label, files) = value.split_once('=').ok_or_else(bad)?;
+    let (src, dst) = files.split_once(',').ok_or_else(bad)?;
+    if label.is_empty() || src.is_empty() || dst.is_empty() {
+        return Err(bad());
+    }
+    Ok(Variant { label: label.to_string(), src: src.into(), dst: dst.into() })
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -52,6 +81,9 @@ fn parse_args() -> Result<Args, String> {
         rounds: 15,
         slice: 0.5,
         params: Params { pods: 10_000, namespaces: 50, policies: 1_000, nodes: 10, seed: 1, dual_stack: false },
+        configs: "abcde".to_string(),
+        dump: None,
+        variants: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,6 +101,14 @@ fn parse_args() -> Result<Args, String> {
             "--namespaces" => args.params.namespaces = number()?,
             "--nodes" => args.params.nodes = number()?.max(2),
             "--seed" => args.params.seed = number()? as u64,
+            "--configs" => {
+                if value.is_empty() || !value.chars().all(|c| "abcde".contains(c)) {
+                    return Err(format!("{flag} {value}: letters among abcde"));
+                }
+                args.configs = value;
+            }
+            "--dump" => args.dump = Some(value.into()),
+            "--variant" => args.variants.push(parse_variant(&value)?),
             _ => return Err(format!("unknown argument {flag}")),
         }
     }
@@ -184,8 +224,12 @@ fn counted_packets(nft: &RealNftables, chains: &[String]) -> Result<u64, String>
 /// destination pod. Separate labs let the measurement hop between configurations every
 /// slice instead of reloading rulesets, so other load on the machine hits all alike.
 struct Setup {
-    label: &'static str,
+    label: String,
     lab: Lab,
+    /// Both nodes' namespaces, for their conntrack counts.
+    node_netns: [String; 2],
+    /// Per round, after its connection slices: nf_conntrack_count of (src node, dst node).
+    conntrack: Vec<[u64; 2]>,
     server: TcpServer,
     /// The destination node's nft and the policy chains whose counters see every first
     /// packet of the pair (empty when the pair is not isolated in this configuration).
@@ -296,12 +340,94 @@ fn run() -> Result<(), String> {
         p.pods, p.policies, p.namespaces, p.nodes, p.seed, src_pod.id, nodes[0], dst_pod.id, nodes[1], pair.port
     );
 
-    let configs: [(&'static str, Option<Vec<Ruleset>>); 4] = [
-        ("(a) no table", None),
-        ("(b) big ruleset", Some(compile_for(&big))),
-        ("(c) small ruleset", Some(compile_for(&small))),
-        ("(d) table, no policy", Some(compile_for(&bare))),
-    ];
+    let big_rulesets = compile_for(&big);
+    if let Some(dir) = &args.dump {
+        std::fs::create_dir_all(dir).map_err(|e| format!("--dump {}: {e}", dir.display()))?;
+        for (rs, file) in big_rulesets.iter().zip(["src.nft", "dst.nft"]) {
+            let path = dir.join(file);
+            std::fs::write(&path, render::ruleset(rs)).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    let (eg, eg_rules) = first_packet_path(&big_rulesets[0], names::EGRESS_DISPATCH_V4, src_ip);
+    let (ing, in_rules) = first_packet_path(&big_rulesets[1], names::INGRESS_DISPATCH_V4, dst_ip);
+    let big_size = |rs: &[Ruleset]| {
+        format!(
+            "{} + {} rules, {} + {} set/map elements; first packet: {} chains/{eg_rules} rules at src, \
+             {} chains/{in_rules} rules at dst",
+            rs[0].rule_count(),
+            rs[1].rule_count(),
+            rs[0].element_count(),
+            rs[1].element_count(),
+            eg.len(),
+            ing.len()
+        )
+    };
+    // The pod chain ends in a counted drop; its policy chains' accepts count the pair.
+    let big_counted: Vec<String> = ing.iter().skip(1).cloned().collect();
+
+    let mut configs: Vec<Config> = Vec::new();
+    let render_both = |rs: &[Ruleset]| rs.iter().map(render::ruleset).collect::<Vec<_>>();
+    for letter in "abcde".chars().filter(|c| args.configs.contains(*c)) {
+        configs.push(match letter {
+            'a' => Config::new("(a) no table", "no table".into(), None, Vec::new()),
+            'b' => Config::new(
+                "(b) big ruleset",
+                big_size(&big_rulesets),
+                Some(render_both(&big_rulesets)),
+                big_counted.clone(),
+            ),
+            'c' => {
+                let rs = compile_for(&small);
+                let (ing, _) = first_packet_path(&rs[1], names::INGRESS_DISPATCH_V4, dst_ip);
+                let size = format!(
+                    "{} + {} rules, {} + {} set/map elements",
+                    rs[0].rule_count(),
+                    rs[1].rule_count(),
+                    rs[0].element_count(),
+                    rs[1].element_count()
+                );
+                Config::new("(c) small ruleset", size, Some(render_both(&rs)), ing.into_iter().skip(1).collect())
+            }
+            'd' => {
+                let rs = compile_for(&bare);
+                let size = format!("{} + {} rules, no policy", rs[0].rule_count(), rs[1].rule_count());
+                Config::new("(d) table, no policy", size, Some(render_both(&rs)), Vec::new())
+            }
+            _ => Config::new(
+                "(e) conntrack only",
+                "one rule: ct state established,related accept".into(),
+                Some(vec![CONNTRACK_ONLY.to_string(), CONNTRACK_ONLY.to_string()]),
+                Vec::new(),
+            ),
+        });
+    }
+    for v in &args.variants {
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path).map_err(|e| format!("--variant {}: {}: {e}", v.label, path.display()))
+        };
+        let text = vec![read(&v.src)?, read(&v.dst)?];
+        let size = format!("{} + {}", v.src.display(), v.dst.display());
+        // A variant of (b) keeps (b)'s policy chains, whose counters must see every connection.
+        configs.push(Config {
+            label: v.label.clone(),
+            size,
+            rulesets: Some(text),
+            counted_chains: big_counted.clone(),
+        });
+    }
+    // A port the policies deny between the pair in both clusters: configurations that
+    // isolate the pair must drop it, the others let it reach the destination (a reset).
+    let denied_port = (1..=u16::MAX)
+        .map(|k| pair.port.wrapping_add(k))
+        .find(|&p| {
+            p != 0
+                && !evaluate(&big, &tcp(pair.src, pair.dst, p)).allowed
+                && !evaluate(&small, &tcp(small_src, small_dst, p)).allowed
+        })
+        .ok_or("no TCP port is denied between the pair")?;
+
     let lab_pods: Vec<LabPod> = [src_pod, dst_pod]
         .iter()
         .map(|p| LabPod {
@@ -313,40 +439,46 @@ fn run() -> Result<(), String> {
         })
         .collect();
     let mut setups = Vec::new();
-    for (label, rulesets) in configs {
-        let mut counted_chains = Vec::new();
-        let mut size = "no table".to_string();
-        if let Some(rs) = &rulesets {
-            let (eg, eg_rules) = first_packet_path(&rs[0], names::EGRESS_DISPATCH_V4, src_ip);
-            let (ing, in_rules) = first_packet_path(&rs[1], names::INGRESS_DISPATCH_V4, dst_ip);
-            size = format!(
-                "{} + {} rules, {} + {} set/map elements; first packet: {} chains/{eg_rules} rules at src, \
-                 {} chains/{in_rules} rules at dst",
-                rs[0].rule_count(),
-                rs[1].rule_count(),
-                rs[0].element_count(),
-                rs[1].element_count(),
-                eg.len(),
-                ing.len()
-            );
-            // The pod chain ends in a counted drop; its policy chains' accepts count the pair.
-            counted_chains = ing.into_iter().skip(1).collect();
-        }
-        println!("{label:21} {size}");
+    for config in configs {
+        let label = config.label;
+        println!("{label:21} {}", config.size);
         let lab_nodes: Vec<LabNode> = nodes
             .iter()
             .enumerate()
             .map(|(i, n)| LabNode {
                 name: n.clone(),
-                ruleset: rulesets.as_ref().map(|rs| render::ruleset(&rs[i])).unwrap_or_default(),
+                ruleset: config.rulesets.as_ref().map(|rs| rs[i].clone()).unwrap_or_default(),
             })
             .collect();
         let t = Instant::now();
         let lab = Lab::build(&lab_nodes, &lab_pods).map_err(|e| format!("{label}: {e}"))?;
         eprintln!("{label}: lab built and rulesets loaded in {:.2?}", t.elapsed());
+        let denied = SocketAddr::new(dst_ip, denied_port);
+        let outcome = lab
+            .in_pod(SRC, || tcp_connect(SocketAddr::new(src_ip, 0), denied, Duration::from_millis(500)))
+            .map_err(|e| format!("{label}: denied probe: {e}"))?;
+        let isolates = !config.counted_chains.is_empty();
+        println!("{label:21} denied port {denied_port}: {outcome}");
+        if isolates && outcome != Outcome::Silent {
+            return Err(format!("{label}: a connection the policies deny to port {denied_port} was not dropped"));
+        }
+        if !isolates && outcome == Outcome::Silent {
+            return Err(format!("{label}: a connection to the unisolated pair's port {denied_port} was dropped"));
+        }
         let server = lab.tcp_server(DST, to).map_err(|e| format!("{label}: server: {e}"))?;
-        let dst_nft = RealNftables::in_netns(lab.node_netns(&nodes[1]).expect("lab node"));
-        setups.push(Setup { label, lab, server, dst_nft, counted_chains, rates: Vec::new(), streams: Vec::new() });
+        let node_netns = [0, 1].map(|i| lab.node_netns(&nodes[i]).expect("lab node"));
+        let dst_nft = RealNftables::in_netns(node_netns[1].clone());
+        setups.push(Setup {
+            label,
+            lab,
+            node_netns,
+            conntrack: Vec::new(),
+            server,
+            dst_nft,
+            counted_chains: config.counted_chains,
+            rates: Vec::new(),
+            streams: Vec::new(),
+        });
     }
     eprintln!("prepared in {:.1?}", t.elapsed());
 
@@ -357,6 +489,10 @@ fn run() -> Result<(), String> {
             let s = &mut setups[(round + k) % n];
             let rate = connection_slice(&s.lab, src_ip, to, args.slice)?;
             s.rates.push(rate);
+        }
+        for s in &mut setups {
+            let counts = [conntrack_count(&s.node_netns[0])?, conntrack_count(&s.node_netns[1])?];
+            s.conntrack.push(counts);
         }
         for k in 0..n {
             let s = &setups[(round + k) % n];
@@ -384,41 +520,109 @@ fn run() -> Result<(), String> {
             return Err(format!("{}: the ruleset saw too few connections", s.label));
         }
     }
-    let (a_rate, a_stream) = (median(&setups[0].rates), median(&setups[0].streams));
-    println!();
-    println!(
-        "{:<21} | {:>9} | {:>8} | {:>7} | {:>7} | {:>8} | {:>7} | {:>7}",
-        "configuration", "conn/s", "µs/conn", "/ (a)", "paired", "MB/s", "/ (a)", "paired"
-    );
-    println!("{}", "-".repeat(97));
-    for s in &setups {
-        let (rate, stream) = (median(&s.rates), median(&s.streams));
-        println!(
-            "{:<21} | {rate:>9.0} | {:>8.1} | {:>7.3} | {:>7.3} | {stream:>8.0} | {:>7.3} | {:>7.3}",
-            s.label,
-            1e6 / rate,
-            rate / a_rate,
-            paired_ratio(&s.rates, &setups[0].rates),
-            stream / a_stream,
-            paired_ratio(&s.streams, &setups[0].streams),
-        );
-    }
-    println!(
-        "medians of {} slices of {:.2} s per configuration and metric, configurations interleaved, \
-         \"paired\" = median of per-round ratios",
-        args.rounds, args.slice
-    );
-    println!(
-        "size independence, conn/s paired: (b)/(c) = {:.3}, (b)/(d) = {:.3}, (c)/(d) = {:.3}",
-        paired_ratio(&setups[1].rates, &setups[2].rates),
-        paired_ratio(&setups[1].rates, &setups[3].rates),
-        paired_ratio(&setups[2].rates, &setups[3].rates),
-    );
+    print_table(&setups, &args);
     for s in setups.drain(..) {
         s.server.stop().map_err(|e| format!("{}: server: {e}", s.label))?;
         s.lab.teardown().map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Loaded on both nodes for (e): any `ct` expression makes the kernel track every
+/// connection through the namespace; this rule also accepts what it would accept anyway.
+const CONNTRACK_ONLY: &str = "table inet conntrack_only {
+\tchain forward {
+\t\ttype filter hook forward priority 0; policy accept;
+\t\tct state established,related accept
+\t}
+}
+";
+
+/// A configuration before its lab exists.
+struct Config {
+    label: String,
+    /// What is loaded, for the header.
+    size: String,
+    /// nft text per node (source, destination); `None` loads nothing.
+    rulesets: Option<Vec<String>>,
+    /// The destination's policy chains on the pair's first-packet path (empty: the pair is
+    /// not isolated).
+    counted_chains: Vec<String>,
+}
+
+impl Config {
+    fn new(label: &str, size: String, rulesets: Option<Vec<String>>, counted_chains: Vec<String>) -> Config {
+        Config { label: label.to_string(), size, rulesets, counted_chains }
+    }
+}
+
+/// Connections the kernel tracks in namespace `netns` (`nf_conntrack_count` is per netns).
+fn conntrack_count(netns: &str) -> Result<u64, String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"])
+        .output()
+        .map_err(|e| format!("reading nf_conntrack_count in {netns}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Without conntrack loaded in the namespace the file may be missing: nothing tracked.
+    Ok(if out.status.success() { text.trim().parse().unwrap_or(0) } else { 0 })
+}
+
+fn print_table(setups: &[Setup], args: &Args) {
+    let find = |prefix: &str| setups.iter().find(|s| s.label.starts_with(prefix));
+    let (a, e) = (find("(a)"), find("(e)"));
+    let ratio = |x: f64, base: Option<f64>| base.map_or("-".to_string(), |b| format!("{:.3}", x / b));
+    let paired =
+        |ours: &[f64], base: Option<&[f64]>| base.map_or("-".to_string(), |b| format!("{:.3}", paired_ratio(ours, b)));
+    println!();
+    println!(
+        "{:<21} | {:>7} | {:>7} | {:>6} {:>6} | {:>6} {:>6} | {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>15}",
+        "configuration",
+        "conn/s",
+        "µs/conn",
+        "/(a)",
+        "paired",
+        "/(e)",
+        "paired",
+        "MB/s",
+        "/(a)",
+        "paired",
+        "/(e)",
+        "paired",
+        "conntrack max"
+    );
+    println!("{}", "-".repeat(131));
+    for s in setups {
+        let (rate, stream) = (median(&s.rates), median(&s.streams));
+        let ct_max = [0, 1].map(|i| s.conntrack.iter().map(|c| c[i]).max().unwrap_or(0));
+        println!(
+            "{:<21} | {rate:>7.0} | {:>7.1} | {:>6} {:>6} | {:>6} {:>6} | {stream:>6.0} | {:>6} {:>6} | {:>6} {:>6} | {:>15}",
+            s.label,
+            1e6 / rate,
+            ratio(rate, a.map(|a| median(&a.rates))),
+            paired(&s.rates, a.map(|a| a.rates.as_slice())),
+            ratio(rate, e.map(|e| median(&e.rates))),
+            paired(&s.rates, e.map(|e| e.rates.as_slice())),
+            ratio(stream, a.map(|a| median(&a.streams))),
+            paired(&s.streams, a.map(|a| a.streams.as_slice())),
+            ratio(stream, e.map(|e| median(&e.streams))),
+            paired(&s.streams, e.map(|e| e.streams.as_slice())),
+            format!("{} / {}", ct_max[0], ct_max[1]),
+        );
+    }
+    println!(
+        "medians of {} slices of {:.2} s per configuration and metric, configurations interleaved, \
+         \"paired\" = median of per-round ratios; conntrack max = most nf_conntrack_count entries \
+         (source node / destination node) seen after a round's connection slices",
+        args.rounds, args.slice
+    );
+    if let (Some(b), Some(c), Some(d)) = (find("(b)"), find("(c)"), find("(d)")) {
+        println!(
+            "size independence, conn/s paired: (b)/(c) = {:.3}, (b)/(d) = {:.3}, (c)/(d) = {:.3}",
+            paired_ratio(&b.rates, &c.rates),
+            paired_ratio(&b.rates, &d.rates),
+            paired_ratio(&c.rates, &d.rates),
+        );
+    }
 }
 
 fn main() -> ExitCode {
