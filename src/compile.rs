@@ -18,6 +18,10 @@
 //! Pure and deterministic: `BTreeMap`s everywhere, names from [`crate::nft::names`].
 //! Rule count grows with local pods and the policies selecting them, never with the number
 //! of pods in the cluster: cluster pods only ever become set elements.
+//!
+//! Two entry points: [`compile`] (one cluster, from nothing) and [`IncrementalCompiler`]
+//! (the agent: one cluster after another, reusing the pod-address sets no changed pod can be
+//! in, and always equal to `compile`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -26,6 +30,7 @@ use std::sync::Arc;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::model::{Cluster, Direction, IpBlock, NamespaceScope, Peer, Pod, PortMatch, Protocol, Rule as PolicyRule};
+use crate::nft::diff::{SetDelta, SetDeltas};
 use crate::nft::ir::{
     AddrField, BaseChain, Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, Map, MapVerdict, Match,
     Rule, Ruleset, Set, Value, Verdict,
@@ -92,6 +97,7 @@ impl IncrementalCompiler {
 
     /// The ruleset of this node for `cluster`: equal to [`compile`]`(cluster, config)`.
     pub fn compile(&mut self, cluster: &Cluster) -> Ruleset {
+        self.cache.deltas.clear();
         match &self.last {
             // Namespace labels decide which namespaces a peer set spans: any change there
             // and nothing cached is trusted (namespaces change rarely).
@@ -117,6 +123,13 @@ impl IncrementalCompiler {
             None => self.last = Some(cluster.clone()),
         }
         ruleset
+    }
+
+    /// How the last [`IncrementalCompiler::compile`] changed the sets it patched, for
+    /// [`crate::nft::diff::diff_with`] against the ruleset before it (taken: they hold the
+    /// sets' earlier versions alive).
+    pub fn take_set_deltas(&mut self) -> SetDeltas {
+        std::mem::take(&mut self.cache.deltas)
     }
 
     /// How many sets the cache holds (for metrics and tests).
@@ -178,22 +191,26 @@ struct PodChanges<'p> {
     old: &'p Cluster,
     new: &'p Cluster,
     changed: Vec<ChangedPod>,
-    /// For every address a changed pod had: the new cluster's pods that have it.
-    holders: HashMap<IpAddr, Vec<usize>>,
+    /// For every address a changed pod had (sorted): the new cluster's pods that have it.
+    holders: Vec<(IpAddr, Vec<usize>)>,
 }
 
 impl<'p> PodChanges<'p> {
     fn new(old: &'p Cluster, new: &'p Cluster, changed: Vec<ChangedPod>) -> Self {
-        let mut holders: HashMap<IpAddr, Vec<usize>> = changed
+        let mut holders: Vec<(IpAddr, Vec<usize>)> = changed
             .iter()
             .filter_map(|(i, _)| *i)
             .flat_map(|i| old.pods[i].ips.iter().map(|ip| (*ip, Vec::new())))
             .collect();
+        holders.sort_unstable_by_key(|(ip, _)| *ip);
+        holders.dedup_by_key(|(ip, _)| *ip);
+        // One pass over the cluster (a binary search per address, no hashing: this runs on
+        // every sync).
         if !holders.is_empty() {
             for (j, pod) in new.pods.iter().enumerate() {
                 for ip in &pod.ips {
-                    if let Some(h) = holders.get_mut(ip) {
-                        h.push(j);
+                    if let Ok(k) = holders.binary_search_by_key(ip, |(h, _)| *h) {
+                        holders[k].1.push(j);
                     }
                 }
             }
@@ -204,7 +221,7 @@ impl<'p> PodChanges<'p> {
     /// `set` for the new cluster, given that it held exactly what the pods of the old one
     /// contribute, where `contribution(cluster, pod index)` are the elements one pod brings
     /// to it. `None`: no changed pod brings or takes anything, `set` stands.
-    fn patch(&self, set: &Set, contribution: impl Fn(&Cluster, usize) -> Vec<Element>) -> Option<Set> {
+    fn patch(&self, set: &Arc<Set>, contribution: impl Fn(&Cluster, usize) -> Vec<Element>) -> Option<Patched> {
         let mut gone = BTreeSet::new();
         let mut added = BTreeSet::new();
         for &(old, new) in &self.changed {
@@ -220,20 +237,47 @@ impl<'p> PodChanges<'p> {
         if gone.is_empty() && added.is_empty() {
             return None;
         }
-        let mut set = set.clone();
+        let mut patched = Set::clone(set);
         for e in &gone {
-            set.elements.remove(e);
+            patched.elements.remove(e);
         }
-        set.elements.extend(added);
-        Some(set)
+        patched.elements.extend(added.iter().cloned());
+        Some(Patched {
+            set: Arc::new(patched),
+            from: Arc::clone(set),
+            gone: gone.into_iter().collect(),
+            added: added.into_iter().collect(),
+        })
     }
 
     /// Indices of the new cluster's pods that carry the address of `element` (its first
     /// component), an address some changed pod had.
     fn holders(&self, element: &Element) -> &[usize] {
         match element.values().first() {
-            Some(Value::Addr(ip)) => self.holders.get(ip).map(Vec::as_slice).unwrap_or_default(),
+            Some(Value::Addr(ip)) => match self.holders.binary_search_by_key(ip, |(h, _)| *h) {
+                Ok(k) => &self.holders[k].1,
+                Err(_) => &[],
+            },
             _ => &[],
+        }
+    }
+}
+
+/// A set brought up to date, and how it changed.
+struct Patched {
+    set: Arc<Set>,
+    from: Arc<Set>,
+    gone: Vec<Element>,
+    added: Vec<Element>,
+}
+
+impl Patched {
+    fn delta(&self) -> SetDelta {
+        SetDelta {
+            from: Arc::clone(&self.from),
+            to: Arc::clone(&self.set),
+            gone: self.gone.clone(),
+            added: self.added.clone(),
         }
     }
 }
@@ -246,11 +290,15 @@ struct SetCache {
     peers: HashMap<String, CachedPeers>,
     /// Egress named-port sets by name.
     named: HashMap<String, CachedNamedPorts>,
+    /// How the last patch changed sets, by set name.
+    deltas: SetDeltas,
 }
 
 /// The (v4, v6) address sets of the pods matching `selector` in `namespaces`.
 #[derive(Debug)]
 struct CachedPeers {
+    /// The (v4, v6) set names.
+    names: [String; 2],
     namespaces: Vec<String>,
     selector: Selector,
     sets: [Arc<Set>; 2],
@@ -292,6 +340,7 @@ impl SetCache {
     fn clear(&mut self) {
         self.peers.clear();
         self.named.clear();
+        self.deltas.clear();
     }
 
     /// Brings every cached set up to date with `changes`, touching only the sets a changed
@@ -310,14 +359,16 @@ impl SetCache {
                         .map(|ip| Element::single(Value::Addr(*ip)))
                         .collect()
                 };
-                if let Some(set) = changes.patch(&cached.sets[k], contribution) {
-                    cached.sets[k] = Arc::new(set);
+                if let Some(patched) = changes.patch(&cached.sets[k], contribution) {
+                    self.deltas.insert(cached.names[k].clone(), patched.delta());
+                    cached.sets[k] = patched.set;
                 }
             }
         }
-        for cached in self.named.values_mut() {
-            if let Some(set) = changes.patch(&cached.set, |c, j| cached.contribution(c, j)) {
-                cached.set = Arc::new(set);
+        for (name, cached) in &mut self.named {
+            if let Some(patched) = changes.patch(&cached.set, |c, j| cached.contribution(c, j)) {
+                self.deltas.insert(name.clone(), patched.delta());
+                cached.set = patched.set;
             }
         }
     }
@@ -849,7 +900,8 @@ impl<'a, 'c> Compiler<'a, 'c> {
             self.rs.sets.insert(name.clone(), Arc::clone(set));
         }
         let namespaces = namespaces.into_iter().map(str::to_string).collect();
-        self.cache.peers.insert(out[0].clone(), CachedPeers { namespaces, selector: pods.clone(), sets, used: true });
+        let cached = CachedPeers { names: out.clone(), namespaces, selector: pods.clone(), sets, used: true };
+        self.cache.peers.insert(out[0].clone(), cached);
         self.peer_sets.insert(key, out.clone());
         out
     }

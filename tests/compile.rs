@@ -266,7 +266,7 @@ fn every_conformance_case_passes_on_the_ruleset_engine() {
 
 // --- diffs ----------------------------------------------------------------------------------
 
-use netpol::nft::diff::{diff, full_sync};
+use netpol::nft::diff::{diff, diff_with, full_sync};
 use netpol::nft::fake::FakeNftables;
 use netpol::nft::real::RealNftables;
 use netpol::nft::{Nftables, render};
@@ -405,10 +405,17 @@ proptest! {
         let mut cluster = random_cluster(seed);
         let mut compilers: Vec<IncrementalCompiler> =
             NODES.iter().map(|n| IncrementalCompiler::new(NodeConfig::new(*n))).collect();
+        let mut previous: Vec<Option<netpol::nft::ir::Ruleset>> = vec![None; NODES.len()];
         for step in 0..12 {
-            for (node, compiler) in NODES.iter().zip(&mut compilers) {
+            for ((node, compiler), previous) in NODES.iter().zip(&mut compilers).zip(&mut previous) {
                 let want = compile(&cluster, &NodeConfig::new(*node));
                 let got = compiler.compile(&cluster);
+                // The set changes the compiler reports make the same transaction as reading
+                // both rulesets.
+                let known = compiler.take_set_deltas();
+                if let Some(prev) = previous.replace(got.clone()) {
+                    prop_assert_eq!(diff_with(&prev, &got, &known), diff(&prev, &got), "seed {} step {}", seed, step);
+                }
                 prop_assert!(
                     got == want,
                     "seed {} step {} node {}:\n{}",

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use crate::agent::{Snapshot, SyncError, SyncStats, SyncTarget};
 use crate::compile::{IncrementalCompiler, NodeConfig};
 use crate::model::Cluster;
-use crate::nft::diff::{diff, full_sync};
+use crate::nft::diff::{diff_with, full_sync};
 use crate::nft::ir::Ruleset;
 use crate::nft::{NftError, Nftables, Op, Transaction};
 
@@ -71,9 +71,10 @@ pub fn cluster(snapshot: &Snapshot) -> (Cluster, usize) {
 impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
     fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
         let (desired, skipped) = self.desired(snapshot);
+        let known = self.compiler.take_set_deltas();
         let applied = if full { None } else { self.applied.as_ref() };
         let tx = match applied {
-            Some(applied) => diff(applied, &desired),
+            Some(applied) => diff_with(applied, &desired, &known),
             None => full_sync(&desired),
         };
         let stats = SyncStats {
