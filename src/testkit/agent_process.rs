@@ -3,7 +3,7 @@
 //! ```text
 //!  test ──spawn──► netpol-agent --node N --kubeconfig <fake apiserver> --log-format json
 //!                      │  PATH=<dir>/bin-N:$PATH
-//!                      └─► nft (wrapper) ──► ip netns exec <node netns> nft "$@"   (NftRoute::Netns)
+//!                      └─► nft (wrapper) ──► nsenter --net=<node netns> nft "$@"   (NftRoute::Netns)
 //!                                       └──► exit 1                               (NftRoute::Refuse)
 //! ```
 //!
@@ -96,7 +96,15 @@ impl AgentLaunch {
                 if real.is_empty() {
                     return Err(io::Error::new(io::ErrorKind::NotFound, "nft is not on PATH"));
                 }
-                format!("#!/bin/sh\nexec ip netns exec '{ns}' '{real}' \"$@\"\n")
+                // nsenter only joins the network namespace, where `ip netns exec` also sets up
+                // a mount namespace: ~4 ms less per nft call, which the agent bench measures.
+                let handle = Path::new("/run/netns").join(ns);
+                let nsenter = Command::new("sh").args(["-c", "command -v nsenter"]).output()?;
+                if handle.exists() && nsenter.status.success() {
+                    format!("#!/bin/sh\nexec nsenter --net='{}' '{real}' \"$@\"\n", handle.display())
+                } else {
+                    format!("#!/bin/sh\nexec ip netns exec '{ns}' '{real}' \"$@\"\n")
+                }
             }
             NftRoute::Refuse => "#!/bin/sh\necho 'nft refused by the test harness' >&2\nexit 1\n".to_string(),
         };
