@@ -528,8 +528,8 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                 let mut p = (**template).clone();
                 p.id.name = format!("churn-{n}");
                 // A fifth of the new pods land on the agent's node (about as many as leave it).
-                p.node = if rng.chance(20) { NODE.to_string() } else { rng.pick(&other_nodes).clone() };
-                p.ips = vec![IpAddr::V4(ip)];
+                p.node = if rng.chance(20) { NODE.into() } else { rng.pick(&other_nodes).as_str().into() };
+                p.ips = IpAddr::V4(ip).into();
                 let key = (p.id.namespace.clone(), p.id.name.clone());
                 let p_local = p.node == NODE;
                 let at = Instant::now();

@@ -241,7 +241,7 @@ fn main() {
     let remote = base.pods.iter().find(|p| p.node != "node-0").expect("other nodes run pods");
     let mut new_local = (**local).clone();
     new_local.id.name = format!("{}-new", local.id.name);
-    new_local.ips = vec!["10.250.0.1".parse().expect("valid")];
+    new_local.ips = "10.250.0.1".parse::<std::net::IpAddr>().expect("valid").into();
     let mut relabelled = (**remote).clone();
     std::sync::Arc::make_mut(&mut relabelled.labels).insert("app".into(), "relabelled".into());
     for (what, pod) in [("new pod on node-0", new_local), ("remote pod relabelled", relabelled)] {
@@ -291,7 +291,7 @@ fn main() {
     let mut stores = stores;
     let mut new_pod = (**local).clone();
     new_pod.id.name = format!("{}-another", local.id.name);
-    new_pod.ips = vec!["10.250.0.2".parse().expect("valid")];
+    new_pod.ips = "10.250.0.2".parse::<std::net::IpAddr>().expect("valid").into();
     apply_json(&mut stores, objects::pod_json(&new_pod)).expect("valid pod");
     sync_peak("peak during a sync after one new pod", &stores, Some(&applied));
     println!("   size_of model::Pod: {} B", std::mem::size_of::<netpol::model::Pod>());

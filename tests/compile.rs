@@ -84,10 +84,10 @@ fn pod(rng: &mut Rng, i: usize) -> Pod {
     Pod {
         id: ObjectRef::new(*rng.pick(&NAMESPACES), format!("p{i}")),
         labels: labels(rng, POD_LABELS).into(),
-        node: rng.pick(&NODES).to_string(),
-        ips,
+        node: (*rng.pick(&NODES)).into(),
+        ips: ips.as_slice().try_into().expect("one address per family"),
         host_network: rng.chance(12),
-        ports,
+        ports: ports.into(),
     }
 }
 
