@@ -584,8 +584,9 @@ mod tests {
     #[test]
     fn node_names_compare_with_strings_both_ways() {
         let node = NodeName::from("node-a");
-        assert!(node == "node-a" && node == *"node-a" && node == "node-a".to_string());
-        assert!("node-a".to_string() == node && "node-a" == node);
+        let owned = String::from("node-a");
+        assert!(node == "node-a" && node == *"node-a" && node == owned);
+        assert!(owned == node && "node-a" == node);
         assert!(node != "node-b");
         assert_eq!(node.to_string(), "node-a");
         assert_eq!(format!("{node:?}"), "\"node-a\"");
