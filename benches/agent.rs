@@ -409,10 +409,7 @@ fn converge(
     let deadline = Instant::now() + timeout;
     let syncs = || {
         http_get(admin_port, "/metrics").map(|(_, body)| {
-            (
-                metric_sum(&body, "netpol_watch_events_total"),
-                metric_sum(&body, "netpol_sync_duration_seconds_count"),
-            )
+            (metric_sum(&body, "netpol_watch_events_total"), metric_sum(&body, "netpol_sync_duration_seconds_count"))
         })
     };
     let mut last = syncs();

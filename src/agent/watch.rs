@@ -2,14 +2,17 @@
 //! NetworkPolicies, feeding the agent's own stores of converted model objects.
 //!
 //! ```text
-//!  watcher() ──Event──► convert on arrival ──► Store: namespace/name → Arc<model object>
+//!  watcher() ──Event──► convert on arrival ──► share labels, node name, ports (interners)
 //!                        (invalid: warn once, keep as Invalid;          │
-//!                         no IP/terminal pod: keep as Inactive)         └─snapshot()─► Snapshot (Arc clones)
+//!                         no IP/terminal pod: keep as Inactive)         ▼
+//!                                    Store: set of entries, sorted by the object's own namespace/name
+//!                                                                       └─snapshot()─► Snapshot (Arc clones)
 //! ```
 //!
 //! Each object is converted the moment it arrives, so the stores hold only the model
-//! (a few hundred bytes per pod, no k8s-openapi objects) and a sync never re-converts.
-//! Relists are level-triggered: `Init` starts a fresh map, `InitApply` fills it,
+//! (about 200 bytes and 3 allocations per pod at 10 000 pods: label sets, node names and
+//! port lists are shared, IPs inline, no k8s-openapi objects) and a sync never re-converts.
+//! Relists are level-triggered: `Init` starts a fresh set, `InitApply` fills it,
 //! `InitDone` swaps it in whole (objects deleted while the watch was down vanish then).
 //! Lists are paged (kube-runtime asks for 500 objects a page), so no list is ever held
 //! whole. Watch errors (including `410 Gone`, after which the watcher relists) are retried
