@@ -13,12 +13,14 @@ COPY . .
 # The registry, git and target caches survive between builds (BuildKit cache mounts);
 # the binaries are copied out of the cached target dir because cache mounts are not part
 # of the image. rustls + ring need only the C compiler the slim image already has.
+# Profile `deploy` (Cargo.toml): fat LTO, one codegen unit, stripped; smaller resident
+# text for the agent on every node.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins \
+    cargo build --profile deploy --locked --bins \
     && mkdir -p /out \
-    && cp target/release/netpol-agent target/release/netpol-check /out/
+    && cp target/deploy/netpol-agent target/deploy/netpol-check /out/
 
 # --- runtime --------------------------------------------------------------------------
 # Same Debian release as the builder, so the binaries' glibc matches.

@@ -7,8 +7,16 @@
 #   benches/agent-bench.sh                      # 10k pods/1k policies, then 100k/10k
 #   benches/agent-bench.sh --scale-to 0         # only the 10k cluster
 #   benches/agent-bench.sh --seconds 60 --debounce 10ms --agent-env MALLOC_ARENA_MAX=1
+#
+# The agent is the shipped build (Cargo profile `deploy`, as the Dockerfile builds it),
+# unless --agent names another binary.
 set -eu
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-rel}"
-# Builds the release netpol-agent with the benchmark, then runs it.
-exec cargo bench --bench agent -- "$@"
+case " $* " in
+*" --agent "* | *" --agent="*)
+    exec cargo bench --bench agent -- "$@"
+    ;;
+esac
+cargo build --profile deploy --bin netpol-agent
+exec cargo bench --bench agent -- --agent "$CARGO_TARGET_DIR/deploy/netpol-agent" "$@"

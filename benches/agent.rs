@@ -18,7 +18,8 @@
 //! must hold exactly the pod IPs that `compile` gives for the final cluster.
 //!
 //! Memory: VmRSS / VmHWM of the agent from `/proc/<pid>/status`, after the first full
-//! sync and after the churn, divided by the cluster's pod count.
+//! sync and after the churn once the agent has converged (every event received, no sync
+//! finishing for a second, the kernel table as compiled), divided by the cluster's pod count.
 //!
 //! Run it with `benches/agent-bench.sh` (root, `ip`, `nft`); it is not part of CI.
 
@@ -410,6 +411,75 @@ fn partial_sync_histogram(metrics: &str) -> Option<(u64, f64, f64, f64)> {
     Some((count, sum, quantile(0.5), quantile(0.99)))
 }
 
+/// Sum of a metric's samples over all label sets (`name{...} value` or `name value`).
+fn metric_sum(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Does the kernel put every pod IP in exactly the sets and maps the final cluster compiles
+/// to (not just: hold the same IPs)? `Ok(pod IPs)` if so.
+fn kernel_agrees(netns: &Netns, expected: &HashMap<Ipv4Addr, BTreeSet<String>>) -> Result<usize, String> {
+    let kernel = kernel_memberships(&netns.nft(&["list", "table", "inet", TABLE])?);
+    let wrong: Vec<&Ipv4Addr> = expected
+        .keys()
+        .chain(kernel.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|ip| kernel.get(ip) != expected.get(ip))
+        .collect();
+    match wrong.first() {
+        None => Ok(kernel.len()),
+        Some(ip) => Err(format!(
+            "{} of {} pod IPs are in other sets than compiled, e.g. {ip}: kernel {:?}, expected {:?}",
+            wrong.len(),
+            expected.len(),
+            kernel.get(ip),
+            expected.get(ip)
+        )),
+    }
+}
+
+/// Waits until the agent has converged: it received every churn event, no sync finished
+/// for a second, and the kernel agrees with the compiled final cluster. The kernel's
+/// verdict when it is (or at the deadline).
+fn converge(
+    netns: &Netns,
+    admin_port: u16,
+    events: u64,
+    expected: &HashMap<Ipv4Addr, BTreeSet<String>>,
+    timeout: Duration,
+) -> Result<usize, String> {
+    let deadline = Instant::now() + timeout;
+    let syncs = || {
+        http_get(admin_port, "/metrics").map(|(_, body)| {
+            (metric_sum(&body, "netpol_watch_events_total"), metric_sum(&body, "netpol_sync_duration_seconds_count"))
+        })
+    };
+    let mut last = syncs();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = syncs();
+        let quiet = now.is_some() && now == last && now.is_some_and(|(seen, _)| seen >= events);
+        last = now;
+        if quiet {
+            let verdict = kernel_agrees(netns, expected);
+            // A sync that committed but had not finished (its count bumps at the end)
+            // when the kernel was read is not converged yet.
+            let still_quiet = syncs() == last;
+            if (verdict.is_ok() && still_quiet) || Instant::now() > deadline {
+                return verdict;
+            }
+        } else if Instant::now() > deadline {
+            return kernel_agrees(netns, expected)
+                .and_then(|_| Err(format!("the agent did not settle within {} s", timeout.as_secs())));
+        }
+    }
+}
+
 // ---------------------------------------------------------------- one run
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -438,6 +508,7 @@ struct Outcome {
     first_sync_secs: f64,
     rss_first: (u64, u64),
     rss_end: (u64, u64),
+    converge_secs: f64,
     events: Vec<Event>,
     latencies: Vec<(EventKind, Duration)>,
     tally: Tally,
@@ -578,8 +649,8 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                 let mut p = (**template).clone();
                 p.id.name = format!("churn-{n}");
                 // A fifth of the new pods land on the agent's node (about as many as leave it).
-                p.node = if rng.chance(20) { NODE.to_string() } else { rng.pick(&other_nodes).clone() };
-                p.ips = vec![IpAddr::V4(ip)];
+                p.node = if rng.chance(20) { NODE.into() } else { rng.pick(&other_nodes).as_str().into() };
+                p.ips = IpAddr::V4(ip).into();
                 let key = (p.id.namespace.clone(), p.id.name.clone());
                 let p_local = p.node == NODE;
                 let at = Instant::now();
@@ -623,9 +694,6 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     // Drain: the last events' commits.
     std::thread::sleep(Duration::from_secs(3));
     let agent_cpu_per_sec = (cpu_seconds(agent.pid()) - cpu_before) / (churn_secs + 3.0);
-    let rss_end = memory_kib(agent.pid());
-    eprintln!("   {} events in {churn_secs:.1} s; RSS {} KiB, HWM {} KiB", events.len(), rss_end.0, rss_end.1);
-    let partial_syncs = http_get(admin_port, "/metrics").and_then(|(_, body)| partial_sync_histogram(&body));
 
     // ---- ground truth: which events changed their pod's set memberships on the agent's node
     // when they happened (the churn replayed through the compiler, event by event; an event
@@ -635,6 +703,27 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let final_cluster =
         Cluster::new(base.namespaces.values().cloned().collect(), mirror.into_values(), base.policies.clone());
     let after = memberships(&compile(&final_cluster, &config));
+
+    // ---- converge before measuring memory: RSS read while a sync runs (at 100k pods the
+    // last ones outlast the drain) counts that sync's transient buffers.
+    let expected: HashMap<Ipv4Addr, BTreeSet<String>> = after
+        .iter()
+        .map(|(ip, m)| (*ip, m.iter().map(|e| e.split(' ').next().unwrap_or_default().to_string()).collect()))
+        .collect();
+    let converge_start = Instant::now();
+    let converged = converge(&netns, admin_port, events.len() as u64, &expected, Duration::from_secs(600));
+    let converge_secs = converge_start.elapsed().as_secs_f64() + 3.0;
+    // malloc_trim runs right after each sync; give it a moment.
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_end = memory_kib(agent.pid());
+    eprintln!(
+        "   {} events in {churn_secs:.1} s, converged {converge_secs:.1} s after the last; RSS {} KiB, HWM {} KiB",
+        events.len(),
+        rss_end.0,
+        rss_end.1
+    );
+    let partial_syncs = http_get(admin_port, "/metrics").and_then(|(_, body)| partial_sync_histogram(&body));
+
     let replay_start = Instant::now();
     let changed_when_applied = replay(&base, &events, &config);
     eprintln!("   churn replayed through the compiler in {:.1} s", replay_start.elapsed().as_secs_f64());
@@ -658,33 +747,6 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let generations = commits.generations;
     drop(commits);
 
-    // ---- the kernel puts every pod IP in exactly the sets and maps the final cluster
-    // compiles to (not just: holds the same IPs)
-    let converged = netns.nft(&["list", "table", "inet", TABLE]).and_then(|text| {
-        let kernel = kernel_memberships(&text);
-        let expected: HashMap<Ipv4Addr, BTreeSet<String>> = after
-            .iter()
-            .map(|(ip, m)| (*ip, m.iter().map(|e| e.split(' ').next().unwrap_or_default().to_string()).collect()))
-            .collect();
-        let wrong: Vec<&Ipv4Addr> = expected
-            .keys()
-            .chain(kernel.keys())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .filter(|ip| kernel.get(ip) != expected.get(ip))
-            .collect();
-        match wrong.first() {
-            None => Ok(kernel.len()),
-            Some(ip) => Err(format!(
-                "{} of {} pod IPs are in other sets than compiled, e.g. {ip}: kernel {:?}, expected {:?}",
-                wrong.len(),
-                expected.len(),
-                kernel.get(ip),
-                expected.get(ip)
-            )),
-        }
-    });
-
     let agent_pid = agent.pid();
     let _ = agent.terminate(Duration::from_secs(10));
     drop(monitor);
@@ -701,6 +763,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         first_sync_secs,
         rss_first,
         rss_end,
+        converge_secs,
         events,
         latencies,
         tally,
@@ -793,6 +856,7 @@ fn report(o: &Outcome, args: &Args) {
     }
     println!("agent CPU during churn: {:.2} cores", o.agent_cpu_per_sec);
     let per_pod = |kib: u64| kib as f64 / o.pods as f64;
+    println!("after churn, the agent converged {:.1} s after the last event (memory measured then)", o.converge_secs);
     println!("| memory | after first sync | after churn |");
     println!("|---|---|---|");
     println!("| VmRSS KiB | {} | {} |", o.rss_first.0, o.rss_end.0);

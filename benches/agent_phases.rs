@@ -11,6 +11,11 @@
 //! sync is measured after one pod event on node-0 (a new pod) and one elsewhere (a pod
 //! relabelled on another node).
 //!
+//! Memory: a counting global allocator (this bench only) reports the live heap bytes each
+//! structure holds (watch stores after the list, snapshot, Cluster, one compiled Ruleset)
+//! and the peak of live bytes during one whole sync (snapshot → Cluster → compile → diff →
+//! render) on top of the stores and the applied ruleset the agent keeps between syncs.
+//!
 //! `cargo bench --bench agent_phases -- --pods 10000 --policies 1000 --namespaces 100 --nodes 101`
 
 use std::hint::black_box;
@@ -26,6 +31,90 @@ use netpol::nft::diff::{diff, full_sync};
 
 #[path = "common/objects.rs"]
 mod objects;
+
+/// Live heap accounting: every allocation of this process goes through [`heap::Counting`].
+mod heap {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    static PEAK: AtomicUsize = AtomicUsize::new(0);
+    static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+    /// The system allocator, counting requested bytes (not malloc's per-chunk overhead,
+    /// which adds 8-16 bytes to each allocation).
+    pub struct Counting;
+
+    fn grow(bytes: usize) {
+        let live = LIVE.fetch_add(bytes, Relaxed) + bytes;
+        PEAK.fetch_max(live, Relaxed);
+    }
+
+    // SAFETY: every method forwards to `System` with the caller's arguments unchanged; the
+    // counters are only bookkeeping and never affect the pointers handed out.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: same contract as ours, forwarded.
+            let p = unsafe { System.alloc(layout) };
+            if !p.is_null() {
+                grow(layout.size());
+                ALLOCATIONS.fetch_add(1, Relaxed);
+            }
+            p
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: same contract as ours, forwarded.
+            unsafe { System.dealloc(ptr, layout) };
+            LIVE.fetch_sub(layout.size(), Relaxed);
+            ALLOCATIONS.fetch_sub(1, Relaxed);
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: same contract as ours, forwarded.
+            let p = unsafe { System.realloc(ptr, layout, new_size) };
+            if !p.is_null() {
+                LIVE.fetch_sub(layout.size(), Relaxed);
+                grow(new_size);
+            }
+            p
+        }
+    }
+
+    /// (live bytes, live allocations) now.
+    pub fn live() -> (usize, usize) {
+        (LIVE.load(Relaxed), ALLOCATIONS.load(Relaxed))
+    }
+
+    /// Starts a new peak measurement at the current live size.
+    pub fn reset_peak() {
+        PEAK.store(LIVE.load(Relaxed), Relaxed);
+    }
+
+    pub fn peak() -> usize {
+        PEAK.load(Relaxed)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: heap::Counting = heap::Counting;
+
+/// Live heap held by the value `build` returns: bytes and allocations that are still
+/// live after it returns, minus those live before.
+fn held<T>(build: impl FnOnce() -> T) -> (T, usize, usize) {
+    let (bytes, allocations) = heap::live();
+    let value = build();
+    let (bytes_after, allocations_after) = heap::live();
+    (value, bytes_after.saturating_sub(bytes), allocations_after.saturating_sub(allocations))
+}
+
+fn memory_row(what: &str, bytes: usize, allocations: usize, pods: usize) {
+    println!(
+        "{what:<40} {:>9.2} MiB  {:>9} allocations  {:>7.0} B/pod  {:>5.2} allocations/pod",
+        bytes as f64 / (1024.0 * 1024.0),
+        allocations,
+        bytes as f64 / pods.max(1) as f64,
+        allocations as f64 / pods.max(1) as f64,
+    );
+}
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -95,20 +184,36 @@ fn main() {
     let mut objects = objects::namespaces_and_policies_json(&base);
     objects.extend(base.pods.iter().map(|p| objects::pod_json(p)));
 
-    let (m, n, stores) = time(1, || {
-        let mut stores = AgentStores::default();
-        for o in &objects {
-            apply_json(&mut stores, o.clone()).expect("valid object");
-        }
-        stores
+    let pods = params.pods;
+    let ((m, n, stores), bytes, allocations) = held(|| {
+        time(1, || {
+            let mut stores = AgentStores::default();
+            for o in &objects {
+                apply_json(&mut stores, o.clone()).expect("valid object");
+            }
+            stores
+        })
     });
     row("watch stores: apply every object", (m, n));
-    let (m, n, snapshot) = time(args.runs, || stores.snapshot());
+    let store_memory = (bytes, allocations);
+    // The pods' share of the stores: the same objects applied to a second store in two steps.
+    let mut pods_apart = AgentStores::default();
+    let (namespaces_and_policies, pods_last): (Vec<_>, Vec<_>) = objects.iter().partition(|o| o["kind"] != "Pod");
+    namespaces_and_policies.into_iter().for_each(|o| apply_json(&mut pods_apart, o.clone()).expect("valid object"));
+    let ((), bytes, allocations) =
+        held(|| pods_last.into_iter().for_each(|o| apply_json(&mut pods_apart, o.clone()).expect("valid object")));
+    let pod_store_memory = (bytes, allocations);
+    drop(pods_apart);
+    let ((m, n, snapshot), bytes, allocations) = held(|| time(args.runs, || stores.snapshot()));
     row("snapshot", (m, n));
-    let (m, n, (cluster, _skipped)) = time(args.runs, || netpol::agent::nft_target::cluster(&snapshot));
+    let snapshot_memory = (bytes, allocations);
+    let ((m, n, (cluster, _skipped)), bytes, allocations) =
+        held(|| time(args.runs, || netpol::agent::nft_target::cluster(&snapshot)));
     row("snapshot -> Cluster", (m, n));
+    let cluster_memory = (bytes, allocations);
     let config = NodeConfig { node: "node-0".into(), table: "netpol".into() };
-    let (m, n, applied) = time(args.runs, || compile(&cluster, &config));
+    let ((m, n, applied), bytes, allocations) = held(|| time(args.runs, || compile(&cluster, &config)));
+    let ruleset_memory = (bytes, allocations);
     row("compile node-0", (m, n));
     println!(
         "   ruleset: {} chains, {} rules, {} sets+maps, {} elements",
@@ -136,7 +241,7 @@ fn main() {
     let remote = base.pods.iter().find(|p| p.node != "node-0").expect("other nodes run pods");
     let mut new_local = (**local).clone();
     new_local.id.name = format!("{}-new", local.id.name);
-    new_local.ips = vec!["10.250.0.1".parse().expect("valid")];
+    new_local.ips = "10.250.0.1".parse::<std::net::IpAddr>().expect("valid").into();
     let mut relabelled = (**remote).clone();
     std::sync::Arc::make_mut(&mut relabelled.labels).insert("app".into(), "relabelled".into());
     for (what, pod) in [("new pod on node-0", new_local), ("remote pod relabelled", relabelled)] {
@@ -154,4 +259,40 @@ fn main() {
         row(&format!("{what}: render"), (m, n));
         println!("   {} ops, {} bytes", tx.ops.len(), text.len());
     }
+
+    // What the agent keeps between syncs is the stores and the applied ruleset; the rest
+    // of a sync lives only while it runs.
+    drop((snapshot, cluster, fresh, tx, text));
+    println!("== live heap, requested bytes (malloc adds 8-16 B per allocation); {pods} pods");
+    memory_row("watch stores after the list", store_memory.0, store_memory.1, pods);
+    memory_row("   of which the pods", pod_store_memory.0, pod_store_memory.1, pods);
+    memory_row("snapshot", snapshot_memory.0, snapshot_memory.1, pods);
+    memory_row("snapshot -> Cluster", cluster_memory.0, cluster_memory.1, pods);
+    memory_row("compiled Ruleset node-0", ruleset_memory.0, ruleset_memory.1, pods);
+    let sync_peak = |what: &str, stores: &AgentStores, applied: Option<&netpol::nft::ir::Ruleset>| {
+        let (before, _) = heap::live();
+        heap::reset_peak();
+        let snapshot = stores.snapshot();
+        let (cluster, _) = netpol::agent::nft_target::cluster(&snapshot);
+        let desired = compile(&cluster, &config);
+        let tx = match applied {
+            Some(applied) => diff(applied, &desired),
+            None => full_sync(&desired),
+        };
+        black_box(tx.render());
+        let peak = heap::peak() - before;
+        println!(
+            "{what:<40} {:>9.2} MiB  above the stores and the applied ruleset  {:>7.0} B/pod",
+            peak as f64 / (1024.0 * 1024.0),
+            peak as f64 / pods.max(1) as f64
+        );
+    };
+    sync_peak("peak during the first (full) sync", &stores, None);
+    let mut stores = stores;
+    let mut new_pod = (**local).clone();
+    new_pod.id.name = format!("{}-another", local.id.name);
+    new_pod.ips = "10.250.0.2".parse::<std::net::IpAddr>().expect("valid").into();
+    apply_json(&mut stores, objects::pod_json(&new_pod)).expect("valid pod");
+    sync_peak("peak during a sync after one new pod", &stores, Some(&applied));
+    println!("   size_of model::Pod: {} B", std::mem::size_of::<netpol::model::Pod>());
 }

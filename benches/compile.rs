@@ -70,7 +70,7 @@ fn bench_diff(c: &mut Criterion) {
     let mut added = base.pods.clone();
     let mut new_pod: Pod = (**added.iter().find(|p| p.node == "node-0").unwrap()).clone();
     new_pod.id.name = "bench-new-pod".into();
-    new_pod.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 255, 255, 254))];
+    new_pod.ips = IpAddr::V4(Ipv4Addr::new(10, 255, 255, 254)).into();
     added.push(new_pod.into());
     let mut deleted = base.pods.clone();
     let victim = deleted.iter().position(|p| p.node == "node-0").unwrap();

@@ -331,7 +331,7 @@ fn run() -> Result<(), String> {
         vec![src_pod.clone(), dst_pod.clone()],
         Vec::<Policy>::new(),
     );
-    let nodes = [src_pod.node.clone(), dst_pod.node.clone()];
+    let nodes = [src_pod.node.to_string(), dst_pod.node.to_string()];
     let compile_for = |c: &Cluster| -> Vec<Ruleset> { nodes.iter().map(|n| compile(c, &NodeConfig::new(n))).collect() };
     let (src_ip, dst_ip) = (src_pod.ips[0], dst_pod.ips[0]);
     let to = SocketAddr::new(dst_ip, pair.port);
@@ -432,7 +432,7 @@ fn run() -> Result<(), String> {
         .iter()
         .map(|p| LabPod {
             name: p.id.to_string(),
-            node: p.node.clone(),
+            node: p.node.to_string(),
             ips: vec![p.ips[0]],
             serve: Vec::new(),
             host_network: false,

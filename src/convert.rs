@@ -22,8 +22,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec,
-    Protocol, Rule,
+    ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, PodIps, Policy, PortMatch,
+    PortSpec, Protocol, Rule,
 };
 use crate::selector::{Operator, Requirement, Selector};
 
@@ -94,7 +94,7 @@ pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodO
     {
         return Ok(PodOutcome::Inactive("in a terminal phase"));
     }
-    let mut ips = Vec::new();
+    let mut ips = PodIps::new();
     let listed: Vec<(&str, String)> = match status.and_then(|s| s.pod_ips.as_deref()) {
         Some(list) if !list.is_empty() => {
             list.iter().enumerate().map(|(i, p)| (p.ip.as_str(), format!("status.podIPs[{i}].ip"))).collect()
@@ -106,9 +106,10 @@ pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodO
     };
     for (text, path) in listed {
         let ip: IpAddr =
-            text.parse().map_err(|_| FieldError::new(path, format!("{text:?} is not a valid IP address")))?;
-        if !ips.contains(&ip) {
-            ips.push(ip);
+            text.parse().map_err(|_| FieldError::new(&path, format!("{text:?} is not a valid IP address")))?;
+        // "Pods may be allocated at most 1 value for each of IPv4 and IPv6."
+        if !ips.contains(&ip) && ips.push(ip).is_err() {
+            return Err(FieldError::new(path, "a pod has at most one IPv4 and one IPv6 address"));
         }
     }
     let mut node = spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty());
@@ -119,14 +120,23 @@ pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodO
                 let (assigned_node, assigned_ips) = assign(&id);
                 node.get_or_insert(assigned_node);
                 if ips.is_empty() {
-                    ips = assigned_ips;
+                    ips = PodIps::try_from(assigned_ips).map_err(|_| {
+                        FieldError::new("status.podIPs", "placement assigned more than one IP per family")
+                    })?;
                 }
             }
             _ if ips.is_empty() => return Ok(PodOutcome::Inactive("has no IP yet")),
             _ => return Ok(PodOutcome::Inactive("is not scheduled to a node")),
         }
     }
-    Ok(PodOutcome::Pod(Pod { id, labels: labels.into(), node: node.unwrap_or_default(), ips, host_network, ports }))
+    Ok(PodOutcome::Pod(Pod {
+        id,
+        labels: labels.into(),
+        node: node.unwrap_or_default().into(),
+        ips,
+        host_network,
+        ports: ports.into(),
+    }))
 }
 
 fn container_port(p: &core::ContainerPort, path: &str) -> Result<ContainerPort> {

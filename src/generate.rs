@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::model::{
-    Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch,
-    PortSpec, Protocol, Rule,
+    Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, PodIps, Policy,
+    PortMatch, PortSpec, Protocol, Rule,
 };
 use crate::selector::{Operator, Requirement, Selector};
 
@@ -111,21 +111,22 @@ pub fn cluster(p: &Params) -> Cluster {
                 ContainerPort { name: Some("metrics".into()), port: 9090, protocol: Protocol::Tcp },
             ];
             let v4 = IpAddr::V4(Ipv4Addr::from(0x0A00_0000u32 + 0x1_0000 + i as u32));
-            let mut ips = vec![v4];
+            let mut ips = PodIps::from(v4);
             if p.dual_stack {
-                ips.push(IpAddr::V6(Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0001_0000u128 + i as u128)));
+                let v6 = IpAddr::V6(Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0001_0000u128 + i as u128));
+                ips.push(v6).expect("one address per family");
             }
             Pod {
                 id: ObjectRef::new(ns.name.clone(), format!("{app}-{i}")),
                 labels: labels.into(),
-                node: format!("node-{}", i % p.nodes.max(1)),
+                node: format!("node-{}", i % p.nodes.max(1)).into(),
                 ips,
                 host_network: false,
                 ports: {
                     let mut ports = ports;
                     ports.sort();
                     ports.dedup_by(|a, b| a.name == b.name);
-                    ports
+                    ports.into()
                 },
             }
         })
@@ -351,10 +352,10 @@ pub fn small_random(seed: u64) -> Cluster {
             Pod {
                 id: ObjectRef::new(namespaces[rng.below(3)].name.clone(), format!("p{i}")),
                 labels: labels.into(),
-                node: format!("node-{}", rng.below(2)),
-                ips,
+                node: format!("node-{}", rng.below(2)).into(),
+                ips: PodIps::try_from(ips).expect("one address per family"),
                 host_network: rng.chance(8),
-                ports,
+                ports: ports.into(),
             }
         })
         .collect();

@@ -316,7 +316,7 @@ pub fn decide(cluster: &Cluster, connections: &[Connection], timeout: Duration) 
             .zip(serve)
             .map(|(p, serve)| LabPod {
                 name: p.id.to_string(),
-                node: p.node.clone(),
+                node: p.node.to_string(),
                 // Only the families probed: an IPv4-only run works where IPv6 is disabled.
                 ips: p.ips.iter().copied().filter(|ip| families_used[usize::from(ip.is_ipv6())]).collect(),
                 serve: serve.into_iter().collect(),
@@ -378,9 +378,9 @@ mod tests {
             id: ObjectRef::new("a", name),
             labels: Default::default(),
             node: node.into(),
-            ips: vec![ip.parse().unwrap()],
+            ips: ip.parse::<std::net::IpAddr>().unwrap().into(),
             host_network,
-            ports: Vec::new(),
+            ports: Default::default(),
         }
     }
 

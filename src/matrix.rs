@@ -89,7 +89,7 @@ pub fn cell_connection(cluster: &Cluster, probe: &Probe, family: Family, src: us
 pub fn default_probes(cluster: &Cluster) -> Vec<Probe> {
     let mut set = BTreeSet::new();
     for pod in &cluster.pods {
-        for p in &pod.ports {
+        for p in pod.ports.iter() {
             set.insert((p.protocol, p.port));
         }
     }

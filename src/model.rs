@@ -10,9 +10,12 @@
 //! represented (a port is `1..=65535`, a range has `start <= end`, an `except` lies inside
 //! its `cidr`). Nothing in this module does I/O.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::ops::Deref;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -110,12 +113,223 @@ pub struct Pod {
     /// Shared: many pods carry the same label set (every replica of a workload), and the
     /// agent keeps one copy of each distinct set for the whole cluster.
     pub labels: Arc<Labels>,
-    pub node: String,
-    /// The pod's IPs, primary first (at most one per family in practice).
-    pub ips: Vec<IpAddr>,
+    /// Shared like the labels: one allocation per node name.
+    pub node: NodeName,
+    /// The pod's IPs, primary first (at most one per family).
+    pub ips: PodIps,
     /// hostNetwork pods share the node's IP: never policy targets, peers by ipBlock only.
     pub host_network: bool,
-    pub ports: Vec<ContainerPort>,
+    /// Shared like the labels: the replicas of a workload declare the same ports.
+    pub ports: Arc<[ContainerPort]>,
+}
+
+/// A node's name. Cheap to clone and shared between pods: the agent keeps one allocation
+/// per node for the whole cluster. Compares with `String` and `str`, so `pod.node ==
+/// config.node` reads as it did when it was a `String`.
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeName(Arc<str>);
+
+impl NodeName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for NodeName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for NodeName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Arc<str>> for NodeName {
+    fn from(name: Arc<str>) -> Self {
+        NodeName(name)
+    }
+}
+
+impl From<&str> for NodeName {
+    fn from(name: &str) -> Self {
+        NodeName(name.into())
+    }
+}
+
+impl From<String> for NodeName {
+    fn from(name: String) -> Self {
+        NodeName(name.into())
+    }
+}
+
+impl From<NodeName> for Arc<str> {
+    fn from(name: NodeName) -> Self {
+        name.0
+    }
+}
+
+impl From<NodeName> for String {
+    fn from(name: NodeName) -> Self {
+        name.0.to_string()
+    }
+}
+
+impl PartialEq<str> for NodeName {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for NodeName {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<String> for NodeName {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<NodeName> for String {
+    fn eq(&self, other: &NodeName) -> bool {
+        **self == *other.0
+    }
+}
+
+impl PartialEq<NodeName> for &str {
+    fn eq(&self, other: &NodeName) -> bool {
+        **self == *other.0
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl serde::Serialize for NodeName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// A pod's IPs, primary first, held inline (no heap allocation per pod): "Pods may be
+/// allocated at most 1 value for each of IPv4 and IPv6", so there are at most two.
+#[derive(Clone)]
+pub struct PodIps {
+    slots: [IpAddr; 2],
+    len: u8,
+}
+
+/// More IPs than a pod can have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooManyIps;
+
+impl PodIps {
+    pub const MAX: usize = 2;
+
+    pub const fn new() -> Self {
+        let unused = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+        PodIps { slots: [unused; 2], len: 0 }
+    }
+
+    /// Appends `ip`; fails when the pod already has [`PodIps::MAX`] addresses.
+    pub fn push(&mut self, ip: IpAddr) -> Result<(), TooManyIps> {
+        let slot = self.slots.get_mut(usize::from(self.len)).ok_or(TooManyIps)?;
+        *slot = ip;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The addresses for which `keep` holds, in order.
+    pub fn filtered(&self, mut keep: impl FnMut(&IpAddr) -> bool) -> PodIps {
+        let mut out = PodIps::new();
+        for ip in self.iter().filter(|ip| keep(ip)) {
+            out.push(*ip).expect("a subset fits");
+        }
+        out
+    }
+}
+
+impl Default for PodIps {
+    fn default() -> Self {
+        PodIps::new()
+    }
+}
+
+impl Deref for PodIps {
+    type Target = [IpAddr];
+    fn deref(&self) -> &[IpAddr] {
+        &self.slots[..usize::from(self.len)]
+    }
+}
+
+impl<'a> IntoIterator for &'a PodIps {
+    type Item = &'a IpAddr;
+    type IntoIter = std::slice::Iter<'a, IpAddr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl From<IpAddr> for PodIps {
+    fn from(ip: IpAddr) -> Self {
+        let mut ips = PodIps::new();
+        ips.slots[0] = ip;
+        ips.len = 1;
+        ips
+    }
+}
+
+impl TryFrom<&[IpAddr]> for PodIps {
+    type Error = TooManyIps;
+    fn try_from(list: &[IpAddr]) -> Result<Self, TooManyIps> {
+        let mut ips = PodIps::new();
+        for ip in list {
+            ips.push(*ip)?;
+        }
+        Ok(ips)
+    }
+}
+
+impl TryFrom<Vec<IpAddr>> for PodIps {
+    type Error = TooManyIps;
+    fn try_from(list: Vec<IpAddr>) -> Result<Self, TooManyIps> {
+        PodIps::try_from(list.as_slice())
+    }
+}
+
+impl PartialEq for PodIps {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for PodIps {}
+
+impl Hash for PodIps {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (**self).hash(state)
+    }
+}
+
+impl fmt::Debug for PodIps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 impl Pod {
@@ -327,7 +541,7 @@ impl Cluster {
 
     /// Every node that runs at least one pod, sorted.
     pub fn nodes(&self) -> Vec<String> {
-        let mut nodes: Vec<String> = self.pods.iter().map(|p| p.node.clone()).collect();
+        let mut nodes: Vec<String> = self.pods.iter().map(|p| p.node.to_string()).collect();
         nodes.sort();
         nodes.dedup();
         nodes
@@ -340,5 +554,44 @@ impl Namespace {
             name: name.to_string(),
             labels: Labels::from([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn pod_ips_hold_two_addresses_inline_and_refuse_a_third() {
+        let mut ips = PodIps::from(ip("192.0.2.1"));
+        ips.push(ip("2001:db8::1")).unwrap();
+        assert_eq!(*ips, [ip("192.0.2.1"), ip("2001:db8::1")]);
+        assert_eq!(ips.push(ip("192.0.2.2")), Err(TooManyIps));
+        assert_eq!(ips.len(), 2);
+        assert_eq!(ips.filtered(|a| a.is_ipv6()), PodIps::from(ip("2001:db8::1")));
+        assert!(PodIps::try_from(vec![ip("192.0.2.1"), ip("192.0.2.2"), ip("192.0.2.3")]).is_err());
+    }
+
+    #[test]
+    fn pod_ips_compare_by_their_addresses_only() {
+        // A slot once used and dropped by `filtered` leaves nothing behind to compare.
+        let both = PodIps::try_from(vec![ip("192.0.2.9"), ip("2001:db8::1")]).unwrap();
+        assert_eq!(both.filtered(|a| a.is_ipv6()), PodIps::from(ip("2001:db8::1")));
+        assert_ne!(PodIps::new(), PodIps::from(ip("0.0.0.0")));
+    }
+
+    #[test]
+    fn node_names_compare_with_strings_both_ways() {
+        let node = NodeName::from("node-a");
+        let owned = String::from("node-a");
+        assert!(node == "node-a" && node == *"node-a" && node == owned);
+        assert!(owned == node && "node-a" == node);
+        assert!(node != "node-b");
+        assert_eq!(node.to_string(), "node-a");
+        assert_eq!(format!("{node:?}"), "\"node-a\"");
     }
 }

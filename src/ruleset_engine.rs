@@ -91,7 +91,7 @@ pub fn hops(cluster: &Cluster, conn: &Connection) -> Vec<(String, Hook)> {
     let dst_hop = match conn.dst {
         Endpoint::Pod(j) => {
             let p = &cluster.pods[j];
-            Some((p.node.clone(), if p.host_network { Hook::Input } else { Hook::Forward }))
+            Some((p.node.to_string(), if p.host_network { Hook::Input } else { Hook::Forward }))
         }
         Endpoint::Ip(_) => None,
     };
@@ -99,9 +99,9 @@ pub fn hops(cluster: &Cluster, conn: &Connection) -> Vec<(String, Hook)> {
         Endpoint::Pod(i) if !cluster.pods[i].host_network => {
             let node = &cluster.pods[i].node;
             match &dst_hop {
-                Some((n, hook)) if n == node => out.push((n.clone(), *hook)),
+                Some((n, hook)) if node == n => out.push((n.clone(), *hook)),
                 _ => {
-                    out.push((node.clone(), Hook::Forward));
+                    out.push((node.to_string(), Hook::Forward));
                     out.extend(dst_hop);
                 }
             }
@@ -111,7 +111,7 @@ pub fn hops(cluster: &Cluster, conn: &Connection) -> Vec<(String, Hook)> {
             // to a local pod without crossing forward.
             let node = &cluster.pods[i].node;
             match dst_hop {
-                Some((n, Hook::Forward)) if &n == node => {}
+                Some((n, Hook::Forward)) if *node == n => {}
                 other => out.extend(other),
             }
         }

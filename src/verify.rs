@@ -222,9 +222,9 @@ mod tests {
             id: ObjectRef::new("a", name),
             labels: Default::default(),
             node: "n1".into(),
-            ips: vec![ip.parse().unwrap()],
+            ips: ip.parse::<std::net::IpAddr>().unwrap().into(),
             host_network: false,
-            ports: Vec::new(),
+            ports: Default::default(),
         };
         Cluster::new(vec![], vec![pod("x", "10.0.0.1"), pod("y", "fd00::2")], Vec::<Policy>::new())
     }

@@ -156,7 +156,7 @@ async fn the_initial_list_and_then_live_updates_reach_the_snapshot() {
     assert_eq!(web.id.to_string(), "shop/web-1");
     assert_eq!(web.node, "node-a");
     assert_eq!(web.ports[0].port, 80);
-    assert_eq!(web.ips, ["192.0.2.1".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(*web.ips, ["192.0.2.1".parse::<std::net::IpAddr>().unwrap()]);
     assert_eq!(snap.skipped_objects, 0);
     // Lists of 3 pods with page size 2 took two pages.
     assert!(server.list_requests(Kind::Pod) >= 2);

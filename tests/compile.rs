@@ -85,10 +85,10 @@ fn pod(rng: &mut Rng, i: usize) -> Pod {
     Pod {
         id: ObjectRef::new(*rng.pick(&NAMESPACES), format!("p{i}")),
         labels: labels(rng, POD_LABELS).into(),
-        node: rng.pick(&NODES).to_string(),
-        ips,
+        node: (*rng.pick(&NODES)).into(),
+        ips: ips.as_slice().try_into().expect("one address per family"),
         host_network: rng.chance(12),
-        ports,
+        ports: ports.into(),
     }
 }
 
@@ -476,9 +476,9 @@ fn app_pod(name: &str, app: &str, node: &str, ip: &str) -> Pod {
         id: ObjectRef::new("a", name),
         labels: netpol::model::Labels::from([("app".to_string(), app.to_string())]).into(),
         node: node.into(),
-        ips: vec![ip.parse().unwrap()],
+        ips: ip.parse::<IpAddr>().unwrap().into(),
         host_network: false,
-        ports: vec![],
+        ports: Vec::new().into(),
     }
 }
 

@@ -422,7 +422,23 @@ fn the_dockerfile_builds_the_binaries_with_the_locked_dependencies() {
     let stages = dockerfile_stages();
     assert!(stages.len() >= 2, "multi-stage: a builder and a runtime");
     let builder = stages[0].join("\n");
-    assert!(builder.contains("cargo build --release --locked --bins"), "{builder}");
+    assert!(builder.contains("cargo build --profile deploy --locked --bins"), "{builder}");
+    assert!(builder.contains("target/deploy/netpol-agent"), "{builder}");
+}
+
+#[test]
+fn the_shipped_profile_exists_and_keeps_unwinding_for_the_sync_loop() {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let deploy: Vec<&str> = manifest
+        .split("\n[")
+        .find(|section| section.starts_with("profile.deploy]"))
+        .expect("Cargo.toml has [profile.deploy]")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    assert!(deploy.iter().any(|l| l.replace(' ', "") == "inherits=\"release\""), "{deploy:?}");
+    // The agent's sync loop catches a panicking sync and retries; abort would kill the agent.
+    assert!(!deploy.iter().any(|l| l.contains("panic")), "{deploy:?}");
 }
 
 #[test]

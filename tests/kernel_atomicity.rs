@@ -82,7 +82,7 @@ fn pod(name: &str, node: &str, ip: &str, app: &str) -> Pod {
         id: ObjectRef::new(NS, name),
         labels: Labels::from([("app".to_string(), app.to_string())]).into(),
         node: node.into(),
-        ips: vec![ip.parse().unwrap()],
+        ips: ip.parse::<std::net::IpAddr>().unwrap().into(),
         host_network: false,
         ports: SERVED.iter().map(|&(port, protocol)| ContainerPort { name: None, port, protocol }).collect(),
     }
@@ -374,8 +374,8 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
         .iter()
         .map(|p| LabPod {
             name: p.id.to_string(),
-            node: p.node.clone(),
-            ips: p.ips.clone(),
+            node: p.node.to_string(),
+            ips: p.ips.to_vec(),
             serve: SERVED.iter().map(|&(port, proto)| (port, proto)).collect(),
             host_network: false,
         })
