@@ -25,9 +25,9 @@ use clap::Parser;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use netpol::agent::watch::AgentStores;
-use netpol::compile::{NodeConfig, compile};
+use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
 use netpol::generate::{self, Params};
-use netpol::nft::diff::{diff, full_sync};
+use netpol::nft::diff::{diff, diff_with, full_sync};
 
 #[path = "common/objects.rs"]
 mod objects;
@@ -244,6 +244,8 @@ fn main() {
     new_local.ips = "10.250.0.1".parse::<std::net::IpAddr>().expect("valid").into();
     let mut relabelled = (**remote).clone();
     std::sync::Arc::make_mut(&mut relabelled.labels).insert("app".into(), "relabelled".into());
+    // The agent's own path: the incremental compiler, primed with the cluster before the event.
+    let base_cluster = cluster.clone();
     for (what, pod) in [("new pod on node-0", new_local), ("remote pod relabelled", relabelled)] {
         let mut stores = stores.clone();
         apply_json(&mut stores, objects::pod_json(&pod)).expect("valid pod");
@@ -258,6 +260,20 @@ fn main() {
         let (m, n, text) = time(args.runs, || tx.render());
         row(&format!("{what}: render"), (m, n));
         println!("   {} ops, {} bytes", tx.ops.len(), text.len());
+        // There and back (two one-pod changes) per run, so every run sees a change.
+        let mut incremental = IncrementalCompiler::new(config.clone());
+        let mut last = incremental.compile(&base_cluster);
+        let desired = incremental.compile(&cluster);
+        assert_eq!(diff_with(&last, &desired, &incremental.take_set_deltas()), tx, "the agent's path differs");
+        last = desired;
+        let (m, n, _) = time(args.runs, || {
+            for next in [&base_cluster, &cluster] {
+                let desired = incremental.compile(next);
+                black_box(diff_with(&last, &desired, &incremental.take_set_deltas()));
+                last = desired;
+            }
+        });
+        row(&format!("{what}: incremental compile + diff (agent)"), (m / 2, n / 2));
     }
 
     // What the agent keeps between syncs is the stores and the applied ruleset; the rest
