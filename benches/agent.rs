@@ -199,20 +199,18 @@ fn memberships(rs: &Ruleset) -> HashMap<Ipv4Addr, BTreeSet<String>> {
 /// The sets and maps of `rs` that hold `ip` (as the whole key or its first component).
 fn memberships_of(rs: &Ruleset, ip: Ipv4Addr) -> BTreeSet<String> {
     let addr = NftValue::Addr(IpAddr::V4(ip));
-    let holds = |values: &[NftValue]| values.first() == Some(&addr);
+    // Elements sort by their components: the first one starting with `addr` is the first at
+    // or after the one-component element `addr`.
+    let first = NftElement::single(addr);
+    let starts_with_addr = |e: Option<&NftElement>| e.is_some_and(|e| e.values().first() == Some(&addr));
     let mut out = BTreeSet::new();
     for (name, set) in &rs.sets {
-        let found = if set.key.len() == 1 {
-            set.elements.contains(&NftElement::single(addr))
-        } else {
-            set.elements.iter().any(|e| holds(e.values()))
-        };
-        if found {
+        if starts_with_addr(set.elements.range(&first..).next()) {
             out.insert(name.clone());
         }
     }
     for (name, map) in &rs.maps {
-        if map.elements.keys().any(|e| holds(e.values())) {
+        if starts_with_addr(map.elements.range(&first..).next().map(|(k, _)| k)) {
             out.insert(name.clone());
         }
     }
