@@ -62,10 +62,11 @@ pub fn compile(cluster: &Cluster, config: &NodeConfig) -> Ruleset {
 /// Compiles one node's ruleset again and again, as the cluster changes, for the agent.
 ///
 /// ```text
-///  cluster_n ──► changed pods (cluster_{n-1} vs cluster_n, by value) ──► drop the cached
-///      │                                                              sets they could touch
+///  cluster_n ──► changed pods (cluster_{n-1} vs cluster_n) ──► patch the cached sets they
+///      │                                                      were or become members of
+///      │                                                      (their SetDeltas kept)
 ///      └──────► compile with the cache ──► ruleset_n (== compile(cluster_n), always)
-///                 │ a peer set still cached is reused: the same Arc as in ruleset_{n-1}
+///                 │ an untouched cached set is reused: the same Arc as in ruleset_{n-1}
 /// ```
 ///
 /// Still a compile of the whole snapshot, never of event deltas: what it reuses are the
@@ -130,11 +131,6 @@ impl IncrementalCompiler {
     /// sets' earlier versions alive).
     pub fn take_set_deltas(&mut self) -> SetDeltas {
         std::mem::take(&mut self.cache.deltas)
-    }
-
-    /// How many sets the cache holds (for metrics and tests).
-    pub fn cached_sets(&self) -> usize {
-        self.cache.peers.len() * 2 + self.cache.named.len()
     }
 }
 
@@ -220,8 +216,8 @@ impl<'p> PodChanges<'p> {
 
     /// `set` for the new cluster, given that it held exactly what the pods of the old one
     /// contribute, where `contribution(cluster, pod index)` are the elements one pod brings
-    /// to it. `None`: no changed pod brings or takes anything, `set` stands.
-    fn patch(&self, set: &Arc<Set>, contribution: impl Fn(&Cluster, usize) -> Vec<Element>) -> Option<Patched> {
+    /// to it, and how it changed. `None`: no changed pod brings or takes anything, `set` stands.
+    fn patch(&self, set: &Arc<Set>, contribution: impl Fn(&Cluster, usize) -> Vec<Element>) -> Option<SetDelta> {
         let mut gone = BTreeSet::new();
         let mut added = BTreeSet::new();
         for &(old, new) in &self.changed {
@@ -242,9 +238,9 @@ impl<'p> PodChanges<'p> {
             patched.elements.remove(e);
         }
         patched.elements.extend(added.iter().cloned());
-        Some(Patched {
-            set: Arc::new(patched),
+        Some(SetDelta {
             from: Arc::clone(set),
+            to: Arc::new(patched),
             gone: gone.into_iter().collect(),
             added: added.into_iter().collect(),
         })
@@ -259,25 +255,6 @@ impl<'p> PodChanges<'p> {
                 Err(_) => &[],
             },
             _ => &[],
-        }
-    }
-}
-
-/// A set brought up to date, and how it changed.
-struct Patched {
-    set: Arc<Set>,
-    from: Arc<Set>,
-    gone: Vec<Element>,
-    added: Vec<Element>,
-}
-
-impl Patched {
-    fn delta(&self) -> SetDelta {
-        SetDelta {
-            from: Arc::clone(&self.from),
-            to: Arc::clone(&self.set),
-            gone: self.gone.clone(),
-            added: self.added.clone(),
         }
     }
 }
@@ -359,16 +336,16 @@ impl SetCache {
                         .map(|ip| Element::single(Value::Addr(*ip)))
                         .collect()
                 };
-                if let Some(patched) = changes.patch(&cached.sets[k], contribution) {
-                    self.deltas.insert(cached.names[k].clone(), patched.delta());
-                    cached.sets[k] = patched.set;
+                if let Some(delta) = changes.patch(&cached.sets[k], contribution) {
+                    cached.sets[k] = Arc::clone(&delta.to);
+                    self.deltas.insert(cached.names[k].clone(), delta);
                 }
             }
         }
         for (name, cached) in &mut self.named {
-            if let Some(patched) = changes.patch(&cached.set, |c, j| cached.contribution(c, j)) {
-                self.deltas.insert(name.clone(), patched.delta());
-                cached.set = patched.set;
+            if let Some(delta) = changes.patch(&cached.set, |c, j| cached.contribution(c, j)) {
+                cached.set = Arc::clone(&delta.to);
+                self.deltas.insert(name.clone(), delta);
             }
         }
     }
@@ -848,7 +825,6 @@ impl<'a, 'c> Compiler<'a, 'c> {
         if let Some(names) = self.peer_sets.get(&key) {
             return names.clone();
         }
-        let cluster = self.cluster;
         let (identity, hint): (Vec<String>, String) = match scope {
             NamespaceScope::PolicyNamespace => {
                 (vec!["ns".into(), policy_ns.into(), format!("{pods:?}")], format!("{policy_ns}_{pods}"))
@@ -859,14 +835,34 @@ impl<'a, 'c> Compiler<'a, 'c> {
         };
         let ids: Vec<&str> = identity.iter().map(String::as_str).collect();
         let out = [names::generated(names::PEERS_V4, &ids, &hint), names::generated(names::PEERS_V6, &ids, &hint)];
-        if let Some(cached) = self.cache.peers.get_mut(&out[0]) {
-            cached.used = true;
-            for (name, set) in out.iter().zip(&cached.sets) {
-                self.rs.sets.insert(name.clone(), Arc::clone(set));
+        let sets = match self.cache.peers.get_mut(&out[0]) {
+            Some(cached) => {
+                cached.used = true;
+                cached.sets.clone()
             }
-            self.peer_sets.insert(key, out.clone());
-            return out;
+            None => {
+                let cached = self.build_peer_sets(policy_ns, scope, pods, &out);
+                let sets = cached.sets.clone();
+                self.cache.peers.insert(out[0].clone(), cached);
+                sets
+            }
+        };
+        for (name, set) in out.iter().zip(sets) {
+            self.rs.sets.insert(name.clone(), set);
         }
+        self.peer_sets.insert(key, out.clone());
+        out
+    }
+
+    /// The (v4, v6) sets of the pods matching `pods` in `scope`, named `names`, built.
+    fn build_peer_sets(
+        &mut self,
+        policy_ns: &'a str,
+        scope: &'a NamespaceScope,
+        pods: &'a Selector,
+        names: &[String; 2],
+    ) -> CachedPeers {
+        let cluster = self.cluster;
         let namespaces = self.scope_namespaces(policy_ns, scope);
         // Addresses first, sorted: a BTreeSet built from sorted items is bulk-loaded, where
         // inserting one by one searches the tree for each.
@@ -896,14 +892,8 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 elements: addrs.into_iter().map(|ip| Element::single(Value::Addr(ip))).collect(),
             })
         });
-        for (name, set) in out.iter().zip(&sets) {
-            self.rs.sets.insert(name.clone(), Arc::clone(set));
-        }
         let namespaces = namespaces.into_iter().map(str::to_string).collect();
-        let cached = CachedPeers { names: out.clone(), namespaces, selector: pods.clone(), sets, used: true };
-        self.cache.peers.insert(out[0].clone(), cached);
-        self.peer_sets.insert(key, out.clone());
-        out
+        CachedPeers { names: names.clone(), namespaces, selector: pods.clone(), sets, used: true }
     }
 
     /// The namespaces a peer's pods may live in.
