@@ -45,20 +45,9 @@ const TABLE: &str = "netpol";
 /// Benchmark of the real netpol-agent binary against an in-process fake apiserver.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Pods of the latency cluster.
-    #[arg(long, default_value_t = 10_000)]
-    pods: usize,
-    /// Policies of the latency cluster.
-    #[arg(long, default_value_t = 1_000)]
-    policies: usize,
-    /// Namespaces of the latency cluster.
-    #[arg(long, default_value_t = 100)]
-    namespaces: usize,
-    /// Nodes of the latency cluster. Prime by default: pods go to node `i % nodes` and
-    /// namespace `i % namespaces`, so an even divisor would put one node's pods in one
-    /// namespace.
-    #[arg(long, default_value_t = 101)]
-    nodes: usize,
+    /// The latency cluster.
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Larger clusters (pod counts) to run after the first, with policies, namespaces and
     /// nodes scaled alike (comma-separated; 0 for none).
     #[arg(long, value_delimiter = ',', default_value = "100000")]
@@ -75,8 +64,6 @@ struct Args {
     /// Extra environment for the agent (NAME=VALUE), e.g. MALLOC_ARENA_MAX=1.
     #[arg(long)]
     agent_env: Vec<String>,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
     /// The agent binary (default: the one cargo built with this benchmark).
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -171,7 +158,7 @@ impl Drop for Proc {
 
 #[path = "common/objects.rs"]
 mod objects;
-use objects::{namespaces_and_policies_json, pod_json};
+use objects::{ClusterArgs, namespaces_and_policies_json, pod_json};
 
 /// Which set or map elements each pod IPv4 address is part of.
 fn memberships(rs: &Ruleset) -> HashMap<Ipv4Addr, BTreeSet<String>> {
@@ -908,25 +895,18 @@ fn main() {
         }
     };
     let setup = Setup { args: &args, agent: &agent, dir: dir.path() };
-    let mut sizes = vec![Params {
-        pods: args.pods,
-        namespaces: args.namespaces,
-        policies: args.policies,
-        nodes: args.nodes,
-        seed: args.seed,
-        dual_stack: false,
-    }];
+    let first = args.cluster.params();
+    let mut sizes = vec![first.clone()];
     for &pods in args.scale_to.iter().filter(|p| **p > 0) {
-        let scale = pods as f64 / args.pods as f64;
+        let scale = pods as f64 / first.pods as f64;
         let scaled = |n: usize| ((n as f64 * scale).round() as usize).max(1);
         sizes.push(Params {
             pods,
-            namespaces: scaled(args.namespaces),
-            policies: scaled(args.policies),
+            namespaces: scaled(first.namespaces),
+            policies: scaled(first.policies),
             // Odd, so pods of one node spread over namespaces.
-            nodes: scaled(args.nodes) | 1,
-            seed: args.seed,
-            dual_stack: false,
+            nodes: scaled(first.nodes) | 1,
+            ..first.clone()
         });
     }
     let mut failed = false;

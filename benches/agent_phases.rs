@@ -26,7 +26,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use netpol::agent::watch::AgentStores;
 use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
-use netpol::generate::{self, Params};
+use netpol::generate;
 use netpol::nft::diff::{diff, diff_with, full_sync};
 
 #[path = "common/objects.rs"]
@@ -118,18 +118,10 @@ fn memory_row(what: &str, bytes: usize, allocations: usize, pods: usize) {
 
 #[derive(Parser, Debug)]
 struct Args {
-    #[arg(long, default_value_t = 10_000)]
-    pods: usize,
-    #[arg(long, default_value_t = 1_000)]
-    policies: usize,
-    #[arg(long, default_value_t = 100)]
-    namespaces: usize,
-    #[arg(long, default_value_t = 101)]
-    nodes: usize,
+    #[command(flatten)]
+    cluster: objects::ClusterArgs,
     #[arg(long, default_value_t = 7)]
     runs: usize,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -168,14 +160,7 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     let args = Args::parse();
-    let params = Params {
-        pods: args.pods,
-        policies: args.policies,
-        namespaces: args.namespaces,
-        nodes: args.nodes,
-        seed: args.seed,
-        ..Params::default()
-    };
+    let params = args.cluster.params();
     println!(
         "== {} pods, {} policies, {} namespaces, {} nodes; {} runs per phase (median, min)",
         params.pods, params.policies, params.namespaces, params.nodes, args.runs

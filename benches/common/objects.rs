@@ -1,10 +1,44 @@
-//! The generated cluster as API objects, shared by the agent benchmarks.
+//! The generated cluster, its size flags and its API objects, shared by the agent benchmarks.
 
 use std::net::IpAddr;
 
-use netpol::generate;
+use netpol::generate::{self, Params};
 use netpol::model::{Cluster, Pod};
 use serde_json::{Value, json};
+
+/// The size of the generated cluster (`--pods --policies --namespaces --nodes --seed`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Pods of the cluster.
+    #[arg(long, default_value_t = 10_000)]
+    pub pods: usize,
+    /// Policies of the cluster.
+    #[arg(long, default_value_t = 1_000)]
+    pub policies: usize,
+    /// Namespaces of the cluster.
+    #[arg(long, default_value_t = 100)]
+    pub namespaces: usize,
+    /// Nodes of the cluster. Prime by default: pods go to node `i % nodes` and namespace
+    /// `i % namespaces`, so an even divisor would put one node's pods in one namespace.
+    #[arg(long, default_value_t = 101)]
+    pub nodes: usize,
+    /// Seed of the generator (same seed, same cluster).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl ClusterArgs {
+    pub fn params(&self) -> Params {
+        Params {
+            pods: self.pods,
+            policies: self.policies,
+            namespaces: self.namespaces,
+            nodes: self.nodes,
+            seed: self.seed,
+            dual_stack: false,
+        }
+    }
+}
 
 /// A pod as a Deployment's pod looks on the wire (owner, annotations, env, volumes,
 /// conditions, managedFields), so lists and watch events carry the bytes the agent strips.
