@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!  Snapshot ──Arcs──► Cluster ──IncrementalCompiler(node)──► desired ─┬─ full / nothing known ─► full_sync
-//!   (objects converted on arrival   (reuses the pod-address sets        └─ else ─► diff(last, desired)
-//!    by the watch)                   no changed pod can be in)               (reused sets skipped unread)
+//!   (objects converted on arrival   (reuses untouched pod-address       └─ else ─► diff_with(last, desired, deltas)
+//!    by the watch)                   sets, patches the others: deltas)     (reused sets skipped unread)
 //! ```
 //!
 //! What was applied is remembered only after nft accepted it; any failure forgets it, so
