@@ -268,6 +268,7 @@ fn every_conformance_case_passes_on_the_ruleset_engine() {
 
 use netpol::nft::diff::{diff, diff_with, full_sync};
 use netpol::nft::fake::FakeNftables;
+use netpol::nft::netlink::NetlinkNftables;
 use netpol::nft::real::RealNftables;
 use netpol::nft::{Nftables, render};
 
@@ -586,6 +587,160 @@ fn diffs_apply_on_the_real_kernel_and_list_back() {
             nft.apply(&tx).unwrap_or_else(|e| panic!("seed {seed}: diff: {e}\n{}", tx.render()));
         }
         assert!(nft.list("netpol").is_ok());
+    }
+}
+
+/// What the kernel holds, as nft reads it back expression by expression
+/// (`--debug=netlink`), without what may differ between two equal tables: rule handles
+/// and the order in which a hash set lists its elements.
+fn kernel_view(nft: &RealNftables) -> String {
+    let raw = nft.run(&["--debug=netlink", "list", "table", "inet", "netpol"], "").unwrap();
+    let mut blocks: Vec<Vec<String>> = Vec::new();
+    for line in raw.lines() {
+        if line.starts_with("table ") {
+            break; // the decompiled listing that follows repeats the same, in hash order
+        }
+        if !line.starts_with([' ', '\t']) {
+            // "inet netpol <chain> <handle> [<previous handle>]" or "inet netpol @<set>"
+            let header: Vec<&str> = line.split_whitespace().take(3).collect();
+            blocks.push(vec![header.join(" ")]);
+        } else if let Some(b) = blocks.last_mut() {
+            b.push(line.to_string());
+        }
+    }
+    for b in &mut blocks {
+        if b[0].contains(" @") {
+            b[1..].sort();
+        }
+    }
+    // Set blocks come in the kernel's set order: sort them by name; rule blocks keep
+    // their order within a chain, chains sorted by name.
+    blocks.sort_by(|x, y| x[0].cmp(&y[0]));
+    blocks.into_iter().map(|b| b.join("\n")).collect::<Vec<_>>().join("\n")
+}
+
+/// The chains' declarations (comments) as nft lists them, rules and elements left out.
+fn chain_headers(nft: &RealNftables) -> Vec<String> {
+    let listing = nft.list("netpol").unwrap();
+    let mut out = Vec::new();
+    let mut chain = None;
+    for line in listing.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("chain ") {
+            chain = Some(name.trim_end_matches(" {").to_string());
+        } else if line.starts_with("comment ") || line.starts_with("type ") {
+            if let Some(c) = &chain {
+                out.push(format!("{c}: {line}"));
+            }
+        } else if line == "}" {
+            chain = None;
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn netlink_batches_leave_the_kernel_exactly_as_nft_scripts_do() {
+    if !nft_available() {
+        eprintln!("nft missing: skipped");
+        return;
+    }
+    let (Some(by_nft), Some(by_netlink)) = (Netns::new("nl-nft"), Netns::new("nl-batch")) else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
+        return;
+    };
+    let mut reference = RealNftables::in_netns(by_nft.0.clone());
+    let mut netlink = NetlinkNftables::open(RealNftables::in_netns(by_netlink.0.clone())).unwrap();
+    let config = NodeConfig::new("node-1");
+    let mut diffs = 0;
+    for seed in 1..=25u64 {
+        let mut rng = Rng::new(seed.wrapping_mul(6151));
+        let mut cluster = random_cluster(seed * 7_919);
+        let mut applied = compile(&cluster, &config);
+        let tx = full_sync(&applied);
+        reference.apply(&tx).unwrap();
+        netlink.apply(&tx).unwrap();
+        for step in 0..6 {
+            cluster = mutate(&cluster, &mut rng);
+            let desired = compile(&cluster, &config);
+            let tx = diff(&applied, &desired);
+            applied = desired;
+            if tx.is_empty() {
+                continue;
+            }
+            diffs += 1;
+            reference.apply(&tx).unwrap_or_else(|e| panic!("seed {seed} step {step}: nft: {e}\n{}", tx.render()));
+            netlink.apply(&tx).unwrap_or_else(|e| panic!("seed {seed} step {step}: netlink: {e}\n{}", tx.render()));
+            let (want, got) = (kernel_view(&reference), kernel_view(netlink.nft()));
+            assert!(
+                want == got,
+                "seed {seed} step {step}: the kernels differ (- nft, + netlink):\n{}\nafter:\n{}",
+                line_diff(&want, &got),
+                tx.render()
+            );
+            assert_eq!(chain_headers(&reference), chain_headers(netlink.nft()), "seed {seed} step {step}");
+        }
+    }
+    let (over_netlink, through_nft) = netlink.sent;
+    eprintln!("{diffs} diffs: {over_netlink} over netlink, {} through nft (with the 25 full syncs)", through_nft);
+    assert!(over_netlink * 2 > diffs, "most diffs go over netlink: {over_netlink} of {diffs}");
+}
+
+/// Every chain and rule of `rs` added over netlink to a table whose sets nft made: every
+/// rule form the compiler emits, encoded as nft encodes it.
+fn assert_netlink_rules_match_nft(what: &str, rs: &netpol::nft::ir::Ruleset, by_nft: &Netns, by_netlink: &Netns) {
+    let mut reference = RealNftables::in_netns(by_nft.0.clone());
+    reference.apply(&full_sync(rs)).unwrap();
+    let mut netlink = NetlinkNftables::open(RealNftables::in_netns(by_netlink.0.clone())).unwrap();
+    let mut sets_only = rs.clone();
+    sets_only.chains.clear();
+    for map in sets_only.maps.values_mut() {
+        map.elements.clear(); // they jump to the chains
+    }
+    netlink.apply(&full_sync(&sets_only)).unwrap();
+    let mut tx = netpol::nft::Transaction::new(rs.table.clone());
+    for (name, chain) in &rs.chains {
+        tx.push(netpol::nft::Op::AddChain { name: name.clone(), chain: chain.clone() });
+    }
+    for (name, chain) in &rs.chains {
+        for rule in &chain.rules {
+            tx.push(netpol::nft::Op::AddRule { chain: name.clone(), rule: rule.clone() });
+        }
+    }
+    for (name, map) in &rs.maps {
+        if !map.elements.is_empty() {
+            let elements = map.elements.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            tx.push(netpol::nft::Op::AddMapElements { map: name.clone(), elements });
+        }
+    }
+    netlink.apply(&tx).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(netlink.sent, (1, 1), "{what}: the chains went over netlink");
+    let (want, got) = (kernel_view(&reference), kernel_view(netlink.nft()));
+    assert!(want == got, "{what}: the kernels differ (- nft, + netlink):\n{}", line_diff(&want, &got));
+    assert_eq!(chain_headers(&reference), chain_headers(netlink.nft()), "{what}");
+}
+
+#[test]
+fn every_rule_the_compiler_makes_is_encoded_over_netlink_as_nft_encodes_it() {
+    if !nft_available() {
+        eprintln!("nft missing: skipped");
+        return;
+    }
+    let (Some(by_nft), Some(by_netlink)) = (Netns::new("nr-nft"), Netns::new("nr-batch")) else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
+        return;
+    };
+    for example in examples() {
+        let sources = netpol::load::read_sources(std::slice::from_ref(&example)).unwrap();
+        let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
+        let rs = compile(&cluster, &NodeConfig::new("node-1"));
+        assert_netlink_rules_match_nft(&example.display().to_string(), &rs, &by_nft, &by_netlink);
+    }
+    for seed in 1..=20u64 {
+        for node in NODES {
+            let rs = compile(&random_cluster(seed * 31_337), &NodeConfig::new(node));
+            assert_netlink_rules_match_nft(&format!("seed {seed} {node}"), &rs, &by_nft, &by_netlink);
+        }
     }
 }
 

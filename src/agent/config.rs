@@ -54,6 +54,12 @@ pub struct AgentConfig {
     #[arg(long, env = "RUST_LOG", default_value = "info", value_parser = parse_log_level)]
     pub log_level: String,
 
+    /// Program the nftables of this network namespace (a name under /run/netns, as
+    /// `ip netns add` makes them) instead of the agent's own. For development and tests;
+    /// in the cluster the agent runs on the host network and needs none.
+    #[arg(long, env = "NETPOL_NETNS", value_parser = parse_netns)]
+    pub netns: Option<String>,
+
     /// Delete the agent's nftables table on exit (otherwise the rules stay in force while
     /// the agent restarts).
     #[arg(long, env = "NETPOL_CLEANUP_ON_EXIT")]
@@ -132,6 +138,17 @@ fn parse_kubeconfig(s: &str) -> Result<PathBuf, String> {
         return Err(format!("`{s}` is not a readable file"));
     }
     Ok(p)
+}
+
+fn parse_netns(s: &str) -> Result<String, String> {
+    let valid = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !valid || s.starts_with('.') {
+        return Err(format!("`{s}` is not a network namespace name (letters, digits, `_`, `-`, `.`)"));
+    }
+    if !std::path::Path::new("/run/netns").join(s).exists() {
+        return Err(format!("no network namespace `{s}` (/run/netns/{s} does not exist)"));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_log_level(s: &str) -> Result<String, String> {

@@ -3,8 +3,9 @@
 //! error, 2 bad configuration).
 //!
 //! ```text
-//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimAfterSync(NftTarget))
-//!                                                   every sync ──► malloc_trim(0)
+//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimAfterSync(NftTarget(NetlinkNftables)))
+//!                                                   │    partial syncs over netlink, the rest via nft
+//!                                                   └─ every sync ──► malloc_trim(0)
 //! ```
 
 use std::process::ExitCode;
@@ -13,6 +14,7 @@ use clap::Parser;
 
 use netpol::agent::nft_target::NftTarget;
 use netpol::agent::{self, AgentConfig, AgentError, Snapshot, SyncError, SyncStats, SyncTarget};
+use netpol::nft::netlink::NetlinkNftables;
 use netpol::nft::real::RealNftables;
 
 const BAD_CONFIG: u8 = 2;
@@ -37,7 +39,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let target = TrimAfterSync(NftTarget::new(RealNftables::default(), config.node.clone(), config.table.clone()));
+    let nft = RealNftables { netns: config.netns.clone(), ..RealNftables::default() };
+    let nft = match NetlinkNftables::open(nft.clone()) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("no netlink socket ({e}): every transaction goes through the nft command");
+            NetlinkNftables::nft_only(nft)
+        }
+    };
+    let target = TrimAfterSync(NftTarget::new(nft, config.node.clone(), config.table.clone()));
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
         Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)

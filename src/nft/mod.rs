@@ -15,6 +15,7 @@ pub mod interpret;
 pub mod ir;
 pub mod json;
 pub mod names;
+pub mod netlink;
 pub mod real;
 pub mod render;
 

@@ -1,5 +1,6 @@
 //! The real nftables: one `nft -f -` process per transaction, the script on stdin, so the
-//! kernel applies it atomically. Optionally inside a network namespace (`ip netns exec`).
+//! kernel applies it atomically. Optionally inside a network namespace (`nsenter`, or
+//! `ip netns exec` without it).
 //! The only place in the library that spawns processes.
 //!
 //! ```text
@@ -45,6 +46,13 @@ impl RealNftables {
 
     fn command(&self) -> Command {
         match &self.netns {
+            // nsenter joins only the network namespace, where `ip netns exec` also sets up
+            // a mount namespace (~4 ms more per call).
+            Some(ns) if nsenter_available() => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(&self.nft);
+                c
+            }
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(&self.nft);
@@ -77,6 +85,11 @@ impl RealNftables {
     pub fn apply_text(&self, script: &str) -> Result<(), NftError> {
         self.run(&["-f", "-"], script).map(|_| ())
     }
+}
+
+fn nsenter_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| Command::new("nsenter").arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
 /// An in-memory file holding all of `script`, positioned at its start: nft's stdin exists

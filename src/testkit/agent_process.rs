@@ -2,14 +2,15 @@
 //!
 //! ```text
 //!  test ──spawn──► netpol-agent --node N --kubeconfig <fake apiserver> --log-format json
-//!                      │  PATH=<dir>/bin-N:$PATH
-//!                      └─► nft (wrapper) ──► nsenter --net=<node netns> nft "$@"   (NftRoute::Netns)
-//!                                       └──► exit 1                               (NftRoute::Refuse)
+//!                      ├─ --netns <node netns>: its nft and its netlink socket go there   (NftRoute::Netns)
+//!                      └─ PATH=<dir>/bin-N:$PATH, nft (wrapper) ──► exit 1              (NftRoute::Refuse)
 //! ```
 //!
 //! The agent stays in the root namespace (the fake apiserver listens on 127.0.0.1 there);
-//! only its `nft` is redirected, so the host's ruleset is never touched. Its JSON log goes
-//! to a file the test reads: [`AgentProcess::applied`] counts the transactions nft accepted.
+//! only its nftables work is redirected, so the host's ruleset is never touched. (A refused
+//! agent never sends over netlink: it does so only after nft accepted a full sync.) Its JSON
+//! log goes to a file the test reads: [`AgentProcess::applied`] counts the transactions the
+//! kernel accepted.
 
 use std::fs::File;
 use std::io;
@@ -90,22 +91,8 @@ impl AgentLaunch {
         let bin = self.workdir.join(format!("bin-{}", self.node));
         std::fs::create_dir_all(&bin)?;
         let script = match &self.nft {
-            NftRoute::Netns(ns) => {
-                let out = Command::new("sh").args(["-c", "command -v nft"]).output()?;
-                let real = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                if real.is_empty() {
-                    return Err(io::Error::new(io::ErrorKind::NotFound, "nft is not on PATH"));
-                }
-                // nsenter only joins the network namespace, where `ip netns exec` also sets up
-                // a mount namespace: ~4 ms less per nft call, which the agent bench measures.
-                let handle = Path::new("/run/netns").join(ns);
-                let nsenter = Command::new("sh").args(["-c", "command -v nsenter"]).output()?;
-                if handle.exists() && nsenter.status.success() {
-                    format!("#!/bin/sh\nexec nsenter --net='{}' '{real}' \"$@\"\n", handle.display())
-                } else {
-                    format!("#!/bin/sh\nexec ip netns exec '{ns}' '{real}' \"$@\"\n")
-                }
-            }
+            // The agent enters the namespace itself (`--netns`), for nft and its netlink socket.
+            NftRoute::Netns(_) => return Ok(bin),
             NftRoute::Refuse => "#!/bin/sh\necho 'nft refused by the test harness' >&2\nexit 1\n".to_string(),
         };
         let wrapper = bin.join("nft");
@@ -125,6 +112,9 @@ impl AgentLaunch {
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(&self.extra_args);
+        if let NftRoute::Netns(ns) = &self.nft {
+            cmd.args(["--netns", ns]);
+        }
         // Only the command line configures the agent under test: no variable its flags fall
         // back to (the list comes from the flags themselves) leaks in from the caller.
         for var in AgentConfig::command().get_arguments().filter_map(|a| a.get_env()) {
