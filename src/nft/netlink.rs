@@ -710,13 +710,19 @@ impl NetlinkSocket {
         Ok(fd)
     }
 
+    /// Blocking receives give up after `timeout` (so that a listener can check whether to stop).
+    pub fn set_receive_timeout(&self, timeout: std::time::Duration) -> std::io::Result<()> {
+        let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
+        socket::setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv).map_err(std::io::Error::from)
+    }
+
     pub fn send(&self, buf: &[u8]) -> Result<(), Errno> {
         let sent = socket::send(self.fd.as_raw_fd(), buf, MsgFlags::empty())?;
         if sent == buf.len() { Ok(()) } else { Err(Errno::EMSGSIZE) }
     }
 
-    /// One datagram (possibly several messages); `None` when none is waiting and
-    /// `wait` is false.
+    /// One datagram (possibly several messages); `None` when none is waiting and `wait`
+    /// is false, or the receive timeout passed.
     pub fn recv(&self, buf: &mut [u8], wait: bool) -> Result<Option<usize>, Errno> {
         let flags = if wait { MsgFlags::empty() } else { MsgFlags::MSG_DONTWAIT };
         match socket::recv(self.fd.as_raw_fd(), buf, flags) {
@@ -725,6 +731,25 @@ impl NetlinkSocket {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The nf_tables multicast group (NFNLGRP_NFTABLES): every committed change, then NEWGEN.
+pub const NFNLGRP_NFTABLES: u32 = 7;
+
+/// An nf_tables message's own type, if `kind` is one (the subsystem is in the high byte).
+pub fn nftables_message(kind: u16) -> Option<u16> {
+    (kind >> 8 == NFNL_SUBSYS_NFTABLES).then_some(kind & 0xff)
+}
+
+/// The keys of the elements in a NEWSETELEM/DELSETELEM payload (after the nfgenmsg).
+pub fn element_keys(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let attrs = payload.get(4..).unwrap_or_default();
+    attributes(attrs)
+        .filter(|(k, _)| *k == NFTA_SET_ELEM_LIST_ELEMENTS)
+        .flat_map(|(_, list)| attributes(list))
+        .filter(|(k, _)| *k == NFTA_LIST_ELEM)
+        .filter_map(|(_, elem)| attributes(elem).find(|(k, _)| *k == NFTA_SET_ELEM_KEY))
+        .filter_map(|(_, key)| attributes(key).find(|(k, _)| *k == NFTA_DATA_VALUE).map(|(_, v)| v))
 }
 
 /// The messages of a datagram: (type, flags, sequence number, payload after the header).
