@@ -619,24 +619,31 @@ fn kernel_view(nft: &RealNftables) -> String {
     blocks.into_iter().map(|b| b.join("\n")).collect::<Vec<_>>().join("\n")
 }
 
-/// The chains' declarations (comments) as nft lists them, rules and elements left out.
-fn chain_headers(nft: &RealNftables) -> Vec<String> {
-    let listing = nft.list("netpol").unwrap();
-    let mut out = Vec::new();
-    let mut chain = None;
-    for line in listing.lines().map(str::trim) {
-        if let Some(name) = line.strip_prefix("chain ") {
-            chain = Some(name.trim_end_matches(" {").to_string());
-        } else if line.starts_with("comment ") || line.starts_with("type ") {
-            if let Some(c) = &chain {
-                out.push(format!("{c}: {line}"));
-            }
-        } else if line == "}" {
-            chain = None;
-        }
+/// The table as `nft list` shows it, with each set's elements sorted (a hash set lists
+/// them in its own order).
+fn listing(nft: &RealNftables) -> String {
+    let text = nft.list("netpol").unwrap();
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("elements = {") {
+        let (before, after) = rest.split_at(start + "elements = {".len());
+        out.push_str(before);
+        let end = after.find('}').expect("elements end");
+        let mut items: Vec<&str> = after[..end].split(',').map(str::trim).collect();
+        items.sort();
+        out.push_str(&items.join(", "));
+        rest = &after[end..];
     }
-    out.sort();
+    out.push_str(rest);
     out
+}
+
+/// Both namespaces' tables are the same, expression by expression and as listed.
+fn assert_same_kernel_tables(what: &str, reference: &RealNftables, other: &RealNftables) {
+    let (want, got) = (kernel_view(reference), kernel_view(other));
+    assert!(want == got, "{what}: the kernels differ (- nft, + netlink):\n{}", line_diff(&want, &got));
+    let (want, got) = (listing(reference), listing(other));
+    assert!(want == got, "{what}: the listings differ (- nft, + netlink):\n{}", line_diff(&want, &got));
 }
 
 #[test]
@@ -660,6 +667,7 @@ fn netlink_batches_leave_the_kernel_exactly_as_nft_scripts_do() {
         let tx = full_sync(&applied);
         reference.apply(&tx).unwrap();
         netlink.apply(&tx).unwrap();
+        assert_same_kernel_tables(&format!("seed {seed}: full sync"), &reference, netlink.nft());
         for step in 0..6 {
             cluster = mutate(&cluster, &mut rng);
             let desired = compile(&cluster, &config);
@@ -671,19 +679,20 @@ fn netlink_batches_leave_the_kernel_exactly_as_nft_scripts_do() {
             diffs += 1;
             reference.apply(&tx).unwrap_or_else(|e| panic!("seed {seed} step {step}: nft: {e}\n{}", tx.render()));
             netlink.apply(&tx).unwrap_or_else(|e| panic!("seed {seed} step {step}: netlink: {e}\n{}", tx.render()));
-            let (want, got) = (kernel_view(&reference), kernel_view(netlink.nft()));
-            assert!(
-                want == got,
-                "seed {seed} step {step}: the kernels differ (- nft, + netlink):\n{}\nafter:\n{}",
-                line_diff(&want, &got),
-                tx.render()
+            assert_same_kernel_tables(
+                &format!("seed {seed} step {step} after\n{}", tx.render()),
+                &reference,
+                netlink.nft(),
             );
-            assert_eq!(chain_headers(&reference), chain_headers(netlink.nft()), "seed {seed} step {step}");
         }
     }
     let (over_netlink, through_nft) = netlink.sent;
-    eprintln!("{diffs} diffs: {over_netlink} over netlink, {} through nft (with the 25 full syncs)", through_nft);
-    assert!(over_netlink * 2 > diffs, "most diffs go over netlink: {over_netlink} of {diffs}");
+    eprintln!("25 full syncs and {diffs} diffs: {over_netlink} over netlink, {through_nft} through nft");
+    assert!(
+        over_netlink > 25 + diffs / 2,
+        "full syncs and most diffs go over netlink: {over_netlink} of {}",
+        25 + diffs
+    );
 }
 
 /// Every chain and rule of `rs` added over netlink to a table whose sets nft made: every
@@ -714,10 +723,8 @@ fn assert_netlink_rules_match_nft(what: &str, rs: &netpol::nft::ir::Ruleset, by_
         }
     }
     netlink.apply(&tx).unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(netlink.sent, (1, 1), "{what}: the chains went over netlink");
-    let (want, got) = (kernel_view(&reference), kernel_view(netlink.nft()));
-    assert!(want == got, "{what}: the kernels differ (- nft, + netlink):\n{}", line_diff(&want, &got));
-    assert_eq!(chain_headers(&reference), chain_headers(netlink.nft()), "{what}");
+    assert_eq!(netlink.sent, (2, 0), "{what}: the sets, then the chains, went over netlink");
+    assert_same_kernel_tables(what, &reference, netlink.nft());
 }
 
 #[test]
@@ -742,6 +749,66 @@ fn every_rule_the_compiler_makes_is_encoded_over_netlink_as_nft_encodes_it() {
             assert_netlink_rules_match_nft(&format!("seed {seed} {node}"), &rs, &by_nft, &by_netlink);
         }
     }
+}
+
+#[test]
+fn a_large_full_sync_over_netlink_equals_nft_s() {
+    if !nft_available() {
+        eprintln!("nft missing: skipped");
+        return;
+    }
+    let (Some(by_nft), Some(by_netlink)) = (Netns::new("nb-nft"), Netns::new("nb-batch")) else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
+        return;
+    };
+    // Dual-stack 3 000 pods: tens of thousands of elements, a batch of several MiB (more
+    // than a socket sends by default) split into many element messages.
+    let params =
+        netpol::generate::Params { pods: 3_000, namespaces: 30, policies: 300, nodes: 3, seed: 5, dual_stack: true };
+    let rs = compile(&netpol::generate::cluster(&params), &NodeConfig::new("node-0"));
+    assert!(rs.element_count() > 20_000, "{} elements", rs.element_count());
+    let tx = full_sync(&rs);
+    RealNftables::in_netns(by_nft.0.clone()).apply(&tx).unwrap();
+    let mut netlink = NetlinkNftables::open(RealNftables::in_netns(by_netlink.0.clone())).unwrap();
+    netlink.apply(&tx).unwrap();
+    netlink.apply(&tx).unwrap(); // a second full sync replaces the first
+    assert_eq!(netlink.sent, (2, 0));
+    assert_same_kernel_tables("3 000 pods", &RealNftables::in_netns(by_nft.0.clone()), netlink.nft());
+}
+
+#[test]
+fn a_batch_the_kernel_rejects_changes_nothing_and_names_the_op() {
+    if !nft_available() {
+        eprintln!("nft missing: skipped");
+        return;
+    }
+    let Some(ns) = Netns::new("nl-reject") else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
+        return;
+    };
+    let rs = compile(&netpol::generate::cluster(&netpol::generate::Params::default()), &NodeConfig::new("node-0"));
+    let mut netlink = NetlinkNftables::open(RealNftables::in_netns(ns.0.clone())).unwrap();
+    netlink.apply(&full_sync(&rs)).unwrap();
+    let before = listing(netlink.nft());
+    let v4 = [netpol::nft::ir::KeyType::Ipv4Addr];
+    let set = rs.sets.iter().find(|(_, s)| !s.interval && s.key == v4).map(|(n, _)| n.clone()).expect("a peer set");
+    let stranger = netpol::nft::ir::Element::single(netpol::nft::ir::Value::Addr("203.0.113.9".parse().unwrap()));
+    let mut tx = netpol::nft::Transaction::new("netpol");
+    tx.push(netpol::nft::Op::AddChain { name: "fresh_chain".into(), chain: Default::default() });
+    tx.push(netpol::nft::Op::AddElements { set: set.clone(), elements: vec![stranger.clone()] });
+    // Not there: the kernel refuses, and the two ops before are rolled back with it.
+    tx.push(netpol::nft::Op::DeleteElements { set: set.clone(), elements: vec![stranger.clone(), stranger] });
+    let err = netlink.apply(&tx).unwrap_err().to_string();
+    assert!(err.contains("delete element inet netpol") && err.contains(&set), "{err}");
+    assert_eq!(netlink.sent.0, 2, "sent over netlink");
+    assert_eq!(listing(netlink.nft()), before, "nothing of the batch stayed");
+    // The next transaction goes through nft (should the refusal have been our encoding's
+    // fault), and the one after that over netlink again.
+    netlink.apply(&full_sync(&rs)).unwrap();
+    assert_eq!(netlink.sent, (2, 1));
+    netlink.apply(&full_sync(&rs)).unwrap();
+    assert_eq!(netlink.sent, (3, 1));
+    eprintln!("{err}");
 }
 
 // --- golden files ---------------------------------------------------------------------------

@@ -161,7 +161,7 @@ impl std::fmt::Display for TxStats {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum NftError {
     /// nft (or the fake) refused the transaction; nothing was applied.
-    #[error("nft rejected the transaction: {0}")]
+    #[error("nftables rejected the transaction: {0}")]
     Rejected(String),
     /// The table does not exist.
     #[error("no such table: inet {0}")]
