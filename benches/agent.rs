@@ -390,6 +390,22 @@ fn partial_sync_histogram(metrics: &str) -> Option<(u64, f64, f64, f64)> {
 }
 
 /// Sum of a metric's samples over all label sets (`name{...} value` or `name value`).
+/// Mean seconds of the partial syncs' `phase` (compile, apply), from the phase histogram.
+fn partial_phase_mean(metrics: &str, phase: &str) -> Option<f64> {
+    let value = |suffix: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("netpol_sync_phase_duration_seconds_{suffix}{{"))
+                    && l.contains("mode=\"partial\"")
+                    && l.contains(&format!("phase=\"{phase}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let (sum, count) = (value("sum")?, value("count")?);
+    (count > 0.0).then(|| sum / count)
+}
+
 fn metric_sum(metrics: &str, name: &str) -> u64 {
     metrics
         .lines()
@@ -493,6 +509,8 @@ struct Outcome {
     local_pods: (usize, usize),
     converged: Result<usize, String>,
     partial_syncs: Option<(u64, f64, f64, f64)>,
+    /// Mean compile and apply time of a partial sync, seconds.
+    phases: [Option<f64>; 2],
     agent_cpu_per_sec: f64,
     generations: u64,
     /// Times the kernel's announcements overflowed the monitor's socket.
@@ -700,7 +718,9 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         rss_end.0,
         rss_end.1
     );
-    let partial_syncs = http_get(admin_port, "/metrics").and_then(|(_, body)| partial_sync_histogram(&body));
+    let metrics = http_get(admin_port, "/metrics").map(|(_, body)| body).unwrap_or_default();
+    let partial_syncs = partial_sync_histogram(&metrics);
+    let phases = ["compile", "apply"].map(|p| partial_phase_mean(&metrics, p));
 
     let replay_start = Instant::now();
     let changed_when_applied = replay(&base, &events, &config);
@@ -749,6 +769,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         local_pods: (local_pods_at_start, local_pods_at_end),
         converged,
         partial_syncs,
+        phases,
         agent_cpu_per_sec,
         generations,
         monitor_overruns,
@@ -839,6 +860,13 @@ fn report(o: &Outcome, args: &Args) {
             if count > 0 { sum / count as f64 * 1000.0 } else { f64::NAN },
             p50 * 1000.0,
             p99 * 1000.0
+        );
+    }
+    if let [Some(compile), Some(apply)] = o.phases {
+        println!(
+            "   of which compile (snapshot to transaction) {:.1} ms, apply (until the kernel committed) {:.2} ms",
+            compile * 1000.0,
+            apply * 1000.0
         );
     }
     println!("agent CPU during churn: {:.2} cores", o.agent_cpu_per_sec);

@@ -269,6 +269,58 @@ struct SetCache {
     named: HashMap<String, CachedNamedPorts>,
     /// How the last patch changed sets, by set name.
     deltas: SetDeltas,
+    /// Policy chains by (policy object, direction).
+    policy_chains: HashMap<(ByAddress<crate::model::Policy>, Direction), CachedPolicyChain>,
+    /// Local pods' chains by (pod object, direction).
+    pod_chains: HashMap<(ByAddress<Pod>, Direction), CachedPodChain>,
+}
+
+/// A shared object as a map key by its allocation: an unchanged object is the same
+/// allocation from one snapshot to the next, and the key keeps it alive (so the address
+/// cannot be reused while it is cached).
+#[derive(Debug)]
+struct ByAddress<T>(Arc<T>);
+
+impl<T> PartialEq for ByAddress<T> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<T> Eq for ByAddress<T> {}
+
+impl<T> std::hash::Hash for ByAddress<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.0).hash(state);
+    }
+}
+
+/// Where a policy chain's set comes from when the chain is reused.
+#[derive(Debug)]
+enum SetSource {
+    /// The peer sets cached under this (IPv4) name; the chain names both families.
+    Peers,
+    /// An egress named-port set cached under its name.
+    NamedPorts,
+    /// A set of the policy alone (ipBlocks, ports).
+    Fixed(Arc<Set>),
+}
+
+#[derive(Debug)]
+struct CachedPolicyChain {
+    name: String,
+    chain: Arc<Chain>,
+    sets: Vec<(String, SetSource)>,
+    used: bool,
+}
+
+#[derive(Debug)]
+struct CachedPodChain {
+    /// The policies it jumps to (their ids name the chains).
+    policies: Vec<Arc<crate::model::Policy>>,
+    name: String,
+    chain: Arc<Chain>,
+    used: bool,
 }
 
 /// The (v4, v6) address sets of the pods matching `selector` in `namespaces`.
@@ -353,6 +405,32 @@ impl SetCache {
     fn keep_only_used(&mut self) {
         self.peers.retain(|_, c| std::mem::take(&mut c.used));
         self.named.retain(|_, c| std::mem::take(&mut c.used));
+        self.policy_chains.retain(|_, c| std::mem::take(&mut c.used));
+        self.pod_chains.retain(|_, c| std::mem::take(&mut c.used));
+    }
+
+    /// The sets a reused policy chain looks up, as they are now, each cache entry marked
+    /// used; `None` if one of them is no longer cached (its chain is then built afresh).
+    fn current_sets(&mut self, sources: &[(String, SetSource)]) -> Option<Vec<(String, Arc<Set>)>> {
+        let mut out = Vec::with_capacity(sources.len() + 1);
+        for (name, source) in sources {
+            match source {
+                SetSource::Peers => {
+                    let cached = self.peers.get(name)?;
+                    out.extend(cached.names.iter().cloned().zip(cached.sets.iter().cloned()));
+                }
+                SetSource::NamedPorts => out.push((name.clone(), Arc::clone(&self.named.get(name)?.set))),
+                SetSource::Fixed(set) => out.push((name.clone(), Arc::clone(set))),
+            }
+        }
+        for (name, source) in sources {
+            match source {
+                SetSource::Peers => self.peers.get_mut(name).expect("checked").used = true,
+                SetSource::NamedPorts => self.named.get_mut(name).expect("checked").used = true,
+                SetSource::Fixed(_) => {}
+            }
+        }
+        Some(out)
     }
 }
 
@@ -400,6 +478,9 @@ struct Compiler<'a, 'c> {
     /// Pod indices (ascending) by (namespace, label value), per label key; built for a key
     /// the first time a selector requires it to be `In` some values.
     pods_by_label: HashMap<&'a str, HashMap<(&'a str, &'a str), Vec<usize>>>,
+    /// While a policy chain is built: the sets its rules look up, and where they come
+    /// from; `None` once one of them depends on more than the policy.
+    set_log: Option<Vec<(String, SetSource)>>,
 }
 
 /// (policy namespace for the own-namespace scope, namespace selector, pod selector).
@@ -421,6 +502,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             rs: Ruleset::new(config.table.clone()),
             peer_sets: HashMap::new(),
             pods_by_label: HashMap::new(),
+            set_log: None,
         }
     }
 
@@ -512,60 +594,85 @@ impl<'a, 'c> Compiler<'a, 'c> {
         let base = |hook, priority| Some(BaseChain { hook, priority, policy: ChainPolicy::Accept });
         self.rs.chains.insert(
             names::EGRESS_FORWARD.into(),
-            Chain {
+            Arc::new(Chain {
                 base: base(Hook::Forward, names::EGRESS_PRIORITY),
                 comment: Some("egress of local pods".into()),
                 rules: egress(),
-            },
+            }),
         );
         self.rs.chains.insert(
             names::EGRESS_INPUT.into(),
-            Chain {
+            Arc::new(Chain {
                 base: base(Hook::Input, names::EGRESS_PRIORITY),
                 comment: Some("egress of local pods to this node".into()),
                 rules: egress(),
-            },
+            }),
         );
         let mut ingress = ct();
         ingress.extend(dispatch(AddrField::Daddr, names::INGRESS_DISPATCH_V4, names::INGRESS_DISPATCH_V6));
         self.rs.chains.insert(
             names::INGRESS_FORWARD.into(),
-            Chain {
+            Arc::new(Chain {
                 base: base(Hook::Forward, names::INGRESS_PRIORITY),
                 comment: Some("ingress to local pods".into()),
                 rules: ingress,
-            },
+            }),
         );
     }
 
     /// A local isolated pod's chain: its policies' chains, then drop; and its dispatch entries.
-    fn pod_chain(&mut self, pod: &Pod, d: Direction, policies: &[usize]) {
+    fn pod_chain(&mut self, pod: &Arc<Pod>, d: Direction, policies: &[usize]) {
         let ingress = d == Direction::Ingress;
-        let name = names::pod_chain(ingress, &pod.id.namespace, &pod.id.name);
-        let mut rules: Vec<Rule> = policies
-            .iter()
-            .map(|&pi| {
-                let p = &self.cluster.policies[pi];
-                Rule {
-                    verdict: Some(Verdict::Jump(names::policy_chain(ingress, &p.id.namespace, &p.id.name))),
-                    ..Rule::default()
-                }
-            })
-            .collect();
-        rules.push(Rule {
-            counter: true,
-            verdict: Some(Verdict::Drop),
-            comment: Some(names::comment(&format!("{} {}: no policy allows", pod.id, d.as_str().to_lowercase()))),
-            ..Rule::default()
+        let cluster = self.cluster;
+        let key = (ByAddress(Arc::clone(pod)), d);
+        // The chain names the pod and jumps to its policies' chains, named by the policies'
+        // ids: the same pod object and the same policy ids make the same chain.
+        let cached = self.cache.pod_chains.get_mut(&key).filter(|c| {
+            c.policies.len() == policies.len()
+                && c.policies.iter().zip(policies).all(|(p, &pi)| p.id == cluster.policies[pi].id)
         });
-        self.rs.chains.insert(
-            name.clone(),
-            Chain {
-                base: None,
-                comment: Some(names::comment(&format!("{} {}", pod.id, d.as_str().to_lowercase()))),
-                rules,
-            },
-        );
+        let (name, chain) = match cached {
+            Some(c) => {
+                c.used = true;
+                (c.name.clone(), Arc::clone(&c.chain))
+            }
+            None => {
+                let name = names::pod_chain(ingress, &pod.id.namespace, &pod.id.name);
+                let mut rules: Vec<Rule> = policies
+                    .iter()
+                    .map(|&pi| {
+                        let p = &cluster.policies[pi];
+                        Rule {
+                            verdict: Some(Verdict::Jump(names::policy_chain(ingress, &p.id.namespace, &p.id.name))),
+                            ..Rule::default()
+                        }
+                    })
+                    .collect();
+                rules.push(Rule {
+                    counter: true,
+                    verdict: Some(Verdict::Drop),
+                    comment: Some(names::comment(&format!(
+                        "{} {}: no policy allows",
+                        pod.id,
+                        d.as_str().to_lowercase()
+                    ))),
+                    ..Rule::default()
+                });
+                let chain = Arc::new(Chain {
+                    base: None,
+                    comment: Some(names::comment(&format!("{} {}", pod.id, d.as_str().to_lowercase()))),
+                    rules,
+                });
+                let cached = CachedPodChain {
+                    policies: policies.iter().map(|&pi| Arc::clone(&cluster.policies[pi])).collect(),
+                    name: name.clone(),
+                    chain: Arc::clone(&chain),
+                    used: true,
+                };
+                self.cache.pod_chains.insert(key, cached);
+                (name, chain)
+            }
+        };
         for ip in &pod.ips {
             let map = match (ingress, ip.is_ipv6()) {
                 (false, false) => names::EGRESS_DISPATCH_V4,
@@ -576,26 +683,54 @@ impl<'a, 'c> Compiler<'a, 'c> {
             let m = self.rs.maps.get_mut(map).expect("base maps exist");
             m.elements.insert(Element::single(Value::Addr(*ip)), MapVerdict::Jump(name.clone()));
         }
+        self.rs.chains.insert(name, chain);
     }
 
     /// The chain of one policy in one direction; `local` are the local pods it selects.
+    ///
+    /// The chain and the names of the sets it looks up depend on the policy alone (an
+    /// ingress rule's named ports aside, which resolve on the local pods): an unchanged
+    /// policy reuses its chain, and its sets come from the cache, patched for the pods
+    /// that changed.
     fn policy_chain(&mut self, pi: usize, d: Direction, local: &[usize]) {
         let cluster = self.cluster;
         let policy = &cluster.policies[pi];
+        let key = (ByAddress(Arc::clone(policy)), d);
+        if let Some(mut cached) = self.cache.policy_chains.remove(&key)
+            && let Some(sets) = self.cache.current_sets(&cached.sets)
+        {
+            for (set_name, set) in sets {
+                self.rs.sets.entry(set_name).or_insert(set);
+            }
+            self.rs.chains.insert(cached.name.clone(), Arc::clone(&cached.chain));
+            cached.used = true;
+            self.cache.policy_chains.insert(key, cached);
+            return;
+        }
         let ingress = d == Direction::Ingress;
         let name = names::policy_chain(ingress, &policy.id.namespace, &policy.id.name);
         let mut rules = Vec::new();
+        self.set_log = Some(Vec::new());
         for (ri, rule) in policy.rules(d).unwrap_or_default().iter().enumerate() {
             self.rule(pi, d, ri, rule, local, &mut rules);
         }
-        self.rs.chains.insert(
-            name,
-            Chain {
-                base: None,
-                comment: Some(names::comment(&format!("{} {}", policy.id, d.as_str().to_lowercase()))),
-                rules,
-            },
-        );
+        let chain = Arc::new(Chain {
+            base: None,
+            comment: Some(names::comment(&format!("{} {}", policy.id, d.as_str().to_lowercase()))),
+            rules,
+        });
+        if let Some(sets) = self.set_log.take() {
+            let cached = CachedPolicyChain { name: name.clone(), chain: Arc::clone(&chain), sets, used: true };
+            self.cache.policy_chains.insert(key, cached);
+        }
+        self.rs.chains.insert(name, chain);
+    }
+
+    /// Notes where a set the current policy chain looks up comes from (see `policy_chain`).
+    fn log_set(&mut self, name: &str, source: SetSource) {
+        if let Some(log) = &mut self.set_log {
+            log.push((name.to_string(), source));
+        }
     }
 
     /// "Traffic is allowed if it matches at least one peer AND at least one port": one nft rule
@@ -619,6 +754,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                     match peer {
                         Peer::Pods { namespaces, pods } => {
                             let sets = self.peer_set(ns, namespaces, pods);
+                            self.log_set(&sets[0], SetSource::Peers);
                             for (f, set) in FAMILIES.into_iter().zip(sets) {
                                 let m = Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false };
                                 peer_matches.push((Some(m), format!("peer {k} pods")));
@@ -644,15 +780,14 @@ impl<'a, 'c> Compiler<'a, 'c> {
                             .flat_map(|&(lo, hi)| range_to_prefixes(lo, hi, f))
                             .map(|n| Element::single(Value::Prefix(n)))
                             .collect();
-                        self.rs.sets.insert(
-                            set.clone(),
-                            Arc::new(Set {
-                                key: vec![f.addr_type()],
-                                interval: true,
-                                comment: Some(names::comment(&format!("{base_comment} ipBlocks"))),
-                                elements,
-                            }),
-                        );
+                        let cidrs = Arc::new(Set {
+                            key: vec![f.addr_type()],
+                            interval: true,
+                            comment: Some(names::comment(&format!("{base_comment} ipBlocks"))),
+                            elements,
+                        });
+                        self.log_set(&set, SetSource::Fixed(Arc::clone(&cidrs)));
+                        self.rs.sets.insert(set.clone(), cidrs);
                         peer_matches.push((
                             Some(Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false }),
                             "ipBlocks".into(),
@@ -681,6 +816,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 named.dedup();
                 if !ranges.is_empty() {
                     let set = self.ports_set(ranges);
+                    self.log_set(&set, SetSource::Fixed(Arc::clone(&self.rs.sets[&set])));
                     port_matches
                         .push((Some(Match::Lookup { key: Key::ProtoDport, set, negate: false }), "ports".into()));
                 }
@@ -718,6 +854,11 @@ impl<'a, 'c> Compiler<'a, 'c> {
             );
             let comment = names::comment(&format!("{base_comment} named ports"));
             let elements = self.named_port_set(pi, ri, rule, ingress, local, &named, f, &set, comment);
+            if ingress {
+                self.set_log = None; // resolved on the local pods: built every time
+            } else {
+                self.log_set(&set, SetSource::NamedPorts);
+            }
             self.rs.sets.insert(set.clone(), elements);
             let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
             if ingress {

@@ -501,22 +501,29 @@ impl Cluster {
     ) -> Self {
         let mut pods: Vec<Arc<Pod>> = pods.into_iter().map(Into::into).collect();
         let mut policies: Vec<Arc<Policy>> = policies.into_iter().map(Into::into).collect();
+        pods.sort_by(|a, b| a.id.cmp(&b.id));
+        policies.sort_by(|a, b| a.id.cmp(&b.id));
+        Cluster::from_sorted(namespaces, pods, policies)
+    }
+
+    /// [`Cluster::new`] of pods and policies already sorted by namespace and name (the
+    /// agent's stores keep them so): a sync does not compare 10 000 pod names again.
+    pub fn from_sorted(namespaces: Vec<Namespace>, pods: Vec<Arc<Pod>>, policies: Vec<Arc<Policy>>) -> Self {
+        debug_assert!(pods.is_sorted_by(|a, b| a.id <= b.id) && policies.is_sorted_by(|a, b| a.id <= b.id));
         let mut by_name: BTreeMap<String, Namespace> = BTreeMap::new();
         for mut ns in namespaces {
             ns.labels.entry(NAMESPACE_NAME_LABEL.to_string()).or_insert_with(|| ns.name.clone());
             by_name.insert(ns.name.clone(), ns);
         }
-        pods.sort_by(|a, b| a.id.cmp(&b.id));
-        policies.sort_by(|a, b| a.id.cmp(&b.id));
-        let referenced = pods.iter().map(|p| &p.id.namespace).chain(policies.iter().map(|p| &p.id.namespace));
-        let mut last: Option<&String> = None;
-        for name in referenced {
-            // Sorted by namespace: one lookup per namespace, not per pod.
-            if last != Some(name) && !by_name.contains_key(name) {
-                by_name.insert(name.clone(), Namespace::synthesized(name));
+        let mut synthesize = |names: &mut dyn Iterator<Item = &String>| {
+            for name in names {
+                if !by_name.contains_key(name) {
+                    by_name.insert(name.clone(), Namespace::synthesized(name));
+                }
             }
-            last = Some(name);
-        }
+        };
+        synthesize(&mut distinct_namespaces(&pods, |p| &p.id.namespace));
+        synthesize(&mut distinct_namespaces(&policies, |p| &p.id.namespace));
         Cluster { namespaces: by_name, pods, policies }
     }
 
@@ -546,6 +553,18 @@ impl Cluster {
         nodes.dedup();
         nodes
     }
+}
+
+/// The namespaces of a list sorted by namespace, each once: a binary search jumps over
+/// each namespace's items instead of comparing every item's namespace.
+fn distinct_namespaces<T>(items: &[T], namespace_of: impl Fn(&T) -> &String) -> impl Iterator<Item = &String> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        let first = namespace_of(items.get(start)?);
+        let run = items[start..].partition_point(|x| namespace_of(x) == first);
+        start += run;
+        Some(namespace_of(&items[start - run]))
+    })
 }
 
 impl Namespace {

@@ -457,6 +457,50 @@ fn an_unchanged_cluster_compiles_to_the_same_set_allocations() {
     assert!(peer_sets > 100, "too few peer sets to mean anything: {peer_sets}");
 }
 
+#[test]
+fn unchanged_policies_and_pods_keep_their_chain_allocations_and_a_relabelled_pod_rebuilds_its_own() {
+    let mut reused = 0;
+    for seed in 1..=100u64 {
+        let cluster = random_cluster(seed * 613);
+        let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
+        let a = compiler.compile(&cluster);
+        let b = compiler.compile(&cluster.clone());
+        // (The three base chains are rebuilt, a few rules; so are ingress chains with named
+        // ports, which resolve on the local pods.)
+        let resolves_on_local_pods = |name: &str, chain: &netpol::nft::ir::Chain| {
+            name.starts_with("pol_in_")
+                && chain.rules.iter().flat_map(|r| &r.matches).any(|m| {
+                    matches!(m, netpol::nft::ir::Match::Lookup { key: netpol::nft::ir::Key::AddrProtoDport(..), .. })
+                })
+        };
+        let cached = b.chains.iter().filter(|(n, c)| {
+            (n.starts_with("pod_") || n.starts_with("pol_")) && !resolves_on_local_pods(n.as_str(), c)
+        });
+        for (name, chain) in cached {
+            assert!(Arc::ptr_eq(&a.chains[name], chain), "seed {seed}: {name} rebuilt though nothing changed");
+            reused += 1;
+        }
+        // One local pod relabelled (a new object): its chains may change, no other pod's.
+        let Some(k) = cluster.pods.iter().position(|p| p.node == "node-1" && !p.ips.is_empty()) else { continue };
+        let mut pods: Vec<Pod> = cluster.pods.iter().map(|p| (**p).clone()).collect();
+        pods[k].labels = netpol::model::Labels::from([("app".to_string(), "relabelled".to_string())]).into();
+        let changed = share_unchanged(
+            &cluster,
+            Cluster::new(cluster.namespaces.values().cloned().collect(), pods, cluster.policies.clone()),
+        );
+        let c = compiler.compile(&changed);
+        assert_eq!(c, compile(&changed, &NodeConfig::new("node-1")), "seed {seed}");
+        let id = &cluster.pods[k].id;
+        let own = |ingress: bool| netpol::nft::names::pod_chain(ingress, &id.namespace, &id.name);
+        for (name, chain) in &c.chains {
+            if name.starts_with("pod_") && *name != own(true) && *name != own(false) {
+                assert!(Arc::ptr_eq(&b.chains[name], chain), "seed {seed}: {name} rebuilt for another pod's change");
+            }
+        }
+    }
+    assert!(reused > 120, "too few chains to mean anything: {reused}");
+}
+
 /// An ingress policy of namespace `a` admitting the pods labelled `app: <app>`.
 fn allow_from(name: &str, app: &str) -> Policy {
     let peer = Peer::Pods {
@@ -709,7 +753,7 @@ fn assert_netlink_rules_match_nft(what: &str, rs: &netpol::nft::ir::Ruleset, by_
     netlink.apply(&full_sync(&sets_only)).unwrap();
     let mut tx = netpol::nft::Transaction::new(rs.table.clone());
     for (name, chain) in &rs.chains {
-        tx.push(netpol::nft::Op::AddChain { name: name.clone(), chain: chain.clone() });
+        tx.push(netpol::nft::Op::AddChain { name: name.clone(), chain: (**chain).clone() });
     }
     for (name, chain) in &rs.chains {
         for rule in &chain.rules {

@@ -9,9 +9,10 @@
 //!     │ probe threads, each inside a source pod, never stop: a new TCP connect or UDP echo
 //!     │ per attempt, each from a never-used source port (no conntrack entry can vouch for it)
 //!     ▼
-//!  main thread: 100 × full sync (delete + define table, one `nft -f`), then 100 × diff(applied,
-//!  desired) as one transaction, alternating A ↔ B on both nodes; after each swap, a sample:
-//!  OnlyX reaches, OnlyNotX does not (the swap took effect)
+//!  main thread: 100 × full sync (delete + define table in one transaction), then 100 ×
+//!  diff(applied, desired) as one transaction, alternating A ↔ B on both nodes, every other
+//!  swap through `nft -f` and the others as the agent's netlink batch; after each swap, a
+//!  sample: OnlyX reaches, OnlyNotX does not (the swap took effect)
 //! ```
 //!
 //! Verdicts: a MustBlock connection that ever reaches, or a MustPass connection that is
@@ -40,6 +41,7 @@ use netpol::model::{
 };
 use netpol::nft::diff::{diff, full_sync};
 use netpol::nft::ir::Ruleset;
+use netpol::nft::netlink::NetlinkNftables;
 use netpol::nft::real::RealNftables;
 use netpol::nft::{Nftables as _, Op, render};
 use netpol::selector::Selector;
@@ -381,8 +383,10 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
         })
         .collect();
     let lab = Lab::build(&lab_nodes, &lab_pods).unwrap();
-    let mut nft: Vec<RealNftables> =
-        node_names.iter().map(|name| RealNftables::in_netns(lab.node_netns(name).unwrap())).collect();
+    let mut nft: Vec<NetlinkNftables> = node_names
+        .iter()
+        .map(|name| NetlinkNftables::open(RealNftables::in_netns(lab.node_netns(name).unwrap())).unwrap())
+        .collect();
 
     let probing = Probing {
         lab: &lab,
@@ -430,7 +434,15 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
             let incremental = round >= SWAPS;
             let want = 1 - applied;
             let label = if want == 0 { Class::OnlyA } else { Class::OnlyB };
-            let kind = if incremental { "incremental diff" } else { "full sync" };
+            // Every other swap through an nft process, the others over the agent's own
+            // netlink batches: both are one kernel transaction.
+            let via_nft = round % 2 == 0;
+            let kind = match (incremental, via_nft) {
+                (false, true) => "full sync (nft)",
+                (false, false) => "full sync (netlink)",
+                (true, true) => "incremental diff (nft)",
+                (true, false) => "incremental diff (netlink)",
+            };
             *probing.phase.lock().unwrap() = format!("{kind} #{round} to {}", ["A", "B"][want]);
             for (node, nft) in nft.iter_mut().enumerate() {
                 let tx = if incremental {
@@ -446,8 +458,9 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
                     full_sync(&rulesets[want][node])
                 };
                 let t = Instant::now();
-                nft.apply(&tx).unwrap_or_else(|e| panic!("{kind} #{round} on {}: {e}", node_names[node]));
-                apply_times.push(t.elapsed());
+                let applied = if via_nft { nft.apply_via_nft(&tx) } else { nft.apply(&tx) };
+                applied.unwrap_or_else(|e| panic!("{kind} #{round} on {}: {e}", node_names[node]));
+                apply_times.push((via_nft, t.elapsed()));
             }
             applied = want;
             *probing.phase.lock().unwrap() = format!("after {kind} #{round} ({} loaded)", ["A", "B"][want]);
@@ -465,11 +478,12 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
     let count = |class: Class| attempts.iter().filter(|((c, _, _), _)| *c == class).map(|(_, n)| n).sum::<u64>();
     eprintln!(
         "{} swaps ({SWAPS} full sync, {SWAPS} incremental averaging {} ops per node) in {swap_time:.1?} \
-         (median nft apply {:.1?}), each followed by a sample of {} OnlyA/OnlyB connections; {} MustPass and {} \
+         (median apply: {:.1?} through nft, {:.1?} over netlink), each followed by a sample of {} OnlyA/OnlyB connections; {} MustPass and {} \
          MustBlock attempts in {total:.1?}; by (class, tcp, cross-node): {attempts:?}",
         2 * SWAPS,
         incremental_ops / (SWAPS * node_names.len()),
-        median(apply_times),
+        median(apply_times.iter().filter(|(nft, _)| *nft).map(|(_, d)| *d).collect()),
+        median(apply_times.iter().filter(|(nft, _)| !*nft).map(|(_, d)| *d).collect()),
         only_a.len() + only_b.len(),
         count(Class::MustPass),
         count(Class::MustBlock),

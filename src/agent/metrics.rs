@@ -31,6 +31,12 @@ struct ModeLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PhaseLabels {
+    mode: Mode,
+    phase: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct FailureLabels {
     mode: Mode,
     kind: &'static str,
@@ -58,6 +64,7 @@ fn ops_histogram() -> Histogram {
 struct Inner {
     registry: Registry,
     sync_duration: Family<ModeLabels, Histogram>,
+    sync_phase_duration: Family<PhaseLabels, Histogram>,
     sync_failures: Family<FailureLabels, Counter>,
     transaction_ops: Family<ModeLabels, Histogram>,
     chains: Gauge,
@@ -91,6 +98,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("netpol");
         let sync_duration =
             Family::<ModeLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let sync_phase_duration =
+            Family::<PhaseLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
         let sync_failures = Family::<FailureLabels, Counter>::default();
         let transaction_ops = Family::<ModeLabels, Histogram>::new_with_constructor(ops_histogram as fn() -> Histogram);
         let chains = Gauge::default();
@@ -110,6 +119,13 @@ impl Metrics {
             "Time to compile and apply one sync, by mode (partial or full)",
             prometheus_client::registry::Unit::Seconds,
             sync_duration.clone(),
+        );
+        registry.register_with_unit(
+            "sync_phase_duration",
+            "Time of one part of a successful sync, by mode: compile (snapshot to the transaction) \
+             and apply (the kernel commit)",
+            prometheus_client::registry::Unit::Seconds,
+            sync_phase_duration.clone(),
         );
         registry.register("sync_failures", "Failed syncs by mode and failure kind", sync_failures.clone());
         registry.register("sync_transaction_ops", "Operations per nft transaction, by mode", transaction_ops.clone());
@@ -161,6 +177,7 @@ impl Metrics {
             inner: Arc::new(Inner {
                 registry,
                 sync_duration,
+                sync_phase_duration,
                 sync_failures,
                 transaction_ops,
                 chains,
@@ -183,6 +200,10 @@ impl Metrics {
     pub fn record_sync(&self, full: bool, elapsed: Duration, stats: &SyncStats) {
         let i = &self.inner;
         i.sync_duration.get_or_create(&mode(full)).observe(elapsed.as_secs_f64());
+        let m = mode(full).mode;
+        for (phase, took) in [("compile", stats.compile), ("apply", stats.apply)] {
+            i.sync_phase_duration.get_or_create(&PhaseLabels { mode: m, phase }).observe(took.as_secs_f64());
+        }
         i.transaction_ops.get_or_create(&mode(full)).observe(stats.transaction_ops as f64);
         i.chains.set(gauge_value(stats.chains));
         i.sets.set(gauge_value(stats.sets));

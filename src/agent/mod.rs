@@ -52,6 +52,10 @@ pub struct SyncStats {
     pub rules: usize,
     /// Objects skipped because they failed conversion or validation.
     pub skipped_objects: usize,
+    /// From the snapshot to the transaction (model, compile, diff).
+    pub compile: std::time::Duration,
+    /// Sending the transaction until the kernel committed it (zero when it was empty).
+    pub apply: std::time::Duration,
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -64,12 +64,14 @@ impl<N: Nftables> NftTarget<N> {
 /// when they arrived), and how many objects were left out.
 pub fn cluster(snapshot: &Snapshot) -> (Cluster, usize) {
     let namespaces = snapshot.namespaces.iter().map(|n| (**n).clone()).collect();
-    let cluster = Cluster::new(namespaces, snapshot.pods.iter().cloned(), snapshot.policies.iter().cloned());
+    // The stores keep their objects sorted by namespace and name.
+    let cluster = Cluster::from_sorted(namespaces, snapshot.pods.clone(), snapshot.policies.clone());
     (cluster, snapshot.skipped_objects)
 }
 
 impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
     fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
+        let started = std::time::Instant::now();
         let (desired, skipped) = self.desired(snapshot);
         let known = self.compiler.take_set_deltas();
         let applied = if full { None } else { self.applied.as_ref() };
@@ -77,7 +79,9 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             Some(applied) => diff_with(applied, &desired, &known),
             None => full_sync(&desired),
         };
-        let stats = SyncStats {
+        let mut stats = SyncStats {
+            compile: started.elapsed(),
+            apply: std::time::Duration::ZERO,
             transaction_ops: tx.ops.len(),
             chains: desired.chains.len(),
             sets: desired.sets.len() + desired.maps.len(),
@@ -90,9 +94,20 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             return Ok(stats);
         }
         let kind = if is_full_sync(&tx) { "full" } else { "incremental" };
-        match self.nft.apply(&tx) {
+        let applying = std::time::Instant::now();
+        let applied = self.nft.apply(&tx);
+        stats.apply = applying.elapsed();
+        match applied {
             Ok(()) => {
-                tracing::info!(kind, ops = tx.ops.len(), touched = %tx.stats(), table = %tx.table, "applied");
+                tracing::info!(
+                    kind,
+                    ops = tx.ops.len(),
+                    touched = %tx.stats(),
+                    table = %tx.table,
+                    compile_ms = stats.compile.as_secs_f64() * 1e3,
+                    apply_ms = stats.apply.as_secs_f64() * 1e3,
+                    "applied"
+                );
                 self.applied = Some(desired);
                 Ok(stats)
             }

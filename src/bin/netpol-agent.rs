@@ -5,7 +5,7 @@
 //! ```text
 //!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimAfterSync(NftTarget(NetlinkNftables)))
 //!                                                   │    partial syncs over netlink, the rest via nft
-//!                                                   └─ every sync ──► malloc_trim(0)
+//!                                                   └─ syncs pause (or 2 s pass) ──► malloc_trim(0), own thread
 //! ```
 
 use std::process::ExitCode;
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
             NetlinkNftables::nft_only(nft)
         }
     };
-    let target = TrimAfterSync(NftTarget::new(nft, config.node.clone(), config.table.clone()));
+    let target = TrimAfterSync::new(NftTarget::new(nft, config.node.clone(), config.table.clone()));
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
         Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
@@ -77,22 +77,55 @@ fn main() -> ExitCode {
     }
 }
 
-/// Hands the heap a sync freed back to the kernel. A sync builds a whole desired ruleset,
-/// a transaction and its script (about as much again as the agent keeps), then frees them;
-/// glibc keeps freed pages that lie below live data, so without a trim the agent's RSS
-/// stays at its highest sync (10k pods: 37 MiB after the first sync, 33 MiB trimmed; see
+/// Hands the heap a sync freed back to the kernel. A sync builds a whole desired ruleset
+/// and a transaction (about as much again as the agent keeps), then frees them; glibc
+/// keeps freed pages that lie below live data, so without a trim the agent's RSS stays at
+/// its highest sync (10k pods: 37 MiB after the first sync, 33 MiB trimmed; see
 /// benches/agent-bench.sh).
-struct TrimAfterSync<T>(T);
+///
+/// The trim runs on its own thread once syncs pause (250 ms without one), and at least
+/// every 2 s under continuous churn: walking the heap takes milliseconds that a sync
+/// waiting behind it would add to its latency.
+struct TrimAfterSync<T> {
+    target: T,
+    synced: std::sync::mpsc::Sender<()>,
+}
+
+impl<T> TrimAfterSync<T> {
+    fn new(target: T) -> Self {
+        let (synced, syncs) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new().name("heap-trim".into()).spawn(move || {
+            use std::sync::mpsc::RecvTimeoutError;
+            use std::time::{Duration, Instant};
+            // Each pass: wait for a sync, then trim when syncs pause or 2 s have passed.
+            while syncs.recv().is_ok() {
+                let first = Instant::now();
+                loop {
+                    match syncs.recv_timeout(Duration::from_millis(250)) {
+                        Ok(()) if first.elapsed() < Duration::from_secs(2) => continue,
+                        Ok(()) | Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                release_free_heap();
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("no heap-trim thread ({e}): freed memory stays with the allocator");
+        }
+        TrimAfterSync { target, synced }
+    }
+}
 
 impl<T: SyncTarget> SyncTarget for TrimAfterSync<T> {
     fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
-        let result = self.0.sync(snapshot, full);
-        release_free_heap();
+        let result = self.target.sync(snapshot, full);
+        let _ = self.synced.send(());
         result
     }
 
     fn cleanup(&mut self) -> Result<(), SyncError> {
-        self.0.cleanup()
+        self.target.cleanup()
     }
 }
 

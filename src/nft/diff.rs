@@ -84,7 +84,7 @@ pub fn diff_with(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Tra
     // 1. New chains, declared.
     for (name, chain) in &desired.chains {
         if !applied.chains.contains_key(name) {
-            ops.push(Op::AddChain { name: name.clone(), chain: chain.clone() });
+            ops.push(Op::AddChain { name: name.clone(), chain: (**chain).clone() });
         }
     }
     // 2. New sets and maps.
@@ -153,7 +153,7 @@ pub fn diff_with(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Tra
     // 4. Changed chains rewritten, new chains filled.
     for (name, chain) in &desired.chains {
         match applied.chains.get(name) {
-            Some(old) if old.rules == chain.rules => continue,
+            Some(old) if Arc::ptr_eq(old, chain) || old.rules == chain.rules => continue,
             Some(old) if !old.rules.is_empty() => ops.push(Op::FlushChain { name: name.clone() }),
             _ => {}
         }

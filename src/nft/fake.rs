@@ -114,7 +114,7 @@ fn apply_op(tables: &mut BTreeMap<String, Ruleset>, table: &str, op: &Op) -> R {
             match op {
                 Op::AddChain { name, chain } => add_chain(t, name, chain),
                 Op::FlushChain { name } => {
-                    t.chains.get_mut(name).ok_or("No such file or directory (chain)")?.rules.clear();
+                    Arc::make_mut(t.chains.get_mut(name).ok_or("No such file or directory (chain)")?).rules.clear();
                     Ok(())
                 }
                 Op::DeleteChain { name } => {
@@ -194,14 +194,14 @@ fn add_chain(t: &mut Ruleset, name: &str, chain: &Chain) -> R {
         None => {
             t.chains.insert(
                 name.to_string(),
-                Chain { base: chain.base, comment: chain.comment.clone(), rules: Vec::new() },
+                Arc::new(Chain { base: chain.base, comment: chain.comment.clone(), rules: Vec::new() }),
             );
             Ok(())
         }
     }
 }
 
-fn check_target(chains: &BTreeMap<String, Chain>, target: &str) -> R {
+fn check_target(chains: &BTreeMap<String, Arc<Chain>>, target: &str) -> R {
     match chains.get(target) {
         None => Err(format!("No such file or directory (chain {target})")),
         Some(c) if c.base.is_some() => Err(format!("Operation not supported (jump to base chain {target})")),
@@ -231,7 +231,7 @@ fn add_rule(t: &mut Ruleset, chain: &str, rule: &Rule) -> R {
         }
         _ => {}
     }
-    t.chains.get_mut(chain).expect("checked").rules.push(rule.clone());
+    Arc::make_mut(t.chains.get_mut(chain).expect("checked")).rules.push(rule.clone());
     Ok(())
 }
 
@@ -279,7 +279,7 @@ fn add_set(t: &mut Ruleset, name: &str, set: &Set) -> R {
 fn add_map_elements<'e>(
     m: &mut Map,
     elements: impl Iterator<Item = (&'e Element, &'e MapVerdict)>,
-    chains: &BTreeMap<String, Chain>,
+    chains: &BTreeMap<String, Arc<Chain>>,
 ) -> R {
     for (e, v) in elements {
         check_element(&m.key, m.interval, e)?;

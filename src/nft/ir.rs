@@ -39,7 +39,9 @@ pub struct Ruleset {
     /// [`crate::nft::diff`] skips it without looking at its elements.
     pub sets: BTreeMap<String, Arc<Set>>,
     pub maps: BTreeMap<String, Map>,
-    pub chains: BTreeMap<String, Chain>,
+    /// Shared like the sets: the compiler reuses a chain whose policy or pod did not
+    /// change, and the diff skips it unread.
+    pub chains: BTreeMap<String, Arc<Chain>>,
 }
 
 impl Ruleset {
@@ -68,7 +70,7 @@ impl Ruleset {
             .chains
             .iter()
             .filter(|(_, c)| c.base.is_some_and(|b| b.hook == hook))
-            .map(|(n, c)| (n.as_str(), c))
+            .map(|(n, c)| (n.as_str(), &**c))
             .collect();
         out.sort_by_key(|(n, c)| (c.base.map(|b| b.priority), *n));
         out

@@ -1131,6 +1131,9 @@ pub struct NetlinkNftables {
     /// The kernel refused the last batch: send the next transactions through nft until
     /// one succeeds.
     nft_next: bool,
+    /// Where the kernel's answers are read (an error quotes the message it refuses, up to
+    /// an element list's 32 KiB).
+    answers: Vec<u8>,
     /// Transactions sent over netlink, and through nft.
     pub sent: (u64, u64),
 }
@@ -1143,12 +1146,20 @@ impl NetlinkNftables {
         socket.set_receive_timeout(std::time::Duration::from_secs(30))?;
         let seq =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(1);
-        Ok(NetlinkNftables { socket: Some(socket), nft, known: None, seq, nft_next: false, sent: (0, 0) })
+        Ok(NetlinkNftables {
+            socket: Some(socket),
+            nft,
+            known: None,
+            seq,
+            nft_next: false,
+            answers: vec![0; 64 * 1024],
+            sent: (0, 0),
+        })
     }
 
     /// Everything through nft (when no netlink socket can be had).
     pub fn nft_only(nft: RealNftables) -> NetlinkNftables {
-        NetlinkNftables { socket: None, nft, known: None, seq: 1, nft_next: false, sent: (0, 0) }
+        NetlinkNftables { socket: None, nft, known: None, seq: 1, nft_next: false, answers: Vec::new(), sent: (0, 0) }
     }
 
     /// The nft this value falls back to (and lists and checks with).
@@ -1158,6 +1169,7 @@ impl NetlinkNftables {
 
     fn send_batch(
         socket: &NetlinkSocket,
+        buf: &mut [u8],
         tx: &Transaction,
         batch: &[u8],
         origins: &[(u32, usize)],
@@ -1169,9 +1181,8 @@ impl NetlinkNftables {
         // The kernel handled the batch inside the send: its errors, then the last
         // message's acknowledgement, are waiting.
         let mut errors: Vec<String> = Vec::new();
-        let mut buf = vec![0u8; 256 * 1024];
         loop {
-            let n = match socket.recv(&mut buf, true) {
+            let n = match socket.recv(buf, true) {
                 Ok(Some(n)) => n,
                 Ok(None) => return Err(rejected("the kernel did not answer the batch".into())),
                 Err(e) => return Err(rejected(format!("reading the kernel's answer: {e}"))),
@@ -1204,6 +1215,17 @@ impl NetlinkNftables {
     }
 }
 
+impl NetlinkNftables {
+    /// Applies `tx` through nft whatever it holds (tests compare both paths), keeping
+    /// track of the table's sets as `apply` does.
+    pub fn apply_via_nft(&mut self, tx: &Transaction) -> Result<(), NftError> {
+        let was = std::mem::replace(&mut self.nft_next, true);
+        let result = self.apply(tx);
+        self.nft_next = was && result.is_err();
+        result
+    }
+}
+
 impl Nftables for NetlinkNftables {
     fn apply(&mut self, tx: &Transaction) -> Result<(), NftError> {
         // After the kernel refused a batch, the next transaction (a full sync) goes through
@@ -1217,7 +1239,7 @@ impl Nftables for NetlinkNftables {
                 self.seq = self.seq.wrapping_add(origins.len() as u32 + 2);
                 self.sent.0 += 1;
                 tracing::debug!(via = "netlink", messages = origins.len(), bytes = batch.len(), "transaction");
-                let result = Self::send_batch(socket, tx, &batch, &origins);
+                let result = Self::send_batch(socket, &mut self.answers, tx, &batch, &origins);
                 self.nft_next = result.is_err();
                 result
             }

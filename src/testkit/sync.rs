@@ -114,7 +114,7 @@ impl SyncTarget for RecordingTarget {
             sets: snapshot.policies.len(),
             set_elements: snapshot.pods.len(),
             rules: snapshot.policies.len(),
-            skipped_objects: 0,
+            ..SyncStats::default()
         })
     }
 
