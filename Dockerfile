@@ -30,7 +30,9 @@ LABEL org.opencontainers.image.title="netpol" \
       org.opencontainers.image.source="https://github.com/netpol/netpol" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="0.1.0"
-# The agent applies rulesets with the `nft` command (one `nft -f` transaction per sync).
+# The agent sends each sync as one nf_tables netlink batch of its own; the `nft` command is
+# its fallback (range changes inside an existing interval set, the first transaction after
+# the kernel refused a batch) and what operators inspect the table with.
 # No CA bundle: in the cluster the API server is trusted through the service account's
 # ca.crt.
 RUN apt-get update \

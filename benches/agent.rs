@@ -515,6 +515,8 @@ struct Outcome {
     generations: u64,
     /// Times the kernel's announcements overflowed the monitor's socket.
     monitor_overruns: u64,
+    /// The first lines of the agent's log (warnings and errors only).
+    complaints: Vec<String>,
 }
 
 /// Events that are not in the latency percentiles.
@@ -607,9 +609,12 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         base.pods.iter().filter_map(|p| p.labels.get("app").cloned()).collect::<BTreeSet<_>>().into_iter().collect();
     let mut mirror: BTreeMap<(String, String), Pod> =
         base.pods.iter().map(|p| ((p.id.namespace.clone(), p.id.name.clone()), (**p).clone())).collect();
-    // Untouched pods of the initial cluster (remote, local): each event touches its own pod,
-    // so each IP has one event and its commit is unambiguous.
+    // Pods a delete or relabel may pick (remote, local): the initial cluster's, each added
+    // pod a second after its add, each relabelled pod a second after its relabel. A pod
+    // leaves the pool while its event is fresh, so an IP's events are a second or more
+    // apart, and each event's commit is the first one after it that names the IP.
     let mut pool: [Vec<(String, String)>; 2] = [Vec::new(), Vec::new()];
+    let mut resting: std::collections::VecDeque<(Instant, usize, (String, String))> = Default::default();
     for (k, p) in &mirror {
         pool[usize::from(p.node == NODE)].push(k.clone());
     }
@@ -623,6 +628,10 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         let due = churn_start + period * n as u32;
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
+        }
+        while resting.front().is_some_and(|(at, _, _)| at.elapsed() >= Duration::from_secs(1)) {
+            let (_, side, key) = resting.pop_front().expect("checked");
+            pool[side].push(key);
         }
         let local = rng.chance(50);
         let roll = rng.below(10);
@@ -644,15 +653,17 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                 let ip = Ipv4Addr::from(0x0A80_0000u32 + n as u32);
                 let mut p = (**template).clone();
                 p.id.name = format!("churn-{n}");
-                // A fifth of the new pods land on the agent's node (about as many as leave it).
-                p.node = if rng.chance(20) { NODE.into() } else { rng.pick(&other_nodes).as_str().into() };
+                // 3 in 8 new pods land on the agent's node: as many as leave it (deletes pick
+                // a local pod half of the time), so the node keeps its share of the pods
+                // while almost half of all events concern it (a real node sees ~1 %).
+                p.node = if rng.below(8) < 3 { NODE.into() } else { rng.pick(&other_nodes).as_str().into() };
                 p.ips = IpAddr::V4(ip).into();
                 let key = (p.id.namespace.clone(), p.id.name.clone());
                 let p_local = p.node == NODE;
                 let at = Instant::now();
                 server.apply_json(pod_json(&p)).map_err(|e| e.to_string())?;
-                // Touched once: not pooled for a later delete or relabel.
                 mirror.insert(key.clone(), p.clone());
+                resting.push_back((at, usize::from(p_local), key.clone()));
                 Event { kind, ip, at, local: p_local, pod: key, became: Some(p) }
             }
             EventKind::Delete | EventKind::Relabel => {
@@ -675,6 +686,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                     };
                     Arc::make_mut(&mut p.labels).insert("app".into(), new);
                     server.apply_json(pod_json(p)).map_err(|e| e.to_string())?;
+                    resting.push_back((at, side, key.clone()));
                     Some(p.clone())
                 };
                 pool[side].swap_remove(i);
@@ -746,6 +758,8 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let monitor_overruns = commits.overruns;
     drop(commits);
 
+    // The agent logs at warn level here: anything it logged is worth reading.
+    let complaints: Vec<String> = agent.log().lines().take(5).map(|l| l.chars().take(400).collect()).collect();
     let agent_pid = agent.pid();
     let _ = agent.terminate(Duration::from_secs(10));
     drop(monitor);
@@ -773,6 +787,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         agent_cpu_per_sec,
         generations,
         monitor_overruns,
+        complaints,
     })
 }
 
@@ -870,6 +885,12 @@ fn report(o: &Outcome, args: &Args) {
         );
     }
     println!("agent CPU during churn: {:.2} cores", o.agent_cpu_per_sec);
+    if !o.complaints.is_empty() {
+        println!("the agent logged warnings or errors, first ones:");
+        for line in &o.complaints {
+            println!("   {line}");
+        }
+    }
     let per_pod = |kib: u64| kib as f64 / o.pods as f64;
     println!("after churn, the agent converged {:.1} s after the last event (memory measured then)", o.converge_secs);
     println!("| memory | after first sync | after churn |");

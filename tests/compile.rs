@@ -690,16 +690,24 @@ fn assert_same_kernel_tables(what: &str, reference: &RealNftables, other: &RealN
     assert!(want == got, "{what}: the listings differ (- nft, + netlink):\n{}", line_diff(&want, &got));
 }
 
-#[test]
-fn netlink_batches_leave_the_kernel_exactly_as_nft_scripts_do() {
+/// Throwaway network namespaces for a kernel test, or `None` (the test then skips) when
+/// nft or namespaces are not available — which fails the test under `CI=true`.
+fn kernel_namespaces<const N: usize>(tags: [&str; N]) -> Option<[Netns; N]> {
     if !nft_available() {
         eprintln!("nft missing: skipped");
-        return;
+        return None;
     }
-    let (Some(by_nft), Some(by_netlink)) = (Netns::new("nl-nft"), Netns::new("nl-batch")) else {
+    let made: Vec<Netns> = tags.iter().filter_map(|t| Netns::new(t)).collect();
+    let made: Option<[Netns; N]> = made.try_into().ok();
+    if made.is_none() {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
-        return;
-    };
+    }
+    made
+}
+
+#[test]
+fn netlink_batches_leave_the_kernel_exactly_as_nft_scripts_do() {
+    let Some([by_nft, by_netlink]) = kernel_namespaces(["nl-nft", "nl-batch"]) else { return };
     let mut reference = RealNftables::in_netns(by_nft.0.clone());
     let mut netlink = NetlinkNftables::open(RealNftables::in_netns(by_netlink.0.clone())).unwrap();
     let config = NodeConfig::new("node-1");
@@ -773,14 +781,7 @@ fn assert_netlink_rules_match_nft(what: &str, rs: &netpol::nft::ir::Ruleset, by_
 
 #[test]
 fn every_rule_the_compiler_makes_is_encoded_over_netlink_as_nft_encodes_it() {
-    if !nft_available() {
-        eprintln!("nft missing: skipped");
-        return;
-    }
-    let (Some(by_nft), Some(by_netlink)) = (Netns::new("nr-nft"), Netns::new("nr-batch")) else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
-        return;
-    };
+    let Some([by_nft, by_netlink]) = kernel_namespaces(["nr-nft", "nr-batch"]) else { return };
     for example in examples() {
         let sources = netpol::load::read_sources(std::slice::from_ref(&example)).unwrap();
         let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
@@ -797,14 +798,7 @@ fn every_rule_the_compiler_makes_is_encoded_over_netlink_as_nft_encodes_it() {
 
 #[test]
 fn a_large_full_sync_over_netlink_equals_nft_s() {
-    if !nft_available() {
-        eprintln!("nft missing: skipped");
-        return;
-    }
-    let (Some(by_nft), Some(by_netlink)) = (Netns::new("nb-nft"), Netns::new("nb-batch")) else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
-        return;
-    };
+    let Some([by_nft, by_netlink]) = kernel_namespaces(["nb-nft", "nb-batch"]) else { return };
     // Dual-stack 3 000 pods: tens of thousands of elements, a batch of several MiB (more
     // than a socket sends by default) split into many element messages.
     let params =
@@ -822,14 +816,7 @@ fn a_large_full_sync_over_netlink_equals_nft_s() {
 
 #[test]
 fn a_batch_the_kernel_rejects_changes_nothing_and_names_the_op() {
-    if !nft_available() {
-        eprintln!("nft missing: skipped");
-        return;
-    }
-    let Some(ns) = Netns::new("nl-reject") else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
-        return;
-    };
+    let Some([ns]) = kernel_namespaces(["nl-reject"]) else { return };
     let rs = compile(&netpol::generate::cluster(&netpol::generate::Params::default()), &NodeConfig::new("node-0"));
     let mut netlink = NetlinkNftables::open(RealNftables::in_netns(ns.0.clone())).unwrap();
     netlink.apply(&full_sync(&rs)).unwrap();

@@ -5,7 +5,7 @@
 //! ```text
 //!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimAfterSync(NftTarget(NetlinkNftables)))
 //!                                                   │    partial syncs over netlink, the rest via nft
-//!                                                   └─ syncs pause (or 2 s pass) ──► malloc_trim(0), own thread
+//!                                                   └─ syncs pause ──► malloc_trim(0), own thread
 //! ```
 
 use std::process::ExitCode;
@@ -83,9 +83,10 @@ fn main() -> ExitCode {
 /// its highest sync (10k pods: 37 MiB after the first sync, 33 MiB trimmed; see
 /// benches/agent-bench.sh).
 ///
-/// The trim runs on its own thread once syncs pause (250 ms without one), and at least
-/// every 2 s under continuous churn: walking the heap takes milliseconds that a sync
-/// waiting behind it would add to its latency.
+/// The trim runs on its own thread once syncs pause (250 ms without one): it walks the
+/// heap under the allocator's lock for milliseconds, which a sync allocating meanwhile
+/// would add to its latency. Under continuous churn each sync reuses what the previous
+/// one freed, so the heap does not grow for want of a trim.
 struct TrimAfterSync<T> {
     target: T,
     synced: std::sync::mpsc::Sender<()>,
@@ -96,14 +97,13 @@ impl<T> TrimAfterSync<T> {
         let (synced, syncs) = std::sync::mpsc::channel::<()>();
         let spawned = std::thread::Builder::new().name("heap-trim".into()).spawn(move || {
             use std::sync::mpsc::RecvTimeoutError;
-            use std::time::{Duration, Instant};
-            // Each pass: wait for a sync, then trim when syncs pause or 2 s have passed.
+            use std::time::Duration;
+            // Each pass: wait for a sync, then trim once syncs pause.
             while syncs.recv().is_ok() {
-                let first = Instant::now();
                 loop {
                     match syncs.recv_timeout(Duration::from_millis(250)) {
-                        Ok(()) if first.elapsed() < Duration::from_secs(2) => continue,
-                        Ok(()) | Err(RecvTimeoutError::Timeout) => break,
+                        Ok(()) => continue,
+                        Err(RecvTimeoutError::Timeout) => break,
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
                 }

@@ -5,6 +5,7 @@
 //!  compile ──► ir::Ruleset ──┬─► render (nft -f text) / json (nft -j)
 //!                            ├─► interpret (decide a packet like the kernel)
 //!                            └─► diff(applied, desired) ──► Transaction ──► Nftables::apply
+//!                                                                           ├─ netlink (own batch; the agent)
 //!                                                                           ├─ real (nft -f -)
 //!                                                                           └─ fake (in memory)
 //! ```

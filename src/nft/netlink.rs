@@ -95,6 +95,8 @@ const NFTA_EXPR_DATA: u16 = 2;
 
 /// The comment's type in chain and rule user data (libnftnl's NFTNL_UDATA_*_COMMENT).
 const UDATA_COMMENT: u8 = 0;
+/// ... and in a set's (NFTNL_UDATA_SET_COMMENT).
+const UDATA_SET_COMMENT: u8 = 7;
 
 const NF_DROP: i32 = 0;
 const NF_ACCEPT: i32 = 1;
@@ -237,14 +239,20 @@ impl Batch {
 
     /// libnftnl's user data: type, length, value (a comment with its NUL).
     fn comment(&mut self, kind: u16, text: &str) {
-        let text = super::names::comment(text);
-        // One TLV byte of length: nft caps comments at 128 bytes, and so do our names.
-        let bytes = &text.as_bytes()[..text.len().min(254)];
-        let mut data = vec![UDATA_COMMENT, (bytes.len() + 1) as u8];
-        data.extend_from_slice(bytes);
-        data.push(0);
+        let mut data = Vec::with_capacity(text.len() + 3);
+        comment_tlv(&mut data, UDATA_COMMENT, text);
         self.attr(kind, &data);
     }
+}
+
+/// A comment as libnftnl user data: type, length, the text with its NUL. One byte of
+/// length: nft caps comments at 128 bytes, and so does `names::comment`.
+fn comment_tlv(out: &mut Vec<u8>, kind: u8, text: &str) {
+    let text = super::names::comment(text);
+    let bytes = &text.as_bytes()[..text.len().min(254)];
+    out.extend_from_slice(&[kind, (bytes.len() + 1) as u8]);
+    out.extend_from_slice(bytes);
+    out.push(0);
 }
 
 // ---------------------------------------------------------------- expressions
@@ -797,11 +805,7 @@ fn encode_set_declaration(
         udata.extend_from_slice(&[1, 4, 0, 0, 0, 0, 6, 4, 0, 0, 0, 0]);
     }
     if let Some(c) = d.comment {
-        let c = super::names::comment(c);
-        let bytes = &c.as_bytes()[..c.len().min(254)];
-        udata.extend_from_slice(&[7, (bytes.len() + 1) as u8]);
-        udata.extend_from_slice(bytes);
-        udata.push(0);
+        comment_tlv(&mut udata, UDATA_SET_COMMENT, c);
     }
     b.attr(NFTA_SET_USERDATA, &udata);
     b.finish(m);
