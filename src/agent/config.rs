@@ -214,5 +214,9 @@ mod tests {
         assert!(e.contains("not a readable file"), "{e}");
         let e = parse(&["--node", "a", "--log-format", "xml"]).unwrap_err().to_string();
         assert!(e.contains("xml"), "{e}");
+        let e = parse(&["--node", "a", "--netns", "../etc"]).unwrap_err().to_string();
+        assert!(e.contains("not a network namespace name"), "{e}");
+        let e = parse(&["--node", "a", "--netns", "npl-surely-absent-4242"]).unwrap_err().to_string();
+        assert!(e.contains("/run/netns/npl-surely-absent-4242 does not exist"), "{e}");
     }
 }
