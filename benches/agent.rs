@@ -3,15 +3,15 @@
 //!
 //! ```text
 //!  generate::cluster ──► FakeApiServer (in-process, bulk-loaded) ◄── list/watch ── netpol-agent (child)
-//!        │                      ▲                                                  │ nft (PATH wrapper)
+//!        │                      ▲                                                  │ --netns: netlink batches
 //!        │   churn: add/delete/relabel pods at --rate                              ▼
 //!        └──────────────────────┘                                 throwaway netns "npl-bench-<pid>"
 //!                                                                                  │
 //!     latency = commit announced by the kernel in that netns  −  event applied to the fake
 //! ```
 //!
-//! The kernel is the witness: each churn event touches one pod with its own IP, and its
-//! latency is the time from applying the event to the fake apiserver until the kernel
+//! The kernel is the witness: an event touches one pod, whose IP no other pod has and whose
+//! next event comes a second or more later, and its latency is the time from applying the event to the fake apiserver until the kernel
 //! announces (nf_tables netlink group, in the agent's netns) the end of a commit whose
 //! element changes mention that IP. Events whose IP shows up in no commit changed no rule;
 //! they are counted apart and left out of the percentiles. At the end the kernel's table

@@ -3,8 +3,8 @@
 //! error, 2 bad configuration).
 //!
 //! ```text
-//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimAfterSync(NftTarget(NetlinkNftables)))
-//!                                                   │    partial syncs over netlink, the rest via nft
+//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimWhenIdle(NftTarget(NetlinkNftables)))
+//!                                                   │    each sync one netlink batch (nft as the fallback)
 //!                                                   └─ syncs pause ──► malloc_trim(0), own thread
 //! ```
 
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
             NetlinkNftables::nft_only(nft)
         }
     };
-    let target = TrimAfterSync::new(NftTarget::new(nft, config.node.clone(), config.table.clone()));
+    let target = TrimWhenIdle::new(NftTarget::new(nft, config.node.clone(), config.table.clone()));
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
         Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
@@ -87,12 +87,12 @@ fn main() -> ExitCode {
 /// heap under the allocator's lock for milliseconds, which a sync allocating meanwhile
 /// would add to its latency. Under continuous churn each sync reuses what the previous
 /// one freed, so the heap does not grow for want of a trim.
-struct TrimAfterSync<T> {
+struct TrimWhenIdle<T> {
     target: T,
     synced: std::sync::mpsc::Sender<()>,
 }
 
-impl<T> TrimAfterSync<T> {
+impl<T> TrimWhenIdle<T> {
     fn new(target: T) -> Self {
         let (synced, syncs) = std::sync::mpsc::channel::<()>();
         let spawned = std::thread::Builder::new().name("heap-trim".into()).spawn(move || {
@@ -113,11 +113,11 @@ impl<T> TrimAfterSync<T> {
         if let Err(e) = spawned {
             tracing::warn!("no heap-trim thread ({e}): freed memory stays with the allocator");
         }
-        TrimAfterSync { target, synced }
+        TrimWhenIdle { target, synced }
     }
 }
 
-impl<T: SyncTarget> SyncTarget for TrimAfterSync<T> {
+impl<T: SyncTarget> SyncTarget for TrimWhenIdle<T> {
     fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
         let result = self.target.sync(snapshot, full);
         let _ = self.synced.send(());

@@ -21,15 +21,12 @@
 //! or map) come from what was applied through this value.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, sockopt};
 
-use super::ir::{
-    Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, MapVerdict, Match, Rule, Value, Verdict,
-};
+use super::ir::{Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, MapVerdict, Match, Rule, Verdict};
 use super::real::RealNftables;
 use super::{NftError, Nftables, Op, Transaction};
 
@@ -196,11 +193,13 @@ impl Batch {
         }
     }
 
+    /// A NUL-terminated string attribute.
     fn str(&mut self, kind: u16, s: &str) {
-        let mut data = Vec::with_capacity(s.len() + 1);
-        data.extend_from_slice(s.as_bytes());
-        data.push(0);
-        self.attr(kind, &data);
+        self.buf.extend_from_slice(&((4 + s.len() + 1) as u16).to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
+        self.buf.extend_from_slice(s.as_bytes());
+        self.buf.push(0);
+        self.pad();
     }
 
     fn u32(&mut self, kind: u16, v: u32) {
@@ -257,19 +256,15 @@ fn comment_tlv(out: &mut Vec<u8>, kind: u8, text: &str) {
 
 // ---------------------------------------------------------------- expressions
 
-/// One expression of a rule: its name and a closure writing its attributes.
-struct Exprs<'b> {
-    batch: &'b mut Batch,
-}
-
-impl Exprs<'_> {
+/// A rule's expressions, each a list element: its name, then `body` writes its attributes.
+impl Batch {
     fn expr(&mut self, name: &str, body: impl FnOnce(&mut Batch)) {
-        let elem = self.batch.nest(NFTA_LIST_ELEM);
-        self.batch.str(NFTA_EXPR_NAME, name);
-        let data = self.batch.nest(NFTA_EXPR_DATA);
-        body(self.batch);
-        self.batch.end_nest(data);
-        self.batch.end_nest(elem);
+        let elem = self.nest(NFTA_LIST_ELEM);
+        self.str(NFTA_EXPR_NAME, name);
+        let data = self.nest(NFTA_EXPR_DATA);
+        body(self);
+        self.end_nest(data);
+        self.end_nest(elem);
     }
 
     fn meta(&mut self, key: u32, dreg: u32) {
@@ -351,8 +346,8 @@ fn ct_state_bit(s: CtState) -> u32 {
 /// concatenation fields go into consecutive 32-bit registers. `interval`: the set the key
 /// is looked up in has `flags interval` (nft then converts `meta l4proto` of a
 /// `meta l4proto . th dport` key with a byteorder expression).
-fn load_key(e: &mut Exprs<'_>, key: Key, family_known: &mut Option<IpFamily>, interval: bool) {
-    let mut addr = |e: &mut Exprs<'_>, f: IpFamily, field: super::ir::AddrField| -> u32 {
+fn load_key(e: &mut Batch, key: Key, family_known: &mut Option<IpFamily>, interval: bool) {
+    let mut addr = |e: &mut Batch, f: IpFamily, field: super::ir::AddrField| -> u32 {
         if *family_known != Some(f) {
             e.meta(META_NFPROTO, 1);
             e.cmp(CMP_EQ, 1, &[nfproto(f)]);
@@ -446,30 +441,41 @@ impl KnownSets {
         }
     }
 
+    /// Does `op` add or remove sets or maps?
+    fn changed_by(op: &Op) -> bool {
+        matches!(
+            op,
+            Op::DeleteTable
+                | Op::DefineTable(_)
+                | Op::AddSet { .. }
+                | Op::AddMap { .. }
+                | Op::DeleteSet { .. }
+                | Op::DeleteMap { .. }
+        )
+    }
+
     fn applied_op(&mut self, op: &Op) {
-        {
-            match op {
-                Op::DeleteTable => self.sets.clear(),
-                Op::DefineTable(rs) => {
-                    self.sets.clear();
-                    for (name, s) in &rs.sets {
-                        self.sets.insert(name.clone(), SetKind { map: false, interval: s.interval });
-                    }
-                    for (name, m) in &rs.maps {
-                        self.sets.insert(name.clone(), SetKind { map: true, interval: m.interval });
-                    }
+        match op {
+            Op::DeleteTable => self.sets.clear(),
+            Op::DefineTable(rs) => {
+                self.sets.clear();
+                for (name, s) in &rs.sets {
+                    self.sets.insert(name.clone(), SetKind { map: false, interval: s.interval });
                 }
-                Op::AddSet { name, set } => {
-                    self.sets.insert(name.clone(), SetKind { map: false, interval: set.interval });
+                for (name, m) in &rs.maps {
+                    self.sets.insert(name.clone(), SetKind { map: true, interval: m.interval });
                 }
-                Op::AddMap { name, map } => {
-                    self.sets.insert(name.clone(), SetKind { map: true, interval: map.interval });
-                }
-                Op::DeleteSet { name } | Op::DeleteMap { name } => {
-                    self.sets.remove(name);
-                }
-                _ => {}
             }
+            Op::AddSet { name, set } => {
+                self.sets.insert(name.clone(), SetKind { map: false, interval: set.interval });
+            }
+            Op::AddMap { name, map } => {
+                self.sets.insert(name.clone(), SetKind { map: true, interval: map.interval });
+            }
+            Op::DeleteSet { name } | Op::DeleteMap { name } => {
+                self.sets.remove(name);
+            }
+            _ => {}
         }
     }
 
@@ -500,46 +506,32 @@ impl<'a> WireElement<'a> {
     }
 }
 
-/// The bytes of one key component, the low and the high end of its span.
-fn component(v: Value) -> (Vec<u8>, Vec<u8>) {
-    let addr = |ip: IpAddr| match ip {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    };
-    match v {
-        Value::Addr(ip) => (addr(ip), addr(ip)),
-        Value::Prefix(net) => (addr(net.network()), addr(net.broadcast())),
-        Value::AddrRange(a, b) => (addr(a), addr(b)),
-        Value::Proto(p) => (vec![p], vec![p]),
-        Value::Port(p) => (p.to_be_bytes().to_vec(), p.to_be_bytes().to_vec()),
-        Value::PortRange(a, b) => (a.to_be_bytes().to_vec(), b.to_be_bytes().to_vec()),
-    }
-}
-
-/// The low and high key of an element: each component in network byte order; in a
-/// concatenation each is padded to a whole 32-bit register.
-fn element_span(e: &Element) -> (Vec<u8>, Vec<u8>) {
+/// The low (or high) key of an element: each component's end of its span (`Value::span`)
+/// in network byte order at its type's width; in a concatenation each is padded to a
+/// whole 32-bit register.
+fn key_bytes(e: &Element, high: bool) -> Vec<u8> {
     let values = e.values();
     let concat = values.len() > 1;
-    let (mut lo, mut hi) = (Vec::with_capacity(values.len() * 4), Vec::with_capacity(values.len() * 4));
+    let mut out = Vec::with_capacity(values.len() * 4);
     for v in values {
-        let (l, h) = component(*v);
-        lo.extend_from_slice(&l);
-        hi.extend_from_slice(&h);
+        let width = datatype(v.key_type()).1 as usize;
+        let (lo, hi) = v.span();
+        out.extend_from_slice(&(if high { hi } else { lo }).to_be_bytes()[16 - width..]);
         if concat {
-            lo.resize(lo.len().next_multiple_of(4), 0);
-            hi.resize(hi.len().next_multiple_of(4), 0);
+            out.resize(out.len().next_multiple_of(4), 0);
         }
     }
-    (lo, hi)
+    out
+}
+
+/// The low and high key of an element (the same for a single value).
+fn element_span(e: &Element) -> (Vec<u8>, Vec<u8>) {
+    (key_bytes(e, false), key_bytes(e, true))
 }
 
 /// The key of an element of a non-interval set (`None` if it is a range).
 fn element_key(e: &Element) -> Option<Vec<u8>> {
-    if e.values().iter().any(|v| v.is_interval()) {
-        return None;
-    }
-    Some(element_span(e).0)
+    (!e.values().iter().any(|v| v.is_interval())).then(|| key_bytes(e, false))
 }
 
 /// `bytes` + 1 as a big-endian number, `None` past the largest value.
@@ -625,7 +617,7 @@ fn encode_rule(
     let mut family_known = None;
     let interval_of = |name: &str| sets.kind(name).map(|k| k.interval).ok_or(Unsupported);
     {
-        let mut e = Exprs { batch: b };
+        let e = &mut *b;
         for m in &rule.matches {
             match m {
                 Match::CtState(states) => {
@@ -651,7 +643,7 @@ fn encode_rule(
                     family_known = Some(*f);
                 }
                 Match::Lookup { key, set, negate } => {
-                    load_key(&mut e, *key, &mut family_known, interval_of(set)?);
+                    load_key(e, *key, &mut family_known, interval_of(set)?);
                     e.lookup(set, 1, None, *negate);
                 }
             }
@@ -667,7 +659,7 @@ fn encode_rule(
             Some(Verdict::Jump(c)) => e.immediate_verdict(NFT_JUMP, Some(c)),
             Some(Verdict::Goto(c)) => e.immediate_verdict(NFT_GOTO, Some(c)),
             Some(Verdict::Vmap { key, map }) => {
-                load_key(&mut e, *key, &mut family_known, interval_of(map)?);
+                load_key(e, *key, &mut family_known, interval_of(map)?);
                 e.lookup(map, 1, Some(NFT_REG_VERDICT), false);
             }
         }
@@ -850,10 +842,14 @@ fn encode_op(
 ) -> Result<(), Unsupported> {
     // Elements of an existing set: only plain ones (changing ranges in place is left to
     // nft, which reads the set's current ranges first).
-    let existing = |name: &str, map: bool| match kinds.kind(name) {
-        Some(k) if k.map == map && !k.interval => Ok(()),
-        _ => Err(Unsupported),
-    };
+    let existing_elements =
+        |b: &mut Batch, kind: u16, name: &str, map: bool, wire: Result<Vec<WireElement<'_>>, Unsupported>| {
+            match kinds.kind(name) {
+                Some(k) if k.map == map && !k.interval => encode_elements(b, kind, t, name, i, &wire?),
+                _ => return Err(Unsupported),
+            }
+            Ok(())
+        };
     match op {
         Op::AddTable => encode_table(b, msg::NEWTABLE, t, i),
         Op::DeleteTable => encode_table(b, msg::DELTABLE, t, i),
@@ -904,24 +900,20 @@ fn encode_op(
             encode_elements(b, msg::NEWSETELEM, t, name, i, &wire);
         }
         Op::AddElements { set, elements } => {
-            existing(set, false)?;
-            let wire = wire_elements(false, false, elements.iter().map(|e| (e, None)))?;
-            encode_elements(b, msg::NEWSETELEM, t, set, i, &wire);
+            let wire = wire_elements(false, false, elements.iter().map(|e| (e, None)));
+            existing_elements(b, msg::NEWSETELEM, set, false, wire)?;
         }
         Op::DeleteElements { set, elements } => {
-            existing(set, false)?;
-            let wire = wire_elements(false, false, elements.iter().map(|e| (e, None)))?;
-            encode_elements(b, msg::DELSETELEM, t, set, i, &wire);
+            let wire = wire_elements(false, false, elements.iter().map(|e| (e, None)));
+            existing_elements(b, msg::DELSETELEM, set, false, wire)?;
         }
         Op::AddMapElements { map, elements } => {
-            existing(map, true)?;
-            let wire = wire_elements(false, false, elements.iter().map(|(e, v)| (e, Some(v))))?;
-            encode_elements(b, msg::NEWSETELEM, t, map, i, &wire);
+            let wire = wire_elements(false, false, elements.iter().map(|(e, v)| (e, Some(v))));
+            existing_elements(b, msg::NEWSETELEM, map, true, wire)?;
         }
         Op::DeleteMapElements { map, elements } => {
-            existing(map, true)?;
-            let wire = wire_elements(false, false, elements.iter().map(|e| (e, None)))?;
-            encode_elements(b, msg::DELSETELEM, t, map, i, &wire);
+            let wire = wire_elements(false, false, elements.iter().map(|e| (e, None)));
+            existing_elements(b, msg::DELSETELEM, map, true, wire)?;
         }
         Op::DefineTable(rs) => {
             // In the order nft's block syntax amounts to: the table, its sets, every
@@ -960,15 +952,18 @@ fn encode_op(
 /// The whole transaction as one batch, or `Unsupported` if any op needs nft. `known`:
 /// the table's sets as applied (`None`: unknown, so only ops that need none are encoded).
 fn encode(tx: &Transaction, known: Option<&KnownSets>, first_seq: u32) -> Result<Encoded, Unsupported> {
+    // Copied only if the transaction adds or removes sets (a partial sync rarely does).
     let mut kinds = match known {
-        Some(k) if k.table == tx.table => k.clone(),
-        _ => KnownSets::empty(&tx.table),
+        Some(k) if k.table == tx.table => std::borrow::Cow::Borrowed(k),
+        _ => std::borrow::Cow::Owned(KnownSets::empty(&tx.table)),
     };
     let mut b = Batch::new(first_seq);
     let mut set_id = 0;
     for (i, op) in tx.ops.iter().enumerate() {
         encode_op(&mut b, &tx.table, i, op, &kinds, &mut set_id)?;
-        kinds.applied_op(op);
+        if KnownSets::changed_by(op) {
+            kinds.to_mut().applied_op(op);
+        }
     }
     Ok(b.end())
 }
@@ -1129,7 +1124,7 @@ pub struct NetlinkNftables {
     /// `None`: no socket could be opened; everything goes through nft.
     socket: Option<NetlinkSocket>,
     nft: RealNftables,
-    /// `None` after a failure: nothing is known until the next full sync (through nft).
+    /// `None` after a failure: nothing is known until the next full sync.
     known: Option<KnownSets>,
     seq: u32,
     /// The kernel refused the last batch: send the next transactions through nft until
@@ -1169,6 +1164,15 @@ impl NetlinkNftables {
     /// The nft this value falls back to (and lists and checks with).
     pub fn nft(&self) -> &RealNftables {
         &self.nft
+    }
+
+    /// Applies `tx` through nft whatever it holds (tests compare both paths), keeping
+    /// track of the table's sets as `apply` does.
+    pub fn apply_via_nft(&mut self, tx: &Transaction) -> Result<(), NftError> {
+        let was = std::mem::replace(&mut self.nft_next, true);
+        let result = self.apply(tx);
+        self.nft_next = was && result.is_err();
+        result
     }
 
     fn send_batch(
@@ -1216,17 +1220,6 @@ impl NetlinkNftables {
             }
         }
         if errors.is_empty() { Ok(()) } else { Err(rejected(errors.join("; "))) }
-    }
-}
-
-impl NetlinkNftables {
-    /// Applies `tx` through nft whatever it holds (tests compare both paths), keeping
-    /// track of the table's sets as `apply` does.
-    pub fn apply_via_nft(&mut self, tx: &Transaction) -> Result<(), NftError> {
-        let was = std::mem::replace(&mut self.nft_next, true);
-        let result = self.apply(tx);
-        self.nft_next = was && result.is_err();
-        result
     }
 }
 
@@ -1279,7 +1272,8 @@ impl Nftables for NetlinkNftables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::ir::{KeyType, MapVerdict, Ruleset, Set};
+    use crate::nft::ir::{KeyType, MapVerdict, Ruleset, Set, Value};
+    use std::net::IpAddr;
     use std::sync::Arc;
 
     fn known(sets: &[(&str, bool, bool)]) -> KnownSets {

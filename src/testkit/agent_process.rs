@@ -40,7 +40,7 @@ pub struct AgentLaunch {
     pub table: String,
     pub kubeconfig: PathBuf,
     pub nft: NftRoute,
-    /// Holds the wrapper (`bin-<node>/nft`) and the logs; the caller removes it.
+    /// Holds the refusing `nft` (`bin-<node>/nft`) and the logs; the caller removes it.
     pub workdir: PathBuf,
     /// `--admin-addr` (default `127.0.0.1:0`: any free port).
     pub admin_addr: String,
@@ -84,27 +84,25 @@ impl AgentLaunch {
         }
     }
 
-    /// Writes the `nft` wrapper for this launch's route; returns the directory to put first
-    /// on `PATH`.
-    fn write_wrapper(&self) -> io::Result<PathBuf> {
+    /// For [`NftRoute::Refuse`], writes an `nft` that always fails; returns the directory
+    /// to put first on `PATH`. (With [`NftRoute::Netns`] the agent enters the namespace
+    /// itself, `--netns`, for nft and its netlink socket.)
+    fn write_refusing_nft(&self) -> io::Result<Option<PathBuf>> {
         use std::os::unix::fs::PermissionsExt as _;
+        if self.nft != NftRoute::Refuse {
+            return Ok(None);
+        }
         let bin = self.workdir.join(format!("bin-{}", self.node));
         std::fs::create_dir_all(&bin)?;
-        let script = match &self.nft {
-            // The agent enters the namespace itself (`--netns`), for nft and its netlink socket.
-            NftRoute::Netns(_) => return Ok(bin),
-            NftRoute::Refuse => "#!/bin/sh\necho 'nft refused by the test harness' >&2\nexit 1\n".to_string(),
-        };
         let wrapper = bin.join("nft");
-        std::fs::write(&wrapper, script)?;
+        std::fs::write(&wrapper, "#!/bin/sh\necho 'nft refused by the test harness' >&2\nexit 1\n")?;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
-        Ok(bin)
+        Ok(Some(bin))
     }
 
     /// Starts the agent; its log goes to `<workdir>/<log_name>`.
     pub fn spawn(&self, log_name: &str) -> io::Result<AgentProcess> {
-        let bin = self.write_wrapper()?;
-        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let refusing = self.write_refusing_nft()?;
         let log = self.workdir.join(log_name);
         let mut cmd = Command::new(&self.binary);
         cmd.args(["--node", &self.node, "--table", &self.table, "--admin-addr", &self.admin_addr])
@@ -120,13 +118,11 @@ impl AgentLaunch {
         for var in AgentConfig::command().get_arguments().filter_map(|a| a.get_env()) {
             cmd.env_remove(var);
         }
-        let child = cmd
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("PATH", path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log)?)
-            .spawn()?;
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(bin) = refusing {
+            cmd.env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()));
+        }
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(File::create(&log)?).spawn()?;
         Ok(AgentProcess { child, log, node: self.node.clone() })
     }
 }
