@@ -199,7 +199,7 @@ fn replay(base: &Cluster, events: &[Event], config: &NodeConfig) -> Vec<bool> {
                 Some(p) => pods.insert(e.pod.clone(), Arc::new(p.clone())),
                 None => pods.remove(&e.pod),
             };
-            let cluster = Cluster::new(namespaces.clone(), pods.values().cloned(), base.policies.clone());
+            let cluster = Cluster::new(namespaces.clone(), pods.values().cloned(), base.policies.iter().cloned());
             let after = compiler.compile(&cluster);
             let changed = memberships_of(&before, e.ip) != memberships_of(&after, e.ip);
             before = after;
@@ -709,7 +709,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let config = NodeConfig { node: NODE.into(), table: TABLE.into() };
     let local_pods_at_end = mirror.values().filter(|p| p.node == NODE).count();
     let final_cluster =
-        Cluster::new(base.namespaces.values().cloned().collect(), mirror.into_values(), base.policies.clone());
+        Cluster::new(base.namespaces.values().cloned().collect(), mirror.into_values(), base.policies.iter().cloned());
     let after = memberships(&compile(&final_cluster, &config));
 
     // ---- converge before measuring memory: RSS read while a sync runs (at 100k pods the

@@ -29,7 +29,7 @@ fn cluster(pods: usize, policies: usize) -> Cluster {
 }
 
 fn with_pods(c: &Cluster, pods: Vec<Arc<Pod>>) -> Cluster {
-    Cluster::new(c.namespaces.values().cloned().collect(), pods, c.policies.clone())
+    Cluster::new(c.namespaces.values().cloned().collect(), pods, c.policies.iter().cloned())
 }
 
 fn bench_compile(c: &mut Criterion) {
@@ -67,22 +67,22 @@ fn bench_diff(c: &mut Criterion) {
     let a = compile(&base, &config);
     // A new pod on node-0 (a copy of one there, at an unused address), one deleted there,
     // one relabelled there.
-    let mut added = base.pods.clone();
+    let mut added = base.pods.to_vec();
     let mut new_pod: Pod = (**added.iter().find(|p| p.node == "node-0").unwrap()).clone();
     new_pod.id.name = "bench-new-pod".into();
     new_pod.ips = IpAddr::V4(Ipv4Addr::new(10, 255, 255, 254)).into();
     added.push(new_pod.into());
-    let mut deleted = base.pods.clone();
+    let mut deleted = base.pods.to_vec();
     let victim = deleted.iter().position(|p| p.node == "node-0").unwrap();
     deleted.remove(victim);
     // A local isolated pod no policy selects any more; a remote pod that becomes a peer.
-    let mut relabelled = base.pods.clone();
+    let mut relabelled = base.pods.to_vec();
     let k = (0..base.pods.len())
         .find(|&i| base.pods[i].node == "node-0" && !base.isolating_policies(i, Direction::Ingress).is_empty())
         .unwrap();
     Arc::make_mut(&mut relabelled[k]).labels = Default::default();
     let local_ns = &base.pods[k].id.namespace;
-    let mut peer = base.pods.clone();
+    let mut peer = base.pods.to_vec();
     let k = peer
         .iter()
         .position(|p| p.node != "node-0" && &p.id.namespace == local_ns && p.labels["tier"] != "web")

@@ -270,7 +270,7 @@ pub fn to_yaml(cluster: &Cluster) -> String {
     for ns in cluster.namespaces.values() {
         docs.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": ns.labels}}));
     }
-    for pod in &cluster.pods {
+    for pod in cluster.pods.iter() {
         let ports: Vec<Value> = pod
             .ports
             .iter()
@@ -284,7 +284,7 @@ pub fn to_yaml(cluster: &Cluster) -> String {
                        "podIPs": pod.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
         }));
     }
-    for p in &cluster.policies {
+    for p in cluster.policies.iter() {
         let mut types = Vec::new();
         let mut spec = serde_json::Map::new();
         spec.insert("podSelector".into(), selector(&p.pod_selector));

@@ -88,12 +88,12 @@ pub fn cell_connection(cluster: &Cluster, probe: &Probe, family: Family, src: us
 /// Every port that any pod declares or any policy names (range ends included), per protocol.
 pub fn default_probes(cluster: &Cluster) -> Vec<Probe> {
     let mut set = BTreeSet::new();
-    for pod in &cluster.pods {
+    for pod in cluster.pods.iter() {
         for p in pod.ports.iter() {
             set.insert((p.protocol, p.port));
         }
     }
-    for policy in &cluster.policies {
+    for policy in cluster.policies.iter() {
         for rules in [&policy.ingress, &policy.egress].into_iter().flatten() {
             for spec in rules.iter().filter_map(|r| r.ports.as_ref()).flatten() {
                 if let PortMatch::Range(a, b) = spec.port {

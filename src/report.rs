@@ -63,7 +63,7 @@ pub fn write_json(out: &mut impl Write, r: &MatrixReport) -> io::Result<()> {
 pub fn write_yaml(out: &mut impl Write, r: &MatrixReport) -> io::Result<()> {
     writeln!(out, "engine: {}", r.engine)?;
     writeln!(out, "pods:")?;
-    for p in &r.pods {
+    for p in r.pods.iter() {
         writeln!(out, "- {}", serde_json::to_string(p)?)?;
     }
     writeln!(out, "probes:")?;

@@ -356,14 +356,14 @@ proptest! {
 /// `next`, with every pod, policy that equals one of `prev` sharing `prev`'s allocation, as
 /// the agent's snapshots do for objects that did not change.
 fn share_unchanged(prev: &Cluster, mut next: Cluster) -> Cluster {
-    for p in &mut next.pods {
+    for p in Arc::make_mut(&mut next.pods) {
         if let Some(i) = prev.pod_index(&p.id)
             && prev.pods[i] == *p
         {
             *p = Arc::clone(&prev.pods[i]);
         }
     }
-    for q in &mut next.policies {
+    for q in Arc::make_mut(&mut next.policies) {
         if let Some(old) = prev.policies.iter().find(|o| **o == *q) {
             *q = Arc::clone(old);
         }
@@ -377,7 +377,7 @@ fn with_ip_twin(c: &Cluster, rng: &mut Rng, step: usize) -> Cluster {
     if c.pods.is_empty() {
         return c.clone();
     }
-    let mut pods = c.pods.clone();
+    let mut pods = c.pods.to_vec();
     let shared: Vec<usize> =
         (0..pods.len()).filter(|&i| (0..pods.len()).any(|j| j != i && pods[j].ips == pods[i].ips)).collect();
     if !shared.is_empty() && rng.chance(50) {
@@ -394,7 +394,7 @@ fn with_ip_twin(c: &Cluster, rng: &mut Rng, step: usize) -> Cluster {
         twin.ips = pods[rng.below(pods.len())].ips.clone();
         pods.push(Arc::new(twin));
     }
-    Cluster::new(c.namespaces.values().cloned().collect(), pods, c.policies.clone())
+    Cluster::new(c.namespaces.values().cloned().collect(), pods, c.policies.iter().cloned())
 }
 
 proptest! {
@@ -486,7 +486,7 @@ fn unchanged_policies_and_pods_keep_their_chain_allocations_and_a_relabelled_pod
         pods[k].labels = netpol::model::Labels::from([("app".to_string(), "relabelled".to_string())]).into();
         let changed = share_unchanged(
             &cluster,
-            Cluster::new(cluster.namespaces.values().cloned().collect(), pods, cluster.policies.clone()),
+            Cluster::new(cluster.namespaces.values().cloned().collect(), pods, cluster.policies.iter().cloned()),
         );
         let c = compiler.compile(&changed);
         assert_eq!(c, compile(&changed, &NodeConfig::new("node-1")), "seed {seed}");
@@ -541,7 +541,8 @@ fn an_address_stays_in_a_peer_set_while_another_member_pod_still_has_it() {
     let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
     compiler.compile(&before);
     let mut after = before.clone();
-    after.pods.remove(after.pod_index(&ObjectRef::new("a", "web-old")).unwrap());
+    let old = after.pod_index(&ObjectRef::new("a", "web-old")).unwrap();
+    Arc::make_mut(&mut after.pods).remove(old);
     let got = compiler.compile(&after);
     assert_eq!(render::ruleset(&got), render::ruleset(&compile(&after, &NodeConfig::new("node-1"))));
     assert!(render::ruleset(&got).contains("10.0.0.2"));
@@ -561,7 +562,8 @@ fn a_pod_change_rebuilds_only_the_sets_it_is_or_becomes_a_member_of() {
     // The db pod becomes an api pod: the db and api sets change, the web set does not.
     let mut after = before.clone();
     let db = after.pod_index(&ObjectRef::new("a", "db")).unwrap();
-    Arc::make_mut(&mut after.pods[db]).labels = netpol::model::Labels::from([("app".into(), "api".into())]).into();
+    Arc::make_mut(&mut Arc::make_mut(&mut after.pods)[db]).labels =
+        netpol::model::Labels::from([("app".into(), "api".into())]).into();
 
     let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
     let a = compiler.compile(&before);

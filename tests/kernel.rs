@@ -56,15 +56,14 @@ fn random_cluster(seed: u64) -> Cluster {
         let p = generate::Params { pods: 10, namespaces: 3, policies: 6, nodes: 3, seed, dual_stack: true };
         return generate::cluster(&p);
     }
-    let c = generate::small_random(seed);
-    let mut pods = c.pods;
+    let mut c = generate::small_random(seed);
     if seed.is_multiple_of(2)
-        && !pods.iter().any(|p| p.host_network)
-        && let Some(last) = pods.last_mut()
+        && !c.pods.iter().any(|p| p.host_network)
+        && let Some(last) = std::sync::Arc::make_mut(&mut c.pods).last_mut()
     {
         std::sync::Arc::make_mut(last).host_network = true;
     }
-    Cluster::new(c.namespaces.into_values().collect(), pods, c.policies)
+    c
 }
 
 /// Every engine's matrices, `[family][engine][probe]`, engines in `verify` order.

@@ -106,8 +106,11 @@ pub fn pod_json(p: &Pod) -> Value {
 /// Namespaces and policies as API objects, through `generate::to_yaml` (its pods are
 /// written by [`pod_json`], which is faster and fatter).
 pub fn namespaces_and_policies_json(cluster: &Cluster) -> Vec<Value> {
-    let without_pods =
-        Cluster::new(cluster.namespaces.values().cloned().collect(), Vec::<Pod>::new(), cluster.policies.clone());
+    let without_pods = Cluster::new(
+        cluster.namespaces.values().cloned().collect(),
+        Vec::<Pod>::new(),
+        cluster.policies.iter().cloned(),
+    );
     generate::to_yaml(&without_pods)
         .split("---\n")
         .filter(|doc| !doc.trim().is_empty())

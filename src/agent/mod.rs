@@ -16,9 +16,7 @@ pub mod watch;
 
 use std::future::Future;
 
-use std::sync::Arc;
-
-use crate::model::{Namespace, Pod, Policy};
+use crate::model::{Namespace, Pod, Policy, SharedList};
 
 pub use config::AgentConfig;
 pub use metrics::Metrics;
@@ -27,12 +25,13 @@ pub use watch::ClusterWatch;
 
 /// Everything the agent knows about the cluster at one moment: the model objects taking
 /// part (pods with an IP on a node, valid namespaces and policies), each list sorted by
-/// namespace and name. Shares the objects with the watch stores, so taking one is cheap.
+/// namespace and name. Shares the lists with the watch stores (copied on write), so taking
+/// one costs three reference counts.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    pub namespaces: Vec<Arc<Namespace>>,
-    pub pods: Vec<Arc<Pod>>,
-    pub policies: Vec<Arc<Policy>>,
+    pub namespaces: SharedList<Namespace>,
+    pub pods: SharedList<Pod>,
+    pub policies: SharedList<Policy>,
     /// Objects left out because they failed conversion or validation.
     pub skipped_objects: usize,
 }

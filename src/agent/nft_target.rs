@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::agent::{Snapshot, SyncError, SyncStats, SyncTarget};
 use crate::compile::{IncrementalCompiler, NodeConfig};
-use crate::model::Cluster;
+use crate::model::{Cluster, Namespace, NamespaceMap, SharedList, namespace_map};
 use crate::nft::diff::{diff_with, full_sync};
 use crate::nft::ir::Ruleset;
 use crate::nft::{NftError, Nftables, Op, Transaction};
@@ -27,12 +27,15 @@ pub struct NftTarget<N: Nftables> {
     compiler: IncrementalCompiler,
     /// The ruleset nft last accepted; `None` before the first sync and after any failure.
     applied: Option<Ruleset>,
+    /// The last snapshot's namespace list and its map: namespaces change rarely, and an
+    /// unchanged map lets the compiler trust its caches without comparing every label.
+    namespaces: Option<(SharedList<Namespace>, Arc<NamespaceMap>)>,
 }
 
 impl<N: Nftables> NftTarget<N> {
     pub fn new(nft: N, node: impl Into<String>, table: impl Into<String>) -> Self {
         let config = NodeConfig { node: node.into(), table: table.into() };
-        NftTarget { nft, compiler: IncrementalCompiler::new(config), applied: None }
+        NftTarget { nft, compiler: IncrementalCompiler::new(config), applied: None, namespaces: None }
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -55,18 +58,29 @@ impl<N: Nftables> NftTarget<N> {
     /// The ruleset this node should have for `snapshot`, and how many objects were skipped
     /// as invalid.
     pub fn desired(&mut self, snapshot: &Snapshot) -> (Ruleset, usize) {
-        let (cluster, skipped) = cluster(snapshot);
-        (self.compiler.compile(&cluster), skipped)
+        let namespaces = match &self.namespaces {
+            Some((list, map)) if Arc::ptr_eq(list, &snapshot.namespaces) => Arc::clone(map),
+            _ => {
+                let map = Arc::new(namespace_map(snapshot.namespaces.iter().map(|n| (**n).clone())));
+                self.namespaces = Some((Arc::clone(&snapshot.namespaces), Arc::clone(&map)));
+                map
+            }
+        };
+        let cluster = cluster_with(snapshot, namespaces);
+        (self.compiler.compile(&cluster), snapshot.skipped_objects)
     }
 }
 
 /// The model cluster of a snapshot (its objects were converted, and invalid ones left out,
 /// when they arrived), and how many objects were left out.
 pub fn cluster(snapshot: &Snapshot) -> (Cluster, usize) {
-    let namespaces = snapshot.namespaces.iter().map(|n| (**n).clone()).collect();
+    let namespaces = namespace_map(snapshot.namespaces.iter().map(|n| (**n).clone()));
+    (cluster_with(snapshot, Arc::new(namespaces)), snapshot.skipped_objects)
+}
+
+fn cluster_with(snapshot: &Snapshot, namespaces: Arc<NamespaceMap>) -> Cluster {
     // The stores keep their objects sorted by namespace and name.
-    let cluster = Cluster::from_sorted(namespaces, snapshot.pods.clone(), snapshot.policies.clone());
-    (cluster, snapshot.skipped_objects)
+    Cluster::from_sorted(namespaces, Arc::clone(&snapshot.pods), Arc::clone(&snapshot.policies))
 }
 
 impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
@@ -90,6 +104,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             skipped_objects: skipped,
         };
         if tx.is_empty() {
+            self.compiler.release_retired();
             tracing::debug!("ruleset unchanged; nothing to apply");
             return Ok(stats);
         }
@@ -97,6 +112,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         let applying = std::time::Instant::now();
         let applied = self.nft.apply(&tx);
         stats.apply = applying.elapsed();
+        self.compiler.release_retired();
         match applied {
             Ok(()) => {
                 tracing::info!(

@@ -210,16 +210,30 @@ impl<'a, M: Keyed + 'a> Borrow<dyn Keyed + 'a> for Entry<M> {
 }
 
 /// The objects of one resource, converted, sorted by namespace/name.
+///
+/// ```text
+///  event ─► live (every key: active, inactive or invalid) ─┬─► active: the snapshot's list,
+///                                                         │   kept in step entry by entry
+///                                                         └─► invalid: a count
+/// ```
+///
+/// `active` is handed to every snapshot as it is (a reference count, not a copy of 10 000
+/// pointers per sync); the first change after a snapshot copies it once if the snapshot,
+/// or the compiler's memory of it, still holds it.
 #[derive(Debug, Clone)]
 pub struct Objects<M> {
     live: BTreeSet<Entry<M>>,
     /// The set a (re)list is building, swapped in at `InitDone`.
     relisting: Option<BTreeSet<Entry<M>>>,
+    /// The `Active` entries of `live`, in the same order.
+    active: Arc<Vec<Arc<M>>>,
+    /// How many entries of `live` are `Invalid`.
+    invalid: usize,
 }
 
 impl<M> Default for Objects<M> {
     fn default() -> Self {
-        Objects { live: BTreeSet::new(), relisting: None }
+        Objects { live: BTreeSet::new(), relisting: None, active: Arc::default(), invalid: 0 }
     }
 }
 
@@ -240,33 +254,63 @@ impl<M: Keyed> Objects<M> {
 
     fn apply(&mut self, entry: Entry<M>, init: bool) {
         match (&mut self.relisting, init) {
-            (Some(set), true) => set.replace(entry),
-            _ => self.live.replace(entry),
-        };
+            (Some(set), true) => {
+                set.replace(entry);
+            }
+            _ => {
+                let object = match &entry {
+                    Entry::Active(m) => Some(Arc::clone(m)),
+                    _ => None,
+                };
+                self.set_active(entry.key(), object);
+                self.invalid += usize::from(matches!(entry, Entry::Invalid(_)));
+                let old = self.live.replace(entry);
+                self.forget(old.as_ref());
+            }
+        }
     }
 
     fn init_done(&mut self) {
         if let Some(set) = self.relisting.take() {
             self.live = set;
+            self.invalid = self.live.iter().filter(|e| matches!(e, Entry::Invalid(_))).count();
+            let active = self.live.iter().filter_map(|e| match e {
+                Entry::Active(m) => Some(Arc::clone(m)),
+                _ => None,
+            });
+            self.active = Arc::new(active.collect());
         }
     }
 
-    fn delete(&mut self, (namespace, name): &ObjectKey) {
-        self.live.remove(&(namespace.as_str(), name.as_str()) as &dyn Keyed);
+    fn delete(&mut self, key: &ObjectKey) {
+        let old = self.live.take(&(key.0.as_str(), key.1.as_str()) as &dyn Keyed);
+        self.forget(old.as_ref());
+        self.set_active((&key.0, &key.1), None);
     }
 
-    /// The active objects, sorted by namespace and name, and how many are invalid.
-    fn active(&self) -> (Vec<Arc<M>>, usize) {
-        let mut invalid = 0;
-        let mut out = Vec::with_capacity(self.live.len());
-        for entry in &self.live {
-            match entry {
-                Entry::Active(m) => out.push(m.clone()),
-                Entry::Inactive(_) => {}
-                Entry::Invalid(_) => invalid += 1,
+    /// Uncounts an entry that left `live`.
+    fn forget(&mut self, old: Option<&Entry<M>>) {
+        if let Some(Entry::Invalid(_)) = old {
+            self.invalid -= 1;
+        }
+    }
+
+    /// Puts `object` under `key` in the active list, or takes the key out of it.
+    fn set_active(&mut self, key: (&str, &str), object: Option<Arc<M>>) {
+        let at = self.active.binary_search_by(|m| m.key().cmp(&key));
+        match (at, object) {
+            (Ok(i), Some(m)) => Arc::make_mut(&mut self.active)[i] = m,
+            (Ok(i), None) => {
+                Arc::make_mut(&mut self.active).remove(i);
             }
+            (Err(i), Some(m)) => Arc::make_mut(&mut self.active).insert(i, m),
+            (Err(_), None) => {}
         }
-        (out, invalid)
+    }
+
+    /// The active objects, sorted by namespace and name (shared), and how many are invalid.
+    fn active(&self) -> (Arc<Vec<Arc<M>>>, usize) {
+        (Arc::clone(&self.active), self.invalid)
     }
 }
 
@@ -689,6 +733,60 @@ mod tests {
         let s = stores.snapshot();
         assert_eq!((names(&s), s.skipped_objects), (vec!["shop/web-1".to_string()], 0));
         assert_eq!(stores.pods.live.len(), 1);
+    }
+
+    /// The snapshot's lists as the stores' entries say they should be: every `Active`
+    /// entry in key order, and the `Invalid` ones counted.
+    fn expected_from_entries(stores: &AgentStores) -> (Vec<String>, usize) {
+        let active = stores.pods.live.iter().filter_map(|e| match e {
+            Entry::Active(p) => Some(p.id.to_string()),
+            _ => None,
+        });
+        let invalid = stores.pods.live.iter().filter(|e| matches!(e, Entry::Invalid(_))).count();
+        (active.collect(), invalid)
+    }
+
+    #[test]
+    fn the_shared_active_list_follows_every_apply_delete_and_relist_and_never_changes_a_taken_snapshot() {
+        for seed in 0..200 {
+            let mut rng = crate::generate::Rng::new(seed);
+            let mut stores = AgentStores::default();
+            let mut relisting = false;
+            for step in 0..60 {
+                let name = format!("p{}", rng.below(6));
+                let namespace = ["a", "b"][rng.below(2)];
+                let ip = format!("192.0.2.{}", 1 + rng.below(9));
+                let mut object = pod(namespace, &name, "node-a", &ip, &[("step", &step.to_string())]);
+                match rng.below(10) {
+                    0 => object.status.as_mut().unwrap().pod_ip = None,
+                    1 => object.status.as_mut().unwrap().pod_ip = Some("not-an-ip".into()),
+                    _ => {}
+                }
+                let before = stores.snapshot();
+                let frozen: Vec<String> = names(&before);
+                let event = match (relisting, rng.below(12)) {
+                    (false, 0) => {
+                        relisting = true;
+                        Event::Init
+                    }
+                    (true, 0 | 1) => {
+                        relisting = false;
+                        Event::InitDone
+                    }
+                    (true, _) => Event::InitApply(object),
+                    (false, 1..=3) => Event::Delete(object),
+                    (false, _) => Event::Apply(object),
+                };
+                stores.handle(&event);
+                let after = stores.snapshot();
+                assert_eq!(
+                    (names(&after), after.skipped_objects),
+                    expected_from_entries(&stores),
+                    "seed {seed} step {step}"
+                );
+                assert_eq!(names(&before), frozen, "seed {seed} step {step}: a taken snapshot changed");
+            }
+        }
     }
 
     #[test]
