@@ -56,7 +56,17 @@ const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
 
 /// Compiles the ruleset of one node.
 pub fn compile(cluster: &Cluster, config: &NodeConfig) -> Ruleset {
-    Compiler::new(cluster, config, &mut SetCache::default()).run()
+    Compiler::new(cluster, config, &mut SetCache::default()).run(local_pods(cluster, &config.node))
+}
+
+/// "hostNetwork pods are not selectable as policy targets"; pods without an IP take no part.
+fn is_local(pod: &Pod, node: &str) -> bool {
+    *pod.node == *node && !pod.host_network && !pod.ips.is_empty()
+}
+
+/// Indices (ascending) of the pods of `node` that policies may select.
+fn local_pods(cluster: &Cluster, node: &str) -> Vec<usize> {
+    (0..cluster.pods.len()).filter(|&i| is_local(&cluster.pods[i], node)).collect()
 }
 
 /// Compiles one node's ruleset again and again, as the cluster changes, for the agent.
@@ -82,6 +92,8 @@ pub struct IncrementalCompiler {
     last: Option<Cluster>,
     /// The cluster before `last`, until [`IncrementalCompiler::release_retired`].
     retired: Option<Cluster>,
+    /// `last`'s pods on this node that policies may select.
+    local: Vec<Arc<Pod>>,
     cache: SetCache,
 }
 
@@ -91,7 +103,7 @@ const MAX_TRACKED_POD_CHANGES: usize = 256;
 
 impl IncrementalCompiler {
     pub fn new(config: NodeConfig) -> Self {
-        IncrementalCompiler { config, last: None, retired: None, cache: SetCache::default() }
+        IncrementalCompiler { config, last: None, retired: None, local: Vec::new(), cache: SetCache::default() }
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -101,18 +113,31 @@ impl IncrementalCompiler {
     /// The ruleset of this node for `cluster`: equal to [`compile`]`(cluster, config)`.
     pub fn compile(&mut self, cluster: &Cluster) -> Ruleset {
         self.cache.deltas.clear();
-        match &self.last {
+        let changed =
+            self.last.as_ref().and_then(|last| changed_pods(&last.pods, &cluster.pods, MAX_TRACKED_POD_CHANGES));
+        match (&self.last, &changed) {
             // Namespace labels decide which namespaces a peer set spans: any change there
             // and nothing cached is trusted (namespaces change rarely).
-            Some(last) if last.namespaces == cluster.namespaces => {
-                match changed_pods(&last.pods, &cluster.pods, MAX_TRACKED_POD_CHANGES) {
-                    Some(changed) => self.cache.patch(&PodChanges::new(last, cluster, changed)),
-                    None => self.cache.clear(),
-                }
+            (Some(last), Some(changed)) if last.namespaces == cluster.namespaces => {
+                self.cache.patch(&PodChanges::new(last, cluster, changed))
             }
             _ => self.cache.clear(),
         }
-        let ruleset = Compiler::new(cluster, &self.config, &mut self.cache).run();
+        let local = match &changed {
+            // The local pods of the last compile, where they are now, and the changed pods that
+            // are local: no walk over every pod of the cluster.
+            Some(changed) => {
+                let node = self.config.node.as_str();
+                let mut local: Vec<usize> = self.local.iter().filter_map(|pod| unchanged_index(cluster, pod)).collect();
+                local.extend(changed.iter().filter_map(|&(_, j)| j).filter(|&j| is_local(&cluster.pods[j], node)));
+                local.sort_unstable();
+                local.dedup();
+                local
+            }
+            None => local_pods(cluster, &self.config.node),
+        };
+        self.local = local.iter().map(|&i| Arc::clone(&cluster.pods[i])).collect();
+        let ruleset = Compiler::new(cluster, &self.config, &mut self.cache).run(local);
         self.cache.keep_only_used();
         // The cluster's lists are shared: keeping it costs three reference counts. The one
         // it replaces may hold the last references to 10 000 pods: released later, off the
@@ -183,17 +208,23 @@ fn changed_pods(old: &[Arc<Pod>], new: &[Arc<Pod>], limit: usize) -> Option<Vec<
     Some(changed)
 }
 
+/// Where `pod` is in `cluster`, if it is there unchanged (the same object, or an equal one
+/// after a relist).
+fn unchanged_index(cluster: &Cluster, pod: &Arc<Pod>) -> Option<usize> {
+    cluster.pod_index(&pod.id).filter(|&j| cluster.pods[j] == *pod)
+}
+
 /// Two clusters with the same namespaces, and the pods that differ between them.
 struct PodChanges<'p> {
     old: &'p Cluster,
     new: &'p Cluster,
-    changed: Vec<ChangedPod>,
+    changed: &'p [ChangedPod],
     /// For every address a changed pod had (sorted): the new cluster's pods that have it.
     holders: Vec<(IpAddr, Vec<usize>)>,
 }
 
 impl<'p> PodChanges<'p> {
-    fn new(old: &'p Cluster, new: &'p Cluster, changed: Vec<ChangedPod>) -> Self {
+    fn new(old: &'p Cluster, new: &'p Cluster, changed: &'p [ChangedPod]) -> Self {
         let mut holders: Vec<(IpAddr, Vec<usize>)> = changed
             .iter()
             .filter_map(|(i, _)| *i)
@@ -221,7 +252,7 @@ impl<'p> PodChanges<'p> {
     fn patch(&self, set: &Arc<Set>, contribution: impl Fn(&Cluster, usize) -> Vec<Element>) -> Option<SetDelta> {
         let mut gone = BTreeSet::new();
         let mut added = BTreeSet::new();
-        for &(old, new) in &self.changed {
+        for &(old, new) in self.changed {
             gone.extend(old.into_iter().flat_map(|i| contribution(self.old, i)));
             added.extend(new.into_iter().flat_map(|j| contribution(self.new, j)));
         }
@@ -312,6 +343,9 @@ struct CachedPolicyChain {
     name: String,
     chain: Arc<Chain>,
     sets: Vec<(String, SetSource)>,
+    /// The local pods an ingress rule's named ports were resolved on (the chain's named-port
+    /// sets hold their addresses and ports): the chain stands for the very same pods only.
+    resolved_on: Option<Vec<Arc<Pod>>>,
     used: bool,
 }
 
@@ -471,8 +505,9 @@ fn named_port_element((ip, proto, port): (IpAddr, u8, u16)) -> Element {
 
 struct Compiler<'a, 'c> {
     cluster: &'a Cluster,
-    config: &'a NodeConfig,
     cache: &'c mut SetCache,
+    /// Sets still to be built from their namespaces' pods before a label index pays off.
+    scans_left: usize,
     rs: Ruleset,
     /// Peer-set names already built, by (scope, selector).
     peer_sets: HashMap<PeerKey<'a>, [String; 2]>,
@@ -482,7 +517,18 @@ struct Compiler<'a, 'c> {
     /// While a policy chain is built: the sets its rules look up, and where they come
     /// from; `None` once one of them depends on more than the policy.
     set_log: Option<Vec<(String, SetSource)>>,
+    /// While a policy chain is built: an ingress rule resolved named ports on the local pods.
+    resolved_on_local: bool,
 }
+
+/// How many sets of few pods a compile builds from their namespaces' pods before it indexes
+/// the cluster's pods by label (a walk over every pod): an incremental compile builds a
+/// handful of sets, a fresh one hundreds.
+const SCANS_BEFORE_INDEX: usize = 16;
+
+/// At most this many pods in a set's namespaces and they are read one by one rather than
+/// through the label index.
+const SCAN_LIMIT: usize = 1024;
 
 /// (policy namespace for the own-namespace scope, namespace selector, pod selector).
 type PeerKey<'a> = (Option<&'a str>, Option<&'a Selector>, &'a Selector);
@@ -498,12 +544,13 @@ impl<'a, 'c> Compiler<'a, 'c> {
     fn new(cluster: &'a Cluster, config: &'a NodeConfig, cache: &'c mut SetCache) -> Self {
         Compiler {
             cluster,
-            config,
             cache,
             rs: Ruleset::new(config.table.clone()),
             peer_sets: HashMap::new(),
             pods_by_label: HashMap::new(),
+            scans_left: SCANS_BEFORE_INDEX,
             set_log: None,
+            resolved_on_local: false,
         }
     }
 
@@ -517,16 +564,10 @@ impl<'a, 'c> Compiler<'a, 'c> {
         namespace_range(&self.cluster.policies, ns, |p| p.id.namespace.as_str())
     }
 
-    fn run(mut self) -> Ruleset {
+    /// The node's ruleset, given its pods that policies may select (`local`, ascending).
+    fn run(mut self, local: Vec<usize>) -> Ruleset {
         self.base();
         let cluster = self.cluster;
-        // "hostNetwork pods are not selectable as policy targets"; pods without an IP take no part.
-        let local: Vec<usize> = (0..cluster.pods.len())
-            .filter(|&i| {
-                let p = &cluster.pods[i];
-                p.node == self.config.node && !p.host_network && !p.ips.is_empty()
-            })
-            .collect();
         // (policy, direction) → the local pods it selects.
         let mut selected: BTreeMap<(usize, Direction), Vec<usize>> = BTreeMap::new();
         for &i in &local {
@@ -698,6 +739,9 @@ impl<'a, 'c> Compiler<'a, 'c> {
         let policy = &cluster.policies[pi];
         let key = (ByAddress(Arc::clone(policy)), d);
         if let Some(mut cached) = self.cache.policy_chains.remove(&key)
+            && cached.resolved_on.as_ref().is_none_or(|pods| {
+                pods.len() == local.len() && pods.iter().zip(local).all(|(p, &i)| Arc::ptr_eq(p, &cluster.pods[i]))
+            })
             && let Some(sets) = self.cache.current_sets(&cached.sets)
         {
             for (set_name, set) in sets {
@@ -712,6 +756,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
         let name = names::policy_chain(ingress, &policy.id.namespace, &policy.id.name);
         let mut rules = Vec::new();
         self.set_log = Some(Vec::new());
+        self.resolved_on_local = false;
         for (ri, rule) in policy.rules(d).unwrap_or_default().iter().enumerate() {
             self.rule(pi, d, ri, rule, local, &mut rules);
         }
@@ -721,7 +766,10 @@ impl<'a, 'c> Compiler<'a, 'c> {
             rules,
         });
         if let Some(sets) = self.set_log.take() {
-            let cached = CachedPolicyChain { name: name.clone(), chain: Arc::clone(&chain), sets, used: true };
+            let resolved_on =
+                self.resolved_on_local.then(|| local.iter().map(|&i| Arc::clone(&cluster.pods[i])).collect());
+            let cached =
+                CachedPolicyChain { name: name.clone(), chain: Arc::clone(&chain), sets, resolved_on, used: true };
             self.cache.policy_chains.insert(key, cached);
         }
         self.rs.chains.insert(name, chain);
@@ -856,7 +904,9 @@ impl<'a, 'c> Compiler<'a, 'c> {
             let comment = names::comment(&format!("{base_comment} named ports"));
             let elements = self.named_port_set(pi, ri, rule, ingress, local, &named, f, &set, comment);
             if ingress {
-                self.set_log = None; // resolved on the local pods: built every time
+                // Resolved on the local pods: the chain is kept for the same pods only.
+                self.resolved_on_local = true;
+                self.log_set(&set, SetSource::Fixed(Arc::clone(&elements)));
             } else {
                 self.log_set(&set, SetSource::NamedPorts);
             }
@@ -1060,6 +1110,15 @@ impl<'a, 'c> Compiler<'a, 'c> {
             out.sort_unstable();
             return out;
         };
+        if !self.pods_by_label.contains_key(key) && self.scans_left > 0 {
+            let ranges: Vec<std::ops::Range<usize>> = namespaces.iter().map(|ns| self.pods_in(ns)).collect();
+            if ranges.iter().map(|r| r.len()).sum::<usize>() <= SCAN_LIMIT {
+                self.scans_left -= 1;
+                let mut out: Vec<usize> = ranges.into_iter().flatten().collect();
+                out.sort_unstable();
+                return out;
+            }
+        }
         let cluster = self.cluster;
         let index = self.pods_by_label.entry(key).or_insert_with(|| {
             let mut index: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
@@ -1201,6 +1260,35 @@ pub fn range_to_prefixes(lo: u128, hi: u128, f: IpFamily) -> Vec<IpNet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh compile that builds sets from their namespaces' pods `scans` times before
+    /// it indexes the pods by label.
+    fn compile_scanning(cluster: &Cluster, config: &NodeConfig, scans: usize) -> Ruleset {
+        let mut cache = SetCache::default();
+        let mut compiler = Compiler::new(cluster, config, &mut cache);
+        compiler.scans_left = scans;
+        compiler.run(local_pods(cluster, &config.node))
+    }
+
+    #[test]
+    fn sets_built_from_their_namespaces_pods_equal_sets_built_through_the_label_index() {
+        let mut clusters: Vec<Cluster> = (0..150).map(crate::generate::small_random).collect();
+        clusters.push(crate::generate::cluster(&crate::generate::Params {
+            pods: 2_000,
+            namespaces: 12,
+            policies: 120,
+            nodes: 8,
+            seed: 3,
+            dual_stack: true,
+        }));
+        for (k, cluster) in clusters.iter().enumerate() {
+            for node in cluster.nodes() {
+                let config = NodeConfig::new(node);
+                let indexed = compile_scanning(cluster, &config, 0);
+                assert_eq!(compile_scanning(cluster, &config, usize::MAX), indexed, "cluster {k}, {}", config.node);
+            }
+        }
+    }
 
     #[test]
     fn a_cidr_minus_an_except_becomes_disjoint_prefixes() {
