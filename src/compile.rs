@@ -112,6 +112,15 @@ impl IncrementalCompiler {
 
     /// The ruleset of this node for `cluster`: equal to [`compile`]`(cluster, config)`.
     pub fn compile(&mut self, cluster: &Cluster) -> Ruleset {
+        self.compile_after(cluster, None)
+    }
+
+    /// [`IncrementalCompiler::compile`] of the node whose kernel holds `applied` (the last
+    /// result, as nft accepted it): the sets it patches are patched in place rather than
+    /// copied, and `applied` is left fit only for
+    /// [`crate::nft::diff::diff_with`]`(applied, result, `[`IncrementalCompiler::take_set_deltas`]`)`
+    /// (its patched sets are stand-ins without elements).
+    pub fn compile_after(&mut self, cluster: &Cluster, applied: Option<&mut Ruleset>) -> Ruleset {
         self.cache.deltas.clear();
         let changed =
             self.last.as_ref().and_then(|last| changed_pods(&last.pods, &cluster.pods, MAX_TRACKED_POD_CHANGES));
@@ -119,7 +128,7 @@ impl IncrementalCompiler {
             // Namespace labels decide which namespaces a peer set spans: any change there
             // and nothing cached is trusted (namespaces change rarely).
             (Some(last), Some(changed)) if last.namespaces == cluster.namespaces => {
-                self.cache.patch(&PodChanges::new(last, cluster, changed))
+                self.cache.patch(&PodChanges::new(last, cluster, changed), applied)
             }
             _ => self.cache.clear(),
         }
@@ -246,10 +255,15 @@ impl<'p> PodChanges<'p> {
         PodChanges { old, new, changed, holders }
     }
 
-    /// `set` for the new cluster, given that it held exactly what the pods of the old one
-    /// contribute, where `contribution(cluster, pod index)` are the elements one pod brings
-    /// to it, and how it changed. `None`: no changed pod brings or takes anything, `set` stands.
-    fn patch(&self, set: &Arc<Set>, contribution: impl Fn(&Cluster, usize) -> Vec<Element>) -> Option<SetDelta> {
+    /// How `set` changes from the old cluster to the new one, given that it held exactly
+    /// what the pods of the old one contribute, where `contribution(cluster, pod index)` are
+    /// the elements one pod brings to it: the elements gone and added. `None`: no changed pod
+    /// brings or takes anything, `set` stands.
+    fn element_changes(
+        &self,
+        set: &Set,
+        contribution: impl Fn(&Cluster, usize) -> Vec<Element>,
+    ) -> Option<(BTreeSet<Element>, BTreeSet<Element>)> {
         let mut gone = BTreeSet::new();
         let mut added = BTreeSet::new();
         for &(old, new) in self.changed {
@@ -262,20 +276,7 @@ impl<'p> PodChanges<'p> {
             !added.contains(e) && !self.holders(e).iter().any(|&j| contribution(self.new, j).contains(e))
         });
         added.retain(|e| !set.elements.contains(e));
-        if gone.is_empty() && added.is_empty() {
-            return None;
-        }
-        let mut patched = Set::clone(set);
-        for e in &gone {
-            patched.elements.remove(e);
-        }
-        patched.elements.extend(added.iter().cloned());
-        Some(SetDelta {
-            from: Arc::clone(set),
-            to: Arc::new(patched),
-            gone: gone.into_iter().collect(),
-            added: added.into_iter().collect(),
-        })
+        (!gone.is_empty() || !added.is_empty()).then_some((gone, added))
     }
 
     /// Indices of the new cluster's pods that carry the address of `element` (its first
@@ -289,6 +290,37 @@ impl<'p> PodChanges<'p> {
             _ => &[],
         }
     }
+}
+
+/// Takes `gone` out of the cached set `name` and puts `added` in, and says so in a delta.
+///
+/// The set is changed in place when nothing else holds it: a big peer set is not copied
+/// for one pod. The ruleset applied last (`applied`, when given) holds it too, so its
+/// entry is first swapped for a stand-in with the set's declaration and no elements, the
+/// delta's `from`: `applied` then only serves [`crate::nft::diff::diff_with`] with these
+/// deltas. Without `applied`, a set still held elsewhere is copied, and `from` is the
+/// version before.
+fn patch_set(
+    set: &mut Arc<Set>,
+    name: &str,
+    gone: BTreeSet<Element>,
+    added: BTreeSet<Element>,
+    applied: Option<&mut Ruleset>,
+) -> SetDelta {
+    let from = match applied.and_then(|rs| rs.sets.get_mut(name)).filter(|held| Arc::ptr_eq(held, set)) {
+        Some(held) => {
+            let stand_in = Arc::new(Set::declaration_of(set));
+            *held = Arc::clone(&stand_in);
+            stand_in
+        }
+        None => Arc::clone(set),
+    };
+    let patched = Arc::make_mut(set);
+    for e in &gone {
+        patched.elements.remove(e);
+    }
+    patched.elements.extend(added.iter().cloned());
+    SetDelta { from, to: Arc::clone(set), gone: gone.into_iter().collect(), added: added.into_iter().collect() }
 }
 
 /// Pod-address sets of earlier compiles, by set name (names are derived from what the set
@@ -408,8 +440,8 @@ impl SetCache {
     }
 
     /// Brings every cached set up to date with `changes`, touching only the sets a changed
-    /// pod was or becomes a member of.
-    fn patch(&mut self, changes: &PodChanges) {
+    /// pod was or becomes a member of (see [`patch_set`] for `applied`).
+    fn patch(&mut self, changes: &PodChanges, mut applied: Option<&mut Ruleset>) {
         for cached in self.peers.values_mut() {
             for (k, family) in FAMILIES.into_iter().enumerate() {
                 let contribution = |cluster: &Cluster, i: usize| -> Vec<Element> {
@@ -423,15 +455,16 @@ impl SetCache {
                         .map(|ip| Element::single(Value::Addr(*ip)))
                         .collect()
                 };
-                if let Some(delta) = changes.patch(&cached.sets[k], contribution) {
-                    cached.sets[k] = Arc::clone(&delta.to);
-                    self.deltas.insert(cached.names[k].clone(), delta);
+                if let Some((gone, added)) = changes.element_changes(&cached.sets[k], contribution) {
+                    let name = &cached.names[k];
+                    let delta = patch_set(&mut cached.sets[k], name, gone, added, applied.as_deref_mut());
+                    self.deltas.insert(name.clone(), delta);
                 }
             }
         }
         for (name, cached) in &mut self.named {
-            if let Some(delta) = changes.patch(&cached.set, |c, j| cached.contribution(c, j)) {
-                cached.set = Arc::clone(&delta.to);
+            if let Some((gone, added)) = changes.element_changes(&cached.set, |c, j| cached.contribution(c, j)) {
+                let delta = patch_set(&mut cached.set, name, gone, added, applied.as_deref_mut());
                 self.deltas.insert(name.clone(), delta);
             }
         }

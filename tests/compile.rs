@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -397,6 +397,64 @@ fn with_ip_twin(c: &Cluster, rng: &mut Rng, step: usize) -> Cluster {
     Cluster::new(c.namespaces.values().cloned().collect(), pods, c.policies.iter().cloned())
 }
 
+/// `rs` with sets of its own (not shared with the compiler's cache).
+fn deep_copy(rs: &netpol::nft::ir::Ruleset) -> netpol::nft::ir::Ruleset {
+    let mut copy = rs.clone();
+    for set in copy.sets.values_mut() {
+        *set = Arc::new((**set).clone());
+    }
+    copy
+}
+
+/// A pod that joins or leaves peer sets changes them in place when the compiler is told
+/// what the kernel holds: no copy of a big set for one pod.
+#[test]
+fn compiling_against_the_applied_ruleset_patches_sets_in_place_and_diffs_the_same() {
+    let (mut patched, mut in_place) = (0, 0);
+    for seed in 0..4 {
+        let params =
+            netpol::generate::Params { pods: 1_500, namespaces: 6, policies: 120, nodes: 6, seed, dual_stack: true };
+        let mut cluster = netpol::generate::cluster(&params);
+        let node = NodeConfig::new("node-1");
+        let mut compiler = IncrementalCompiler::new(node.clone());
+        let mut applied = compiler.compile(&cluster);
+        let mut rng = Rng::new(seed);
+        for step in 0..10 {
+            // A remote pod takes the labels of another pod of its namespace.
+            let k = rng.below(cluster.pods.len());
+            let (pod, namespace) = (&cluster.pods[k], &cluster.pods[k].id.namespace);
+            let Some(twin) = cluster.pods.iter().find(|p| &p.id.namespace == namespace && p.labels != pod.labels)
+            else {
+                continue;
+            };
+            if pod.node == node.node {
+                continue;
+            }
+            let labels = twin.labels.clone();
+            let mut next = cluster.clone();
+            Arc::make_mut(&mut Arc::make_mut(&mut next.pods)[k]).labels = labels;
+            let before = deep_copy(&applied);
+            let addresses: BTreeMap<String, *const netpol::nft::ir::Set> =
+                applied.sets.iter().map(|(n, s)| (n.clone(), Arc::as_ptr(s))).collect();
+            let got = compiler.compile_after(&next, Some(&mut applied));
+            let known = compiler.take_set_deltas();
+            assert_eq!(diff_with(&applied, &got, &known), diff(&before, &got), "seed {seed} step {step}");
+            assert_eq!(got, compile(&next, &node), "seed {seed} step {step}");
+            for name in known.keys() {
+                patched += 1;
+                in_place += usize::from(addresses.get(name) == Some(&Arc::as_ptr(&got.sets[name])));
+                assert!(
+                    applied.sets[name].elements.is_empty(),
+                    "seed {seed}: {name} still whole in the applied ruleset"
+                );
+            }
+            (cluster, applied) = (next, got);
+        }
+    }
+    assert!(patched >= 20, "too few sets patched to mean anything: {patched}");
+    assert_eq!(in_place, patched, "every patched set is the allocation it was");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -410,13 +468,27 @@ proptest! {
         for step in 0..12 {
             for ((node, compiler), previous) in NODES.iter().zip(&mut compilers).zip(&mut previous) {
                 let want = compile(&cluster, &NodeConfig::new(*node));
-                let got = compiler.compile(&cluster);
-                // The set changes the compiler reports make the same transaction as reading
-                // both rulesets.
-                let known = compiler.take_set_deltas();
-                if let Some(prev) = previous.replace(got.clone()) {
-                    prop_assert_eq!(diff_with(&prev, &got, &known), diff(&prev, &got), "seed {} step {}", seed, step);
-                }
+                // Every other step as the agent compiles: against the ruleset it applied,
+                // whose patched sets the compiler changes in place (they become stand-ins
+                // there). Else without it (patched sets are copies).
+                let got = match previous.as_mut().filter(|_| step % 2 == 1) {
+                    Some(applied) => {
+                        let before = deep_copy(applied);
+                        let got = compiler.compile_after(&cluster, Some(applied));
+                        let known = compiler.take_set_deltas();
+                        prop_assert_eq!(diff_with(applied, &got, &known), diff(&before, &got), "seed {} step {}", seed, step);
+                        got
+                    }
+                    None => {
+                        let got = compiler.compile(&cluster);
+                        let known = compiler.take_set_deltas();
+                        if let Some(prev) = previous.as_ref() {
+                            prop_assert_eq!(diff_with(prev, &got, &known), diff(prev, &got), "seed {} step {}", seed, step);
+                        }
+                        got
+                    }
+                };
+                *previous = Some(got.clone());
                 prop_assert!(
                     got == want,
                     "seed {} step {} node {}:\n{}",

@@ -55,19 +55,24 @@ impl<N: Nftables> NftTarget<N> {
         self.nft
     }
 
-    /// The ruleset this node should have for `snapshot`, and how many objects were skipped
-    /// as invalid.
-    pub fn desired(&mut self, snapshot: &Snapshot) -> (Ruleset, usize) {
-        let namespaces = match &self.namespaces {
+    /// The namespace map of `snapshot`, built again only when its namespace list changed.
+    fn namespace_map(&mut self, snapshot: &Snapshot) -> Arc<NamespaceMap> {
+        match &self.namespaces {
             Some((list, map)) if Arc::ptr_eq(list, &snapshot.namespaces) => Arc::clone(map),
             _ => {
                 let map = Arc::new(namespace_map(snapshot.namespaces.iter().map(|n| (**n).clone())));
                 self.namespaces = Some((Arc::clone(&snapshot.namespaces), Arc::clone(&map)));
                 map
             }
-        };
-        let cluster = cluster_with(snapshot, namespaces);
-        (self.compiler.compile(&cluster), snapshot.skipped_objects)
+        }
+    }
+
+    /// The ruleset this node should have for `snapshot`, its sets patched in place where
+    /// `applied` (what the kernel has) lets go of them: `applied` is then good for the diff
+    /// against the result only (see [`IncrementalCompiler::compile_after`]).
+    fn desired(&mut self, snapshot: &Snapshot, applied: Option<&mut Ruleset>) -> Ruleset {
+        let cluster = cluster_with(snapshot, self.namespace_map(snapshot));
+        self.compiler.compile_after(&cluster, applied)
     }
 }
 
@@ -86,10 +91,12 @@ fn cluster_with(snapshot: &Snapshot, namespaces: Arc<NamespaceMap>) -> Cluster {
 impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
     fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
         let started = std::time::Instant::now();
-        let (desired, skipped) = self.desired(snapshot);
+        // What was applied serves this diff only (the compiler turns the sets it patches
+        // into stand-ins there); a full sync needs none of it.
+        let mut applied = self.applied.take().filter(|_| !full);
+        let desired = self.desired(snapshot, applied.as_mut());
         let known = self.compiler.take_set_deltas();
-        let applied = if full { None } else { self.applied.as_ref() };
-        let tx = match applied {
+        let tx = match &applied {
             Some(applied) => diff_with(applied, &desired, &known),
             None => full_sync(&desired),
         };
@@ -101,9 +108,11 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             sets: desired.sets.len() + desired.maps.len(),
             set_elements: desired.element_count(),
             rules: desired.rule_count(),
-            skipped_objects: skipped,
+            skipped_objects: snapshot.skipped_objects,
         };
         if tx.is_empty() {
+            // The kernel holds what was applied, which equals `desired`.
+            self.applied = Some(desired);
             self.compiler.release_retired();
             tracing::debug!("ruleset unchanged; nothing to apply");
             return Ok(stats);

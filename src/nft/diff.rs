@@ -16,7 +16,7 @@
 //! same allocation in both rulesets (the compiler reused it) is skipped unread. A changed layout
 //! (another table, base chain, or set type under the same name) makes the diff a full sync.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::ir::{Element, MapVerdict, Ruleset, Set};
@@ -31,6 +31,31 @@ pub fn full_sync(desired: &Ruleset) -> Transaction {
     }
 }
 
+/// The names of two maps in order, each with its value in the one and in the other: one
+/// walk over both (a lookup per name would compare names a dozen times each, thousands of
+/// chains and sets on every sync).
+fn by_name<'a, A, B>(
+    applied: &'a BTreeMap<String, A>,
+    desired: &'a BTreeMap<String, B>,
+) -> impl Iterator<Item = (&'a String, Option<&'a A>, Option<&'a B>)> {
+    let mut a = applied.iter().peekable();
+    let mut b = desired.iter().peekable();
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (None, None) => None,
+        (Some(_), None) => a.next().map(|(n, x)| (n, Some(x), None)),
+        (None, Some(_)) => b.next().map(|(n, y)| (n, None, Some(y))),
+        (Some((na, _)), Some((nb, _))) => match na.cmp(nb) {
+            std::cmp::Ordering::Less => a.next().map(|(n, x)| (n, Some(x), None)),
+            std::cmp::Ordering::Greater => b.next().map(|(n, y)| (n, None, Some(y))),
+            std::cmp::Ordering::Equal => {
+                let (n, x) = a.next()?;
+                let (_, y) = b.next()?;
+                Some((n, Some(x), Some(y)))
+            }
+        },
+    })
+}
+
 /// Does `desired` keep `applied`'s layout (so an incremental diff is possible)?
 fn same_layout(applied: &Ruleset, desired: &Ruleset) -> bool {
     if applied.table != desired.table {
@@ -40,27 +65,47 @@ fn same_layout(applied: &Ruleset, desired: &Ruleset) -> bool {
     if bases(applied) != bases(desired) {
         return false;
     }
-    let chains_ok = applied
-        .chains
-        .iter()
-        .all(|(n, c)| desired.chains.get(n).is_none_or(|d| d.base == c.base && d.comment == c.comment));
-    let sets_ok = applied.sets.iter().all(|(n, s)| desired.sets.get(n).is_none_or(|d| d.same_declaration(s)));
-    let maps_ok = applied.maps.iter().all(|(n, m)| desired.maps.get(n).is_none_or(|d| d.same_declaration(m)));
-    // A name may not change kind (set ↔ map).
-    let kinds_ok = !applied.sets.keys().any(|n| desired.maps.contains_key(n))
+    let chains_ok = by_name(&applied.chains, &desired.chains).all(|(_, a, d)| match (a, d) {
+        (Some(a), Some(d)) => Arc::ptr_eq(a, d) || (d.base == a.base && d.comment == a.comment),
+        _ => true,
+    });
+    let sets_ok = by_name(&applied.sets, &desired.sets).all(|(_, a, d)| match (a, d) {
+        (Some(a), Some(d)) => Arc::ptr_eq(a, d) || d.same_declaration(a),
+        _ => true,
+    });
+    let maps_ok = by_name(&applied.maps, &desired.maps).all(|(_, a, d)| match (a, d) {
+        (Some(a), Some(d)) => d.same_declaration(a),
+        _ => true,
+    });
+    // A name may not change kind (set ↔ map). (Maps are few: look them up in the sets.)
+    let kinds_ok = !desired.maps.keys().any(|n| applied.sets.contains_key(n))
         && !applied.maps.keys().any(|n| desired.sets.contains_key(n));
     chains_ok && sets_ok && maps_ok && kinds_ok
 }
 
 /// How one set changed between two rulesets, as its producer (the incremental compiler)
 /// knows it: `to` is `from` without `gone` and with `added` (both sorted, `gone` ⊆ `from`,
-/// `added` disjoint from it).
+/// `added` disjoint from it). `from` is the allocation the earlier ruleset holds: the
+/// version before, or a stand-in without elements when the set was changed in place (see
+/// [`crate::compile::IncrementalCompiler::compile_after`]).
 #[derive(Clone, Debug)]
 pub struct SetDelta {
     pub from: Arc<Set>,
     pub to: Arc<Set>,
     pub gone: Vec<Element>,
     pub added: Vec<Element>,
+}
+
+impl SetDelta {
+    /// The elements of the set before the change: `to` without `added`, with `gone`.
+    pub fn before(&self) -> BTreeSet<Element> {
+        let mut before = self.to.elements.clone();
+        for e in &self.added {
+            before.remove(e);
+        }
+        before.extend(self.gone.iter().cloned());
+        before
+    }
 }
 
 /// Known set changes by set name.
@@ -79,48 +124,90 @@ pub fn diff_with(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Tra
         return full_sync(desired);
     }
     let mut tx = Transaction::new(desired.table.clone());
-    let ops = &mut tx.ops;
-
-    // 1. New chains, declared.
-    for (name, chain) in &desired.chains {
-        if !applied.chains.contains_key(name) {
-            ops.push(Op::AddChain { name: name.clone(), chain: (**chain).clone() });
+    // One walk over the chains and one over the sets, each op put in its phase.
+    let mut add_chains = Vec::new();
+    let mut fill_chains = Vec::new();
+    let mut flush_obsolete = Vec::new();
+    let mut delete_chains = Vec::new();
+    for (name, old, chain) in by_name(&applied.chains, &desired.chains) {
+        match (old, chain) {
+            // 1. New chains, declared; 4. filled.
+            (None, Some(chain)) => {
+                add_chains.push(Op::AddChain { name: name.clone(), chain: (**chain).clone() });
+                fill_chains
+                    .extend(chain.rules.iter().map(|rule| Op::AddRule { chain: name.clone(), rule: rule.clone() }));
+            }
+            // 4. Changed chains rewritten.
+            (Some(old), Some(chain)) => {
+                if Arc::ptr_eq(old, chain) || old.rules == chain.rules {
+                    continue;
+                }
+                if !old.rules.is_empty() {
+                    fill_chains.push(Op::FlushChain { name: name.clone() });
+                }
+                fill_chains
+                    .extend(chain.rules.iter().map(|rule| Op::AddRule { chain: name.clone(), rule: rule.clone() }));
+            }
+            // 6, 8. Obsolete chains: emptied (drops their references), deleted last.
+            (Some(old), None) => {
+                if !old.rules.is_empty() {
+                    flush_obsolete.push(Op::FlushChain { name: name.clone() });
+                }
+                delete_chains.push(Op::DeleteChain { name: name.clone() });
+            }
+            (None, None) => {}
         }
     }
-    // 2. New sets and maps.
-    for (name, set) in &desired.sets {
-        if !applied.sets.contains_key(name) {
-            ops.push(Op::AddSet { name: name.clone(), set: set.clone() });
+    let mut add_sets = Vec::new();
+    let mut elements = Vec::new();
+    let mut removals = Vec::new();
+    let mut delete_sets = Vec::new();
+    for (name, old, set) in by_name(&applied.sets, &desired.sets) {
+        match (old, set) {
+            // 2. New sets.
+            (None, Some(set)) => add_sets.push(Op::AddSet { name: name.clone(), set: set.clone() }),
+            // 3. New elements of kept sets (5. gone ones).
+            (Some(old), Some(set)) => {
+                if Arc::ptr_eq(old, set) {
+                    continue; // the compiler reused it: unchanged, whatever its size
+                }
+                let (added, removed): (Vec<Element>, Vec<Element>) = match known.get(name) {
+                    Some(d) if Arc::ptr_eq(&d.from, old) && Arc::ptr_eq(&d.to, set) => {
+                        (d.added.clone(), d.gone.clone())
+                    }
+                    // Patched, then built anew after all (its policy changed): compare with
+                    // what the kernel has, which `from` may no longer hold (a stand-in).
+                    Some(d) if Arc::ptr_eq(&d.from, old) => {
+                        let before = d.before();
+                        (
+                            set.elements.difference(&before).cloned().collect(),
+                            before.difference(&set.elements).cloned().collect(),
+                        )
+                    }
+                    _ => (
+                        set.elements.difference(&old.elements).cloned().collect(),
+                        old.elements.difference(&set.elements).cloned().collect(),
+                    ),
+                };
+                if !removed.is_empty() {
+                    // Interval elements must not overlap, not even for an instant inside the
+                    // transaction: delete first (still atomic for packets), then add.
+                    let op = Op::DeleteElements { set: name.clone(), elements: removed };
+                    if set.interval { elements.push(op) } else { removals.push(op) }
+                }
+                if !added.is_empty() {
+                    elements.push(Op::AddElements { set: name.clone(), elements: added });
+                }
+            }
+            // 7. Obsolete sets.
+            (Some(_), None) => delete_sets.push(Op::DeleteSet { name: name.clone() }),
+            (None, None) => {}
         }
     }
+    let mut add_maps = Vec::new();
     for (name, map) in &desired.maps {
         if !applied.maps.contains_key(name) {
-            ops.push(Op::AddMap { name: name.clone(), map: map.clone() });
-        }
-    }
-    // 3. New elements of kept sets and maps.
-    let mut removals = Vec::new();
-    for (name, set) in &desired.sets {
-        if let Some(old) = applied.sets.get(name) {
-            if Arc::ptr_eq(old, set) {
-                continue; // the compiler reused it: unchanged, whatever its size
-            }
-            let (added, removed): (Vec<Element>, Vec<Element>) = match known.get(name) {
-                Some(d) if Arc::ptr_eq(&d.from, old) && Arc::ptr_eq(&d.to, set) => (d.added.clone(), d.gone.clone()),
-                _ => (
-                    set.elements.difference(&old.elements).cloned().collect(),
-                    old.elements.difference(&set.elements).cloned().collect(),
-                ),
-            };
-            if !removed.is_empty() {
-                // Interval elements must not overlap, not even for an instant inside the
-                // transaction: delete first (still atomic for packets), then add.
-                let op = Op::DeleteElements { set: name.clone(), elements: removed };
-                if set.interval { ops.push(op) } else { removals.push(op) }
-            }
-            if !added.is_empty() {
-                ops.push(Op::AddElements { set: name.clone(), elements: added });
-            }
+            add_maps.push(Op::AddMap { name: name.clone(), map: map.clone() });
         }
     }
     for (name, map) in &desired.maps {
@@ -140,44 +227,32 @@ pub fn diff_with(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Tra
             let removed: Vec<Element> =
                 old.elements.keys().filter(|k| !map.elements.contains_key(*k)).cloned().collect();
             if !changed.is_empty() {
-                ops.push(Op::DeleteMapElements { map: name.clone(), elements: changed });
+                elements.push(Op::DeleteMapElements { map: name.clone(), elements: changed });
             }
             if !added.is_empty() {
-                ops.push(Op::AddMapElements { map: name.clone(), elements: added });
+                elements.push(Op::AddMapElements { map: name.clone(), elements: added });
             }
             if !removed.is_empty() {
                 removals.push(Op::DeleteMapElements { map: name.clone(), elements: removed });
             }
         }
     }
-    // 4. Changed chains rewritten, new chains filled.
-    for (name, chain) in &desired.chains {
-        match applied.chains.get(name) {
-            Some(old) if Arc::ptr_eq(old, chain) || old.rules == chain.rules => continue,
-            Some(old) if !old.rules.is_empty() => ops.push(Op::FlushChain { name: name.clone() }),
-            _ => {}
-        }
-        for rule in &chain.rules {
-            ops.push(Op::AddRule { chain: name.clone(), rule: rule.clone() });
-        }
-    }
-    // 5. Gone elements.
-    ops.extend(removals);
-    // 6–8. Obsolete objects, after their last use.
-    let obsolete: BTreeSet<&String> = applied.chains.keys().filter(|n| !desired.chains.contains_key(*n)).collect();
-    for name in &obsolete {
-        if !applied.chains[*name].rules.is_empty() {
-            ops.push(Op::FlushChain { name: (*name).clone() });
-        }
-    }
-    for name in applied.maps.keys().filter(|n| !desired.maps.contains_key(*n)) {
-        ops.push(Op::DeleteMap { name: name.clone() });
-    }
-    for name in applied.sets.keys().filter(|n| !desired.sets.contains_key(*n)) {
-        ops.push(Op::DeleteSet { name: name.clone() });
-    }
-    for name in obsolete {
-        ops.push(Op::DeleteChain { name: name.clone() });
+    let delete_maps =
+        applied.maps.keys().filter(|n| !desired.maps.contains_key(*n)).map(|name| Op::DeleteMap { name: name.clone() });
+    let delete_maps: Vec<Op> = delete_maps.collect();
+    for phase in [
+        add_chains,
+        add_sets,
+        add_maps,
+        elements,
+        fill_chains,
+        removals,
+        flush_obsolete,
+        delete_maps,
+        delete_sets,
+        delete_chains,
+    ] {
+        tx.ops.extend(phase);
     }
     tx
 }

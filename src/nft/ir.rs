@@ -302,6 +302,11 @@ pub struct Set {
 }
 
 impl Set {
+    /// The set's type, flags and comment, without elements.
+    pub fn declaration_of(set: &Set) -> Set {
+        Set { key: set.key.clone(), interval: set.interval, comment: set.comment.clone(), elements: BTreeSet::new() }
+    }
+
     /// Same type and flags (what an `add set` of an existing set must agree with).
     pub fn same_declaration(&self, other: &Set) -> bool {
         self.key == other.key && self.interval == other.interval && self.comment == other.comment
