@@ -67,6 +67,10 @@ struct Args {
     /// The agent binary (default: the one cargo built with this benchmark).
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// Also write each measured event of the first cluster as a line "seconds into the
+    /// churn, kind, on the agent's node, latency ms" (tab-separated) to this file.
+    #[arg(long)]
+    latencies: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -741,11 +745,21 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     // ---- match events to the first commit mentioning their IP
     let commits = monitor.commits.lock().unwrap_or_else(|e| e.into_inner());
     let mut latencies = Vec::new();
+    let mut timeline = Vec::new();
     let mut tally = Tally::default();
     for (e, changed) in events.iter().zip(&changed_when_applied) {
         let commit = commits.by_ip.get(&e.ip).and_then(|times| times.iter().copied().find(|t| *t >= e.at));
         match (*changed, commit) {
-            (true, Some(t)) => latencies.push((e.kind, t - e.at)),
+            (true, Some(t)) => {
+                latencies.push((e.kind, t - e.at));
+                timeline.push(format!(
+                    "{:.3}\t{}\t{}\t{:.2}",
+                    (e.at - churn_start).as_secs_f64(),
+                    kind_name(e.kind),
+                    e.local,
+                    (t - e.at).as_secs_f64() * 1e3
+                ));
+            }
             (true, None) => tally.missed += 1,
             (false, None) => *tally.unchanged.entry(kind_name(e.kind)).or_default() += 1,
             (false, Some(_)) => {
@@ -753,6 +767,10 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                 tally.mentioned_anyway += 1;
             }
         }
+    }
+    if let Some(path) = args.latencies.as_ref().filter(|_| params.pods == args.cluster.params().pods) {
+        timeline.push(String::new());
+        std::fs::write(path, timeline.join("\n")).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let generations = commits.generations;
     let monitor_overruns = commits.overruns;

@@ -461,6 +461,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // As the Kubernetes API server (Go's net package) does: without it, a watch event
+        // written while the previous one is unacknowledged waits for the client's delayed
+        // ACK (Nagle), ~40 ms.
+        let _ = stream.set_nodelay(true);
         let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
         let conn_shared = shared.clone();
         let task = tokio::spawn(async move {
