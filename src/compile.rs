@@ -74,9 +74,10 @@ fn local_pods(cluster: &Cluster, node: &str) -> Vec<usize> {
 /// ```text
 ///  cluster_n ──► changed pods (cluster_{n-1} vs cluster_n) ──► patch the cached sets they
 ///      │                                                      were or become members of
-///      │                                                      (their SetDeltas kept)
+///      │                                                      (in place if ruleset_{n-1}
+///      │                                                      lets go of them; SetDeltas kept)
 ///      └──────► compile with the cache ──► ruleset_n (== compile(cluster_n), always)
-///                 │ an untouched cached set is reused: the same Arc as in ruleset_{n-1}
+///                 │ an untouched cached set or chain is reused: the same Arc as in ruleset_{n-1}
 /// ```
 ///
 /// Still a compile of the whole snapshot, never of event deltas: what it reuses are the
@@ -94,6 +95,8 @@ pub struct IncrementalCompiler {
     retired: Option<Cluster>,
     /// `last`'s pods on this node that policies may select.
     local: Vec<Arc<Pod>>,
+    /// How many of `last`'s pods carry each address.
+    addresses: AddressCounts,
     cache: SetCache,
 }
 
@@ -103,7 +106,14 @@ const MAX_TRACKED_POD_CHANGES: usize = 256;
 
 impl IncrementalCompiler {
     pub fn new(config: NodeConfig) -> Self {
-        IncrementalCompiler { config, last: None, retired: None, local: Vec::new(), cache: SetCache::default() }
+        IncrementalCompiler {
+            config,
+            last: None,
+            retired: None,
+            local: Vec::new(),
+            addresses: AddressCounts::default(),
+            cache: SetCache::default(),
+        }
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -125,10 +135,14 @@ impl IncrementalCompiler {
         let changed =
             self.last.as_ref().and_then(|last| changed_pods(&last.pods, &cluster.pods, MAX_TRACKED_POD_CHANGES));
         match (&self.last, &changed) {
+            (Some(last), Some(changed)) => self.addresses.update(last, cluster, changed),
+            _ => self.addresses = AddressCounts::of(cluster),
+        }
+        match (&self.last, &changed) {
             // Namespace labels decide which namespaces a peer set spans: any change there
             // and nothing cached is trusted (namespaces change rarely).
             (Some(last), Some(changed)) if last.namespaces == cluster.namespaces => {
-                self.cache.patch(&PodChanges::new(last, cluster, changed), applied)
+                self.cache.patch(&PodChanges::new(last, cluster, changed, &self.addresses), applied)
             }
             _ => self.cache.clear(),
         }
@@ -153,6 +167,12 @@ impl IncrementalCompiler {
         // path from an event to its commit.
         self.retired = self.last.replace(cluster.clone());
         ruleset
+    }
+
+    /// Forgets every earlier compile: the next one builds everything afresh (a full sync
+    /// trusts nothing it remembers, not even after a compile that panicked halfway).
+    pub fn forget(&mut self) {
+        *self = IncrementalCompiler::new(self.config.clone());
     }
 
     /// Frees what the last compile let go of (the cluster before it), once its result is
@@ -223,6 +243,46 @@ fn unchanged_index(cluster: &Cluster, pod: &Arc<Pod>) -> Option<usize> {
     cluster.pod_index(&pod.id).filter(|&j| cluster.pods[j] == *pod)
 }
 
+/// How many pods carry each address, kept in step with the compiler's clusters.
+#[derive(Debug, Default)]
+struct AddressCounts(HashMap<IpAddr, u32>);
+
+impl AddressCounts {
+    fn of(cluster: &Cluster) -> Self {
+        let mut counts = AddressCounts::default();
+        for pod in cluster.pods.iter() {
+            counts.add(pod, 1);
+        }
+        counts
+    }
+
+    /// From `old`'s counts to `new`'s, given the pods that differ.
+    fn update(&mut self, old: &Cluster, new: &Cluster, changed: &[ChangedPod]) {
+        for &(i, j) in changed {
+            if let Some(i) = i {
+                self.add(&old.pods[i], -1);
+            }
+            if let Some(j) = j {
+                self.add(&new.pods[j], 1);
+            }
+        }
+    }
+
+    fn add(&mut self, pod: &Pod, delta: i64) {
+        for ip in &pod.ips {
+            let count = self.0.entry(*ip).or_default();
+            *count = u32::try_from(i64::from(*count) + delta).unwrap_or(0);
+            if *count == 0 {
+                self.0.remove(ip);
+            }
+        }
+    }
+
+    fn count(&self, ip: IpAddr) -> usize {
+        self.0.get(&ip).map_or(0, |&n| n as usize)
+    }
+}
+
 /// Two clusters with the same namespaces, and the pods that differ between them.
 struct PodChanges<'p> {
     old: &'p Cluster,
@@ -233,7 +293,8 @@ struct PodChanges<'p> {
 }
 
 impl<'p> PodChanges<'p> {
-    fn new(old: &'p Cluster, new: &'p Cluster, changed: &'p [ChangedPod]) -> Self {
+    /// `addresses`: how many pods of `new` carry each address.
+    fn new(old: &'p Cluster, new: &'p Cluster, changed: &'p [ChangedPod], addresses: &AddressCounts) -> Self {
         let mut holders: Vec<(IpAddr, Vec<usize>)> = changed
             .iter()
             .filter_map(|(i, _)| *i)
@@ -241,9 +302,18 @@ impl<'p> PodChanges<'p> {
             .collect();
         holders.sort_unstable_by_key(|(ip, _)| *ip);
         holders.dedup_by_key(|(ip, _)| *ip);
-        // One pass over the cluster (a binary search per address, no hashing: this runs on
-        // every sync).
-        if !holders.is_empty() {
+        // The changed pods' new versions are known; only an address that some unchanged pod
+        // carries too (an IP reused while its old pod is still listed) takes a walk over
+        // the cluster: a binary search per address, no hashing.
+        let mut unchanged_holders = false;
+        for (ip, pods) in &mut holders {
+            pods.extend(changed.iter().filter_map(|(_, j)| *j).filter(|&j| new.pods[j].ips.contains(ip)));
+            unchanged_holders |= addresses.count(*ip) > pods.len();
+        }
+        if unchanged_holders {
+            for pods in holders.iter_mut().map(|(_, pods)| pods) {
+                pods.clear();
+            }
             for (j, pod) in new.pods.iter().enumerate() {
                 for ip in &pod.ips {
                     if let Ok(k) = holders.binary_search_by_key(ip, |(h, _)| *h) {

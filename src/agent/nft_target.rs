@@ -3,13 +3,14 @@
 //!
 //! ```text
 //!  Snapshot ──Arcs──► Cluster ──IncrementalCompiler(node)──► desired ─┬─ full / nothing known ─► full_sync
-//!   (objects converted on arrival   (reuses untouched pod-address       └─ else ─► diff_with(last, desired, deltas)
-//!    by the watch)                   sets, patches the others: deltas)     (reused sets skipped unread)
+//!   (the stores' lists,            (reuses untouched sets and chains, └─ else ─► diff_with(applied, desired, deltas)
+//!    shared, not copied)            patches the others in place:          (reused sets skipped unread,
+//!                                   `applied` keeps stand-ins, deltas)     patched ones by their deltas)
 //! ```
 //!
 //! What was applied is remembered only after nft accepted it; any failure forgets it, so
-//! the next sync replaces the whole table. A table left by an earlier run stays in force
-//! until the first (full) sync replaces it in the same transaction.
+//! the next sync replaces the whole table, compiled afresh. A table left by an earlier run
+//! stays in force until the first (full) sync replaces it in the same transaction.
 
 use std::sync::{Arc, Mutex};
 
@@ -94,6 +95,9 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         // What was applied serves this diff only (the compiler turns the sets it patches
         // into stand-ins there); a full sync needs none of it.
         let mut applied = self.applied.take().filter(|_| !full);
+        if full {
+            self.compiler.forget();
+        }
         let desired = self.desired(snapshot, applied.as_mut());
         let known = self.compiler.take_set_deltas();
         let tx = match &applied {
