@@ -7,6 +7,7 @@
 #   benches/agent-bench.sh                      # 10k pods/1k policies, then 100k/10k
 #   benches/agent-bench.sh --scale-to 0         # only the 10k cluster
 #   benches/agent-bench.sh --seconds 60 --debounce 10ms --agent-env MALLOC_ARENA_MAX=1
+#   benches/agent-bench.sh --scale-to 0 --latencies lat.tsv   # each event's time and latency
 #
 # The agent is the shipped build (Cargo profile `deploy`, as the Dockerfile builds it),
 # unless --agent names another binary.

@@ -71,6 +71,12 @@ struct Args {
     /// churn, kind, on the agent's node, latency ms" (tab-separated) to this file.
     #[arg(long)]
     latencies: Option<PathBuf>,
+    /// The agent's log level (its log is copied to `--agent-log` if given).
+    #[arg(long, default_value = "warn")]
+    agent_log_level: String,
+    /// Copy the agent's log of the first cluster to this file at the end.
+    #[arg(long)]
+    agent_log: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -571,7 +577,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let mut launch =
         AgentLaunch::new(setup.agent, NODE, TABLE, &kubeconfig, NftRoute::Netns(netns.0.clone()), setup.dir);
     launch.admin_addr = format!("127.0.0.1:{admin_port}");
-    launch.log_level = "warn".into();
+    launch.log_level = args.agent_log_level.clone();
     if let Some(d) = &args.debounce {
         launch.extra_args = vec!["--debounce".into(), d.clone()];
     }
@@ -768,6 +774,9 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
             }
         }
     }
+    if let Some(path) = args.agent_log.as_ref().filter(|_| params.pods == args.cluster.params().pods) {
+        std::fs::copy(agent.log_path(), path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     if let Some(path) = args.latencies.as_ref().filter(|_| params.pods == args.cluster.params().pods) {
         timeline.push(String::new());
         std::fs::write(path, timeline.join("\n")).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -776,8 +785,14 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let monitor_overruns = commits.overruns;
     drop(commits);
 
-    // The agent logs at warn level here: anything it logged is worth reading.
-    let complaints: Vec<String> = agent.log().lines().take(5).map(|l| l.chars().take(400).collect()).collect();
+    // Anything the agent warned about is worth reading.
+    let complaints: Vec<String> = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+        .take(5)
+        .map(|l| l.chars().take(400).collect())
+        .collect();
     let agent_pid = agent.pid();
     let _ = agent.terminate(Duration::from_secs(10));
     drop(monitor);
