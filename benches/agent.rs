@@ -55,6 +55,12 @@ struct Args {
     /// Pod events per second during the churn.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
+    /// Share of the deletes and relabels that pick a pod of the agent's node, in percent
+    /// (adds land there at three quarters of that rate, so that the node keeps its share of
+    /// pods). The default puts almost half of all events on the node; in a real cluster of
+    /// 101 nodes a node sees ~1 %.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=100))]
+    local_percent: u64,
     /// Seconds of churn per cluster.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
@@ -643,7 +649,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
             let (_, side, key) = resting.pop_front().expect("checked");
             pool[side].push(key);
         }
-        let local = rng.chance(50);
+        let local = rng.chance(args.local_percent);
         let roll = rng.below(10);
         let kind = if roll < 4 {
             EventKind::Add
@@ -663,10 +669,12 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                 let ip = Ipv4Addr::from(0x0A80_0000u32 + n as u32);
                 let mut p = (**template).clone();
                 p.id.name = format!("churn-{n}");
-                // 3 in 8 new pods land on the agent's node: as many as leave it (deletes pick
-                // a local pod half of the time), so the node keeps its share of the pods
-                // while almost half of all events concern it (a real node sees ~1 %).
-                p.node = if rng.below(8) < 3 { NODE.into() } else { rng.pick(&other_nodes).as_str().into() };
+                // New pods land on the agent's node at 3/4 of the rate deletes pick a local
+                // pod (4 adds for every 3 deletes): as many arrive as leave, so the node keeps
+                // its share of the pods (by default 3 in 8 adds, while almost half of all
+                // events concern it).
+                let lands_here = rng.below(400) < 3 * args.local_percent as usize;
+                p.node = if lands_here { NODE.into() } else { rng.pick(&other_nodes).as_str().into() };
                 p.ips = IpAddr::V4(ip).into();
                 let key = (p.id.namespace.clone(), p.id.name.clone());
                 let p_local = p.node == NODE;
