@@ -782,10 +782,12 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
             }
         }
     }
-    if let Some(path) = args.agent_log.as_ref().filter(|_| params.pods == args.cluster.params().pods) {
+    // The agent's log and the latencies are kept for the first cluster only.
+    let first_cluster = params.pods == args.cluster.params().pods;
+    if let Some(path) = args.agent_log.as_ref().filter(|_| first_cluster) {
         std::fs::copy(agent.log_path(), path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    if let Some(path) = args.latencies.as_ref().filter(|_| params.pods == args.cluster.params().pods) {
+    if let Some(path) = args.latencies.as_ref().filter(|_| first_cluster) {
         timeline.push(String::new());
         std::fs::write(path, timeline.join("\n")).map_err(|e| format!("{}: {e}", path.display()))?;
     }

@@ -135,16 +135,20 @@ impl IncrementalCompiler {
         let changed =
             self.last.as_ref().and_then(|last| changed_pods(&last.pods, &cluster.pods, MAX_TRACKED_POD_CHANGES));
         match (&self.last, &changed) {
-            (Some(last), Some(changed)) => self.addresses.update(last, cluster, changed),
-            _ => self.addresses = AddressCounts::of(cluster),
-        }
-        match (&self.last, &changed) {
-            // Namespace labels decide which namespaces a peer set spans: any change there
-            // and nothing cached is trusted (namespaces change rarely).
-            (Some(last), Some(changed)) if last.namespaces == cluster.namespaces => {
-                self.cache.patch(&PodChanges::new(last, cluster, changed, &self.addresses), applied)
+            (Some(last), Some(changed)) => {
+                self.addresses.update(last, cluster, changed);
+                // Namespace labels decide which namespaces a peer set spans: any change there
+                // and nothing cached is trusted (namespaces change rarely).
+                if last.namespaces == cluster.namespaces {
+                    self.cache.patch(&PodChanges::new(last, cluster, changed, &self.addresses), applied);
+                } else {
+                    self.cache.clear();
+                }
             }
-            _ => self.cache.clear(),
+            _ => {
+                self.addresses = AddressCounts::of(cluster);
+                self.cache.clear();
+            }
         }
         let local = match &changed {
             // The local pods of the last compile, where they are now, and the changed pods that
@@ -251,7 +255,7 @@ impl AddressCounts {
     fn of(cluster: &Cluster) -> Self {
         let mut counts = AddressCounts::default();
         for pod in cluster.pods.iter() {
-            counts.add(pod, 1);
+            counts.add(pod);
         }
         counts
     }
@@ -260,20 +264,27 @@ impl AddressCounts {
     fn update(&mut self, old: &Cluster, new: &Cluster, changed: &[ChangedPod]) {
         for &(i, j) in changed {
             if let Some(i) = i {
-                self.add(&old.pods[i], -1);
+                self.remove(&old.pods[i]);
             }
             if let Some(j) = j {
-                self.add(&new.pods[j], 1);
+                self.add(&new.pods[j]);
             }
         }
     }
 
-    fn add(&mut self, pod: &Pod, delta: i64) {
+    fn add(&mut self, pod: &Pod) {
         for ip in &pod.ips {
-            let count = self.0.entry(*ip).or_default();
-            *count = u32::try_from(i64::from(*count) + delta).unwrap_or(0);
-            if *count == 0 {
-                self.0.remove(ip);
+            *self.0.entry(*ip).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, pod: &Pod) {
+        for ip in &pod.ips {
+            if let std::collections::hash_map::Entry::Occupied(mut count) = self.0.entry(*ip) {
+                *count.get_mut() -= 1;
+                if *count.get() == 0 {
+                    count.remove();
+                }
             }
         }
     }
@@ -368,8 +379,8 @@ impl<'p> PodChanges<'p> {
 /// for one pod. The ruleset applied last (`applied`, when given) holds it too, so its
 /// entry is first swapped for a stand-in with the set's declaration and no elements, the
 /// delta's `from`: `applied` then only serves [`crate::nft::diff::diff_with`] with these
-/// deltas. Without `applied`, a set still held elsewhere is copied, and `from` is the
-/// version before.
+/// deltas. When `applied` is not given or does not hold the set, the set is copied and
+/// `from` is the version before.
 fn patch_set(
     set: &mut Arc<Set>,
     name: &str,
@@ -1205,23 +1216,15 @@ impl<'a, 'c> Compiler<'a, 'c> {
     /// superset of those that do): the pods of those namespaces, or, when `selector`
     /// requires a label to be `In` some values, the pods of those namespaces carrying them.
     fn candidates(&mut self, namespaces: &[&'a str], selector: &'a Selector) -> Vec<usize> {
-        let Some((key, values)) = selector.requirements().iter().find_map(|r| match &r.operator {
+        let requirement = selector.requirements().iter().find_map(|r| match &r.operator {
             Operator::In(values) => Some((r.key.as_str(), values)),
             _ => None,
-        }) else {
+        });
+        let Some((key, values)) = requirement.filter(|&(key, _)| self.use_index(key, namespaces)) else {
             let mut out: Vec<usize> = namespaces.iter().flat_map(|ns| self.pods_in(ns)).collect();
             out.sort_unstable();
             return out;
         };
-        if !self.pods_by_label.contains_key(key) && self.scans_left > 0 {
-            let ranges: Vec<std::ops::Range<usize>> = namespaces.iter().map(|ns| self.pods_in(ns)).collect();
-            if ranges.iter().map(|r| r.len()).sum::<usize>() <= SCAN_LIMIT {
-                self.scans_left -= 1;
-                let mut out: Vec<usize> = ranges.into_iter().flatten().collect();
-                out.sort_unstable();
-                return out;
-            }
-        }
         let cluster = self.cluster;
         let index = self.pods_by_label.entry(key).or_insert_with(|| {
             let mut index: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
@@ -1241,6 +1244,21 @@ impl<'a, 'c> Compiler<'a, 'c> {
         }
         out.sort_unstable();
         out
+    }
+
+    /// Whether the pods of `namespaces` that carry label `key` are found through the label
+    /// index (built now if need be) rather than by reading those namespaces' pods: yes once
+    /// the index exists, the namespaces hold more than [`SCAN_LIMIT`] pods, or
+    /// [`SCANS_BEFORE_INDEX`] sets were built by reading.
+    fn use_index(&mut self, key: &str, namespaces: &[&str]) -> bool {
+        if self.pods_by_label.contains_key(key) || self.scans_left == 0 {
+            return true;
+        }
+        if namespaces.iter().map(|ns| self.pods_in(ns).len()).sum::<usize>() > SCAN_LIMIT {
+            return true;
+        }
+        self.scans_left -= 1;
+        false
     }
 
     /// A `inet_proto . inet_service` interval set, named by content (shared by equal port lists).

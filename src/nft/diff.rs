@@ -56,33 +56,6 @@ fn by_name<'a, A, B>(
     })
 }
 
-/// Does `desired` keep `applied`'s layout (so an incremental diff is possible)?
-fn same_layout(applied: &Ruleset, desired: &Ruleset) -> bool {
-    if applied.table != desired.table {
-        return false;
-    }
-    let bases = |rs: &Ruleset| rs.chains.iter().filter_map(|(n, c)| c.base.map(|b| (n.clone(), b))).collect::<Vec<_>>();
-    if bases(applied) != bases(desired) {
-        return false;
-    }
-    let chains_ok = by_name(&applied.chains, &desired.chains).all(|(_, a, d)| match (a, d) {
-        (Some(a), Some(d)) => Arc::ptr_eq(a, d) || (d.base == a.base && d.comment == a.comment),
-        _ => true,
-    });
-    let sets_ok = by_name(&applied.sets, &desired.sets).all(|(_, a, d)| match (a, d) {
-        (Some(a), Some(d)) => Arc::ptr_eq(a, d) || d.same_declaration(a),
-        _ => true,
-    });
-    let maps_ok = by_name(&applied.maps, &desired.maps).all(|(_, a, d)| match (a, d) {
-        (Some(a), Some(d)) => d.same_declaration(a),
-        _ => true,
-    });
-    // A name may not change kind (set ↔ map). (Maps are few: look them up in the sets.)
-    let kinds_ok = !desired.maps.keys().any(|n| applied.sets.contains_key(n))
-        && !applied.maps.keys().any(|n| desired.sets.contains_key(n));
-    chains_ok && sets_ok && maps_ok && kinds_ok
-}
-
 /// How one set changed between two rulesets, as its producer (the incremental compiler)
 /// knows it: `to` is `from` without `gone` and with `added` (both sorted, `gone` ⊆ `from`,
 /// `added` disjoint from it). `from` is the allocation the earlier ruleset holds: the
@@ -120,26 +93,50 @@ pub fn diff(applied: &Ruleset, desired: &Ruleset) -> Transaction {
 /// two sets compared (the same allocations): O(changes) instead of O(elements) for a big set
 /// that gained or lost a few members. Same transaction either way.
 pub fn diff_with(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Transaction {
-    if !same_layout(applied, desired) {
-        return full_sync(desired);
+    incremental(applied, desired, known).unwrap_or_else(|| full_sync(desired))
+}
+
+/// The elements `after` adds to `before`, and those it takes away.
+fn element_changes(before: &BTreeSet<Element>, after: &BTreeSet<Element>) -> (Vec<Element>, Vec<Element>) {
+    (after.difference(before).cloned().collect(), before.difference(after).cloned().collect())
+}
+
+/// [`diff_with`] while `desired` keeps `applied`'s layout; `None` once it does not (another
+/// table, base chain, chain comment or set type under the same name, or a name that changes
+/// kind), which takes a full sync. One walk over the chains, one over the sets and one over
+/// the maps, each op put in its phase.
+fn incremental(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Option<Transaction> {
+    // A name may not change kind (set ↔ map). (Maps are few: look them up in the sets.)
+    if applied.table != desired.table
+        || desired.maps.keys().any(|n| applied.sets.contains_key(n))
+        || applied.maps.keys().any(|n| desired.sets.contains_key(n))
+    {
+        return None;
     }
-    let mut tx = Transaction::new(desired.table.clone());
-    // One walk over the chains and one over the sets, each op put in its phase.
     let mut add_chains = Vec::new();
     let mut fill_chains = Vec::new();
     let mut flush_obsolete = Vec::new();
     let mut delete_chains = Vec::new();
     for (name, old, chain) in by_name(&applied.chains, &desired.chains) {
         match (old, chain) {
-            // 1. New chains, declared; 4. filled.
+            // 1. New chains, declared; 4. filled. (A new base chain is a new layout.)
             (None, Some(chain)) => {
+                if chain.base.is_some() {
+                    return None;
+                }
                 add_chains.push(Op::AddChain { name: name.clone(), chain: (**chain).clone() });
                 fill_chains
                     .extend(chain.rules.iter().map(|rule| Op::AddRule { chain: name.clone(), rule: rule.clone() }));
             }
             // 4. Changed chains rewritten.
             (Some(old), Some(chain)) => {
-                if Arc::ptr_eq(old, chain) || old.rules == chain.rules {
+                if Arc::ptr_eq(old, chain) {
+                    continue;
+                }
+                if old.base != chain.base || old.comment != chain.comment {
+                    return None;
+                }
+                if old.rules == chain.rules {
                     continue;
                 }
                 if !old.rules.is_empty() {
@@ -150,6 +147,9 @@ pub fn diff_with(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Tra
             }
             // 6, 8. Obsolete chains: emptied (drops their references), deleted last.
             (Some(old), None) => {
+                if old.base.is_some() {
+                    return None;
+                }
                 if !old.rules.is_empty() {
                     flush_obsolete.push(Op::FlushChain { name: name.clone() });
                 }
@@ -171,23 +171,15 @@ pub fn diff_with(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Tra
                 if Arc::ptr_eq(old, set) {
                     continue; // the compiler reused it: unchanged, whatever its size
                 }
-                let (added, removed): (Vec<Element>, Vec<Element>) = match known.get(name) {
-                    Some(d) if Arc::ptr_eq(&d.from, old) && Arc::ptr_eq(&d.to, set) => {
-                        (d.added.clone(), d.gone.clone())
-                    }
+                if !set.same_declaration(old) {
+                    return None;
+                }
+                let (added, removed) = match known.get(name).filter(|d| Arc::ptr_eq(&d.from, old)) {
+                    Some(d) if Arc::ptr_eq(&d.to, set) => (d.added.clone(), d.gone.clone()),
                     // Patched, then built anew after all (its policy changed): compare with
                     // what the kernel has, which `from` may no longer hold (a stand-in).
-                    Some(d) if Arc::ptr_eq(&d.from, old) => {
-                        let before = d.before();
-                        (
-                            set.elements.difference(&before).cloned().collect(),
-                            before.difference(&set.elements).cloned().collect(),
-                        )
-                    }
-                    _ => (
-                        set.elements.difference(&old.elements).cloned().collect(),
-                        old.elements.difference(&set.elements).cloned().collect(),
-                    ),
+                    Some(d) => element_changes(&d.before(), &set.elements),
+                    None => element_changes(&old.elements, &set.elements),
                 };
                 if !removed.is_empty() {
                     // Interval elements must not overlap, not even for an instant inside the
@@ -205,48 +197,54 @@ pub fn diff_with(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Tra
         }
     }
     let mut add_maps = Vec::new();
-    for (name, map) in &desired.maps {
-        if !applied.maps.contains_key(name) {
-            add_maps.push(Op::AddMap { name: name.clone(), map: map.clone() });
+    let mut map_elements = Vec::new();
+    let mut map_removals = Vec::new();
+    let mut delete_maps = Vec::new();
+    for (name, old, map) in by_name(&applied.maps, &desired.maps) {
+        match (old, map) {
+            (None, Some(map)) => add_maps.push(Op::AddMap { name: name.clone(), map: map.clone() }),
+            (Some(old), Some(map)) => {
+                if !map.same_declaration(old) {
+                    return None;
+                }
+                let changed: Vec<Element> = map
+                    .elements
+                    .iter()
+                    .filter(|(k, v)| old.elements.get(*k).is_some_and(|o| o != *v))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let added: Vec<(Element, MapVerdict)> = map
+                    .elements
+                    .iter()
+                    .filter(|(k, v)| old.elements.get(*k) != Some(*v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let removed: Vec<Element> =
+                    old.elements.keys().filter(|k| !map.elements.contains_key(*k)).cloned().collect();
+                if !changed.is_empty() {
+                    map_elements.push(Op::DeleteMapElements { map: name.clone(), elements: changed });
+                }
+                if !added.is_empty() {
+                    map_elements.push(Op::AddMapElements { map: name.clone(), elements: added });
+                }
+                if !removed.is_empty() {
+                    map_removals.push(Op::DeleteMapElements { map: name.clone(), elements: removed });
+                }
+            }
+            (Some(_), None) => delete_maps.push(Op::DeleteMap { name: name.clone() }),
+            (None, None) => {}
         }
     }
-    for (name, map) in &desired.maps {
-        if let Some(old) = applied.maps.get(name) {
-            let changed: Vec<Element> = map
-                .elements
-                .iter()
-                .filter(|(k, v)| old.elements.get(*k).is_some_and(|o| o != *v))
-                .map(|(k, _)| k.clone())
-                .collect();
-            let added: Vec<(Element, MapVerdict)> = map
-                .elements
-                .iter()
-                .filter(|(k, v)| old.elements.get(*k) != Some(*v))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            let removed: Vec<Element> =
-                old.elements.keys().filter(|k| !map.elements.contains_key(*k)).cloned().collect();
-            if !changed.is_empty() {
-                elements.push(Op::DeleteMapElements { map: name.clone(), elements: changed });
-            }
-            if !added.is_empty() {
-                elements.push(Op::AddMapElements { map: name.clone(), elements: added });
-            }
-            if !removed.is_empty() {
-                removals.push(Op::DeleteMapElements { map: name.clone(), elements: removed });
-            }
-        }
-    }
-    let delete_maps =
-        applied.maps.keys().filter(|n| !desired.maps.contains_key(*n)).map(|name| Op::DeleteMap { name: name.clone() });
-    let delete_maps: Vec<Op> = delete_maps.collect();
+    let mut tx = Transaction::new(desired.table.clone());
     for phase in [
         add_chains,
         add_sets,
         add_maps,
         elements,
+        map_elements,
         fill_chains,
         removals,
+        map_removals,
         flush_obsolete,
         delete_maps,
         delete_sets,
@@ -254,5 +252,57 @@ pub fn diff_with(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Tra
     ] {
         tx.ops.extend(phase);
     }
-    tx
+    Some(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::{NodeConfig, compile};
+
+    fn is_full(tx: &Transaction) -> bool {
+        matches!(tx.ops.as_slice(), [Op::AddTable, Op::DeleteTable, Op::DefineTable(_)])
+    }
+
+    /// A node's ruleset with policy chains, peer sets and the dispatch maps.
+    fn node_ruleset() -> Ruleset {
+        (0..50)
+            .map(|seed| compile(&crate::generate::small_random(seed), &NodeConfig::new("node-1")))
+            .find(|rs| rs.chains.len() > 5 && rs.sets.values().any(|s| !s.elements.is_empty()))
+            .expect("a random cluster with policies on node-1")
+    }
+
+    #[test]
+    fn a_changed_layout_makes_the_diff_a_full_sync_and_changed_elements_do_not() {
+        let applied = node_ruleset();
+        let regular = applied.chains.iter().find(|(_, c)| c.base.is_none()).map(|(n, _)| n.clone()).unwrap();
+        let base = applied.chains.iter().find(|(_, c)| c.base.is_some()).map(|(n, _)| n.clone()).unwrap();
+        let (set_name, set) = applied.sets.iter().find(|(_, s)| !s.elements.is_empty()).unwrap();
+        let full_after = |what: &str, change: &dyn Fn(&mut Ruleset)| {
+            let mut desired = applied.clone();
+            change(&mut desired);
+            assert!(is_full(&diff(&applied, &desired)), "{what}: expected a full sync");
+        };
+        full_after("another table", &|rs| rs.table = "other".into());
+        full_after("a chain's comment", &|rs| {
+            Arc::make_mut(rs.chains.get_mut(&regular).unwrap()).comment = Some("x".into());
+        });
+        full_after("a base chain gone", &|rs| {
+            rs.chains.remove(&base);
+        });
+        full_after("a new base chain", &|rs| {
+            let copy = Arc::clone(&rs.chains[&base]);
+            rs.chains.insert("zz_new_base".into(), copy);
+        });
+        full_after("a set's type", &|rs| Arc::make_mut(rs.sets.get_mut(set_name).unwrap()).interval ^= true);
+        full_after("a set becoming a map", &|rs| {
+            rs.sets.remove(set_name);
+            rs.maps.insert(set_name.clone(), Default::default());
+        });
+        let mut desired = applied.clone();
+        let gone = set.elements.first().unwrap().clone();
+        Arc::make_mut(desired.sets.get_mut(set_name).unwrap()).elements.remove(&gone);
+        let tx = diff(&applied, &desired);
+        assert_eq!(tx.ops, [Op::DeleteElements { set: set_name.clone(), elements: vec![gone] }]);
+    }
 }
