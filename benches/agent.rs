@@ -231,14 +231,18 @@ fn ipv4_tokens(line: &str) -> impl Iterator<Item = Ipv4Addr> + '_ {
         .filter_map(|t| t.parse().ok())
 }
 
-/// Which sets and maps of an `nft list table` listing each plain IPv4 address is in.
+/// Which sets and maps of an `nft list table` listing each plain IPv4 address is in,
+/// counting only those some rule looks up (`@name`): the agent keeps idle sets, which
+/// decide no packet.
 fn kernel_memberships(listing: &str) -> HashMap<Ipv4Addr, BTreeSet<String>> {
+    let referenced: BTreeSet<&str> =
+        listing.split(|c: char| c.is_whitespace() || c == ',').filter_map(|t| t.strip_prefix('@')).collect();
     let mut out: HashMap<Ipv4Addr, BTreeSet<String>> = HashMap::new();
     let mut current: Option<&str> = None;
     for line in listing.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
-            ["set" | "map", name, "{"] => current = Some(name),
+            ["set" | "map", name, "{"] => current = referenced.contains(name).then_some(*name),
             ["chain", ..] => current = None,
             _ => {
                 if let Some(name) = current {

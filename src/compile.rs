@@ -21,9 +21,9 @@
 //!
 //! Two entry points: [`compile`] (one cluster, from nothing) and [`IncrementalCompiler`]
 //! (the agent: one cluster after another, reusing the pod-address sets no changed pod can be
-//! in, and always equal to `compile`).
+//! in, and always equal to `compile`, up to the idle sets it may be asked to keep).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -76,7 +76,8 @@ fn local_pods(cluster: &Cluster, node: &str) -> Vec<usize> {
 ///      │                                                      were or become members of
 ///      │                                                      (in place if ruleset_{n-1}
 ///      │                                                      lets go of them; SetDeltas kept)
-///      └──────► compile with the cache ──► ruleset_n (== compile(cluster_n), always)
+///      └──────► compile with the cache ──► ruleset_n (== compile(cluster_n), always,
+///                 │                              plus idle sets if asked to keep them)
 ///                 │ an untouched cached set or chain is reused: the same Arc as in ruleset_{n-1}
 /// ```
 ///
@@ -98,6 +99,11 @@ pub struct IncrementalCompiler {
     /// How many of `last`'s pods carry each address.
     addresses: AddressCounts,
     cache: SetCache,
+    /// Elements per cluster pod that idle sets may hold (see
+    /// [`IncrementalCompiler::keeping_idle_sets`]); 0: none are kept.
+    idle_elements_per_pod: usize,
+    /// The idle sets the last compile kept, and their elements.
+    idle: (usize, usize),
 }
 
 /// More changed pods than this and checking each cached set against each is no longer
@@ -113,7 +119,25 @@ impl IncrementalCompiler {
             local: Vec::new(),
             addresses: AddressCounts::default(),
             cache: SetCache::default(),
+            idle_elements_per_pod: 0,
+            idle: (0, 0),
         }
+    }
+
+    /// Also keeps *idle* sets: peer and egress named-port sets that no chain looks up any
+    /// more stay in the result (unreferenced, so they decide no packet) and up to date, the
+    /// most recently used first, while they hold at most `elements_per_pod` elements per
+    /// pod of the cluster in all.
+    ///
+    /// Why: when a policy stops selecting the node's last pod, its chain goes and with it
+    /// the peer sets only it looked up, which may hold thousands of addresses (a peer of all
+    /// namespaces). When a new pod on the node brings the policy back, those sets would be
+    /// built and sent to the kernel again, element by element: tens of milliseconds in
+    /// which every other event waits. A kept set is already there, patched like any other.
+    /// The bound keeps the memory this costs a fixed share of what the cluster's pods cost.
+    pub fn keeping_idle_sets(mut self, elements_per_pod: usize) -> Self {
+        self.idle_elements_per_pod = elements_per_pod;
+        self
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -164,8 +188,13 @@ impl IncrementalCompiler {
             None => local_pods(cluster, &self.config.node),
         };
         self.local = local.iter().map(|&i| Arc::clone(&cluster.pods[i])).collect();
-        let ruleset = Compiler::new(cluster, &self.config, &mut self.cache).run(local);
-        self.cache.keep_only_used();
+        let mut ruleset = Compiler::new(cluster, &self.config, &mut self.cache).run(local);
+        let idle_budget = self.idle_elements_per_pod.saturating_mul(cluster.pods.len());
+        let idle = self.cache.keep_used_and_idle(idle_budget);
+        self.idle = (idle.len(), idle.iter().map(|(_, set)| set.elements.len()).sum());
+        for (name, set) in idle {
+            ruleset.sets.entry(name).or_insert(set);
+        }
         // The cluster's lists are shared: keeping it costs three reference counts. The one
         // it replaces may hold the last references to 10 000 pods: released later, off the
         // path from an event to its commit.
@@ -173,10 +202,16 @@ impl IncrementalCompiler {
         ruleset
     }
 
+    /// How many idle sets the last compile kept (see
+    /// [`IncrementalCompiler::keeping_idle_sets`]), and their elements.
+    pub fn idle_sets(&self) -> (usize, usize) {
+        self.idle
+    }
+
     /// Forgets every earlier compile: the next one builds everything afresh (a full sync
     /// trusts nothing it remembers, not even after a compile that panicked halfway).
     pub fn forget(&mut self) {
-        *self = IncrementalCompiler::new(self.config.clone());
+        *self = IncrementalCompiler::new(self.config.clone()).keeping_idle_sets(self.idle_elements_per_pod);
     }
 
     /// Frees what the last compile let go of (the cluster before it), once its result is
@@ -418,6 +453,8 @@ struct SetCache {
     policy_chains: HashMap<(ByAddress<crate::model::Policy>, Direction), CachedPolicyChain>,
     /// Local pods' chains by (pod object, direction).
     pod_chains: HashMap<(ByAddress<Pod>, Direction), CachedPodChain>,
+    /// Compiles so far: the clock of the cached sets' `last_used`.
+    generation: u64,
 }
 
 /// A shared object as a map key by its allocation: an unchanged object is the same
@@ -480,6 +517,8 @@ struct CachedPeers {
     selector: Selector,
     sets: [Arc<Set>; 2],
     used: bool,
+    /// The compile that last looked the sets up ([`SetCache::generation`]).
+    last_used: u64,
 }
 
 impl CachedPeers {
@@ -499,6 +538,8 @@ struct CachedNamedPorts {
     named: Vec<(String, Protocol)>,
     set: Arc<Set>,
     used: bool,
+    /// The compile that last looked the set up ([`SetCache::generation`]).
+    last_used: u64,
 }
 
 impl CachedNamedPorts {
@@ -551,11 +592,58 @@ impl SetCache {
         }
     }
 
-    fn keep_only_used(&mut self) {
-        self.peers.retain(|_, c| std::mem::take(&mut c.used));
-        self.named.retain(|_, c| std::mem::take(&mut c.used));
+    /// Ends a compile: drops the chains it did not use, and the sets it did not use but
+    /// for the idle ones that fit in `budget` elements, most recently used first (a set
+    /// counts at least one: an empty one still costs its declaration). Returns those idle
+    /// sets, by name.
+    fn keep_used_and_idle(&mut self, budget: usize) -> Vec<(String, Arc<Set>)> {
         self.policy_chains.retain(|_, c| std::mem::take(&mut c.used));
         self.pod_chains.retain(|_, c| std::mem::take(&mut c.used));
+        self.generation += 1;
+        let now = self.generation;
+        for c in self.peers.values_mut() {
+            if std::mem::take(&mut c.used) {
+                c.last_used = now;
+            }
+        }
+        for c in self.named.values_mut() {
+            if std::mem::take(&mut c.used) {
+                c.last_used = now;
+            }
+        }
+        let size = |sets: &[Arc<Set>]| sets.iter().map(|s| s.elements.len().max(1)).sum::<usize>();
+        // (last used, is a peer entry, cache key, elements): by recency, then by key.
+        let mut idle: Vec<(u64, bool, &String, usize)> = self
+            .peers
+            .iter()
+            .filter(|(_, c)| c.last_used != now)
+            .map(|(key, c)| (c.last_used, true, key, size(&c.sets)))
+            .chain(
+                self.named
+                    .iter()
+                    .filter(|(_, c)| c.last_used != now)
+                    .map(|(key, c)| (c.last_used, false, key, size(std::slice::from_ref(&c.set)))),
+            )
+            .collect();
+        idle.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| (a.1, a.2).cmp(&(b.1, b.2))));
+        let mut room = budget;
+        let (mut kept_peers, mut kept_named) = (HashSet::new(), HashSet::new());
+        for (_, peer, key, elements) in idle {
+            if elements <= room {
+                room -= elements;
+                if peer { &mut kept_peers } else { &mut kept_named }.insert(key.clone());
+            }
+        }
+        self.peers.retain(|key, c| c.last_used == now || kept_peers.contains(key));
+        self.named.retain(|key, c| c.last_used == now || kept_named.contains(key));
+        let mut out = Vec::new();
+        for c in self.peers.values().filter(|c| c.last_used != now) {
+            out.extend(c.names.iter().cloned().zip(c.sets.iter().cloned()));
+        }
+        for (name, c) in self.named.iter().filter(|(_, c)| c.last_used != now) {
+            out.push((name.clone(), Arc::clone(&c.set)));
+        }
+        out
     }
 
     /// The sets a reused policy chain looks up, as they are now, each cache entry marked
@@ -907,10 +995,40 @@ impl<'a, 'c> Compiler<'a, 'c> {
         let peer_field = if ingress { AddrField::Saddr } else { AddrField::Daddr };
         let base_comment = format!("{}/{} {dir} rule {ri}", ns, policy.id.name);
 
-        // Peer matches: None = any peer (no match at all).
+        // Port matches: None = all ports, all protocols.
+        let mut port_matches: Vec<(Option<Match>, String)> = Vec::new();
+        let mut named: Vec<(&str, Protocol)> = Vec::new();
+        match &rule.ports {
+            None => port_matches.push((None, "all ports".into())),
+            Some(specs) => {
+                let mut ranges: BTreeMap<Protocol, Vec<(u16, u16)>> = BTreeMap::new();
+                for s in specs {
+                    match &s.port {
+                        // "ports with protocol but no port = every port of that protocol"
+                        PortMatch::Any => ranges.entry(s.protocol).or_default().push((0, u16::MAX)),
+                        PortMatch::Range(a, b) => ranges.entry(s.protocol).or_default().push((*a, *b)),
+                        PortMatch::Named(n) => named.push((n.as_str(), s.protocol)),
+                    }
+                }
+                named.sort();
+                named.dedup();
+                if !ranges.is_empty() {
+                    let set = self.ports_set(ranges);
+                    self.log_set(&set, SetSource::Fixed(Arc::clone(&self.rs.sets[&set])));
+                    port_matches
+                        .push((Some(Match::Lookup { key: Key::ProtoDport, set, negate: false }), "ports".into()));
+                }
+            }
+        }
+
+        // Peer matches: None = any peer (no match at all). Their sets are made only if a
+        // rule looks them up: with ports, or with an ingress rule's named ports (an egress
+        // rule's named-port set holds its peers' addresses itself).
+        let peers_looked_up = !port_matches.is_empty() || (ingress && !named.is_empty());
         let mut peer_matches: Vec<(Option<Match>, String)> = Vec::new();
         match &rule.peers {
             None => peer_matches.push((None, "any peer".into())),
+            Some(_) if !peers_looked_up => {}
             Some(peers) => {
                 let mut blocks: Vec<&IpBlock> = Vec::new();
                 for (k, peer) in peers.iter().enumerate() {
@@ -960,32 +1078,6 @@ impl<'a, 'c> Compiler<'a, 'c> {
             }
         }
 
-        // Port matches: None = all ports, all protocols.
-        let mut port_matches: Vec<(Option<Match>, String)> = Vec::new();
-        let mut named: Vec<(&str, Protocol)> = Vec::new();
-        match &rule.ports {
-            None => port_matches.push((None, "all ports".into())),
-            Some(specs) => {
-                let mut ranges: BTreeMap<Protocol, Vec<(u16, u16)>> = BTreeMap::new();
-                for s in specs {
-                    match &s.port {
-                        // "ports with protocol but no port = every port of that protocol"
-                        PortMatch::Any => ranges.entry(s.protocol).or_default().push((0, u16::MAX)),
-                        PortMatch::Range(a, b) => ranges.entry(s.protocol).or_default().push((*a, *b)),
-                        PortMatch::Named(n) => named.push((n.as_str(), s.protocol)),
-                    }
-                }
-                named.sort();
-                named.dedup();
-                if !ranges.is_empty() {
-                    let set = self.ports_set(ranges);
-                    self.log_set(&set, SetSource::Fixed(Arc::clone(&self.rs.sets[&set])));
-                    port_matches
-                        .push((Some(Match::Lookup { key: Key::ProtoDport, set, negate: false }), "ports".into()));
-                }
-            }
-        }
-
         let mut push = |matches: Vec<Match>, what: String| {
             let r = Rule {
                 matches,
@@ -1009,6 +1101,17 @@ impl<'a, 'c> Compiler<'a, 'c> {
             return;
         }
         for f in FAMILIES {
+            // An ingress rule looks the set up after each peer match of its family (a v6
+            // peer set never matches a v4 packet): none, and the set would serve no rule.
+            let peers_of_family: Vec<&(Option<Match>, String)> = peer_matches
+                .iter()
+                .filter(|(pm, _)| {
+                    !pm.as_ref().is_some_and(|m| matches!(m, Match::Lookup { key, .. } if key.family() != Some(f)))
+                })
+                .collect();
+            if ingress && peers_of_family.is_empty() {
+                continue;
+            }
             let prefix = if f == IpFamily::V4 { names::NAMED_V4 } else { names::NAMED_V6 };
             let set = names::generated(
                 prefix,
@@ -1027,10 +1130,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             self.rs.sets.insert(set.clone(), elements);
             let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
             if ingress {
-                for (pm, pwhat) in &peer_matches {
-                    if pm.as_ref().is_some_and(|m| matches!(m, Match::Lookup { key, .. } if key.family() != Some(f))) {
-                        continue; // a v6 peer set never matches a v4 packet
-                    }
+                for (pm, pwhat) in peers_of_family {
                     push(pm.iter().cloned().chain([lookup.clone()]).collect(), format!("{pwhat}, named ports"));
                 }
             } else {
@@ -1116,6 +1216,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 named: named.iter().map(|&(n, proto)| (n.to_string(), proto)).collect(),
                 set: Arc::clone(&set),
                 used: true,
+                last_used: 0,
             };
             self.cache.named.insert(name.to_string(), cached);
         }
@@ -1199,7 +1300,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             })
         });
         let namespaces = namespaces.into_iter().map(str::to_string).collect();
-        CachedPeers { names: names.clone(), namespaces, selector: pods.clone(), sets, used: true }
+        CachedPeers { names: names.clone(), namespaces, selector: pods.clone(), sets, used: true, last_used: 0 }
     }
 
     /// The namespaces a peer's pods may live in.

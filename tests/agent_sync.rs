@@ -162,7 +162,7 @@ impl World {
         let expected = self.expected();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let dump = self.nft().fake.dump();
+            let dump = self.nft().fake.dump_without_idle_sets();
             if dump == expected {
                 return;
             }

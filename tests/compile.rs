@@ -247,6 +247,16 @@ proptest! {
             prop_assert_eq!(a, b);
         }
     }
+
+    #[test]
+    fn every_set_a_compile_makes_is_looked_up_by_some_rule(seed in any::<u64>()) {
+        let cluster = random_cluster(seed);
+        for node in NODES {
+            let rs = compile(&cluster, &NodeConfig::new(node));
+            let unused: Vec<&String> = rs.sets.keys().filter(|n| !rs.referenced_sets().contains(n.as_str())).collect();
+            prop_assert!(unused.is_empty(), "node {}: {:?}", node, unused);
+        }
+    }
 }
 
 // --- conformance ----------------------------------------------------------------------------
@@ -462,8 +472,12 @@ proptest! {
     fn the_incremental_compiler_always_equals_a_fresh_compile(seed in any::<u64>()) {
         let mut rng = Rng::new(seed);
         let mut cluster = random_cluster(seed);
-        let mut compilers: Vec<IncrementalCompiler> =
-            NODES.iter().map(|n| IncrementalCompiler::new(NodeConfig::new(*n))).collect();
+        // As the agent (which keeps idle sets), with every idle set kept, or with none.
+        let idle_per_pod = [1, 1_000, 0][(seed % 3) as usize];
+        let mut compilers: Vec<IncrementalCompiler> = NODES
+            .iter()
+            .map(|n| IncrementalCompiler::new(NodeConfig::new(*n)).keeping_idle_sets(idle_per_pod))
+            .collect();
         let mut previous: Vec<Option<netpol::nft::ir::Ruleset>> = vec![None; NODES.len()];
         for step in 0..12 {
             for ((node, compiler), previous) in NODES.iter().zip(&mut compilers).zip(&mut previous) {
@@ -490,7 +504,7 @@ proptest! {
                 };
                 *previous = Some(got.clone());
                 prop_assert!(
-                    got == want,
+                    got.without_idle_sets() == want && (idle_per_pod > 0 || got == want),
                     "seed {} step {} node {}:\n{}",
                     seed,
                     step,
@@ -507,6 +521,43 @@ proptest! {
             cluster = if step % 2 == 0 { share_unchanged(&cluster, next) } else { next };
         }
     }
+}
+
+/// The property above means something for idle sets only if they come back: count the
+/// idle sets that a later compile looks up again, the same allocation, patched meanwhile.
+#[test]
+fn idle_sets_come_back_into_use_in_random_sequences() {
+    let (mut came_back, mut patched_while_idle) = (0, 0);
+    for seed in 0..200 {
+        for node in NODES {
+            let mut rng = Rng::new(seed);
+            let mut cluster = random_cluster(seed);
+            let mut compiler = IncrementalCompiler::new(NodeConfig::new(node)).keeping_idle_sets(1_000);
+            let mut idle: BTreeMap<String, Arc<netpol::nft::ir::Set>> = BTreeMap::new();
+            for _ in 0..16 {
+                let got = compiler.compile(&cluster);
+                assert_eq!(got.without_idle_sets(), compile(&cluster, compiler.config()), "seed {seed}");
+                let referenced = got.referenced_sets();
+                for (name, was) in &idle {
+                    if let Some(now) = got.sets.get(name).filter(|_| referenced.contains(name.as_str())) {
+                        came_back += 1;
+                        patched_while_idle += usize::from(now.elements != was.elements);
+                    }
+                }
+                idle = got
+                    .sets
+                    .iter()
+                    .filter(|(name, _)| !referenced.contains(name.as_str()))
+                    .map(|(name, set)| (name.clone(), Arc::clone(set)))
+                    .collect();
+                cluster = share_unchanged(&cluster, mutate(&cluster, &mut rng));
+            }
+        }
+    }
+    assert!(
+        came_back >= 30 && patched_while_idle >= 10,
+        "{came_back} idle sets came back, {patched_while_idle} of them patched while idle"
+    );
 }
 
 #[test]
@@ -596,6 +647,97 @@ fn app_pod(name: &str, app: &str, node: &str, ip: &str) -> Pod {
         host_network: false,
         ports: Vec::new().into(),
     }
+}
+
+/// Set elements a transaction sends to the kernel: added with a set or to it.
+fn elements_sent(tx: &netpol::nft::Transaction) -> usize {
+    tx.ops
+        .iter()
+        .map(|op| match op {
+            netpol::nft::Op::AddSet { set, .. } => set.elements.len(),
+            netpol::nft::Op::AddElements { elements, .. } => elements.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// `web` pods on node-2 (10.0.1.x) and policy `from-web` (every pod of `a` admits them).
+fn web_pods_and_their_policy(webs: u8) -> Cluster {
+    let pods = (0..webs).map(|i| app_pod(&format!("web-{i}"), "web", "node-2", &format!("10.0.1.{i}")));
+    Cluster::new(vec![], pods, vec![allow_from("from-web", "web")])
+}
+
+fn with_pod(c: &Cluster, pod: Pod) -> Cluster {
+    Cluster::new(
+        c.namespaces.values().cloned().collect(),
+        c.pods.iter().cloned().chain([Arc::new(pod)]),
+        c.policies.iter().cloned(),
+    )
+}
+
+fn without_pod(c: &Cluster, name: &str) -> Cluster {
+    let pods = c.pods.iter().filter(|p| p.id.name != name).cloned();
+    Cluster::new(c.namespaces.values().cloned().collect(), pods, c.policies.iter().cloned())
+}
+
+/// The agent's sequence: the node's only selected pod goes, a peer pod changes meanwhile,
+/// and a new pod brings the policy back. (The web set's elements sent at each step.)
+fn policy_leaves_and_comes_back(compiler: &mut IncrementalCompiler) -> [usize; 3] {
+    let config = compiler.config().clone();
+    let webs = web_pods_and_their_policy(40);
+    let with_target = with_pod(&webs, app_pod("target-1", "target", "node-1", "10.0.0.1"));
+    let mut applied = compiler.compile(&with_target);
+    let mut sent = Vec::new();
+    let steps = [
+        without_pod(&with_target, "target-1"),
+        without_pod(&without_pod(&with_target, "target-1"), "web-7"),
+        with_pod(
+            &without_pod(&without_pod(&with_target, "target-1"), "web-7"),
+            app_pod("target-2", "target", "node-1", "10.0.0.2"),
+        ),
+    ];
+    for (step, cluster) in steps.iter().enumerate() {
+        let before = applied.clone();
+        let got = compiler.compile_after(cluster, Some(&mut applied));
+        let tx = diff_with(&applied, &got, &compiler.take_set_deltas());
+        assert_eq!(tx, diff(&before, &got), "step {step}: the diff against what the kernel holds");
+        assert_eq!(got.without_idle_sets(), compile(cluster, &config), "step {step}");
+        sent.push(elements_sent(&tx));
+        applied = got;
+    }
+    sent.try_into().unwrap()
+}
+
+#[test]
+fn a_policy_that_comes_back_to_the_node_finds_its_peer_sets_kept_idle_in_the_kernel() {
+    let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1")).keeping_idle_sets(2);
+    let [gone, patched, back] = policy_leaves_and_comes_back(&mut compiler);
+    assert_eq!(gone, 0, "the web set stays when its policy leaves the node");
+    assert_eq!(patched, 0, "a pod leaving the idle set only deletes its element");
+    assert_eq!(back, 0, "the policy's chain comes back without sending 39 web addresses");
+    assert_eq!(compiler.idle_sets(), (0, 0), "the sets are in use again");
+}
+
+#[test]
+fn idle_sets_are_dropped_when_they_exceed_their_share_of_the_cluster() {
+    // One element per pod: 41 pods hold the idle web sets (40 v4 addresses, and the empty
+    // v6 set counts one), 40 do not.
+    let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1")).keeping_idle_sets(1);
+    let webs = web_pods_and_their_policy(40);
+    let mut seen = Vec::new();
+    for cluster in [
+        with_pod(&webs, app_pod("target", "target", "node-1", "10.0.0.1")),
+        with_pod(&webs, app_pod("target", "target", "node-3", "10.0.0.1")),
+        webs,
+    ] {
+        let got = compiler.compile(&cluster);
+        assert_eq!(got.without_idle_sets(), compile(&cluster, compiler.config()));
+        seen.push((compiler.idle_sets(), got.sets.len() - got.referenced_sets().len()));
+    }
+    assert_eq!(seen, [((0, 0), 0), ((2, 40), 2), ((0, 0), 0)]);
+
+    let mut without = IncrementalCompiler::new(NodeConfig::new("node-1"));
+    assert_eq!(policy_leaves_and_comes_back(&mut without)[2], 39, "without idle sets the web set is sent again");
 }
 
 #[test]

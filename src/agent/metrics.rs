@@ -70,6 +70,8 @@ struct Inner {
     chains: Gauge,
     sets: Gauge,
     set_elements: Gauge,
+    idle_sets: Gauge,
+    idle_set_elements: Gauge,
     rules: Gauge,
     skipped_objects: Gauge,
     index_objects: Family<ResourceLabels, Gauge>,
@@ -105,6 +107,8 @@ impl Metrics {
         let chains = Gauge::default();
         let sets = Gauge::default();
         let set_elements = Gauge::default();
+        let idle_sets = Gauge::default();
+        let idle_set_elements = Gauge::default();
         let rules = Gauge::default();
         let skipped_objects = Gauge::default();
         let index_objects = Family::<ResourceLabels, Gauge>::default();
@@ -136,6 +140,12 @@ impl Metrics {
             "Elements across all sets and maps of the applied ruleset",
             set_elements.clone(),
         );
+        registry.register(
+            "ruleset_idle_sets",
+            "Sets of the applied ruleset no rule looks up, kept for policies that come back to the node",
+            idle_sets.clone(),
+        );
+        registry.register("ruleset_idle_set_elements", "Elements across the idle sets", idle_set_elements.clone());
         registry.register("ruleset_rules", "Rules in the applied ruleset", rules.clone());
         registry.register(
             "skipped_objects",
@@ -183,6 +193,8 @@ impl Metrics {
                 chains,
                 sets,
                 set_elements,
+                idle_sets,
+                idle_set_elements,
                 rules,
                 skipped_objects,
                 index_objects,
@@ -208,6 +220,8 @@ impl Metrics {
         i.chains.set(gauge_value(stats.chains));
         i.sets.set(gauge_value(stats.sets));
         i.set_elements.set(gauge_value(stats.set_elements));
+        i.idle_sets.set(gauge_value(stats.idle_sets));
+        i.idle_set_elements.set(gauge_value(stats.idle_set_elements));
         i.rules.set(gauge_value(stats.rules));
         i.skipped_objects.set(gauge_value(stats.skipped_objects));
     }

@@ -49,6 +49,9 @@ pub struct SyncStats {
     pub set_elements: usize,
     /// Rules in the desired ruleset.
     pub rules: usize,
+    /// Idle sets the desired ruleset keeps (no rule looks them up), and their elements.
+    pub idle_sets: usize,
+    pub idle_set_elements: usize,
     /// Objects skipped because they failed conversion or validation.
     pub skipped_objects: usize,
     /// From the snapshot to the transaction (model, compile, diff).

@@ -42,6 +42,11 @@ impl FakeNftables {
     pub fn dump(&self) -> String {
         self.tables.values().map(render::ruleset).collect()
     }
+
+    /// [`FakeNftables::dump`] without the sets no rule looks up: what decides packets.
+    pub fn dump_without_idle_sets(&self) -> String {
+        self.tables.values().map(|t| render::ruleset(&t.without_idle_sets())).collect()
+    }
 }
 
 impl Nftables for FakeNftables {

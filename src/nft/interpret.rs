@@ -14,7 +14,7 @@
 //! An `ip …`/`ip6 …` match carries nft's implicit `meta nfproto` dependency: it never holds
 //! for a packet of the other family, negated or not.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -242,19 +242,4 @@ fn note(trace: &mut Option<Vec<Step>>, depth: usize, text: impl FnOnce() -> Stri
     if let Some(t) = trace {
         t.push(Step { depth, text: text() });
     }
-}
-
-/// Every set a ruleset's rules reference exists: a quick sanity check used by tests.
-pub fn referenced_sets(rs: &Ruleset) -> HashSet<&str> {
-    let mut out = HashSet::new();
-    for c in rs.chains.values() {
-        for r in &c.rules {
-            for m in &r.matches {
-                if let Match::Lookup { set, .. } = m {
-                    out.insert(set.as_str());
-                }
-            }
-        }
-    }
-    out
 }

@@ -64,6 +64,26 @@ impl Ruleset {
             + self.maps.values().map(|m| m.elements.len()).sum::<usize>()
     }
 
+    /// The names of the sets some rule looks up.
+    pub fn referenced_sets(&self) -> BTreeSet<&str> {
+        let lookups = self.chains.values().flat_map(|c| &c.rules).flat_map(|r| &r.matches);
+        lookups
+            .filter_map(|m| match m {
+                Match::Lookup { set, .. } => Some(set.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The ruleset without the sets no rule looks up: what it does to packets, whatever
+    /// idle sets it keeps (see [`crate::compile::IncrementalCompiler::keeping_idle_sets`]).
+    pub fn without_idle_sets(&self) -> Ruleset {
+        let referenced = self.referenced_sets();
+        let mut out = self.clone();
+        out.sets.retain(|name, _| referenced.contains(name.as_str()));
+        out
+    }
+
     /// Base chains of a hook, by ascending priority (then name): the kernel's evaluation order.
     pub fn base_chains(&self, hook: Hook) -> Vec<(&str, &Chain)> {
         let mut out: Vec<(&str, &Chain)> = self
