@@ -45,9 +45,6 @@ fn value(v: &Value) -> Expression<'static> {
             addr: Box::new(Expression::String(net.network().to_string().into())),
             len: u32::from(net.prefix_len()),
         })),
-        Value::AddrRange(a, b) => Expression::Range(Box::new(expr::Range {
-            range: [Expression::String(a.to_string().into()), Expression::String(b.to_string().into())],
-        })),
         Value::Proto(p) => Expression::String(super::ir::proto_name(*p).into()),
         Value::Port(p) => Expression::Number(u32::from(*p)),
         Value::PortRange(a, b) => Expression::Range(Box::new(expr::Range {
