@@ -532,6 +532,8 @@ struct Outcome {
     /// Mean compile and apply time of a partial sync, seconds.
     phases: [Option<f64>; 2],
     agent_cpu_per_sec: f64,
+    /// Idle sets the agent keeps after the churn, and their elements.
+    idle_sets: (u64, u64),
     generations: u64,
     /// Times the kernel's announcements overflowed the monitor's socket.
     monitor_overruns: u64,
@@ -755,6 +757,8 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let metrics = http_get(admin_port, "/metrics").map(|(_, body)| body).unwrap_or_default();
     let partial_syncs = partial_sync_histogram(&metrics);
     let phases = ["compile", "apply"].map(|p| partial_phase_mean(&metrics, p));
+    let idle_sets =
+        (metric_sum(&metrics, "netpol_ruleset_idle_sets"), metric_sum(&metrics, "netpol_ruleset_idle_set_elements"));
 
     let replay_start = Instant::now();
     let changed_when_applied = replay(&base, &events, &config);
@@ -832,6 +836,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         partial_syncs,
         phases,
         agent_cpu_per_sec,
+        idle_sets,
         generations,
         monitor_overruns,
         complaints,
@@ -932,6 +937,10 @@ fn report(o: &Outcome, args: &Args) {
         );
     }
     println!("agent CPU during churn: {:.2} cores", o.agent_cpu_per_sec);
+    println!(
+        "idle sets the agent keeps after the churn (unreferenced, for policies that come back): {} sets, {} elements",
+        o.idle_sets.0, o.idle_sets.1
+    );
     if !o.complaints.is_empty() {
         println!("the agent logged warnings or errors, first ones:");
         for line in &o.complaints {

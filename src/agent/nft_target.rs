@@ -23,9 +23,12 @@ use crate::nft::{NftError, Nftables, Op, Transaction};
 
 /// Idle sets (peer sets no chain looks up any more) stay in the kernel while they hold at
 /// most this many elements per cluster pod in all: a policy that comes back to the node
-/// finds its big peer sets there instead of sending them again. About 50 bytes of agent
-/// memory per element (kernel memory aside): 0.05 KiB per cluster pod at most.
-const IDLE_SET_ELEMENTS_PER_POD: usize = 1;
+/// finds its big peer sets there instead of sending them again. An element costs the
+/// agent ~26 bytes and the kernel ~100 (a 20 000-element set: SUnreclaim +2.0 MiB), so at
+/// most 0.05 and 0.2 KiB per cluster pod. Replaying the agent bench's churn through the
+/// compiler, events whose sync adds ≥ 1 000 elements: 73 keeping none, 65 with 1 per pod,
+/// 47 with 2, 31 with 4 (most recently used first; biggest first did worse: 71, 58, 46).
+const IDLE_SET_ELEMENTS_PER_POD: usize = 2;
 
 /// Programs one node's nftables table from whole snapshots.
 #[derive(Debug)]
