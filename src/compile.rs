@@ -513,6 +513,8 @@ struct CachedPodChain {
 struct CachedPeers {
     /// The (v4, v6) set names.
     names: [String; 2],
+    /// Sorted: every sync asks each cached set whether the changed pods' namespaces are in
+    /// it (a binary search; up to every namespace of the cluster).
     namespaces: Vec<String>,
     selector: Selector,
     sets: [Arc<Set>; 2],
@@ -524,7 +526,9 @@ struct CachedPeers {
 impl CachedPeers {
     /// "hostNetwork pods are reached by IP (ipBlock) only."
     fn member(&self, pod: &Pod) -> bool {
-        !pod.host_network && self.namespaces.contains(&pod.id.namespace) && self.selector.matches(&pod.labels)
+        !pod.host_network
+            && self.namespaces.binary_search(&pod.id.namespace).is_ok()
+            && self.selector.matches(&pod.labels)
     }
 }
 
@@ -1299,7 +1303,8 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 elements: addrs.into_iter().map(|ip| Element::single(Value::Addr(ip))).collect(),
             })
         });
-        let namespaces = namespaces.into_iter().map(str::to_string).collect();
+        let namespaces: Vec<String> = namespaces.into_iter().map(str::to_string).collect();
+        debug_assert!(namespaces.is_sorted(), "scope_namespaces walks the namespace map in name order");
         CachedPeers { names: names.clone(), namespaces, selector: pods.clone(), sets, used: true, last_used: 0 }
     }
 
