@@ -23,7 +23,7 @@
 //! (the agent: one cluster after another, reusing the pod-address sets no changed pod can be
 //! in, and always equal to `compile`, up to the idle sets it may be asked to keep).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -569,6 +569,16 @@ impl SetCache {
     /// pod was or becomes a member of (see [`patch_set`] for `applied`).
     fn patch(&mut self, changes: &PodChanges, mut applied: Option<&mut Ruleset>) {
         for cached in self.peers.values_mut() {
+            // Most cached sets are untouched by a sync's few changed pods: one membership
+            // test per changed pod version says so, where the contributions below would
+            // test each four times (two versions, two families).
+            let touched = changes.changed.iter().any(|&(i, j)| {
+                i.is_some_and(|i| cached.member(&changes.old.pods[i]))
+                    || j.is_some_and(|j| cached.member(&changes.new.pods[j]))
+            });
+            if !touched {
+                continue;
+            }
             for (k, family) in FAMILIES.into_iter().enumerate() {
                 let contribution = |cluster: &Cluster, i: usize| -> Vec<Element> {
                     let pod = &cluster.pods[i];
@@ -631,15 +641,20 @@ impl SetCache {
             .collect();
         idle.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| (a.1, a.2).cmp(&(b.1, b.2))));
         let mut room = budget;
-        let (mut kept_peers, mut kept_named) = (HashSet::new(), HashSet::new());
+        let mut evicted: Vec<(bool, String)> = Vec::new();
         for (_, peer, key, elements) in idle {
-            if elements <= room {
-                room -= elements;
-                if peer { &mut kept_peers } else { &mut kept_named }.insert(key.clone());
+            match room.checked_sub(elements) {
+                Some(left) => room = left,
+                None => evicted.push((peer, key.clone())),
             }
         }
-        self.peers.retain(|key, c| c.last_used == now || kept_peers.contains(key));
-        self.named.retain(|key, c| c.last_used == now || kept_named.contains(key));
+        for (peer, key) in evicted {
+            if peer {
+                self.peers.remove(&key);
+            } else {
+                self.named.remove(&key);
+            }
+        }
         let mut out = Vec::new();
         for c in self.peers.values().filter(|c| c.last_used != now) {
             out.extend(c.names.iter().cloned().zip(c.sets.iter().cloned()));
