@@ -188,6 +188,7 @@ impl IncrementalCompiler {
             None => local_pods(cluster, &self.config.node),
         };
         self.local = local.iter().map(|&i| Arc::clone(&cluster.pods[i])).collect();
+        self.cache.generation += 1;
         let mut ruleset = Compiler::new(cluster, &self.config, &mut self.cache).run(local);
         let idle_budget = self.idle_elements_per_pod.saturating_mul(cluster.pods.len());
         let idle = self.cache.keep_used_and_idle(idle_budget);
@@ -425,7 +426,7 @@ fn patch_set(
 ) -> SetDelta {
     let from = match applied.and_then(|rs| rs.sets.get_mut(name)).filter(|held| Arc::ptr_eq(held, set)) {
         Some(held) => {
-            let stand_in = Arc::new(Set::declaration_of(set));
+            let stand_in = Arc::new(set.declaration());
             *held = Arc::clone(&stand_in);
             stand_in
         }
@@ -453,7 +454,7 @@ struct SetCache {
     policy_chains: HashMap<(ByAddress<crate::model::Policy>, Direction), CachedPolicyChain>,
     /// Local pods' chains by (pod object, direction).
     pod_chains: HashMap<(ByAddress<Pod>, Direction), CachedPodChain>,
-    /// Compiles so far: the clock of the cached sets' `last_used`.
+    /// Compiles so far (the current one included): the clock of the cached sets' `last_used`.
     generation: u64,
 }
 
@@ -518,8 +519,8 @@ struct CachedPeers {
     namespaces: Vec<String>,
     selector: Selector,
     sets: [Arc<Set>; 2],
-    used: bool,
-    /// The compile that last looked the sets up ([`SetCache::generation`]).
+    /// The compile that last looked the sets up ([`SetCache::generation`]): this one's, or
+    /// they are idle.
     last_used: u64,
 }
 
@@ -541,8 +542,8 @@ struct CachedNamedPorts {
     family: IpFamily,
     named: Vec<(String, Protocol)>,
     set: Arc<Set>,
-    used: bool,
-    /// The compile that last looked the set up ([`SetCache::generation`]).
+    /// The compile that last looked the set up ([`SetCache::generation`]): this one's, or
+    /// it is idle.
     last_used: u64,
 }
 
@@ -613,18 +614,7 @@ impl SetCache {
     fn keep_used_and_idle(&mut self, budget: usize) -> Vec<(String, Arc<Set>)> {
         self.policy_chains.retain(|_, c| std::mem::take(&mut c.used));
         self.pod_chains.retain(|_, c| std::mem::take(&mut c.used));
-        self.generation += 1;
         let now = self.generation;
-        for c in self.peers.values_mut() {
-            if std::mem::take(&mut c.used) {
-                c.last_used = now;
-            }
-        }
-        for c in self.named.values_mut() {
-            if std::mem::take(&mut c.used) {
-                c.last_used = now;
-            }
-        }
         let size = |sets: &[Arc<Set>]| sets.iter().map(|s| s.elements.len().max(1)).sum::<usize>();
         // (last used, is a peer entry, cache key, elements): by recency, then by key.
         let mut idle: Vec<(u64, bool, &String, usize)> = self
@@ -681,8 +671,8 @@ impl SetCache {
         }
         for (name, source) in sources {
             match source {
-                SetSource::Peers => self.peers.get_mut(name).expect("checked").used = true,
-                SetSource::NamedPorts => self.named.get_mut(name).expect("checked").used = true,
+                SetSource::Peers => self.peers.get_mut(name).expect("checked").last_used = self.generation,
+                SetSource::NamedPorts => self.named.get_mut(name).expect("checked").last_used = self.generation,
                 SetSource::Fixed(_) => {}
             }
         }
@@ -1181,7 +1171,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             && let Some(cached) = self.cache.named.get_mut(name)
             && (Arc::ptr_eq(&cached.policy, policy) || cached.policy == *policy)
         {
-            cached.used = true;
+            cached.last_used = self.cache.generation;
             return Arc::clone(&cached.set);
         }
         // (address, protocol, port), sorted before the set is built (bulk-loaded).
@@ -1234,8 +1224,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 family: f,
                 named: named.iter().map(|&(n, proto)| (n.to_string(), proto)).collect(),
                 set: Arc::clone(&set),
-                used: true,
-                last_used: 0,
+                last_used: self.cache.generation,
             };
             self.cache.named.insert(name.to_string(), cached);
         }
@@ -1263,7 +1252,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
         let out = [names::generated(names::PEERS_V4, &ids, &hint), names::generated(names::PEERS_V6, &ids, &hint)];
         let sets = match self.cache.peers.get_mut(&out[0]) {
             Some(cached) => {
-                cached.used = true;
+                cached.last_used = self.cache.generation;
                 cached.sets.clone()
             }
             None => {
@@ -1320,7 +1309,8 @@ impl<'a, 'c> Compiler<'a, 'c> {
         });
         let namespaces: Vec<String> = namespaces.into_iter().map(str::to_string).collect();
         debug_assert!(namespaces.is_sorted(), "scope_namespaces walks the namespace map in name order");
-        CachedPeers { names: names.clone(), namespaces, selector: pods.clone(), sets, used: true, last_used: 0 }
+        let last_used = self.cache.generation;
+        CachedPeers { names: names.clone(), namespaces, selector: pods.clone(), sets, last_used }
     }
 
     /// The namespaces a peer's pods may live in.

@@ -110,6 +110,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         }
         let desired = self.desired(snapshot, applied.as_mut());
         let known = self.compiler.take_set_deltas();
+        let (idle_sets, idle_set_elements) = self.compiler.idle_sets();
         let tx = match &applied {
             Some(applied) => diff_with(applied, &desired, &known),
             None => full_sync(&desired),
@@ -122,8 +123,8 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             sets: desired.sets.len() + desired.maps.len(),
             set_elements: desired.element_count(),
             rules: desired.rule_count(),
-            idle_sets: self.compiler.idle_sets().0,
-            idle_set_elements: self.compiler.idle_sets().1,
+            idle_sets,
+            idle_set_elements,
             skipped_objects: snapshot.skipped_objects,
         };
         if tx.is_empty() {

@@ -323,8 +323,8 @@ pub struct Set {
 
 impl Set {
     /// The set's type, flags and comment, without elements.
-    pub fn declaration_of(set: &Set) -> Set {
-        Set { key: set.key.clone(), interval: set.interval, comment: set.comment.clone(), elements: BTreeSet::new() }
+    pub fn declaration(&self) -> Set {
+        Set { key: self.key.clone(), interval: self.interval, comment: self.comment.clone(), elements: BTreeSet::new() }
     }
 
     /// Same type and flags (what an `add set` of an existing set must agree with).
