@@ -534,11 +534,14 @@ impl CachedPeers {
 }
 
 /// An egress rule's `daddr . proto . port` set of one family: the named ports `named` of
-/// the pods its peers admit.
+/// the pods its peers admit. Shared by every egress rule with the same peers and named ports
+/// (see [`egress_named_set`]).
 #[derive(Debug)]
 struct CachedNamedPorts {
-    policy: Arc<crate::model::Policy>,
-    rule: usize,
+    /// The rule's peers ("empty or missing: all destinations").
+    peers: Option<Vec<Peer>>,
+    /// The policy's namespace, when a peer selects pods in it (see [`own_namespace`]).
+    own_namespace: Option<String>,
     family: IpFamily,
     named: Vec<(String, Protocol)>,
     set: Arc<Set>,
@@ -550,9 +553,9 @@ struct CachedNamedPorts {
 impl CachedNamedPorts {
     /// The elements pod `j` of `cluster` brings to the set.
     fn contribution(&self, cluster: &Cluster, j: usize) -> Vec<Element> {
-        let rule = &self.policy.egress.as_deref().unwrap_or_default()[self.rule];
         let named: Vec<(&str, Protocol)> = self.named.iter().map(|(n, p)| (n.as_str(), *p)).collect();
-        named_port_entries(cluster, &self.policy.id.namespace, rule, j, self.family, &named)
+        let ns = self.own_namespace.as_deref().unwrap_or_default();
+        named_port_entries(cluster, ns, self.peers.as_deref(), j, self.family, &named)
             .into_iter()
             .map(named_port_element)
             .collect()
@@ -682,11 +685,11 @@ impl SetCache {
 
 /// "A named port is resolved on the destination pod's containerPorts": the (address,
 /// protocol, port) entries pod `j` brings to an egress rule's named-port set of family `f`,
-/// if the rule's peers admit it.
+/// if the rule's `peers` (of a policy in namespace `policy_ns`) admit it.
 fn named_port_entries(
     cluster: &Cluster,
     policy_ns: &str,
-    rule: &PolicyRule,
+    peers: Option<&[Peer]>,
     j: usize,
     f: IpFamily,
     named: &[(&str, Protocol)],
@@ -695,19 +698,73 @@ fn named_port_entries(
     let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
         return Vec::new();
     };
-    let admitted = match &rule.peers {
-        None => true,
-        Some(peers) => peers
-            .iter()
-            .any(|p| crate::evaluate::peer_matches(cluster, policy_ns, p, crate::evaluate::Endpoint::Pod(j), ip)),
-    };
-    if !admitted {
-        return Vec::new();
-    }
-    named
+    // The pod's own ports first: most pods lack the names, and then no peer need be read.
+    let entries: Vec<(IpAddr, u8, u16)> = named
         .iter()
         .filter_map(|&(n, proto)| pod.resolve_named_port(n, proto).map(|port| (ip, proto.number(), port)))
-        .collect()
+        .collect();
+    let admitted = entries.is_empty()
+        || peers.is_none_or(|peers| {
+            peers
+                .iter()
+                .any(|p| crate::evaluate::peer_matches(cluster, policy_ns, p, crate::evaluate::Endpoint::Pod(j), ip))
+        });
+    if admitted { entries } else { Vec::new() }
+}
+
+/// The policy's namespace, if a peer selects pods in it ("no namespaceSelector: the
+/// policy's own namespace"): only then does an egress named-port set depend on it.
+fn own_namespace<'n>(policy_ns: &'n str, peers: Option<&[Peer]>) -> Option<&'n str> {
+    peers
+        .is_some_and(|peers| {
+            peers.iter().any(|p| matches!(p, Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, .. }))
+        })
+        .then_some(policy_ns)
+}
+
+/// The name (prefix `prefix`, one per family) and comment of an egress rule's named-port
+/// set. The set holds the named ports `named` of the pods the rule's `peers` admit, and
+/// nothing else of its policy: named by that content, it is one set for every rule alike.
+/// A rule "to the `metrics` port of any pod" in each of 100 namespaces looks up one set of
+/// every pod's address, built, sent and kept once.
+fn egress_named_set(
+    prefix: &str,
+    policy_ns: &str,
+    peers: Option<&[Peer]>,
+    named: &[(&str, Protocol)],
+) -> (String, String) {
+    let ports: Vec<String> = named.iter().map(|(n, proto)| format!("{n}/{proto}")).collect();
+    let ports = ports.join(",");
+    let own_ns = own_namespace(policy_ns, peers).unwrap_or_default();
+    let (identity, text, hint) = match peers {
+        None => ("any".to_string(), "any pod".to_string(), "any".to_string()),
+        Some(peers) => {
+            let text: Vec<String> = peers
+                .iter()
+                .map(|peer| match peer {
+                    Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods } => {
+                        format!("pods {pods} in {own_ns}")
+                    }
+                    Peer::Pods { namespaces: NamespaceScope::Matching(s), pods } => {
+                        format!("pods {pods} in namespaces {s}")
+                    }
+                    Peer::IpBlock(b) => {
+                        let except: Vec<String> = b.except.iter().map(ToString::to_string).collect();
+                        format!("{} except [{}]", b.cidr, except.join(","))
+                    }
+                })
+                .collect();
+            let hint = if own_ns.is_empty() { "peers".to_string() } else { own_ns.to_string() };
+            (format!("{peers:?}"), text.join(" or "), hint)
+        }
+    };
+    let names_hint: Vec<&str> = named.iter().map(|(n, _)| *n).collect();
+    let name = names::generated(
+        prefix,
+        &["egress named ports", &ports, &identity, own_ns],
+        &format!("{}_{hint}", names_hint.join("_")),
+    );
+    (name, names::comment(&format!("named ports {ports} of {text}")))
 }
 
 fn named_port_element((ip, proto, port): (IpAddr, u8, u16)) -> Element {
@@ -1122,13 +1179,17 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 continue;
             }
             let prefix = if f == IpFamily::V4 { names::NAMED_V4 } else { names::NAMED_V6 };
-            let set = names::generated(
-                prefix,
-                &[ns, &policy.id.name, dir, &ri.to_string()],
-                &format!("{ns}_{}", policy.id.name),
-            );
-            let comment = names::comment(&format!("{base_comment} named ports"));
-            let elements = self.named_port_set(pi, ri, rule, ingress, local, &named, f, &set, comment);
+            let (set, comment) = if ingress {
+                let set = names::generated(
+                    prefix,
+                    &[ns, &policy.id.name, dir, &ri.to_string()],
+                    &format!("{ns}_{}", policy.id.name),
+                );
+                (set, names::comment(&format!("{base_comment} named ports")))
+            } else {
+                egress_named_set(prefix, ns, rule.peers.as_deref(), &named)
+            };
+            let elements = self.named_port_set(pi, rule, ingress, local, &named, f, &set, comment);
             if ingress {
                 // Resolved on the local pods: the chain is kept for the same pods only.
                 self.resolved_on_local = true;
@@ -1148,14 +1209,14 @@ impl<'a, 'c> Compiler<'a, 'c> {
         }
     }
 
-    /// The `daddr . proto . port` set `name` (family `f`) of rule `ri` of policy `pi`, for
-    /// its named ports `named`. An egress set depends on the policy and on the pods its
-    /// peers admit: cached. An ingress set holds the local pods' own ports.
+    /// The `daddr . proto . port` set `name` (family `f`) of a rule of policy `pi`, for its
+    /// named ports `named`. An egress set depends on the rule's peers and on the pods they
+    /// admit: cached, and shared by alike rules. An ingress set holds the local pods' own
+    /// ports.
     #[allow(clippy::too_many_arguments)]
     fn named_port_set(
         &mut self,
         pi: usize,
-        ri: usize,
         rule: &'a PolicyRule,
         ingress: bool,
         local: &[usize],
@@ -1167,9 +1228,12 @@ impl<'a, 'c> Compiler<'a, 'c> {
         let cluster = self.cluster;
         let policy = &cluster.policies[pi];
         let ns = policy.id.namespace.as_str();
+        let own_ns = own_namespace(ns, rule.peers.as_deref());
         if !ingress
             && let Some(cached) = self.cache.named.get_mut(name)
-            && (Arc::ptr_eq(&cached.policy, policy) || cached.policy == *policy)
+            && cached.peers == rule.peers
+            && cached.own_namespace.as_deref() == own_ns
+            && cached.named.iter().map(|(n, proto)| (n.as_str(), *proto)).eq(named.iter().copied())
         {
             cached.last_used = self.cache.generation;
             return Arc::clone(&cached.set);
@@ -1206,7 +1270,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 _ => (0..cluster.pods.len()).collect(),
             };
             for j in destinations {
-                entries.extend(named_port_entries(cluster, ns, rule, j, f, named));
+                entries.extend(named_port_entries(cluster, ns, rule.peers.as_deref(), j, f, named));
             }
         }
         entries.sort_unstable();
@@ -1219,8 +1283,8 @@ impl<'a, 'c> Compiler<'a, 'c> {
         });
         if !ingress {
             let cached = CachedNamedPorts {
-                policy: Arc::clone(policy),
-                rule: ri,
+                peers: rule.peers.clone(),
+                own_namespace: own_ns.map(str::to_string),
                 family: f,
                 named: named.iter().map(|&(n, proto)| (n.to_string(), proto)).collect(),
                 set: Arc::clone(&set),

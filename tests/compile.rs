@@ -649,6 +649,74 @@ fn app_pod(name: &str, app: &str, node: &str, ip: &str) -> Pod {
     }
 }
 
+/// A pod of namespace `ns` on `node` whose container port 9090/TCP is named `metrics`.
+fn metrics_pod(ns: &str, name: &str, node: &str, ip: &str) -> Pod {
+    let port = ContainerPort { name: Some("metrics".into()), port: 9090, protocol: Protocol::Tcp };
+    Pod { id: ObjectRef::new(ns, name), ports: vec![port].into(), ..app_pod(name, "app", node, ip) }
+}
+
+/// A policy of namespace `ns` selecting all its pods, allowing egress to the `metrics` port
+/// of `peers`.
+fn egress_to_metrics(ns: &str, name: &str, peers: Option<Vec<Peer>>) -> Policy {
+    let ports = Some(vec![PortSpec { protocol: Protocol::Tcp, port: PortMatch::Named("metrics".into()) }]);
+    Policy {
+        id: ObjectRef::new(ns, name),
+        pod_selector: Selector::default(),
+        ingress: None,
+        egress: Some(vec![Rule { peers, ports }]),
+    }
+}
+
+/// The sets the chain of policy `ns/name` looks up.
+fn sets_of_policy_chain<'r>(rs: &'r netpol::nft::ir::Ruleset, ns: &str, name: &str) -> BTreeSet<&'r str> {
+    let chain = &rs.chains[&netpol::nft::names::policy_chain(false, ns, name)];
+    let mut sets = BTreeSet::new();
+    for rule in &chain.rules {
+        for m in &rule.matches {
+            if let netpol::nft::ir::Match::Lookup { set, .. } = m {
+                sets.insert(set.as_str());
+            }
+        }
+    }
+    sets
+}
+
+#[test]
+fn egress_rules_to_the_same_named_ports_of_the_same_peers_share_one_set_across_policies() {
+    let own_namespace =
+        || Some(vec![Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods: Selector::default() }]);
+    let cluster = Cluster::new(
+        vec![],
+        [
+            metrics_pod("a", "a-1", "node-1", "10.0.0.1"),
+            metrics_pod("b", "b-1", "node-1", "10.0.0.2"),
+            metrics_pod("c", "c-1", "node-2", "10.0.0.3"),
+        ],
+        [
+            egress_to_metrics("a", "any", None),
+            egress_to_metrics("b", "any", None),
+            egress_to_metrics("a", "own", own_namespace()),
+            egress_to_metrics("b", "own", own_namespace()),
+        ],
+    );
+    let rs = compile(&cluster, &NodeConfig::new("node-1"));
+    let [a_any, b_any, a_own, b_own] =
+        [("a", "any"), ("b", "any"), ("a", "own"), ("b", "own")].map(|(ns, name)| sets_of_policy_chain(&rs, ns, name));
+    assert_eq!(a_any, b_any, "rules to any pod's metrics port look up the same sets");
+    assert_eq!(a_any.len(), 2, "one per family: {a_any:?}");
+    let v4 = a_any.iter().find(|s| s.starts_with("named4_")).unwrap();
+    assert_eq!(rs.sets[*v4].elements.len(), 3, "every pod's metrics port, on any node");
+    assert!(a_own.is_disjoint(&b_own), "peers of the policy's own namespace depend on it: {a_own:?} {b_own:?}");
+    assert!(a_own.is_disjoint(&a_any), "other peers, another set");
+    // The incremental compiler patches the one shared set for both policies.
+    let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
+    compiler.compile(&cluster);
+    let grown = with_pod(&cluster, metrics_pod("c", "c-2", "node-2", "10.0.0.4"));
+    let patched = compiler.compile(&grown);
+    assert_eq!(patched, compile(&grown, &NodeConfig::new("node-1")));
+    assert_eq!(patched.sets[*v4].elements.len(), 4);
+}
+
 /// Set elements a transaction sends to the kernel: added with a set or to it.
 fn elements_sent(tx: &netpol::nft::Transaction) -> usize {
     tx.ops
