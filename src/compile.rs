@@ -476,6 +476,10 @@ struct SetCache {
     policy_chains: HashMap<(ByAddress<crate::model::Policy>, Direction), CachedPolicyChain>,
     /// Local pods' chains by (pod object, direction).
     pod_chains: HashMap<(ByAddress<Pod>, Direction), CachedPodChain>,
+    /// The policies (indices) selecting each local pod for (egress, ingress), in the
+    /// policy list `selections_of`: a pod and a list both unchanged select the same.
+    selections: HashMap<ByAddress<Pod>, [Vec<usize>; 2]>,
+    selections_of: Option<crate::model::SharedList<crate::model::Policy>>,
     /// Compiles so far (the current one included): the clock of the cached sets' `last_used`.
     generation: u64,
 }
@@ -858,29 +862,41 @@ impl<'a, 'c> Compiler<'a, 'c> {
     fn run(mut self, local: Vec<usize>) -> Ruleset {
         self.base();
         let cluster = self.cluster;
+        let mut selections = std::mem::take(&mut self.cache.selections);
+        if !self.cache.selections_of.as_ref().is_some_and(|list| Arc::ptr_eq(list, &cluster.policies)) {
+            selections.clear();
+            self.cache.selections_of = Some(Arc::clone(&cluster.policies));
+        }
+        let mut kept = HashMap::with_capacity(local.len());
         // (policy, direction) → the local pods it selects.
         let mut selected: BTreeMap<(usize, Direction), Vec<usize>> = BTreeMap::new();
         for &i in &local {
             let pod = &cluster.pods[i];
-            for d in [Direction::Egress, Direction::Ingress] {
-                // "A pod is isolated for a direction iff some policy in its namespace selects
-                // it and lists that direction."
-                let policies: Vec<usize> = self
-                    .policies_in(&pod.id.namespace)
-                    .filter(|&pi| {
-                        let p = &cluster.policies[pi];
-                        p.rules(d).is_some() && p.pod_selector.matches(&pod.labels)
-                    })
-                    .collect();
+            let key = ByAddress(Arc::clone(pod));
+            let by_direction = selections.remove(&key).unwrap_or_else(|| {
+                [Direction::Egress, Direction::Ingress].map(|d| {
+                    // "A pod is isolated for a direction iff some policy in its namespace
+                    // selects it and lists that direction."
+                    self.policies_in(&pod.id.namespace)
+                        .filter(|&pi| {
+                            let p = &cluster.policies[pi];
+                            p.rules(d).is_some() && p.pod_selector.matches(&pod.labels)
+                        })
+                        .collect()
+                })
+            });
+            for (d, policies) in [Direction::Egress, Direction::Ingress].into_iter().zip(&by_direction) {
                 if policies.is_empty() {
                     continue; // unisolated: absent from the dispatch map, passes
                 }
-                for &pi in policies.iter() {
+                for &pi in policies {
                     selected.entry((pi, d)).or_default().push(i);
                 }
-                self.pod_chain(pod, d, &policies);
+                self.pod_chain(pod, d, policies);
             }
+            kept.insert(key, by_direction);
         }
+        self.cache.selections = kept;
         for ((pi, d), pods) in &selected {
             self.policy_chain(*pi, *d, pods);
         }
@@ -961,7 +977,10 @@ impl<'a, 'c> Compiler<'a, 'c> {
         // ids: the same pod object and the same policy ids make the same chain.
         let cached = self.cache.pod_chains.get_mut(&key).filter(|c| {
             c.policies.len() == policies.len()
-                && c.policies.iter().zip(policies).all(|(p, &pi)| p.id == cluster.policies[pi].id)
+                && c.policies.iter().zip(policies).all(|(p, &pi)| {
+                    let now = &cluster.policies[pi];
+                    Arc::ptr_eq(p, now) || p.id == now.id
+                })
         });
         let (name, chain) = match cached {
             Some(c) => {
