@@ -144,6 +144,11 @@ impl IncrementalCompiler {
         &self.config
     }
 
+    /// The cluster of the last compile, unless forgotten since.
+    pub fn last_cluster(&self) -> Option<&Cluster> {
+        self.last.as_ref()
+    }
+
     /// The ruleset of this node for `cluster`: equal to [`compile`]`(cluster, config)`.
     pub fn compile(&mut self, cluster: &Cluster) -> Ruleset {
         self.compile_after(cluster, None)
@@ -235,46 +240,7 @@ type ChangedPod = (Option<usize>, Option<usize>);
 
 /// The changed pods of two clusters' sorted pod lists, or `None` when more than `limit` differ.
 fn changed_pods(old: &[Arc<Pod>], new: &[Arc<Pod>], limit: usize) -> Option<Vec<ChangedPod>> {
-    let mut changed = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    while i < old.len() || j < new.len() {
-        // The agent shares unchanged pods between snapshots: the common case costs no
-        // comparison of names.
-        if let (Some(a), Some(b)) = (old.get(i), new.get(j))
-            && Arc::ptr_eq(a, b)
-        {
-            i += 1;
-            j += 1;
-            continue;
-        }
-        let order = match (old.get(i), new.get(j)) {
-            (Some(a), Some(b)) => a.id.cmp(&b.id),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            _ => std::cmp::Ordering::Greater,
-        };
-        match order {
-            std::cmp::Ordering::Equal => {
-                // A relist brings equal pods in new allocations.
-                if old[i] != new[j] {
-                    changed.push((Some(i), Some(j)));
-                }
-                i += 1;
-                j += 1;
-            }
-            std::cmp::Ordering::Less => {
-                changed.push((Some(i), None));
-                i += 1;
-            }
-            std::cmp::Ordering::Greater => {
-                changed.push((None, Some(j)));
-                j += 1;
-            }
-        }
-        if changed.len() > limit {
-            return None;
-        }
-    }
-    Some(changed)
+    crate::model::changed_items(old, new, |p| &p.id, limit)
 }
 
 /// Where the pods at `old` (ascending indices in the old cluster) are in the new one, for

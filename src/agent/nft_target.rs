@@ -22,13 +22,16 @@ use crate::nft::ir::Ruleset;
 use crate::nft::{NftError, Nftables, Op, Transaction};
 
 /// Idle sets (peer sets no chain looks up any more) stay in the kernel while they hold at
-/// most this many elements per cluster pod in all: a policy that comes back to the node
-/// finds its big peer sets there instead of sending them again. An element costs the
-/// agent ~26 bytes and the kernel ~100 (a 20 000-element set: SUnreclaim +2.0 MiB), so at
-/// most 0.05 and 0.2 KiB per cluster pod. Replaying the agent bench's churn through the
-/// compiler, events whose sync adds ≥ 1 000 elements: 73 keeping none, 65 with 1 per pod,
-/// 47 with 2, 31 with 4 (most recently used first; biggest first did worse: 71, 58, 46).
-const IDLE_SET_ELEMENTS_PER_POD: usize = 2;
+/// most this many elements per cluster pod in all, unless [`NftTarget::keeping_idle_sets`]
+/// says otherwise: a policy that comes back to the node finds its big peer sets there
+/// instead of sending them again. An element costs the agent ~26 bytes and the kernel
+/// ~100 (a 20 000-element set: SUnreclaim +2.0 MiB), so at most 0.1 and 0.4 KiB per
+/// cluster pod. Replaying the agent bench's churn through the compiler, events whose sync
+/// adds ≥ 1 000 elements: 73 keeping none, 65 with 1 per pod, 47 with 2, 31 with 4 (most
+/// recently used first; biggest first did worse: 71, 58, 46); after egress named-port sets
+/// were shared, syncs adding ≥ 5 000 (a set of every pod, 50-100 ms): 6 with 2, 4 with 3,
+/// 2 with 4 (the first use of two such sets).
+pub const IDLE_SET_ELEMENTS_PER_POD: usize = 4;
 
 /// Programs one node's nftables table from whole snapshots.
 #[derive(Debug)]
@@ -47,6 +50,13 @@ impl<N: Nftables> NftTarget<N> {
         let config = NodeConfig { node: node.into(), table: table.into() };
         let compiler = IncrementalCompiler::new(config).keeping_idle_sets(IDLE_SET_ELEMENTS_PER_POD);
         NftTarget { nft, compiler, applied: None, namespaces: None }
+    }
+
+    /// Keeps idle sets up to `elements_per_pod` elements per cluster pod (see
+    /// [`IDLE_SET_ELEMENTS_PER_POD`], the default; 0 keeps none).
+    pub fn keeping_idle_sets(mut self, elements_per_pod: usize) -> Self {
+        self.compiler = IncrementalCompiler::new(self.compiler.config().clone()).keeping_idle_sets(elements_per_pod);
+        self
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -82,7 +92,13 @@ impl<N: Nftables> NftTarget<N> {
     /// `applied` (what the kernel has) lets go of them: `applied` is then good for the diff
     /// against the result only (see [`IncrementalCompiler::compile_after`]).
     fn desired(&mut self, snapshot: &Snapshot, applied: Option<&mut Ruleset>) -> Ruleset {
-        let cluster = cluster_with(snapshot, self.namespace_map(snapshot));
+        let namespaces = self.namespace_map(snapshot);
+        let cluster = Cluster::from_sorted_after(
+            self.compiler.last_cluster(),
+            namespaces,
+            Arc::clone(&snapshot.pods),
+            Arc::clone(&snapshot.policies),
+        );
         self.compiler.compile_after(&cluster, applied)
     }
 }
