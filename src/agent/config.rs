@@ -60,6 +60,14 @@ pub struct AgentConfig {
     #[arg(long, env = "NETPOL_NETNS", value_parser = parse_netns)]
     pub netns: Option<String>,
 
+    /// Sets no chain looks up any more (a policy left the node's pods) stay in the kernel,
+    /// kept current, while they hold at most this many elements per cluster pod in all,
+    /// most recently used first: a policy that comes back finds its peer sets there
+    /// instead of sending thousands of addresses again. Each element costs the agent ~26
+    /// bytes and the kernel ~100; 0 keeps none.
+    #[arg(long, env = "NETPOL_IDLE_SET_ELEMENTS_PER_POD", default_value_t = 4, value_parser = clap::value_parser!(u64).range(0..=64))]
+    pub idle_set_elements_per_pod: u64,
+
     /// Delete the agent's nftables table on exit (otherwise the rules stay in force while
     /// the agent restarts).
     #[arg(long, env = "NETPOL_CLEANUP_ON_EXIT")]
@@ -200,6 +208,7 @@ mod tests {
         assert_eq!(c.admin_addr, DEFAULT_ADMIN_ADDR.parse().unwrap());
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(!c.cleanup_on_exit);
+        assert_eq!(c.idle_set_elements_per_pod, 4);
     }
 
     #[test]
@@ -218,5 +227,7 @@ mod tests {
         assert!(e.contains("not a network namespace name"), "{e}");
         let e = parse(&["--node", "a", "--netns", "npl-surely-absent-4242"]).unwrap_err().to_string();
         assert!(e.contains("/run/netns/npl-surely-absent-4242 does not exist"), "{e}");
+        let e = parse(&["--node", "a", "--idle-set-elements-per-pod", "65"]).unwrap_err().to_string();
+        assert!(e.contains("65") && e.contains("0..=64"), "{e}");
     }
 }

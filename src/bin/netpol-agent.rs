@@ -47,7 +47,9 @@ fn main() -> ExitCode {
             NetlinkNftables::nft_only(nft)
         }
     };
-    let target = TrimWhenIdle::new(NftTarget::new(nft, config.node.clone(), config.table.clone()));
+    let idle_per_pod = usize::try_from(config.idle_set_elements_per_pod).unwrap_or(usize::MAX);
+    let target = NftTarget::new(nft, config.node.clone(), config.table.clone()).keeping_idle_sets(idle_per_pod);
+    let target = TrimWhenIdle::new(target);
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
         Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
