@@ -12,9 +12,12 @@
 //!
 //! The kernel is the witness: an event touches one pod, whose IP no other pod has and whose
 //! next event comes a second or more later, and its latency is the time from applying the event to the fake apiserver until the kernel
-//! announces (nf_tables netlink group, in the agent's netns) the end of a commit whose
-//! element changes mention that IP. Events whose IP shows up in no commit changed no rule;
-//! they are counted apart and left out of the percentiles. At the end the kernel's table
+//! announces (nf_tables netlink group, in the agent's netns) the end of the first commit,
+//! before the pod's next event, whose element changes mention that IP. Events that change
+//! no rule (the churn replayed through the compiler, idle sets kept as the agent keeps
+//! them) are counted apart and left out of the percentiles, and so are changes whose IP
+//! shows up in no commit before the pod's next event (reported: the agent missed them, or
+//! kept other idle sets than the replay). At the end the kernel's table
 //! must hold exactly the pod IPs that `compile` gives for the final cluster.
 //!
 //! Memory: VmRSS / VmHWM of the agent from `/proc/<pid>/status`, after the first full
@@ -201,12 +204,15 @@ fn memberships_of(rs: &Ruleset, ip: Ipv4Addr) -> BTreeSet<String> {
 }
 
 /// For each event: did it change its pod's memberships on the agent's node, given the
-/// cluster as it was when the event happened? (Replays the churn from `base`.)
+/// cluster as it was when the event happened? (Replays the churn from `base`, keeping idle
+/// sets as the agent does by default: a set that goes idle keeps its elements in the
+/// kernel, and an event whose only effect is that sends no element naming its pod.)
 fn replay(base: &Cluster, events: &[Event], config: &NodeConfig) -> Vec<bool> {
     let namespaces: Vec<_> = base.namespaces.values().cloned().collect();
     let mut pods: BTreeMap<(String, String), Arc<Pod>> =
         base.pods.iter().map(|p| ((p.id.namespace.clone(), p.id.name.clone()), Arc::clone(p))).collect();
-    let mut compiler = IncrementalCompiler::new(config.clone());
+    let mut compiler = IncrementalCompiler::new(config.clone())
+        .keeping_idle_sets(netpol::agent::nft_target::IDLE_SET_ELEMENTS_PER_POD);
     let mut before = compiler.compile(base);
     events
         .iter()
@@ -549,7 +555,8 @@ struct Tally {
     /// ... of which a commit mentioned the IP anyway (a set created or dropped whole
     /// because of another event).
     mentioned_anyway: usize,
-    /// Events that should have changed rules but no commit mentioned their IP.
+    /// Events that should have changed rules but no commit mentioned their IP before the
+    /// pod's next event (or at all).
     missed: usize,
 }
 
@@ -769,8 +776,18 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let mut latencies = Vec::new();
     let mut timeline = Vec::new();
     let mut tally = Tally::default();
-    for (e, changed) in events.iter().zip(&changed_when_applied) {
-        let commit = commits.by_ip.get(&e.ip).and_then(|times| times.iter().copied().find(|t| *t >= e.at));
+    // An event's commit comes before its pod's next event (a second or more later): a
+    // commit after that is the next event's, and would stand for this one only if the
+    // replay and the agent disagree on what the event changed (the idle sets each keeps).
+    let mut next_event_at: HashMap<Ipv4Addr, Instant> = HashMap::new();
+    let mut window_ends = vec![None; events.len()];
+    for (k, e) in events.iter().enumerate().rev() {
+        window_ends[k] = next_event_at.insert(e.ip, e.at);
+    }
+    for ((e, changed), window_end) in events.iter().zip(&changed_when_applied).zip(window_ends) {
+        let commit = commits.by_ip.get(&e.ip).and_then(|times| {
+            times.iter().copied().find(|t| *t >= e.at).filter(|t| window_end.is_none_or(|end| *t < end))
+        });
         match (*changed, commit) {
             (true, Some(t)) => {
                 latencies.push((e.kind, t - e.at));
@@ -909,9 +926,9 @@ fn report(o: &Outcome, args: &Args) {
     }
     println!(
         "no rule change = the event left its pod's set and map memberships on the agent's node as they were \
-         (the churn replayed through the compiler; {} of them had their IP in a later commit, from a set another \
-         event made or dropped whole); \
-         changes never committed: {}",
+         (the churn replayed through the compiler, idle sets kept as the agent keeps them; {} of them had their \
+         IP in a later commit, from a set another event made or dropped whole); changes not committed before the \
+         pod's next event or at all: {}",
         o.tally.mentioned_anyway, o.tally.missed
     );
     println!("pods on the agent's node: {} before the churn, {} after", o.local_pods.0, o.local_pods.1);
