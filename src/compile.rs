@@ -740,9 +740,10 @@ fn egress_named_set(
                     Peer::Pods { namespaces: NamespaceScope::Matching(s), pods } => {
                         format!("pods {pods} in namespaces {s}")
                     }
+                    Peer::IpBlock(b) if b.except.is_empty() => b.cidr.to_string(),
                     Peer::IpBlock(b) => {
                         let except: Vec<String> = b.except.iter().map(ToString::to_string).collect();
-                        format!("{} except [{}]", b.cidr, except.join(","))
+                        format!("{} except {}", b.cidr, except.join(","))
                     }
                 })
                 .collect();
