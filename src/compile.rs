@@ -734,12 +734,7 @@ fn egress_named_set(
             let text: Vec<String> = peers
                 .iter()
                 .map(|peer| match peer {
-                    Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods } => {
-                        format!("pods {pods} in {own_ns}")
-                    }
-                    Peer::Pods { namespaces: NamespaceScope::Matching(s), pods } => {
-                        format!("pods {pods} in namespaces {s}")
-                    }
+                    Peer::Pods { namespaces, pods } => pods_text(own_ns, namespaces, pods),
                     Peer::IpBlock(b) if b.except.is_empty() => b.cidr.to_string(),
                     Peer::IpBlock(b) => {
                         let except: Vec<String> = b.except.iter().map(ToString::to_string).collect();
@@ -758,6 +753,14 @@ fn egress_named_set(
         &format!("{}_{hint}", names_hint.join("_")),
     );
     (name, names::comment(&format!("named ports {ports} of {text}")))
+}
+
+/// What a pod peer admits, in words (set comments): "pods app=web in ns-1".
+fn pods_text(policy_ns: &str, scope: &NamespaceScope, pods: &Selector) -> String {
+    match scope {
+        NamespaceScope::PolicyNamespace => format!("pods {pods} in {policy_ns}"),
+        NamespaceScope::Matching(s) => format!("pods {pods} in namespaces {s}"),
+    }
 }
 
 fn named_port_element((ip, proto, port): (IpAddr, u8, u16)) -> Element {
@@ -1364,10 +1367,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 addrs[usize::from(ip.is_ipv6())].push(*ip);
             }
         }
-        let scope_text = match scope {
-            NamespaceScope::PolicyNamespace => format!("pods {pods} in {policy_ns}"),
-            NamespaceScope::Matching(s) => format!("pods {pods} in namespaces {s}"),
-        };
+        let scope_text = pods_text(policy_ns, scope, pods);
         let [v4, v6] = addrs;
         let sets = [(IpFamily::V4, v4), (IpFamily::V6, v6)].map(|(family, mut addrs)| {
             addrs.sort_unstable();
@@ -1576,14 +1576,7 @@ mod tests {
 
     /// A pod of namespace `ns` named `name`, labelled `version: <version>`.
     fn named_pod(ns: &str, name: &str, version: usize) -> Arc<Pod> {
-        Arc::new(Pod {
-            id: crate::model::ObjectRef::new(ns, name),
-            labels: crate::model::Labels::from([("version".to_string(), version.to_string())]).into(),
-            node: "node-1".into(),
-            ips: std::net::IpAddr::from([10, 0, 0, 1]).into(),
-            host_network: false,
-            ports: Vec::new().into(),
-        })
+        crate::model::test_pod(ns, name, &[("version", &version.to_string())])
     }
 
     #[test]

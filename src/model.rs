@@ -682,6 +682,19 @@ impl Namespace {
     }
 }
 
+/// A pod for unit tests: on node `node-a` at 192.0.2.1, with `labels` and no ports.
+#[cfg(test)]
+pub(crate) fn test_pod(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Arc<Pod> {
+    Arc::new(Pod {
+        id: ObjectRef::new(namespace, name),
+        labels: Arc::new(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        node: NodeName::from("node-a"),
+        ips: PodIps::from(IpAddr::from([192, 0, 2, 1])),
+        host_network: false,
+        ports: Arc::from(Vec::new()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,17 +722,6 @@ mod tests {
         assert_ne!(PodIps::new(), PodIps::from(ip("0.0.0.0")));
     }
 
-    fn pod_in(namespace: &str, name: &str) -> Arc<Pod> {
-        Arc::new(Pod {
-            id: ObjectRef::new(namespace, name),
-            labels: Arc::new(Labels::new()),
-            node: NodeName::from("node-a"),
-            ips: PodIps::from(ip("192.0.2.1")),
-            host_network: false,
-            ports: Arc::from(Vec::new()),
-        })
-    }
-
     #[test]
     fn a_cluster_built_after_another_synthesizes_the_namespaces_its_new_pods_name() {
         let mut rng = crate::generate::Rng::new(11);
@@ -729,7 +731,7 @@ mod tests {
             let mut out: Vec<Arc<Pod>> = shared.iter().filter(|_| rng.chance(80)).cloned().collect();
             for k in 0..rng.below(3) {
                 let ns = if rng.chance(20) { "c" } else { *rng.pick(&["a", "b"]) };
-                out.push(pod_in(ns, &format!("new-{k}-{}", rng.below(1000))));
+                out.push(test_pod(ns, &format!("new-{k}-{}", rng.below(1000)), &[]));
             }
             out.sort_by(|x, y| x.id.cmp(&y.id));
             out.dedup_by(|x, y| x.id == y.id);
