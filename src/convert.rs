@@ -156,11 +156,31 @@ pub fn policy(np: &net::NetworkPolicy) -> Result<Policy> {
         Some(s) => selector(s, "spec.podSelector")?,
         None => Selector::everything(),
     };
+    let (isolates_ingress, isolates_egress) = policy_types(spec)?;
+    let mut ingress = Vec::new();
+    for (i, r) in spec.ingress.as_deref().unwrap_or_default().iter().enumerate() {
+        ingress.push(rule(r.from.as_deref(), r.ports.as_deref(), &format!("spec.ingress[{i}]"), "from")?);
+    }
+    let mut egress = Vec::new();
+    for (i, r) in spec.egress.as_deref().unwrap_or_default().iter().enumerate() {
+        egress.push(rule(r.to.as_deref(), r.ports.as_deref(), &format!("spec.egress[{i}]"), "to")?);
+    }
+    Ok(Policy {
+        id,
+        pod_selector,
+        ingress: isolates_ingress.then_some(ingress),
+        egress: isolates_egress.then_some(egress),
+        quarantined: None,
+    })
+}
+
+/// Which directions a policy isolates: `(Ingress, Egress)`.
+fn policy_types(spec: &net::NetworkPolicySpec) -> Result<(bool, bool)> {
+    let (mut isolates_ingress, mut isolates_egress) = (false, false);
     // "If this field is not specified, it will default based on the existence of ingress or
     // egress rules; policies that contain an egress section are assumed to affect egress, and
     // all policies (whether or not they contain an ingress section) are assumed to affect
     // ingress."
-    let (mut isolates_ingress, mut isolates_egress) = (false, false);
     match &spec.policy_types {
         None => {
             isolates_ingress = true;
@@ -184,20 +204,38 @@ pub fn policy(np: &net::NetworkPolicy) -> Result<Policy> {
             }
         }
     }
-    let mut ingress = Vec::new();
-    for (i, r) in spec.ingress.as_deref().unwrap_or_default().iter().enumerate() {
-        ingress.push(rule(r.from.as_deref(), r.ports.as_deref(), &format!("spec.ingress[{i}]"), "from")?);
-    }
-    let mut egress = Vec::new();
-    for (i, r) in spec.egress.as_deref().unwrap_or_default().iter().enumerate() {
-        egress.push(rule(r.to.as_deref(), r.ports.as_deref(), &format!("spec.egress[{i}]"), "to")?);
-    }
-    Ok(Policy {
+    Ok((isolates_ingress, isolates_egress))
+}
+
+/// The fail-closed stand-in for a NetworkPolicy that `policy` rejects (`error`): the API
+/// server can hold such objects (stored under older validation rules, ratcheted fields, a
+/// newer API field), and skipping one would silently unisolate the pods it selects.
+///
+/// It isolates the pods its `podSelector` selects, for the directions it names, and allows
+/// nothing. If even its `podSelector` (or its `policyTypes`) cannot be read, it isolates
+/// every pod of its namespace in both directions.
+pub fn policy_fail_closed(np: &net::NetworkPolicy, error: &FieldError) -> Policy {
+    let id = object_ref(&np.metadata).unwrap_or_else(|_| ObjectRef {
+        namespace: np.metadata.namespace.clone().unwrap_or_else(|| "default".to_string()),
+        name: np.metadata.name.clone().unwrap_or_default(),
+    });
+    let default_spec = net::NetworkPolicySpec::default();
+    let spec = np.spec.as_ref().unwrap_or(&default_spec);
+    let selected = match &spec.pod_selector {
+        Some(s) => selector(s, "spec.podSelector").ok(),
+        None => Some(Selector::everything()),
+    };
+    let (pod_selector, (ingress, egress)) = match (selected, policy_types(spec)) {
+        (Some(pods), Ok(directions)) => (pods, directions),
+        _ => (Selector::everything(), (true, true)),
+    };
+    Policy {
         id,
         pod_selector,
-        ingress: isolates_ingress.then_some(ingress),
-        egress: isolates_egress.then_some(egress),
-    })
+        ingress: ingress.then(Vec::new),
+        egress: egress.then(Vec::new),
+        quarantined: Some(error.to_string()),
+    }
 }
 
 fn rule(
@@ -527,5 +565,89 @@ pub fn validate_port_name(name: &str, path: &str) -> Result<()> {
                 "invalid port name {name:?}: must be 1-15 lower case letters, digits or '-', with at least one letter and no leading, trailing or double '-'"
             ),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Direction;
+
+    fn network_policy(spec: serde_json::Value) -> net::NetworkPolicy {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "broken", "namespace": "shop"},
+            "spec": spec,
+        }))
+        .expect("a well-typed NetworkPolicy")
+    }
+
+    /// Converts as the agent does: the policy when valid, its fail-closed stand-in otherwise.
+    fn converted(np: &net::NetworkPolicy) -> Policy {
+        policy(np).unwrap_or_else(|e| policy_fail_closed(np, &e))
+    }
+
+    fn pod_with(labels: &[(&str, &str)]) -> Pod {
+        Pod::clone(&crate::model::test_pod("shop", "p", labels))
+    }
+
+    const BAD_PEER: &str = "10.0.0.0/33";
+
+    #[test]
+    fn a_policy_with_an_unreadable_rule_isolates_what_it_selects_for_the_directions_it_names_and_allows_nothing() {
+        let np = network_policy(serde_json::json!({
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": BAD_PEER}}]}],
+        }));
+        let p = converted(&np);
+        assert_eq!(p.id, ObjectRef::new("shop", "broken"));
+        assert_eq!(p.ingress, None, "Ingress is not named");
+        assert_eq!(p.egress, Some(vec![]), "Egress is isolated with no allow rule");
+        assert!(p.isolates(&pod_with(&[("app", "db")]), Direction::Egress));
+        assert!(!p.isolates(&pod_with(&[("app", "web")]), Direction::Egress), "the selector still applies");
+        let why = p.quarantined.expect("marked as fail-closed");
+        assert!(why.contains("spec.egress[0].to[0].ipBlock.cidr"), "{why}");
+    }
+
+    #[test]
+    fn a_fail_closed_policy_without_policy_types_takes_the_directions_defaulting_gives_it() {
+        let np = network_policy(serde_json::json!({
+            "podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": BAD_PEER}}]}],
+            "egress": [{}],
+        }));
+        let p = converted(&np);
+        assert_eq!((p.ingress, p.egress), (Some(vec![]), Some(vec![])));
+    }
+
+    #[test]
+    fn a_policy_whose_pod_selector_cannot_be_read_isolates_its_whole_namespace_both_ways() {
+        let np = network_policy(serde_json::json!({
+            "podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": []}]},
+            "policyTypes": ["Ingress"],
+        }));
+        let p = converted(&np);
+        assert_eq!(p.pod_selector, Selector::everything());
+        assert_eq!((p.ingress, p.egress), (Some(vec![]), Some(vec![])));
+        assert!(p.quarantined.expect("fail-closed").contains("spec.podSelector"));
+    }
+
+    #[test]
+    fn a_policy_whose_policy_types_cannot_be_read_isolates_both_ways() {
+        let np = network_policy(serde_json::json!({
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "policyTypes": ["Sideways"],
+        }));
+        let p = converted(&np);
+        assert_eq!(p.pod_selector, Selector::everything());
+        assert_eq!((p.ingress, p.egress), (Some(vec![]), Some(vec![])));
+    }
+
+    #[test]
+    fn a_valid_policy_is_not_marked_fail_closed() {
+        let np = network_policy(serde_json::json!({"podSelector": {}, "ingress": [{}]}));
+        assert_eq!(converted(&np).quarantined, None);
     }
 }

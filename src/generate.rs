@@ -201,7 +201,7 @@ fn policy(rng: &mut Rng, i: usize, namespace: &str) -> Policy {
         if kind == 0 { Selector::everything() } else { Selector::from_labels([("app", *rng.pick(APPS))]) };
     let ingress = if kind == 0 { Some(Vec::new()) } else { Some(rules(rng)) };
     let egress = if rng.chance(30) { Some(rules(rng)) } else { None };
-    Policy { id: ObjectRef::new(namespace, format!("policy-{i}")), pod_selector, ingress, egress }
+    Policy { id: ObjectRef::new(namespace, format!("policy-{i}")), pod_selector, ingress, egress, quarantined: None }
 }
 
 /// The cluster as Kubernetes manifests (a YAML stream), so the CLI can be benchmarked on it.
@@ -421,6 +421,7 @@ pub fn small_random(seed: u64) -> Cluster {
                 pod_selector: selector(&mut rng),
                 ingress,
                 egress,
+                quarantined: None,
             }
         })
         .collect();

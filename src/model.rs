@@ -376,6 +376,10 @@ pub struct Policy {
     pub ingress: Option<Vec<Rule>>,
     /// `Some` iff `policyTypes` contains `Egress`; an empty list denies all egress.
     pub egress: Option<Vec<Rule>>,
+    /// Why this policy is enforced fail-closed, when it is: the object could not be
+    /// converted (see `convert::policy_fail_closed`), so it keeps isolating what it selects
+    /// for the directions it names, and allows nothing (its rule lists are empty).
+    pub quarantined: Option<String>,
 }
 
 impl Policy {

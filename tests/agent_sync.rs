@@ -15,6 +15,8 @@ use netpol::agent::nft_target::{self, NftTarget, is_full_sync};
 use netpol::agent::{ClusterWatch, SyncLoop, SyncLoopConfig, SyncTarget, Trigger};
 use netpol::compile::{NodeConfig, compile};
 use netpol::nft::fake::FakeNftables;
+use netpol::nft::interpret::{Fate, Interpreter, Packet};
+use netpol::nft::ir::{CtState, Hook};
 use netpol::nft::{NftError, Nftables, Transaction, render};
 use netpol::testkit::agent_process::{AgentLaunch, AgentProcess, NftRoute};
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
@@ -256,21 +258,48 @@ async fn pod_adds_relabels_deletes_and_policy_changes_converge_through_diffs() {
     w.assert_incremental_since(mark, "a new policy");
 }
 
+/// The fate of a new TCP connection `src` -> `dst`:`port` in the fake's applied table, on
+/// this node's forward hook.
+fn forwarded(w: &World, src: &str, dst: &str, port: u16) -> Fate {
+    let nft = w.nft();
+    let rs = nft.fake.ruleset(TABLE).expect("the table is programmed");
+    let pkt = Packet { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto: 6, dport: port, ct: CtState::New };
+    Interpreter::new(rs).hook(Hook::Forward, &pkt)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_invalid_policy_is_skipped_while_the_valid_ones_are_enforced() {
+async fn a_policy_that_fails_conversion_isolates_what_it_selects_while_the_valid_ones_are_enforced() {
     let mut w = World::new().await;
     w.seed();
-    w.server.apply(&invalid_policy("shop", "broken")).unwrap();
     w.start_agent();
-    // `expected` leaves the broken policy out of the mirror: it must not count.
-    w.converged("the initial lists with an invalid policy").await;
+    w.converged("the initial lists").await;
+    // shop/web-1 (192.0.2.1) is selected by no policy: anything reaches it.
+    assert_eq!(forwarded(&w, "198.51.100.7", "192.0.2.1", 443), Fate::Accept);
 
-    let with_broken = w.snapshot_with(&[invalid_policy("shop", "broken")]);
+    // Selects every pod of shop for Ingress; its ipBlock is not a CIDR.
+    w.policy(invalid_policy("shop", "broken"));
+    w.converged("a policy that fails conversion").await;
+    assert_eq!(forwarded(&w, "198.51.100.7", "192.0.2.1", 443), Fate::Drop, "web-1 is isolated, nothing allowed");
+    assert_eq!(forwarded(&w, "192.0.2.2", "192.0.2.1", 80), Fate::Drop);
+    // The valid policy still admits frontends to the backend, and nothing else.
+    assert_eq!(forwarded(&w, "192.0.2.2", "192.0.2.3", 80), Fate::Accept);
+    assert_eq!(forwarded(&w, "192.0.2.2", "192.0.2.3", 81), Fate::Drop);
+
+    let snapshot = w.snapshot();
+    assert_eq!((snapshot.skipped_objects, snapshot.fail_closed_policies), (0, 1));
     let mut target = NftTarget::new(FakeNftables::new(), NODE, TABLE);
-    let stats = target.sync(&with_broken, true).unwrap();
-    assert_eq!(stats.skipped_objects, 1);
+    let stats = target.sync(&snapshot, true).unwrap();
+    assert_eq!(stats.fail_closed_policies, 1);
     assert_eq!(target.nftables().dump(), w.expected());
-    assert!(stats.rules > 0 && stats.chains > 0);
+
+    // Fixed, it allows what it says again.
+    let mut fixed = invalid_policy("shop", "broken");
+    fixed.spec.as_mut().unwrap().ingress.as_mut().unwrap()[0].from = None;
+    w.policy(fixed);
+    w.converged("the policy fixed").await;
+    assert_eq!(forwarded(&w, "198.51.100.7", "192.0.2.1", 80), Fate::Accept);
+    assert_eq!(forwarded(&w, "198.51.100.7", "192.0.2.1", 443), Fate::Drop);
+    assert_eq!(w.snapshot().fail_closed_policies, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -174,6 +174,7 @@ fn policy(rng: &mut Rng, i: usize) -> Policy {
         pod_selector: selector(rng, POD_LABELS),
         ingress: rules(rng),
         egress: rules(rng),
+        quarantined: None,
     };
     if p.ingress.is_none() && p.egress.is_none() {
         p.ingress = Some(Vec::new());
@@ -640,6 +641,7 @@ fn allow_from(name: &str, app: &str) -> Policy {
         pod_selector: Selector::default(),
         ingress: Some(vec![Rule { peers: Some(vec![peer]), ports: None }]),
         egress: None,
+        quarantined: None,
     }
 }
 
@@ -670,6 +672,7 @@ fn egress_to_metrics(ns: &str, name: &str, peers: Option<Vec<Peer>>) -> Policy {
         pod_selector: Selector::default(),
         ingress: None,
         egress: Some(vec![Rule { peers, ports }]),
+        quarantined: None,
     }
 }
 

@@ -114,7 +114,7 @@ fn ports(list: &[(Protocol, u16)]) -> Option<Vec<PortSpec>> {
 }
 
 fn policy(name: &str, selects: &str, ingress: Option<Vec<Rule>>, egress: Option<Vec<Rule>>) -> Policy {
-    Policy { id: ObjectRef::new(NS, name), pod_selector: app(selects), ingress, egress }
+    Policy { id: ObjectRef::new(NS, name), pod_selector: app(selects), ingress, egress, quarantined: None }
 }
 
 const TCP: Protocol = Protocol::Tcp;

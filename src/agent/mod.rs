@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub policies: SharedList<Policy>,
     /// Objects left out because they failed conversion or validation.
     pub skipped_objects: usize,
+    /// NetworkPolicies that failed conversion and are enforced fail-closed (in `policies`).
+    pub fail_closed_policies: usize,
 }
 
 /// What one sync did, for metrics.
@@ -54,6 +56,8 @@ pub struct SyncStats {
     pub idle_set_elements: usize,
     /// Objects skipped because they failed conversion or validation.
     pub skipped_objects: usize,
+    /// NetworkPolicies that failed conversion and are enforced fail-closed.
+    pub fail_closed_policies: usize,
     /// From the snapshot to the transaction (model, compile, diff).
     pub compile: std::time::Duration,
     /// Sending the transaction until the kernel committed it (zero when it was empty).

@@ -142,6 +142,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             idle_sets,
             idle_set_elements,
             skipped_objects: snapshot.skipped_objects,
+            fail_closed_policies: snapshot.fail_closed_policies,
         };
         if tx.is_empty() {
             // The kernel holds what was applied, which equals `desired`.

@@ -120,6 +120,30 @@ enum Entry<M> {
     Inactive(Box<ObjectKey>),
     /// Failed conversion; warned about on arrival, counted in every snapshot.
     Invalid(Box<ObjectKey>),
+    /// Failed conversion, and enforced by its fail-closed stand-in (a NetworkPolicy that
+    /// isolates what it selects and allows nothing): takes part in syncs like `Active`,
+    /// and is counted like `Invalid`.
+    FailClosed(Arc<M>),
+}
+
+impl<M> Entry<M> {
+    /// The model object a sync sees, if any.
+    fn enforced(&self) -> Option<&Arc<M>> {
+        match self {
+            Entry::Active(m) | Entry::FailClosed(m) => Some(m),
+            Entry::Inactive(_) | Entry::Invalid(_) => None,
+        }
+    }
+
+    /// `(skipped, enforced fail-closed)`: how this entry counts among the objects that
+    /// failed conversion.
+    fn failures(&self) -> (usize, usize) {
+        match self {
+            Entry::Invalid(_) => (1, 0),
+            Entry::FailClosed(_) => (0, 1),
+            Entry::Active(_) | Entry::Inactive(_) => (0, 0),
+        }
+    }
 }
 
 /// `(namespace, name)`: what a store is keyed and sorted by. The namespace is empty for
@@ -155,7 +179,7 @@ impl Keyed for model::Namespace {
 impl<M: Keyed> Keyed for Entry<M> {
     fn key(&self) -> (&str, &str) {
         match self {
-            Entry::Active(m) => m.key(),
+            Entry::Active(m) | Entry::FailClosed(m) => m.key(),
             Entry::Inactive(key) | Entry::Invalid(key) => (&key.0, &key.1),
         }
     }
@@ -212,9 +236,10 @@ impl<'a, M: Keyed + 'a> Borrow<dyn Keyed + 'a> for Entry<M> {
 /// The objects of one resource, converted, sorted by namespace/name.
 ///
 /// ```text
-///  event ─► live (every key: active, inactive or invalid) ─┬─► active: the snapshot's list,
-///                                                         │   kept in step entry by entry
-///                                                         └─► invalid: a count
+///  event ─► live (every key: active, inactive, invalid ─┬─► active (+ fail-closed): the
+///                or fail-closed)                       │   snapshot's list, kept in step
+///                                                      │   entry by entry
+///                                                      └─► invalid, fail-closed: counts
 /// ```
 ///
 /// `active` is handed to every snapshot as it is (a reference count, not a copy of 10 000
@@ -227,13 +252,14 @@ pub struct Objects<M> {
     relisting: Option<BTreeSet<Entry<M>>>,
     /// The `Active` entries of `live`, in the same order.
     active: Arc<Vec<Arc<M>>>,
-    /// How many entries of `live` are `Invalid`.
+    /// How many entries of `live` are `Invalid`, and how many `FailClosed`.
     invalid: usize,
+    fail_closed: usize,
 }
 
 impl<M> Default for Objects<M> {
     fn default() -> Self {
-        Objects { live: BTreeSet::new(), relisting: None, active: Arc::default(), invalid: 0 }
+        Objects { live: BTreeSet::new(), relisting: None, active: Arc::default(), invalid: 0, fail_closed: 0 }
     }
 }
 
@@ -258,12 +284,10 @@ impl<M: Keyed> Objects<M> {
                 set.replace(entry);
             }
             _ => {
-                let object = match &entry {
-                    Entry::Active(m) => Some(Arc::clone(m)),
-                    _ => None,
-                };
-                self.set_active(entry.key(), object);
-                self.invalid += usize::from(matches!(entry, Entry::Invalid(_)));
+                self.set_active(entry.key(), entry.enforced().cloned());
+                let (invalid, fail_closed) = entry.failures();
+                self.invalid += invalid;
+                self.fail_closed += fail_closed;
                 let old = self.live.replace(entry);
                 self.forget(old.as_ref());
             }
@@ -273,12 +297,9 @@ impl<M: Keyed> Objects<M> {
     fn init_done(&mut self) {
         if let Some(set) = self.relisting.take() {
             self.live = set;
-            self.invalid = self.live.iter().filter(|e| matches!(e, Entry::Invalid(_))).count();
-            let active = self.live.iter().filter_map(|e| match e {
-                Entry::Active(m) => Some(Arc::clone(m)),
-                _ => None,
-            });
-            self.active = Arc::new(active.collect());
+            (self.invalid, self.fail_closed) =
+                self.live.iter().map(Entry::failures).fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+            self.active = Arc::new(self.live.iter().filter_map(|e| e.enforced().cloned()).collect());
         }
     }
 
@@ -290,8 +311,10 @@ impl<M: Keyed> Objects<M> {
 
     /// Uncounts an entry that left `live`.
     fn forget(&mut self, old: Option<&Entry<M>>) {
-        if let Some(Entry::Invalid(_)) = old {
-            self.invalid -= 1;
+        if let Some(old) = old {
+            let (invalid, fail_closed) = old.failures();
+            self.invalid -= invalid;
+            self.fail_closed -= fail_closed;
         }
     }
 
@@ -308,9 +331,10 @@ impl<M: Keyed> Objects<M> {
         }
     }
 
-    /// The active objects, sorted by namespace and name (shared), and how many are invalid.
-    fn active(&self) -> (Arc<Vec<Arc<M>>>, usize) {
-        (Arc::clone(&self.active), self.invalid)
+    /// The objects syncs enforce (active and fail-closed), sorted by namespace and name
+    /// (shared), how many are invalid (skipped) and how many of them are fail-closed.
+    fn active(&self) -> (Arc<Vec<Arc<M>>>, usize, usize) {
+        (Arc::clone(&self.active), self.invalid, self.fail_closed)
     }
 }
 
@@ -322,6 +346,10 @@ pub trait Watched: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned +
     const DEFAULT_NAMESPACE: &'static str;
     /// `Ok(None)`: valid, but it takes no part (logged at debug level with the reason).
     fn convert(&self) -> Result<Option<Self::Model>, FieldError>;
+    /// What to enforce for an object that failed conversion with `error`: `None` skips it.
+    fn fail_closed(&self, _error: &FieldError) -> Option<Self::Model> {
+        None
+    }
     /// Replaces parts of a converted object with equal ones the stores already hold.
     fn share(model: Self::Model, _stores: &mut AgentStores) -> Self::Model {
         model
@@ -372,6 +400,11 @@ impl Watched for NetworkPolicy {
     fn convert(&self) -> Result<Option<model::Policy>, FieldError> {
         convert::policy(self).map(Some)
     }
+    /// Skipping a policy would unisolate the pods it selects: it isolates them instead,
+    /// allowing nothing (see [`convert::policy_fail_closed`]).
+    fn fail_closed(&self, error: &FieldError) -> Option<model::Policy> {
+        Some(convert::policy_fail_closed(self, error))
+    }
     fn objects(stores: &mut AgentStores) -> &mut Objects<model::Policy> {
         &mut stores.policies
     }
@@ -381,15 +414,37 @@ fn display_key((namespace, name): &ObjectKey) -> String {
     if namespace.is_empty() { name.clone() } else { format!("{namespace}/{name}") }
 }
 
-/// Converts one arriving object; an invalid one is warned about here, once per version.
+/// Converts one arriving object. One that fails conversion is warned about here, once per
+/// object and reason (not again on every relist or status update), with structured fields.
 fn entry<K: Watched>(obj: &K, stores: &mut AgentStores) -> Entry<K::Model> {
     let key = || Box::new(object_key(obj.meta(), K::DEFAULT_NAMESPACE));
     match obj.convert() {
-        Ok(Some(m)) => Entry::Active(Arc::new(K::share(m, stores))),
-        Ok(None) => Entry::Inactive(key()),
+        Ok(Some(m)) => {
+            stores.forget_failure(K::KIND, key);
+            Entry::Active(Arc::new(K::share(m, stores)))
+        }
+        Ok(None) => {
+            stores.forget_failure(K::KIND, key);
+            Entry::Inactive(key())
+        }
         Err(e) => {
-            tracing::warn!("skipping invalid {} {}: {e}", K::KIND, display_key(&key()));
-            Entry::Invalid(key())
+            let stand_in = obj.fail_closed(&e);
+            let key = key();
+            let first =
+                stores.failed.insert((K::KIND, (*key).clone()), e.to_string()).is_none_or(|old| old != e.to_string());
+            if first {
+                let (namespace, name) = &*key;
+                let enforced = if stand_in.is_some() {
+                    "enforced fail-closed: it isolates the pods it selects and allows nothing"
+                } else {
+                    "skipped"
+                };
+                tracing::warn!(kind = K::KIND, namespace, name, field = %e.path, reason = %e.reason, "{} {} failed conversion, {enforced}: {e}", K::KIND, display_key(&key));
+            }
+            match stand_in {
+                Some(m) => Entry::FailClosed(Arc::new(K::share(m, stores))),
+                None => Entry::Invalid(key),
+            }
         }
     }
 }
@@ -406,6 +461,8 @@ pub struct AgentStores {
     /// One copy of each node name and of each distinct container port list.
     node_names: Interner<str>,
     pod_ports: Interner<[model::ContainerPort]>,
+    /// The objects that failed conversion, by kind and key, with the reason last warned of.
+    failed: std::collections::HashMap<(&'static str, ObjectKey), String>,
 }
 
 /// Hands out one shared `Arc` per distinct value. Values no longer used anywhere else are
@@ -461,7 +518,19 @@ impl AgentStores {
                 let entry = entry(obj, self);
                 K::objects(self).apply(entry, false)
             }
-            Event::Delete(obj) => K::objects(self).delete(&object_key(obj.meta(), K::DEFAULT_NAMESPACE)),
+            Event::Delete(obj) => {
+                let key = object_key(obj.meta(), K::DEFAULT_NAMESPACE);
+                self.forget_failure(K::KIND, || Box::new(key.clone()));
+                K::objects(self).delete(&key)
+            }
+        }
+    }
+
+    /// The object converts again, or is gone: a new failure of it is warned about anew.
+    /// (Almost always no object has failed: then this costs no key.)
+    fn forget_failure(&mut self, kind: &'static str, key: impl FnOnce() -> Box<ObjectKey>) {
+        if !self.failed.is_empty() {
+            self.failed.remove(&(kind, *key()));
         }
     }
 
@@ -472,10 +541,10 @@ impl AgentStores {
 
     /// The active objects, each list sorted by namespace and name.
     pub fn snapshot(&self) -> Snapshot {
-        let (namespaces, a) = self.namespaces.active();
-        let (pods, b) = self.pods.active();
-        let (policies, c) = self.policies.active();
-        Snapshot { namespaces, pods, policies, skipped_objects: a + b + c }
+        let (namespaces, a, _) = self.namespaces.active();
+        let (pods, b, _) = self.pods.active();
+        let (policies, c, fail_closed_policies) = self.policies.active();
+        Snapshot { namespaces, pods, policies, skipped_objects: a + b + c, fail_closed_policies }
     }
 }
 

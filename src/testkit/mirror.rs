@@ -73,15 +73,9 @@ impl MirroredApi {
 
     /// Everything applied, as the agent's stores would hold it.
     pub fn snapshot(&self) -> Snapshot {
-        self.snapshot_with(&[])
-    }
-
-    /// Everything applied plus `extra` policies (applied to no server), as the agent's
-    /// stores would hold it.
-    pub fn snapshot_with(&self, extra: &[NetworkPolicy]) -> Snapshot {
         let namespaces: Vec<Namespace> = self.namespaces.values().cloned().collect();
         let pods: Vec<Pod> = self.pods.values().cloned().collect();
-        let policies: Vec<NetworkPolicy> = self.policies.values().cloned().chain(extra.iter().cloned()).collect();
+        let policies: Vec<NetworkPolicy> = self.policies.values().cloned().collect();
         Snapshot::from_objects(&namespaces, &pods, &policies)
     }
 }
