@@ -450,3 +450,126 @@ async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_
     assert_eq!(status.code(), Some(0), "{}", agent.log());
     assert!(netns.list(&table).is_none(), "--cleanup-on-exit must delete the table");
 }
+
+/// Another program (`nft flush ruleset`, a firewall reload) wiping or editing the agent's
+/// table is undone at once, not at the periodic resync (5 minutes here); the agent's own
+/// commits, over netlink or through `nft`, are never taken for such a change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_commits_are_not_foreign() {
+    if !system_env_ok() {
+        return;
+    }
+    const FOREIGN: &str = "another program changed the table";
+    let mut w = World::new().await;
+    w.seed();
+    let pid = std::process::id();
+    let netns = Netns::new(format!("npl-foreign-{pid}"));
+    let table = format!("netpol_foreign_{pid}");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, w.server.kubeconfig_yaml()).unwrap();
+    let mut launch = AgentLaunch::new(
+        env!("CARGO_BIN_EXE_netpol-agent"),
+        NODE,
+        &table,
+        &kubeconfig,
+        NftRoute::Netns(netns.0.clone()),
+        dir.path(),
+    );
+    launch.extra_args = vec!["--resync-period".into(), "5m".into()];
+    launch.log_level = "info,netpol::nft=debug".into();
+    let mut agent = launch.spawn("agent.log").unwrap();
+
+    let expected = |w: &World| {
+        let (cluster, _) = nft_target::cluster(&w.snapshot());
+        render::ruleset(&compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone() }))
+    };
+    // The kernel's listing, once it holds every chain and address the compiled ruleset has.
+    let restored_within = |agent: &mut AgentProcess, want: &str, limit: Duration| -> Duration {
+        let started = Instant::now();
+        let chains = want.lines().map(str::trim).filter(|l| l.starts_with("chain "));
+        let addresses = want
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|t| t.starts_with("192.0.2."))
+            .map(|t| format!("{t},"));
+        let needles: Vec<String> = chains.map(str::to_string).chain(addresses).collect();
+        loop {
+            if let Some(text) = netns.list(&table).map(|t| t.replace(['\n', '\t', ' ', '}'], ",").replace(",,", ","))
+                && needles.iter().all(|n| text.contains(&n.replace(' ', ",")))
+            {
+                return started.elapsed();
+            }
+            if let Some(status) = agent.exited() {
+                panic!("netpol-agent exited ({status}):\n{}", agent.log());
+            }
+            assert!(started.elapsed() < limit, "the table was not restored within {limit:?}:\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    restored_within(&mut agent, &expected(&w), Duration::from_secs(15));
+
+    // Our own partial syncs (netlink) are ours.
+    for i in 0..5 {
+        w.pod(pod(
+            "shop",
+            &format!("web-{}", 10 + i),
+            NODE,
+            &format!("192.0.2.{}", 10 + i),
+            &[("segment", "frontend")],
+        ));
+    }
+    restored_within(&mut agent, &expected(&w), Duration::from_secs(15));
+    // ... and so are those it sends through `nft` (a range changed inside an interval set).
+    let from_block = |cidr: &str| {
+        let mut p = invalid_policy("shop", "from-block");
+        p.spec.as_mut().unwrap().ingress.as_mut().unwrap()[0].from.as_mut().unwrap()[0]
+            .ip_block
+            .as_mut()
+            .unwrap()
+            .cidr = cidr.into();
+        p
+    };
+    w.policy(from_block("198.51.100.0/24"));
+    restored_within(&mut agent, &expected(&w), Duration::from_secs(15));
+    w.policy(from_block("203.0.113.0/24"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !netns.list(&table).unwrap_or_default().contains("203.0.113.0/24") {
+        assert!(Instant::now() < deadline, "the new range never arrived:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(agent.log().contains(r#""via":"nft""#), "no commit went through nft:\n{}", agent.log());
+    assert!(!agent.log().contains(FOREIGN), "own commits taken for foreign:\n{}", agent.log());
+
+    // A foreign `flush ruleset` removes the table; the agent puts it back.
+    let nft = |args: &[&str]| {
+        let out = Command::new("ip").args(["netns", "exec", &netns.0, "nft"]).args(args).output().unwrap();
+        assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // (The agent may have put it back before a listing could see it gone.)
+    nft(&["flush", "ruleset"]);
+    let took = restored_within(&mut agent, &expected(&w), Duration::from_secs(5));
+    eprintln!("table back {took:?} after a foreign flush ruleset");
+
+    // A foreign edit inside the table (its ingress dispatch emptied) is undone as well.
+    let ingress = netpol::nft::names::INGRESS_FORWARD;
+    nft(&["flush", "chain", "inet", &table, ingress]);
+    let took = {
+        let started = Instant::now();
+        loop {
+            let text = netns.list(&table).unwrap_or_default();
+            let chain = text.split(&format!("chain {ingress} {{")).nth(1).unwrap_or("");
+            let chain = chain.split("\n\t}").next().unwrap_or("");
+            if chain.contains("vmap") {
+                break started.elapsed();
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "the flushed chain was not restored:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    eprintln!("chain back {took:?} after a foreign flush chain");
+    assert_eq!(agent.log().matches(FOREIGN).count(), 2, "{}", agent.log());
+
+    let status = agent.terminate(STOP_LIMIT).unwrap().expect("netpol-agent stops on SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+}

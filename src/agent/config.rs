@@ -68,6 +68,13 @@ pub struct AgentConfig {
     #[arg(long, env = "NETPOL_IDLE_SET_ELEMENTS_PER_POD", default_value_t = 4, value_parser = clap::value_parser!(u64).range(0..=64))]
     pub idle_set_elements_per_pod: u64,
 
+    /// Listen to the kernel's nf_tables announcements and resync fully as soon as another
+    /// tool deletes or changes the table (`nft flush ruleset`, a firewall reload) instead
+    /// of at the next periodic resync. Costs the kernel a notification per changed object
+    /// of every commit while on.
+    #[arg(long, env = "NETPOL_WATCH_TABLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub watch_table: bool,
+
     /// Delete the agent's nftables table on exit (otherwise the rules stay in force while
     /// the agent restarts).
     #[arg(long, env = "NETPOL_CLEANUP_ON_EXIT")]
@@ -209,6 +216,8 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(!c.cleanup_on_exit);
         assert_eq!(c.idle_set_elements_per_pod, 4);
+        assert!(c.watch_table);
+        assert!(!parse(&["--node", "node-a", "--watch-table=false"]).unwrap().watch_table);
     }
 
     #[test]

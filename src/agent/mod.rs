@@ -150,6 +150,9 @@ pub async fn run<T: SyncTarget>(
     let (watch, driver) = ClusterWatch::start(client, kube::runtime::watcher::Config::default(), trigger.clone());
     let watch_task = tokio::spawn(driver);
 
+    // Dropped (stopped) when the agent stops.
+    let _table_monitor = if config.watch_table { watch_table(&config, &trigger) } else { None };
+
     let metrics = Metrics::new();
     let loop_config =
         SyncLoopConfig { debounce: config.debounce, resync_period: config.resync_period, ..SyncLoopConfig::default() };
@@ -177,6 +180,41 @@ pub async fn run<T: SyncTarget>(
             .map_err(AgentError::Cleanup)?;
     }
     Ok(target)
+}
+
+/// Resyncs fully as soon as another tool changes the table (see [`crate::nft::monitor`]).
+/// Without the monitor such a change waits for the periodic resync, which is said once.
+fn watch_table(config: &AgentConfig, trigger: &Trigger) -> Option<crate::nft::monitor::TableMonitor> {
+    use crate::nft::monitor::{Change, TableMonitor};
+    /// Lost announcements are mostly our own big syncs' (thousands of set elements): a
+    /// full sync for each would make the next one, so they resync at most this often.
+    const LOST_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+    let trigger = trigger.clone();
+    let mut last_lost: Option<std::time::Instant> = None;
+    let on_change = move |change| match change {
+        Change::Foreign { port } => {
+            tracing::warn!(port, "another program changed the table; resyncing it fully");
+            trigger.request_full_sync();
+        }
+        Change::Lost if last_lost.is_none_or(|at| at.elapsed() >= LOST_RESYNC_INTERVAL) => {
+            last_lost = Some(std::time::Instant::now());
+            tracing::warn!(
+                "nf_tables announcements were lost (the monitor's buffer overflowed); resyncing fully to be sure"
+            );
+            trigger.request_full_sync();
+        }
+        Change::Lost => tracing::debug!("nf_tables announcements lost again; the last such resync was recent"),
+    };
+    match TableMonitor::start(config.netns.as_deref(), &config.table, on_change) {
+        Ok(monitor) => Some(monitor),
+        Err(e) => {
+            tracing::warn!(
+                resync_period = ?config.resync_period,
+                "cannot listen to nf_tables announcements ({e}): a change another program makes to the table is undone only at the next periodic resync"
+            );
+            None
+        }
+    }
 }
 
 /// A future that resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed

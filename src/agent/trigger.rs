@@ -49,6 +49,8 @@ struct TriggerInner {
     notifications: AtomicU64,
     /// When the oldest notification not yet taken by a sync arrived.
     oldest_pending: std::sync::Mutex<Option<Instant>>,
+    /// The next sync must be full (what is in the kernel is no longer what was applied).
+    full_requested: std::sync::atomic::AtomicBool,
 }
 
 impl Trigger {
@@ -61,6 +63,17 @@ impl Trigger {
         self.inner.notifications.fetch_add(1, Ordering::SeqCst);
         self.oldest_pending().get_or_insert_with(Instant::now);
         self.inner.notify.notify_one();
+    }
+
+    /// What the kernel holds changed behind the agent's back: schedule a full sync.
+    pub fn request_full_sync(&self) {
+        self.inner.full_requested.store(true, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// Whether a full sync was requested since the last call.
+    fn take_full_request(&self) -> bool {
+        self.inner.full_requested.swap(false, Ordering::SeqCst)
     }
 
     fn oldest_pending(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
@@ -234,6 +247,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
             }
             retry_at = None;
             trigger.taken();
+            need_full |= trigger.take_full_request();
             let snapshot = source.snapshot();
             if let Some(m) = &metrics {
                 m.record_index_sizes(&snapshot);
@@ -412,6 +426,23 @@ mod tests {
         let fulls: Vec<bool> = target.calls().iter().map(|c| c.full).collect();
         assert_eq!(fulls, [true, false, true, true]);
         assert_eq!(status.borrow().full_syncs, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requested_full_sync_happens_at_once_and_only_once() {
+        let source = FakeSource::default();
+        source.ready.store(true, Ordering::SeqCst);
+        let target = RecordingTarget::new();
+        let trigger = Trigger::new();
+        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), SyncLoopConfig::default());
+        let task = tokio::spawn(sl.run(tokio::time::sleep(Duration::from_secs(10))));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        trigger.request_full_sync();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        trigger.notify();
+        task.await.unwrap();
+        let fulls: Vec<bool> = target.calls().iter().map(|c| c.full).collect();
+        assert_eq!(fulls, [true, true, false], "start, the request, then a plain change");
     }
 
     #[tokio::test(start_paused = true)]

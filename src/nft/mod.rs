@@ -15,6 +15,7 @@ pub mod fake;
 pub mod interpret;
 pub mod ir;
 pub mod json;
+pub mod monitor;
 pub mod names;
 pub mod netlink;
 pub mod real;

@@ -1004,6 +1004,13 @@ impl NetlinkSocket {
         Ok(NetlinkSocket { fd })
     }
 
+    /// The netlink port the kernel gave this socket: what its announcements of our own
+    /// requests carry as their sender.
+    pub fn port(&self) -> std::io::Result<u32> {
+        let addr: NetlinkAddr = socket::getsockname(self.fd.as_raw_fd()).map_err(std::io::Error::from)?;
+        Ok(addr.pid())
+    }
+
     fn create() -> std::io::Result<OwnedFd> {
         let fd = socket::socket(
             AddressFamily::Netlink,
@@ -1079,6 +1086,25 @@ pub fn element_keys(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// The messages of a datagram: (type, flags, sequence number, payload after the header).
 pub fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u16, u32, &[u8])> {
+    frames(buf).map(|(h, payload)| (h.kind, h.flags, h.seq, payload))
+}
+
+/// The messages of a datagram with the netlink port that sent each: (type, sender's port,
+/// payload after the header). The kernel's announcements carry the port of the socket
+/// whose request caused them.
+pub fn messages_with_sender(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
+    frames(buf).map(|(h, payload)| (h.kind, h.port, payload))
+}
+
+/// A netlink message header (`struct nlmsghdr`), in host byte order.
+struct Header {
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    port: u32,
+}
+
+fn frames(buf: &[u8]) -> impl Iterator<Item = (Header, &[u8])> {
     let mut rest = buf;
     std::iter::from_fn(move || {
         if rest.len() < 16 {
@@ -1088,12 +1114,15 @@ pub fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u16, u32, &[u8])> {
         if len < 16 || len > rest.len() {
             return None;
         }
-        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-        let flags = u16::from_ne_bytes([rest[6], rest[7]]);
-        let seq = u32::from_ne_bytes(rest[8..12].try_into().ok()?);
+        let header = Header {
+            kind: u16::from_ne_bytes([rest[4], rest[5]]),
+            flags: u16::from_ne_bytes([rest[6], rest[7]]),
+            seq: u32::from_ne_bytes(rest[8..12].try_into().ok()?),
+            port: u32::from_ne_bytes(rest[12..16].try_into().ok()?),
+        };
         let payload = &rest[16..len];
         rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        Some((kind, flags, seq, payload))
+        Some((header, payload))
     })
 }
 
@@ -1141,6 +1170,7 @@ impl NetlinkNftables {
     /// A socket in `nft`'s network namespace (`nft.netns`, or ours).
     pub fn open(nft: RealNftables) -> std::io::Result<NetlinkNftables> {
         let socket = NetlinkSocket::open(nft.netns.as_deref(), 0)?;
+        super::monitor::note_own_socket(socket.port()?);
         // The answer is there when the send returns; this only bounds a kernel gone wrong.
         socket.set_receive_timeout(std::time::Duration::from_secs(30))?;
         let seq =

@@ -68,6 +68,8 @@ impl RealNftables {
         let mut cmd = self.command();
         cmd.args(args).stdin(Stdio::from(input)).stdout(Stdio::piped()).stderr(Stdio::piped());
         let child = cmd.spawn().map_err(|e| NftError::Spawn(format!("{}: {e}", self.nft.display())))?;
+        // Its commits are ours: the table monitor must not take them for a foreign change.
+        super::monitor::note_own_child(child.id());
         let out = child.wait_with_output().map_err(|e| NftError::Spawn(e.to_string()))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
