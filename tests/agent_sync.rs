@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::watcher;
 use netpol::agent::nft_target::{self, NftTarget, is_full_sync};
+use netpol::agent::quarantine::Quarantining;
 use netpol::agent::{ClusterWatch, SyncLoop, SyncLoopConfig, SyncTarget, Trigger};
 use netpol::compile::{NodeConfig, compile};
 use netpol::nft::fake::FakeNftables;
@@ -69,6 +70,9 @@ fn invalid_policy(ns: &str, name: &str) -> NetworkPolicy {
 struct Flaky {
     fake: FakeNftables,
     fail_next: u32,
+    /// Refuses (to apply or to check) every transaction whose text holds this, as a
+    /// kernel refuses a rule it cannot take.
+    refuse_containing: Option<String>,
     /// Every transaction accepted, in order.
     history: Vec<Transaction>,
     failures: u32,
@@ -81,15 +85,28 @@ impl Nftables for Flaky {
             self.failures += 1;
             return Err(NftError::Rejected("injected failure".into()));
         }
+        self.refuses(tx)?;
         self.fake.apply(tx)?;
         self.history.push(tx.clone());
         Ok(())
     }
     fn check(&self, tx: &Transaction) -> Result<(), NftError> {
+        self.refuses(tx)?;
         self.fake.check(tx)
     }
     fn list(&self, table: &str) -> Result<String, NftError> {
         self.fake.list(table)
+    }
+}
+
+impl Flaky {
+    fn refuses(&self, tx: &Transaction) -> Result<(), NftError> {
+        match &self.refuse_containing {
+            Some(text) if tx.render().contains(text.as_str()) => {
+                Err(NftError::Rejected(format!("Error: Could not process rule: {text}")))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -135,7 +152,7 @@ impl World {
         let trigger = Trigger::new();
         let (watch, driver) =
             ClusterWatch::start(self.server.client(), watcher::Config::default().page_size(2), trigger.clone());
-        let target = NftTarget::new(self.nft.clone(), NODE, TABLE);
+        let target = Quarantining::new(NftTarget::new(self.nft.clone(), NODE, TABLE));
         let config = SyncLoopConfig {
             debounce: Duration::from_millis(20),
             retry_initial: Duration::from_millis(50),
@@ -256,6 +273,39 @@ async fn pod_adds_relabels_deletes_and_policy_changes_converge_through_diffs() {
     w.policy(policy("shop", "backend-ssh-from-frontend", &[("segment", "backend")], &[("segment", "frontend")], 22));
     w.converged("a new policy").await;
     w.assert_incremental_since(mark, "a new policy");
+}
+
+/// Waits until `holds` (on the fake's applied table), failing after 15 s.
+async fn until(w: &World, what: &str, holds: impl Fn(&World) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !(w.nft().fake.ruleset(TABLE).is_some() && holds(w)) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{}", w.nft().fake.dump());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_the_kernel_refuses_is_quarantined_fail_closed_and_the_rest_is_enforced() {
+    let mut w = World::new().await;
+    w.seed();
+    // Frontends (web-1 here) accept backends on 443 — but no kernel takes its rules.
+    w.policy(policy("shop", "poison", &[("segment", "frontend")], &[("segment", "backend")], 443));
+    w.nft().refuse_containing = Some("shop/poison ingress rule".into());
+    w.start_agent();
+    until(&w, "the table without the poison's rules", |w| forwarded(w, "192.0.2.2", "192.0.2.3", 80) == Fate::Accept)
+        .await;
+    // Quarantined: web-1 stays isolated, and nothing is allowed to it.
+    assert_eq!(forwarded(&w, "192.0.2.3", "192.0.2.1", 443), Fate::Drop);
+    assert_eq!(forwarded(&w, "198.51.100.7", "192.0.2.1", 80), Fate::Drop);
+    // The rest is enforced.
+    assert_eq!(forwarded(&w, "192.0.2.2", "192.0.2.3", 81), Fate::Drop);
+    assert!(!w.nft().fake.dump().contains("shop/poison ingress rule"), "none of its rules");
+
+    // A new version of the object gets its chance (the kernel takes it now).
+    w.nft().refuse_containing = None;
+    w.policy(policy("shop", "poison", &[("segment", "frontend")], &[("segment", "backend")], 8443));
+    until(&w, "the new version enforced", |w| forwarded(w, "192.0.2.3", "192.0.2.1", 8443) == Fate::Accept).await;
+    w.converged("the new version").await;
 }
 
 /// The fate of a new TCP connection `src` -> `dst`:`port` in the fake's applied table, on

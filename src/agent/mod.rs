@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod metrics;
 pub mod nft_target;
+pub mod quarantine;
 pub mod trigger;
 pub mod watch;
 
@@ -80,6 +81,16 @@ pub enum SyncError {
 }
 
 impl SyncError {
+    /// A panic caught while syncing, with its message.
+    pub fn from_panic(panic: &(dyn std::any::Any + Send)) -> SyncError {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        SyncError::Panic(message)
+    }
+
     /// Short, stable label: `compile`, `apply`, `panic` or `other`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -334,15 +334,8 @@ async fn run_blocking<T: SyncTarget>(
     full: bool,
 ) -> (T, Result<SyncStats, SyncError>) {
     let handle = tokio::task::spawn_blocking(move || {
-        let result =
-            std::panic::catch_unwind(AssertUnwindSafe(|| target.sync(&snapshot, full))).unwrap_or_else(|panic| {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(SyncError::Panic(msg))
-            });
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| target.sync(&snapshot, full)))
+            .unwrap_or_else(|panic| Err(SyncError::from_panic(panic.as_ref())));
         (target, result)
     });
     match handle.await {

@@ -3,7 +3,7 @@
 //! error, 2 bad configuration).
 //!
 //! ```text
-//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimWhenIdle(NftTarget(NetlinkNftables)))
+//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimWhenIdle(Quarantining(NftTarget(NetlinkNftables))))
 //!                                                   │    each sync one netlink batch (nft as the fallback)
 //!                                                   └─ syncs pause ──► malloc_trim(0), own thread
 //! ```
@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use netpol::agent::nft_target::NftTarget;
+use netpol::agent::quarantine::Quarantining;
 use netpol::agent::{self, AgentConfig, AgentError, Snapshot, SyncError, SyncStats, SyncTarget};
 use netpol::nft::netlink::NetlinkNftables;
 use netpol::nft::real::RealNftables;
@@ -49,7 +50,7 @@ fn main() -> ExitCode {
     };
     let idle_per_pod = usize::try_from(config.idle_set_elements_per_pod).unwrap_or(usize::MAX);
     let target = NftTarget::new(nft, config.node.clone(), config.table.clone()).keeping_idle_sets(idle_per_pod);
-    let target = TrimWhenIdle::new(target);
+    let target = TrimWhenIdle::new(Quarantining::new(target));
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
         Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
