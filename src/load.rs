@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::convert::{self, FieldError, PodOutcome};
@@ -75,11 +77,15 @@ pub struct LoadOptions {
     pub synthetic_ipv4: IpNet,
     /// If set, such pods also get an IPv6 address from here (dual stack).
     pub synthetic_ipv6: Option<IpNet>,
+    /// Downgrade what a permissive API server would store anyway to warnings: unknown
+    /// fields (dropped, as without strict field validation) and pods sharing an IP (the
+    /// first in namespace/name order keeps it, the others take no part).
+    pub lenient: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { synthetic_ipv4: "10.244.0.0/16".parse().expect("valid"), synthetic_ipv6: None }
+        LoadOptions { synthetic_ipv4: "10.244.0.0/16".parse().expect("valid"), synthetic_ipv6: None, lenient: false }
     }
 }
 
@@ -166,11 +172,22 @@ fn io_error(file: &str, e: &std::io::Error) -> LoadError {
 struct Origin {
     file: String,
     line: usize,
+    /// The path of the object inside its document: `""`, or `items[3].` in a List.
+    item: String,
 }
 
 impl Origin {
+    /// An error about `field` (a path inside the object), prefixed with the object's own
+    /// path in a List so that `items[3].spec.ingress` finds it.
     fn error(&self, object: Option<String>, field: Option<String>, reason: impl Into<String>) -> LoadError {
+        let field = match field {
+            Some(f) => Some(format!("{}{f}", self.item)),
+            None => (!self.item.is_empty()).then(|| self.item.trim_end_matches('.').to_string()),
+        };
         LoadError { file: self.file.clone(), line: self.line, object, field, reason: reason.into() }
+    }
+    fn inside(&self, item: &str) -> Origin {
+        Origin { item: format!("{}{item}", self.item), ..self.clone() }
     }
     fn at(&self) -> String {
         format!("{}:{}", self.file, self.line)
@@ -188,7 +205,52 @@ enum Raw {
         object: ObjectRef,
         template: Value,
         replicas: Replicas,
+        owners: Owners,
     },
+}
+
+/// An object's `metadata.ownerReferences`, and what another object's references to it must
+/// match: a live dump (`kubectl get all -o yaml`) links a Deployment, its ReplicaSet and
+/// their pods this way.
+#[derive(Clone, Debug, Default)]
+struct Owners {
+    kind: String,
+    uid: Option<String>,
+    /// (kind, name, uid) of each owner.
+    refs: Vec<(String, String, Option<String>)>,
+}
+
+impl Owners {
+    fn of(value: &Value, kind: &str) -> Owners {
+        let meta = value.get("metadata");
+        let refs = meta
+            .and_then(|m| m.get("ownerReferences"))
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .map(|r| {
+                        let text = |k| str_field(r, k).unwrap_or_default().to_string();
+                        (text("kind"), text("name"), str_field(r, "uid").map(str::to_string))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Owners { kind: kind.to_string(), uid: meta.and_then(|m| str_field(m, "uid")).map(str::to_string), refs }
+    }
+
+    /// Whether one of these references names `owner` (kind and name, and the uid when both
+    /// sides have one), an object of the same namespace.
+    fn refer_to(&self, owner: &Owners, owner_id: &ObjectRef, namespace: &str) -> bool {
+        namespace == owner_id.namespace
+            && self.refs.iter().any(|(kind, name, uid)| {
+                *kind == owner.kind
+                    && *name == owner_id.name
+                    && match (uid, &owner.uid) {
+                        (Some(a), Some(b)) => a == b,
+                        _ => true,
+                    }
+            })
+    }
 }
 
 enum Replicas {
@@ -203,9 +265,11 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
     let mut raws: Vec<(Origin, String, Raw)> = Vec::new();
     for source in sources {
         for (line, doc) in split_documents(&source.text) {
-            let origin = Origin { file: source.name.clone(), line };
+            let origin = Origin { file: source.name.clone(), line, item: String::new() };
             let Some(value) = parse_document(&source.name, &doc, line)? else { continue };
-            collect(value, &origin, "", &mut raws, &mut warnings, &mut skipped_kinds)?;
+            let mut collector =
+                Collector { options, raws: &mut raws, warnings: &mut warnings, skipped: &mut skipped_kinds };
+            collector.collect(value, &origin)?;
         }
     }
     for (kind, first) in skipped_kinds {
@@ -247,6 +311,37 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         .collect();
     let mut placer = Placer::new(options, nodes, taken);
 
+    // A workload of a live dump makes no pods of its own: its pods, or the workload that
+    // makes them (a Deployment's ReplicaSet, a CronJob's Job), are in the input already.
+    let linked: Vec<(ObjectRef, Owners)> = raws
+        .iter()
+        .filter_map(|(_, _, raw)| match raw {
+            Raw::Workload { object, owners, .. } => Some((object.clone(), owners.clone())),
+            Raw::Pod(p) => Some((
+                ObjectRef::new(p.metadata.namespace.as_deref().unwrap_or("default"), ""),
+                Owners {
+                    kind: "Pod".into(),
+                    uid: None,
+                    refs: p
+                        .metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .map(|r| (r.kind.clone(), r.name.clone(), Some(r.uid.clone()).filter(|u| !u.is_empty())))
+                        .collect(),
+                },
+            )),
+            _ => None,
+        })
+        .collect();
+    let makes_own_pods = |object: &ObjectRef, owners: &Owners| {
+        let owned = linked
+            .iter()
+            .any(|(other, theirs)| theirs.kind != "Pod" && owners.refer_to(theirs, other, &object.namespace));
+        let owns = linked.iter().any(|(other, theirs)| theirs.refer_to(owners, object, &other.namespace));
+        !owned && !owns
+    };
+
     let mut namespaces: Vec<Namespace> = Vec::new();
     let mut pods: Vec<Pod> = Vec::new();
     let mut policies: Vec<Policy> = Vec::new();
@@ -268,7 +363,10 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
                     }
                 }
             }
-            Raw::Workload { kind, object, template, replicas } => {
+            Raw::Workload { kind, object, template, replicas, owners } => {
+                if !makes_own_pods(&object, &owners) {
+                    continue;
+                }
                 let names: Vec<(String, Option<String>)> = match replicas {
                     Replicas::Count(n) => (0..n).map(|i| (format!("{}-{i}", object.name), None)).collect(),
                     Replicas::OnePerNode => placer
@@ -385,94 +483,183 @@ fn object_label(kind: &str, v: &Value) -> String {
     }
 }
 
-fn collect(
-    value: Value,
-    origin: &Origin,
-    path: &str,
-    raws: &mut Vec<(Origin, String, Raw)>,
-    warnings: &mut Vec<String>,
-    skipped: &mut BTreeMap<String, String>,
-) -> Result<(), LoadError> {
-    if !value.is_object() {
-        return Err(origin.error(
-            None,
-            (!path.is_empty()).then(|| path.to_string()),
-            "expected a Kubernetes object (a mapping with apiVersion and kind)",
-        ));
-    }
-    let api_version = str_field(&value, "apiVersion").unwrap_or("").to_string();
-    let Some(kind) = str_field(&value, "kind").map(str::to_string) else {
-        warnings.push(format!("{}: skipped a document without `kind` (not a Kubernetes object)", origin.at()));
-        return Ok(());
-    };
-    let label = object_label(&kind, &value);
-    let field = |e: serde_path_to_error::Error<serde_json::Error>| {
-        let p = e.path().to_string();
-        let field = if p == "." { None } else { Some(format!("{path}{p}")) };
-        origin.error(Some(label.clone()), field, e.into_inner().to_string())
-    };
-    match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => raws.push((
-            origin.clone(),
-            label.clone(),
-            Raw::Namespace(serde_path_to_error::deserialize(value).map_err(field)?),
-        )),
-        ("v1", "Pod") => raws.push((
-            origin.clone(),
-            label.clone(),
-            Raw::Pod(Box::new(serde_path_to_error::deserialize(value).map_err(field)?)),
-        )),
-        ("networking.k8s.io/v1", "NetworkPolicy") => raws.push((
-            origin.clone(),
-            label.clone(),
-            Raw::Policy(serde_path_to_error::deserialize(value).map_err(field)?),
-        )),
-        ("net.alpha.kubernetes.io/v1alpha1", "NetworkPolicy") => {
-            let v1 = legacy_to_v1(&value).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
-            let yaml = yaml_serde::to_string(&v1).unwrap_or_default();
-            warnings.push(format!(
-                "{}: {label}: converted from the pre-v1 net.alpha.kubernetes.io/v1alpha1 form; write it as networking.k8s.io/v1:\n{}",
-                origin.at(),
-                yaml.trim_end()
-            ));
-            raws.push((
-                origin.clone(),
-                label.clone(),
-                Raw::Policy(serde_path_to_error::deserialize(v1).map_err(field)?),
-            ));
+/// Sorts parsed documents into [`Raw`] objects, checking each kind we read as strictly as
+/// the API server does.
+struct Collector<'a> {
+    options: &'a LoadOptions,
+    raws: &'a mut Vec<(Origin, String, Raw)>,
+    warnings: &'a mut Vec<String>,
+    skipped: &'a mut BTreeMap<String, String>,
+}
+
+/// The kinds netpol-check reads, each in the one group/version an API server serves it in
+/// (besides the legacy `net.alpha.kubernetes.io/v1alpha1` NetworkPolicy).
+const READ_KINDS: &[(&str, &str)] = &[
+    ("v1", "Namespace"),
+    ("v1", "Pod"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("apps/v1", "Deployment"),
+    ("apps/v1", "StatefulSet"),
+    ("apps/v1", "DaemonSet"),
+    ("apps/v1", "ReplicaSet"),
+    ("v1", "ReplicationController"),
+    ("batch/v1", "Job"),
+    ("batch/v1", "CronJob"),
+];
+
+impl Collector<'_> {
+    fn collect(&mut self, value: Value, origin: &Origin) -> Result<(), LoadError> {
+        if !value.is_object() {
+            return Err(origin.error(None, None, "expected a Kubernetes object (a mapping with apiVersion and kind)"));
         }
-        ("conformance.netpol/v1", "Expectation") => {}
-        (_, k) if k.ends_with("List") && value.get("items").is_some() => {
-            let Some(Value::Array(items)) = value.get("items").cloned() else {
-                return Err(origin.error(Some(label), Some(format!("{path}items")), "must be a list"));
-            };
-            for (i, item) in items.into_iter().enumerate() {
-                collect(item, origin, &format!("{path}items[{i}]."), raws, warnings, skipped)?;
+        let api_version = str_field(&value, "apiVersion").unwrap_or("").to_string();
+        let Some(kind) = str_field(&value, "kind").map(str::to_string) else {
+            self.warnings.push(format!("{}: skipped a document without `kind` (not a Kubernetes object)", origin.at()));
+            return Ok(());
+        };
+        let label = object_label(&kind, &value);
+        let raw = match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Namespace") => Raw::Namespace(self.decode(&value, origin, &label)?),
+            ("v1", "Pod") => Raw::Pod(Box::new(self.decode(&value, origin, &label)?)),
+            ("networking.k8s.io/v1", "NetworkPolicy") => Raw::Policy(self.decode(&value, origin, &label)?),
+            ("net.alpha.kubernetes.io/v1alpha1", "NetworkPolicy") => {
+                let v1 = legacy_to_v1(&value).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
+                let yaml = yaml_serde::to_string(&v1).unwrap_or_default();
+                self.warnings.push(format!(
+                    "{}: {label}: converted from the pre-v1 net.alpha.kubernetes.io/v1alpha1 form; write it as networking.k8s.io/v1:\n{}",
+                    origin.at(),
+                    yaml.trim_end()
+                ));
+                Raw::Policy(self.decode(&v1, origin, &label)?)
+            }
+            ("conformance.netpol/v1", "Expectation") => return Ok(()),
+            (_, k) if k.ends_with("List") && value.get("items").is_some() => {
+                let Some(Value::Array(items)) = value.get("items") else {
+                    return Err(origin.error(Some(label), Some("items".into()), "must be a list"));
+                };
+                // `kubectl get --raw` lists (`PodList`, ...) leave `kind` and `apiVersion` out
+                // of their items: they are the list's, less `List`.
+                let item_kind = k.strip_suffix("List").filter(|k| !k.is_empty());
+                for (i, item) in items.iter().enumerate() {
+                    let mut item = item.clone();
+                    if let (Some(item_kind), Value::Object(fields)) = (item_kind, &mut item) {
+                        if !fields.contains_key("kind") {
+                            fields.insert("kind".into(), Value::String(item_kind.to_string()));
+                            fields.entry("apiVersion").or_insert_with(|| Value::String(api_version.clone()));
+                        }
+                    }
+                    self.collect(item, &origin.inside(&format!("items[{i}].")))?;
+                }
+                return Ok(());
+            }
+            (group, k) if workload_kind(group, k) => {
+                self.check_workload(&value, k, origin, &label)?;
+                let (template, replicas) = workload_template(&value, k)
+                    .map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
+                let meta = value.get("metadata");
+                let object = ObjectRef::new(
+                    meta.and_then(|m| str_field(m, "namespace")).unwrap_or("default"),
+                    meta.and_then(|m| str_field(m, "name")).unwrap_or(""),
+                );
+                if object.name.is_empty() {
+                    return Err(origin.error(Some(label), Some("metadata.name".into()), "is required"));
+                }
+                Raw::Workload { kind: k.to_string(), object, template, replicas, owners: Owners::of(&value, k) }
+            }
+            (_, k) if READ_KINDS.iter().any(|(_, read)| read.eq_ignore_ascii_case(k)) => {
+                // The API server has no such resource: kubectl stops with "no matches for kind".
+                return Err(origin.error(
+                    Some(label),
+                    None,
+                    format!("no matches for kind {k:?} in version {api_version:?}"),
+                ));
+            }
+            _ => {
+                let key = if api_version.is_empty() { kind.clone() } else { format!("{api_version} {kind}") };
+                self.skipped.entry(key).or_insert_with(|| origin.at());
+                return Ok(());
+            }
+        };
+        self.raws.push((origin.clone(), label, raw));
+        Ok(())
+    }
+
+    /// Decodes a kind we read into its API type, and rejects the fields that type does not
+    /// have, as kubectl's strict field validation (the default since 1.27) does:
+    /// `strict decoding error: unknown field "spec.ingress[0].fromm"`. Which fields a type has
+    /// is what it keeps: a field the typed round trip drops is unknown. `status` is not
+    /// checked (we read little of it, and newer servers add to it), nor are `null` values
+    /// (they carry nothing). With `lenient` the fields are dropped with a warning, as a
+    /// server without strict validation would drop them.
+    fn decode<T: DeserializeOwned + Serialize>(
+        &mut self,
+        value: &Value,
+        origin: &Origin,
+        label: &str,
+    ) -> Result<T, LoadError> {
+        let typed: T = serde_path_to_error::deserialize(value).map_err(|e| {
+            let p = e.path().to_string();
+            let field = if p == "." { None } else { Some(p) };
+            origin.error(Some(label.to_string()), field, e.into_inner().to_string())
+        })?;
+        let mut unknown = Vec::new();
+        if let (Value::Object(sent), Ok(Value::Object(kept))) = (value, serde_json::to_value(&typed)) {
+            for (key, v) in sent.iter().filter(|(key, _)| *key != "status") {
+                unknown_fields(v, kept.get(key), key.clone(), &mut unknown);
             }
         }
-        (group, k) if workload_kind(group, k) => {
-            let (template, replicas) =
-                workload_template(&value, k).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
-            let meta = value.get("metadata");
-            let object = ObjectRef::new(
-                meta.and_then(|m| str_field(m, "namespace")).unwrap_or("default"),
-                meta.and_then(|m| str_field(m, "name")).unwrap_or(""),
-            );
-            if object.name.is_empty() {
-                return Err(origin.error(Some(label), Some("metadata.name".into()), "is required"));
+        if !unknown.is_empty() {
+            let list: Vec<String> = unknown.iter().map(|p| format!("unknown field {p:?}")).collect();
+            let error =
+                origin.error(Some(label.to_string()), None, format!("strict decoding error: {}", list.join(", ")));
+            if !self.options.lenient {
+                return Err(error);
             }
-            raws.push((
-                origin.clone(),
-                label.clone(),
-                Raw::Workload { kind: k.to_string(), object, template, replicas },
-            ));
+            self.warnings
+                .push(format!("{error} (--lenient: ignored, as a server without strict field validation drops it)"));
         }
-        _ => {
-            let key = if api_version.is_empty() { kind.clone() } else { format!("{api_version} {kind}") };
-            skipped.entry(key).or_insert_with(|| origin.at());
+        Ok(typed)
+    }
+
+    /// A workload's fields are checked as strictly as a Pod's (its pod template above all).
+    fn check_workload(&mut self, value: &Value, kind: &str, origin: &Origin, label: &str) -> Result<(), LoadError> {
+        use k8s_openapi::api::{apps::v1 as apps, batch::v1 as batch};
+        match kind {
+            "Deployment" => self.decode::<apps::Deployment>(value, origin, label).map(drop),
+            "StatefulSet" => self.decode::<apps::StatefulSet>(value, origin, label).map(drop),
+            "DaemonSet" => self.decode::<apps::DaemonSet>(value, origin, label).map(drop),
+            "ReplicaSet" => self.decode::<apps::ReplicaSet>(value, origin, label).map(drop),
+            "ReplicationController" => self.decode::<core::ReplicationController>(value, origin, label).map(drop),
+            "Job" => self.decode::<batch::Job>(value, origin, label).map(drop),
+            "CronJob" => self.decode::<batch::CronJob>(value, origin, label).map(drop),
+            _ => Ok(()),
         }
     }
-    Ok(())
+}
+
+/// The paths of `sent` (a field as written) that `kept` (the same field after a typed round
+/// trip) lost.
+fn unknown_fields(sent: &Value, kept: Option<&Value>, path: String, out: &mut Vec<String>) {
+    if sent.is_null() {
+        return;
+    }
+    let Some(kept) = kept else {
+        out.push(path);
+        return;
+    };
+    match (sent, kept) {
+        (Value::Object(sent), Value::Object(kept)) => {
+            for (key, v) in sent {
+                unknown_fields(v, kept.get(key), format!("{path}.{key}"), out);
+            }
+        }
+        (Value::Array(sent), Value::Array(kept)) => {
+            for (i, (v, k)) in sent.iter().zip(kept).enumerate() {
+                unknown_fields(v, Some(k), format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn workload_kind(group: &str, kind: &str) -> bool {

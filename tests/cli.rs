@@ -513,3 +513,123 @@ fn a_bad_probe_timeout_is_refused_before_anything_runs() {
         );
     }
 }
+
+// --- issue 15: the answer the API server would give ---------------------------------------------
+
+/// Two running pods `default/a` and `default/b` on node-1, then the given documents.
+fn two_pods_and(docs: &str) -> String {
+    let pod = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {name}}}}}\nspec:\n  nodeName: node-1\n  containers:\n  - name: c\n    ports: [{{containerPort: 80, name: http}}]\nstatus: {{phase: Running, podIP: {ip}}}\n"
+        )
+    };
+    format!("{}---\n{}---\n{docs}", pod("a", "10.1.0.1"), pod("b", "10.1.0.2"))
+}
+
+fn query_in(text: &str, from: &str, to: &str, extra: &[&str]) -> Output {
+    let dir = with_file(text);
+    let mut args = vec!["query", "--from", from, "--to", to, "--port", "80", "-f", "bad.yaml"];
+    args.extend(extra);
+    netpol_check(dir.path(), &args)
+}
+
+#[test]
+fn empty_policy_types_isolate_ingress_as_the_api_server_defaults_them() {
+    let o = query_in(&two_pods_and(&policy("  policyTypes: []\n")), "default/b", "default/a", &[]);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).starts_with("DENIED"), "{}", stdout(&o));
+}
+
+#[test]
+fn an_empty_egress_list_without_policy_types_does_not_isolate_egress() {
+    let text = two_pods_and(&policy("  egress: []\n"));
+    let out = query_in(&text, "default/a", "192.0.2.1", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    // Ingress is still isolated: "all policies are assumed to affect ingress".
+    let inside = query_in(&text, "default/b", "default/a", &[]);
+    assert_eq!(inside.status.code(), Some(1), "{}", stdout(&inside));
+}
+
+#[test]
+fn an_unknown_field_is_a_strict_decoding_error_with_its_path() {
+    assert_error(
+        &two_pods_and(&policy("  ingress:\n  - fromm:\n    - podSelector: {matchLabels: {app: a}}\n")),
+        MATRIX,
+        &format!("error: bad.yaml:21: {P}: strict decoding error: unknown field \"spec.ingress[0].fromm\""),
+    );
+    assert_error(
+        &policy("  ingress:\n  - from:\n    - podSelector: {matchLabel: {app: a}}\n"),
+        MATRIX,
+        &format!(
+            "error: bad.yaml:1: {P}: strict decoding error: unknown field \"spec.ingress[0].from[0].podSelector.matchLabel\""
+        ),
+    );
+}
+
+#[test]
+fn unknown_fields_of_pods_namespaces_and_workload_templates_are_errors_but_status_is_not_checked() {
+    assert_error(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, lables: {x: y}}\n",
+        MATRIX,
+        "error: bad.yaml:1: Namespace a: strict decoding error: unknown field \"metadata.lables\"",
+    );
+    assert_error(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers:\n      - name: c\n        port: [{containerPort: 80}]\n",
+        MATRIX,
+        "error: bad.yaml:1: Deployment default/web: strict decoding error: unknown field \"spec.template.spec.containers[0].port\"",
+    );
+    let dir = with_file(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: n, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.1, someFutureField: 1}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {anything: 1}\n",
+    );
+    let o = netpol_check(dir.path(), &["explain", "default/a", "-f", "bad.yaml"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[test]
+fn lenient_turns_an_unknown_field_into_a_warning() {
+    let dir = with_file(&two_pods_and(&policy("  ingress:\n  - fromm:\n    - podSelector: {}\n")));
+    let o = netpol_check(
+        dir.path(),
+        &["query", "--lenient", "--from", "default/b", "--to", "default/a", "--port", "80", "-f", "bad.yaml"],
+    );
+    assert!(
+        stderr(&o).contains(&format!(
+            "warning: bad.yaml:21: {P}: strict decoding error: unknown field \"spec.ingress[0].fromm\""
+        )),
+        "{}",
+        stderr(&o)
+    );
+    // The rule without the unknown field has no peers: it allows everyone, as the API server
+    // would store it with the field dropped.
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
+
+#[test]
+fn a_kind_we_read_in_an_unknown_version_has_no_matches() {
+    for (api_version, kind) in [
+        ("extensions/v1beta1", "NetworkPolicy"),
+        ("networking.k8s.io/V1", "NetworkPolicy"),
+        ("networking.k8s.io/v1", "networkpolicy"),
+    ] {
+        let text =
+            format!("apiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: p}}\nspec: {{podSelector: {{}}}}\n");
+        assert_error(
+            &text,
+            MATRIX,
+            &format!(
+                "error: bad.yaml:1: {kind} default/p: no matches for kind \"{kind}\" in version \"{api_version}\""
+            ),
+        );
+    }
+}
+
+#[test]
+fn a_digit_only_port_name_is_rejected_as_the_api_server_does() {
+    assert_error(
+        &policy("  ingress:\n  - ports:\n    - port: \"80\"\n"),
+        MATRIX,
+        &format!(
+            "error: bad.yaml:1: {P}: spec.ingress[0].ports[0].port: invalid port name \"80\": must be 1-15 lower case letters, digits or '-', with at least one letter and no leading, trailing or double '-'"
+        ),
+    );
+}

@@ -114,6 +114,10 @@ struct Input {
     /// Also give such pods an IPv6 address from this range (dual stack).
     #[arg(long, value_name = "CIDR")]
     synthetic_ipv6: Option<IpNet>,
+    /// Warn instead of failing on unknown fields (ignored) and on pods sharing an IP (the
+    /// first in namespace/name order keeps it; the others take no part).
+    #[arg(long)]
+    lenient: bool,
 }
 
 /// How long a kernel probe waits for an answer: `300`, `300ms`, `1s`, `1.5s`.
@@ -339,7 +343,11 @@ fn main() -> ExitCode {
 
 fn load(input: &Input) -> Result<Cluster> {
     let sources = load::read_sources(&input.files)?;
-    let options = LoadOptions { synthetic_ipv4: input.synthetic_ipv4, synthetic_ipv6: input.synthetic_ipv6 };
+    let options = LoadOptions {
+        synthetic_ipv4: input.synthetic_ipv4,
+        synthetic_ipv6: input.synthetic_ipv6,
+        lenient: input.lenient,
+    };
     let Loaded { cluster, warnings } = load::load_sources(&sources, &options)?;
     for w in warnings {
         eprintln!("warning: {w}");
