@@ -93,6 +93,9 @@ impl Default for LoadOptions {
 pub struct Loaded {
     pub cluster: Cluster,
     pub warnings: Vec<String>,
+    /// Node addresses the input reveals (a pod's `status.hostIP`/`hostIPs`, a hostNetwork
+    /// pod's IP), with the node each belongs to: such an address means that node.
+    pub node_ips: BTreeMap<IpAddr, String>,
 }
 
 // --- I/O -----------------------------------------------------------------------------------
@@ -264,12 +267,16 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
     let mut skipped_kinds: BTreeMap<String, String> = BTreeMap::new();
     let mut raws: Vec<(Origin, String, Raw)> = Vec::new();
     for source in sources {
-        for (line, doc) in split_documents(&source.text) {
-            let origin = Origin { file: source.name.clone(), line, item: String::new() };
-            let Some(value) = parse_document(&source.name, &doc, line)? else { continue };
-            let mut collector =
-                Collector { options, raws: &mut raws, warnings: &mut warnings, skipped: &mut skipped_kinds };
-            collector.collect(value, &origin)?;
+        // kubectl reads a file that starts with a UTF-8 byte order mark (editors on Windows
+        // write one); so do we.
+        let text = source.text.strip_prefix('\u{feff}').unwrap_or(&source.text);
+        for (line, doc) in split_documents(text) {
+            for (line, value) in parse_document(&source.name, &doc, line)? {
+                let origin = Origin { file: source.name.clone(), line, item: String::new() };
+                let mut collector =
+                    Collector { options, raws: &mut raws, warnings: &mut warnings, skipped: &mut skipped_kinds };
+                collector.collect(value, &origin)?;
+            }
         }
     }
     for (kind, first) in skipped_kinds {
@@ -342,10 +349,24 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         !owned && !owns
     };
 
+    let mut node_ips: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for (_, _, raw) in &raws {
+        let Raw::Pod(p) = raw else { continue };
+        let node = p.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or_default();
+        let status = p.status.as_ref();
+        let host_ips = status.and_then(|s| s.host_ips.as_deref()).unwrap_or_default().iter().map(|h| h.ip.as_str());
+        for ip in host_ips.chain(status.and_then(|s| s.host_ip.as_deref())) {
+            if let (Ok(ip), false) = (ip.parse(), node.is_empty()) {
+                node_ips.entry(ip).or_insert_with(|| node.to_string());
+            }
+        }
+    }
+
     let mut namespaces: Vec<Namespace> = Vec::new();
     let mut pods: Vec<Pod> = Vec::new();
     let mut policies: Vec<Policy> = Vec::new();
     let mut pod_ids: HashMap<ObjectRef, String> = HashMap::new();
+    let mut pod_origins: HashMap<ObjectRef, (Origin, String)> = HashMap::new();
     for (origin, label, raw) in raws {
         let field_err = |e: FieldError| origin.error(Some(label.clone()), Some(e.path), e.reason);
         match raw {
@@ -356,6 +377,7 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
                 match convert::pod(&p, Some(&mut assign)).map_err(field_err)? {
                     PodOutcome::Pod(pod) => {
                         pod_ids.insert(pod.id.clone(), origin.at());
+                        pod_origins.insert(pod.id.clone(), (origin.clone(), label.clone()));
                         pods.push(pod)
                     }
                     PodOutcome::Inactive(why) => {
@@ -409,7 +431,61 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
             ),
         });
     }
-    Ok(Loaded { cluster: Cluster::new(namespaces, pods, policies), warnings })
+    let pods = drop_shared_addresses(pods, &pod_origins, options.lenient, &mut warnings)?;
+    for pod in pods.iter().filter(|p| p.host_network) {
+        for ip in &pod.ips {
+            node_ips.entry(*ip).or_insert_with(|| pod.node.as_str().to_string());
+        }
+    }
+    Ok(Loaded { cluster: Cluster::new(namespaces, pods, policies), warnings, node_ips })
+}
+
+/// Two live pods never hold one address: the engines could not tell them apart (and would
+/// each pick a different one). Only hostNetwork pods of one node share its address: they
+/// are that node. Otherwise it is an error at the later pod in namespace/name order; with
+/// `lenient` a warning, and the earlier pod keeps the address while the later takes no part.
+fn drop_shared_addresses(
+    mut pods: Vec<Pod>,
+    origins: &HashMap<ObjectRef, (Origin, String)>,
+    lenient: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Pod>, LoadError> {
+    pods.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut owners: HashMap<IpAddr, usize> = HashMap::new();
+    let mut kept = Vec::with_capacity(pods.len());
+    for pod in pods {
+        let clash = pod.ips.iter().find_map(|ip| {
+            let &k = owners.get(ip)?;
+            let first: &Pod = &kept[k];
+            let same_node = first.host_network && pod.host_network && first.node == pod.node;
+            (!same_node).then(|| (*ip, first.id.clone()))
+        });
+        let Some((ip, first)) = clash else {
+            for ip in &pod.ips {
+                owners.entry(*ip).or_insert(kept.len());
+            }
+            kept.push(pod);
+            continue;
+        };
+        // Synthesized pods never clash (they skip every declared address), so both were declared.
+        let (origin, label) = origins.get(&pod.id).cloned().unwrap_or_else(|| {
+            (Origin { file: "<input>".into(), line: 0, item: String::new() }, format!("Pod {}", pod.id))
+        });
+        let first_at = origins.get(&first).map(|(o, _)| o.at()).unwrap_or_default();
+        let error = origin.error(
+            Some(label),
+            Some("status.podIP".into()),
+            format!(
+                "{ip} is also the IP of Pod {first} ({first_at}); two live pods cannot share an address \
+                 (only hostNetwork pods of one node, which are that node, may)"
+            ),
+        );
+        if !lenient {
+            return Err(error);
+        }
+        warnings.push(format!("{error} (--lenient: {first} keeps the address, {} takes no part)", pod.id));
+    }
+    Ok(kept)
 }
 
 /// Splits a YAML stream at `---` lines; yields (1-based line of the document's first line, text).
@@ -437,16 +513,81 @@ pub fn split_documents(text: &str) -> Vec<(usize, String)> {
         .collect()
 }
 
-fn parse_document(file: &str, doc: &str, line: usize) -> Result<Option<Value>, LoadError> {
-    let parsed: Result<Value, String> = if doc.trim_start().starts_with('{') || doc.trim_start().starts_with('[') {
-        serde_json::from_str(doc).or_else(|_| yaml_serde::from_str(doc).map_err(|e| yaml_error(&e, line)))
-    } else {
-        yaml_serde::from_str(doc).map_err(|e| yaml_error(&e, line))
-    };
-    match parsed {
-        Ok(Value::Null) => Ok(None),
-        Ok(v) => Ok(Some(v)),
-        Err(reason) => Err(LoadError { file: file.to_string(), line, object: None, field: None, reason }),
+/// How deep `[`/`{` may nest. The YAML deserializer gives up past 128 levels of any nesting
+/// ("recursion limit exceeded"), but only after parsing, which takes time quadratic in the
+/// depth (200 KB of `[` took 39 s); flow nesting alone past that limit is refused first.
+/// (The API server's own JSON limit is 10 000 levels; no object we read comes near either.)
+pub const MAX_FLOW_NESTING: usize = 128;
+
+/// Refuses a document whose flow collections nest deeper than [`MAX_FLOW_NESTING`]: one
+/// cheap pass over the text, skipping quoted strings and comments. Brackets inside plain
+/// scalars are counted too, which can only make the check stricter on absurd input.
+fn check_nesting(doc: &str) -> Result<(), String> {
+    let (mut depth, mut line, mut quote, mut comment, mut prev) = (0usize, 1usize, None, false, '\n');
+    let mut chars = doc.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\n' {
+            line += 1;
+            comment = false;
+        }
+        match quote {
+            _ if comment => {}
+            Some('"') if c == '\\' => {
+                chars.next();
+            }
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '"' | '\'' if prev.is_whitespace() || matches!(prev, '[' | '{' | ',' | ':') => quote = Some(c),
+                '#' if prev.is_whitespace() => comment = true,
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_FLOW_NESTING {
+                        return Err(format!(
+                            "nesting deeper than {MAX_FLOW_NESTING} levels at line {line} (a Kubernetes object is never this deep)"
+                        ));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        prev = c;
+    }
+    Ok(())
+}
+
+/// Parses one document: YAML, JSON, or (as kubectl reads them) several JSON objects one
+/// after another. Yields each value with the 1-based line where it starts.
+fn parse_document(file: &str, doc: &str, line: usize) -> Result<Vec<(usize, Value)>, LoadError> {
+    let error =
+        |line: usize, reason: String| LoadError { file: file.to_string(), line, object: None, field: None, reason };
+    check_nesting(doc).map_err(|reason| error(line, reason))?;
+    let trimmed = doc.trim_start();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        let mut values = Vec::new();
+        let mut stream = serde_json::Deserializer::from_str(doc).into_iter::<Value>();
+        let mut start = 0;
+        let json: Result<(), serde_json::Error> = loop {
+            // The value starts at the first non-blank character after the previous one.
+            start += doc[start..].len() - doc[start..].trim_start().len();
+            match stream.next() {
+                None => break Ok(()),
+                Some(Ok(v)) => {
+                    values.push((line + doc[..start].matches('\n').count(), v));
+                    start = stream.byte_offset();
+                }
+                Some(Err(e)) => break Err(e),
+            }
+        };
+        if json.is_ok() {
+            return Ok(values.into_iter().filter(|(_, v)| !v.is_null()).collect());
+        }
+    }
+    match yaml_serde::from_str(doc) {
+        Ok(Value::Null) => Ok(Vec::new()),
+        Ok(v) => Ok(vec![(line, v)]),
+        Err(e) => Err(error(line, yaml_error(&e, line))),
     }
 }
 
