@@ -4,14 +4,20 @@
 //!  files / folders / stdin ──► read_sources (I/O) ──► Source{name, text}
 //!                                                        │ load_sources (pure)
 //!                                                        ▼
-//!  split into documents (line of each) ─► JSON value ─► by apiVersion/kind:
-//!     Namespace, Pod, NetworkPolicy ............ convert (validate, default)
-//!     *List ..................................... each item
-//!     Deployment, StatefulSet, DaemonSet, ... .. pods from the template (synthetic IPs)
+//!  less a UTF-8 BOM, split into documents (line of each) ─► nesting depth scan
+//!     ─► JSON value(s) (YAML, JSON, or JSON objects one after another) ─► by apiVersion/kind:
+//!     Namespace, Pod, NetworkPolicy ............ typed, unknown fields refused (strict)
+//!     *List ..................................... each item (kind from the list if absent)
+//!     Deployment, StatefulSet, DaemonSet, ... .. typed (strict), then pods from the template
+//!                                                (synthetic IPs), unless ownerReferences
+//!                                                link it to other objects of the input
 //!     net.alpha.kubernetes.io NetworkPolicy .... converted to v1, with a warning
+//!     a kind above in another version .......... "no matches for kind" error
 //!     anything else ............................ skipped, one warning per kind
 //!                                                        ▼
-//!                                          Loaded { cluster, warnings }
+//!                         convert (validate, default) ─► shared-IP check
+//!                                                        ▼
+//!                                          Loaded { cluster, warnings, node_ips }
 //! ```
 //!
 //! Every error names the file, the line where the document starts, the object and the
@@ -683,11 +689,11 @@ impl Collector<'_> {
                 let item_kind = k.strip_suffix("List").filter(|k| !k.is_empty());
                 for (i, item) in items.iter().enumerate() {
                     let mut item = item.clone();
-                    if let (Some(item_kind), Value::Object(fields)) = (item_kind, &mut item) {
-                        if !fields.contains_key("kind") {
-                            fields.insert("kind".into(), Value::String(item_kind.to_string()));
-                            fields.entry("apiVersion").or_insert_with(|| Value::String(api_version.clone()));
-                        }
+                    if let (Some(item_kind), Value::Object(fields)) = (item_kind, &mut item)
+                        && !fields.contains_key("kind")
+                    {
+                        fields.insert("kind".into(), Value::String(item_kind.to_string()));
+                        fields.entry("apiVersion").or_insert_with(|| Value::String(api_version.clone()));
                     }
                     self.collect(item, &origin.inside(&format!("items[{i}].")))?;
                 }

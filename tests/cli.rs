@@ -885,3 +885,18 @@ fn a_matrix_with_nothing_to_probe_says_so() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_host_network_pod_or_node_ip_in_a_kernel_query_means_that_node_too() {
+    if let Err(e) = netpol::kernel_engine::check_prerequisites() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{e} (CI=true: failing instead of skipping)");
+        return eprintln!("SKIPPED: {e}");
+    }
+    let text = host_network_cluster();
+    for (from, to, code) in
+        [("192.168.0.10", "default/a", 0), ("192.168.0.20", "default/far", 0), ("192.168.0.20", "default/a", 1)]
+    {
+        let o = query_in(&text, from, to, &["--engine", "kernel"]);
+        assert_eq!(o.status.code(), Some(code), "kernel {from} -> {to}: {}{}", stdout(&o), stderr(&o));
+    }
+}
