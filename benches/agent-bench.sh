@@ -13,7 +13,7 @@
 # unless --agent names another binary.
 set -eu
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/target-rel}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 case " $* " in
 *" --agent "* | *" --agent="*)
     exec cargo bench --bench agent -- "$@"

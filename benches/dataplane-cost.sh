@@ -13,7 +13,7 @@
 # pair of them as one more configuration (it must keep (b)'s policy chain names).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-rel}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 # `cargo bench` builds with the release profile (the bench profile inherits it).
 cargo bench --quiet --bench dataplane_cost --no-run
 exec cargo bench --quiet --bench dataplane_cost -- "$@"

@@ -141,7 +141,10 @@ pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodO
 
 fn container_port(p: &core::ContainerPort, path: &str) -> Result<ContainerPort> {
     let port = port_number(p.container_port, &format!("{path}.containerPort"))?;
-    let protocol = protocol(p.protocol.as_deref(), &format!("{path}.protocol"))?;
+    // Upstream `SetDefaults_ContainerPort` (pkg/apis/core/v1/defaults.go): `if obj.Protocol
+    // == ""` it becomes TCP, so an empty string defaults like an absent one here (unlike a
+    // NetworkPolicyPort's protocol, a pointer defaulted only when nil).
+    let protocol = protocol(p.protocol.as_deref().filter(|t| !t.is_empty()), &format!("{path}.protocol"))?;
     if let Some(name) = &p.name {
         validate_port_name(name, &format!("{path}.name"))?;
     }
@@ -181,10 +184,14 @@ fn policy_types(spec: &net::NetworkPolicySpec) -> Result<(bool, bool)> {
     // egress rules; policies that contain an egress section are assumed to affect egress, and
     // all policies (whether or not they contain an ingress section) are assumed to affect
     // ingress."
-    match &spec.policy_types {
-        None => {
+    // Upstream `SetDefaults_NetworkPolicy` (pkg/apis/networking/v1/defaults.go) tests lengths,
+    // not presence: `if len(obj.Spec.PolicyTypes) == 0` it sets `[Ingress]`, and appends
+    // `Egress` only `if len(obj.Spec.Egress) != 0`. So `policyTypes: []` or `null` is
+    // defaulted like an absent one, and `egress: []` (or `null`) does not isolate egress.
+    match spec.policy_types.as_deref() {
+        None | Some([]) => {
             isolates_ingress = true;
-            isolates_egress = spec.egress.is_some();
+            isolates_egress = spec.egress.as_ref().is_some_and(|rules| !rules.is_empty());
         }
         Some(types) => {
             if types.len() > 2 {
@@ -321,7 +328,8 @@ pub fn parse_cidr(text: &str, path: &str) -> Result<IpNet> {
 
 fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
     // "The protocol (TCP, UDP, or SCTP) which traffic must match. If not specified, this
-    // field defaults to TCP."
+    // field defaults to TCP." Upstream `SetDefaults_NetworkPolicyPort`: `if obj.Protocol ==
+    // nil` (absent or null); an empty string is not nil, and validation rejects it.
     let protocol = protocol(p.protocol.as_deref(), &format!("{path}.protocol"))?;
     let port = match (&p.port, p.end_port) {
         (None, None) => PortMatch::Any,
@@ -353,17 +361,9 @@ fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
             PortMatch::Range(start, end)
         }
         (Some(IntOrString::String(s)), end) => {
-            // A string holding digits is still a string to the API: but users mean a number.
-            if let Ok(n) = s.parse::<i32>() {
-                return port_spec(
-                    &net::NetworkPolicyPort {
-                        port: Some(IntOrString::Int(n)),
-                        end_port: end,
-                        protocol: p.protocol.clone(),
-                    },
-                    path,
-                );
-            }
+            // A string is a port name to the API server, even when it holds only digits
+            // (`port: "80"`): `ValidateNetworkPolicyPort` checks it with `IsValidPortName`,
+            // which demands at least one letter, and so rejects it.
             if end.is_some() {
                 return Err(FieldError::new(
                     format!("{path}.endPort"),

@@ -204,68 +204,153 @@ fn policy(rng: &mut Rng, i: usize, namespace: &str) -> Policy {
     Policy { id: ObjectRef::new(namespace, format!("policy-{i}")), pod_selector, ingress, egress, quarantined: None }
 }
 
+/// How a manifest writes an optional list that holds nothing: the API server treats the
+/// three alike only where its defaulting tests the length (see `convert::policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmptyList {
+    Absent,
+    Null,
+    Empty,
+}
+
+/// The optional lists of a NetworkPolicy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListField {
+    PolicyTypes,
+    Ingress,
+    Egress,
+    /// A rule's `from` or `to`.
+    Peers,
+    Ports,
+    Except,
+}
+
+fn put_list(
+    out: &mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    items: Vec<serde_json::Value>,
+    form: EmptyList,
+) {
+    use serde_json::Value;
+    match (items.is_empty(), form) {
+        (false, _) | (true, EmptyList::Empty) => {
+            out.insert(key.into(), Value::Array(items));
+        }
+        (true, EmptyList::Null) => {
+            out.insert(key.into(), Value::Null);
+        }
+        (true, EmptyList::Absent) => {}
+    }
+}
+
+fn selector_json(s: &Selector) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let mut labels = serde_json::Map::new();
+    let mut exprs = Vec::new();
+    for r in s.requirements() {
+        match &r.operator {
+            Operator::In(vs) if vs.len() == 1 => {
+                labels.insert(r.key.clone(), Value::String(vs.iter().next().cloned().unwrap_or_default()));
+            }
+            Operator::In(vs) => exprs.push(json!({"key": r.key, "operator": "In", "values": vs})),
+            Operator::NotIn(vs) => exprs.push(json!({"key": r.key, "operator": "NotIn", "values": vs})),
+            Operator::Exists => exprs.push(json!({"key": r.key, "operator": "Exists"})),
+            Operator::DoesNotExist => exprs.push(json!({"key": r.key, "operator": "DoesNotExist"})),
+        }
+    }
+    let mut out = serde_json::Map::new();
+    if !labels.is_empty() {
+        out.insert("matchLabels".into(), Value::Object(labels));
+    }
+    if !exprs.is_empty() {
+        out.insert("matchExpressions".into(), Value::Array(exprs));
+    }
+    Value::Object(out)
+}
+
+fn rules_json(rules: &[Rule], peer_key: &str, empty: &mut dyn FnMut(ListField) -> EmptyList) -> serde_json::Value {
+    use serde_json::{Value, json};
+    Value::Array(
+        rules
+            .iter()
+            .map(|r| {
+                let mut out = serde_json::Map::new();
+                let peers: Vec<Value> = r
+                    .peers
+                    .iter()
+                    .flatten()
+                    .map(|p| match p {
+                        Peer::IpBlock(b) => {
+                            let mut block = serde_json::Map::new();
+                            block.insert("cidr".into(), json!(b.cidr.to_string()));
+                            let except = b.except.iter().map(|e| json!(e.to_string())).collect();
+                            put_list(&mut block, "except", except, empty(ListField::Except));
+                            json!({ "ipBlock": block })
+                        }
+                        Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods } => {
+                            json!({"podSelector": selector_json(pods)})
+                        }
+                        Peer::Pods { namespaces: NamespaceScope::Matching(ns), pods } => {
+                            json!({"namespaceSelector": selector_json(ns), "podSelector": selector_json(pods)})
+                        }
+                    })
+                    .collect();
+                put_list(&mut out, peer_key, peers, empty(ListField::Peers));
+                let ports: Vec<Value> = r
+                    .ports
+                    .iter()
+                    .flatten()
+                    .map(|p| match &p.port {
+                        PortMatch::Any => json!({"protocol": p.protocol.as_str()}),
+                        PortMatch::Range(a, b) if a == b => json!({"protocol": p.protocol.as_str(), "port": a}),
+                        PortMatch::Range(a, b) => json!({"protocol": p.protocol.as_str(), "port": a, "endPort": b}),
+                        PortMatch::Named(n) => json!({"protocol": p.protocol.as_str(), "port": n}),
+                    })
+                    .collect();
+                put_list(&mut out, "ports", ports, empty(ListField::Ports));
+                Value::Object(out)
+            })
+            .collect(),
+    )
+}
+
+/// `p` as a NetworkPolicy manifest, each optional list that holds nothing written as
+/// `empty` says (absent, `null` or `[]`). `policyTypes` is written from the directions `p`
+/// isolates when `explicit_policy_types`, else as an empty list in `empty`'s form, leaving
+/// it to the API server's defaulting. A direction `p` does not isolate has no rules to write.
+pub fn policy_manifest(
+    p: &Policy,
+    explicit_policy_types: bool,
+    empty: &mut dyn FnMut(ListField) -> EmptyList,
+) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let mut spec = serde_json::Map::new();
+    spec.insert("podSelector".into(), selector_json(&p.pod_selector));
+    let mut types = Vec::new();
+    for (field, key, kind, rules, peer_key) in [
+        (ListField::Ingress, "ingress", "Ingress", &p.ingress, "from"),
+        (ListField::Egress, "egress", "Egress", &p.egress, "to"),
+    ] {
+        if rules.is_some() {
+            types.push(json!(kind));
+        }
+        let list = match rules.as_deref() {
+            Some(r) => rules_json(r, peer_key, empty).as_array().cloned().unwrap_or_default(),
+            None => Vec::new(),
+        };
+        put_list(&mut spec, key, list, empty(field));
+    }
+    if !explicit_policy_types {
+        types.clear();
+    }
+    put_list(&mut spec, "policyTypes", types, empty(ListField::PolicyTypes));
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": p.id.name, "namespace": p.id.namespace}, "spec": Value::Object(spec)})
+}
+
 /// The cluster as Kubernetes manifests (a YAML stream), so the CLI can be benchmarked on it.
 pub fn to_yaml(cluster: &Cluster) -> String {
     use serde_json::{Value, json};
-    fn selector(s: &Selector) -> Value {
-        let mut labels = serde_json::Map::new();
-        let mut exprs = Vec::new();
-        for r in s.requirements() {
-            match &r.operator {
-                Operator::In(vs) if vs.len() == 1 => {
-                    labels.insert(r.key.clone(), Value::String(vs.iter().next().cloned().unwrap_or_default()));
-                }
-                Operator::In(vs) => exprs.push(json!({"key": r.key, "operator": "In", "values": vs})),
-                Operator::NotIn(vs) => exprs.push(json!({"key": r.key, "operator": "NotIn", "values": vs})),
-                Operator::Exists => exprs.push(json!({"key": r.key, "operator": "Exists"})),
-                Operator::DoesNotExist => exprs.push(json!({"key": r.key, "operator": "DoesNotExist"})),
-            }
-        }
-        let mut out = serde_json::Map::new();
-        if !labels.is_empty() {
-            out.insert("matchLabels".into(), Value::Object(labels));
-        }
-        if !exprs.is_empty() {
-            out.insert("matchExpressions".into(), Value::Array(exprs));
-        }
-        Value::Object(out)
-    }
-    fn rules(rules: &[Rule], peer_key: &str) -> Value {
-        Value::Array(
-            rules
-                .iter()
-                .map(|r| {
-                    let mut out = serde_json::Map::new();
-                    if let Some(peers) = &r.peers {
-                        let peers: Vec<Value> = peers
-                            .iter()
-                            .map(|p| match p {
-                                Peer::IpBlock(b) => json!({"ipBlock": {"cidr": b.cidr.to_string(), "except": b.except.iter().map(|e| e.to_string()).collect::<Vec<_>>()}}),
-                                Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods } => json!({"podSelector": selector(pods)}),
-                                Peer::Pods { namespaces: NamespaceScope::Matching(ns), pods } => {
-                                    json!({"namespaceSelector": selector(ns), "podSelector": selector(pods)})
-                                }
-                            })
-                            .collect();
-                        out.insert(peer_key.into(), Value::Array(peers));
-                    }
-                    if let Some(ports) = &r.ports {
-                        let ports: Vec<Value> = ports
-                            .iter()
-                            .map(|p| match &p.port {
-                                PortMatch::Any => json!({"protocol": p.protocol.as_str()}),
-                                PortMatch::Range(a, b) if a == b => json!({"protocol": p.protocol.as_str(), "port": a}),
-                                PortMatch::Range(a, b) => json!({"protocol": p.protocol.as_str(), "port": a, "endPort": b}),
-                                PortMatch::Named(n) => json!({"protocol": p.protocol.as_str(), "port": n}),
-                            })
-                            .collect();
-                        out.insert("ports".into(), Value::Array(ports));
-                    }
-                    Value::Object(out)
-                })
-                .collect(),
-        )
-    }
     let mut docs: Vec<Value> = Vec::new();
     for ns in cluster.namespaces.values() {
         docs.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": ns.labels}}));
@@ -285,20 +370,15 @@ pub fn to_yaml(cluster: &Cluster) -> String {
         }));
     }
     for p in cluster.policies.iter() {
-        let mut types = Vec::new();
-        let mut spec = serde_json::Map::new();
-        spec.insert("podSelector".into(), selector(&p.pod_selector));
-        if let Some(r) = &p.ingress {
-            types.push("Ingress");
-            spec.insert("ingress".into(), rules(r, "from"));
-        }
-        if let Some(r) = &p.egress {
-            types.push("Egress");
-            spec.insert("egress".into(), rules(r, "to"));
-        }
-        spec.insert("policyTypes".into(), json!(types));
-        docs.push(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": p.id.name, "namespace": p.id.namespace}, "spec": spec}));
+        // As it always wrote them: rule peers and ports left out when absent, every other
+        // list written even when empty, policyTypes explicit.
+        let mut form = |field| match field {
+            ListField::Peers | ListField::Ports => EmptyList::Absent,
+            ListField::Ingress if p.ingress.is_none() => EmptyList::Absent,
+            ListField::Egress if p.egress.is_none() => EmptyList::Absent,
+            _ => EmptyList::Empty,
+        };
+        docs.push(policy_manifest(p, true, &mut form));
     }
     let mut out = String::new();
     for d in docs {

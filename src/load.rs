@@ -4,14 +4,20 @@
 //!  files / folders / stdin ──► read_sources (I/O) ──► Source{name, text}
 //!                                                        │ load_sources (pure)
 //!                                                        ▼
-//!  split into documents (line of each) ─► JSON value ─► by apiVersion/kind:
-//!     Namespace, Pod, NetworkPolicy ............ convert (validate, default)
-//!     *List ..................................... each item
-//!     Deployment, StatefulSet, DaemonSet, ... .. pods from the template (synthetic IPs)
+//!  less a UTF-8 BOM, split into documents (line of each) ─► nesting depth scan
+//!     ─► JSON value(s) (YAML, JSON, or JSON objects one after another) ─► by apiVersion/kind:
+//!     Namespace, Pod, NetworkPolicy ............ typed, unknown fields refused (strict)
+//!     *List ..................................... each item (kind from the list if absent)
+//!     Deployment, StatefulSet, DaemonSet, ... .. typed (strict), then pods from the template
+//!                                                (synthetic IPs), unless ownerReferences
+//!                                                link it to other objects of the input
 //!     net.alpha.kubernetes.io NetworkPolicy .... converted to v1, with a warning
+//!     a kind above in another version .......... "no matches for kind" error
 //!     anything else ............................ skipped, one warning per kind
 //!                                                        ▼
-//!                                          Loaded { cluster, warnings }
+//!                         convert (validate, default) ─► shared-IP check
+//!                                                        ▼
+//!                                          Loaded { cluster, warnings, node_ips }
 //! ```
 //!
 //! Every error names the file, the line where the document starts, the object and the
@@ -26,6 +32,8 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::convert::{self, FieldError, PodOutcome};
@@ -75,11 +83,15 @@ pub struct LoadOptions {
     pub synthetic_ipv4: IpNet,
     /// If set, such pods also get an IPv6 address from here (dual stack).
     pub synthetic_ipv6: Option<IpNet>,
+    /// Downgrade what a permissive API server would store anyway to warnings: unknown
+    /// fields (dropped, as without strict field validation) and pods sharing an IP (the
+    /// first in namespace/name order keeps it, the others take no part).
+    pub lenient: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { synthetic_ipv4: "10.244.0.0/16".parse().expect("valid"), synthetic_ipv6: None }
+        LoadOptions { synthetic_ipv4: "10.244.0.0/16".parse().expect("valid"), synthetic_ipv6: None, lenient: false }
     }
 }
 
@@ -87,6 +99,9 @@ impl Default for LoadOptions {
 pub struct Loaded {
     pub cluster: Cluster,
     pub warnings: Vec<String>,
+    /// Node addresses the input reveals (a pod's `status.hostIP`/`hostIPs`, a hostNetwork
+    /// pod's IP), with the node each belongs to: such an address means that node.
+    pub node_ips: BTreeMap<IpAddr, String>,
 }
 
 // --- I/O -----------------------------------------------------------------------------------
@@ -166,11 +181,22 @@ fn io_error(file: &str, e: &std::io::Error) -> LoadError {
 struct Origin {
     file: String,
     line: usize,
+    /// The path of the object inside its document: `""`, or `items[3].` in a List.
+    item: String,
 }
 
 impl Origin {
+    /// An error about `field` (a path inside the object), prefixed with the object's own
+    /// path in a List so that `items[3].spec.ingress` finds it.
     fn error(&self, object: Option<String>, field: Option<String>, reason: impl Into<String>) -> LoadError {
+        let field = match field {
+            Some(f) => Some(format!("{}{f}", self.item)),
+            None => (!self.item.is_empty()).then(|| self.item.trim_end_matches('.').to_string()),
+        };
         LoadError { file: self.file.clone(), line: self.line, object, field, reason: reason.into() }
+    }
+    fn inside(&self, item: &str) -> Origin {
+        Origin { item: format!("{}{item}", self.item), ..self.clone() }
     }
     fn at(&self) -> String {
         format!("{}:{}", self.file, self.line)
@@ -188,7 +214,52 @@ enum Raw {
         object: ObjectRef,
         template: Value,
         replicas: Replicas,
+        owners: Owners,
     },
+}
+
+/// An object's `metadata.ownerReferences`, and what another object's references to it must
+/// match: a live dump (`kubectl get all -o yaml`) links a Deployment, its ReplicaSet and
+/// their pods this way.
+#[derive(Clone, Debug, Default)]
+struct Owners {
+    kind: String,
+    uid: Option<String>,
+    /// (kind, name, uid) of each owner.
+    refs: Vec<(String, String, Option<String>)>,
+}
+
+impl Owners {
+    fn of(value: &Value, kind: &str) -> Owners {
+        let meta = value.get("metadata");
+        let refs = meta
+            .and_then(|m| m.get("ownerReferences"))
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .map(|r| {
+                        let text = |k| str_field(r, k).unwrap_or_default().to_string();
+                        (text("kind"), text("name"), str_field(r, "uid").map(str::to_string))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Owners { kind: kind.to_string(), uid: meta.and_then(|m| str_field(m, "uid")).map(str::to_string), refs }
+    }
+
+    /// Whether one of these references names `owner` (kind and name, and the uid when both
+    /// sides have one), an object of the same namespace.
+    fn refer_to(&self, owner: &Owners, owner_id: &ObjectRef, namespace: &str) -> bool {
+        namespace == owner_id.namespace
+            && self.refs.iter().any(|(kind, name, uid)| {
+                *kind == owner.kind
+                    && *name == owner_id.name
+                    && match (uid, &owner.uid) {
+                        (Some(a), Some(b)) => a == b,
+                        _ => true,
+                    }
+            })
+    }
 }
 
 enum Replicas {
@@ -202,10 +273,16 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
     let mut skipped_kinds: BTreeMap<String, String> = BTreeMap::new();
     let mut raws: Vec<(Origin, String, Raw)> = Vec::new();
     for source in sources {
-        for (line, doc) in split_documents(&source.text) {
-            let origin = Origin { file: source.name.clone(), line };
-            let Some(value) = parse_document(&source.name, &doc, line)? else { continue };
-            collect(value, &origin, "", &mut raws, &mut warnings, &mut skipped_kinds)?;
+        // kubectl reads a file that starts with a UTF-8 byte order mark (editors on Windows
+        // write one); so do we.
+        let text = source.text.strip_prefix('\u{feff}').unwrap_or(&source.text);
+        for (line, doc) in split_documents(text) {
+            for (line, value) in parse_document(&source.name, &doc, line)? {
+                let origin = Origin { file: source.name.clone(), line, item: String::new() };
+                let mut collector =
+                    Collector { options, raws: &mut raws, warnings: &mut warnings, skipped: &mut skipped_kinds };
+                collector.collect(value, &origin)?;
+            }
         }
     }
     for (kind, first) in skipped_kinds {
@@ -247,10 +324,55 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         .collect();
     let mut placer = Placer::new(options, nodes, taken);
 
+    // A workload of a live dump makes no pods of its own: its pods, or the workload that
+    // makes them (a Deployment's ReplicaSet, a CronJob's Job), are in the input already.
+    let linked: Vec<(ObjectRef, Owners)> = raws
+        .iter()
+        .filter_map(|(_, _, raw)| match raw {
+            Raw::Workload { object, owners, .. } => Some((object.clone(), owners.clone())),
+            Raw::Pod(p) => Some((
+                ObjectRef::new(p.metadata.namespace.as_deref().unwrap_or("default"), ""),
+                Owners {
+                    kind: "Pod".into(),
+                    uid: None,
+                    refs: p
+                        .metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .map(|r| (r.kind.clone(), r.name.clone(), Some(r.uid.clone()).filter(|u| !u.is_empty())))
+                        .collect(),
+                },
+            )),
+            _ => None,
+        })
+        .collect();
+    let makes_own_pods = |object: &ObjectRef, owners: &Owners| {
+        let owned = linked
+            .iter()
+            .any(|(other, theirs)| theirs.kind != "Pod" && owners.refer_to(theirs, other, &object.namespace));
+        let owns = linked.iter().any(|(other, theirs)| theirs.refer_to(owners, object, &other.namespace));
+        !owned && !owns
+    };
+
+    let mut node_ips: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for (_, _, raw) in &raws {
+        let Raw::Pod(p) = raw else { continue };
+        let node = p.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or_default();
+        let status = p.status.as_ref();
+        let host_ips = status.and_then(|s| s.host_ips.as_deref()).unwrap_or_default().iter().map(|h| h.ip.as_str());
+        for ip in host_ips.chain(status.and_then(|s| s.host_ip.as_deref())) {
+            if let (Ok(ip), false) = (ip.parse(), node.is_empty()) {
+                node_ips.entry(ip).or_insert_with(|| node.to_string());
+            }
+        }
+    }
+
     let mut namespaces: Vec<Namespace> = Vec::new();
     let mut pods: Vec<Pod> = Vec::new();
     let mut policies: Vec<Policy> = Vec::new();
     let mut pod_ids: HashMap<ObjectRef, String> = HashMap::new();
+    let mut pod_origins: HashMap<ObjectRef, (Origin, String)> = HashMap::new();
     for (origin, label, raw) in raws {
         let field_err = |e: FieldError| origin.error(Some(label.clone()), Some(e.path), e.reason);
         match raw {
@@ -261,6 +383,7 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
                 match convert::pod(&p, Some(&mut assign)).map_err(field_err)? {
                     PodOutcome::Pod(pod) => {
                         pod_ids.insert(pod.id.clone(), origin.at());
+                        pod_origins.insert(pod.id.clone(), (origin.clone(), label.clone()));
                         pods.push(pod)
                     }
                     PodOutcome::Inactive(why) => {
@@ -268,7 +391,10 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
                     }
                 }
             }
-            Raw::Workload { kind, object, template, replicas } => {
+            Raw::Workload { kind, object, template, replicas, owners } => {
+                if !makes_own_pods(&object, &owners) {
+                    continue;
+                }
                 let names: Vec<(String, Option<String>)> = match replicas {
                     Replicas::Count(n) => (0..n).map(|i| (format!("{}-{i}", object.name), None)).collect(),
                     Replicas::OnePerNode => placer
@@ -311,7 +437,61 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
             ),
         });
     }
-    Ok(Loaded { cluster: Cluster::new(namespaces, pods, policies), warnings })
+    let pods = drop_shared_addresses(pods, &pod_origins, options.lenient, &mut warnings)?;
+    for pod in pods.iter().filter(|p| p.host_network) {
+        for ip in &pod.ips {
+            node_ips.entry(*ip).or_insert_with(|| pod.node.as_str().to_string());
+        }
+    }
+    Ok(Loaded { cluster: Cluster::new(namespaces, pods, policies), warnings, node_ips })
+}
+
+/// Two live pods never hold one address: the engines could not tell them apart (and would
+/// each pick a different one). Only hostNetwork pods of one node share its address: they
+/// are that node. Otherwise it is an error at the later pod in namespace/name order; with
+/// `lenient` a warning, and the earlier pod keeps the address while the later takes no part.
+fn drop_shared_addresses(
+    mut pods: Vec<Pod>,
+    origins: &HashMap<ObjectRef, (Origin, String)>,
+    lenient: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Pod>, LoadError> {
+    pods.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut owners: HashMap<IpAddr, usize> = HashMap::new();
+    let mut kept = Vec::with_capacity(pods.len());
+    for pod in pods {
+        let clash = pod.ips.iter().find_map(|ip| {
+            let &k = owners.get(ip)?;
+            let first: &Pod = &kept[k];
+            let same_node = first.host_network && pod.host_network && first.node == pod.node;
+            (!same_node).then(|| (*ip, first.id.clone()))
+        });
+        let Some((ip, first)) = clash else {
+            for ip in &pod.ips {
+                owners.entry(*ip).or_insert(kept.len());
+            }
+            kept.push(pod);
+            continue;
+        };
+        // Synthesized pods never clash (they skip every declared address), so both were declared.
+        let (origin, label) = origins.get(&pod.id).cloned().unwrap_or_else(|| {
+            (Origin { file: "<input>".into(), line: 0, item: String::new() }, format!("Pod {}", pod.id))
+        });
+        let first_at = origins.get(&first).map(|(o, _)| o.at()).unwrap_or_default();
+        let error = origin.error(
+            Some(label),
+            Some("status.podIP".into()),
+            format!(
+                "{ip} is also the IP of Pod {first} ({first_at}); two live pods cannot share an address \
+                 (only hostNetwork pods of one node, which are that node, may)"
+            ),
+        );
+        if !lenient {
+            return Err(error);
+        }
+        warnings.push(format!("{error} (--lenient: {first} keeps the address, {} takes no part)", pod.id));
+    }
+    Ok(kept)
 }
 
 /// Splits a YAML stream at `---` lines; yields (1-based line of the document's first line, text).
@@ -339,16 +519,81 @@ pub fn split_documents(text: &str) -> Vec<(usize, String)> {
         .collect()
 }
 
-fn parse_document(file: &str, doc: &str, line: usize) -> Result<Option<Value>, LoadError> {
-    let parsed: Result<Value, String> = if doc.trim_start().starts_with('{') || doc.trim_start().starts_with('[') {
-        serde_json::from_str(doc).or_else(|_| yaml_serde::from_str(doc).map_err(|e| yaml_error(&e, line)))
-    } else {
-        yaml_serde::from_str(doc).map_err(|e| yaml_error(&e, line))
-    };
-    match parsed {
-        Ok(Value::Null) => Ok(None),
-        Ok(v) => Ok(Some(v)),
-        Err(reason) => Err(LoadError { file: file.to_string(), line, object: None, field: None, reason }),
+/// How deep `[`/`{` may nest. The YAML deserializer gives up past 128 levels of any nesting
+/// ("recursion limit exceeded"), but only after parsing, which takes time quadratic in the
+/// depth (200 KB of `[` took 39 s); flow nesting alone past that limit is refused first.
+/// (The API server's own JSON limit is 10 000 levels; no object we read comes near either.)
+pub const MAX_FLOW_NESTING: usize = 128;
+
+/// Refuses a document whose flow collections nest deeper than [`MAX_FLOW_NESTING`]: one
+/// cheap pass over the text, skipping quoted strings and comments. Brackets inside plain
+/// scalars are counted too, which can only make the check stricter on absurd input.
+fn check_nesting(doc: &str) -> Result<(), String> {
+    let (mut depth, mut line, mut quote, mut comment, mut prev) = (0usize, 1usize, None, false, '\n');
+    let mut chars = doc.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\n' {
+            line += 1;
+            comment = false;
+        }
+        match quote {
+            _ if comment => {}
+            Some('"') if c == '\\' => {
+                chars.next();
+            }
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '"' | '\'' if prev.is_whitespace() || matches!(prev, '[' | '{' | ',' | ':') => quote = Some(c),
+                '#' if prev.is_whitespace() => comment = true,
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_FLOW_NESTING {
+                        return Err(format!(
+                            "nesting deeper than {MAX_FLOW_NESTING} levels at line {line} (a Kubernetes object is never this deep)"
+                        ));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        prev = c;
+    }
+    Ok(())
+}
+
+/// Parses one document: YAML, JSON, or (as kubectl reads them) several JSON objects one
+/// after another. Yields each value with the 1-based line where it starts.
+fn parse_document(file: &str, doc: &str, line: usize) -> Result<Vec<(usize, Value)>, LoadError> {
+    let error =
+        |line: usize, reason: String| LoadError { file: file.to_string(), line, object: None, field: None, reason };
+    check_nesting(doc).map_err(|reason| error(line, reason))?;
+    let trimmed = doc.trim_start();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        let mut values = Vec::new();
+        let mut stream = serde_json::Deserializer::from_str(doc).into_iter::<Value>();
+        let mut start = 0;
+        let json: Result<(), serde_json::Error> = loop {
+            // The value starts at the first non-blank character after the previous one.
+            start += doc[start..].len() - doc[start..].trim_start().len();
+            match stream.next() {
+                None => break Ok(()),
+                Some(Ok(v)) => {
+                    values.push((line + doc[..start].matches('\n').count(), v));
+                    start = stream.byte_offset();
+                }
+                Some(Err(e)) => break Err(e),
+            }
+        };
+        if json.is_ok() {
+            return Ok(values.into_iter().filter(|(_, v)| !v.is_null()).collect());
+        }
+    }
+    match yaml_serde::from_str(doc) {
+        Ok(Value::Null) => Ok(Vec::new()),
+        Ok(v) => Ok(vec![(line, v)]),
+        Err(e) => Err(error(line, yaml_error(&e, line))),
     }
 }
 
@@ -385,94 +630,183 @@ fn object_label(kind: &str, v: &Value) -> String {
     }
 }
 
-fn collect(
-    value: Value,
-    origin: &Origin,
-    path: &str,
-    raws: &mut Vec<(Origin, String, Raw)>,
-    warnings: &mut Vec<String>,
-    skipped: &mut BTreeMap<String, String>,
-) -> Result<(), LoadError> {
-    if !value.is_object() {
-        return Err(origin.error(
-            None,
-            (!path.is_empty()).then(|| path.to_string()),
-            "expected a Kubernetes object (a mapping with apiVersion and kind)",
-        ));
-    }
-    let api_version = str_field(&value, "apiVersion").unwrap_or("").to_string();
-    let Some(kind) = str_field(&value, "kind").map(str::to_string) else {
-        warnings.push(format!("{}: skipped a document without `kind` (not a Kubernetes object)", origin.at()));
-        return Ok(());
-    };
-    let label = object_label(&kind, &value);
-    let field = |e: serde_path_to_error::Error<serde_json::Error>| {
-        let p = e.path().to_string();
-        let field = if p == "." { None } else { Some(format!("{path}{p}")) };
-        origin.error(Some(label.clone()), field, e.into_inner().to_string())
-    };
-    match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => raws.push((
-            origin.clone(),
-            label.clone(),
-            Raw::Namespace(serde_path_to_error::deserialize(value).map_err(field)?),
-        )),
-        ("v1", "Pod") => raws.push((
-            origin.clone(),
-            label.clone(),
-            Raw::Pod(Box::new(serde_path_to_error::deserialize(value).map_err(field)?)),
-        )),
-        ("networking.k8s.io/v1", "NetworkPolicy") => raws.push((
-            origin.clone(),
-            label.clone(),
-            Raw::Policy(serde_path_to_error::deserialize(value).map_err(field)?),
-        )),
-        ("net.alpha.kubernetes.io/v1alpha1", "NetworkPolicy") => {
-            let v1 = legacy_to_v1(&value).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
-            let yaml = yaml_serde::to_string(&v1).unwrap_or_default();
-            warnings.push(format!(
-                "{}: {label}: converted from the pre-v1 net.alpha.kubernetes.io/v1alpha1 form; write it as networking.k8s.io/v1:\n{}",
-                origin.at(),
-                yaml.trim_end()
-            ));
-            raws.push((
-                origin.clone(),
-                label.clone(),
-                Raw::Policy(serde_path_to_error::deserialize(v1).map_err(field)?),
-            ));
+/// Sorts parsed documents into [`Raw`] objects, checking each kind we read as strictly as
+/// the API server does.
+struct Collector<'a> {
+    options: &'a LoadOptions,
+    raws: &'a mut Vec<(Origin, String, Raw)>,
+    warnings: &'a mut Vec<String>,
+    skipped: &'a mut BTreeMap<String, String>,
+}
+
+/// The kinds netpol-check reads, each in the one group/version an API server serves it in
+/// (besides the legacy `net.alpha.kubernetes.io/v1alpha1` NetworkPolicy).
+const READ_KINDS: &[(&str, &str)] = &[
+    ("v1", "Namespace"),
+    ("v1", "Pod"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("apps/v1", "Deployment"),
+    ("apps/v1", "StatefulSet"),
+    ("apps/v1", "DaemonSet"),
+    ("apps/v1", "ReplicaSet"),
+    ("v1", "ReplicationController"),
+    ("batch/v1", "Job"),
+    ("batch/v1", "CronJob"),
+];
+
+impl Collector<'_> {
+    fn collect(&mut self, value: Value, origin: &Origin) -> Result<(), LoadError> {
+        if !value.is_object() {
+            return Err(origin.error(None, None, "expected a Kubernetes object (a mapping with apiVersion and kind)"));
         }
-        ("conformance.netpol/v1", "Expectation") => {}
-        (_, k) if k.ends_with("List") && value.get("items").is_some() => {
-            let Some(Value::Array(items)) = value.get("items").cloned() else {
-                return Err(origin.error(Some(label), Some(format!("{path}items")), "must be a list"));
-            };
-            for (i, item) in items.into_iter().enumerate() {
-                collect(item, origin, &format!("{path}items[{i}]."), raws, warnings, skipped)?;
+        let api_version = str_field(&value, "apiVersion").unwrap_or("").to_string();
+        let Some(kind) = str_field(&value, "kind").map(str::to_string) else {
+            self.warnings.push(format!("{}: skipped a document without `kind` (not a Kubernetes object)", origin.at()));
+            return Ok(());
+        };
+        let label = object_label(&kind, &value);
+        let raw = match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Namespace") => Raw::Namespace(self.decode(&value, origin, &label)?),
+            ("v1", "Pod") => Raw::Pod(Box::new(self.decode(&value, origin, &label)?)),
+            ("networking.k8s.io/v1", "NetworkPolicy") => Raw::Policy(self.decode(&value, origin, &label)?),
+            ("net.alpha.kubernetes.io/v1alpha1", "NetworkPolicy") => {
+                let v1 = legacy_to_v1(&value).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
+                let yaml = yaml_serde::to_string(&v1).unwrap_or_default();
+                self.warnings.push(format!(
+                    "{}: {label}: converted from the pre-v1 net.alpha.kubernetes.io/v1alpha1 form; write it as networking.k8s.io/v1:\n{}",
+                    origin.at(),
+                    yaml.trim_end()
+                ));
+                Raw::Policy(self.decode(&v1, origin, &label)?)
+            }
+            ("conformance.netpol/v1", "Expectation") => return Ok(()),
+            (_, k) if k.ends_with("List") && value.get("items").is_some() => {
+                let Some(Value::Array(items)) = value.get("items") else {
+                    return Err(origin.error(Some(label), Some("items".into()), "must be a list"));
+                };
+                // `kubectl get --raw` lists (`PodList`, ...) leave `kind` and `apiVersion` out
+                // of their items: they are the list's, less `List`.
+                let item_kind = k.strip_suffix("List").filter(|k| !k.is_empty());
+                for (i, item) in items.iter().enumerate() {
+                    let mut item = item.clone();
+                    if let (Some(item_kind), Value::Object(fields)) = (item_kind, &mut item)
+                        && !fields.contains_key("kind")
+                    {
+                        fields.insert("kind".into(), Value::String(item_kind.to_string()));
+                        fields.entry("apiVersion").or_insert_with(|| Value::String(api_version.clone()));
+                    }
+                    self.collect(item, &origin.inside(&format!("items[{i}].")))?;
+                }
+                return Ok(());
+            }
+            (group, k) if workload_kind(group, k) => {
+                self.check_workload(&value, k, origin, &label)?;
+                let (template, replicas) = workload_template(&value, k)
+                    .map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
+                let meta = value.get("metadata");
+                let object = ObjectRef::new(
+                    meta.and_then(|m| str_field(m, "namespace")).unwrap_or("default"),
+                    meta.and_then(|m| str_field(m, "name")).unwrap_or(""),
+                );
+                if object.name.is_empty() {
+                    return Err(origin.error(Some(label), Some("metadata.name".into()), "is required"));
+                }
+                Raw::Workload { kind: k.to_string(), object, template, replicas, owners: Owners::of(&value, k) }
+            }
+            (_, k) if READ_KINDS.iter().any(|(_, read)| read.eq_ignore_ascii_case(k)) => {
+                // The API server has no such resource: kubectl stops with "no matches for kind".
+                return Err(origin.error(
+                    Some(label),
+                    None,
+                    format!("no matches for kind {k:?} in version {api_version:?}"),
+                ));
+            }
+            _ => {
+                let key = if api_version.is_empty() { kind.clone() } else { format!("{api_version} {kind}") };
+                self.skipped.entry(key).or_insert_with(|| origin.at());
+                return Ok(());
+            }
+        };
+        self.raws.push((origin.clone(), label, raw));
+        Ok(())
+    }
+
+    /// Decodes a kind we read into its API type, and rejects the fields that type does not
+    /// have, as kubectl's strict field validation (the default since 1.27) does:
+    /// `strict decoding error: unknown field "spec.ingress[0].fromm"`. Which fields a type has
+    /// is what it keeps: a field the typed round trip drops is unknown. `status` is not
+    /// checked (we read little of it, and newer servers add to it), nor are `null` values
+    /// (they carry nothing). With `lenient` the fields are dropped with a warning, as a
+    /// server without strict validation would drop them.
+    fn decode<T: DeserializeOwned + Serialize>(
+        &mut self,
+        value: &Value,
+        origin: &Origin,
+        label: &str,
+    ) -> Result<T, LoadError> {
+        let typed: T = serde_path_to_error::deserialize(value).map_err(|e| {
+            let p = e.path().to_string();
+            let field = if p == "." { None } else { Some(p) };
+            origin.error(Some(label.to_string()), field, e.into_inner().to_string())
+        })?;
+        let mut unknown = Vec::new();
+        if let (Value::Object(sent), Ok(Value::Object(kept))) = (value, serde_json::to_value(&typed)) {
+            for (key, v) in sent.iter().filter(|(key, _)| *key != "status") {
+                unknown_fields(v, kept.get(key), key.clone(), &mut unknown);
             }
         }
-        (group, k) if workload_kind(group, k) => {
-            let (template, replicas) =
-                workload_template(&value, k).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
-            let meta = value.get("metadata");
-            let object = ObjectRef::new(
-                meta.and_then(|m| str_field(m, "namespace")).unwrap_or("default"),
-                meta.and_then(|m| str_field(m, "name")).unwrap_or(""),
-            );
-            if object.name.is_empty() {
-                return Err(origin.error(Some(label), Some("metadata.name".into()), "is required"));
+        if !unknown.is_empty() {
+            let list: Vec<String> = unknown.iter().map(|p| format!("unknown field {p:?}")).collect();
+            let error =
+                origin.error(Some(label.to_string()), None, format!("strict decoding error: {}", list.join(", ")));
+            if !self.options.lenient {
+                return Err(error);
             }
-            raws.push((
-                origin.clone(),
-                label.clone(),
-                Raw::Workload { kind: k.to_string(), object, template, replicas },
-            ));
+            self.warnings
+                .push(format!("{error} (--lenient: ignored, as a server without strict field validation drops it)"));
         }
-        _ => {
-            let key = if api_version.is_empty() { kind.clone() } else { format!("{api_version} {kind}") };
-            skipped.entry(key).or_insert_with(|| origin.at());
+        Ok(typed)
+    }
+
+    /// A workload's fields are checked as strictly as a Pod's (its pod template above all).
+    fn check_workload(&mut self, value: &Value, kind: &str, origin: &Origin, label: &str) -> Result<(), LoadError> {
+        use k8s_openapi::api::{apps::v1 as apps, batch::v1 as batch};
+        match kind {
+            "Deployment" => self.decode::<apps::Deployment>(value, origin, label).map(drop),
+            "StatefulSet" => self.decode::<apps::StatefulSet>(value, origin, label).map(drop),
+            "DaemonSet" => self.decode::<apps::DaemonSet>(value, origin, label).map(drop),
+            "ReplicaSet" => self.decode::<apps::ReplicaSet>(value, origin, label).map(drop),
+            "ReplicationController" => self.decode::<core::ReplicationController>(value, origin, label).map(drop),
+            "Job" => self.decode::<batch::Job>(value, origin, label).map(drop),
+            "CronJob" => self.decode::<batch::CronJob>(value, origin, label).map(drop),
+            _ => Ok(()),
         }
     }
-    Ok(())
+}
+
+/// The paths of `sent` (a field as written) that `kept` (the same field after a typed round
+/// trip) lost.
+fn unknown_fields(sent: &Value, kept: Option<&Value>, path: String, out: &mut Vec<String>) {
+    if sent.is_null() {
+        return;
+    }
+    let Some(kept) = kept else {
+        out.push(path);
+        return;
+    };
+    match (sent, kept) {
+        (Value::Object(sent), Value::Object(kept)) => {
+            for (key, v) in sent {
+                unknown_fields(v, kept.get(key), format!("{path}.{key}"), out);
+            }
+        }
+        (Value::Array(sent), Value::Array(kept)) => {
+            for (i, (v, k)) in sent.iter().zip(kept).enumerate() {
+                unknown_fields(v, Some(k), format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn workload_kind(group: &str, kind: &str) -> bool {

@@ -2,19 +2,32 @@
 //! [`Connection`] to evaluate. Shared by the CLI and the tests.
 //!
 //! ```text
+//!  Cluster + node IPs (from the loader) ──► with_node_endpoints ──► Cluster (+ node endpoints)
 //!  "tenant-a/nginx", "10.1.2.3", "http", TCP, Family ──► Connection{src, dst, protocol, port, ipv6}
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
 
 use crate::evaluate::{Connection, Endpoint};
 use crate::matrix::{Family, ProbePort};
-use crate::model::{Cluster, ObjectRef, Protocol};
+use crate::model::{Cluster, ObjectRef, Pod, PodIps, Protocol};
 
-/// `NAMESPACE/POD`, or an IP address (an IP that belongs to a pod means that pod).
+/// The namespace that names node endpoints (`node/<node name>`) in answers.
+pub const NODE_ENDPOINT_NAMESPACE: &str = "node";
+
+/// `NAMESPACE/POD`, or an IP address: an IP that belongs to a pod means that pod; one of a
+/// hostNetwork pod means its node, which every hostNetwork pod of that node stands for.
 pub fn resolve_endpoint(cluster: &Cluster, text: &str) -> Result<Endpoint, String> {
     if let Ok(ip) = text.parse::<IpAddr>() {
-        return Ok(cluster.pod_by_ip(ip).map(Endpoint::Pod).unwrap_or(Endpoint::Ip(ip)));
+        let host = || cluster.pods.iter().position(|p| p.host_network && p.ips.contains(&ip));
+        return Ok(cluster.pod_by_ip(ip).or_else(host).map(Endpoint::Pod).unwrap_or(Endpoint::Ip(ip)));
+    }
+    if text.parse::<IpNet>().is_ok() {
+        return Err(format!("{text:?} is a CIDR, not an endpoint (give one IP address, or NAMESPACE/POD)"));
     }
     let Some((ns, name)) = text.split_once('/') else {
         return Err(format!("{text:?} is neither NAMESPACE/POD nor an IP address"));
@@ -23,6 +36,34 @@ pub fn resolve_endpoint(cluster: &Cluster, text: &str) -> Result<Endpoint, Strin
         .pod_index(&ObjectRef::new(ns, name))
         .map(Endpoint::Pod)
         .ok_or_else(|| format!("no pod {text} in the input (pods without an IP, or in a terminal phase, take no part)"))
+}
+
+/// The cluster, plus a node endpoint for each of `endpoints` that is the address of a node
+/// (`node_ips`, e.g. a pod's `status.hostIP`) but of no pod: a hostNetwork pod
+/// `node/<node name>` of that node. That is what a node is to every engine: traffic it sends
+/// to its own pods is always allowed, and policies see it by IP (ipBlock) only.
+pub fn with_node_endpoints(cluster: &Cluster, node_ips: &BTreeMap<IpAddr, String>, endpoints: &[&str]) -> Cluster {
+    let mut nodes: Vec<Pod> = Vec::new();
+    for text in endpoints {
+        let Ok(ip) = text.parse::<IpAddr>() else { continue };
+        let Some(node) = node_ips.get(&ip) else { continue };
+        if cluster.pods.iter().any(|p| p.ips.contains(&ip)) || nodes.iter().any(|p| p.ips.contains(&ip)) {
+            continue;
+        }
+        nodes.push(Pod {
+            id: ObjectRef::new(NODE_ENDPOINT_NAMESPACE, node.clone()),
+            labels: Arc::default(),
+            node: node.as_str().into(),
+            ips: PodIps::from(ip),
+            host_network: true,
+            ports: Arc::new([]),
+        });
+    }
+    if nodes.is_empty() {
+        return cluster.clone();
+    }
+    let pods: Vec<Arc<Pod>> = cluster.pods.iter().cloned().chain(nodes.into_iter().map(Arc::new)).collect();
+    Cluster::new(cluster.namespaces.values().cloned().collect(), pods, cluster.policies.iter().cloned())
 }
 
 /// A port as typed: a number in 1..=65535, or a valid container port name.

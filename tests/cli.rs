@@ -513,3 +513,390 @@ fn a_bad_probe_timeout_is_refused_before_anything_runs() {
         );
     }
 }
+
+// --- issue 15: the answer the API server would give ---------------------------------------------
+
+/// Two running pods `default/a` and `default/b` on node-1, then the given documents.
+fn two_pods_and(docs: &str) -> String {
+    let pod = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: {name}}}}}\nspec:\n  nodeName: node-1\n  containers:\n  - name: c\n    ports: [{{containerPort: 80, name: http}}]\nstatus: {{phase: Running, podIP: {ip}}}\n"
+        )
+    };
+    format!("{}---\n{}---\n{docs}", pod("a", "10.1.0.1"), pod("b", "10.1.0.2"))
+}
+
+fn query_in(text: &str, from: &str, to: &str, extra: &[&str]) -> Output {
+    let dir = with_file(text);
+    let mut args = vec!["query", "--from", from, "--to", to, "--port", "80", "-f", "bad.yaml"];
+    args.extend(extra);
+    netpol_check(dir.path(), &args)
+}
+
+#[test]
+fn empty_policy_types_isolate_ingress_as_the_api_server_defaults_them() {
+    let o = query_in(&two_pods_and(&policy("  policyTypes: []\n")), "default/b", "default/a", &[]);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).starts_with("DENIED"), "{}", stdout(&o));
+}
+
+#[test]
+fn an_empty_egress_list_without_policy_types_does_not_isolate_egress() {
+    let text = two_pods_and(&policy("  egress: []\n"));
+    let out = query_in(&text, "default/a", "192.0.2.1", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    // Ingress is still isolated: "all policies are assumed to affect ingress".
+    let inside = query_in(&text, "default/b", "default/a", &[]);
+    assert_eq!(inside.status.code(), Some(1), "{}", stdout(&inside));
+}
+
+#[test]
+fn an_unknown_field_is_a_strict_decoding_error_with_its_path() {
+    assert_error(
+        &two_pods_and(&policy("  ingress:\n  - fromm:\n    - podSelector: {matchLabels: {app: a}}\n")),
+        MATRIX,
+        &format!("error: bad.yaml:21: {P}: strict decoding error: unknown field \"spec.ingress[0].fromm\""),
+    );
+    assert_error(
+        &policy("  ingress:\n  - from:\n    - podSelector: {matchLabel: {app: a}}\n"),
+        MATRIX,
+        &format!(
+            "error: bad.yaml:1: {P}: strict decoding error: unknown field \"spec.ingress[0].from[0].podSelector.matchLabel\""
+        ),
+    );
+}
+
+#[test]
+fn unknown_fields_of_pods_namespaces_and_workload_templates_are_errors_but_status_is_not_checked() {
+    assert_error(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, lables: {x: y}}\n",
+        MATRIX,
+        "error: bad.yaml:1: Namespace a: strict decoding error: unknown field \"metadata.lables\"",
+    );
+    assert_error(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers:\n      - name: c\n        port: [{containerPort: 80}]\n",
+        MATRIX,
+        "error: bad.yaml:1: Deployment default/web: strict decoding error: unknown field \"spec.template.spec.containers[0].port\"",
+    );
+    let dir = with_file(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: n, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.1, someFutureField: 1}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {anything: 1}\n",
+    );
+    let o = netpol_check(dir.path(), &["explain", "default/a", "-f", "bad.yaml"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[test]
+fn lenient_turns_an_unknown_field_into_a_warning() {
+    let dir = with_file(&two_pods_and(&policy("  ingress:\n  - fromm:\n    - podSelector: {}\n")));
+    let o = netpol_check(
+        dir.path(),
+        &["query", "--lenient", "--from", "default/b", "--to", "default/a", "--port", "80", "-f", "bad.yaml"],
+    );
+    assert!(
+        stderr(&o).contains(&format!(
+            "warning: bad.yaml:21: {P}: strict decoding error: unknown field \"spec.ingress[0].fromm\""
+        )),
+        "{}",
+        stderr(&o)
+    );
+    // The rule without the unknown field has no peers: it allows everyone, as the API server
+    // would store it with the field dropped.
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
+
+#[test]
+fn a_kind_we_read_in_an_unknown_version_has_no_matches() {
+    for (api_version, kind) in [
+        ("extensions/v1beta1", "NetworkPolicy"),
+        ("networking.k8s.io/V1", "NetworkPolicy"),
+        ("networking.k8s.io/v1", "networkpolicy"),
+    ] {
+        let text =
+            format!("apiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: p}}\nspec: {{podSelector: {{}}}}\n");
+        assert_error(
+            &text,
+            MATRIX,
+            &format!(
+                "error: bad.yaml:1: {kind} default/p: no matches for kind \"{kind}\" in version \"{api_version}\""
+            ),
+        );
+    }
+}
+
+#[test]
+fn a_digit_only_port_name_is_rejected_as_the_api_server_does() {
+    assert_error(
+        &policy("  ingress:\n  - ports:\n    - port: \"80\"\n"),
+        MATRIX,
+        &format!(
+            "error: bad.yaml:1: {P}: spec.ingress[0].ports[0].port: invalid port name \"80\": must be 1-15 lower case letters, digits or '-', with at least one letter and no leading, trailing or double '-'"
+        ),
+    );
+}
+
+/// `kubectl get all -o yaml`: a Deployment, its ReplicaSet and its one pod, linked by uid.
+const LIVE_DUMP: &str = r#"apiVersion: v1
+kind: List
+items:
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: web, namespace: shop, uid: d-1}
+  spec:
+    replicas: 1
+    selector: {matchLabels: {app: web}}
+    template:
+      metadata: {labels: {app: web}}
+      spec: {containers: [{name: c, ports: [{containerPort: 80}]}]}
+- apiVersion: apps/v1
+  kind: ReplicaSet
+  metadata:
+    name: web-5d9
+    namespace: shop
+    uid: r-1
+    ownerReferences: [{apiVersion: apps/v1, kind: Deployment, name: web, uid: d-1, controller: true}]
+  spec:
+    replicas: 1
+    selector: {matchLabels: {app: web}}
+    template:
+      metadata: {labels: {app: web}}
+      spec: {containers: [{name: c, ports: [{containerPort: 80}]}]}
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: web-5d9-x2x
+    namespace: shop
+    labels: {app: web}
+    ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-5d9, uid: r-1, controller: true}]
+  spec: {nodeName: node-1, containers: [{name: c, ports: [{containerPort: 80}]}]}
+  status: {phase: Running, podIP: 10.1.0.7}
+"#;
+
+fn matrix_pods(dir: &Path, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["matrix", "-o", "json"];
+    all.extend(args);
+    let o = netpol_check(dir, &all);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["pods"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn a_live_dump_counts_each_pod_once_and_its_workloads_make_none() {
+    let dir = with_file(LIVE_DUMP);
+    assert_eq!(matrix_pods(dir.path(), &["-f", "bad.yaml"]), vec!["shop/web-5d9-x2x"]);
+}
+
+#[test]
+fn a_raw_typed_list_a_byte_order_mark_and_concatenated_json_load_as_kubectl_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = r#"{"kind":"PodList","apiVersion":"v1","items":[{"metadata":{"name":"a","namespace":"n"},"spec":{"nodeName":"node-1","containers":[]},"status":{"phase":"Running","podIP":"10.1.0.1"}}]}"#;
+    std::fs::write(dir.path().join("raw.json"), raw).unwrap();
+    assert_eq!(matrix_pods(dir.path(), &["-f", "raw.json"]), vec!["n/a"]);
+    let pod = |name: &str, ip: &str| {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","namespace":"n"}},"spec":{{"nodeName":"node-1","containers":[]}},"status":{{"phase":"Running","podIP":"{ip}"}}}}"#
+        )
+    };
+    std::fs::write(dir.path().join("stream.json"), format!("{}\n{}", pod("a", "10.1.0.1"), pod("b", "10.1.0.2")))
+        .unwrap();
+    assert_eq!(matrix_pods(dir.path(), &["-f", "stream.json"]), vec!["n/a", "n/b"]);
+    std::fs::write(dir.path().join("bom.json"), format!("\u{feff}{}", pod("a", "10.1.0.1"))).unwrap();
+    assert_eq!(matrix_pods(dir.path(), &["-f", "bom.json"]), vec!["n/a"]);
+    std::fs::write(
+        dir.path().join("bom.yaml"),
+        format!("\u{feff}apiVersion: v1\nkind: Namespace\nmetadata: {{name: a}}\n---\n{}", pod("p", "10.1.0.3")),
+    )
+    .unwrap();
+    assert_eq!(matrix_pods(dir.path(), &["-f", "bom.yaml"]), vec!["n/p"]);
+}
+
+#[test]
+fn two_live_pods_with_one_ip_are_an_error_naming_both_and_lenient_keeps_the_first() {
+    let text = two_pods_and(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: c, namespace: default}\nspec: {nodeName: node-2, containers: []}\nstatus: {phase: Running, podIP: 10.1.0.1}\n",
+    );
+    assert_error(
+        &text,
+        MATRIX,
+        "error: bad.yaml:21: Pod default/c: status.podIP: 10.1.0.1 is also the IP of Pod default/a (bad.yaml:1); two live pods cannot share an address (only hostNetwork pods of one node, which are that node, may)",
+    );
+    let dir = with_file(&text);
+    let o = netpol_check(dir.path(), &["matrix", "-o", "json", "--lenient", "-f", "bad.yaml"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("warning: bad.yaml:21: Pod default/c: status.podIP: 10.1.0.1 is also the IP of Pod default/a"),
+        "{}",
+        stderr(&o)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["pods"], serde_json::json!(["default/a", "default/b"]));
+}
+
+/// A hostNetwork pod `default/hn` on node-1 (the node's IP 192.168.0.10), pod `default/a`
+/// there too (it reports that host IP), and a policy that denies all ingress.
+fn host_network_cluster() -> String {
+    let hn = "apiVersion: v1\nkind: Pod\nmetadata: {name: hn, namespace: default}\nspec: {nodeName: node-1, hostNetwork: true, containers: []}\nstatus: {phase: Running, podIP: 192.168.0.10, hostIP: 192.168.0.10}\n";
+    let other = "apiVersion: v1\nkind: Pod\nmetadata: {name: far, namespace: default}\nspec: {nodeName: node-2, containers: []}\nstatus: {phase: Running, podIP: 10.1.0.9, hostIP: 192.168.0.20}\n";
+    two_pods_and(&format!("{hn}---\n{other}---\n{}", policy("  policyTypes: [Ingress]\n")))
+}
+
+#[test]
+fn a_host_network_pod_or_node_ip_in_a_query_means_that_node() {
+    let text = host_network_cluster();
+    for engine in ["evaluator", "ruleset"] {
+        for from in ["default/hn", "192.168.0.10"] {
+            let o = query_in(&text, from, "default/a", &["--engine", engine]);
+            assert_eq!(o.status.code(), Some(0), "{engine} --from {from}: {}{}", stdout(&o), stderr(&o));
+        }
+        // node-2's address (known from the host IP its pod reports) is node-2: not a's node.
+        let o = query_in(&text, "192.168.0.20", "default/far", &["--engine", engine]);
+        assert_eq!(o.status.code(), Some(0), "{engine} node-2 to its own pod: {}{}", stdout(&o), stderr(&o));
+        let o = query_in(&text, "192.168.0.20", "default/a", &["--engine", engine]);
+        assert_eq!(o.status.code(), Some(1), "{engine} node-2 to node-1's pod: {}{}", stdout(&o), stderr(&o));
+    }
+    let help = netpol_check(repo(), &["query", "--help"]);
+    assert!(stdout(&help).contains("status.hostIP"), "{}", stdout(&help));
+}
+
+/// Runs `args` with stdout a pipe whose reader is gone before anything is written.
+fn with_closed_stdout(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netpol-check"))
+        .current_dir(repo())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_closed_pipe_never_panics_and_keeps_the_exit_code() {
+    let denied = with_closed_stdout(&[
+        "query",
+        "--from",
+        "tenant-a/debug",
+        "--to",
+        "tenant-a/backend-1",
+        "--port",
+        "80",
+        "-f",
+        FOUNDING,
+    ]);
+    assert_eq!(denied.status.code(), Some(1), "{}", stderr(&denied));
+    let denied_json = with_closed_stdout(&[
+        "query",
+        "-o",
+        "json",
+        "--from",
+        "tenant-a/debug",
+        "--to",
+        "tenant-a/backend-1",
+        "--port",
+        "80",
+        "-f",
+        FOUNDING,
+    ]);
+    assert_eq!(denied_json.status.code(), Some(1), "{}", stderr(&denied_json));
+    let explain = with_closed_stdout(&["explain", "tenant-a/backend-1", "-f", FOUNDING]);
+    assert_eq!(explain.status.code(), Some(0), "{}", stderr(&explain));
+    let cleanup = with_closed_stdout(&["lab", "cleanup", "--dry-run"]);
+    assert!(matches!(cleanup.status.code(), Some(0 | 2)), "{:?} {}", cleanup.status, stderr(&cleanup));
+    for o in [&denied, &denied_json, &explain, &cleanup] {
+        assert!(!stderr(o).contains("panicked"), "{}", stderr(o));
+    }
+}
+
+#[test]
+fn deeply_nested_yaml_is_refused_before_parsing() {
+    let deep = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: a}}\nspec: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    assert_error(
+        &deep,
+        MATRIX,
+        "error: bad.yaml:1: nesting deeper than 128 levels at line 4 (a Kubernetes object is never this deep)",
+    );
+}
+
+#[test]
+fn a_port_name_no_pod_declares_warns() {
+    let o = netpol_check(repo(), &["matrix", "--port", "nosuch", "-f", FOUNDING]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: --port nosuch: no pod declares a port of that name; every cell is denied"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn ipv6_probes_on_an_ipv4_only_cluster_are_an_error() {
+    let o = netpol_check(repo(), &["matrix", "--family", "ipv6", "-f", FOUNDING]);
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert_eq!(stderr(&o), "error: --family ipv6: no pod of the input has an IPv6 address\n");
+}
+
+#[test]
+fn a_synthetic_range_of_the_wrong_family_is_refused() {
+    let o = netpol_check(repo(), &["matrix", "--synthetic-ipv4", "fd00::/64", "-f", FOUNDING]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--synthetic-ipv4: fd00::/64 is not an IPv4 range"), "{}", stderr(&o));
+    let o = netpol_check(repo(), &["matrix", "--synthetic-ipv6", "10.0.0.0/8", "-f", FOUNDING]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--synthetic-ipv6: 10.0.0.0/8 is not an IPv6 range"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_cidr_is_not_an_endpoint() {
+    assert_error(
+        &two_pods_and(""),
+        &["query", "--from", "10.0.2.0/24", "--to", "default/a", "--port", "80"],
+        "error: --from: \"10.0.2.0/24\" is a CIDR, not an endpoint (give one IP address, or NAMESPACE/POD)",
+    );
+}
+
+#[test]
+fn an_error_inside_a_list_keeps_its_items_path() {
+    assert_error(
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: a}\n- apiVersion: networking.k8s.io/v1\n  kind: NetworkPolicy\n  metadata: {name: p}\n  spec:\n    podSelector: {}\n    ingress:\n    - ports: [{port: 0}]\n",
+        MATRIX,
+        &format!(
+            "error: bad.yaml:1: {P}: items[1].spec.ingress[0].ports[0].port: must be between 1 and 65535, inclusive (got 0)"
+        ),
+    );
+}
+
+#[test]
+fn a_matrix_with_nothing_to_probe_says_so() {
+    let dir = with_file("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n");
+    let o = netpol_check(dir.path(), &["matrix", "-f", "bad.yaml"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: nothing to probe: the input has no pods that take part"), "{}", stderr(&o));
+    let dir = with_file(&two_pods_and("").replace("    ports: [{containerPort: 80, name: http}]\n", ""));
+    let o = netpol_check(dir.path(), &["matrix", "-f", "bad.yaml"]);
+    assert!(
+        stderr(&o).contains("warning: nothing to probe: no pod declares a port and no policy names one (give --port)"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_host_network_pod_or_node_ip_in_a_kernel_query_means_that_node_too() {
+    if let Err(e) = netpol::kernel_engine::check_prerequisites() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{e} (CI=true: failing instead of skipping)");
+        return eprintln!("SKIPPED: {e}");
+    }
+    let text = host_network_cluster();
+    for (from, to, code) in
+        [("192.168.0.10", "default/a", 0), ("192.168.0.20", "default/far", 0), ("192.168.0.20", "default/a", 1)]
+    {
+        let o = query_in(&text, from, to, &["--engine", "kernel"]);
+        assert_eq!(o.status.code(), Some(code), "kernel {from} -> {to}: {}{}", stdout(&o), stderr(&o));
+    }
+}

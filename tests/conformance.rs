@@ -1,9 +1,9 @@
 //! Every case of the upstream conformance corpus, through the real CLI's JSON output, on
 //! every engine (DESIGN.md §7: "must all pass on every engine").
 //!
-//! The corpus lives in `../shared/conformance/cases` beside the repository (override with
-//! `NETPOL_CONFORMANCE_DIR`). Under `CI=true` a missing corpus fails the test, and so does
-//! a machine where the kernel engine cannot run (root, `ip`, `nft`); elsewhere that skips.
+//! The corpus lives in `tests/conformance/cases` (upstream's cases and our own, see its
+//! README). Under `CI=true` a machine where the kernel engine cannot run (root, `ip`, `nft`)
+//! fails the kernel test; elsewhere that skips.
 
 mod common;
 

@@ -269,7 +269,25 @@ fn host_network_pods_are_their_node_on_every_engine() {
 fn a_pod_sharing_an_address_with_another_endpoint_is_refused_with_a_clear_error() {
     let text = HOST_NETWORK_CLUSTER.replace("podIPs: [{ip: 10.0.0.2}", "podIPs: [{ip: 10.1.2.2}");
     let sources = [Source { name: "shared.yaml".into(), text }];
-    let cluster = load_sources(&sources, &LoadOptions::default()).unwrap().cluster;
+    // The loader refuses it (with --lenient it keeps the first pod only): the engine must
+    // refuse such a cluster on its own, built here past the loader.
+    assert!(load_sources(&sources, &LoadOptions::default()).is_err());
+    let loaded =
+        load_sources(&[Source { name: "hn.yaml".into(), text: HOST_NETWORK_CLUSTER.into() }], &LoadOptions::default())
+            .unwrap()
+            .cluster;
+    let pods = loaded.pods.iter().map(|p| {
+        let mut p = (**p).clone();
+        if p.id.name == "agent-n2" {
+            p.ips = "10.1.2.2".parse::<std::net::IpAddr>().unwrap().into();
+        }
+        p
+    });
+    let cluster = netpol::model::Cluster::new(
+        loaded.namespaces.values().cloned().collect(),
+        pods,
+        loaded.policies.iter().cloned(),
+    );
     let probes = random_probes();
     match kernel_engine::matrices(&cluster, &probes, Family::Ipv4, TIMEOUT) {
         Err(e @ KernelError::Unsupported(_)) => {

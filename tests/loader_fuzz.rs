@@ -142,3 +142,76 @@ fn deeply_nested_yaml_is_an_error_not_a_crash() {
     load(format!("kind: Pod\nspec: {}{}", "[".repeat(10_000), "]".repeat(10_000)));
     load(format!("kind: Pod\nspec: {}", "- ".repeat(5_000)));
 }
+
+// --- defaulting of absent, null and empty lists ------------------------------------------------
+
+use netpol::generate::{self, EmptyList, ListField};
+use netpol::matrix::{self, Family};
+use netpol::model::{Cluster, Policy};
+
+/// The API server's defaulting, stated on its own (upstream `SetDefaults_NetworkPolicy`):
+/// "if len(spec.policyTypes) == 0, policyTypes = [Ingress], plus Egress if len(spec.egress)
+/// != 0". Absent, `null` and `[]` all have length 0. A rule's `from`/`to`/`ports` of length 0
+/// match everything, so the model's `None` stays `None`; a direction that isolates with no
+/// rules written denies everything.
+fn defaulted(written: &Policy, explicit_policy_types: bool) -> Policy {
+    let types_written = explicit_policy_types && (written.ingress.is_some() || written.egress.is_some());
+    let (ingress, egress) = if types_written {
+        (written.ingress.is_some(), written.egress.is_some())
+    } else {
+        (true, written.egress.as_ref().is_some_and(|rules| !rules.is_empty()))
+    };
+    Policy {
+        ingress: ingress.then(|| written.ingress.clone().unwrap_or_default()),
+        egress: egress.then(|| written.egress.clone().unwrap_or_default()),
+        ..written.clone()
+    }
+}
+
+fn form(code: u8) -> EmptyList {
+    match code % 3 {
+        0 => EmptyList::Absent,
+        1 => EmptyList::Null,
+        _ => EmptyList::Empty,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn every_generated_policy_written_with_absent_null_or_empty_lists_gets_the_verdicts_defaulting_implies(
+        seed in any::<u64>(),
+        explicit_policy_types in any::<bool>(),
+        forms in prop::collection::vec(any::<u8>(), 1..64),
+    ) {
+        let generated = generate::small_random(seed);
+        let bare = Cluster::new(generated.namespaces.values().cloned().collect(), generated.pods.iter().cloned(), Vec::<Policy>::new());
+        let mut text = generate::to_yaml(&bare);
+        let mut next = 0usize;
+        let mut choose = |_: ListField| {
+            next += 1;
+            form(forms[next % forms.len()])
+        };
+        for p in generated.policies.iter() {
+            let manifest = generate::policy_manifest(p, explicit_policy_types, &mut choose);
+            text.push_str("---\n");
+            text.push_str(&yaml_serde::to_string(&manifest).unwrap());
+        }
+        let loaded = load_sources(&[Source { name: "gen.yaml".into(), text }], &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .cluster;
+        let expected = Cluster::new(
+            loaded.namespaces.values().cloned().collect(),
+            loaded.pods.iter().cloned(),
+            generated.policies.iter().map(|p| defaulted(p, explicit_policy_types)),
+        );
+        prop_assert_eq!(loaded.pods.len(), generated.pods.len());
+        for probe in matrix::default_probes(&expected) {
+            prop_assert_eq!(
+                matrix::reference_matrix(&loaded, &probe, Family::Primary),
+                matrix::reference_matrix(&expected, &probe, Family::Primary),
+                "{}", probe
+            );
+        }
+    }
+}

@@ -16,7 +16,7 @@ use netpol::evaluate::{self, Endpoint};
 use netpol::kernel_engine;
 use netpol::lab;
 use netpol::load::{self, LoadOptions, Loaded};
-use netpol::matrix::{self, Family, Probe};
+use netpol::matrix::{self, Family, Probe, ProbePort};
 use netpol::model::{Cluster, Direction, Protocol};
 use netpol::nft::{json, render};
 use netpol::query;
@@ -64,7 +64,10 @@ destination pod; a destination without that port is denied (nothing can listen t
     #[command(long_about = "Can A open a connection to B? Prints ALLOWED or DENIED, then why: for each side,\n\
 whether it is isolated and by which policies, and which rule (policy, direction, rule index,\n\
 peer, port) allowed it, or that no rule matched. Exit code 0 allowed, 1 denied, 2 error.\n\n\
-Endpoints are NAMESPACE/POD or an IP address (an IP that belongs to a pod means that pod).")]
+Endpoints are NAMESPACE/POD or an IP address (an IP that belongs to a pod means that pod).\n\
+The IP of a hostNetwork pod, or a node's address (a pod's status.hostIP), means that node, in\n\
+every engine: it reaches its own pods whatever the policies, and policies see it by ipBlock only.\n\
+A node with no hostNetwork pod in the input is answered as node/<node name>.")]
     Query(QueryArgs),
     /// Which policies select a pod, and what it may receive and send, in plain language.
     Explain(ExplainArgs),
@@ -114,6 +117,10 @@ struct Input {
     /// Also give such pods an IPv6 address from this range (dual stack).
     #[arg(long, value_name = "CIDR")]
     synthetic_ipv6: Option<IpNet>,
+    /// Warn instead of failing on unknown fields (ignored) and on pods sharing an IP (the
+    /// first in namespace/name order keeps it; the others take no part).
+    #[arg(long)]
+    lenient: bool,
 }
 
 /// How long a kernel probe waits for an answer: `300`, `300ms`, `1s`, `1.5s`.
@@ -313,6 +320,39 @@ struct GenerateArgs {
     dual_stack: bool,
 }
 
+/// A line on stderr. A closed stderr loses the line, never the exit code (no panic).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// A line of a command's output, gathered in a `String` and printed at once by [`print_out`].
+macro_rules! outln {
+    ($text:expr) => {
+        $text.push('\n')
+    };
+    ($text:expr, $($arg:tt)*) => {{
+        $text.push_str(&format!($($arg)*));
+        $text.push('\n');
+    }};
+}
+
+/// A closed stdout (`| head -1`) ends the output quietly: the command still exits with the
+/// code its answer deserves (a DENIED query 1, an agreeing verify 0).
+fn quietly(written: std::io::Result<()>) -> Result<()> {
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Writes `text` to stdout, quietly on a closed pipe.
+fn print_out(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    quietly(out.write_all(text.as_bytes()).and_then(|()| out.flush()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -331,20 +371,57 @@ fn main() -> ExitCode {
             if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {e:#}");
+            note!("error: {e:#}");
             ExitCode::from(2)
         }
     }
 }
 
 fn load(input: &Input) -> Result<Cluster> {
-    let sources = load::read_sources(&input.files)?;
-    let options = LoadOptions { synthetic_ipv4: input.synthetic_ipv4, synthetic_ipv6: input.synthetic_ipv6 };
-    let Loaded { cluster, warnings } = load::load_sources(&sources, &options)?;
-    for w in warnings {
-        eprintln!("warning: {w}");
+    Ok(load_all(input)?.cluster)
+}
+
+/// Loads the input; warnings go to stderr.
+fn load_all(input: &Input) -> Result<Loaded> {
+    if !input.synthetic_ipv4.addr().is_ipv4() {
+        bail!("--synthetic-ipv4: {} is not an IPv4 range", input.synthetic_ipv4);
     }
-    Ok(cluster)
+    if let Some(v6) = input.synthetic_ipv6.filter(|n| !n.addr().is_ipv6()) {
+        bail!("--synthetic-ipv6: {v6} is not an IPv6 range");
+    }
+    let sources = load::read_sources(&input.files)?;
+    let options = LoadOptions {
+        synthetic_ipv4: input.synthetic_ipv4,
+        synthetic_ipv6: input.synthetic_ipv6,
+        lenient: input.lenient,
+    };
+    let loaded = load::load_sources(&sources, &options)?;
+    for w in &loaded.warnings {
+        note!("warning: {w}");
+    }
+    Ok(loaded)
+}
+
+/// Probing one family where no pod has an address of it answers nothing but "denied".
+fn check_family(cluster: &Cluster, family: FamilyArg) -> Result<()> {
+    let (name, ipv6) = match family {
+        FamilyArg::Primary => return Ok(()),
+        FamilyArg::Ipv4 => ("ipv4", false),
+        FamilyArg::Ipv6 => ("ipv6", true),
+    };
+    if !cluster.pods.is_empty() && cluster.pods.iter().all(|p| p.ip_of_family(ipv6).is_none()) {
+        bail!("--family {name}: no pod of the input has an {} address", if ipv6 { "IPv6" } else { "IPv4" });
+    }
+    Ok(())
+}
+
+/// Says so when a matrix has no cell to fill.
+fn warn_if_nothing_to_probe(cluster: &Cluster, probes: &[Probe]) {
+    if cluster.pods.is_empty() {
+        note!("warning: nothing to probe: the input has no pods that take part");
+    } else if probes.is_empty() {
+        note!("warning: nothing to probe: no pod declares a port and no policy names one (give --port)");
+    }
 }
 
 fn family(f: FamilyArg) -> Family {
@@ -367,6 +444,11 @@ fn probes(cluster: &Cluster, ports: &[String], protocols: &[String]) -> Result<V
         let mut out = Vec::new();
         for p in ports {
             let port = query::parse_port(p).map_err(|e| anyhow!("--port: {e}"))?;
+            if let ProbePort::Named(name) = &port
+                && !cluster.pods.iter().any(|pod| pod.ports.iter().any(|c| c.name.as_deref() == Some(name)))
+            {
+                note!("warning: --port {name}: no pod declares a port of that name; every cell is denied");
+            }
             let protos: &[Protocol] = if protocols.is_empty() { &[Protocol::Tcp] } else { &protocols };
             out.extend(protos.iter().map(|&protocol| Probe { port: port.clone(), protocol }));
         }
@@ -392,7 +474,9 @@ fn check_kernel(engines: &[Engine]) -> Result<()> {
 fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
     check_kernel(&[a.engine])?;
     let cluster = load(&a.input)?;
+    check_family(&cluster, a.family)?;
     let probes = probes(&cluster, &a.port, &a.protocol)?;
+    warn_if_nothing_to_probe(&cluster, &probes);
     for ns in &a.namespaces {
         if !cluster.namespaces.contains_key(ns) {
             bail!("--namespace: no namespace {ns:?} in the input");
@@ -410,28 +494,30 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
         pods: keep.iter().map(|&i| cluster.pods[i].id.to_string()).collect(),
         probes: results,
     };
+    let color = match a.color {
+        ColorArg::Always => true,
+        ColorArg::Never => false,
+        ColorArg::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-    match a.output {
-        MatrixFormat::Text => {
-            let color = match a.color {
-                ColorArg::Always => true,
-                ColorArg::Never => false,
-                ColorArg::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
-            };
-            report::write_text(&mut out, &report, color)?
+    quietly(
+        match a.output {
+            MatrixFormat::Text => report::write_text(&mut out, &report, color),
+            MatrixFormat::Json => report::write_json(&mut out, &report),
+            MatrixFormat::Yaml => report::write_yaml(&mut out, &report),
+            MatrixFormat::Csv => report::write_csv(&mut out, &report),
         }
-        MatrixFormat::Json => report::write_json(&mut out, &report)?,
-        MatrixFormat::Yaml => report::write_yaml(&mut out, &report)?,
-        MatrixFormat::Csv => report::write_csv(&mut out, &report)?,
-    }
-    out.flush()?;
+        .and_then(|()| out.flush()),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
     check_kernel(&[a.engine])?;
-    let cluster = load(&a.input)?;
+    let loaded = load_all(&a.input)?;
+    // A node's address (a hostNetwork pod's, or a pod's status.hostIP) means that node.
+    let cluster = query::with_node_endpoints(&loaded.cluster, &loaded.node_ips, &[&a.from, &a.to]);
     let protocol = parse_protocol(&a.protocol)?;
     let conn =
         query::connection(&cluster, &a.from, &a.to, &a.port, protocol, family(a.family)).map_err(|e| anyhow!(e))?;
@@ -456,13 +542,14 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
             verdict.allowed = facts.first().copied().unwrap_or(false);
         }
     }
+    let mut text = String::new();
     match a.output {
         QueryFormat::Text => {
             for line in report::describe_verdict(&cluster, &conn, &verdict) {
-                println!("{line}");
+                text += &format!("{line}\n");
             }
             if let (true, Some(t)) = (a.trace, &trace) {
-                println!("\nruleset trace:\n{t}");
+                text += &format!("\nruleset trace:\n{t}\n");
             }
         }
         QueryFormat::Json => {
@@ -496,9 +583,10 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
                 "explanation": report::describe_verdict(&cluster, &conn, &verdict),
                 "trace": trace.as_ref().filter(|_| a.trace).map(|t| t.lines.clone()),
             });
-            println!("{}", serde_json::to_string_pretty(&body)?);
+            text = format!("{}\n", serde_json::to_string_pretty(&body)?);
         }
     }
+    print_out(&text)?;
     Ok(if verdict.allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
@@ -508,9 +596,11 @@ fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
         bail!("NS/POD: {:?} is not a pod of the input", a.pod);
     };
     let pod = &cluster.pods[i];
+    let mut text = String::new();
     let ips: Vec<String> = pod.ips.iter().map(|ip| ip.to_string()).collect();
     let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!(
+    outln!(
+        text,
         "{}  ({}; node {}; labels {})",
         pod.id,
         ips.join(", "),
@@ -518,29 +608,32 @@ fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
         if labels.is_empty() { "none".into() } else { labels.join(",") }
     );
     if pod.host_network {
-        println!("hostNetwork pod: NetworkPolicy never selects it; it is reached (and seen) by its node's IP only");
+        outln!(text, "hostNetwork pod: NetworkPolicy never selects it; it is reached (and seen) by its node's IP only");
+        print_out(&text)?;
         return Ok(ExitCode::SUCCESS);
     }
     for direction in [Direction::Ingress, Direction::Egress] {
         let selecting = cluster.isolating_policies(i, direction);
         let verb = if direction == Direction::Ingress { "receive" } else { "send" };
-        println!();
+        outln!(text);
         if selecting.is_empty() {
-            println!(
+            outln!(
+                text,
                 "{direction}: not isolated; it may {verb} anything (no policy in {} selects it for {direction})",
                 pod.id.namespace
             );
             continue;
         }
         let names: Vec<String> = selecting.iter().map(|&k| cluster.policies[k].id.name.clone()).collect();
-        println!("{direction}: isolated by {}; it may {verb} only:", names.join(", "));
+        outln!(text, "{direction}: isolated by {}; it may {verb} only:", names.join(", "));
         let mut any = false;
         for &k in &selecting {
             let policy = &cluster.policies[k];
             for (ri, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
                 any = true;
                 let field = if direction == Direction::Ingress { "ingress" } else { "egress" };
-                println!(
+                outln!(
+                    text,
                     "  - {}   [{} spec.{field}[{ri}]]",
                     report::describe_rule(&cluster, &policy.id.namespace, rule, direction),
                     policy.id.name
@@ -548,9 +641,10 @@ fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
             }
         }
         if !any {
-            println!("  nothing: every {} connection is denied", direction.as_str().to_lowercase());
+            outln!(text, "  nothing: every {} connection is denied", direction.as_str().to_lowercase());
         }
     }
+    print_out(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -566,24 +660,27 @@ fn ruleset_cmd(a: RulesetArgs) -> Result<ExitCode> {
     let nodes = if a.nodes.is_empty() { known.clone() } else { a.nodes.clone() };
     for node in &nodes {
         if !known.contains(node) {
-            eprintln!("warning: --node {node}: no pod of the input runs there; its ruleset isolates nothing");
+            note!("warning: --node {node}: no pod of the input runs there; its ruleset isolates nothing");
         }
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for (k, node) in nodes.iter().enumerate() {
-        let config = NodeConfig { node: node.clone(), table: a.table.clone() };
-        let ruleset = compile::compile(&cluster, &config);
-        match a.output {
-            RulesetFormat::Nft => {
-                if nodes.len() > 1 {
-                    writeln!(out, "{}# ===== node {node} =====", if k > 0 { "\n" } else { "" })?;
+    let mut write = || -> std::io::Result<()> {
+        for (k, node) in nodes.iter().enumerate() {
+            let config = NodeConfig { node: node.clone(), table: a.table.clone() };
+            let ruleset = compile::compile(&cluster, &config);
+            match a.output {
+                RulesetFormat::Nft => {
+                    if nodes.len() > 1 {
+                        writeln!(out, "{}# ===== node {node} =====", if k > 0 { "\n" } else { "" })?;
+                    }
+                    out.write_all(render::ruleset(&ruleset).as_bytes())?;
                 }
-                out.write_all(render::ruleset(&ruleset).as_bytes())?;
+                RulesetFormat::Json => writeln!(out, "{}", json::to_string(&ruleset))?,
             }
-            RulesetFormat::Json => writeln!(out, "{}", json::to_string(&ruleset))?,
         }
-    }
-    out.flush()?;
+        out.flush()
+    };
+    quietly(write())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -604,11 +701,18 @@ fn verify_cmd(a: VerifyArgs) -> Result<ExitCode> {
             families.push(f);
         }
     }
-    let families: Vec<Family> = families.into_iter().map(family).collect();
     check_kernel(&engines)?;
     let cluster = load(&a.input)?;
+    // Engines comparing their verdicts on a family nobody has still check something (that
+    // all deny): a warning here, where matrix refuses.
+    for &f in &families {
+        if let Err(e) = check_family(&cluster, f) {
+            note!("warning: {e}: every cell of that family is denied");
+        }
+    }
     let probes = probes(&cluster, &a.port, &a.protocol)?;
     // Engine by engine (the kernel's lab serves every family at once), then regrouped per family.
+    let families: Vec<Family> = families.into_iter().map(family).collect();
     let mut results: Vec<Vec<Vec<BitMatrix>>> = vec![Vec::new(); families.len()];
     for &engine in &engines {
         let per_family = engine
@@ -620,21 +724,22 @@ fn verify_cmd(a: VerifyArgs) -> Result<ExitCode> {
     }
     let names = engines.iter().map(|e| e.name().to_string()).collect();
     let report = verify::Report::new(names, families, probes, &results);
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut text = String::new();
     match a.output {
         VerifyFormat::Text => {
             for d in &report.disagreements {
-                writeln!(out, "{}", report.describe(&cluster, d))?;
+                outln!(text, "{}", report.describe(&cluster, d));
             }
-            writeln!(out, "{}", report.summary())?;
+            outln!(text, "{}", report.summary());
         }
-        VerifyFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report.to_json(&cluster))?)?,
+        VerifyFormat::Json => outln!(text, "{}", serde_json::to_string_pretty(&report.to_json(&cluster))?),
     }
-    out.flush()?;
+    print_out(&text)?;
     Ok(if report.agree() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn lab_cleanup_cmd(a: CleanupArgs) -> Result<ExitCode> {
+    let mut text = String::new();
     let stale = lab::leftovers()?;
     let others = lab::lab_namespaces()?.len().saturating_sub(stale.len());
     let kept = if others > 0 {
@@ -643,14 +748,16 @@ fn lab_cleanup_cmd(a: CleanupArgs) -> Result<ExitCode> {
         String::new()
     };
     if stale.is_empty() {
-        println!("no leftover lab namespaces{kept}");
+        outln!(text, "no leftover lab namespaces{kept}");
+        print_out(&text)?;
         return Ok(ExitCode::SUCCESS);
     }
     if a.dry_run {
         for name in &stale {
-            println!("would remove {name}");
+            outln!(text, "would remove {name}");
         }
-        println!("{} leftover lab namespaces would be removed{kept}", stale.len());
+        outln!(text, "{} leftover lab namespaces would be removed{kept}", stale.len());
+        print_out(&text)?;
         return Ok(ExitCode::SUCCESS);
     }
     kernel_engine::check_privileges().map_err(|e| match e {
@@ -662,9 +769,10 @@ fn lab_cleanup_cmd(a: CleanupArgs) -> Result<ExitCode> {
     // Listed again by the library, which re-checks every owner right before deleting.
     let removed = lab::cleanup_leftovers()?;
     for name in &removed {
-        println!("removed {name}");
+        outln!(text, "removed {name}");
     }
-    println!("removed {} leftover lab namespaces{kept}", removed.len());
+    outln!(text, "removed {} leftover lab namespaces{kept}", removed.len());
+    print_out(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -678,6 +786,6 @@ fn generate_cmd(a: GenerateArgs) -> Result<ExitCode> {
         dual_stack: a.dual_stack,
     };
     let yaml = netpol::generate::to_yaml(&netpol::generate::cluster(&params));
-    std::io::stdout().lock().write_all(yaml.as_bytes())?;
+    print_out(&yaml)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,4 +1,4 @@
-//! Shared by the integration tests: the upstream conformance corpus, loaded once per file,
+//! Shared by the integration tests: the conformance corpus (`tests/conformance/`), loaded once per file,
 //! and the cell-by-cell comparison every engine's test makes against it.
 #![allow(dead_code)] // each test binary uses its own part
 
@@ -14,18 +14,10 @@ pub fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
-/// `../shared/conformance/cases` beside the repository, or `NETPOL_CONFORMANCE_DIR`.
-/// `None` (with a message) when absent; under `CI=true` its absence fails the test.
-pub fn conformance_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("NETPOL_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/cases"));
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    assert!(!ci(), "conformance corpus missing at {}", dir.display());
-    eprintln!("SKIPPED: no conformance corpus at {}", dir.display());
-    None
+/// `tests/conformance/cases` in this repository: the corpus travels with the code, so a
+/// fresh clone tests itself.
+pub fn conformance_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/cases")
 }
 
 /// One case file: its cluster and what upstream expects of it.
@@ -40,11 +32,11 @@ pub struct Case {
     pub probes: Vec<(Probe, Vec<Vec<bool>>)>,
 }
 
-/// Every case of the corpus, sorted by file name (empty when the corpus is absent).
+/// Every case of the corpus, sorted by file name.
 pub fn conformance_cases() -> Vec<Case> {
-    let Some(dir) = conformance_dir() else { return Vec::new() };
+    let dir = conformance_dir();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
+        .unwrap_or_else(|e| panic!("conformance corpus at {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
