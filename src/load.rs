@@ -377,7 +377,18 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         let field_err = |e: FieldError| origin.error(Some(label.clone()), Some(e.path), e.reason);
         match raw {
             Raw::Namespace(ns) => namespaces.push(convert::namespace(&ns).map_err(field_err)?),
-            Raw::Policy(p) => policies.push(convert::policy(&p).map_err(field_err)?),
+            Raw::Policy(p) => match convert::policy(&p) {
+                Ok(policy) => policies.push(policy),
+                // What netpol-agent enforces for a policy it cannot convert.
+                Err(e) if options.lenient => {
+                    warnings.push(format!(
+                        "{}: {label}: {e} (--lenient: enforced fail-closed, as netpol-agent does: it isolates the pods it selects for its directions and allows nothing)",
+                        origin.at()
+                    ));
+                    policies.push(convert::policy_fail_closed(&p, &e));
+                }
+                Err(e) => return Err(field_err(e)),
+            },
             Raw::Pod(p) => {
                 let mut assign = |id: &ObjectRef| placer.place(id);
                 match convert::pod(&p, Some(&mut assign)).map_err(field_err)? {

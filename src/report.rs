@@ -237,8 +237,13 @@ pub fn describe_side(cluster: &Cluster, conn: &Connection, side: &SideVerdict) -
             for &pi in &side.isolated_by {
                 let policy = &cluster.policies[pi];
                 let rules = policy.rules(side.direction).unwrap_or_default();
-                if rules.is_empty() {
-                    lines.push(format!("  {} allows no {} at all", policy.id, side.direction));
+                match &policy.quarantined {
+                    Some(why) => lines.push(format!(
+                        "  {} allows nothing: it is enforced fail-closed ({why})",
+                        policy.id
+                    )),
+                    None if rules.is_empty() => lines.push(format!("  {} allows no {} at all", policy.id, side.direction)),
+                    None => {}
                 }
                 for (ri, rule) in rules.iter().enumerate() {
                     let (field, _) = side_field(side.direction);

@@ -605,6 +605,37 @@ fn lenient_turns_an_unknown_field_into_a_warning() {
 }
 
 #[test]
+fn lenient_enforces_a_policy_that_fails_validation_fail_closed_as_the_agent_does_and_says_so() {
+    // Selects app=a, would allow everyone, but its ipBlock is no CIDR.
+    let bad = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\nspec:\n  podSelector: {matchLabels: {app: a}}\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/33}\n";
+    let text = two_pods_and(bad);
+    let strict = query_in(&text, "default/b", "default/a", &[]);
+    assert_eq!(strict.status.code(), Some(2), "without --lenient it is an error: {}", stderr(&strict));
+
+    let o = query_in(&text, "default/b", "default/a", &["--lenient"]);
+    assert_eq!(o.status.code(), Some(1), "a is isolated and nothing is allowed: {}", stdout(&o));
+    assert!(stderr(&o).contains("spec.ingress[0].from[0].ipBlock.cidr"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("enforced fail-closed"), "{}", stderr(&o));
+    assert!(stdout(&o).contains("default/p allows nothing: it is enforced fail-closed"), "{}", stdout(&o));
+    // b is not selected: untouched.
+    assert_eq!(query_in(&text, "default/a", "default/b", &["--lenient"]).status.code(), Some(0));
+
+    let dir = with_file(&text);
+    let explain = netpol_check(dir.path(), &["explain", "default/a", "--lenient", "-f", "bad.yaml"]);
+    assert!(stdout(&explain).contains("(p allows nothing: it is enforced fail-closed"), "{}", stdout(&explain));
+    // Every engine agrees on it.
+    for engine in ["evaluator", "ruleset"] {
+        let m =
+            netpol_check(dir.path(), &["matrix", "--lenient", "--engine", engine, "--port", "80", "-f", "bad.yaml"]);
+        assert!(
+            stdout(&m).contains("(3 of 4 allowed)") && stdout(&m).contains("2 default/b  X ."),
+            "{engine}: {}",
+            stdout(&m)
+        );
+    }
+}
+
+#[test]
 fn a_kind_we_read_in_an_unknown_version_has_no_matches() {
     for (api_version, kind) in [
         ("extensions/v1beta1", "NetworkPolicy"),

@@ -629,6 +629,9 @@ fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
         let mut any = false;
         for &k in &selecting {
             let policy = &cluster.policies[k];
+            if let Some(why) = &policy.quarantined {
+                outln!(text, "  ({} allows nothing: it is enforced fail-closed, {why})", policy.id.name);
+            }
             for (ri, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
                 any = true;
                 let field = if direction == Direction::Ingress { "ingress" } else { "egress" };
