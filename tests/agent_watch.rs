@@ -120,7 +120,9 @@ impl Agent {
             SyncLoop::new(target.clone(), watch.clone(), trigger, config.clone()).with_metrics(metrics.clone());
         let status = sync_loop.status();
         let tasks = vec![
-            tokio::spawn(driver),
+            tokio::spawn(async move {
+                let _ = driver.await;
+            }),
             tokio::spawn(async move {
                 sync_loop.run(std::future::pending::<()>()).await;
             }),
@@ -412,7 +414,7 @@ async fn the_admin_server_reports_readiness_and_metrics() {
             metrics: agent.metrics.clone(),
             status: agent.status.clone(),
             watch_counters: Some(agent.watch.counters().clone()),
-            unready_after_failures: 3,
+            limits: admin::ProbeLimits::default(),
         },
     ));
 

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod metrics;
 pub mod nft_target;
+mod node;
 pub mod trigger;
 pub mod watch;
 
@@ -34,6 +35,9 @@ pub struct Snapshot {
     pub policies: SharedList<Policy>,
     /// Objects left out because they failed conversion or validation.
     pub skipped_objects: usize,
+    /// This node's pod CIDRs (`--pod-cidr` and the Node's `spec.podCIDRs`), sorted: the
+    /// compiler drops traffic of addresses inside them that are no known local pod.
+    pub pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// What one sync did, for metrics.
@@ -58,6 +62,10 @@ pub struct SyncStats {
     pub compile: std::time::Duration,
     /// Sending the transaction until the kernel committed it (zero when it was empty).
     pub apply: std::time::Duration,
+    /// Transactions this sync sent over netlink, and through the nft command (a fallback);
+    /// filled in by targets that know (the agent's netlink target).
+    pub via_netlink: u64,
+    pub via_nft: u64,
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -114,6 +122,8 @@ pub enum AgentError {
     Admin { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cleanup on exit failed: {0}")]
     Cleanup(#[source] SyncError),
+    #[error("watches: {0}")]
+    Watches(#[from] watch::WatchError),
 }
 
 /// Builds the Kubernetes client the configuration asks for: the given kubeconfig, else
@@ -134,8 +144,9 @@ pub async fn kube_client(config: &AgentConfig) -> Result<kube::Client, AgentErro
     Ok(kube::Client::try_from(kc)?)
 }
 
-/// Runs the agent until `shutdown` resolves: watches, admin server, sync loop. Returns the
-/// target after cleaning up when `--cleanup-on-exit` is set.
+/// Runs the agent until `shutdown` resolves: watches (supervised), admin server, sync
+/// loop. Returns the target after cleaning up when `--cleanup-on-exit` is set, or
+/// [`AgentError::Watches`] when the watch supervisor gave up.
 pub async fn run<T: SyncTarget>(
     config: AgentConfig,
     target: T,
@@ -143,28 +154,64 @@ pub async fn run<T: SyncTarget>(
 ) -> Result<T, AgentError> {
     let client = kube_client(&config).await?;
     let trigger = Trigger::new();
-    let (watch, driver) = ClusterWatch::start(client, kube::runtime::watcher::Config::default(), trigger.clone());
-    let watch_task = tokio::spawn(driver);
+    let options = watch::WatchOptions {
+        node: Some(config.node.clone()),
+        pod_cidrs: config.pod_cidrs.clone(),
+        node_wait: config.node_wait,
+        ..watch::WatchOptions::new(kube::runtime::watcher::Config::default())
+    };
+    let (watch, driver) = ClusterWatch::start_with(client, options, trigger.clone());
+    let mut watch_task = tokio::spawn(driver);
 
     let metrics = Metrics::new();
+    metrics.record_guard(!config.pod_cidrs.is_empty());
+    if config.pod_cidrs.is_empty() {
+        tracing::warn!(
+            "no --pod-cidr given: the unknown-pod guard depends on the Node's spec.podCIDRs \
+             (off if it has none)"
+        );
+    }
     let loop_config =
         SyncLoopConfig { debounce: config.debounce, resync_period: config.resync_period, ..SyncLoopConfig::default() };
     let sync_loop = SyncLoop::new(target, watch.clone(), trigger, loop_config).with_metrics(metrics.clone());
+    let mut limits = admin::ProbeLimits::for_agent(config.resync_period, config.nft_timeout);
+    limits.unready_after_failures = sync_loop.config().unready_after_failures;
     let admin_state = admin::AdminState {
         metrics,
         status: sync_loop.status(),
         watch_counters: Some(watch.counters().clone()),
-        unready_after_failures: sync_loop.config().unready_after_failures,
+        limits,
     };
-    let listener = tokio::net::TcpListener::bind(config.admin_addr)
+    let admin_addr = config.admin_addr();
+    let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
-        .map_err(|source| AgentError::Admin { addr: config.admin_addr, source })?;
-    tracing::info!(addr = %config.admin_addr, node = %config.node, table = %config.table, "agent starting");
+        .map_err(|source| AgentError::Admin { addr: admin_addr, source })?;
+    tracing::info!(addr = %admin_addr, node = %config.node, table = %config.table, "agent starting");
     let admin_task = tokio::spawn(admin::serve(listener, admin_state));
 
-    let mut target = sync_loop.run(shutdown).await;
+    // The sync loop ends on `shutdown`, or when the watch supervisor gives up: syncing
+    // on from stores nobody updates would hide the failure.
+    let (watches_failed_tx, watches_failed) = tokio::sync::oneshot::channel::<watch::WatchError>();
+    let supervised = async {
+        let error = match (&mut watch_task).await {
+            Ok(Err(error)) => error,
+            Ok(Ok(())) => watch::WatchError { restarts: 0, window: Default::default(), last: "ended".into() },
+            Err(e) => watch::WatchError { restarts: 0, window: Default::default(), last: e.to_string() },
+        };
+        let _ = watches_failed_tx.send(error);
+    };
+    let stop = async {
+        tokio::select! {
+            _ = shutdown => {},
+            _ = supervised => {},
+        }
+    };
+    let mut target = sync_loop.run(stop).await;
     watch_task.abort();
     admin_task.abort();
+    if let Ok(error) = watches_failed.await {
+        return Err(AgentError::Watches(error));
+    }
     if config.cleanup_on_exit {
         tracing::info!("cleaning up on exit");
         target = tokio::task::spawn_blocking(move || target.cleanup().map(|()| target))

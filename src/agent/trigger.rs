@@ -47,6 +47,8 @@ pub struct Trigger {
 struct TriggerInner {
     notify: Notify,
     notifications: AtomicU64,
+    /// Someone (a restarted watch, a changed Node) asked that the next sync be full.
+    full_requested: std::sync::atomic::AtomicBool,
     /// When the oldest notification not yet taken by a sync arrived.
     oldest_pending: std::sync::Mutex<Option<Instant>>,
 }
@@ -61,6 +63,18 @@ impl Trigger {
         self.inner.notifications.fetch_add(1, Ordering::SeqCst);
         self.oldest_pending().get_or_insert_with(Instant::now);
         self.inner.notify.notify_one();
+    }
+
+    /// Something changed in a way the sync target cannot see from the snapshot alone (the
+    /// watches restarted, the node's configuration changed): the next sync is full.
+    pub fn request_full(&self) {
+        self.inner.full_requested.store(true, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// Takes a pending [`Trigger::request_full`].
+    fn take_full_request(&self) -> bool {
+        self.inner.full_requested.swap(false, Ordering::SeqCst)
     }
 
     fn oldest_pending(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
@@ -96,6 +110,8 @@ pub struct SyncLoopConfig {
     pub retry_max: Duration,
     /// `/readyz` fails from this many consecutive failures on.
     pub unready_after_failures: u32,
+    /// The loop proves it is alive at least this often, also when idle (liveness).
+    pub heartbeat: Duration,
 }
 
 /// Default batching window. A burst of pod events (a rollout, a node drain) arrives over
@@ -117,6 +133,7 @@ impl Default for SyncLoopConfig {
             retry_initial: Duration::from_millis(250),
             retry_max: Duration::from_secs(30),
             unready_after_failures: 3,
+            heartbeat: Duration::from_secs(5),
         }
     }
 }
@@ -142,6 +159,16 @@ pub struct SyncState {
     pub last_stats: SyncStats,
     /// Duration of the last sync attempt.
     pub last_duration: Duration,
+    /// When the last successful sync finished, as wall-clock time (for the
+    /// `_timestamp_seconds` gauge).
+    pub last_success_wall: Option<std::time::SystemTime>,
+    /// When the loop last proved it runs (each wake-up, and every `heartbeat` when idle);
+    /// `None` before it started. Tokio time, so paused-clock tests can drive it.
+    pub heartbeat: Option<Instant>,
+    /// When the sync running now started; `None` between syncs.
+    pub sync_started: Option<Instant>,
+    /// When the last successful sync finished, in tokio time (readiness: "recent").
+    pub last_success_at: Option<Instant>,
 }
 
 /// The sync loop: owns the target, reads snapshots from the source when triggered.
@@ -158,6 +185,7 @@ enum Wake {
     Change,
     Resync,
     Retry,
+    Heartbeat,
     Shutdown,
 }
 
@@ -201,12 +229,15 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
         let mut failures_in_row: u32 = 0;
 
         loop {
+            status.send_modify(|s| s.heartbeat = Some(Instant::now()));
+            let beat = tokio::time::sleep(config.heartbeat);
             let wake = if pending {
                 pending = false;
                 Wake::Change
             } else if let Some(at) = retry_at {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => Wake::Retry,
+                    _ = beat => Wake::Heartbeat,
                     _ = &mut shutdown => Wake::Shutdown,
                 }
             } else {
@@ -219,6 +250,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                 tokio::select! {
                     _ = trigger.notified() => Wake::Change,
                     _ = resync => Wake::Resync,
+                    _ = beat => Wake::Heartbeat,
                     _ = &mut shutdown => Wake::Shutdown,
                 }
             };
@@ -227,6 +259,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                 Wake::Change => batch(&trigger, config.debounce).await,
                 Wake::Resync => need_full = true,
                 Wake::Retry => {}
+                Wake::Heartbeat => continue,
             }
             if !source.is_ready() {
                 tracing::debug!("not all resources listed yet; not syncing");
@@ -234,12 +267,17 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
             }
             retry_at = None;
             trigger.taken();
+            if trigger.take_full_request() {
+                need_full = true;
+            }
             let snapshot = source.snapshot();
             if let Some(m) = &metrics {
                 m.record_index_sizes(&snapshot);
+                m.record_guard(!snapshot.pod_cidrs.is_empty());
             }
             let full = need_full;
             let started = std::time::Instant::now();
+            status.send_modify(|s| s.sync_started = Some(Instant::now()));
             let Some(t) = target.take() else { break };
             let (t, result) = run_blocking(t, snapshot, full).await;
             target = Some(t);
@@ -261,6 +299,9 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                         s.consecutive_failures = 0;
                         s.first_full_sync_done |= full;
                         s.last_success = Some(std::time::Instant::now());
+                        s.last_success_wall = Some(std::time::SystemTime::now());
+                        s.last_success_at = Some(Instant::now());
+                        s.sync_started = None;
                         s.last_stats = stats;
                         s.last_duration = elapsed;
                     });
@@ -279,6 +320,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                         s.consecutive_failures = failures_in_row;
                         s.last_error = Some(error.to_string());
                         s.last_duration = elapsed;
+                        s.sync_started = None;
                     });
                 }
             }
