@@ -876,10 +876,11 @@ impl ClusterWatch {
         }
         if first {
             self.listed.notify_waiters();
-            trigger.notify();
         }
-        if changed && !first {
+        if changed {
             trigger.request_full();
+        } else if first {
+            trigger.notify();
         }
     }
 

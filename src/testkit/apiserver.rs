@@ -654,7 +654,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     if truthy(q.get("watch")) {
         watch(shared, kind, namespace, &q)
     } else if kind == Kind::Node {
-        // The agent's ClusterRole grants get and watch on nodes, not list.
+        // The agent's ClusterRole grants get and watch on nodes, not list. Counted as a
+        // list request, so that tests can say none was tried.
+        shared.lists[kind.index()].fetch_add(1, Ordering::SeqCst);
         error(
             StatusCode::FORBIDDEN,
             "Forbidden",
