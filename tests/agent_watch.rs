@@ -869,3 +869,43 @@ async fn the_admin_server_closes_connections_beyond_its_cap_and_serves_again_whe
     }
     admin_task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_nft_is_killed_after_its_timeout_and_the_sync_loop_goes_on() {
+    use netpol::agent::nft_target::NftTarget;
+    use netpol::nft::netlink::NetlinkNftables;
+    use netpol::nft::real::RealNftables;
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let hanging = dir.path().join("nft");
+    // `exec`: the hanging process is the agent's child itself, as the real nft is.
+    std::fs::write(&hanging, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&hanging, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nft = RealNftables { nft: hanging, timeout: Duration::from_millis(300), ..RealNftables::default() };
+    // nft only: nothing reaches this process's own kernel tables.
+    let target = NftTarget::new(NetlinkNftables::nft_only(nft), "node-a", "netpol_hang");
+
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let trigger = Trigger::new();
+    let (watch, driver) = ClusterWatch::start(server.client(), watcher::Config::default(), trigger.clone());
+    let sync_loop = SyncLoop::new(target, watch, trigger, fast_config());
+    let status = sync_loop.status();
+    let tasks = [
+        tokio::spawn(async move {
+            let _ = driver.await;
+        }),
+        tokio::spawn(async move {
+            sync_loop.run(std::future::pending::<()>()).await;
+        }),
+    ];
+    wait_for("two failed syncs", Duration::from_secs(10), || status.borrow().failures >= 2).await;
+    let st = status.borrow().clone();
+    let error = st.last_error.clone().unwrap();
+    assert!(error.contains("did not finish within 300ms; killed it"), "{error}");
+    assert!(st.sync_started.is_none() || st.failures >= 2);
+    assert!(admin::liveness(&st, None, &admin::ProbeLimits::default()).is_ok(), "failing, not stuck");
+    for t in tasks {
+        t.abort();
+    }
+}
