@@ -4,8 +4,15 @@
 //! The agent is level-triggered: watch events only update the stores and poke a
 //! [`trigger::Trigger`]; the sync loop then hands the whole [`Snapshot`] to a
 //! [`SyncTarget`] (compile + diff + nft), never a single event. Nothing is synced until
-//! Pods, Namespaces and NetworkPolicies have all listed once; any failure makes the next
-//! sync a full one.
+//! Pods, Namespaces and NetworkPolicies have all listed once (and the agent's Node has
+//! been read, or `--node-wait` passed); any failure makes the next sync a full one.
+//!
+//! ```text
+//!  supervisor ─► watch task (pods, namespaces, policies, own Node) ─► stores ─► Trigger
+//!      │ restarts it (full sync after); gives up: run() ends with an error     │
+//!      ▼                                                                       ▼
+//!  heartbeats ──► admin (/healthz, /readyz, /metrics) ◄── SyncState ◄── SyncLoop ─► SyncTarget
+//! ```
 
 pub mod admin;
 pub mod config;

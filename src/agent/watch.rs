@@ -15,8 +15,16 @@
 //! Relists are level-triggered: `Init` starts a fresh set, `InitApply` fills it,
 //! `InitDone` swaps it in whole (objects deleted while the watch was down vanish then).
 //! Lists are paged (kube-runtime asks for 500 objects a page), so no list is ever held
-//! whole. Watch errors (including `410 Gone`, after which the watcher relists) are retried
-//! with the watcher's default backoff.
+//! whole. Watch errors are retried with the watcher's default backoff; a `410 Gone` in the
+//! stream makes the watcher relist, and one answered to the watch start (which kube-runtime
+//! would retry with the same resourceVersion forever) makes the agent start a fresh
+//! watcher, which relists.
+//!
+//! The watches (and the agent's Node, see `node.rs`) run in one task under a
+//! supervisor ([`ClusterWatch::start_with`]): when the task ends (a panic) the watches are
+//! restarted with backoff, relist, and the next sync is full; too many restarts end the
+//! supervisor with a [`WatchError`], and the agent exits non-zero. [`WatchCounters`] keep,
+//! per watch, when it last delivered and last failed, for the probes and metrics.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeSet, HashSet};
