@@ -909,3 +909,40 @@ async fn a_hung_nft_is_killed_after_its_timeout_and_the_sync_loop_goes_on() {
         t.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_fails_through_the_admin_endpoint_while_a_sync_runs_past_its_bound() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = admin::ProbeLimits { stuck_after: Duration::from_millis(300), ..admin::ProbeLimits::default() };
+    let state = admin::AdminState {
+        metrics: agent.metrics.clone(),
+        status: agent.status.clone(),
+        watch_counters: Some(agent.watch.counters().clone()),
+        limits,
+    };
+    let admin_task = tokio::spawn(admin::serve(listener, state));
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+
+    // A sync that takes 2 s: liveness fails once it has run past 300 ms, and recovers.
+    agent.target.set_delay(Duration::from_secs(2));
+    server.apply(&pod("shop", "web-5", "192.0.2.6", &[])).unwrap();
+    let mut body = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !body.contains("a sync has been running") {
+        assert!(Instant::now() < deadline, "liveness never failed: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (code, b) = http_get(addr, "/healthz").await;
+        assert!(code == 503 || code == 200);
+        body = b;
+    }
+    agent.target.set_delay(Duration::ZERO);
+    agent.wait_synced("the slow sync", |s| s.pods.len() == 4).await;
+    wait_for("liveness to recover", Duration::from_secs(5), || agent.status.borrow().sync_started.is_none()).await;
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    admin_task.abort();
+}

@@ -475,6 +475,42 @@ mod tests {
         assert_eq!(fulls, [true, true]);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_requested_full_sync_makes_the_next_sync_full_once() {
+        let source = FakeSource::default();
+        source.ready.store(true, Ordering::SeqCst);
+        let target = RecordingTarget::new();
+        let trigger = Trigger::new();
+        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), SyncLoopConfig::default());
+        tokio::spawn(sl.run(std::future::pending()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        trigger.notify();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        trigger.request_full();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        trigger.notify();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let fulls: Vec<bool> = target.calls().iter().map(|c| c.full).collect();
+        assert_eq!(fulls, [true, false, true, false]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_loop_keeps_beating_and_a_running_sync_is_visible() {
+        let source = FakeSource::default();
+        source.ready.store(true, Ordering::SeqCst);
+        let target = RecordingTarget::new();
+        let trigger = Trigger::new();
+        let config = SyncLoopConfig { heartbeat: Duration::from_secs(5), ..SyncLoopConfig::default() };
+        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), config);
+        let status = sl.status();
+        tokio::spawn(sl.run(std::future::pending()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let beat = status.borrow().heartbeat.expect("the loop beats");
+        assert!(Instant::now().duration_since(beat) <= Duration::from_secs(5), "idle for a minute, still beating");
+        assert!(status.borrow().sync_started.is_none());
+        assert!(status.borrow().last_success_at.is_some() && status.borrow().last_success_wall.is_some());
+    }
+
     /// Changes every `gap` for a second of paused time; returns the syncs they took.
     async fn syncs_for_churn(gap: Duration) -> usize {
         let source = FakeSource::default();
