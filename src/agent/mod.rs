@@ -173,10 +173,8 @@ pub async fn run<T: SyncTarget>(
     let metrics = Metrics::new();
     metrics.record_guard(!config.pod_cidrs.is_empty());
     if config.pod_cidrs.is_empty() {
-        tracing::warn!(
-            "no --pod-cidr given: the unknown-pod guard depends on the Node's spec.podCIDRs \
-             (off if it has none)"
-        );
+        // The warning that the guard is off comes once the Node is read without CIDRs.
+        tracing::info!("no --pod-cidr given: the unknown-pod guard depends on the Node's spec.podCIDRs");
     }
     let loop_config =
         SyncLoopConfig { debounce: config.debounce, resync_period: config.resync_period, ..SyncLoopConfig::default() };
