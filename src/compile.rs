@@ -43,12 +43,14 @@ use crate::selector::{Operator, Selector};
 pub struct NodeConfig {
     pub node: String,
     pub table: String,
+    /// This node's pod CIDRs (`--pod-cidr` and the Node's `spec.podCIDRs`).
+    pub pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl NodeConfig {
     /// `node`, with the default table name `netpol`.
     pub fn new(node: impl Into<String>) -> Self {
-        NodeConfig { node: node.into(), table: names::DEFAULT_TABLE.to_string() }
+        NodeConfig { node: node.into(), table: names::DEFAULT_TABLE.to_string(), pod_cidrs: Vec::new() }
     }
 }
 

@@ -160,7 +160,9 @@ impl World {
             ..SyncLoopConfig::default()
         };
         let sync_loop = SyncLoop::new(target, watch, trigger, config);
-        self.tasks.push(tokio::spawn(driver));
+        self.tasks.push(tokio::spawn(async move {
+            let _ = driver.await;
+        }));
         self.tasks.push(tokio::spawn(async move {
             sync_loop.run(std::future::pending::<()>()).await;
         }));
@@ -173,7 +175,10 @@ impl World {
     /// The compiled ruleset of the cluster as the test wrote it, rendered.
     fn expected(&self) -> String {
         let (cluster, _) = nft_target::cluster(&self.snapshot());
-        render::ruleset(&compile(&cluster, &NodeConfig { node: NODE.into(), table: TABLE.into() }))
+        render::ruleset(&compile(
+            &cluster,
+            &NodeConfig { node: NODE.into(), table: TABLE.into(), pod_cidrs: Vec::new() },
+        ))
     }
 
     /// Waits until the fake's table equals the expected one.
@@ -467,7 +472,7 @@ async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_
 
     let expected = {
         let (cluster, _) = nft_target::cluster(&w.snapshot());
-        compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone() })
+        compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone(), pod_cidrs: Vec::new() })
     };
     let wait_for_table = |agent: &mut AgentProcess| {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -532,7 +537,7 @@ async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_comm
 
     let expected = |w: &World| {
         let (cluster, _) = nft_target::cluster(&w.snapshot());
-        render::ruleset(&compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone() }))
+        render::ruleset(&compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone(), pod_cidrs: Vec::new() }))
     };
     // The kernel's listing, once it holds every chain and address the compiled ruleset has.
     let restored_within = |agent: &mut AgentProcess, want: &str, limit: Duration| -> Duration {

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::runtime::watcher;
-use netpol::agent::watch::Resource;
+use netpol::agent::watch::{EventHook, Resource, Supervision, WatchOptions};
 use netpol::agent::{ClusterWatch, Metrics, Snapshot, SyncLoop, SyncLoopConfig, SyncState, Trigger, admin};
 use netpol::model::NAMESPACE_NAME_LABEL;
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
@@ -111,16 +111,22 @@ impl Drop for Agent {
 impl Agent {
     /// Watches (paged lists of 2 objects) and the sync loop over a recording target.
     fn start(server: &FakeApiServer, config: SyncLoopConfig) -> Agent {
+        Agent::start_with(server, config, WatchOptions::new(watcher::Config::default().page_size(2)))
+    }
+
+    /// As [`Agent::start`], with these watch options.
+    fn start_with(server: &FakeApiServer, config: SyncLoopConfig, options: WatchOptions) -> Agent {
         let trigger = Trigger::new();
-        let (watch, driver) =
-            ClusterWatch::start(server.client(), watcher::Config::default().page_size(2), trigger.clone());
+        let (watch, driver) = ClusterWatch::start_with(server.client(), options, trigger.clone());
         let target = RecordingTarget::new();
         let metrics = Metrics::new();
         let sync_loop =
             SyncLoop::new(target.clone(), watch.clone(), trigger, config.clone()).with_metrics(metrics.clone());
         let status = sync_loop.status();
         let tasks = vec![
-            tokio::spawn(driver),
+            tokio::spawn(async move {
+                let _ = driver.await;
+            }),
             tokio::spawn(async move {
                 sync_loop.run(std::future::pending::<()>()).await;
             }),
@@ -412,7 +418,7 @@ async fn the_admin_server_reports_readiness_and_metrics() {
             metrics: agent.metrics.clone(),
             status: agent.status.clone(),
             watch_counters: Some(agent.watch.counters().clone()),
-            unready_after_failures: 3,
+            limits: admin::ProbeLimits::default(),
         },
     ));
 
@@ -574,4 +580,369 @@ async fn measure_how_debounce_trades_syncs_for_latency() {
         let syncs = agent.target.calls().len() - before;
         println!("debounce {debounce_ms:>3} ms: {syncs:>3} syncs, last change synced after {latency:?}");
     }
+}
+
+// ---------------------------------------------------------------- supervision, 410, Node, probes
+
+/// Supervision fast enough for a test.
+fn quick_supervision() -> Supervision {
+    Supervision {
+        restart_initial: Duration::from_millis(50),
+        restart_max: Duration::from_millis(200),
+        heartbeat: Duration::from_millis(50),
+        ..Supervision::default()
+    }
+}
+
+/// A hook that panics on the next event of `resource` once armed (and every time when
+/// `always`).
+fn panicking_hook(resource: Resource, always: bool) -> (EventHook, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let armed = std::sync::Arc::new(AtomicBool::new(always));
+    let hook_armed = armed.clone();
+    let hook: EventHook = std::sync::Arc::new(move |r| {
+        let fire = if always { hook_armed.load(Ordering::SeqCst) } else { hook_armed.swap(false, Ordering::SeqCst) };
+        if r == resource && fire {
+            panic!("injected watch panic");
+        }
+    });
+    (hook, armed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_watch_task_restarts_the_watches_which_relist_and_the_next_sync_is_full() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let (hook, armed) = panicking_hook(Resource::Pods, false);
+    let options = WatchOptions {
+        supervision: quick_supervision(),
+        on_event: Some(hook),
+        ..WatchOptions::new(watcher::Config::default().page_size(2))
+    };
+    let agent = Agent::start_with(&server, fast_config(), options);
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let before = agent.target.calls().len();
+
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The pod's event trips the hook: the whole watch task (all three watches) panics.
+    server.apply(&pod("shop", "web-5", "192.0.2.6", &[("segment", "frontend")])).unwrap();
+    agent.wait_synced("the restarted watches to relist the new pod", |s| s.pods.len() == 4).await;
+    let counters = agent.watch.counters();
+    assert_eq!(counters.restarts(), 1);
+    assert!(counters.relists(Resource::Pods) >= 1 && counters.relists(Resource::NetworkPolicies) >= 1);
+    let after: Vec<bool> = agent.target.calls()[before..].iter().map(|c| c.full).collect();
+    assert_eq!(after.first(), Some(&true), "the first sync after the restart is full: {after:?}");
+
+    // The restarted watches keep delivering.
+    server.delete(Kind::Pod, "shop", "web-1").unwrap();
+    agent.wait_synced("a later deletion", |s| s.pods.len() == 3 && !pod_labels(s).contains_key("shop/web-1")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_that_keep_panicking_make_the_supervisor_give_up_with_the_reason() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let (hook, _) = panicking_hook(Resource::Namespaces, true);
+    let options = WatchOptions {
+        supervision: Supervision { max_restarts: 2, ..quick_supervision() },
+        on_event: Some(hook),
+        ..WatchOptions::new(watcher::Config::default())
+    };
+    let (watch, driver) = ClusterWatch::start_with(server.client(), options, Trigger::new());
+    let error = tokio::time::timeout(Duration::from_secs(10), driver)
+        .await
+        .expect("the supervisor gives up")
+        .expect_err("giving up is an error");
+    assert_eq!(error.restarts, 3);
+    assert!(error.to_string().contains("panicked: injected watch panic"), "{error}");
+    assert_eq!(watch.counters().restarts(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_answered_as_the_status_of_the_watch_start_makes_the_agent_relist_and_converge() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+
+    // While the watches are cut, the world changes and its history is compacted; the
+    // watches then resume from a resourceVersion the server answers with HTTP 410.
+    server.pause_kind(Kind::Pod);
+    server.drop_connections();
+    server.apply(&pod("shop", "web-5", "192.0.2.6", &[("segment", "frontend")])).unwrap();
+    server.delete(Kind::Pod, "shop", "web-2").unwrap();
+    server.compact();
+    server.set_gone_as_status(true);
+    server.resume_kind(Kind::Pod);
+
+    agent
+        .wait_synced("the relisted pods", |s| {
+            pod_labels(s).keys().cloned().collect::<Vec<_>>() == ["shop/db-1", "shop/web-1", "shop/web-5"]
+        })
+        .await;
+    let counters = agent.watch.counters();
+    assert!(counters.relists(Resource::Pods) >= 1, "the pods relisted");
+    assert!(counters.errors(Resource::Pods) >= 1, "the 410 was seen");
+
+    // And the relisted watch is live again: a later change arrives as an event.
+    server.set_gone_as_status(false);
+    server.apply(&pod("shop", "web-6", "192.0.2.7", &[])).unwrap();
+    agent.wait_synced("a later pod", |s| s.pods.len() == 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_error_event_in_the_stream_makes_the_agent_relist_and_converge() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    server.pause_kind(Kind::Pod);
+    server.drop_connections();
+    server.delete(Kind::Pod, "shop", "web-1").unwrap();
+    server.compact();
+    server.resume_kind(Kind::Pod);
+    agent.wait_synced("the relisted pods", |s| s.pods.len() == 2).await;
+    assert!(agent.watch.counters().relists(Resource::Pods) >= 1);
+}
+
+fn node(name: &str, cidrs: &[&str]) -> k8s_openapi::api::core::v1::Node {
+    k8s_openapi::api::core::v1::Node {
+        metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+        spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: cidrs.first().map(|c| c.to_string()),
+            pod_cidrs: Some(cidrs.iter().map(|c| c.to_string()).collect()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn cidrs(s: &Snapshot) -> Vec<String> {
+    s.pod_cidrs.iter().map(|c| c.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_pod_cidrs_are_read_with_a_get_and_a_name_selected_watch_and_a_change_syncs_fully() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    server.apply(&node("node-a", &["10.244.1.0/24"])).unwrap();
+    server.apply(&node("node-b", &["10.244.2.0/24"])).unwrap();
+    let options = WatchOptions {
+        node: Some("node-a".into()),
+        pod_cidrs: vec!["10.9.0.0/16".parse().unwrap()],
+        ..WatchOptions::new(watcher::Config::default().page_size(2))
+    };
+    let agent = Agent::start_with(&server, fast_config(), options);
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let first = agent.target.calls().into_iter().find(|c| !c.failed).unwrap();
+    assert_eq!(cidrs(&first.snapshot), ["10.9.0.0/16", "10.244.1.0/24"], "the first sync waited for the Node");
+
+    // Another node's change is not this agent's business (the watch selects its Node).
+    let before = agent.target.calls().len();
+    server.apply(&node("node-b", &["10.244.3.0/24"])).unwrap();
+    server.apply(&node("node-a", &["10.244.1.0/24", "fd00:10:244:1::/64"])).unwrap();
+    agent.wait_synced("the new CIDRs", |s| cidrs(s).len() == 3).await;
+    let calls = agent.target.calls();
+    let changed = calls[before..].iter().find(|c| cidrs(&c.snapshot).len() == 3).unwrap();
+    assert!(changed.full, "a change of the pod CIDRs is a full sync");
+    assert_eq!(cidrs(&changed.snapshot), ["10.9.0.0/16", "10.244.1.0/24", "fd00:10:244:1::/64"]);
+    assert!(calls.iter().all(|c| !cidrs(&c.snapshot).contains(&"10.244.3.0/24".to_string())));
+
+    // RBAC: get and watch, never list.
+    assert!(server.get_requests() >= 1);
+    assert!(server.watch_requests(Kind::Node) >= 1);
+    assert_eq!(server.list_requests(Kind::Node), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_sync_waits_for_the_node_but_only_up_to_the_bound() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    server.apply(&node("node-a", &["10.244.1.0/24"])).unwrap();
+    server.pause_kind(Kind::Node);
+    let options = WatchOptions {
+        node: Some("node-a".into()),
+        node_wait: Duration::from_secs(3),
+        ..WatchOptions::new(watcher::Config::default())
+    };
+    let started = Instant::now();
+    let agent = Agent::start_with(&server, fast_config(), options);
+    let counters = agent.watch.counters().clone();
+    wait_for("the lists", Duration::from_secs(5), || Resource::ALL.iter().all(|r| counters.listed(*r))).await;
+    assert!(agent.target.calls().is_empty(), "listed, but the Node is not read yet: no sync");
+    agent.wait_synced("the sync after the bound", |s| s.pods.len() == 3).await;
+    assert!(started.elapsed() >= Duration::from_millis(2900), "synced after {:?}", started.elapsed());
+    assert!(cidrs(&agent.synced()).is_empty(), "synced without the Node's CIDRs");
+
+    server.resume_kind(Kind::Node);
+    agent.wait_synced("the Node's CIDRs", |s| cidrs(s) == ["10.244.1.0/24"]).await;
+    let calls = agent.target.calls();
+    assert!(calls.iter().find(|c| !cidrs(&c.snapshot).is_empty()).unwrap().full);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_and_metrics_show_watches_that_are_not_live() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = admin::AdminState {
+        metrics: agent.metrics.clone(),
+        status: agent.status.clone(),
+        watch_counters: Some(agent.watch.counters().clone()),
+        limits: admin::ProbeLimits::default(),
+    };
+    let admin_task = tokio::spawn(admin::serve(listener, state));
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    assert_eq!(http_get(addr, "/readyz").await.0, 200);
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    for needle in [
+        "netpol_watch_up{resource=\"pods\"} 1",
+        "netpol_watch_last_event_age_seconds{resource=\"networkpolicies\"} ",
+        "netpol_syncs_total{mode=\"full\",outcome=\"success\"} 1",
+        "netpol_last_successful_sync_timestamp_seconds ",
+        "netpol_watch_restarts_total 0",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+    assert!(!metrics.contains("netpol_last_successful_sync_timestamp_seconds 0.0"), "{metrics}");
+
+    // The API server goes away: every watch fails.
+    drop(server);
+    let mut body = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !body.contains("watch of pods is not live") {
+        assert!(Instant::now() < deadline, "readiness never reported the watch: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (code, b) = http_get(addr, "/readyz").await;
+        body = b;
+        assert!(code == 503 || !body.contains("not live"));
+    }
+    assert_eq!(http_get(addr, "/healthz").await.0, 200, "a lost API server is not a stuck agent");
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    assert!(metrics.contains("netpol_watch_up{resource=\"pods\"} 0"), "{metrics}");
+    admin_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_server_closes_connections_beyond_its_cap_and_serves_again_when_they_end() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_keep, status) = tokio::sync::watch::channel(SyncState::default());
+    let state = admin::AdminState {
+        metrics: Metrics::new(),
+        status,
+        watch_counters: None,
+        limits: admin::ProbeLimits::default(),
+    };
+    let admin_task = tokio::spawn(admin::serve_limited(listener, state, 2));
+    // Two idle connections take both slots.
+    let idle =
+        [tokio::net::TcpStream::connect(addr).await.unwrap(), tokio::net::TcpStream::connect(addr).await.unwrap()];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(3), third.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the connection over the cap is closed at once: {read:?}");
+
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_millis(500), async {
+            use tokio::io::AsyncWriteExt;
+            let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.ok()?;
+            Some(out)
+        })
+        .await;
+        if let Ok(Some(out)) = attempt
+            && out.starts_with("HTTP/1.1 200")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the admin server never served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_nft_is_killed_after_its_timeout_and_the_sync_loop_goes_on() {
+    use netpol::agent::nft_target::NftTarget;
+    use netpol::nft::netlink::NetlinkNftables;
+    use netpol::nft::real::RealNftables;
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let hanging = dir.path().join("nft");
+    // `exec`: the hanging process is the agent's child itself, as the real nft is.
+    std::fs::write(&hanging, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&hanging, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nft = RealNftables { nft: hanging, timeout: Duration::from_millis(300), ..RealNftables::default() };
+    // nft only: nothing reaches this process's own kernel tables.
+    let target = NftTarget::new(NetlinkNftables::nft_only(nft), "node-a", "netpol_hang");
+
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let trigger = Trigger::new();
+    let (watch, driver) = ClusterWatch::start(server.client(), watcher::Config::default(), trigger.clone());
+    let sync_loop = SyncLoop::new(target, watch, trigger, fast_config());
+    let status = sync_loop.status();
+    let tasks = [
+        tokio::spawn(async move {
+            let _ = driver.await;
+        }),
+        tokio::spawn(async move {
+            sync_loop.run(std::future::pending::<()>()).await;
+        }),
+    ];
+    wait_for("two failed syncs", Duration::from_secs(10), || status.borrow().failures >= 2).await;
+    let st = status.borrow().clone();
+    let error = st.last_error.clone().unwrap();
+    assert!(error.contains("did not finish within 300ms; killed it"), "{error}");
+    assert!(st.sync_started.is_none() || st.failures >= 2);
+    assert!(admin::liveness(&st, None, &admin::ProbeLimits::default()).is_ok(), "failing, not stuck");
+    for t in tasks {
+        t.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_fails_through_the_admin_endpoint_while_a_sync_runs_past_its_bound() {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = admin::ProbeLimits { stuck_after: Duration::from_millis(300), ..admin::ProbeLimits::default() };
+    let state = admin::AdminState {
+        metrics: agent.metrics.clone(),
+        status: agent.status.clone(),
+        watch_counters: Some(agent.watch.counters().clone()),
+        limits,
+    };
+    let admin_task = tokio::spawn(admin::serve(listener, state));
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+
+    // A sync that takes 2 s: liveness fails once it has run past 300 ms, and recovers.
+    agent.target.set_delay(Duration::from_secs(2));
+    server.apply(&pod("shop", "web-5", "192.0.2.6", &[])).unwrap();
+    let mut body = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !body.contains("a sync has been running") {
+        assert!(Instant::now() < deadline, "liveness never failed: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (code, b) = http_get(addr, "/healthz").await;
+        assert!(code == 503 || code == 200);
+        body = b;
+    }
+    agent.target.set_delay(Duration::ZERO);
+    agent.wait_synced("the slow sync", |s| s.pods.len() == 4).await;
+    wait_for("liveness to recover", Duration::from_secs(5), || agent.status.borrow().sync_started.is_none()).await;
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    admin_task.abort();
 }

@@ -130,7 +130,15 @@ fn agent_config() -> AgentConfig {
 }
 
 fn admin_port() -> u16 {
-    agent_config().admin_addr.port()
+    agent_config().admin_addr().port()
+}
+
+/// The env var's downward-API field path.
+fn env_field(name: &str) -> String {
+    let env = agent_container().env.expect("env");
+    let var = env.iter().find(|e| e.name == name).unwrap_or_else(|| panic!("{name} in env"));
+    assert!(var.value.is_none(), "{name} comes from the downward API, not a literal");
+    var.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect("a fieldRef").field_path.clone()
 }
 
 /// The TCP port a probe's httpGet targets, resolving a named port on the container.
@@ -212,7 +220,7 @@ fn the_namespace_admits_the_privileged_agent_under_pod_security_admission() {
 // ---------------------------------------------------------------- RBAC
 
 #[test]
-fn the_cluster_role_grants_only_get_list_watch_on_pods_namespaces_and_networkpolicies() {
+fn the_cluster_role_grants_only_get_list_watch_on_pods_namespaces_and_networkpolicies_and_get_watch_on_nodes() {
     let role = one::<ClusterRole>();
     assert_eq!(role.metadata.name.as_deref(), Some(ROLE));
     assert!(role.aggregation_rule.is_none(), "an aggregated role could gain rules from elsewhere");
@@ -233,6 +241,10 @@ fn the_cluster_role_grants_only_get_list_watch_on_pods_namespaces_and_networkpol
         for verb in ["get", "list", "watch"] {
             expected.insert((group.to_string(), resource.to_string(), verb.to_string()));
         }
+    }
+    // The agent's own Node, for its pod CIDRs: a GET and a WATCH by name, never a list.
+    for verb in ["get", "watch"] {
+        expected.insert((String::new(), "nodes".to_string(), verb.to_string()));
     }
     assert_eq!(granted, expected);
 }
@@ -331,18 +343,39 @@ fn the_pod_mounts_nothing_from_the_host() {
 
 #[test]
 fn the_node_name_comes_from_spec_node_name() {
-    let env = agent_container().env.expect("env");
-    let node = env.iter().find(|e| e.name == "NODE_NAME").expect("NODE_NAME");
-    let field = node.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect("NODE_NAME from a fieldRef");
-    assert_eq!(field.field_path, "spec.nodeName");
-    assert!(node.value.is_none());
+    assert_eq!(env_field("NODE_NAME"), "spec.nodeName");
 }
 
 #[test]
 fn the_container_args_are_flags_the_agent_accepts() {
     let config = agent_config();
-    assert_eq!(config.admin_addr.ip().to_string(), "0.0.0.0", "probes reach the admin server on the node IP");
+    assert!(config.admin_addr.is_none(), "the admin address follows HOST_IP, not a fixed address");
     assert!(!config.cleanup_on_exit, "rules must stay in force while the agent restarts");
+}
+
+#[test]
+fn the_admin_server_listens_on_the_node_ip_from_the_downward_api_not_on_every_address() {
+    assert_eq!(env_field("HOST_IP"), "status.hostIP");
+    // What the agent makes of the args once the kubelet has filled in HOST_IP.
+    let kubeconfig = tempfile::NamedTempFile::new().unwrap();
+    let argv = ["netpol-agent", "--node", "n", "--host-ip", "192.0.2.7", "--kubeconfig"]
+        .into_iter()
+        .map(String::from)
+        .chain([kubeconfig.path().to_string_lossy().into_owned()])
+        .chain(agent_container().args.unwrap_or_default());
+    let config = AgentConfig::try_parse_from(argv).unwrap();
+    assert_eq!(config.admin_addr().to_string(), "192.0.2.7:9469");
+    assert!(!config.admin_addr().ip().is_unspecified());
+}
+
+#[test]
+fn the_probes_reach_the_admin_server_on_the_pod_ip_which_is_the_host_ip_on_the_host_network() {
+    assert_eq!(pod_spec().host_network, Some(true), "a hostNetwork pod's IP is status.hostIP");
+    let c = agent_container();
+    for probe in [c.liveness_probe.as_ref().unwrap(), c.readiness_probe.as_ref().unwrap()] {
+        let get = probe.http_get.as_ref().unwrap();
+        assert!(get.host.is_none(), "no host: kubelet probes the pod IP (= HOST_IP), where the server listens");
+    }
 }
 
 #[test]

@@ -1,14 +1,14 @@
 //! Command-line and environment configuration of `netpol-agent`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-/// Default admin address. 9090 is Prometheus' own port and the agent runs on the host
+/// Default admin port. 9090 is Prometheus' own port and the agent runs on the host
 /// network, so a less crowded port is taken.
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9469";
+pub const DEFAULT_ADMIN_PORT: u16 = 9469;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -42,9 +42,32 @@ pub struct AgentConfig {
     #[arg(long, env = "NETPOL_DEBOUNCE", default_value = "5ms", value_parser = parse_debounce)]
     pub debounce: Duration,
 
-    /// Address of the /metrics, /healthz and /readyz server.
-    #[arg(long, env = "NETPOL_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
-    pub admin_addr: SocketAddr,
+    /// Address of the /metrics, /healthz and /readyz server (unauthenticated). Default:
+    /// port 9469 on --host-ip, else on 127.0.0.1; never all addresses unless asked.
+    #[arg(long, env = "NETPOL_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+
+    /// This node's own IP (in the cluster `status.hostIP` from the downward API): where
+    /// the admin server listens by default, and where kubelet probes a host-network pod.
+    #[arg(long, env = "HOST_IP")]
+    pub host_ip: Option<IpAddr>,
+
+    /// A pod CIDR of this node (repeatable; comma-separated in the environment), for
+    /// IPAMs that do not use the Node's spec.podCIDRs. The union with the Node's
+    /// spec.podCIDRs is guarded: traffic of an address inside it that is no known local
+    /// pod is dropped.
+    #[arg(long = "pod-cidr", env = "NETPOL_POD_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+
+    /// The first sync waits at most this long for the agent's Node (its pod CIDRs);
+    /// after that it syncs without them until the Node is read.
+    #[arg(long, env = "NETPOL_NODE_WAIT", default_value = "10s", value_parser = parse_duration)]
+    pub node_wait: Duration,
+
+    /// An `nft` call, or a wait for the kernel's netlink answer, is given up (and the nft
+    /// child killed) after this long; the next sync is then full.
+    #[arg(long, env = "NETPOL_NFT_TIMEOUT", default_value = "30s", value_parser = parse_nft_timeout)]
+    pub nft_timeout: Duration,
 
     /// Log format.
     #[arg(long, env = "NETPOL_LOG_FORMAT", value_enum, default_value = "text")]
@@ -105,6 +128,21 @@ fn parse_resync(s: &str) -> Result<Duration, String> {
         return Err("must be at least 1s".into());
     }
     Ok(d)
+}
+
+fn parse_nft_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
+        return Err("must be between 100ms and 10m".into());
+    }
+    Ok(d)
+}
+
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .map(|net| net.trunc())
+        .map_err(|_| format!("`{s}` is not a CIDR (examples: 10.244.1.0/24, fd00:10:244:1::/64)"))
 }
 
 fn parse_debounce(s: &str) -> Result<Duration, String> {
@@ -173,6 +211,14 @@ fn parse_log_level(s: &str) -> Result<String, String> {
 }
 
 impl AgentConfig {
+    /// Where the admin server listens: --admin-addr, else port 9469 on --host-ip, else on
+    /// 127.0.0.1 (never every address of a host-network pod by default).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr.unwrap_or_else(|| {
+            SocketAddr::new(self.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)), DEFAULT_ADMIN_PORT)
+        })
+    }
+
     /// Installs the global tracing subscriber per `--log-format` and `--log-level`.
     /// Fails if one is already installed.
     pub fn init_logging(&self) -> Result<(), String> {
@@ -212,12 +258,35 @@ mod tests {
         assert_eq!(c.table, "netpol");
         assert_eq!(c.resync_period, Duration::from_secs(300));
         assert_eq!(c.debounce, Duration::from_millis(5));
-        assert_eq!(c.admin_addr, DEFAULT_ADMIN_ADDR.parse().unwrap());
+        assert_eq!(c.admin_addr(), "127.0.0.1:9469".parse().unwrap());
+        assert!(c.pod_cidrs.is_empty());
+        assert_eq!(c.nft_timeout, Duration::from_secs(30));
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(!c.cleanup_on_exit);
         assert_eq!(c.idle_set_elements_per_pod, 4);
         assert!(c.watch_table);
         assert!(!parse(&["--node", "node-a", "--watch-table=false"]).unwrap().watch_table);
+    }
+
+    #[test]
+    fn the_admin_server_listens_on_the_host_ip_when_known_and_an_explicit_address_wins() {
+        let c = parse(&["--node", "a", "--host-ip", "192.0.2.10"]).unwrap();
+        assert_eq!(c.admin_addr(), "192.0.2.10:9469".parse().unwrap());
+        let c = parse(&["--node", "a", "--host-ip", "2001:db8::10"]).unwrap();
+        assert_eq!(c.admin_addr(), "[2001:db8::10]:9469".parse().unwrap());
+        let c = parse(&["--node", "a", "--host-ip", "192.0.2.10", "--admin-addr", "127.0.0.1:1234"]).unwrap();
+        assert_eq!(c.admin_addr(), "127.0.0.1:1234".parse().unwrap());
+    }
+
+    #[test]
+    fn pod_cidrs_repeat_and_split_on_commas_and_bad_ones_are_named() {
+        let c =
+            parse(&["--node", "a", "--pod-cidr", "10.244.1.0/24", "--pod-cidr", "fd00:1::/64,10.9.0.7/16"]).unwrap();
+        let want: Vec<ipnet::IpNet> =
+            ["10.244.1.0/24", "fd00:1::/64", "10.9.0.0/16"].iter().map(|c| c.parse().unwrap()).collect();
+        assert_eq!(c.pod_cidrs, want);
+        let e = parse(&["--node", "a", "--pod-cidr", "10.0.0.0/33"]).unwrap_err().to_string();
+        assert!(e.contains("`10.0.0.0/33` is not a CIDR"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! Prometheus metrics of the agent (prometheus-client, OpenMetrics text).
 //!
-//! Sync metrics are recorded by the sync loop as they happen; watch counters and "seconds
-//! since the last successful sync" are copied in at scrape time by [`Metrics::encode`].
+//! Sync metrics are recorded by the sync loop as they happen; watch counters and health
+//! (watch up, time since each watch's last delivery, supervisor restarts) and the last
+//! successful sync (age and Unix time) are copied in at scrape time by [`Metrics::encode`].
+//!
+//! ```text
+//!  SyncLoop ──record_sync / record_failure──► Metrics ◄──encode(WatchCounters, SyncState)── /metrics
+//! ```
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -43,6 +48,17 @@ struct FailureLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    mode: Mode,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PathLabels {
+    path: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResourceLabels {
     resource: &'static str,
 }
@@ -80,6 +96,14 @@ struct Inner {
     watch_errors: Family<ResourceLabels, Counter>,
     seconds_since_sync: Gauge<f64, AtomicU64>,
     consecutive_failures: Gauge,
+    syncs: Family<OutcomeLabels, Counter>,
+    watch_up: Family<ResourceLabels, Gauge>,
+    watch_event_age: Family<ResourceLabels, Gauge<f64, AtomicU64>>,
+    watch_restarts: Counter,
+    last_success_timestamp: Gauge<f64, AtomicU64>,
+    transactions: Family<PathLabels, Counter>,
+    netlink_fallbacks: Counter,
+    guard_enabled: Gauge,
     started: std::time::Instant,
 }
 
@@ -117,6 +141,14 @@ impl Metrics {
         let watch_errors = Family::<ResourceLabels, Counter>::default();
         let seconds_since_sync = Gauge::<f64, AtomicU64>::default();
         let consecutive_failures = Gauge::default();
+        let syncs = Family::<OutcomeLabels, Counter>::default();
+        let watch_up = Family::<ResourceLabels, Gauge>::default();
+        let watch_event_age = Family::<ResourceLabels, Gauge<f64, AtomicU64>>::default();
+        let watch_restarts = Counter::default();
+        let last_success_timestamp = Gauge::<f64, AtomicU64>::default();
+        let transactions = Family::<PathLabels, Counter>::default();
+        let netlink_fallbacks = Counter::default();
+        let guard_enabled = Gauge::default();
 
         registry.register_with_unit(
             "sync_duration",
@@ -183,6 +215,45 @@ impl Metrics {
             "Failed syncs since the last successful one",
             consecutive_failures.clone(),
         );
+        registry.register("syncs", "Sync attempts by mode and outcome (success or failure)", syncs.clone());
+        registry.register(
+            "watch_up",
+            "1 while the watch is live (listed, and delivering or recovered from its last error), by resource",
+            watch_up.clone(),
+        );
+        registry.register_with_unit(
+            "watch_last_event_age",
+            "Time since the watch last delivered a list, an event or (the Node's watch) a bookmark, by resource",
+            prometheus_client::registry::Unit::Seconds,
+            watch_event_age.clone(),
+        );
+        registry.register(
+            "watch_restarts",
+            "Restarts of the watches by their supervisor (after the watch task ended)",
+            watch_restarts.clone(),
+        );
+        registry.register_with_unit(
+            "last_successful_sync_timestamp",
+            "Unix time of the last successful sync (0 before the first)",
+            prometheus_client::registry::Unit::Seconds,
+            last_success_timestamp.clone(),
+        );
+        registry.register(
+            "nft_transactions",
+            "nftables transactions applied, by path (netlink: the agent's own socket; nft: the nft command)",
+            transactions.clone(),
+        );
+        registry.register(
+            "netlink_fallbacks",
+            "Transactions that went through the nft command instead of netlink",
+            netlink_fallbacks.clone(),
+        );
+        registry.register(
+            "unknown_pod_guard_enabled",
+            "1 when pod CIDRs are known (--pod-cidr or the Node's spec.podCIDRs) and traffic of unknown \
+             addresses inside them is dropped; 0 when the guard is off",
+            guard_enabled.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -203,6 +274,14 @@ impl Metrics {
                 watch_errors,
                 seconds_since_sync,
                 consecutive_failures,
+                syncs,
+                watch_up,
+                watch_event_age,
+                watch_restarts,
+                last_success_timestamp,
+                transactions,
+                netlink_fallbacks,
+                guard_enabled,
                 started: std::time::Instant::now(),
             }),
         }
@@ -224,6 +303,15 @@ impl Metrics {
         i.idle_set_elements.set(gauge_value(stats.idle_set_elements));
         i.rules.set(gauge_value(stats.rules));
         i.skipped_objects.set(gauge_value(stats.skipped_objects));
+        i.syncs.get_or_create(&OutcomeLabels { mode: m, outcome: "success" }).inc();
+        i.transactions.get_or_create(&PathLabels { path: "netlink" }).inc_by(stats.via_netlink);
+        i.transactions.get_or_create(&PathLabels { path: "nft" }).inc_by(stats.via_nft);
+        i.netlink_fallbacks.inc_by(stats.via_nft);
+    }
+
+    /// Whether the unknown-pod guard is on (pod CIDRs known).
+    pub fn record_guard(&self, enabled: bool) {
+        self.inner.guard_enabled.set(i64::from(enabled));
     }
 
     /// A failed sync.
@@ -231,6 +319,7 @@ impl Metrics {
         let i = &self.inner;
         i.sync_duration.get_or_create(&mode(full)).observe(elapsed.as_secs_f64());
         i.sync_failures.get_or_create(&FailureLabels { mode: mode(full).mode, kind }).inc();
+        i.syncs.get_or_create(&OutcomeLabels { mode: mode(full).mode, outcome: "failure" }).inc();
     }
 
     /// Store sizes, at each sync.
@@ -255,7 +344,16 @@ impl Metrics {
                 set_counter(&i.watch_relists.get_or_create(&l), w.relists(r));
                 set_counter(&i.watch_errors.get_or_create(&l), w.errors(r));
             }
+            for r in w.watched() {
+                let l = ResourceLabels { resource: r.as_str() };
+                i.watch_up.get_or_create(&l).set(i64::from(w.live(r)));
+                let age = w.since_last_delivery(r).unwrap_or_else(|| i.started.elapsed());
+                i.watch_event_age.get_or_create(&l).set(age.as_secs_f64());
+            }
+            set_counter(&i.watch_restarts, w.restarts());
         }
+        let wall = state.last_success_wall.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        i.last_success_timestamp.set(wall.map_or(0.0, |d| d.as_secs_f64()));
         let since = state.last_success.unwrap_or(i.started).elapsed();
         i.seconds_since_sync.set(since.as_secs_f64());
         i.consecutive_failures.set(i64::from(state.consecutive_failures));
@@ -283,11 +381,23 @@ mod tests {
         m.record_sync(
             true,
             Duration::from_millis(3),
-            &SyncStats { transaction_ops: 12, chains: 4, set_elements: 9, ..SyncStats::default() },
+            &SyncStats {
+                transaction_ops: 12,
+                chains: 4,
+                set_elements: 9,
+                via_netlink: 2,
+                via_nft: 1,
+                ..SyncStats::default()
+            },
         );
+        m.record_guard(true);
         m.record_failure(false, Duration::from_millis(1), "apply");
         let watch = WatchCounters::default();
-        let text = m.encode(Some(&watch), &SyncState::default());
+        let state = SyncState {
+            last_success_wall: Some(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            ..SyncState::default()
+        };
+        let text = m.encode(Some(&watch), &state);
         for needle in [
             "netpol_sync_duration_seconds_bucket{",
             "mode=\"full\"",
@@ -298,6 +408,16 @@ mod tests {
             "netpol_watch_relists_total{resource=\"networkpolicies\"} 0",
             "netpol_last_successful_sync_age_seconds ",
             "netpol_sync_transaction_ops_count{mode=\"full\"} 1",
+            "netpol_syncs_total{mode=\"full\",outcome=\"success\"} 1",
+            "netpol_syncs_total{mode=\"partial\",outcome=\"failure\"} 1",
+            "netpol_nft_transactions_total{path=\"netlink\"} 2",
+            "netpol_nft_transactions_total{path=\"nft\"} 1",
+            "netpol_netlink_fallbacks_total 1",
+            "netpol_last_successful_sync_timestamp_seconds 1700000000.0",
+            "netpol_unknown_pod_guard_enabled 1",
+            "netpol_watch_up{resource=\"pods\"} 0",
+            "netpol_watch_last_event_age_seconds{resource=\"namespaces\"} ",
+            "netpol_watch_restarts_total 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -4,13 +4,21 @@
 //! The agent is level-triggered: watch events only update the stores and poke a
 //! [`trigger::Trigger`]; the sync loop then hands the whole [`Snapshot`] to a
 //! [`SyncTarget`] (compile + diff + nft), never a single event. Nothing is synced until
-//! Pods, Namespaces and NetworkPolicies have all listed once; any failure makes the next
-//! sync a full one.
+//! Pods, Namespaces and NetworkPolicies have all listed once (and the agent's Node has
+//! been read, or `--node-wait` passed); any failure makes the next sync a full one.
+//!
+//! ```text
+//!  supervisor ─► watch task (pods, namespaces, policies, own Node) ─► stores ─► Trigger
+//!      │ restarts it (full sync after); gives up: run() ends with an error     │
+//!      ▼                                                                       ▼
+//!  heartbeats ──► admin (/healthz, /readyz, /metrics) ◄── SyncState ◄── SyncLoop ─► SyncTarget
+//! ```
 
 pub mod admin;
 pub mod config;
 pub mod metrics;
 pub mod nft_target;
+mod node;
 pub mod quarantine;
 pub mod trigger;
 pub mod watch;
@@ -37,6 +45,9 @@ pub struct Snapshot {
     pub skipped_objects: usize,
     /// NetworkPolicies that failed conversion and are enforced fail-closed (in `policies`).
     pub fail_closed_policies: usize,
+    /// This node's pod CIDRs (`--pod-cidr` and the Node's `spec.podCIDRs`), sorted: the
+    /// compiler drops traffic of addresses inside them that are no known local pod.
+    pub pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// What one sync did, for metrics.
@@ -63,6 +74,10 @@ pub struct SyncStats {
     pub compile: std::time::Duration,
     /// Sending the transaction until the kernel committed it (zero when it was empty).
     pub apply: std::time::Duration,
+    /// Transactions this sync sent over netlink, and through the nft command (a fallback);
+    /// filled in by targets that know (the agent's netlink target).
+    pub via_netlink: u64,
+    pub via_nft: u64,
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -129,6 +144,8 @@ pub enum AgentError {
     Admin { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cleanup on exit failed: {0}")]
     Cleanup(#[source] SyncError),
+    #[error("watches: {0}")]
+    Watches(#[from] watch::WatchError),
 }
 
 /// Builds the Kubernetes client the configuration asks for: the given kubeconfig, else
@@ -149,8 +166,9 @@ pub async fn kube_client(config: &AgentConfig) -> Result<kube::Client, AgentErro
     Ok(kube::Client::try_from(kc)?)
 }
 
-/// Runs the agent until `shutdown` resolves: watches, admin server, sync loop. Returns the
-/// target after cleaning up when `--cleanup-on-exit` is set.
+/// Runs the agent until `shutdown` resolves: watches (supervised), admin server, sync
+/// loop. Returns the target after cleaning up when `--cleanup-on-exit` is set, or
+/// [`AgentError::Watches`] when the watch supervisor gave up.
 pub async fn run<T: SyncTarget>(
     config: AgentConfig,
     target: T,
@@ -158,31 +176,65 @@ pub async fn run<T: SyncTarget>(
 ) -> Result<T, AgentError> {
     let client = kube_client(&config).await?;
     let trigger = Trigger::new();
-    let (watch, driver) = ClusterWatch::start(client, kube::runtime::watcher::Config::default(), trigger.clone());
-    let watch_task = tokio::spawn(driver);
+    let options = watch::WatchOptions {
+        node: Some(config.node.clone()),
+        pod_cidrs: config.pod_cidrs.clone(),
+        node_wait: config.node_wait,
+        ..watch::WatchOptions::new(kube::runtime::watcher::Config::default())
+    };
+    let (watch, driver) = ClusterWatch::start_with(client, options, trigger.clone());
+    let mut watch_task = tokio::spawn(driver);
 
     // Dropped (stopped) when the agent stops.
     let _table_monitor = if config.watch_table { watch_table(&config, &trigger) } else { None };
 
     let metrics = Metrics::new();
+    metrics.record_guard(!config.pod_cidrs.is_empty());
+    if config.pod_cidrs.is_empty() {
+        // The warning that the guard is off comes once the Node is read without CIDRs.
+        tracing::info!("no --pod-cidr given: the unknown-pod guard depends on the Node's spec.podCIDRs");
+    }
     let loop_config =
         SyncLoopConfig { debounce: config.debounce, resync_period: config.resync_period, ..SyncLoopConfig::default() };
     let sync_loop = SyncLoop::new(target, watch.clone(), trigger, loop_config).with_metrics(metrics.clone());
+    let mut limits = admin::ProbeLimits::for_agent(config.resync_period, config.nft_timeout);
+    limits.unready_after_failures = sync_loop.config().unready_after_failures;
     let admin_state = admin::AdminState {
         metrics,
         status: sync_loop.status(),
         watch_counters: Some(watch.counters().clone()),
-        unready_after_failures: sync_loop.config().unready_after_failures,
+        limits,
     };
-    let listener = tokio::net::TcpListener::bind(config.admin_addr)
+    let admin_addr = config.admin_addr();
+    let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
-        .map_err(|source| AgentError::Admin { addr: config.admin_addr, source })?;
-    tracing::info!(addr = %config.admin_addr, node = %config.node, table = %config.table, "agent starting");
+        .map_err(|source| AgentError::Admin { addr: admin_addr, source })?;
+    tracing::info!(addr = %admin_addr, node = %config.node, table = %config.table, "agent starting");
     let admin_task = tokio::spawn(admin::serve(listener, admin_state));
 
-    let mut target = sync_loop.run(shutdown).await;
+    // The sync loop ends on `shutdown`, or when the watch supervisor gives up: syncing
+    // on from stores nobody updates would hide the failure.
+    let (watches_failed_tx, watches_failed) = tokio::sync::oneshot::channel::<watch::WatchError>();
+    let supervised = async {
+        let error = match (&mut watch_task).await {
+            Ok(Err(error)) => error,
+            Ok(Ok(())) => watch::WatchError { restarts: 0, window: Default::default(), last: "ended".into() },
+            Err(e) => watch::WatchError { restarts: 0, window: Default::default(), last: e.to_string() },
+        };
+        let _ = watches_failed_tx.send(error);
+    };
+    let stop = async {
+        tokio::select! {
+            _ = shutdown => {},
+            _ = supervised => {},
+        }
+    };
+    let mut target = sync_loop.run(stop).await;
     watch_task.abort();
     admin_task.abort();
+    if let Ok(error) = watches_failed.await {
+        return Err(AgentError::Watches(error));
+    }
     if config.cleanup_on_exit {
         tracing::info!("cleaning up on exit");
         target = tokio::task::spawn_blocking(move || target.cleanup().map(|()| target))
@@ -205,14 +257,14 @@ fn watch_table(config: &AgentConfig, trigger: &Trigger) -> Option<crate::nft::mo
     let on_change = move |change| match change {
         Change::Foreign { port } => {
             tracing::warn!(port, "another program changed the table; resyncing it fully");
-            trigger.request_full_sync();
+            trigger.request_full();
         }
         Change::Lost if last_lost.is_none_or(|at| at.elapsed() >= LOST_RESYNC_INTERVAL) => {
             last_lost = Some(std::time::Instant::now());
             tracing::warn!(
                 "nf_tables announcements were lost (the monitor's buffer overflowed); resyncing fully to be sure"
             );
-            trigger.request_full_sync();
+            trigger.request_full();
         }
         Change::Lost => tracing::debug!("nf_tables announcements lost again; the last such resync was recent"),
     };

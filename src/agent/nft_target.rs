@@ -43,20 +43,37 @@ pub struct NftTarget<N: Nftables> {
     /// The last snapshot's namespace list and its map: namespaces change rarely, and an
     /// unchanged map lets the compiler trust its caches without comparing every label.
     namespaces: Option<(SharedList<Namespace>, Arc<NamespaceMap>)>,
+    /// Idle-set budget the compiler is built with (kept when it is rebuilt).
+    idle_set_elements_per_pod: usize,
 }
 
 impl<N: Nftables> NftTarget<N> {
     pub fn new(nft: N, node: impl Into<String>, table: impl Into<String>) -> Self {
-        let config = NodeConfig { node: node.into(), table: table.into() };
+        let config = NodeConfig { node: node.into(), table: table.into(), pod_cidrs: Vec::new() };
         let compiler = IncrementalCompiler::new(config).keeping_idle_sets(IDLE_SET_ELEMENTS_PER_POD);
-        NftTarget { nft, compiler, applied: None, namespaces: None }
+        NftTarget {
+            nft,
+            compiler,
+            applied: None,
+            namespaces: None,
+            idle_set_elements_per_pod: IDLE_SET_ELEMENTS_PER_POD,
+        }
     }
 
     /// Keeps idle sets up to `elements_per_pod` elements per cluster pod (see
     /// [`IDLE_SET_ELEMENTS_PER_POD`], the default; 0 keeps none).
     pub fn keeping_idle_sets(mut self, elements_per_pod: usize) -> Self {
         self.compiler = IncrementalCompiler::new(self.compiler.config().clone()).keeping_idle_sets(elements_per_pod);
+        self.idle_set_elements_per_pod = elements_per_pod;
         self
+    }
+
+    /// Compiles with `pod_cidrs` from now on. The compiler starts afresh with the new
+    /// configuration, and the caller must sync fully: every chain may change.
+    fn use_pod_cidrs(&mut self, pod_cidrs: &[ipnet::IpNet]) {
+        let config = NodeConfig { pod_cidrs: pod_cidrs.to_vec(), ..self.compiler.config().clone() };
+        tracing::info!(pod_cidrs = ?config.pod_cidrs, "compiling with new pod CIDRs; full sync");
+        self.compiler = IncrementalCompiler::new(config).keeping_idle_sets(self.idle_set_elements_per_pod);
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -118,6 +135,13 @@ fn cluster_with(snapshot: &Snapshot, namespaces: Arc<NamespaceMap>) -> Cluster {
 impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
     fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
         let started = std::time::Instant::now();
+        // The pod CIDRs (flag and Node) travel with the snapshot; a change recompiles all.
+        let full = if snapshot.pod_cidrs != self.compiler.config().pod_cidrs {
+            self.use_pod_cidrs(&snapshot.pod_cidrs);
+            true
+        } else {
+            full
+        };
         // What was applied serves this diff only (the compiler turns the sets it patches
         // into stand-ins there); a full sync needs none of it.
         let mut applied = self.applied.take().filter(|_| !full);
@@ -143,6 +167,8 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             idle_set_elements,
             skipped_objects: snapshot.skipped_objects,
             fail_closed_policies: snapshot.fail_closed_policies,
+            via_netlink: 0,
+            via_nft: 0,
         };
         if tx.is_empty() {
             // The kernel holds what was applied, which equals `desired`.
@@ -221,6 +247,21 @@ mod tests {
         let add = text.find("add table inet t").unwrap();
         let del = text.find("delete table inet t").unwrap();
         assert!(add < del, "{text}");
+    }
+
+    #[test]
+    fn a_change_of_the_pod_cidrs_compiles_with_them_and_replaces_the_whole_table() {
+        let mut t = NftTarget::new(FakeNftables::new(), "node-a", "t");
+        let mut s = Snapshot::default();
+        t.sync(&s, false).unwrap();
+        assert!(t.config().pod_cidrs.is_empty());
+        s.pod_cidrs = vec!["10.244.1.0/24".parse().unwrap()];
+        t.sync(&s, false).unwrap();
+        assert_eq!(t.config().pod_cidrs, s.pod_cidrs);
+        assert!(is_full_sync(t.nftables().last_transaction().unwrap()), "a new pod CIDR set is a full sync");
+        // Unchanged again: back to diffs.
+        t.sync(&s, false).unwrap();
+        assert_eq!(t.nftables().applied_count(), 2);
     }
 
     #[test]

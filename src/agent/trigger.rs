@@ -47,10 +47,10 @@ pub struct Trigger {
 struct TriggerInner {
     notify: Notify,
     notifications: AtomicU64,
+    /// Someone (a restarted watch, a changed Node) asked that the next sync be full.
+    full_requested: std::sync::atomic::AtomicBool,
     /// When the oldest notification not yet taken by a sync arrived.
     oldest_pending: std::sync::Mutex<Option<Instant>>,
-    /// The next sync must be full (what is in the kernel is no longer what was applied).
-    full_requested: std::sync::atomic::AtomicBool,
 }
 
 impl Trigger {
@@ -65,13 +65,15 @@ impl Trigger {
         self.inner.notify.notify_one();
     }
 
-    /// What the kernel holds changed behind the agent's back: schedule a full sync.
-    pub fn request_full_sync(&self) {
+    /// Something changed in a way the sync target cannot see from the snapshot alone (the
+    /// watches restarted, the node's configuration changed, another program changed the
+    /// table): the next sync is full.
+    pub fn request_full(&self) {
         self.inner.full_requested.store(true, Ordering::SeqCst);
         self.notify();
     }
 
-    /// Whether a full sync was requested since the last call.
+    /// Takes a pending [`Trigger::request_full`].
     fn take_full_request(&self) -> bool {
         self.inner.full_requested.swap(false, Ordering::SeqCst)
     }
@@ -109,6 +111,8 @@ pub struct SyncLoopConfig {
     pub retry_max: Duration,
     /// `/readyz` fails from this many consecutive failures on.
     pub unready_after_failures: u32,
+    /// The loop proves it is alive at least this often, also when idle (liveness).
+    pub heartbeat: Duration,
 }
 
 /// Default batching window. A burst of pod events (a rollout, a node drain) arrives over
@@ -130,6 +134,7 @@ impl Default for SyncLoopConfig {
             retry_initial: Duration::from_millis(250),
             retry_max: Duration::from_secs(30),
             unready_after_failures: 3,
+            heartbeat: Duration::from_secs(5),
         }
     }
 }
@@ -155,6 +160,16 @@ pub struct SyncState {
     pub last_stats: SyncStats,
     /// Duration of the last sync attempt.
     pub last_duration: Duration,
+    /// When the last successful sync finished, as wall-clock time (for the
+    /// `_timestamp_seconds` gauge).
+    pub last_success_wall: Option<std::time::SystemTime>,
+    /// When the loop last proved it runs (each wake-up, and every `heartbeat` when idle);
+    /// `None` before it started. Tokio time, so paused-clock tests can drive it.
+    pub heartbeat: Option<Instant>,
+    /// When the sync running now started; `None` between syncs.
+    pub sync_started: Option<Instant>,
+    /// When the last successful sync finished, in tokio time (readiness: "recent").
+    pub last_success_at: Option<Instant>,
 }
 
 /// The sync loop: owns the target, reads snapshots from the source when triggered.
@@ -171,6 +186,7 @@ enum Wake {
     Change,
     Resync,
     Retry,
+    Heartbeat,
     Shutdown,
 }
 
@@ -214,12 +230,15 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
         let mut failures_in_row: u32 = 0;
 
         loop {
+            status.send_modify(|s| s.heartbeat = Some(Instant::now()));
+            let beat = tokio::time::sleep(config.heartbeat);
             let wake = if pending {
                 pending = false;
                 Wake::Change
             } else if let Some(at) = retry_at {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => Wake::Retry,
+                    _ = beat => Wake::Heartbeat,
                     _ = &mut shutdown => Wake::Shutdown,
                 }
             } else {
@@ -232,6 +251,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                 tokio::select! {
                     _ = trigger.notified() => Wake::Change,
                     _ = resync => Wake::Resync,
+                    _ = beat => Wake::Heartbeat,
                     _ = &mut shutdown => Wake::Shutdown,
                 }
             };
@@ -240,6 +260,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                 Wake::Change => batch(&trigger, config.debounce).await,
                 Wake::Resync => need_full = true,
                 Wake::Retry => {}
+                Wake::Heartbeat => continue,
             }
             if !source.is_ready() {
                 tracing::debug!("not all resources listed yet; not syncing");
@@ -247,13 +268,17 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
             }
             retry_at = None;
             trigger.taken();
-            need_full |= trigger.take_full_request();
+            if trigger.take_full_request() {
+                need_full = true;
+            }
             let snapshot = source.snapshot();
             if let Some(m) = &metrics {
                 m.record_index_sizes(&snapshot);
+                m.record_guard(!snapshot.pod_cidrs.is_empty());
             }
             let full = need_full;
             let started = std::time::Instant::now();
+            status.send_modify(|s| s.sync_started = Some(Instant::now()));
             let Some(t) = target.take() else { break };
             let (t, result) = run_blocking(t, snapshot, full).await;
             target = Some(t);
@@ -275,6 +300,9 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                         s.consecutive_failures = 0;
                         s.first_full_sync_done |= full;
                         s.last_success = Some(std::time::Instant::now());
+                        s.last_success_wall = Some(std::time::SystemTime::now());
+                        s.last_success_at = Some(Instant::now());
+                        s.sync_started = None;
                         s.last_stats = stats;
                         s.last_duration = elapsed;
                     });
@@ -293,6 +321,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                         s.consecutive_failures = failures_in_row;
                         s.last_error = Some(error.to_string());
                         s.last_duration = elapsed;
+                        s.sync_started = None;
                     });
                 }
             }
@@ -422,23 +451,6 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_requested_full_sync_happens_at_once_and_only_once() {
-        let source = FakeSource::default();
-        source.ready.store(true, Ordering::SeqCst);
-        let target = RecordingTarget::new();
-        let trigger = Trigger::new();
-        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), SyncLoopConfig::default());
-        let task = tokio::spawn(sl.run(tokio::time::sleep(Duration::from_secs(10))));
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        trigger.request_full_sync();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        trigger.notify();
-        task.await.unwrap();
-        let fulls: Vec<bool> = target.calls().iter().map(|c| c.full).collect();
-        assert_eq!(fulls, [true, true, false], "start, the request, then a plain change");
-    }
-
-    #[tokio::test(start_paused = true)]
     async fn a_panicking_target_counts_as_a_failure_and_the_next_sync_is_full() {
         let source = FakeSource::default();
         source.ready.store(true, Ordering::SeqCst);
@@ -455,6 +467,42 @@ mod tests {
         assert!(st.first_full_sync_done);
         let fulls: Vec<bool> = target.calls().iter().map(|c| c.full).collect();
         assert_eq!(fulls, [true, true]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requested_full_sync_makes_the_next_sync_full_once() {
+        let source = FakeSource::default();
+        source.ready.store(true, Ordering::SeqCst);
+        let target = RecordingTarget::new();
+        let trigger = Trigger::new();
+        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), SyncLoopConfig::default());
+        tokio::spawn(sl.run(std::future::pending()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        trigger.notify();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        trigger.request_full();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        trigger.notify();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let fulls: Vec<bool> = target.calls().iter().map(|c| c.full).collect();
+        assert_eq!(fulls, [true, false, true, false]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_loop_keeps_beating_and_a_running_sync_is_visible() {
+        let source = FakeSource::default();
+        source.ready.store(true, Ordering::SeqCst);
+        let target = RecordingTarget::new();
+        let trigger = Trigger::new();
+        let config = SyncLoopConfig { heartbeat: Duration::from_secs(5), ..SyncLoopConfig::default() };
+        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), config);
+        let status = sl.status();
+        tokio::spawn(sl.run(std::future::pending()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let beat = status.borrow().heartbeat.expect("the loop beats");
+        assert!(Instant::now().duration_since(beat) <= Duration::from_secs(5), "idle for a minute, still beating");
+        assert!(status.borrow().sync_started.is_none());
+        assert!(status.borrow().last_success_at.is_some() && status.borrow().last_success_wall.is_some());
     }
 
     /// Changes every `gap` for a second of paused time; returns the syncs they took.

@@ -15,8 +15,16 @@
 //! Relists are level-triggered: `Init` starts a fresh set, `InitApply` fills it,
 //! `InitDone` swaps it in whole (objects deleted while the watch was down vanish then).
 //! Lists are paged (kube-runtime asks for 500 objects a page), so no list is ever held
-//! whole. Watch errors (including `410 Gone`, after which the watcher relists) are retried
-//! with the watcher's default backoff.
+//! whole. Watch errors are retried with the watcher's default backoff; a `410 Gone` in the
+//! stream makes the watcher relist, and one answered to the watch start (which kube-runtime
+//! would retry with the same resourceVersion forever) makes the agent start a fresh
+//! watcher, which relists.
+//!
+//! The watches (and the agent's Node, see `node.rs`) run in one task under a
+//! supervisor ([`ClusterWatch::start_with`]): when the task ends (a panic) the watches are
+//! restarted with backoff, relist, and the next sync is full; too many restarts end the
+//! supervisor with a [`WatchError`], and the agent exits non-zero. [`WatchCounters`] keep,
+//! per watch, when it last delivered and last failed, for the probes and metrics.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeSet, HashSet};
@@ -24,11 +32,13 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use std::sync::Mutex;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -37,6 +47,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::convert::{self, FieldError, PodOutcome};
 use crate::model;
@@ -44,15 +55,18 @@ use crate::model;
 use super::Snapshot;
 use super::trigger::{SnapshotSource, Trigger};
 
-/// The three watched resources.
+/// The watched resources: the three the agent lists and watches, and the agent's own
+/// Node (read with a GET and a field-selected WATCH, for its pod CIDRs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Resource {
     Pods,
     Namespaces,
     NetworkPolicies,
+    Node,
 }
 
 impl Resource {
+    /// The listed resources: nothing is synced until each has listed once.
     pub const ALL: [Resource; 3] = [Resource::Pods, Resource::Namespaces, Resource::NetworkPolicies];
 
     /// Label value used in logs and metrics.
@@ -61,6 +75,7 @@ impl Resource {
             Resource::Pods => "pods",
             Resource::Namespaces => "namespaces",
             Resource::NetworkPolicies => "networkpolicies",
+            Resource::Node => "node",
         }
     }
 
@@ -69,22 +84,52 @@ impl Resource {
     }
 }
 
+/// A watch that has reported an error counts as down until it delivers again, or until
+/// this long has passed without another error: kube-runtime resumes a broken watch
+/// silently (no event says "reconnected") and retries a failing one at least every 30 s
+/// (its default backoff's cap), so a quiet minute after an error means the retry took.
+pub const WATCH_HEAL_AFTER: Duration = Duration::from_secs(65);
+
 #[derive(Debug, Default)]
 struct PerResource {
     listed: AtomicBool,
     events: AtomicU64,
     lists: AtomicU64,
     errors: AtomicU64,
+    /// Milliseconds after the counters' origin, plus one (0: never), of the last list,
+    /// event or bookmark the watch delivered, and of its last error.
+    last_ok: AtomicU64,
+    last_error: AtomicU64,
 }
 
-/// Counters per watched resource, read by the metrics endpoint and by tests.
-#[derive(Debug, Default)]
+/// Counters per watched resource, read by the metrics endpoint, the probes and by tests.
+#[derive(Debug)]
 pub struct WatchCounters {
-    per: [PerResource; 3],
+    per: [PerResource; 4],
+    /// Tokio time the millisecond stamps count from.
+    origin: Instant,
+    /// Whether the Node is watched (a node name was given).
+    node_watched: AtomicBool,
+    /// Times the supervisor restarted the watches after their task ended.
+    restarts: AtomicU64,
+    /// Stamp (as `last_ok`) of the supervisor's last heartbeat.
+    supervisor_beat: AtomicU64,
+}
+
+impl Default for WatchCounters {
+    fn default() -> Self {
+        WatchCounters {
+            per: Default::default(),
+            origin: Instant::now(),
+            node_watched: AtomicBool::new(false),
+            restarts: AtomicU64::new(0),
+            supervisor_beat: AtomicU64::new(0),
+        }
+    }
 }
 
 impl WatchCounters {
-    /// Has this resource completed its first list?
+    /// Has this resource completed its first list (the Node: its first read)?
     pub fn listed(&self, r: Resource) -> bool {
         self.per[r.index()].listed.load(Ordering::SeqCst)
     }
@@ -99,7 +144,8 @@ impl WatchCounters {
         self.per[r.index()].lists.load(Ordering::SeqCst)
     }
 
-    /// Relists: lists after the first (after `410 Gone`, or a failed list or watch start).
+    /// Relists: lists after the first (after `410 Gone`, a failed list or watch start, or
+    /// a restart of the watches).
     pub fn relists(&self, r: Resource) -> u64 {
         self.lists(r).saturating_sub(1)
     }
@@ -107,6 +153,64 @@ impl WatchCounters {
     /// Errors reported by the watcher (each followed by a backoff).
     pub fn errors(&self, r: Resource) -> u64 {
         self.per[r.index()].errors.load(Ordering::SeqCst)
+    }
+
+    /// Times the watch supervisor restarted the watches.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::SeqCst)
+    }
+
+    /// The resources watched: the three listed ones, and the Node when a node name was given.
+    pub fn watched(&self) -> Vec<Resource> {
+        let mut all = Resource::ALL.to_vec();
+        if self.node_watched.load(Ordering::SeqCst) {
+            all.push(Resource::Node);
+        }
+        all
+    }
+
+    fn stamp(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn since(&self, stamp: u64) -> Option<Duration> {
+        (stamp > 0).then(|| self.origin.elapsed().saturating_sub(Duration::from_millis(stamp - 1)))
+    }
+
+    pub(super) fn delivered(&self, r: Resource) {
+        self.per[r.index()].last_ok.store(self.stamp(), Ordering::SeqCst);
+    }
+
+    pub(super) fn listing(&self, r: Resource) {
+        self.per[r.index()].lists.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(super) fn event(&self, r: Resource) {
+        self.per[r.index()].events.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(super) fn failed(&self, r: Resource) {
+        let per = &self.per[r.index()];
+        per.errors.fetch_add(1, Ordering::SeqCst);
+        per.last_error.store(self.stamp(), Ordering::SeqCst);
+    }
+
+    /// Time since the watch last delivered a list, an event or a bookmark (`None`: never).
+    pub fn since_last_delivery(&self, r: Resource) -> Option<Duration> {
+        self.since(self.per[r.index()].last_ok.load(Ordering::SeqCst))
+    }
+
+    /// Is this watch live: listed, and either nothing failed since it last delivered or
+    /// [`WATCH_HEAL_AFTER`] passed without another error?
+    pub fn live(&self, r: Resource) -> bool {
+        let per = &self.per[r.index()];
+        let (ok, error) = (per.last_ok.load(Ordering::SeqCst), per.last_error.load(Ordering::SeqCst));
+        self.listed(r) && (error <= ok || self.since(error).is_some_and(|d| d >= WATCH_HEAL_AFTER))
+    }
+
+    /// Time since the watch supervisor's last heartbeat (`None` before it started).
+    pub fn since_supervisor_beat(&self) -> Option<Duration> {
+        self.since(self.supervisor_beat.load(Ordering::SeqCst))
     }
 }
 
@@ -544,7 +648,7 @@ impl AgentStores {
         let (namespaces, a, _) = self.namespaces.active();
         let (pods, b, _) = self.pods.active();
         let (policies, c, fail_closed_policies) = self.policies.active();
-        Snapshot { namespaces, pods, policies, skipped_objects: a + b + c, fail_closed_policies }
+        Snapshot { namespaces, pods, policies, skipped_objects: a + b + c, fail_closed_policies, pod_cidrs: Vec::new() }
     }
 }
 
@@ -559,45 +663,239 @@ impl Snapshot {
     }
 }
 
+/// Called with each watch event's resource before the event reaches the stores. The
+/// agent installs none; it is the seam through which tests make the watch task fail.
+pub type EventHook = Arc<dyn Fn(Resource) + Send + Sync>;
+
+/// How the watch supervisor treats a watch task that ended (it only ends by panicking).
+#[derive(Debug, Clone)]
+pub struct Supervision {
+    /// First delay before restarting the watches; doubles per restart, up to `restart_max`.
+    pub restart_initial: Duration,
+    pub restart_max: Duration,
+    /// More than this many restarts within `window`: give up, and the agent exits non-zero.
+    pub max_restarts: usize,
+    pub window: Duration,
+    /// The supervisor proves it is alive at least this often (liveness).
+    pub heartbeat: Duration,
+}
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision {
+            restart_initial: Duration::from_secs(1),
+            restart_max: Duration::from_secs(60),
+            max_restarts: 5,
+            window: Duration::from_secs(600),
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the watches are started with.
+#[derive(Clone)]
+pub struct WatchOptions {
+    pub config: watcher::Config,
+    /// The agent's own Node, read for its `spec.podCIDRs`; `None` reads no Node.
+    pub node: Option<String>,
+    /// Pod CIDRs given on the command line; every snapshot carries their union with the
+    /// Node's.
+    pub pod_cidrs: Vec<IpNet>,
+    /// The first sync waits at most this long for the Node's first read.
+    pub node_wait: Duration,
+    pub supervision: Supervision,
+    pub on_event: Option<EventHook>,
+}
+
+/// How long the first sync waits for the agent's Node by default (see [`WatchOptions`]).
+pub const DEFAULT_NODE_WAIT: Duration = Duration::from_secs(10);
+
+impl WatchOptions {
+    pub fn new(config: watcher::Config) -> Self {
+        WatchOptions {
+            config,
+            node: None,
+            pod_cidrs: Vec::new(),
+            node_wait: DEFAULT_NODE_WAIT,
+            supervision: Supervision::default(),
+            on_event: None,
+        }
+    }
+}
+
+/// The watches could not be kept running.
+#[derive(Debug, thiserror::Error)]
+#[error("the watches ended {restarts} times within {window:?} (last: {last}); giving up")]
+pub struct WatchError {
+    pub restarts: usize,
+    pub window: Duration,
+    pub last: String,
+}
+
 /// Read side of the watches: the stores and the counters. Cheap to clone.
 #[derive(Clone)]
 pub struct ClusterWatch {
     stores: Arc<Mutex<AgentStores>>,
     counters: Arc<WatchCounters>,
     listed: Arc<Notify>,
+    /// The Node's pod CIDRs, as last read.
+    node_cidrs: Arc<Mutex<Vec<IpNet>>>,
+    flag_cidrs: Arc<Vec<IpNet>>,
+    /// Until when the first sync waits for the Node's read (`None`: no Node is read).
+    node_wait_until: Option<Instant>,
+}
+
+/// Aborts a spawned task when dropped: the supervisor's watch task ends with it.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl ClusterWatch {
-    /// Starts watching. Returns the read side and the future that drives the three
-    /// watches (spawn it; it runs until dropped). Every change to a store, and every
-    /// completed (re)list, calls `trigger.notify()`.
-    pub fn start(client: Client, config: watcher::Config, trigger: Trigger) -> (ClusterWatch, BoxFuture<'static, ()>) {
+    /// Starts watching Pods, Namespaces and NetworkPolicies with `config` and the
+    /// default supervision; see [`ClusterWatch::start_with`].
+    pub fn start(
+        client: Client,
+        config: watcher::Config,
+        trigger: Trigger,
+    ) -> (ClusterWatch, BoxFuture<'static, Result<(), WatchError>>) {
+        ClusterWatch::start_with(client, WatchOptions::new(config), trigger)
+    }
+
+    /// Starts watching. Returns the read side and the supervisor future that drives the
+    /// watches (spawn it). Every change to a store, and every completed (re)list, calls
+    /// `trigger.notify()`. The supervisor restarts the watches when their task ends (a
+    /// panic), asking for a full sync, and resolves with an error only when it gives up.
+    ///
+    /// ```text
+    ///  supervisor ──spawn──► watch task: join(pods, namespaces, policies, node)
+    ///      │  ◄── ended (panic) ──┘
+    ///      └─ backoff, request a full sync, spawn again (relists); too often: Err
+    /// ```
+    pub fn start_with(
+        client: Client,
+        options: WatchOptions,
+        trigger: Trigger,
+    ) -> (ClusterWatch, BoxFuture<'static, Result<(), WatchError>>) {
+        let counters = WatchCounters::default();
+        counters.node_watched.store(options.node.is_some(), Ordering::SeqCst);
         let watch = ClusterWatch {
             stores: Arc::default(),
-            counters: Arc::new(WatchCounters::default()),
+            counters: Arc::new(counters),
             listed: Arc::new(Notify::new()),
+            node_cidrs: Arc::default(),
+            flag_cidrs: Arc::new(options.pod_cidrs.clone()),
+            node_wait_until: options.node.as_ref().map(|_| Instant::now() + options.node_wait),
         };
-        let driver = {
-            let watch = watch.clone();
-            async move {
-                futures::join!(
-                    watch.run_one(Api::<Pod>::all(client.clone()), config.clone(), Resource::Pods, trigger.clone()),
-                    watch.run_one(
-                        Api::<Namespace>::all(client.clone()),
-                        config.clone(),
-                        Resource::Namespaces,
-                        trigger.clone(),
-                    ),
-                    watch.run_one(Api::<NetworkPolicy>::all(client), config, Resource::NetworkPolicies, trigger),
-                );
-            }
-        };
+        let driver = watch.clone().supervise(client, options, trigger);
         (watch, Box::pin(driver))
     }
 
-    /// True once Pods, Namespaces and NetworkPolicies have each listed once.
+    async fn supervise(self, client: Client, options: WatchOptions, trigger: Trigger) -> Result<(), WatchError> {
+        let policy = options.supervision.clone();
+        let mut recent: std::collections::VecDeque<Instant> = Default::default();
+        let mut delay = policy.restart_initial;
+        loop {
+            let mut task = tokio::spawn(self.clone().run_all(client.clone(), options.clone(), trigger.clone()));
+            let _abort = AbortOnDrop(task.abort_handle());
+            let ended = loop {
+                self.beat();
+                tokio::select! {
+                    ended = &mut task => break ended,
+                    _ = tokio::time::sleep(policy.heartbeat) => {}
+                }
+            };
+            let why = match ended {
+                Err(e) if e.is_panic() => {
+                    let panic = e.into_panic();
+                    let msg = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    format!("panicked: {msg}")
+                }
+                Err(e) => e.to_string(),
+                Ok(()) => "ended".into(),
+            };
+            // The stores keep the last state; every watch is down until it lists again.
+            for r in self.counters.watched() {
+                self.counters.failed(r);
+            }
+            let now = Instant::now();
+            recent.retain(|at| now.duration_since(*at) < policy.window);
+            if recent.is_empty() {
+                delay = policy.restart_initial;
+            }
+            recent.push_back(now);
+            if recent.len() > policy.max_restarts {
+                tracing::error!(restarts = recent.len(), window = ?policy.window, last = %why, "watch task keeps failing; giving up");
+                return Err(WatchError { restarts: recent.len(), window: policy.window, last: why });
+            }
+            self.counters.restarts.fetch_add(1, Ordering::SeqCst);
+            tracing::error!(reason = %why, restart_in = ?delay, "watch task ended; restarting the watches (relist, then a full sync)");
+            let restart_at = Instant::now() + delay;
+            while Instant::now() < restart_at {
+                self.beat();
+                tokio::time::sleep_until(restart_at.min(Instant::now() + policy.heartbeat)).await;
+            }
+            delay = (delay * 2).min(policy.restart_max);
+            trigger.request_full();
+        }
+    }
+
+    fn beat(&self) {
+        self.counters.supervisor_beat.store(self.counters.stamp(), Ordering::SeqCst);
+    }
+
+    /// The watch task: every watch, until one panics (none ends otherwise).
+    async fn run_all(self, client: Client, options: WatchOptions, trigger: Trigger) {
+        let WatchOptions { config, node, on_event: hook, .. } = options;
+        let node_watch = async {
+            let Some(name) = node else { return };
+            let wait = async {
+                if let Some(until) = self.node_wait_until {
+                    tokio::time::sleep_until(until).await;
+                    if !self.counters.listed(Resource::Node) {
+                        tracing::warn!(node = %name, "the Node was not read in time: syncing without its pod CIDRs until it is");
+                        trigger.notify();
+                    }
+                }
+            };
+            let api = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+            futures::join!(super::node::watch_node(&self, api, &name, &trigger, hook.as_ref()), wait);
+        };
+        futures::join!(
+            self.run_one(Api::<Pod>::all(client.clone()), config.clone(), Resource::Pods, &trigger, hook.as_ref()),
+            self.run_one(
+                Api::<Namespace>::all(client.clone()),
+                config.clone(),
+                Resource::Namespaces,
+                &trigger,
+                hook.as_ref()
+            ),
+            self.run_one(
+                Api::<NetworkPolicy>::all(client.clone()),
+                config.clone(),
+                Resource::NetworkPolicies,
+                &trigger,
+                hook.as_ref()
+            ),
+            node_watch,
+        );
+    }
+
+    /// True once Pods, Namespaces and NetworkPolicies have each listed once, and the Node
+    /// (if one is read) has been read or its wait is over.
     pub fn is_ready(&self) -> bool {
-        Resource::ALL.iter().all(|r| self.counters.listed(*r))
+        let node_ready = match self.node_wait_until {
+            None => true,
+            Some(until) => self.counters.listed(Resource::Node) || Instant::now() >= until,
+        };
+        node_ready && Resource::ALL.iter().all(|r| self.counters.listed(*r))
     }
 
     /// Waits until [`ClusterWatch::is_ready`].
@@ -612,9 +910,19 @@ impl ClusterWatch {
         }
     }
 
-    /// The active objects of the three stores, each sorted by namespace and name.
+    /// The active objects of the three stores, each sorted by namespace and name, and
+    /// the pod CIDRs (command line and Node).
     pub fn snapshot(&self) -> Snapshot {
-        self.lock().snapshot()
+        let mut snapshot = self.lock().snapshot();
+        snapshot.pod_cidrs = self.pod_cidrs();
+        snapshot
+    }
+
+    /// The union of the command line's and the Node's pod CIDRs, sorted, each once.
+    pub fn pod_cidrs(&self) -> Vec<IpNet> {
+        let node = self.node_cidrs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let all: BTreeSet<IpNet> = self.flag_cidrs.iter().copied().chain(node).collect();
+        all.into_iter().collect()
     }
 
     pub fn counters(&self) -> &Arc<WatchCounters> {
@@ -625,42 +933,119 @@ impl ClusterWatch {
         self.stores.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn run_one<K: Watched>(&self, api: Api<K>, config: watcher::Config, resource: Resource, trigger: Trigger) {
+    /// Records the Node's pod CIDRs; a change asks for a full sync with them.
+    pub(super) fn set_node_cidrs(&self, cidrs: Vec<IpNet>, trigger: &Trigger) {
+        let first = !self.counters.per[Resource::Node.index()].listed.swap(true, Ordering::SeqCst);
+        let changed = {
+            let mut current = self.node_cidrs.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = *current != cidrs;
+            *current = cidrs;
+            changed
+        };
+        if first || changed {
+            let union = self.pod_cidrs();
+            tracing::info!(pod_cidrs = ?union, "pod CIDRs of this node (command line and Node)");
+            if union.is_empty() {
+                tracing::warn!(
+                    "no pod CIDRs (neither --pod-cidr nor the Node's spec.podCIDRs): unknown pods are not guarded"
+                );
+            }
+        }
+        if first {
+            self.listed.notify_waiters();
+        }
+        if changed {
+            trigger.request_full();
+        } else if first {
+            trigger.notify();
+        }
+    }
+
+    pub(super) fn node_counters(&self) -> (&WatchCounters, Resource) {
+        (&self.counters, Resource::Node)
+    }
+
+    async fn run_one<K: Watched>(
+        &self,
+        api: Api<K>,
+        config: watcher::Config,
+        resource: Resource,
+        trigger: &Trigger,
+        hook: Option<&EventHook>,
+    ) {
         let per = &self.counters.per[resource.index()];
-        let stream = watcher(api, config).default_backoff();
-        let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            let event = match item {
-                Ok(event) => event,
-                Err(error) => {
-                    per.errors.fetch_add(1, Ordering::SeqCst);
-                    tracing::warn!(resource = resource.as_str(), %error, "watch error; retrying with backoff");
-                    continue;
+        // 410s answered to the watch start in a row, and when the last came.
+        let mut gone_in_row: u32 = 0;
+        let mut last_gone: Option<Instant> = None;
+        loop {
+            let stream = watcher(api.clone(), config.clone()).default_backoff();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                let event = match item {
+                    Ok(event) => event,
+                    Err(error) => {
+                        self.counters.failed(resource);
+                        if is_gone_at_watch_start(&error) {
+                            tracing::warn!(resource = resource.as_str(), %error, "watch start answered 410 Gone; relisting");
+                            break;
+                        }
+                        tracing::warn!(resource = resource.as_str(), %error, "watch error; retrying with backoff");
+                        continue;
+                    }
+                };
+                if let Some(hook) = hook {
+                    hook(resource);
                 }
+                self.lock().handle(&event);
+                match event {
+                    Event::Init => {
+                        let n = per.lists.fetch_add(1, Ordering::SeqCst);
+                        if n > 0 {
+                            tracing::info!(resource = resource.as_str(), "relisting");
+                        }
+                    }
+                    Event::InitApply(_) => {}
+                    Event::InitDone => {
+                        self.counters.delivered(resource);
+                        if !per.listed.swap(true, Ordering::SeqCst) {
+                            tracing::info!(resource = resource.as_str(), "initial list complete");
+                            self.listed.notify_waiters();
+                        }
+                        trigger.notify();
+                    }
+                    Event::Apply(_) | Event::Delete(_) => {
+                        self.counters.delivered(resource);
+                        per.events.fetch_add(1, Ordering::SeqCst);
+                        trigger.notify();
+                    }
+                }
+            }
+            // kube-runtime's watcher answers a 410 at the watch start by starting the
+            // same watch again, forever (kube-rs issue 1042): a new watcher lists afresh.
+            // Back off only if the 410s keep coming.
+            let now = Instant::now();
+            gone_in_row = match last_gone {
+                Some(at) if now.duration_since(at) < Duration::from_secs(60) => gone_in_row.saturating_add(1),
+                _ => 0,
             };
-            self.lock().handle(&event);
-            match event {
-                Event::Init => {
-                    let n = per.lists.fetch_add(1, Ordering::SeqCst);
-                    if n > 0 {
-                        tracing::info!(resource = resource.as_str(), "relisting");
-                    }
-                }
-                Event::InitApply(_) => {}
-                Event::InitDone => {
-                    if !per.listed.swap(true, Ordering::SeqCst) {
-                        tracing::info!(resource = resource.as_str(), "initial list complete");
-                        self.listed.notify_waiters();
-                    }
-                    trigger.notify();
-                }
-                Event::Apply(_) | Event::Delete(_) => {
-                    per.events.fetch_add(1, Ordering::SeqCst);
-                    trigger.notify();
-                }
+            last_gone = Some(now);
+            if gone_in_row > 0 {
+                let delay =
+                    Duration::from_secs(1).saturating_mul(1 << (gone_in_row - 1).min(5)).min(Duration::from_secs(30));
+                tokio::time::sleep(delay).await;
             }
         }
     }
+}
+
+/// Did the watch start fail with HTTP 410 Gone (the resourceVersion is too old)?
+///
+/// "When retained changes are unavailable [...] the server will respond with 410 Gone;
+/// clients must handle this by relisting" (Kubernetes API concepts, efficient detection
+/// of changes). The real apiserver sends it as an `ERROR` event, which kube-runtime
+/// handles; proxies and aggregated servers also answer the request itself with 410.
+fn is_gone_at_watch_start(error: &watcher::Error) -> bool {
+    matches!(error, watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 410)
 }
 
 impl SnapshotSource for ClusterWatch {

@@ -3,8 +3,9 @@
 //! error, 2 bad configuration).
 //!
 //! ```text
-//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimWhenIdle(Quarantining(NftTarget(NetlinkNftables))))
-//!                                                   │    each sync one netlink batch (nft as the fallback)
+//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimWhenIdle(CountingPaths(Quarantining(NftTarget(NetlinkNftables)))))
+//!                                                   │    each sync one netlink batch (nft as the fallback),
+//!                                                   │    every receive and every nft call bounded (--nft-timeout)
 //!                                                   └─ syncs pause ──► malloc_trim(0), own thread
 //! ```
 
@@ -40,7 +41,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let nft = RealNftables { netns: config.netns.clone(), ..RealNftables::default() };
+    let nft = RealNftables { netns: config.netns.clone(), timeout: config.nft_timeout, ..RealNftables::default() };
     let nft = match NetlinkNftables::open(nft.clone()) {
         Ok(n) => n,
         Err(e) => {
@@ -50,7 +51,7 @@ fn main() -> ExitCode {
     };
     let idle_per_pod = usize::try_from(config.idle_set_elements_per_pod).unwrap_or(usize::MAX);
     let target = NftTarget::new(nft, config.node.clone(), config.table.clone()).keeping_idle_sets(idle_per_pod);
-    let target = TrimWhenIdle::new(Quarantining::new(target));
+    let target = TrimWhenIdle::new(CountingPaths(Quarantining::new(target)));
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
         Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
@@ -77,6 +78,25 @@ fn main() -> ExitCode {
             eprintln!("netpol-agent: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Reports which path (netlink, or the nft command as the fallback) each sync's
+/// transactions took, for the metrics.
+struct CountingPaths(Quarantining<NetlinkNftables>);
+
+impl SyncTarget for CountingPaths {
+    fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
+        let (netlink, nft) = self.0.target().nftables().sent;
+        let mut stats = self.0.sync(snapshot, full)?;
+        let (netlink_after, nft_after) = self.0.target().nftables().sent;
+        stats.via_netlink = netlink_after.saturating_sub(netlink);
+        stats.via_nft = nft_after.saturating_sub(nft);
+        Ok(stats)
+    }
+
+    fn cleanup(&mut self) -> Result<(), SyncError> {
+        self.0.cleanup()
     }
 }
 

@@ -669,7 +669,7 @@ fn ruleset_cmd(a: RulesetArgs) -> Result<ExitCode> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut write = || -> std::io::Result<()> {
         for (k, node) in nodes.iter().enumerate() {
-            let config = NodeConfig { node: node.clone(), table: a.table.clone() };
+            let config = NodeConfig { node: node.clone(), table: a.table.clone(), pod_cidrs: Vec::new() };
             let ruleset = compile::compile(&cluster, &config);
             match a.output {
                 RulesetFormat::Nft => {

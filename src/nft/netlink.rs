@@ -1048,6 +1048,13 @@ impl NetlinkSocket {
         socket::setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv).map_err(std::io::Error::from)
     }
 
+    /// The bound of one blocking receive (zero: none).
+    pub fn receive_timeout(&self) -> std::time::Duration {
+        socket::getsockopt(&self.fd, sockopt::ReceiveTimeout)
+            .map(|tv| std::time::Duration::from_micros(tv.tv_sec() as u64 * 1_000_000 + tv.tv_usec() as u64))
+            .unwrap_or_default()
+    }
+
     pub fn send(&self, buf: &[u8]) -> Result<(), Errno> {
         let sent = socket::send(self.fd.as_raw_fd(), buf, MsgFlags::empty())?;
         if sent == buf.len() { Ok(()) } else { Err(Errno::EMSGSIZE) }
@@ -1171,8 +1178,9 @@ impl NetlinkNftables {
     pub fn open(nft: RealNftables) -> std::io::Result<NetlinkNftables> {
         let socket = NetlinkSocket::open(nft.netns.as_deref(), 0)?;
         super::monitor::note_own_socket(socket.port()?);
-        // The answer is there when the send returns; this only bounds a kernel gone wrong.
-        socket.set_receive_timeout(std::time::Duration::from_secs(30))?;
+        // The answer is there when the send returns; this only bounds a kernel gone wrong
+        // (each receive, and with the deadline in `send_batch` all of them together).
+        socket.set_receive_timeout(nft.timeout)?;
         let seq =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(1);
         Ok(NetlinkNftables {
@@ -1219,7 +1227,11 @@ impl NetlinkNftables {
         // The kernel handled the batch inside the send: its errors, then the last
         // message's acknowledgement, are waiting.
         let mut errors: Vec<String> = Vec::new();
+        let deadline = std::time::Instant::now() + socket.receive_timeout();
         loop {
+            if std::time::Instant::now() >= deadline {
+                return Err(rejected("the kernel did not finish answering the batch in time".into()));
+            }
             let n = match socket.recv(buf, true) {
                 Ok(Some(n)) => n,
                 Ok(None) => return Err(rejected("the kernel did not answer the batch".into())),
@@ -1498,5 +1510,20 @@ mod tests {
         assert_eq!(k.kind("s"), Some(SetKind { map: false, interval: true }));
         k.applied(&Transaction { table: "t".into(), ops: vec![Op::DeleteSet { name: "s".into() }] });
         assert_eq!(k.kind("s"), None);
+    }
+
+    #[test]
+    fn a_receive_from_a_silent_kernel_gives_up_after_the_bound() {
+        let socket = NetlinkSocket::open(None, 0).expect("a netlink socket");
+        socket.set_receive_timeout(std::time::Duration::from_millis(200)).unwrap();
+        assert_eq!(socket.receive_timeout(), std::time::Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        assert_eq!(socket.recv(&mut buf, true), Ok(None), "nothing was asked, nothing comes");
+        let waited = started.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_millis(150) && waited < std::time::Duration::from_secs(3),
+            "{waited:?}"
+        );
     }
 }

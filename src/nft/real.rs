@@ -13,11 +13,17 @@
 //! truncated script, and a full sync cut after its `delete table` would commit an empty
 //! table — a window in which isolated pods are reachable. A memfd needs no writable
 //! filesystem (the DaemonSet's root filesystem is read-only).
+//!
+//! Every call is bounded: an nft that has not exited after `timeout` (a kernel or a lock
+//! gone wrong, a hung binary) is killed and the call fails, so a sync never waits forever
+//! (the sync loop's next sync is then full).
 
 use std::fs::File;
+use std::io::Read;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::{NftError, Nftables, Transaction};
 
@@ -27,11 +33,17 @@ pub struct RealNftables {
     pub nft: PathBuf,
     /// Run inside this network namespace (`ip netns exec <name> nft ...`).
     pub netns: Option<String>,
+    /// nft is killed, and the call fails, when it has not exited after this long.
+    pub timeout: Duration,
 }
+
+/// Default bound of one nft call. A full sync of a 100k-pod cluster's ruleset through
+/// nft takes a few seconds; a call taking ten times that is stuck.
+pub const DEFAULT_NFT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for RealNftables {
     fn default() -> Self {
-        RealNftables { nft: PathBuf::from("nft"), netns: None }
+        RealNftables { nft: PathBuf::from("nft"), netns: None, timeout: DEFAULT_NFT_TIMEOUT }
     }
 }
 
@@ -67,14 +79,41 @@ impl RealNftables {
         let input = complete_input(script).map_err(|e| NftError::Spawn(format!("preparing nft's input: {e}")))?;
         let mut cmd = self.command();
         cmd.args(args).stdin(Stdio::from(input)).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let child = cmd.spawn().map_err(|e| NftError::Spawn(format!("{}: {e}", self.nft.display())))?;
+        let mut child = cmd.spawn().map_err(|e| NftError::Spawn(format!("{}: {e}", self.nft.display())))?;
         // Its commits are ours: the table monitor must not take them for a foreign change.
         super::monitor::note_own_child(child.id());
-        let out = child.wait_with_output().map_err(|e| NftError::Spawn(e.to_string()))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        // Both pipes are drained while nft runs (a full pipe would stall it).
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_micros(200);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(NftError::Spawn(format!(
+                        "{} did not finish within {:?}; killed it",
+                        self.nft.display(),
+                        self.timeout
+                    )));
+                }
+                Ok(None) => {
+                    std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    return Err(NftError::Spawn(e.to_string()));
+                }
+            }
+        };
+        let (stdout, stderr) = (collect(stdout), collect(stderr));
+        if status.success() {
+            Ok(String::from_utf8_lossy(&stdout).into_owned())
         } else {
-            Err(NftError::Rejected(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+            Err(NftError::Rejected(String::from_utf8_lossy(&stderr).trim().to_string()))
         }
     }
 
@@ -87,6 +126,21 @@ impl RealNftables {
     pub fn apply_text(&self, script: &str) -> Result<(), NftError> {
         self.run(&["-f", "-"], script).map(|_| ())
     }
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> Option<std::thread::JoinHandle<Vec<u8>>> {
+    let mut pipe = pipe?;
+    Some(std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = pipe.read_to_end(&mut out);
+        out
+    }))
+}
+
+/// What a [`drain`] read; called once the child has exited, so the pipe is at its end.
+fn collect(reader: Option<std::thread::JoinHandle<Vec<u8>>>) -> Vec<u8> {
+    reader.and_then(|r| r.join().ok()).unwrap_or_default()
 }
 
 fn nsenter_available() -> bool {
@@ -141,9 +195,41 @@ mod tests {
     #[test]
     fn nft_starts_with_the_whole_script_already_in_its_input() {
         let dir = tempfile::tempdir().unwrap();
-        let nft = RealNftables { nft: stdin_reporter(dir.path()), netns: None };
+        let nft = RealNftables { nft: stdin_reporter(dir.path()), ..RealNftables::default() };
         let script = "flush ruleset\n".repeat(50_000); // far more than a pipe buffer
         let out = nft.run(&["-f", "-"], &script).unwrap();
         assert_eq!(out.trim(), format!("regular file {}", script.len()));
+    }
+
+    #[test]
+    fn an_nft_that_hangs_is_killed_after_the_timeout_and_the_call_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nft");
+        let pid_file = dir.path().join("pid");
+        // `exec`: the hanging process is the child itself, as the real nft is.
+        std::fs::write(&path, format!("#!/bin/sh\necho $$ > {}\nexec sleep 600\n", pid_file.display())).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let nft = RealNftables { nft: path, timeout: Duration::from_millis(300), ..RealNftables::default() };
+        let started = Instant::now();
+        let err = nft.apply_text("flush ruleset\n").unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(err.contains("did not finish within 300ms; killed it"), "{err}");
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert!(!std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(), "the hung nft is gone");
+    }
+
+    #[test]
+    fn a_quick_nft_answers_with_its_output_and_its_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nft");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\nif [ \"$1\" = list ]; then echo listed; exit 0; fi\necho refused >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let nft = RealNftables { nft: path, ..RealNftables::default() };
+        assert_eq!(nft.run(&["list"], "").unwrap().trim(), "listed");
+        assert!(matches!(nft.apply_text("x"), Err(NftError::Rejected(m)) if m == "refused"));
     }
 }

@@ -29,6 +29,9 @@ pub enum NftRoute {
     Netns(String),
     /// Nowhere: every nft call fails (for tests that must never program anything).
     Refuse,
+    /// Nowhere, slowly: every nft call hangs until it is killed (for the agent's bound on
+    /// external calls).
+    Hang,
 }
 
 /// How to start one agent.
@@ -84,18 +87,22 @@ impl AgentLaunch {
         }
     }
 
-    /// For [`NftRoute::Refuse`], writes an `nft` that always fails; returns the directory
+    /// For [`NftRoute::Refuse`] and [`NftRoute::Hang`], writes an `nft` that always fails
+    /// or hangs; returns the directory
     /// to put first on `PATH`. (With [`NftRoute::Netns`] the agent enters the namespace
     /// itself, `--netns`, for nft and its netlink socket.)
     fn write_refusing_nft(&self) -> io::Result<Option<PathBuf>> {
         use std::os::unix::fs::PermissionsExt as _;
-        if self.nft != NftRoute::Refuse {
-            return Ok(None);
-        }
+        let script = match self.nft {
+            NftRoute::Refuse => "#!/bin/sh\necho 'nft refused by the test harness' >&2\nexit 1\n",
+            // `exec`: the hanging process is the agent's child itself, as the real nft is.
+            NftRoute::Hang => "#!/bin/sh\nexec sleep 600\n",
+            NftRoute::Netns(_) => return Ok(None),
+        };
         let bin = self.workdir.join(format!("bin-{}", self.node));
         std::fs::create_dir_all(&bin)?;
         let wrapper = bin.join("nft");
-        std::fs::write(&wrapper, "#!/bin/sh\necho 'nft refused by the test harness' >&2\nexit 1\n")?;
+        std::fs::write(&wrapper, script)?;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
         Ok(Some(bin))
     }

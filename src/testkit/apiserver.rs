@@ -13,11 +13,16 @@
 //!   `timeoutSeconds` ends the stream cleanly (after a bookmark when bookmarks are on);
 //!   `resourceVersion` absent or `"0"` replays the current state as `ADDED` first.
 //!
+//! Nodes are served as the agent's RBAC allows them: `GET /api/v1/nodes/<name>`, and a
+//! watch filtered by `fieldSelector=metadata.name=<name>`; listing them is 403 Forbidden.
+//! [`FakeApiServer::set_gone_as_status`] makes a watch from a compacted resourceVersion
+//! get HTTP 410 as the response status instead of the `ERROR` event.
+//!
 //! Test controls change the world and the transport: [`FakeApiServer::apply`],
 //! [`FakeApiServer::delete`], [`FakeApiServer::compact`], [`FakeApiServer::expire_watches`],
 //! [`FakeApiServer::drop_connections`], [`FakeApiServer::set_latency`],
 //! [`FakeApiServer::pause`]/[`FakeApiServer::resume`] (also per resource), and counters of
-//! requests served. Label and field selectors are ignored (the agent uses none).
+//! requests served. Label selectors are ignored, and field selectors but `metadata.name`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
@@ -43,10 +48,13 @@ pub enum Kind {
     Pod,
     Namespace,
     NetworkPolicy,
+    /// Served as the agent's RBAC allows: `get` by name and a `watch` (with a
+    /// `metadata.name` field selector); a list is refused with 403 Forbidden.
+    Node,
 }
 
 impl Kind {
-    /// All kinds, in a fixed order.
+    /// The listed kinds, in a fixed order.
     pub const ALL: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy];
 
     /// The kind of a k8s-openapi resource type, if the fake serves it.
@@ -59,6 +67,7 @@ impl Kind {
             "Pod" => Some(Kind::Pod),
             "Namespace" => Some(Kind::Namespace),
             "NetworkPolicy" => Some(Kind::NetworkPolicy),
+            "Node" => Some(Kind::Node),
             _ => None,
         }
     }
@@ -68,18 +77,19 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Node => "Node",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Pod | Kind::Namespace => "v1",
+            Kind::Pod | Kind::Namespace | Kind::Node => "v1",
             Kind::NetworkPolicy => "networking.k8s.io/v1",
         }
     }
 
     fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace)
+        !matches!(self, Kind::Namespace | Kind::Node)
     }
 
     fn index(self) -> usize {
@@ -87,6 +97,7 @@ impl Kind {
             Kind::Pod => 0,
             Kind::Namespace => 1,
             Kind::NetworkPolicy => 2,
+            Kind::Node => 3,
         }
     }
 }
@@ -119,6 +130,8 @@ struct Subscriber {
     id: u64,
     kind: Kind,
     namespace: Option<String>,
+    /// `fieldSelector=metadata.name=<name>`: only this object's events.
+    name: Option<String>,
     tx: mpsc::UnboundedSender<WatchMsg>,
 }
 
@@ -126,7 +139,13 @@ struct HistoryEvent {
     rv: u64,
     kind: Kind,
     namespace: String,
+    name: String,
     line: Bytes,
+}
+
+/// Does an object (namespace, name) pass a watch's namespace and name filters?
+fn selected(namespace: Option<&str>, name: Option<&str>, object_namespace: &str, object_name: &str) -> bool {
+    namespace.is_none_or(|n| n == object_namespace) && name.is_none_or(|n| n == object_name)
 }
 
 struct Page {
@@ -162,8 +181,12 @@ struct Shared {
     state: Mutex<State>,
     latency: Mutex<Duration>,
     pause: tokio::sync::watch::Sender<Pause>,
-    lists: [AtomicU64; 3],
-    watches: [AtomicU64; 3],
+    /// Answer a watch from a compacted resourceVersion with HTTP 410 instead of 200 and
+    /// an `ERROR` event.
+    gone_as_status: std::sync::atomic::AtomicBool,
+    lists: [AtomicU64; 4],
+    watches: [AtomicU64; 4],
+    gets: AtomicU64,
     live_watches: AtomicUsize,
     conns: Mutex<HashMap<u64, AbortHandle>>,
     next_conn: AtomicU64,
@@ -210,6 +233,8 @@ impl FakeApiServer {
             state: Mutex::new(State::default()),
             latency: Mutex::new(Duration::ZERO),
             pause: tokio::sync::watch::Sender::new(Pause::default()),
+            gone_as_status: Default::default(),
+            gets: Default::default(),
             lists: Default::default(),
             watches: Default::default(),
             live_watches: AtomicUsize::new(0),
@@ -292,7 +317,7 @@ impl FakeApiServer {
         st.rv += 1;
         let rv = st.rv;
         value["metadata"]["resourceVersion"] = rv.to_string().into();
-        publish(&mut st, kind, namespace, "DELETED", &value, true);
+        publish(&mut st, kind, (namespace, name), "DELETED", &value, true);
         Some(rv)
     }
 
@@ -313,6 +338,13 @@ impl FakeApiServer {
         st.compacted_rv = st.rv;
         st.history.clear();
         st.pages.clear();
+    }
+
+    /// From now on (`true`), a watch from a resourceVersion older than the history gets
+    /// HTTP 410 Gone as the response status (as proxies and aggregated API servers answer)
+    /// instead of HTTP 200 and an `ERROR` event.
+    pub fn set_gone_as_status(&self, on: bool) {
+        self.shared.gone_as_status.store(on, Ordering::SeqCst);
     }
 
     /// Ends every live watch with an `ERROR` event carrying a 410 `Expired` Status, as the
@@ -384,6 +416,11 @@ impl FakeApiServer {
         self.shared.lists[kind.index()].load(Ordering::SeqCst)
     }
 
+    /// GETs of a single object served (found or not).
+    pub fn get_requests(&self) -> u64 {
+        self.shared.gets.load(Ordering::SeqCst)
+    }
+
     /// Watch requests served (stream started) for a kind.
     pub fn watch_requests(&self, kind: Kind) -> u64 {
         self.shared.watches[kind.index()].load(Ordering::SeqCst)
@@ -416,7 +453,7 @@ fn store(st: &mut State, mut value: Value, keep_history: bool) -> Result<u64, Fa
     };
     st.rv += 1;
     let rv = st.rv;
-    let key = (kind, namespace.clone(), name);
+    let key = (kind, namespace.clone(), name.clone());
     let previous_uid = st.objects.get(&key).and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
     let event_type = if st.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
     let uid = meta
@@ -434,7 +471,7 @@ fn store(st: &mut State, mut value: Value, keep_history: bool) -> Result<u64, Fa
         value["metadata"]["namespace"] = namespace.clone().into();
     }
     if keep_history || !st.subscribers.is_empty() {
-        publish(st, kind, &namespace, event_type, &value, keep_history);
+        publish(st, kind, (&namespace, &name), event_type, &value, keep_history);
     }
     st.objects.insert(key, value);
     Ok(rv)
@@ -442,14 +479,27 @@ fn store(st: &mut State, mut value: Value, keep_history: bool) -> Result<u64, Fa
 
 /// Records an event in history and fans it out to matching live watches. Called with the
 /// state lock held, so every watch sees events in resourceVersion order without gaps.
-fn publish(st: &mut State, kind: Kind, namespace: &str, event_type: &str, object: &Value, keep_history: bool) {
+fn publish(
+    st: &mut State,
+    kind: Kind,
+    (namespace, name): (&str, &str),
+    event_type: &str,
+    object: &Value,
+    keep_history: bool,
+) {
     let line = event_line(event_type, object);
     if keep_history {
-        st.history.push(HistoryEvent { rv: st.rv, kind, namespace: namespace.to_string(), line: line.clone() });
+        st.history.push(HistoryEvent {
+            rv: st.rv,
+            kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            line: line.clone(),
+        });
     }
     let rv = st.rv;
     st.subscribers.retain(|s| {
-        if s.kind != kind || s.namespace.as_deref().is_some_and(|n| n != namespace) {
+        if s.kind != kind || !selected(s.namespace.as_deref(), s.name.as_deref(), namespace, name) {
             return true;
         }
         s.tx.unbounded_send(WatchMsg::Line(rv, line.clone())).is_ok()
@@ -511,6 +561,7 @@ fn error(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
 fn route(path: &str) -> Option<(Kind, Option<String>)> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segs.as_slice() {
+        ["api", "v1", "nodes"] => Some((Kind::Node, None)),
         ["api", "v1", "pods"] => Some((Kind::Pod, None)),
         ["api", "v1", "namespaces"] => Some((Kind::Namespace, None)),
         ["api", "v1", "namespaces", ns, "pods"] => Some((Kind::Pod, Some(ns.to_string()))),
@@ -573,6 +624,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-fake", "platform": "linux/amd64"}),
         );
     }
+    if let Some(name) = req.uri().path().strip_prefix("/api/v1/nodes/").filter(|n| !n.is_empty() && !n.contains('/')) {
+        let name = percent_decode(name);
+        let latency = shared.latency();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        shared.wait_unpaused(Kind::Node).await;
+        shared.gets.fetch_add(1, Ordering::SeqCst);
+        let object = shared.state().objects.get(&(Kind::Node, String::new(), name.clone())).cloned();
+        return match object {
+            Some(node) => full(StatusCode::OK, node),
+            None => error(StatusCode::NOT_FOUND, "NotFound", &format!("nodes \"{name}\" not found")),
+        };
+    }
     let Some((kind, namespace)) = route(req.uri().path()) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -586,7 +651,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         tokio::time::sleep(latency).await;
     }
     shared.wait_unpaused(kind).await;
-    if truthy(q.get("watch")) { watch(shared, kind, namespace, &q) } else { list(&shared, kind, namespace, &q) }
+    if truthy(q.get("watch")) {
+        watch(shared, kind, namespace, &q)
+    } else if kind == Kind::Node {
+        // The agent's ClusterRole grants get and watch on nodes, not list. Counted as a
+        // list request, so that tests can say none was tried.
+        shared.lists[kind.index()].fetch_add(1, Ordering::SeqCst);
+        error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "nodes is forbidden: User \"system:serviceaccount:netpol-system:netpol-agent\" cannot list resource \"nodes\"",
+        )
+    } else {
+        list(&shared, kind, namespace, &q)
+    }
 }
 
 fn list(shared: &Shared, kind: Kind, namespace: Option<String>, q: &HashMap<String, String>) -> Response<Body> {
@@ -651,6 +729,8 @@ fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, q: &HashMap
         },
     };
 
+    // Only `metadata.name=<name>` is understood (the agent's Node watch uses it).
+    let name = q.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name=")).map(str::to_string);
     let (tx, rx) = mpsc::unbounded::<WatchMsg>();
     let mut initial: Vec<Bytes> = Vec::new();
     let start_rv;
@@ -661,6 +741,9 @@ fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, q: &HashMap
                 let msg = format!("too old resource version: {from} ({})", st.compacted_rv);
                 drop(st);
                 shared.watches[kind.index()].fetch_add(1, Ordering::SeqCst);
+                if shared.gone_as_status.load(Ordering::SeqCst) {
+                    return error(StatusCode::GONE, "Expired", &msg);
+                }
                 let line = event_line("ERROR", &status_json(410, "Expired", &msg));
                 return streaming(
                     shared,
@@ -680,7 +763,9 @@ fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, q: &HashMap
                     st.history
                         .iter()
                         .filter(|e| {
-                            e.rv > from && e.kind == kind && namespace.as_deref().is_none_or(|n| n == e.namespace)
+                            e.rv > from
+                                && e.kind == kind
+                                && selected(namespace.as_deref(), name.as_deref(), &e.namespace, &e.name)
                         })
                         .map(|e| e.line.clone()),
                 );
@@ -689,7 +774,7 @@ fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, q: &HashMap
                 initial.extend(
                     st.objects
                         .iter()
-                        .filter(|((k, ns, _), _)| *k == kind && namespace.as_deref().is_none_or(|n| n == ns))
+                        .filter(|((k, ns, n), _)| *k == kind && selected(namespace.as_deref(), name.as_deref(), ns, n))
                         .map(|(_, v)| event_line("ADDED", v)),
                 );
                 if send_initial {
@@ -708,7 +793,7 @@ fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, q: &HashMap
         start_rv = st.rv;
         st.next_id += 1;
         let id = st.next_id;
-        st.subscribers.push(Subscriber { id, kind, namespace, tx });
+        st.subscribers.push(Subscriber { id, kind, namespace, name, tx });
         shared.watches[kind.index()].fetch_add(1, Ordering::SeqCst);
         streaming(
             shared.clone(),
