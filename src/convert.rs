@@ -64,7 +64,8 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace> {
     validate_dns_label(&name, "metadata.name")?;
     let labels = labels(ns.metadata.labels.as_ref(), "metadata.labels")?;
     let mut ns = Namespace { name, labels };
-    // The API server sets this label on every namespace (immutable, since 1.21).
+    // The API server sets this label on every namespace (immutable, since 1.21): upstream
+    // `SetDefaults_Namespace` (pkg/apis/core/v1/defaults.go), whatever labels were written.
     ns.labels.insert(crate::model::NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
     Ok(ns)
 }
@@ -251,6 +252,9 @@ fn rule(
     path: &str,
     peer_field: &str,
 ) -> Result<Rule> {
+    // "If this field is empty or missing, this rule matches all sources (traffic not
+    // restricted by source)", and likewise for `to` and `ports`: no defaulting function
+    // touches them, and the length is what counts, so absent, `null` and `[]` are alike.
     let peers = match peers {
         None | Some([]) => None,
         Some(list) => {

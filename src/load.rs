@@ -842,6 +842,9 @@ fn workload_template(v: &Value, kind: &str) -> Result<(Value, Replicas), FieldEr
     };
     let template =
         spec.get("template").cloned().ok_or_else(|| FieldError::new(format!("{prefix}.template"), "is required"))?;
+    // Upstream `SetDefaults_Deployment`, `_ReplicaSet`, `_StatefulSet` (apps/v1),
+    // `SetDefaults_ReplicationController` (core/v1): `if obj.Spec.Replicas == nil` it is 1;
+    // `SetDefaults_Job` (batch/v1): a nil `parallelism` is 1. Absent and `null` are nil.
     let count = |key: &str| -> Result<u32, FieldError> {
         match spec.get(key) {
             None | Some(Value::Null) => Ok(1),

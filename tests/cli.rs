@@ -931,3 +931,16 @@ fn a_host_network_pod_or_node_ip_in_a_kernel_query_means_that_node_too() {
         assert_eq!(o.status.code(), Some(code), "kernel {from} -> {to}: {}{}", stdout(&o), stderr(&o));
     }
 }
+
+#[test]
+fn an_empty_container_port_protocol_defaults_to_tcp_as_the_api_server_does() {
+    let text =
+        two_pods_and("").replace("{containerPort: 80, name: http}", "{containerPort: 80, name: http, protocol: \"\"}");
+    let dir = with_file(&text);
+    let o = netpol_check(
+        dir.path(),
+        &["query", "--from", "default/b", "--to", "default/a", "--port", "http", "-f", "bad.yaml"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).starts_with("ALLOWED  default/b -> default/a TCP/80"), "{}", stdout(&o));
+}

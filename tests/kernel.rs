@@ -20,7 +20,7 @@ use netpol::kernel_engine::{self, KernelError};
 use netpol::lab::{self, LabSpec};
 use netpol::load::{LoadOptions, Source, load_sources};
 use netpol::matrix::{self, Family, Probe, ProbePort};
-use netpol::model::{Cluster, Protocol};
+use netpol::model::{Cluster, ObjectRef, Pod, PodIps, Protocol};
 use netpol::{generate, verify};
 
 const TIMEOUT: Duration = LabSpec::DEFAULT_TIMEOUT;
@@ -269,25 +269,26 @@ fn host_network_pods_are_their_node_on_every_engine() {
 fn a_pod_sharing_an_address_with_another_endpoint_is_refused_with_a_clear_error() {
     let text = HOST_NETWORK_CLUSTER.replace("podIPs: [{ip: 10.0.0.2}", "podIPs: [{ip: 10.1.2.2}");
     let sources = [Source { name: "shared.yaml".into(), text }];
-    // The loader refuses it (with --lenient it keeps the first pod only): the engine must
-    // refuse such a cluster on its own, built here past the loader.
-    assert!(load_sources(&sources, &LoadOptions::default()).is_err());
+    // The loader refuses such input itself, naming both pods...
+    let refused = load_sources(&sources, &LoadOptions::default()).unwrap_err().to_string();
+    assert!(refused.contains("10.1.2.2 is also the IP of Pod a/client"), "{refused}");
+    // ...and the kernel engine still refuses a cluster built another way (a library caller).
     let loaded =
         load_sources(&[Source { name: "hn.yaml".into(), text: HOST_NETWORK_CLUSTER.into() }], &LoadOptions::default())
             .unwrap()
             .cluster;
-    let pods = loaded.pods.iter().map(|p| {
-        let mut p = (**p).clone();
-        if p.id.name == "agent-n2" {
-            p.ips = "10.1.2.2".parse::<std::net::IpAddr>().unwrap().into();
-        }
-        p
-    });
-    let cluster = netpol::model::Cluster::new(
-        loaded.namespaces.values().cloned().collect(),
-        pods,
-        loaded.policies.iter().cloned(),
-    );
+    let pods: Vec<Pod> = loaded
+        .pods
+        .iter()
+        .map(|p| {
+            let mut pod = (**p).clone();
+            if pod.id == ObjectRef::new("kube-system", "agent-n2") {
+                pod.ips = PodIps::try_from(vec!["10.1.2.2".parse().unwrap(), "fd00::2".parse().unwrap()]).unwrap();
+            }
+            pod
+        })
+        .collect();
+    let cluster = Cluster::new(loaded.namespaces.values().cloned().collect(), pods, loaded.policies.iter().cloned());
     let probes = random_probes();
     match kernel_engine::matrices(&cluster, &probes, Family::Ipv4, TIMEOUT) {
         Err(e @ KernelError::Unsupported(_)) => {
