@@ -58,6 +58,19 @@ pub struct SyncStats {
     pub compile: std::time::Duration,
     /// Sending the transaction until the kernel committed it (zero when it was empty).
     pub apply: std::time::Duration,
+    /// Conntrack entries this sync deleted after the apply (a counter's increments; see
+    /// [`crate::conntrack`]), and the time the dump, decision and deletes took.
+    pub conntrack_flows_deleted: ConntrackFlowsDeleted,
+    pub conntrack: std::time::Duration,
+}
+
+/// Conntrack entries deleted by one sync, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConntrackFlowsDeleted {
+    /// An address at one end belonged to a pod that is gone (deleted, or given another IP).
+    pub pod_deleted: usize,
+    /// The ruleset just applied no longer admits the flow.
+    pub denied: usize,
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
