@@ -15,11 +15,11 @@
 //! flow the node sent itself crossed `output`, which no chain hooks (DESIGN §3: "traffic
 //! from the node to its own local pods is always allowed"), so it is never deleted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::model::{ObjectRef, Pod};
+use crate::model::{Pod, changed_items};
 use crate::nft::interpret::{Fate, Interpreter, Packet};
 use crate::nft::ir::{CtState, Hook, MapVerdict, Match, Ruleset};
 use crate::nft::{Op, Transaction};
@@ -68,19 +68,23 @@ impl NodeAddresses {
 /// Addresses that a pod of `before` had and that no pod of the same name has in `after`:
 /// the pod was deleted, or got another IP. (A new pod with the same IP is no reason to
 /// keep the old pod's flows: that is the case the flush is for.) hostNetwork pods' addresses
-/// are the node's and never count.
+/// are the node's and never count. Both lists sorted by namespace and name, as snapshots
+/// keep them: the pods both share are skipped by pointer, so a sync pays for the pods that
+/// changed only.
 ///
 /// kube-proxy does the same for a removed UDP endpoint ("ClearUDPConntrackForPeers").
 pub fn gone_addresses(before: &[Arc<Pod>], after: &[Arc<Pod>]) -> HashSet<IpAddr> {
-    let now: HashMap<IpAddr, &ObjectRef> =
-        after.iter().filter(|p| !p.host_network).flat_map(|p| p.ips.iter().map(move |ip| (*ip, &p.id))).collect();
-    before
-        .iter()
-        .filter(|p| !p.host_network)
-        .flat_map(|p| p.ips.iter().map(move |ip| (*ip, &p.id)))
-        .filter(|(ip, id)| now.get(ip) != Some(id))
-        .map(|(ip, _)| ip)
-        .collect()
+    let changed = changed_items(before, after, |p| &p.id, usize::MAX).unwrap_or_default();
+    let mut gone = HashSet::new();
+    for (old, new) in changed {
+        let Some(old) = old.map(|i| &before[i]).filter(|p| !p.host_network) else { continue };
+        let kept: &[IpAddr] = match new.map(|j| &after[j]) {
+            Some(p) if !p.host_network => &p.ips,
+            _ => &[],
+        };
+        gone.extend(old.ips.iter().filter(|ip| !kept.contains(ip)));
+    }
+    gone
 }
 
 /// Could `tx` (applied to reach `desired`) deny something that was allowed? `false` only
@@ -168,7 +172,7 @@ mod tests {
     use crate::compile::{NodeConfig, compile};
     use crate::conntrack::Tuple;
     use crate::model::{Cluster, Labels, NamespaceScope, Peer, PortMatch, PortSpec, Protocol, Rule};
-    use crate::model::{Namespace, Policy};
+    use crate::model::{Namespace, ObjectRef, Policy};
     use crate::selector::Selector;
     use proptest::prelude::*;
 
@@ -323,8 +327,15 @@ mod tests {
         let mut after: Vec<Arc<Pod>> =
             before.iter().filter(|p| p.id.name != "db" && p.id.name != "kubelet").cloned().collect();
         after.push(Arc::new(pod("db-new", NODE, "10.0.1.1", "db")));
+        after.sort_by(|a, b| a.id.cmp(&b.id));
         assert_eq!(gone_addresses(&before, &after), HashSet::from(["10.0.1.1".parse().unwrap()]));
         assert!(gone_addresses(&before, &before).is_empty());
+        // A pod given another IP (a new allocation of the same pod, as a relist brings).
+        let moved: Vec<Arc<Pod>> = before
+            .iter()
+            .map(|p| if p.id.name == "web" { Arc::new(pod("web", NODE, "10.0.1.7", "web")) } else { Arc::clone(p) })
+            .collect();
+        assert_eq!(gone_addresses(&before, &moved), HashSet::from(["10.0.1.2".parse().unwrap()]));
     }
 
     #[test]
