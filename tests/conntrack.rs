@@ -5,7 +5,7 @@
 //!  without a kernel: NftTarget(FakeNftables).with_conntrack(RecordingConntrack)
 //!     snapshots ──sync──► what was dumped and deleted, by reason (SyncStats)
 //!  in the lab (root): one node namespace programmed by NftTarget(NetlinkNftables)
-//!     .with_conntrack(NetlinkConntrack), pods api, web, db, old in their namespaces
+//!     .with_conntrack(NetlinkConntrack), dual-stack pods api, web, db, old in their namespaces
 //!     long-lived TCP (our echo server in db) and UDP (the lab's echo) ──► tighten ──►
 //!     the next exchange fails; an allowed connection survives 100 unrelated changes;
 //!     a deleted pod's UDP entry is gone, so its IP's next owner starts as `ct state new`
@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodIP};
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
@@ -48,6 +48,9 @@ const API: &str = "10.77.0.2";
 const WEB: &str = "10.77.0.3";
 const OLD: &str = "10.77.0.9";
 const REMOTE: &str = "10.77.1.1";
+/// The local pods' IPv6 addresses (the dump asks for every family at once).
+const DB6: &str = "fd77::1";
+const WEB6: &str = "fd77::3";
 
 // ---------------------------------------------------------------- builders
 
@@ -105,13 +108,26 @@ fn flow(proto: u8, src: &str, sport: u16, dst: &str, dport: u16) -> Flow {
     }
 }
 
+/// `p` with a second, IPv6 address `fd77::<last byte of its IPv4 one>`.
+fn dual_stack(mut p: Pod) -> Pod {
+    let status = p.status.as_mut().unwrap();
+    let v4 = status.pod_ip.clone().unwrap();
+    let v6 = v6_of(&v4);
+    status.pod_ips = Some(vec![PodIP { ip: v4 }, PodIP { ip: v6 }]);
+    p
+}
+
+fn v6_of(v4: &str) -> String {
+    format!("fd77::{}", v4.rsplit('.').next().unwrap())
+}
+
 fn base_pods() -> Vec<Pod> {
     vec![
-        app_pod("api", NODE, API, "api"),
-        app_pod("db", NODE, DB, "db"),
-        app_pod("old", NODE, OLD, "web"),
+        dual_stack(app_pod("api", NODE, API, "api")),
+        dual_stack(app_pod("db", NODE, DB, "db")),
+        dual_stack(app_pod("old", NODE, OLD, "web")),
         app_pod("remote", "n2", REMOTE, "web"),
-        app_pod("web", NODE, WEB, "web"),
+        dual_stack(app_pod("web", NODE, WEB, "web")),
     ]
 }
 
@@ -260,7 +276,7 @@ fn lab_pods() -> Vec<LabPod> {
         .map(|(name, ip)| LabPod {
             name: format!("{NS}/{name}"),
             node: NODE.into(),
-            ips: vec![ip.parse().unwrap()],
+            ips: vec![ip.parse().unwrap(), v6_of(ip).parse().unwrap()],
             // The lab's UDP echo; TCP 5432 is our own echo server (connections stay open).
             serve: if name == "db" { vec![(53, L4::Udp)] } else { vec![] },
             host_network: false,
@@ -323,9 +339,10 @@ impl Rig {
         s
     }
 
+    /// A UDP exchange from `from` port 5353 with db's echo on port 53 (of `from`'s family).
     fn udp(&self, pod: usize, from: &str, token: u64) -> Outcome {
         let from = SocketAddr::new(from.parse().unwrap(), 5353);
-        let to = SocketAddr::new(DB.parse().unwrap(), 53);
+        let to = SocketAddr::new(if from.is_ipv4() { DB } else { DB6 }.parse().unwrap(), 53);
         self.lab.in_pod(pod, || traffic::udp_exchange(from, to, token, Duration::from_millis(300))).unwrap()
     }
 
@@ -381,7 +398,7 @@ fn a_tightening_cuts_established_tcp_and_udp_flows_within_a_second() {
     let api = rig.connect(P_API, API);
     let web = rig.connect(P_WEB, WEB);
     assert_eq!(rig.udp(P_WEB, WEB, 1), Outcome::Reached);
-
+    assert_eq!(rig.udp(P_WEB, WEB6, 1), Outcome::Reached);
     assert!(exchange(&api) && exchange(&web));
 
     let tightened = Instant::now();
@@ -390,15 +407,17 @@ fn a_tightening_cuts_established_tcp_and_udp_flows_within_a_second() {
     // Right after the sync: web's TCP connection and UDP flow get no answer, api's does.
     let web_tcp = exchange(&web);
     let web_udp = rig.udp(P_WEB, WEB, 2);
+    let web_udp6 = rig.udp(P_WEB, WEB6, 2);
     let cut = tightened.elapsed();
     let api_alive = exchange(&api);
     eprintln!("sync with the conntrack cleanup: {synced:?} (conntrack part {:?}); checked by {cut:?}", stats.conntrack);
     rig.finish();
     assert!(!web_tcp, "web's established TCP connection survived the tightening");
     assert_eq!(web_udp, Outcome::Silent, "web's UDP flow survived the tightening");
+    assert_eq!(web_udp6, Outcome::Silent, "web's IPv6 UDP flow survived the tightening");
     assert!(api_alive, "api's connection, still allowed, was cut");
     assert!(synced < Duration::from_secs(1), "the sync took {synced:?}");
-    assert!(stats.conntrack_flows_deleted.denied >= 2, "{:?}", stats.conntrack_flows_deleted);
+    assert!(stats.conntrack_flows_deleted.denied >= 3, "{:?}", stats.conntrack_flows_deleted);
 }
 
 #[test]
