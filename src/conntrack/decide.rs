@@ -157,7 +157,7 @@ pub fn flows_to_delete<'f>(
     flows
         .iter()
         .filter_map(|f| {
-            if !gone.is_empty() && gone.iter().any(|a| f.touches(a)) {
+            if !gone.is_empty() && f.addresses().iter().any(|a| gone.contains(a)) {
                 return Some((f, Reason::PodGone));
             }
             let (interp, addresses) = ruleset?;

@@ -53,9 +53,14 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// The addresses at the ends of both directions (after NAT, the reply's differ).
+    pub fn addresses(&self) -> [IpAddr; 4] {
+        [self.original.src, self.original.dst, self.reply.src, self.reply.dst]
+    }
+
     /// Does either direction of the flow have `addr` at one end?
     pub fn touches(&self, addr: &IpAddr) -> bool {
-        [self.original.src, self.original.dst, self.reply.src, self.reply.dst].contains(addr)
+        self.addresses().contains(addr)
     }
 }
 
