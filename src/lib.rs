@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod bitset;
 pub mod compile;
+pub mod conntrack;
 pub mod convert;
 pub mod engine;
 pub mod evaluate;

@@ -537,7 +537,10 @@ async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_comm
 
     let expected = |w: &World| {
         let (cluster, _) = nft_target::cluster(&w.snapshot());
-        render::ruleset(&compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone(), pod_cidrs: Vec::new() }))
+        render::ruleset(&compile(
+            &cluster,
+            &NodeConfig { node: NODE.into(), table: table.clone(), pod_cidrs: Vec::new() },
+        ))
     };
     // The kernel's listing, once it holds every chain and address the compiled ruleset has.
     let restored_within = |agent: &mut AgentProcess, want: &str, limit: Duration| -> Duration {

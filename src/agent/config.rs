@@ -102,6 +102,13 @@ pub struct AgentConfig {
     /// the agent restarts).
     #[arg(long, env = "NETPOL_CLEANUP_ON_EXIT")]
     pub cleanup_on_exit: bool,
+
+    /// After each sync, end the established connections the new rules no longer admit
+    /// (checked only when a change could deny something), and those of pods that are gone,
+    /// so that a reused IP inherits no flow: their conntrack entries are deleted. `false`
+    /// leaves conntrack alone (established connections then outlive a tightening).
+    #[arg(long, env = "NETPOL_CONNTRACK_CLEANUP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub conntrack_cleanup: bool,
 }
 
 /// Parses `500ms`, `20s`, `5m`, `1h`, or a bare number of seconds.

@@ -78,6 +78,19 @@ pub struct SyncStats {
     /// filled in by targets that know (the agent's netlink target).
     pub via_netlink: u64,
     pub via_nft: u64,
+    /// Conntrack entries this sync deleted after the apply (a counter's increments; see
+    /// [`crate::conntrack`]), and the time the dump, decision and deletes took.
+    pub conntrack_flows_deleted: ConntrackFlowsDeleted,
+    pub conntrack: std::time::Duration,
+}
+
+/// Conntrack entries deleted by one sync, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConntrackFlowsDeleted {
+    /// An address at one end belonged to a pod that is gone (deleted, or given another IP).
+    pub pod_deleted: usize,
+    /// The ruleset just applied no longer admits the flow.
+    pub denied: usize,
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -11,13 +11,31 @@
 //! What was applied is remembered only after nft accepted it; any failure forgets it, so
 //! the next sync replaces the whole table, compiled afresh. A table left by an earlier run
 //! stays in force until the first (full) sync replaces it in the same transaction.
+//!
+//! With a conntrack table ([`NftTarget::with_conntrack`]), an accepted sync then ends the
+//! flows it must (see [`crate::conntrack`]):
+//!
+//! ```text
+//!  previous snapshot's pods ─┐
+//!  this snapshot's pods ─────┴─► gone addresses ─┐   (none, and the transaction only adds
+//!  may_tighten(tx, desired) or an earlier failure ┤    allows: no dump at all)
+//!                                                 ▼
+//!            dump ──► flows_to_delete(flows, gone, Interpreter(desired)) ──► delete
+//! ```
+//!
+//! A conntrack failure does not fail the sync (the ruleset is in force); it is logged and
+//! the next sync tries again.
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use crate::agent::{Snapshot, SyncError, SyncStats, SyncTarget};
+use crate::agent::{ConntrackFlowsDeleted, Snapshot, SyncError, SyncStats, SyncTarget};
 use crate::compile::{IncrementalCompiler, NodeConfig};
-use crate::model::{Cluster, Namespace, NamespaceMap, SharedList, namespace_map};
+use crate::conntrack::{ConntrackError, ConntrackTable, Flow, NodeAddresses, Reason, flows_to_delete, may_tighten};
+use crate::model::{Cluster, Namespace, NamespaceMap, Pod, SharedList, namespace_map};
 use crate::nft::diff::{diff_with, full_sync};
+use crate::nft::interpret::Interpreter;
 use crate::nft::ir::Ruleset;
 use crate::nft::{NftError, Nftables, Op, Transaction};
 
@@ -45,6 +63,14 @@ pub struct NftTarget<N: Nftables> {
     namespaces: Option<(SharedList<Namespace>, Arc<NamespaceMap>)>,
     /// Idle-set budget the compiler is built with (kept when it is rebuilt).
     idle_set_elements_per_pod: usize,
+    /// The node's conntrack table, when flows are to be ended (`--conntrack-cleanup`).
+    conntrack: Option<Box<dyn ConntrackTable>>,
+    /// The pods as of the last conntrack cleanup: their addresses that are gone since
+    /// are flushed at the next one.
+    conntrack_pods: Option<SharedList<Pod>>,
+    /// A cleanup that had to decide flows failed: the next sync decides them whatever its
+    /// transaction.
+    conntrack_pending: bool,
 }
 
 impl<N: Nftables> NftTarget<N> {
@@ -57,7 +83,17 @@ impl<N: Nftables> NftTarget<N> {
             applied: None,
             namespaces: None,
             idle_set_elements_per_pod: IDLE_SET_ELEMENTS_PER_POD,
+            conntrack: None,
+            conntrack_pods: None,
+            conntrack_pending: false,
         }
+    }
+
+    /// After each accepted sync, deletes from `table` the flows of pods that are gone and
+    /// the flows the new ruleset denies (without it, conntrack is left alone).
+    pub fn with_conntrack(mut self, table: impl ConntrackTable + 'static) -> Self {
+        self.conntrack = Some(Box::new(table));
+        self
     }
 
     /// Keeps idle sets up to `elements_per_pod` elements per cluster pod (see
@@ -167,16 +203,18 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             idle_set_elements,
             skipped_objects: snapshot.skipped_objects,
             fail_closed_policies: snapshot.fail_closed_policies,
-            via_netlink: 0,
-            via_nft: 0,
+            ..SyncStats::default()
         };
         if tx.is_empty() {
             // The kernel holds what was applied, which equals `desired`.
             self.applied = Some(desired);
             self.compiler.release_retired();
             tracing::debug!("ruleset unchanged; nothing to apply");
+            self.end_flows(snapshot, false, &mut stats);
             return Ok(stats);
         }
+        // Asked before the apply: `desired` moves into `applied` then.
+        let tightens = self.conntrack.is_some() && may_tighten(&tx, &desired);
         let kind = if is_full_sync(&tx) { "full" } else { "incremental" };
         let applying = std::time::Instant::now();
         let applied = self.nft.apply(&tx);
@@ -194,6 +232,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
                     "applied"
                 );
                 self.applied = Some(desired);
+                self.end_flows(snapshot, tightens, &mut stats);
                 Ok(stats)
             }
             Err(e) => {
@@ -210,6 +249,76 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         let tx = Transaction { table: self.config().table.clone(), ops: vec![Op::AddTable, Op::DeleteTable] };
         self.nft.apply(&tx).map_err(|e| SyncError::Apply(Box::new(e)))
     }
+}
+
+impl<N: Nftables> NftTarget<N> {
+    /// Ends the flows the sync just applied calls for (see the module doc): those of pods
+    /// gone since the last cleanup, and, when `tightens` (or an earlier cleanup failed),
+    /// those the applied ruleset denies. Needs `self.applied` to be what nft holds.
+    fn end_flows(&mut self, snapshot: &Snapshot, tightens: bool, stats: &mut SyncStats) {
+        let Some(table) = self.conntrack.as_deref_mut() else { return };
+        let started = std::time::Instant::now();
+        let gone: HashSet<IpAddr> = match &self.conntrack_pods {
+            Some(before) if !Arc::ptr_eq(before, &snapshot.pods) => {
+                crate::conntrack::decide::gone_addresses(before, &snapshot.pods)
+            }
+            _ => HashSet::new(),
+        };
+        let decide = (tightens || self.conntrack_pending).then_some(()).and(self.applied.as_ref());
+        if gone.is_empty() && decide.is_none() {
+            self.conntrack_pods = Some(Arc::clone(&snapshot.pods));
+            return;
+        }
+        let node = self.compiler.config().node.as_str();
+        match end_flows(table, &gone, decide.map(|rs| (rs, &snapshot.pods[..], node))) {
+            Ok(deleted) => {
+                stats.conntrack_flows_deleted = deleted;
+                self.conntrack_pods = Some(Arc::clone(&snapshot.pods));
+                self.conntrack_pending = false;
+                stats.conntrack = started.elapsed();
+                if deleted.pod_deleted + deleted.denied > 0 {
+                    tracing::info!(
+                        pod_deleted = deleted.pod_deleted,
+                        denied = deleted.denied,
+                        ms = stats.conntrack.as_secs_f64() * 1e3,
+                        "conntrack entries deleted"
+                    );
+                }
+            }
+            Err(e) => {
+                // The ruleset is in force; the flows are ended at the next sync.
+                self.conntrack_pending |= decide.is_some();
+                stats.conntrack = started.elapsed();
+                tracing::warn!(error = %e, gone = gone.len(), "conntrack cleanup failed; retrying at the next sync");
+            }
+        }
+    }
+}
+
+/// One dump of `table`, then the deletes: flows touching `gone`, then (with a ruleset, the
+/// node's pods and its name) the flows that ruleset denies.
+fn end_flows(
+    table: &mut dyn ConntrackTable,
+    gone: &HashSet<IpAddr>,
+    ruleset: Option<(&Ruleset, &[Arc<Pod>], &str)>,
+) -> Result<ConntrackFlowsDeleted, ConntrackError> {
+    let flows = table.flows()?;
+    let addresses = match ruleset {
+        Some((_, pods, node)) => Some(NodeAddresses::new(pods, node, table.local_addresses()?)),
+        None => None,
+    };
+    let interpreter = ruleset.map(|(rs, ..)| Interpreter::new(rs));
+    let picked = flows_to_delete(&flows, gone, interpreter.as_ref().zip(addresses.as_ref()));
+    let of = |reason: Reason| -> Vec<Flow> { picked.iter().filter(|(_, r)| *r == reason).map(|(f, _)| **f).collect() };
+    let (pod_deleted, denied) = (of(Reason::PodGone), of(Reason::Denied));
+    let mut deleted = ConntrackFlowsDeleted::default();
+    if !pod_deleted.is_empty() {
+        deleted.pod_deleted = table.delete(&pod_deleted)?;
+    }
+    if !denied.is_empty() {
+        deleted.denied = table.delete(&denied)?;
+    }
+    Ok(deleted)
 }
 
 /// Is `tx` a whole-table replacement (as made by [`full_sync`])?

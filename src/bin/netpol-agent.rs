@@ -3,7 +3,7 @@
 //! error, 2 bad configuration).
 //!
 //! ```text
-//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimWhenIdle(CountingPaths(Quarantining(NftTarget(NetlinkNftables)))))
+//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimWhenIdle(CountingPaths(Quarantining(NftTarget(NetlinkNftables, NetlinkConntrack)))))
 //!                                                   │    each sync one netlink batch (nft as the fallback),
 //!                                                   │    every receive and every nft call bounded (--nft-timeout)
 //!                                                   └─ syncs pause ──► malloc_trim(0), own thread
@@ -16,6 +16,7 @@ use clap::Parser;
 use netpol::agent::nft_target::NftTarget;
 use netpol::agent::quarantine::Quarantining;
 use netpol::agent::{self, AgentConfig, AgentError, Snapshot, SyncError, SyncStats, SyncTarget};
+use netpol::conntrack::NetlinkConntrack;
 use netpol::nft::netlink::NetlinkNftables;
 use netpol::nft::real::RealNftables;
 
@@ -50,7 +51,10 @@ fn main() -> ExitCode {
         }
     };
     let idle_per_pod = usize::try_from(config.idle_set_elements_per_pod).unwrap_or(usize::MAX);
-    let target = NftTarget::new(nft, config.node.clone(), config.table.clone()).keeping_idle_sets(idle_per_pod);
+    let mut target = NftTarget::new(nft, config.node.clone(), config.table.clone()).keeping_idle_sets(idle_per_pod);
+    if config.conntrack_cleanup {
+        target = target.with_conntrack(NetlinkConntrack::new(config.netns.clone()));
+    }
     let target = TrimWhenIdle::new(CountingPaths(Quarantining::new(target)));
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
