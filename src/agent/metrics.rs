@@ -59,6 +59,11 @@ struct PathLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResourceLabels {
     resource: &'static str,
 }
@@ -104,6 +109,9 @@ struct Inner {
     transactions: Family<PathLabels, Counter>,
     netlink_fallbacks: Counter,
     guard_enabled: Gauge,
+    fail_closed_policies: Gauge,
+    foreign_table_changes: Counter,
+    conntrack_flows_deleted: Family<ReasonLabels, Counter>,
     started: std::time::Instant,
 }
 
@@ -149,6 +157,9 @@ impl Metrics {
         let transactions = Family::<PathLabels, Counter>::default();
         let netlink_fallbacks = Counter::default();
         let guard_enabled = Gauge::default();
+        let fail_closed_policies = Gauge::default();
+        let foreign_table_changes = Counter::default();
+        let conntrack_flows_deleted = Family::<ReasonLabels, Counter>::default();
 
         registry.register_with_unit(
             "sync_duration",
@@ -254,6 +265,24 @@ impl Metrics {
              addresses inside them is dropped; 0 when the guard is off",
             guard_enabled.clone(),
         );
+        registry.register(
+            "policies_fail_closed",
+            "NetworkPolicies enforced fail-closed at the last sync (they isolate what they select and allow \
+             nothing): they failed conversion, or this node could not enforce them and quarantined them",
+            fail_closed_policies.clone(),
+        );
+        registry.register(
+            "foreign_table_changes",
+            "Changes another program made to the agent's table (or lost nf_tables announcements), each \
+             undone at once by a full sync",
+            foreign_table_changes.clone(),
+        );
+        registry.register(
+            "conntrack_flows_deleted",
+            "Conntrack entries deleted after syncs, by reason (pod_deleted: an address of a pod that is gone; \
+             denied: the new ruleset no longer admits the flow)",
+            conntrack_flows_deleted.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -282,6 +311,9 @@ impl Metrics {
                 transactions,
                 netlink_fallbacks,
                 guard_enabled,
+                fail_closed_policies,
+                foreign_table_changes,
+                conntrack_flows_deleted,
                 started: std::time::Instant::now(),
             }),
         }
@@ -307,6 +339,16 @@ impl Metrics {
         i.transactions.get_or_create(&PathLabels { path: "netlink" }).inc_by(stats.via_netlink);
         i.transactions.get_or_create(&PathLabels { path: "nft" }).inc_by(stats.via_nft);
         i.netlink_fallbacks.inc_by(stats.via_nft);
+        i.fail_closed_policies.set(gauge_value(stats.fail_closed_policies));
+        let deleted = stats.conntrack_flows_deleted;
+        for (reason, n) in [("pod_deleted", deleted.pod_deleted), ("denied", deleted.denied)] {
+            i.conntrack_flows_deleted.get_or_create(&ReasonLabels { reason }).inc_by(n as u64);
+        }
+    }
+
+    /// Another program changed the table (the table monitor saw it).
+    pub fn record_foreign_table_change(&self) {
+        self.inner.foreign_table_changes.inc();
     }
 
     /// Whether the unknown-pod guard is on (pod CIDRs known).
@@ -387,10 +429,13 @@ mod tests {
                 set_elements: 9,
                 via_netlink: 2,
                 via_nft: 1,
+                fail_closed_policies: 2,
+                conntrack_flows_deleted: crate::agent::ConntrackFlowsDeleted { pod_deleted: 3, denied: 4 },
                 ..SyncStats::default()
             },
         );
         m.record_guard(true);
+        m.record_foreign_table_change();
         m.record_failure(false, Duration::from_millis(1), "apply");
         let watch = WatchCounters::default();
         let state = SyncState {
@@ -418,6 +463,10 @@ mod tests {
             "netpol_watch_up{resource=\"pods\"} 0",
             "netpol_watch_last_event_age_seconds{resource=\"namespaces\"} ",
             "netpol_watch_restarts_total 0",
+            "netpol_policies_fail_closed 2",
+            "netpol_foreign_table_changes_total 1",
+            "netpol_conntrack_flows_deleted_total{reason=\"pod_deleted\"} 3",
+            "netpol_conntrack_flows_deleted_total{reason=\"denied\"} 4",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

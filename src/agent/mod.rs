@@ -198,10 +198,9 @@ pub async fn run<T: SyncTarget>(
     let (watch, driver) = ClusterWatch::start_with(client, options, trigger.clone());
     let mut watch_task = tokio::spawn(driver);
 
-    // Dropped (stopped) when the agent stops.
-    let _table_monitor = if config.watch_table { watch_table(&config, &trigger) } else { None };
-
     let metrics = Metrics::new();
+    // Dropped (stopped) when the agent stops.
+    let _table_monitor = if config.watch_table { watch_table(&config, &trigger, &metrics) } else { None };
     metrics.record_guard(!config.pod_cidrs.is_empty());
     if config.pod_cidrs.is_empty() {
         // The warning that the guard is off comes once the Node is read without CIDRs.
@@ -260,16 +259,21 @@ pub async fn run<T: SyncTarget>(
 
 /// Resyncs fully as soon as another tool changes the table (see [`crate::nft::monitor`]).
 /// Without the monitor such a change waits for the periodic resync, which is said once.
-fn watch_table(config: &AgentConfig, trigger: &Trigger) -> Option<crate::nft::monitor::TableMonitor> {
+fn watch_table(
+    config: &AgentConfig,
+    trigger: &Trigger,
+    metrics: &Metrics,
+) -> Option<crate::nft::monitor::TableMonitor> {
     use crate::nft::monitor::{Change, TableMonitor};
     /// Lost announcements are mostly our own big syncs' (thousands of set elements): a
     /// full sync for each would make the next one, so they resync at most this often.
     const LOST_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
-    let trigger = trigger.clone();
+    let (trigger, metrics) = (trigger.clone(), metrics.clone());
     let mut last_lost: Option<std::time::Instant> = None;
     let on_change = move |change| match change {
         Change::Foreign { port } => {
             tracing::warn!(port, "another program changed the table; resyncing it fully");
+            metrics.record_foreign_table_change();
             trigger.request_full();
         }
         Change::Lost if last_lost.is_none_or(|at| at.elapsed() >= LOST_RESYNC_INTERVAL) => {
@@ -277,6 +281,7 @@ fn watch_table(config: &AgentConfig, trigger: &Trigger) -> Option<crate::nft::mo
             tracing::warn!(
                 "nf_tables announcements were lost (the monitor's buffer overflowed); resyncing fully to be sure"
             );
+            metrics.record_foreign_table_change();
             trigger.request_full();
         }
         Change::Lost => tracing::debug!("nf_tables announcements lost again; the last such resync was recent"),
