@@ -302,13 +302,26 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn start(dir: &Path, server: &FakeApiServer, lab: &Lab, nodes: &[&str], table: &str) -> Fleet {
+    /// One agent per node, each with `--pod-cidr` for its entry of `pod_cidrs` (none if
+    /// empty: the unknown-pod guard stays off).
+    fn start(
+        dir: &Path,
+        server: &FakeApiServer,
+        lab: &Lab,
+        nodes: &[&str],
+        table: &str,
+        pod_cidrs: &[String],
+    ) -> Fleet {
         let launches: Vec<AgentLaunch> = nodes
             .iter()
-            .map(|n| {
+            .enumerate()
+            .map(|(i, n)| {
                 let netns = lab.node_netns(n).unwrap();
                 let mut l = launch(dir, server, n, table, NftRoute::Netns(netns));
                 l.extra_args = vec!["--debounce".into(), "20ms".into()];
+                if let Some(cidr) = pod_cidrs.get(i) {
+                    l.extra_args.extend(["--pod-cidr".to_string(), cidr.clone()]);
+                }
                 l
             })
             .collect();
@@ -377,6 +390,8 @@ struct Scene {
     /// The expected facts and per-node rulesets at the last settled step.
     facts: Vec<bool>,
     rulesets: Option<Vec<Ruleset>>,
+    /// Each node's pod CIDR when the agents run with the unknown-pod guard (else empty).
+    pod_cidrs: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -389,11 +404,24 @@ impl Scene {
         table: &str,
         seed: impl FnOnce(&mut Api),
     ) -> Scene {
+        Scene::start_guarded(nodes, slots, ports, table, &[], seed)
+    }
+
+    /// [`Scene::start`] with agents that know their node's pod CIDR (`pod_cidrs[i]` for
+    /// `nodes[i]`): an address inside it that is no known pod of that node is cut off.
+    fn start_guarded(
+        nodes: &[&'static str],
+        slots: &[Slot],
+        ports: &[(u16, L4)],
+        table: &str,
+        pod_cidrs: &[String],
+        seed: impl FnOnce(&mut Api),
+    ) -> Scene {
         let mut api = Api::new(block_on_current(FakeApiServer::start()).unwrap());
         seed(&mut api);
         let dir = tempfile::tempdir().unwrap();
         let lab = build_lab(nodes, slots, ports);
-        let fleet = Fleet::start(dir.path(), &api.server, &lab, nodes, table);
+        let fleet = Fleet::start(dir.path(), &api.server, &lab, nodes, table, pod_cidrs);
         let cells = all_cells(slots, ports);
         // Before any agent has run nothing is enforced.
         let facts = expected(&Cluster::default(), slots, &cells);
@@ -407,15 +435,31 @@ impl Scene {
             table: table.into(),
             facts,
             rulesets: None,
+            pod_cidrs: pod_cidrs.to_vec(),
             _dir: dir,
         }
+    }
+
+    /// The verdict per cell: the evaluator's, and with the unknown-pod guard on, denied
+    /// wherever one end is a slot no API pod owns (its node's guard drops it).
+    fn expected(&self, cluster: &Cluster) -> Vec<bool> {
+        let mut want = expected(cluster, &self.slots, &self.cells);
+        if !self.pod_cidrs.is_empty() {
+            let unknown = |i: usize| matches!(endpoint(cluster, &self.slots[i]), Endpoint::Ip(_));
+            for (w, c) in want.iter_mut().zip(&self.cells) {
+                *w &= !(unknown(c.from) || unknown(c.to));
+            }
+        }
+        want
     }
 
     fn compile_all(&self, cluster: &Cluster) -> Vec<Ruleset> {
         self.nodes
             .iter()
-            .map(|n| {
-                compile(cluster, &NodeConfig { node: n.to_string(), table: self.table.clone(), pod_cidrs: Vec::new() })
+            .enumerate()
+            .map(|(i, n)| {
+                let pod_cidrs = self.pod_cidrs.get(i).map(|c| vec![c.parse().unwrap()]).unwrap_or_default();
+                compile(cluster, &NodeConfig { node: n.to_string(), table: self.table.clone(), pod_cidrs })
             })
             .collect()
     }
@@ -434,7 +478,7 @@ impl Scene {
     /// on every cell for two probe rounds in a row.
     fn settle(&mut self, name: &str, changed_at: Instant, before: &[usize]) -> Settled {
         let cluster = applied_cluster(&self.api);
-        let want = expected(&cluster, &self.slots, &self.cells);
+        let want = self.expected(&cluster);
         assert_ne!(want, self.facts, "step `{name}` does not change the expected matrix: it would prove nothing");
         let rulesets = self.compile_all(&cluster);
         let must_apply: Vec<usize> =
@@ -912,6 +956,272 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
     assert!(allowed_n > 1000 && denied_n > 100, "too little traffic to mean anything");
     assert!(leaked.is_empty(), "denied connections got through:\n{}\n{}", leaked.join("\n"), scene.fleet.logs());
     assert!(refused.is_empty(), "allowed connections failed:\n{}\n{}", refused.join("\n"), scene.fleet.logs());
+    for a in &mut scene.fleet.agents {
+        let status = a.terminate(Duration::from_secs(10)).unwrap().expect("agent stops on SIGTERM");
+        assert_eq!(status.code(), Some(0), "{}", a.log());
+    }
+}
+
+// ---------------------------------------------------------------- chaos
+
+/// What the cluster expects, over time: each change appends the matrix it implies.
+struct Expectations {
+    /// (since when, expected verdict per cell), in time order.
+    history: Vec<(Instant, Vec<bool>)>,
+    /// While an agent is down (SIGKILLed until its replacement's first full sync) its node
+    /// keeps the rules of before: every matrix in force since the kill stays acceptable.
+    down: Vec<(Instant, Option<Instant>)>,
+}
+
+/// How long the agents get to see a change before a wrong verdict counts.
+const CHAOS_GRACE: Duration = Duration::from_secs(1);
+
+impl Expectations {
+    /// The verdicts a probe round that ran over `[t0, t1]` may show for `cell`: what was
+    /// expected at any moment from `CHAOS_GRACE` before it (or from the start of an agent's
+    /// outage overlapping that) to its end.
+    fn acceptable(&self, t0: Instant, t1: Instant, cell: usize) -> (bool, bool) {
+        let mut from = t0.checked_sub(CHAOS_GRACE).unwrap_or(t0);
+        for &(down, up) in &self.down {
+            let up_graced = up.map(|u| u + CHAOS_GRACE);
+            if down <= t1 && up_graced.is_none_or(|u| u >= from) {
+                from = from.min(down);
+            }
+        }
+        let (mut allowed, mut denied) = (false, false);
+        // The matrix in force at `from` is the last one that started before it.
+        let first = self.history.iter().rposition(|(at, _)| *at <= from).unwrap_or(0);
+        for (at, want) in &self.history[first..] {
+            if *at > t1 {
+                break;
+            }
+            allowed |= want[cell];
+            denied |= !want[cell];
+        }
+        (allowed, denied)
+    }
+}
+
+/// A small deterministic generator for the choreography (seed printed, reproducible with
+/// NETPOL_CHAOS_SEED).
+struct Dice(u64);
+
+impl Dice {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// While every ordered pair of lab pods is probed without pause, a seeded choreography of
+/// SIGKILLs at random points (each agent replaced after 0-300 ms), apiserver faults (dropped
+/// connections, 410 in the stream and as the status of a watch start, a compacted history,
+/// a kind held back 0.3-0.8 s), foreign `nft flush ruleset`s on a node, pod churn that
+/// reuses addresses (a slot's pod deleted, another pod with other labels created there
+/// later) and policy changes. The agents run with their node's pod CIDR, so an address no
+/// pod owns is cut off. Judged per probe round: a verdict is wrong if it matches none of
+/// the matrices in force from 1 s before the round (or from an overlapping agent outage)
+/// to its end — no denied connection gets through once the agents had 1 s to see the
+/// change, no allowed one is refused after a new pod's first second.
+#[test]
+fn chaos_of_kills_api_faults_foreign_flushes_and_ip_reuse_under_traffic_never_errs_once_the_agents_had_a_second() {
+    if !system_env_ok() {
+        return;
+    }
+    let seed = std::env::var("NETPOL_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    });
+    eprintln!("chaos seed {seed} (NETPOL_CHAOS_SEED={seed} replays the choreography)");
+    let mut dice = Dice(seed);
+    let rt = runtime();
+    let _in_runtime = rt.enter();
+    let started = Instant::now();
+    let cidrs = ["10.44.5.0/24".to_string(), "10.44.6.0/24".to_string()];
+    let mut scene = Scene::start_guarded(&GAP_NODES, &GAP_SLOTS, &GAP_PORTS, "netpol_chaos", &cidrs, |api| {
+        api.ns(namespace("front", &[("tier", "front")]));
+        api.ns(namespace("back", &[("tier", "back")]));
+        api.pod(gap_pod("front", "web-1", 0, &[("app", "web")]));
+        api.pod(gap_pod("back", "db-1", 2, &[("app", "db")]));
+        api.pod(gap_pod("front", "bot-1", 3, &[("app", "bot")]));
+        api.pod(gap_pod("back", "db-2", 5, &[("app", "db")]));
+        api.policy(policy(
+            "back",
+            "db-from-web",
+            &[("app", "db")],
+            Some(vec![from(vec![peer(Some(&[("tier", "front")]), Some(&[("app", "web")]))], vec![tcp(80)])]),
+            None,
+        ));
+    });
+    scene.settle("initial lists", started, &[0, 0]);
+
+    let expectations =
+        Mutex::new(Expectations { history: vec![(Instant::now(), scene.facts.clone())], down: Vec::new() });
+    let rounds: Mutex<Vec<(Instant, Instant, Vec<bool>)>> = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let mut actions: BTreeMap<&str, u32> = BTreeMap::new();
+    let Scene { fleet, lab, api, nodes, cells, .. } = &mut scene;
+    let scene_view = (GAP_SLOTS, cells.clone(), cidrs.clone());
+    let expect_now = |api: &Api| {
+        let cluster = applied_cluster(api);
+        let (slots, cells, _) = &scene_view;
+        let mut want = expected(&cluster, slots, cells);
+        let unknown = |i: usize| matches!(endpoint(&cluster, &slots[i]), Endpoint::Ip(_));
+        for (w, c) in want.iter_mut().zip(cells.iter()) {
+            *w &= !(unknown(c.from) || unknown(c.to));
+        }
+        want
+    };
+    let push = |want: Vec<bool>| expectations.lock().unwrap().history.push((Instant::now(), want));
+    let mut names = 0u32;
+    let mut owners: Vec<Option<(String, String)>> = vec![
+        Some(("front".into(), "web-1".into())),
+        None,
+        Some(("back".into(), "db-1".into())),
+        Some(("front".into(), "bot-1".into())),
+        None,
+        Some(("back".into(), "db-2".into())),
+    ];
+    let chaos_for = Duration::from_secs(25);
+
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        let (lab, stop, rounds) = (&*lab, &stop, &rounds);
+        let probes = lab_probes(cells);
+        s.spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let t0 = Instant::now();
+                let got = lab.probe_all(&probes, Duration::from_millis(300)).unwrap();
+                rounds.lock().unwrap().push((t0, Instant::now(), got));
+            }
+        });
+        let chaos_started = Instant::now();
+        while chaos_started.elapsed() < chaos_for {
+            match dice.below(6) {
+                0 => {
+                    let i = dice.below(2) as usize;
+                    *actions.entry("SIGKILL and replace an agent").or_default() += 1;
+                    let down_at = Instant::now();
+                    expectations.lock().unwrap().down.push((down_at, None));
+                    fleet.agents[i].kill_hard().unwrap();
+                    std::thread::sleep(Duration::from_millis(dice.below(300)));
+                    fleet.restart(i);
+                    fleet.agents[i].wait_applied(Some("full"), 1, CONVERGE_LIMIT).unwrap();
+                    let mut e = expectations.lock().unwrap();
+                    let last = e.down.last_mut().unwrap();
+                    last.1 = Some(Instant::now());
+                }
+                1 => {
+                    let fault = dice.below(5);
+                    *actions.entry("apiserver fault").or_default() += 1;
+                    match fault {
+                        0 => api.server.drop_connections(),
+                        1 => api.server.expire_watches(),
+                        2 => {
+                            api.server.compact();
+                            api.server.expire_watches();
+                        }
+                        3 => {
+                            api.server.set_gone_as_status(true);
+                            api.server.expire_watches();
+                            std::thread::sleep(Duration::from_millis(300));
+                            api.server.set_gone_as_status(false);
+                        }
+                        _ => {
+                            let kind = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy][dice.below(3) as usize];
+                            api.server.pause_kind(kind);
+                            api.server.drop_connections();
+                            std::thread::sleep(Duration::from_millis(300 + dice.below(500)));
+                            api.server.resume_kind(kind);
+                        }
+                    }
+                }
+                2 => {
+                    let node = nodes[dice.below(2) as usize];
+                    *actions.entry("foreign nft flush ruleset").or_default() += 1;
+                    // Until the agent puts the table back, that node enforces nothing.
+                    push(vec![true; cells.len()]);
+                    let netns = lab.node_netns(node).unwrap();
+                    let out = std::process::Command::new("ip")
+                        .args(["netns", "exec", &netns, "nft", "flush", "ruleset"])
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                    push(expect_now(api));
+                }
+                3 | 4 => {
+                    let slot = dice.below(GAP_SLOTS.len() as u64) as usize;
+                    match owners[slot].take() {
+                        Some((ns, name)) => {
+                            *actions.entry("pod deleted (its address freed)").or_default() += 1;
+                            api.delete_pod(&ns, &name);
+                        }
+                        None => {
+                            *actions.entry("pod created on a freed address").or_default() += 1;
+                            names += 1;
+                            let (ns, app) =
+                                [("front", "web"), ("front", "bot"), ("back", "db")][dice.below(3) as usize];
+                            let name = format!("{app}-x{names}");
+                            api.pod(gap_pod(ns, &name, slot, &[("app", app)]));
+                            owners[slot] = Some((ns.into(), name));
+                        }
+                    }
+                    push(expect_now(api));
+                }
+                _ => {
+                    *actions.entry("policy changed").or_default() += 1;
+                    let allowed_app = ["web", "bot"][dice.below(2) as usize];
+                    api.policy(policy(
+                        "back",
+                        "db-from-web",
+                        &[("app", "db")],
+                        Some(vec![from(
+                            vec![peer(Some(&[("tier", "front")]), Some(&[("app", allowed_app)]))],
+                            vec![tcp(80)],
+                        )]),
+                        None,
+                    ));
+                    push(expect_now(api));
+                }
+            }
+            fleet.assert_running();
+            std::thread::sleep(Duration::from_millis(100 + dice.below(400)));
+        }
+        // The last change gets its second too.
+        std::thread::sleep(CHAOS_GRACE + Duration::from_millis(500));
+        stop.store(true, Ordering::SeqCst);
+    });
+
+    let expectations = expectations.into_inner().unwrap();
+    let rounds = rounds.into_inner().unwrap();
+    let mut wrong = Vec::new();
+    let mut judged = 0usize;
+    for (t0, t1, got) in &rounds {
+        for (k, &allowed) in got.iter().enumerate() {
+            judged += 1;
+            let (may_allow, may_deny) = expectations.acceptable(*t0, *t1, k);
+            if (allowed && !may_allow) || (!allowed && !may_deny) {
+                let c = cells[k];
+                wrong.push(format!(
+                    "{:>6} ms: slot {} -> slot {} tcp/{}: kernel {}",
+                    t0.duration_since(started).as_millis(),
+                    c.from,
+                    c.to,
+                    c.port,
+                    verdict(allowed)
+                ));
+            }
+        }
+    }
+    eprintln!(
+        "chaos: {} changes of the expected matrix, {} probe rounds, {judged} verdicts judged, {} wrong; actions {actions:?}",
+        expectations.history.len() - 1,
+        rounds.len(),
+        wrong.len()
+    );
+    assert!(rounds.len() > 20 && actions.len() >= 4, "too little chaos to mean anything: {actions:?}");
+    assert!(wrong.is_empty(), "seed {seed}: wrong verdicts:\n{}\n{}", wrong.join("\n"), scene.fleet.logs());
     for a in &mut scene.fleet.agents {
         let status = a.terminate(Duration::from_secs(10)).unwrap().expect("agent stops on SIGTERM");
         assert_eq!(status.code(), Some(0), "{}", a.log());
