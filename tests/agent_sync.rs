@@ -154,7 +154,10 @@ impl World {
     /// The compiled ruleset of the cluster as the test wrote it, rendered.
     fn expected(&self) -> String {
         let (cluster, _) = nft_target::cluster(&self.snapshot());
-        render::ruleset(&compile(&cluster, &NodeConfig { node: NODE.into(), table: TABLE.into() }))
+        render::ruleset(&compile(
+            &cluster,
+            &NodeConfig { node: NODE.into(), table: TABLE.into(), pod_cidrs: Vec::new() },
+        ))
     }
 
     /// Waits until the fake's table equals the expected one.
@@ -388,7 +391,7 @@ async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_
 
     let expected = {
         let (cluster, _) = nft_target::cluster(&w.snapshot());
-        compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone() })
+        compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone(), pod_cidrs: Vec::new() })
     };
     let wait_for_table = |agent: &mut AgentProcess| {
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -414,7 +414,9 @@ impl Scene {
     fn compile_all(&self, cluster: &Cluster) -> Vec<Ruleset> {
         self.nodes
             .iter()
-            .map(|n| compile(cluster, &NodeConfig { node: n.to_string(), table: self.table.clone() }))
+            .map(|n| {
+                compile(cluster, &NodeConfig { node: n.to_string(), table: self.table.clone(), pod_cidrs: Vec::new() })
+            })
             .collect()
     }
 

@@ -47,7 +47,7 @@ pub struct NftTarget<N: Nftables> {
 
 impl<N: Nftables> NftTarget<N> {
     pub fn new(nft: N, node: impl Into<String>, table: impl Into<String>) -> Self {
-        let config = NodeConfig { node: node.into(), table: table.into() };
+        let config = NodeConfig { node: node.into(), table: table.into(), pod_cidrs: Vec::new() };
         let compiler = IncrementalCompiler::new(config).keeping_idle_sets(IDLE_SET_ELEMENTS_PER_POD);
         NftTarget { nft, compiler, applied: None, namespaces: None }
     }

@@ -219,12 +219,24 @@ fn add_rule(t: &mut Ruleset, chain: &str, rule: &Rule) -> R {
         return Err(format!("No such file or directory (chain {chain})"));
     }
     for m in &rule.matches {
-        if let Match::Lookup { key, set, .. } = m {
-            let s = t.sets.get(set).ok_or_else(|| format!("No such file or directory (set {set})"))?;
-            if s.key != key.key_types() {
-                return Err(format!("datatype mismatch: set {set} is not keyed by {}", render::key(*key)));
+        match m {
+            Match::Lookup { key, set, .. } => {
+                let s = t.sets.get(set).ok_or_else(|| format!("No such file or directory (set {set})"))?;
+                if s.key != key.key_types() {
+                    return Err(format!("datatype mismatch: set {set} is not keyed by {}", render::key(*key)));
+                }
             }
+            // nft: "Error: Range has zero or negative size".
+            Match::Icmpv6Type(lo, hi) if lo > hi => {
+                return Err(format!("Range has zero or negative size (icmpv6 type {lo}-{hi})"));
+            }
+            _ => {}
         }
+    }
+    // nft refuses a rule whose matches imply both families ("conflicting protocols").
+    let families: std::collections::BTreeSet<_> = rule.matches.iter().filter_map(|m| m.family()).collect();
+    if families.len() > 1 {
+        return Err("conflicting protocols specified: ip vs. ip6".to_string());
     }
     match &rule.verdict {
         Some(Verdict::Jump(c) | Verdict::Goto(c)) => check_target(&t.chains, c)?,
