@@ -1554,18 +1554,22 @@ fn the_json_rendering_loads_with_nft_json_in_a_throwaway_namespace() {
     for example in examples() {
         let sources = netpol::load::read_sources(std::slice::from_ref(&example)).unwrap();
         let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
-        let rs = compile(&cluster, &NodeConfig::new("node-1"));
-        let json = netpol::nft::json::to_string(&rs);
-        nft.run(&["-j", "-f", "-"], &json).unwrap_or_else(|e| panic!("{}: {e}\n{json}", example.display()));
-        // What the kernel holds now is what the text rendering describes.
-        let listed = nft.run(&["list", "table", "inet", "netpol"], "").unwrap();
-        let _ = nft.run(&["delete", "table", "inet", "netpol"], "");
-        nft.apply_text(&render::ruleset(&rs)).unwrap();
-        let listed_from_text = nft.run(&["list", "table", "inet", "netpol"], "").unwrap();
-        nft.run(&["delete", "table", "inet", "netpol"], "").unwrap();
-        // nft 1.0.6 reads no set/chain comments from JSON (and the crate's chains have none).
-        let strip =
-            |t: &str| t.lines().filter(|l| !l.trim_start().starts_with("comment \"")).collect::<Vec<_>>().join("\n");
-        assert_eq!(strip(&listed), strip(&listed_from_text), "{}", example.display());
+        // With the unknown-pod guard too (its sets, its rules' comments).
+        for config in [NodeConfig::new("node-1"), guarded("node-1", &["10.0.0.0/8", "10.1.0.0/16", "fd00::/8"])] {
+            let rs = compile(&cluster, &config);
+            let json = netpol::nft::json::to_string(&rs);
+            nft.run(&["-j", "-f", "-"], &json).unwrap_or_else(|e| panic!("{}: {e}\n{json}", example.display()));
+            // What the kernel holds now is what the text rendering describes.
+            let listed = nft.run(&["list", "table", "inet", "netpol"], "").unwrap();
+            let _ = nft.run(&["delete", "table", "inet", "netpol"], "");
+            nft.apply_text(&render::ruleset(&rs)).unwrap();
+            let listed_from_text = nft.run(&["list", "table", "inet", "netpol"], "").unwrap();
+            nft.run(&["delete", "table", "inet", "netpol"], "").unwrap();
+            // nft 1.0.6 reads no set/chain comments from JSON (and the crate's chains have none).
+            let strip = |t: &str| {
+                t.lines().filter(|l| !l.trim_start().starts_with("comment \"")).collect::<Vec<_>>().join("\n")
+            };
+            assert_eq!(strip(&listed), strip(&listed_from_text), "{}", example.display());
+        }
     }
 }
