@@ -1,14 +1,28 @@
 //! The compiler: cluster state → the nftables ruleset one node needs.
 //!
 //! ```text
-//!  forward, prio 0  egress_forward ─┐  ct established,related accept · ct invalid drop
-//!  input,   prio 0  egress_input   ─┴► ip saddr vmap @egress_dispatch_v4 (ip6 twin)
+//!  forward, prio 0  egress_forward ─┐  1 ct established,related accept
+//!  input,   prio 0  egress_input   ─┤  2 icmpv6 type 133-136 ip6 hoplimit 255 accept (ND)
+//!                                   │  3 guard (pod CIDRs only): ip saddr @pod_cidrs_v4
+//!                                   │      ip saddr != @local_pods_v4 counter drop (ip6 twin)
+//!                                   └► 4 ip saddr vmap @egress_dispatch_v4 (ip6 twin)
 //!                                         │ local isolated pod IP → jump pod_eg_<pod>
-//!  forward, prio 10 ingress_forward ──► ip daddr vmap @ingress_dispatch_v4 (ip6 twin)
+//!  forward, prio 10 ingress_forward ──► 1, 2, 3 on daddr, 4 ip daddr vmap @ingress_dispatch_v4
 //!                                         │ local isolated pod IP → jump pod_in_<pod>
-//!  pod_{eg,in}_<pod>: jump pol_{eg,in}_<policy> for each policy selecting it; counter drop
+//!  pod_{eg,in}_<pod>: ct state invalid drop; jump pol_{eg,in}_<policy> for each policy
+//!                     selecting it; counter drop
 //!  pol_{eg,in}_<policy>: one rule per (rule × peer kind × port kind), set lookups, accept
 //! ```
+//!
+//! Only isolated pods' packets and the guard's strangers are ever dropped: a node without
+//! policies (and without pod CIDRs) changes no verdict, `ct state invalid` included, so an
+//! SSH session or a kubelet connection conntrack picks up mid-stream is never cut. The
+//! unknown-pod guard (`NodeConfig::pod_cidrs` not empty) drops new flows from or to an
+//! address of the node's pod CIDRs that is no known local pod (`local_pods_*`, hash sets
+//! patched element by element; `pod_cidrs_*`, static interval sets): a pod the agent has
+//! not heard of yet, or whose deletion it has, fails closed. Two set lookups per new flow.
+//! Neighbour discovery passes first: it carries the pods' own addresses, conntrack does
+//! not track it, and without it an isolated IPv6 pod cannot even reach its gateway.
 //!
 //! An `accept` inside an egress chain ends only the priority-0 base chain: nftables still
 //! runs the priority-10 ingress base chain on the same hook, so both sides are checked.
