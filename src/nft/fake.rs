@@ -361,6 +361,24 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_mixing_families_or_with_an_empty_icmpv6_type_range_is_refused_as_nft_refuses_it() {
+        use crate::nft::ir::{AddrField, IpFamily, Key};
+        let mut f = FakeNftables::new();
+        let chain = || Op::AddChain { name: "c".into(), chain: Chain::default() };
+        let set = Set { key: vec![KeyType::Ipv4Addr], ..Set::default() };
+        let rule = |matches| Op::AddRule { chain: "c".into(), rule: Rule { matches, ..Rule::default() } };
+        let lookup = Match::Lookup { key: Key::Addr(IpFamily::V4, AddrField::Saddr), set: "s".into(), negate: false };
+        let mixed = rule(vec![lookup, Match::Ip6HopLimit(255)]);
+        let base = vec![Op::AddTable, chain(), Op::AddSet { name: "s".into(), set: Arc::new(set) }];
+        let err = f.apply(&tx([base.clone(), vec![mixed]].concat())).unwrap_err();
+        assert!(err.to_string().contains("conflicting protocols"), "{err}");
+        let err = f.apply(&tx([base.clone(), vec![rule(vec![Match::Icmpv6Type(136, 133)])]].concat())).unwrap_err();
+        assert!(err.to_string().contains("Range has zero or negative size"), "{err}");
+        let nd = rule(vec![Match::Icmpv6Type(133, 136), Match::Ip6HopLimit(255)]);
+        f.apply(&tx([base, vec![nd]].concat())).unwrap();
+    }
+
+    #[test]
     fn a_failing_transaction_changes_nothing() {
         let mut f = FakeNftables::new();
         f.apply(&tx(vec![Op::AddTable])).unwrap();

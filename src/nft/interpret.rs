@@ -12,7 +12,8 @@
 //! ```
 //!
 //! An `ip …`/`ip6 …` match carries nft's implicit `meta nfproto` dependency: it never holds
-//! for a packet of the other family, negated or not.
+//! for a packet of the other family, negated or not. `icmpv6 type` and `ip6 hoplimit` hold
+//! only for IPv6 packets (the first for ICMPv6 ones), as nft's dependencies make them.
 
 use std::collections::HashMap;
 use std::fmt;
