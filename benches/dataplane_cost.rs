@@ -9,11 +9,14 @@
 //! * (d) our table with no policy at all: conntrack and the base chains, the pair unisolated,
 //! * (e) conntrack only: a one-rule table (`ct state established,related accept`) whose only
 //!   effect is that the kernel tracks connections, as on every Kubernetes node (kube-proxy),
+//! * (f) (b) with the unknown-pod guard on: each node's pod CIDR holds its measured pod, so
+//!   every first packet pays both of the guard's lookups in each base chain (the CIDRs'
+//!   interval set, then the node's local-pod set of ~1 000 addresses),
 //! * any number of variants (`--variant LABEL=SRC.nft,DST.nft`): hand-edited rulesets, e.g.
 //!   of (b) written out with `--dump DIR`, measured like the others.
 //!
 //! (a)→(e) is the price of connection tracking, (e)→(d) that of our base chains, (d)→(c)
-//! that of the pair's policy chains, (c)→(b) that of cluster size. Every configuration that
+//! that of the pair's policy chains, (c)→(b) that of cluster size, (b)→(f) that of the guard. Every configuration that
 //! isolates the pair must drop a connection the policies deny (checked once per lab), and
 //! its destination's policy rules must have counted every measured connection.
 //!
@@ -29,7 +32,7 @@
 //!
 //! Run with `benches/dataplane-cost.sh` (root, `ip`, `nft`), which passes its arguments on:
 //! `--rounds N --slice SECONDS --pods P --policies Q --namespaces K --nodes M --seed X
-//! --configs abcde --dump DIR --variant LABEL=SRC.nft,DST.nft`.
+//! --configs abcdef --dump DIR --variant LABEL=SRC.nft,DST.nft`.
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
@@ -81,7 +84,7 @@ fn parse_args() -> Result<Args, String> {
         rounds: 15,
         slice: 0.5,
         params: Params { pods: 10_000, namespaces: 50, policies: 1_000, nodes: 10, seed: 1, dual_stack: false },
-        configs: "abcde".to_string(),
+        configs: "abcdef".to_string(),
         dump: None,
         variants: Vec::new(),
     };
@@ -102,8 +105,8 @@ fn parse_args() -> Result<Args, String> {
             "--nodes" => args.params.nodes = number()?.max(2),
             "--seed" => args.params.seed = number()? as u64,
             "--configs" => {
-                if value.is_empty() || !value.chars().all(|c| "abcde".contains(c)) {
-                    return Err(format!("{flag} {value}: letters among abcde"));
+                if value.is_empty() || !value.chars().all(|c| "abcdef".contains(c)) {
+                    return Err(format!("{flag} {value}: letters among abcdef"));
                 }
                 args.configs = value;
             }
@@ -369,7 +372,7 @@ fn run() -> Result<(), String> {
 
     let mut configs: Vec<Config> = Vec::new();
     let render_both = |rs: &[Ruleset]| rs.iter().map(render::ruleset).collect::<Vec<_>>();
-    for letter in "abcde".chars().filter(|c| args.configs.contains(*c)) {
+    for letter in "abcdef".chars().filter(|c| args.configs.contains(*c)) {
         configs.push(match letter {
             'a' => Config::new("(a) no table", "no table".into(), None, Vec::new()),
             'b' => Config::new(
@@ -394,6 +397,16 @@ fn run() -> Result<(), String> {
                 let rs = compile_for(&bare);
                 let size = format!("{} + {} rules, no policy", rs[0].rule_count(), rs[1].rule_count());
                 Config::new("(d) table, no policy", size, Some(render_both(&rs)), Vec::new())
+            }
+            'f' => {
+                // Each node's pod CIDR: its measured pod's address (a /32), so the pair's first
+                // packets are inside the CIDRs and known: both lookups, then dispatch as in (b).
+                let guarded = |node: &str, ip: IpAddr| NodeConfig {
+                    pod_cidrs: vec![ipnet::IpNet::from(ip)],
+                    ..NodeConfig::new(node)
+                };
+                let rs = vec![compile(&big, &guarded(&nodes[0], src_ip)), compile(&big, &guarded(&nodes[1], dst_ip))];
+                Config::new("(f) big ruleset, guard on", big_size(&rs), Some(render_both(&rs)), big_counted.clone())
             }
             _ => Config::new(
                 "(e) conntrack only",

@@ -1,14 +1,28 @@
 //! The compiler: cluster state → the nftables ruleset one node needs.
 //!
 //! ```text
-//!  forward, prio 0  egress_forward ─┐  ct established,related accept · ct invalid drop
-//!  input,   prio 0  egress_input   ─┴► ip saddr vmap @egress_dispatch_v4 (ip6 twin)
+//!  forward, prio 0  egress_forward ─┐  1 ct established,related accept
+//!  input,   prio 0  egress_input   ─┤  2 icmpv6 type 133-136 ip6 hoplimit 255 accept (ND)
+//!                                   │  3 guard (pod CIDRs only): ip saddr @pod_cidrs_v4
+//!                                   │      ip saddr != @local_pods_v4 counter drop (ip6 twin)
+//!                                   └► 4 ip saddr vmap @egress_dispatch_v4 (ip6 twin)
 //!                                         │ local isolated pod IP → jump pod_eg_<pod>
-//!  forward, prio 10 ingress_forward ──► ip daddr vmap @ingress_dispatch_v4 (ip6 twin)
+//!  forward, prio 10 ingress_forward ──► 1, 2, 3 on daddr, 4 ip daddr vmap @ingress_dispatch_v4
 //!                                         │ local isolated pod IP → jump pod_in_<pod>
-//!  pod_{eg,in}_<pod>: jump pol_{eg,in}_<policy> for each policy selecting it; counter drop
+//!  pod_{eg,in}_<pod>: ct state invalid drop; jump pol_{eg,in}_<policy> for each policy
+//!                     selecting it; counter drop
 //!  pol_{eg,in}_<policy>: one rule per (rule × peer kind × port kind), set lookups, accept
 //! ```
+//!
+//! Only isolated pods' packets and the guard's strangers are ever dropped: a node without
+//! policies (and without pod CIDRs) changes no verdict, `ct state invalid` included, so an
+//! SSH session or a kubelet connection conntrack picks up mid-stream is never cut. The
+//! unknown-pod guard (`NodeConfig::pod_cidrs` not empty) drops new flows from or to an
+//! address of the node's pod CIDRs that is no known local pod (`local_pods_*`, hash sets
+//! patched element by element; `pod_cidrs_*`, static interval sets): a pod the agent has
+//! not heard of yet, or whose deletion it has, fails closed. Two set lookups per new flow.
+//! Neighbour discovery passes first: it carries the pods' own addresses, conntrack does
+//! not track it, and without it an isolated IPv6 pod cannot even reach its gateway.
 //!
 //! An `accept` inside an egress chain ends only the priority-0 base chain: nftables still
 //! runs the priority-10 ingress base chain on the same hook, so both sides are checked.
@@ -32,8 +46,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use crate::model::{Cluster, Direction, IpBlock, NamespaceScope, Peer, Pod, PortMatch, Protocol, Rule as PolicyRule};
 use crate::nft::diff::{SetDelta, SetDeltas};
 use crate::nft::ir::{
-    AddrField, BaseChain, Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, Map, MapVerdict, Match,
-    Rule, Ruleset, Set, Value, Verdict,
+    AddrField, BaseChain, Chain, ChainPolicy, CtState, Element, Hook, ICMPV6_ND_TYPES, IpFamily, Key, KeyType, Map,
+    MapVerdict, Match, ND_HOP_LIMIT, Rule, Ruleset, Set, Value, Verdict,
 };
 use crate::nft::names;
 use crate::selector::{Operator, Selector};
@@ -43,12 +57,14 @@ use crate::selector::{Operator, Selector};
 pub struct NodeConfig {
     pub node: String,
     pub table: String,
-    /// This node's pod CIDRs (`--pod-cidr` and the Node's `spec.podCIDRs`).
-    pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// The node's pod CIDRs (its `spec.podCIDRs`, or the agent's `--pod-cidr`): an address
+    /// inside them that is no known local pod of this node is dropped both ways (the
+    /// unknown-pod guard). Empty: no guard.
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 impl NodeConfig {
-    /// `node`, with the default table name `netpol`.
+    /// `node`, with the default table name `netpol` and no pod CIDRs (no unknown-pod guard).
     pub fn new(node: impl Into<String>) -> Self {
         NodeConfig { node: node.into(), table: names::DEFAULT_TABLE.to_string(), pod_cidrs: Vec::new() }
     }
@@ -450,6 +466,27 @@ struct SetCache {
     selections_of: Option<crate::model::SharedList<crate::model::Policy>>,
     /// Compiles so far (the current one included): the clock of the cached sets' `last_used`.
     generation: u64,
+    /// The (v4, v6) sets of the local pods' addresses, when the unknown-pod guard is on.
+    local_pods: Option<CachedLocalPods>,
+}
+
+/// The addresses of a node's known local pods, by family: the unknown-pod guard's sets,
+/// patched element by element as pods come and go.
+#[derive(Debug)]
+struct CachedLocalPods {
+    node: String,
+    sets: [Arc<Set>; 2],
+}
+
+impl CachedLocalPods {
+    /// The addresses of family `family` that pod `i` of `cluster` brings to the set.
+    fn contribution(&self, cluster: &Cluster, i: usize, family: IpFamily) -> Vec<Element> {
+        let pod = &cluster.pods[i];
+        if !is_local(pod, &self.node) {
+            return Vec::new();
+        }
+        pod.ips.iter().filter(|ip| IpFamily::of(**ip) == family).map(|ip| Element::single(Value::Addr(*ip))).collect()
+    }
 }
 
 /// A shared object as a map key by its allocation: an unchanged object is the same
@@ -561,6 +598,7 @@ impl SetCache {
         self.peers.clear();
         self.named.clear();
         self.deltas.clear();
+        self.local_pods = None;
     }
 
     /// Brings every cached set up to date with `changes`, touching only the sets a changed
@@ -600,6 +638,18 @@ impl SetCache {
             if let Some((gone, added)) = changes.element_changes(&cached.set, |c, j| cached.contribution(c, j)) {
                 let delta = patch_set(&mut cached.set, name, gone, added, applied.as_deref_mut());
                 self.deltas.insert(name.clone(), delta);
+            }
+        }
+        // A pod that comes, goes, moves or changes address changes single elements of the
+        // guard's sets: never a rebuild of the node's whole list.
+        if let Some(cached) = &mut self.local_pods {
+            for (k, family) in FAMILIES.into_iter().enumerate() {
+                let contribution = |c: &Cluster, i: usize| cached.contribution(c, i, family);
+                if let Some((gone, added)) = changes.element_changes(&cached.sets[k], contribution) {
+                    let name = local_pods_set(family);
+                    let delta = patch_set(&mut cached.sets[k], name, gone, added, applied.as_deref_mut());
+                    self.deltas.insert(name.to_string(), delta);
+                }
             }
         }
     }
@@ -771,6 +821,7 @@ fn named_port_element((ip, proto, port): (IpAddr, u8, u16)) -> Element {
 
 struct Compiler<'a, 'c> {
     cluster: &'a Cluster,
+    config: &'a NodeConfig,
     cache: &'c mut SetCache,
     /// Sets still to be built from their namespaces' pods before a label index pays off.
     scans_left: usize,
@@ -810,6 +861,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
     fn new(cluster: &'a Cluster, config: &'a NodeConfig, cache: &'c mut SetCache) -> Self {
         Compiler {
             cluster,
+            config,
             cache,
             rs: Ruleset::new(config.table.clone()),
             peer_sets: HashMap::new(),
@@ -832,7 +884,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
 
     /// The node's ruleset, given its pods that policies may select (`local`, ascending).
     fn run(mut self, local: Vec<usize>) -> Ruleset {
-        self.base();
+        self.base(&local);
         let cluster = self.cluster;
         let mut selections = std::mem::take(&mut self.cache.selections);
         if !self.cache.selections_of.as_ref().is_some_and(|list| Arc::ptr_eq(list, &cluster.policies)) {
@@ -875,42 +927,59 @@ impl<'a, 'c> Compiler<'a, 'c> {
         self.rs
     }
 
-    /// Base chains and dispatch maps: always present, so the layout never depends on pods.
-    fn base(&mut self) {
+    /// Base chains and dispatch maps: always present, so the layout never depends on pods
+    /// (only on the node's pod CIDRs, which add the unknown-pod guard's sets and rules).
+    ///
+    /// Each base chain, in order: established and related flows pass (one conntrack
+    /// lookup, the path of almost every packet); neighbour discovery passes; the guard
+    /// drops addresses of the pod CIDRs that are no known local pod; the dispatch maps send
+    /// isolated pods' packets to their chains. `ct state invalid` is dropped only there
+    /// (first rule of a pod chain) and by the guard: a node without policies changes no
+    /// verdict, not even for the invalid packets of SSH or the kubelet.
+    fn base(&mut self, local: &[usize]) {
         for name in [names::EGRESS_DISPATCH_V4, names::INGRESS_DISPATCH_V4] {
             self.rs.maps.insert(name.into(), Map { key: vec![KeyType::Ipv4Addr], ..Map::default() });
         }
         for name in [names::EGRESS_DISPATCH_V6, names::INGRESS_DISPATCH_V6] {
             self.rs.maps.insert(name.into(), Map { key: vec![KeyType::Ipv6Addr], ..Map::default() });
         }
-        let ct = || {
-            vec![
-                Rule {
-                    matches: vec![Match::CtState(BTreeSet::from([CtState::Established, CtState::Related]))],
-                    verdict: Some(Verdict::Accept),
-                    ..Rule::default()
-                },
-                Rule {
-                    matches: vec![Match::CtState(BTreeSet::from([CtState::Invalid]))],
-                    verdict: Some(Verdict::Drop),
-                    ..Rule::default()
-                },
-            ]
+        let guarded = self.guard_sets(local);
+        let established = Rule {
+            matches: vec![Match::CtState(BTreeSet::from([CtState::Established, CtState::Related]))],
+            verdict: Some(Verdict::Accept),
+            ..Rule::default()
         };
-        let dispatch = |field: AddrField, v4: &str, v6: &str| {
-            [(IpFamily::V4, v4), (IpFamily::V6, v6)]
-                .into_iter()
-                .map(|(f, map)| Rule {
-                    verdict: Some(Verdict::Vmap { key: Key::Addr(f, field), map: map.into() }),
-                    ..Rule::default()
-                })
-                .collect::<Vec<_>>()
+        // RFC 4861: solicitations and advertisements carry the sender's own address and are
+        // not tracked, so without this an isolated pod's solicitation for its gateway meets
+        // its egress chain and dies, and with it every allowed flow of the pod. Hop limit
+        // 255: on-link only, nothing a router forwarded. (ARP is no IP packet: the inet
+        // hooks never see it.)
+        let neighbour_discovery = Rule {
+            matches: vec![Match::Icmpv6Type(ICMPV6_ND_TYPES.0, ICMPV6_ND_TYPES.1), Match::Ip6HopLimit(ND_HOP_LIMIT)],
+            verdict: Some(Verdict::Accept),
+            ..Rule::default()
         };
-        let egress = || {
-            let mut rules = ct();
-            rules.extend(dispatch(AddrField::Saddr, names::EGRESS_DISPATCH_V4, names::EGRESS_DISPATCH_V6));
+        let base_rules = |field: AddrField, v4: &str, v6: &str| {
+            let mut rules = vec![established.clone(), neighbour_discovery.clone()];
+            // Calico drops the traffic of workload endpoints it does not know: a new pod
+            // before the agent hears of it, a deleted pod's address, every pod while the
+            // agent is away, all fail closed.
+            rules.extend(guarded.iter().map(|&f| Rule {
+                matches: vec![
+                    Match::Lookup { key: Key::Addr(f, field), set: pod_cidrs_set(f).into(), negate: false },
+                    Match::Lookup { key: Key::Addr(f, field), set: local_pods_set(f).into(), negate: true },
+                ],
+                counter: true,
+                verdict: Some(Verdict::Drop),
+                comment: Some("no known pod of this node".into()),
+            }));
+            rules.extend([(IpFamily::V4, v4), (IpFamily::V6, v6)].into_iter().map(|(f, map)| Rule {
+                verdict: Some(Verdict::Vmap { key: Key::Addr(f, field), map: map.into() }),
+                ..Rule::default()
+            }));
             rules
         };
+        let egress = || base_rules(AddrField::Saddr, names::EGRESS_DISPATCH_V4, names::EGRESS_DISPATCH_V6);
         let base = |hook, priority| Some(BaseChain { hook, priority, policy: ChainPolicy::Accept });
         self.rs.chains.insert(
             names::EGRESS_FORWARD.into(),
@@ -928,8 +997,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 rules: egress(),
             }),
         );
-        let mut ingress = ct();
-        ingress.extend(dispatch(AddrField::Daddr, names::INGRESS_DISPATCH_V4, names::INGRESS_DISPATCH_V6));
+        let ingress = base_rules(AddrField::Daddr, names::INGRESS_DISPATCH_V4, names::INGRESS_DISPATCH_V6);
         self.rs.chains.insert(
             names::INGRESS_FORWARD.into(),
             Arc::new(Chain {
@@ -938,6 +1006,67 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 rules: ingress,
             }),
         );
+    }
+
+    /// The unknown-pod guard's sets, for each family the node has pod CIDRs of: the CIDRs
+    /// (an interval set, static) and the local pods' addresses (a hash set, from the cache
+    /// when an earlier compile built it: patched there, not rebuilt). Returns those families.
+    fn guard_sets(&mut self, local: &[usize]) -> Vec<IpFamily> {
+        let config = self.config;
+        if config.pod_cidrs.is_empty() {
+            return Vec::new();
+        }
+        let cluster = self.cluster;
+        let cached = match self.cache.local_pods.take().filter(|c| c.node == config.node) {
+            Some(cached) => cached,
+            None => {
+                let set = |family: IpFamily| {
+                    let elements = local
+                        .iter()
+                        .flat_map(|&i| &cluster.pods[i].ips)
+                        .filter(|ip| IpFamily::of(**ip) == family)
+                        .map(|ip| Element::single(Value::Addr(*ip)))
+                        .collect();
+                    Arc::new(Set {
+                        key: vec![family.addr_type()],
+                        comment: Some(format!("known {} pods of this node", family_word(family))),
+                        elements,
+                        ..Set::default()
+                    })
+                };
+                CachedLocalPods { node: config.node.clone(), sets: FAMILIES.map(set) }
+            }
+        };
+        let mut families = Vec::new();
+        for (k, family) in FAMILIES.into_iter().enumerate() {
+            let blocks: Vec<IpBlock> = config
+                .pod_cidrs
+                .iter()
+                .filter(|n| family_of_net(**n) == family)
+                .map(|n| IpBlock { cidr: n.trunc(), except: Vec::new() })
+                .collect();
+            if blocks.is_empty() {
+                continue;
+            }
+            // Overlapping CIDRs (a /16 and a /24 in it) are merged: interval elements of one
+            // set may not overlap.
+            let elements = block_ranges(&blocks.iter().collect::<Vec<_>>(), family)
+                .into_iter()
+                .flat_map(|(lo, hi)| range_to_prefixes(lo, hi, family))
+                .map(|net| Element::single(Value::Prefix(net)))
+                .collect();
+            let cidrs = Set {
+                key: vec![family.addr_type()],
+                interval: true,
+                comment: Some(format!("{} pod CIDRs of this node", family_word(family))),
+                elements,
+            };
+            self.rs.sets.insert(pod_cidrs_set(family).into(), Arc::new(cidrs));
+            self.rs.sets.insert(local_pods_set(family).into(), Arc::clone(&cached.sets[k]));
+            families.push(family);
+        }
+        self.cache.local_pods = Some(cached);
+        families
     }
 
     /// A local isolated pod's chain: its policies' chains, then drop; and its dispatch entries.
@@ -961,15 +1090,22 @@ impl<'a, 'c> Compiler<'a, 'c> {
             }
             None => {
                 let name = names::pod_chain(ingress, &pod.id.namespace, &pod.id.name);
-                let mut rules: Vec<Rule> = policies
-                    .iter()
-                    .map(|&pi| {
+                // Only isolated pods' packets get here (established and related ones were
+                // accepted before dispatch): a packet conntrack calls invalid (out of window,
+                // no connection to belong to) is no new connection a policy could allow.
+                let invalid = Rule {
+                    matches: vec![Match::CtState(BTreeSet::from([CtState::Invalid]))],
+                    verdict: Some(Verdict::Drop),
+                    ..Rule::default()
+                };
+                let mut rules: Vec<Rule> = std::iter::once(invalid)
+                    .chain(policies.iter().map(|&pi| {
                         let p = &cluster.policies[pi];
                         Rule {
                             verdict: Some(Verdict::Jump(names::policy_chain(ingress, &p.id.namespace, &p.id.name))),
                             ..Rule::default()
                         }
-                    })
+                    }))
                     .collect();
                 rules.push(Rule {
                     counter: true,
@@ -1476,6 +1612,20 @@ impl<'a, 'c> Compiler<'a, 'c> {
         });
         name
     }
+}
+
+/// The name of the unknown-pod guard's set of pod CIDRs of `family`.
+fn pod_cidrs_set(family: IpFamily) -> &'static str {
+    if family == IpFamily::V4 { names::POD_CIDRS_V4 } else { names::POD_CIDRS_V6 }
+}
+
+/// The name of the unknown-pod guard's set of local pod addresses of `family`.
+fn local_pods_set(family: IpFamily) -> &'static str {
+    if family == IpFamily::V4 { names::LOCAL_PODS_V4 } else { names::LOCAL_PODS_V6 }
+}
+
+fn family_word(family: IpFamily) -> &'static str {
+    if family == IpFamily::V4 { "IPv4" } else { "IPv6" }
 }
 
 fn family_of_net(n: IpNet) -> IpFamily {

@@ -20,7 +20,7 @@ use crate::evaluate::{Connection, Endpoint};
 use crate::matrix::{Family, Probe, cell_by_cell};
 use crate::model::Cluster;
 use crate::nft::interpret::{Fate, Interpreter, Packet, Step};
-use crate::nft::ir::{CtState, Hook, Ruleset};
+use crate::nft::ir::{Hook, Ruleset};
 
 /// Every node's ruleset (compiled once), ready to decide connections.
 pub struct Engine {
@@ -140,7 +140,7 @@ fn decide(
         }
         return true;
     }
-    let pkt = Packet { src, dst, proto: conn.protocol.number(), dport: conn.port, ct: CtState::New };
+    let pkt = Packet::new(src, dst, conn.protocol.number(), conn.port);
     if let Some(l) = lines.as_deref_mut() {
         l.push(format!("packet {pkt}"));
     }

@@ -17,7 +17,7 @@ use netpol::agent::{ClusterWatch, SyncLoop, SyncLoopConfig, SyncTarget, Trigger}
 use netpol::compile::{NodeConfig, compile};
 use netpol::nft::fake::FakeNftables;
 use netpol::nft::interpret::{Fate, Interpreter, Packet};
-use netpol::nft::ir::{CtState, Hook};
+use netpol::nft::ir::Hook;
 use netpol::nft::{NftError, Nftables, Transaction, render};
 use netpol::testkit::agent_process::{AgentLaunch, AgentProcess, NftRoute};
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
@@ -318,7 +318,7 @@ async fn a_policy_the_kernel_refuses_is_quarantined_fail_closed_and_the_rest_is_
 fn forwarded(w: &World, src: &str, dst: &str, port: u16) -> Fate {
     let nft = w.nft();
     let rs = nft.fake.ruleset(TABLE).expect("the table is programmed");
-    let pkt = Packet { src: src.parse().unwrap(), dst: dst.parse().unwrap(), proto: 6, dport: port, ct: CtState::New };
+    let pkt = Packet::new(src.parse().unwrap(), dst.parse().unwrap(), 6, port);
     Interpreter::new(rs).hook(Hook::Forward, &pkt)
 }
 

@@ -444,6 +444,21 @@ fn the_ruleset_command_prints_each_node_under_a_heading_and_rejects_a_bad_table_
 }
 
 #[test]
+fn the_ruleset_command_guards_the_pod_cidrs_it_is_given_and_rejects_a_bad_one() {
+    let args = ["ruleset", "--node", "node-1", "--pod-cidr", "10.244.1.0/24", "--pod-cidr", "fd00:1::/64", "-f"];
+    let o = netpol_check(repo(), &[&args[..], &[FOUNDING]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("elements = { 10.244.1.0/24 }") && text.contains("elements = { fd00:1::/64 }"), "{text}");
+    assert!(text.contains("ip saddr @pod_cidrs_v4 ip saddr != @local_pods_v4 counter drop"), "{text}");
+    let unguarded = stdout(&netpol_check(repo(), &["ruleset", "--node", "node-1", "-f", FOUNDING]));
+    assert!(!unguarded.contains("pod_cidrs"), "{unguarded}");
+    let bad = netpol_check(repo(), &["ruleset", "--pod-cidr", "10.244.1.0/33", "-f", FOUNDING]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("--pod-cidr"), "{}", stderr(&bad));
+}
+
+#[test]
 fn a_ruleset_trace_shows_the_chain_that_dropped_the_packet() {
     let o = netpol_check(
         repo(),

@@ -344,7 +344,7 @@ proptest! {
         let before = random_cluster(seed);
         let after = mutate(&before, &mut rng);
         for node in NODES {
-            let config = NodeConfig::new(node);
+            let config = config_for(node, seed);
             let (a, b) = (compile(&before, &config), compile(&after, &config));
             let mut fake = FakeNftables::new();
             fake.apply(&full_sync(&a)).map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -483,12 +483,12 @@ proptest! {
         let idle_per_pod = [1, 1_000, 0][(seed % 3) as usize];
         let mut compilers: Vec<IncrementalCompiler> = NODES
             .iter()
-            .map(|n| IncrementalCompiler::new(NodeConfig::new(*n)).keeping_idle_sets(idle_per_pod))
+            .map(|n| IncrementalCompiler::new(config_for(n, seed)).keeping_idle_sets(idle_per_pod))
             .collect();
         let mut previous: Vec<Option<netpol::nft::ir::Ruleset>> = vec![None; NODES.len()];
         for step in 0..12 {
             for ((node, compiler), previous) in NODES.iter().zip(&mut compilers).zip(&mut previous) {
-                let want = compile(&cluster, &NodeConfig::new(*node));
+                let want = compile(&cluster, &config_for(node, seed));
                 // Every other step as the agent compiles: against the ruleset it applied,
                 // whose patched sets the compiler changes in place (they become stand-ins
                 // there). Else without it (patched sets are copies).
@@ -1002,9 +1002,9 @@ fn netlink_batches_leave_the_kernel_exactly_as_nft_scripts_do() {
     let Some([by_nft, by_netlink]) = kernel_namespaces(["nl-nft", "nl-batch"]) else { return };
     let mut reference = RealNftables::in_netns(by_nft.0.clone());
     let mut netlink = NetlinkNftables::open(RealNftables::in_netns(by_netlink.0.clone())).unwrap();
-    let config = NodeConfig::new("node-1");
     let mut diffs = 0;
     for seed in 1..=25u64 {
+        let config = config_for("node-1", seed);
         let mut rng = Rng::new(seed.wrapping_mul(6151));
         let mut cluster = random_cluster(seed * 7_919);
         let mut applied = compile(&cluster, &config);
@@ -1082,7 +1082,7 @@ fn every_rule_the_compiler_makes_is_encoded_over_netlink_as_nft_encodes_it() {
     }
     for seed in 1..=20u64 {
         for node in NODES {
-            let rs = compile(&random_cluster(seed * 31_337), &NodeConfig::new(node));
+            let rs = compile(&random_cluster(seed * 31_337), &config_for(node, seed));
             assert_netlink_rules_match_nft(&format!("seed {seed} {node}"), &rs, &by_nft, &by_netlink);
         }
     }
@@ -1132,6 +1132,327 @@ fn a_batch_the_kernel_rejects_changes_nothing_and_names_the_op() {
     netlink.apply(&full_sync(&rs)).unwrap();
     assert_eq!(netlink.sent, (3, 1));
     eprintln!("{err}");
+}
+
+// --- the base chains: neighbour discovery, ct invalid, the unknown-pod guard -----------------
+
+use netpol::nft::interpret::{Fate, Interpreter, Packet};
+use netpol::nft::ir::{CtState, Hook};
+
+const HOOKS: [Hook; 3] = [Hook::Forward, Hook::Input, Hook::Output];
+const CT_STATES: [CtState; 4] = [CtState::New, CtState::Established, CtState::Related, CtState::Invalid];
+
+fn addr(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// `node`'s config with the unknown-pod guard on for `cidrs`.
+fn guarded(node: &str, cidrs: &[&str]) -> NodeConfig {
+    NodeConfig { pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(), ..NodeConfig::new(node) }
+}
+
+/// A node's config for random tests: every other seed with the unknown-pod guard on, over
+/// pod CIDRs of one family or both, overlapping ones among them (the random pods' addresses
+/// are `10.0.0.x` and `fd00::x` whatever their node, so remote pods are in them too).
+fn config_for(node: &str, seed: u64) -> NodeConfig {
+    match seed % 4 {
+        0 | 2 => NodeConfig::new(node),
+        1 => guarded(node, &["10.0.0.0/29", "fd00::/124"]),
+        _ => guarded(node, &["10.0.0.0/24", "10.0.0.0/28", "fd00::4/126"]),
+    }
+}
+
+/// Packets of every kind between `addresses`: TCP, UDP, SCTP, ICMPv6 (neighbour discovery
+/// with hop limit 255 and 64, echo), in every conntrack state.
+fn packets_between(addresses: &[IpAddr]) -> Vec<Packet> {
+    let mut out = Vec::new();
+    for &src in addresses {
+        for &dst in addresses.iter().filter(|d| d.is_ipv6() == src.is_ipv6()) {
+            let mut kinds =
+                vec![Packet::new(src, dst, 6, 80), Packet::new(src, dst, 17, 53), Packet::new(src, dst, 132, 9)];
+            if src.is_ipv6() {
+                for t in [128, 133, 134, 135, 136, 137] {
+                    kinds.extend([Packet::icmpv6(src, dst, t, 255), Packet::icmpv6(src, dst, t, 64)]);
+                }
+            }
+            for pkt in kinds {
+                out.extend(CT_STATES.map(|ct| pkt.with_ct(ct)));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_node_without_policies_changes_no_verdict_of_any_packet() {
+    for seed in 0..200u64 {
+        let mut cluster = random_cluster(seed);
+        Arc::make_mut(&mut cluster.policies).clear();
+        let mut addresses: Vec<IpAddr> = cluster.pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
+        addresses.extend([addr("192.0.2.7"), addr("2001:db8::7"), addr("fe80::1"), addr("ff02::1:ff00:1")]);
+        for node in NODES {
+            let rs = compile(&cluster, &NodeConfig::new(node));
+            let interpreter = Interpreter::new(&rs);
+            for pkt in packets_between(&addresses) {
+                for hook in HOOKS {
+                    assert_eq!(interpreter.hook(hook, &pkt), Fate::Accept, "seed {seed} {node} {hook:?}: {pkt}");
+                }
+            }
+        }
+    }
+}
+
+/// One IPv6 pod `fd00:10::5` on node-1 allowed egress TCP 8080 to `::/0` (the issue's case);
+/// `fd00:10::6` denied all ingress; `fd00:10::7` unisolated.
+fn neighbour_discovery_cluster() -> Cluster {
+    let pod = |name: &str, app: &str, ip: &str| app_pod(name, app, "node-1", ip);
+    let app =
+        |v: &str| Selector::new(vec![Requirement { key: "app".into(), operator: Operator::In([v.into()].into()) }]);
+    let to_anywhere = Peer::IpBlock(IpBlock { cidr: "::/0".parse().unwrap(), except: Vec::new() });
+    let egress = Policy {
+        quarantined: None,
+        id: ObjectRef::new("a", "egress-8080"),
+        pod_selector: app("client"),
+        ingress: None,
+        egress: Some(vec![Rule {
+            peers: Some(vec![to_anywhere]),
+            ports: Some(vec![PortSpec { protocol: Protocol::Tcp, port: PortMatch::Range(8080, 8080) }]),
+        }]),
+    };
+    let deny_ingress = Policy {
+        quarantined: None,
+        id: ObjectRef::new("a", "deny-ingress"),
+        pod_selector: app("server"),
+        ingress: Some(vec![]),
+        egress: None,
+    };
+    Cluster::new(
+        vec![Namespace { name: "a".into(), labels: Default::default() }],
+        vec![
+            pod("client", "client", "fd00:10::5"),
+            pod("server", "server", "fd00:10::6"),
+            pod("other", "other", "fd00:10::7"),
+        ],
+        vec![egress, deny_ingress],
+    )
+}
+
+#[test]
+fn isolated_pods_neighbour_discovery_passes_before_dispatch_and_nothing_else_does() {
+    let cluster = neighbour_discovery_cluster();
+    for config in [NodeConfig::new("node-1"), guarded("node-1", &["fd00:10::/64"])] {
+        let rs = compile(&cluster, &config);
+        let fate = |hook: Hook, pkt: Packet| Interpreter::new(&rs).hook(hook, &pkt);
+        let (client, server, other) = (addr("fd00:10::5"), addr("fd00:10::6"), addr("fd00:10::7"));
+        let (gateway, solicited) = (addr("fe80::1"), addr("ff02::1:ff00:1"));
+        // The egress-isolated pod solicits its gateway and answers the node's solicitations.
+        assert_eq!(fate(Hook::Input, Packet::icmpv6(client, solicited, 135, 255)), Fate::Accept);
+        assert_eq!(fate(Hook::Input, Packet::icmpv6(client, gateway, 136, 255)), Fate::Accept);
+        assert_eq!(fate(Hook::Input, Packet::icmpv6(client, solicited, 133, 255)), Fate::Accept);
+        // The ingress-isolated pod hears advertisements and solicitations of its link.
+        assert_eq!(fate(Hook::Forward, Packet::icmpv6(other, server, 136, 255)), Fate::Accept);
+        assert_eq!(fate(Hook::Forward, Packet::icmpv6(other, server, 134, 255)), Fate::Accept);
+        // Not on-link (a router decremented the hop limit), or not neighbour discovery: policy.
+        assert_eq!(fate(Hook::Input, Packet::icmpv6(client, gateway, 136, 64)), Fate::Drop);
+        assert_eq!(fate(Hook::Input, Packet::icmpv6(client, gateway, 128, 255)), Fate::Drop);
+        assert_eq!(fate(Hook::Forward, Packet::icmpv6(other, server, 137, 255)), Fate::Drop);
+        // And the allowed flow itself.
+        assert_eq!(fate(Hook::Input, Packet::new(client, addr("fd00:10::1"), 6, 8080)), Fate::Accept);
+        assert_eq!(fate(Hook::Input, Packet::new(client, addr("fd00:10::1"), 6, 8081)), Fate::Drop);
+    }
+}
+
+#[test]
+fn invalid_packets_of_isolated_pods_are_dropped_and_those_of_unisolated_pods_pass() {
+    let cluster = neighbour_discovery_cluster();
+    let rs = compile(&cluster, &NodeConfig::new("node-1"));
+    let interpreter = Interpreter::new(&rs);
+    let (client, server, other) = (addr("fd00:10::5"), addr("fd00:10::6"), addr("fd00:10::7"));
+    let invalid = |src, dst, port| Packet::new(src, dst, 6, port).with_ct(CtState::Invalid);
+    // Allowed as a new flow, but no connection an invalid packet could open.
+    assert_eq!(interpreter.hook(Hook::Forward, &invalid(client, other, 8080)), Fate::Drop);
+    assert_eq!(interpreter.hook(Hook::Forward, &Packet::new(client, other, 6, 8080)), Fate::Accept);
+    assert_eq!(interpreter.hook(Hook::Forward, &invalid(other, server, 80)), Fate::Drop);
+    assert_eq!(interpreter.hook(Hook::Forward, &invalid(other, other, 80)), Fate::Accept);
+    assert_eq!(interpreter.hook(Hook::Input, &invalid(other, addr("fd00:10::1"), 22)), Fate::Accept);
+}
+
+/// Node-1's pods: `a` (unisolated), `b` (ingress from `a` only), and a hostNetwork pod;
+/// node-2's `r`, outside node-1's pod CIDRs, and `q`, inside them (a stale or foreign pod).
+fn guard_cluster() -> Cluster {
+    let mut host = app_pod("host", "host", "node-1", "192.168.0.1");
+    host.host_network = true;
+    let b = Policy {
+        quarantined: None,
+        pod_selector: Selector::new(vec![Requirement {
+            key: "app".into(),
+            operator: Operator::In(["b".into()].into()),
+        }]),
+        ..allow_from("b-from-a", "a")
+    };
+    let mut a = app_pod("a", "a", "node-1", "10.244.1.2");
+    a.ips = [addr("10.244.1.2"), addr("fd00:1::2")].as_slice().try_into().unwrap();
+    Cluster::new(
+        vec![Namespace { name: "a".into(), labels: Default::default() }],
+        vec![
+            a,
+            app_pod("b", "b", "node-1", "10.244.1.3"),
+            host,
+            app_pod("q", "q", "node-2", "10.244.1.9"),
+            app_pod("r", "r", "node-2", "10.244.2.5"),
+        ],
+        vec![b],
+    )
+}
+
+#[test]
+fn the_guard_drops_addresses_of_the_pod_cidrs_that_are_no_local_pod_both_ways() {
+    let cluster = guard_cluster();
+    let rs = compile(&cluster, &guarded("node-1", &["10.244.1.0/24", "fd00:1::/64"]));
+    let interpreter = Interpreter::new(&rs);
+    let fate = |hook, src: &str, dst: &str| interpreter.hook(hook, &Packet::new(addr(src), addr(dst), 6, 80));
+    let (a, b, unknown, stale, remote, outside) =
+        ("10.244.1.2", "10.244.1.3", "10.244.1.99", "10.244.1.9", "10.244.2.5", "192.0.2.7");
+    // Known local pods, isolated or not, as today.
+    assert_eq!(fate(Hook::Forward, a, b), Fate::Accept);
+    assert_eq!(fate(Hook::Forward, b, a), Fate::Accept);
+    assert_eq!(fate(Hook::Forward, remote, b), Fate::Drop, "b admits only a");
+    assert_eq!(fate(Hook::Forward, a, remote), Fate::Accept);
+    assert_eq!(fate(Hook::Forward, outside, a), Fate::Accept);
+    assert_eq!(fate(Hook::Input, a, "192.168.0.1"), Fate::Accept);
+    // An address of the CIDRs that is no pod of this node (unknown, or a pod of another
+    // node), both ways, forwarded or to the node.
+    for stranger in [unknown, stale] {
+        assert_eq!(fate(Hook::Forward, stranger, a), Fate::Drop, "{stranger}");
+        assert_eq!(fate(Hook::Forward, a, stranger), Fate::Drop, "{stranger}");
+        assert_eq!(fate(Hook::Forward, outside, stranger), Fate::Drop, "{stranger}");
+        assert_eq!(fate(Hook::Input, stranger, "192.168.0.1"), Fate::Drop, "{stranger}");
+        // What the node sends is never hooked (kubelet probes), nor are its replies' answers.
+        assert_eq!(fate(Hook::Output, "192.168.0.1", stranger), Fate::Accept, "{stranger}");
+        let reply = Packet::new(addr(stranger), addr("192.168.0.1"), 6, 40000).with_ct(CtState::Established);
+        assert_eq!(interpreter.hook(Hook::Input, &reply), Fate::Accept, "{stranger}");
+        let invalid = Packet::new(addr(stranger), addr(a), 6, 80).with_ct(CtState::Invalid);
+        assert_eq!(interpreter.hook(Hook::Forward, &invalid), Fate::Drop, "{stranger}");
+    }
+    // IPv6 too, and only in the CIDRs.
+    let v6 = |src: &str, dst: &str| interpreter.hook(Hook::Forward, &Packet::new(addr(src), addr(dst), 6, 80));
+    assert_eq!(v6("fd00:1::2", "fd00:2::1"), Fate::Accept);
+    assert_eq!(v6("fd00:1::77", "fd00:1::2"), Fate::Drop);
+    assert_eq!(v6("fd00:1::2", "fd00:1::77"), Fate::Drop);
+    // Neighbour discovery of a pod the agent does not know yet still passes.
+    let ns = Packet::icmpv6(addr("fd00:1::77"), addr("ff02::1:ff00:1"), 135, 255);
+    assert_eq!(interpreter.hook(Hook::Input, &ns), Fate::Accept);
+}
+
+/// The ruleset without the guard's rules and sets.
+fn without_guard(rs: &netpol::nft::ir::Ruleset) -> netpol::nft::ir::Ruleset {
+    use netpol::nft::names;
+    let guard_sets = [names::POD_CIDRS_V4, names::POD_CIDRS_V6, names::LOCAL_PODS_V4, names::LOCAL_PODS_V6];
+    let mut out = rs.clone();
+    out.sets.retain(|name, _| !guard_sets.contains(&name.as_str()));
+    for chain in out.chains.values_mut() {
+        let looks_up_guard = |r: &netpol::nft::ir::Rule| {
+            r.matches
+                .iter()
+                .any(|m| matches!(m, netpol::nft::ir::Match::Lookup { set, .. } if guard_sets.contains(&set.as_str())))
+        };
+        if chain.rules.iter().any(looks_up_guard) {
+            Arc::make_mut(chain).rules.retain(|r| !looks_up_guard(r));
+        }
+    }
+    out
+}
+
+fn in_cidrs(cidrs: &[ipnet::IpNet], ip: IpAddr) -> bool {
+    cidrs.iter().any(|c| c.contains(&ip))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The guard adds its sets and one rule per family and base chain, nothing else; and it
+    /// turns into a drop exactly the verdicts of packets with an address of the CIDRs that
+    /// no local pod has (the source in every base chain, the destination in forward).
+    #[test]
+    fn the_guard_only_drops_packets_of_addresses_of_the_cidrs_that_no_local_pod_has(seed in any::<u64>()) {
+        let cluster = random_cluster(seed);
+        let config = config_for("node-1", seed | 1);
+        let mut addresses: Vec<IpAddr> = cluster.pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
+        addresses.extend([addr("10.0.0.200"), addr("10.0.0.3"), addr("192.0.2.7"), addr("fd00::5"), addr("fd00::99"), addr("2001:db8::7")]);
+        for node in NODES {
+            let config = NodeConfig { node: node.to_string(), ..config.clone() };
+            let (on, off) = (compile(&cluster, &config), compile(&cluster, &NodeConfig::new(node)));
+            prop_assert_eq!(without_guard(&on), off.clone(), "seed {}", seed);
+            let local: BTreeSet<IpAddr> = cluster
+                .pods
+                .iter()
+                .filter(|p| *p.node == *node && !p.host_network)
+                .flat_map(|p| p.ips.iter().copied())
+                .collect();
+            let stranger = |ip: IpAddr| in_cidrs(&config.pod_cidrs, ip) && !local.contains(&ip);
+            let (on, off) = (Interpreter::new(&on), Interpreter::new(&off));
+            for pkt in packets_between(&addresses) {
+                let nd = pkt.proto == 58 && (133..=136).contains(&pkt.icmpv6_type) && pkt.hop_limit == 255;
+                let new_flow = !matches!(pkt.ct, CtState::Established | CtState::Related) && !nd;
+                for hook in HOOKS {
+                    let guarded = new_flow
+                        && match hook {
+                            Hook::Forward => stranger(pkt.src) || stranger(pkt.dst),
+                            Hook::Input => stranger(pkt.src),
+                            _ => false,
+                        };
+                    let want = if guarded { Fate::Drop } else { off.hook(hook, &pkt) };
+                    prop_assert_eq!(on.hook(hook, &pkt), want, "seed {} {} {:?}: {}", seed, node, hook, pkt);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn without_pod_cidrs_no_guard_set_or_rule_is_made() {
+    for seed in 0..100u64 {
+        let cluster = random_cluster(seed);
+        for node in NODES {
+            let rs = compile(&cluster, &NodeConfig::new(node));
+            assert_eq!(without_guard(&rs), rs, "seed {seed} {node}");
+        }
+    }
+}
+
+#[test]
+fn a_local_pod_that_comes_or_goes_changes_one_element_of_the_guard_set_in_place() {
+    let config = guarded("node-1", &["10.244.1.0/24", "fd00:1::/64"]);
+    let cluster = guard_cluster();
+    let mut compiler = IncrementalCompiler::new(config.clone());
+    let mut applied = compiler.compile(&cluster);
+    let set_before = Arc::as_ptr(&applied.sets["local_pods_v4"]);
+    for (step, next) in
+        [with_pod(&cluster, app_pod("c", "c", "node-1", "10.244.1.4")), cluster.clone()].into_iter().enumerate()
+    {
+        let before = deep_copy(&applied);
+        let got = compiler.compile_after(&next, Some(&mut applied));
+        let known = compiler.take_set_deltas();
+        assert_eq!(got, compile(&next, &config), "step {step}");
+        let delta = &known["local_pods_v4"];
+        assert_eq!(delta.added.len() + delta.gone.len(), 1, "step {step}: one element moves");
+        assert_eq!(Arc::as_ptr(&got.sets["local_pods_v4"]), set_before, "step {step}: patched, not rebuilt");
+        assert!(!known.contains_key("local_pods_v6"), "step {step}: no IPv6 address changed");
+        let tx = diff_with(&applied, &got, &known);
+        assert_eq!(tx, diff(&before, &got), "step {step}");
+        let moved: usize =
+            tx.ops
+                .iter()
+                .map(|op| match op {
+                    netpol::nft::Op::AddSet { .. } => usize::MAX / 2,
+                    netpol::nft::Op::AddElements { elements, .. }
+                    | netpol::nft::Op::DeleteElements { elements, .. } => elements.len(),
+                    _ => 0,
+                })
+                .sum();
+        assert_eq!(moved, 1, "step {step}: one element added or deleted, no set built: {}", tx.render());
+        applied = got;
+    }
 }
 
 // --- golden files ---------------------------------------------------------------------------
@@ -1239,18 +1560,22 @@ fn the_json_rendering_loads_with_nft_json_in_a_throwaway_namespace() {
     for example in examples() {
         let sources = netpol::load::read_sources(std::slice::from_ref(&example)).unwrap();
         let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
-        let rs = compile(&cluster, &NodeConfig::new("node-1"));
-        let json = netpol::nft::json::to_string(&rs);
-        nft.run(&["-j", "-f", "-"], &json).unwrap_or_else(|e| panic!("{}: {e}\n{json}", example.display()));
-        // What the kernel holds now is what the text rendering describes.
-        let listed = nft.run(&["list", "table", "inet", "netpol"], "").unwrap();
-        let _ = nft.run(&["delete", "table", "inet", "netpol"], "");
-        nft.apply_text(&render::ruleset(&rs)).unwrap();
-        let listed_from_text = nft.run(&["list", "table", "inet", "netpol"], "").unwrap();
-        nft.run(&["delete", "table", "inet", "netpol"], "").unwrap();
-        // nft 1.0.6 reads no set/chain comments from JSON (and the crate's chains have none).
-        let strip =
-            |t: &str| t.lines().filter(|l| !l.trim_start().starts_with("comment \"")).collect::<Vec<_>>().join("\n");
-        assert_eq!(strip(&listed), strip(&listed_from_text), "{}", example.display());
+        // With the unknown-pod guard too (its sets, its rules' comments).
+        for config in [NodeConfig::new("node-1"), guarded("node-1", &["10.0.0.0/8", "10.1.0.0/16", "fd00::/8"])] {
+            let rs = compile(&cluster, &config);
+            let json = netpol::nft::json::to_string(&rs);
+            nft.run(&["-j", "-f", "-"], &json).unwrap_or_else(|e| panic!("{}: {e}\n{json}", example.display()));
+            // What the kernel holds now is what the text rendering describes.
+            let listed = nft.run(&["list", "table", "inet", "netpol"], "").unwrap();
+            let _ = nft.run(&["delete", "table", "inet", "netpol"], "");
+            nft.apply_text(&render::ruleset(&rs)).unwrap();
+            let listed_from_text = nft.run(&["list", "table", "inet", "netpol"], "").unwrap();
+            nft.run(&["delete", "table", "inet", "netpol"], "").unwrap();
+            // nft 1.0.6 reads no set/chain comments from JSON (and the crate's chains have none).
+            let strip = |t: &str| {
+                t.lines().filter(|l| !l.trim_start().starts_with("comment \"")).collect::<Vec<_>>().join("\n")
+            };
+            assert_eq!(strip(&listed), strip(&listed_from_text), "{}", example.display());
+        }
     }
 }

@@ -304,3 +304,185 @@ fn a_nine_pod_matrix_builds_and_probes_in_seconds() {
     assert!(facts.iter().all(|f| *f), "{} of {} failed", facts.iter().filter(|f| !**f).count(), facts.len());
     assert!(built < Duration::from_secs(5) && probed < Duration::from_secs(5));
 }
+
+// --- the data path under real traffic: neighbour discovery, ct invalid, the unknown-pod guard
+
+use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
+use netpol::model::{Cluster, IpBlock, Namespace, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule};
+use netpol::nft::Nftables as _;
+use netpol::nft::diff::{diff_with, full_sync};
+use netpol::nft::netlink::NetlinkNftables;
+use netpol::nft::real::RealNftables;
+use netpol::selector::Selector;
+
+/// A cluster pod of namespace `a` with these addresses.
+fn cluster_pod(name: &str, node: &str, ips: &[&str], host_network: bool) -> Pod {
+    let ips: Vec<IpAddr> = ips.iter().map(|s| ip(s)).collect();
+    Pod {
+        id: ObjectRef::new("a", name),
+        labels: netpol::model::Labels::from([("app".to_string(), name.to_string())]).into(),
+        node: node.into(),
+        ips: ips.as_slice().try_into().unwrap(),
+        host_network,
+        ports: Vec::new().into(),
+    }
+}
+
+fn cluster(pods: Vec<Pod>, policies: Vec<Policy>) -> Cluster {
+    Cluster::new(vec![Namespace { name: "a".into(), labels: Default::default() }], pods, policies)
+}
+
+/// The lab pod of a cluster pod, serving `serve`.
+fn lab_pod(pod: &Pod, serve: &[(u16, L4)]) -> LabPod {
+    LabPod {
+        name: pod.id.to_string(),
+        node: pod.node.to_string(),
+        ips: pod.ips.to_vec(),
+        serve: serve.to_vec(),
+        host_network: pod.host_network,
+    }
+}
+
+/// Allows the pods labelled `app: <app>` egress TCP `port` to anywhere (both families).
+fn egress_anywhere_on(app: &str, port: u16) -> Policy {
+    let anywhere =
+        ["0.0.0.0/0", "::/0"].map(|c| Peer::IpBlock(IpBlock { cidr: c.parse().unwrap(), except: Vec::new() }));
+    Policy {
+        quarantined: None,
+        id: ObjectRef::new("a", format!("{app}-egress-{port}")),
+        pod_selector: Selector::new(vec![netpol::selector::Requirement {
+            key: "app".into(),
+            operator: netpol::selector::Operator::In([app.to_string()].into()),
+        }]),
+        ingress: None,
+        egress: Some(vec![Rule {
+            peers: Some(anywhere.to_vec()),
+            ports: Some(vec![PortSpec { protocol: Protocol::Tcp, port: PortMatch::Range(port, port) }]),
+        }]),
+    }
+}
+
+#[test]
+fn an_egress_isolated_ipv6_pod_reaches_its_node_on_an_allowed_port_through_real_neighbour_discovery() {
+    if !lab_env_ok() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The case: pod fd00:10::5 on node-1, egress TCP 8080 to ::/0 allowed, the node
+    // serving 8080 on fd00:10::1 (a hostNetwork pod is the node), no static neighbours. IPv4
+    // beside it: ARP is no IP packet, the ruleset never sees it.
+    let client = cluster_pod("client", "node-1", &["10.10.0.5", "fd00:10::5"], false);
+    let the_node = cluster_pod("node", "node-1", &["10.10.0.1", "fd00:10::1"], true);
+    let c = cluster(vec![client.clone(), the_node.clone()], vec![egress_anywhere_on("client", 8080)]);
+    let ruleset = netpol::nft::render::ruleset(&compile(&c, &NodeConfig::new("node-1")));
+    let pods = [lab_pod(&client, &[]), lab_pod(&the_node, &[(8080, L4::Tcp), (8081, L4::Tcp)])];
+    let lab = Lab::build(&[node("node-1", &ruleset)], &pods).unwrap();
+    let probes = [
+        Probe::new(0, 1, 8080, L4::Tcp).v6(),
+        Probe::new(0, 1, 8080, L4::Tcp),
+        // Control: the policy is enforced all the same.
+        Probe::new(0, 1, 8081, L4::Tcp).v6(),
+    ];
+    let facts = lab.probe_all(&probes, Duration::from_secs(2)).unwrap();
+    let neighbours = Command::new("ip")
+        .args(["-n", &lab.pod_netns(0).unwrap(), "-6", "neigh", "show", "dev", lab::POD_IF])
+        .output()
+        .unwrap();
+    let neighbours = String::from_utf8_lossy(&neighbours.stdout).into_owned();
+    lab.teardown().unwrap();
+    assert_eq!(facts, [true, true, false], "the pod's IPv6 neighbours: {neighbours}");
+    assert!(neighbours.contains("fe80::1") && !neighbours.contains("PERMANENT"), "{neighbours}");
+}
+
+#[test]
+fn a_node_without_policies_keeps_a_connection_that_conntrack_calls_invalid() {
+    if !lab_env_ok() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let a = cluster_pod("a", "node-1", &["10.10.0.2"], false);
+    let b = cluster_pod("b", "node-1", &["10.10.0.3"], false);
+    let the_node = cluster_pod("node", "node-1", &["10.10.0.1"], true);
+    let c = cluster(vec![a.clone(), b.clone(), the_node.clone()], Vec::new());
+    let lab =
+        Lab::build(&[node("node-1", "")], &[lab_pod(&a, &[]), lab_pod(&b, &[]), lab_pod(&the_node, &[])]).unwrap();
+    // A connection older than the ruleset (an SSH session when the agent starts): conntrack
+    // meets it mid-stream. With `nf_conntrack_tcp_loose` 0 it tracks no such connection and
+    // every one of its packets is `ct state invalid`.
+    let server = lab.tcp_server(1, "10.10.0.3:7000".parse().unwrap()).unwrap();
+    let mut stream = lab
+        .in_pod(0, || {
+            use std::io::{Read as _, Write as _};
+            let mut s =
+                std::net::TcpStream::connect_timeout(&"10.10.0.3:7000".parse().unwrap(), Duration::from_secs(2))?;
+            s.write_all(b"x")?;
+            s.read_exact(&mut [0u8; 1])?;
+            Ok(s)
+        })
+        .unwrap();
+    lab.load_ruleset("node-1", &netpol::nft::render::ruleset(&compile(&c, &NodeConfig::new("node-1")))).unwrap();
+    lab.in_pod(2, || std::fs::write("/proc/sys/net/netfilter/nf_conntrack_tcp_loose", "0")).unwrap();
+    std::io::Write::write_all(&mut stream, &[7u8; 1000]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while server.received() < 1_001 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let received = server.received();
+    drop(stream);
+    server.stop().unwrap();
+    lab.teardown().unwrap();
+    assert_eq!(received, 1_001, "the connection's data after the ruleset was loaded got through");
+}
+
+#[test]
+fn the_unknown_pod_guard_cuts_off_a_stranger_of_the_pod_cidr_and_a_pod_once_its_deletion_is_seen() {
+    if !lab_env_ok() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // `a` and `b` are the cluster's pods of node-1, unisolated; `stranger` has an address
+    // of node-1's pod CIDRs but is no pod of the cluster (one the agent has not heard of).
+    let a = cluster_pod("a", "node-1", &["10.244.1.2", "fd00:1::2"], false);
+    let b = cluster_pod("b", "node-1", &["10.244.1.3", "fd00:1::3"], false);
+    let stranger = cluster_pod("stranger", "node-1", &["10.244.1.99", "fd00:1::99"], false);
+    let serve = [(80, L4::Tcp), (53, L4::Udp)];
+    let lab =
+        Lab::build(&[node("node-1", "")], &[lab_pod(&a, &serve), lab_pod(&b, &serve), lab_pod(&stranger, &serve)])
+            .unwrap();
+    let config = NodeConfig {
+        pod_cidrs: vec!["10.244.1.0/24".parse().unwrap(), "fd00:1::/64".parse().unwrap()],
+        ..NodeConfig::new("node-1")
+    };
+    // As the agent: incremental compiles, applied over netlink.
+    let netns = lab.node_netns("node-1").unwrap();
+    let mut kernel = NetlinkNftables::open(RealNftables::in_netns(netns)).unwrap();
+    let mut compiler = IncrementalCompiler::new(config);
+    let mut applied = compiler.compile(&cluster(vec![a.clone(), b.clone()], Vec::new()));
+    kernel.apply(&full_sync(&applied)).unwrap();
+    let both_ways = |x: usize, y: usize| {
+        let mut v = Vec::new();
+        for (from, to) in [(x, y), (y, x)] {
+            for (port, proto) in serve {
+                let p = Probe::new(from, to, port, proto);
+                v.extend([p, p.v6()]);
+            }
+        }
+        v
+    };
+    let timeout = Duration::from_millis(500);
+    let probe = |probes: &[Probe]| lab.probe_all(probes, timeout).unwrap();
+    let known = probe(&both_ways(0, 1));
+    let with_stranger = [probe(&both_ways(0, 2)), probe(&both_ways(1, 2))].concat();
+    // `b` is deleted: the compiler sees it, patches the local-pod sets, the kernel follows.
+    let next = compiler.compile_after(&cluster(vec![a.clone()], Vec::new()), Some(&mut applied));
+    let tx = diff_with(&applied, &next, &compiler.take_set_deltas());
+    kernel.apply(&tx).unwrap();
+    let after_deletion = probe(&both_ways(0, 1));
+    let still_a = probe(&[Probe::new(0, 0, 80, L4::Tcp), Probe::new(0, 0, 80, L4::Tcp).v6()]);
+    lab.teardown().unwrap();
+    assert!(known.iter().all(|&f| f), "known pods talk: {known:?}");
+    assert!(with_stranger.iter().all(|&f| !f), "the stranger reaches or is reached: {with_stranger:?}");
+    assert!(after_deletion.iter().all(|&f| !f), "the deleted pod kept access: {after_deletion:?}");
+    assert_eq!(still_a, [true, true]);
+    assert!(tx.render().contains("delete element inet netpol local_pods_v4 { 10.244.1.3 }"), "{}", tx.render());
+}

@@ -299,6 +299,10 @@ struct RulesetArgs {
     /// The nftables table name.
     #[arg(long, default_value = "netpol")]
     table: String,
+    /// A pod CIDR of the node (repeatable): its addresses that are no known local pod are
+    /// dropped both ways (the unknown-pod guard). None: no guard.
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pod_cidrs: Vec<ipnet::IpNet>,
     #[arg(short = 'o', long = "output", value_enum, default_value = "nft")]
     output: RulesetFormat,
 }
@@ -669,7 +673,7 @@ fn ruleset_cmd(a: RulesetArgs) -> Result<ExitCode> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut write = || -> std::io::Result<()> {
         for (k, node) in nodes.iter().enumerate() {
-            let config = NodeConfig { node: node.clone(), table: a.table.clone(), pod_cidrs: Vec::new() };
+            let config = NodeConfig { node: node.clone(), table: a.table.clone(), pod_cidrs: a.pod_cidrs.clone() };
             let ruleset = compile::compile(&cluster, &config);
             match a.output {
                 RulesetFormat::Nft => {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crate::model::{Pod, changed_items};
 use crate::nft::interpret::{Fate, Interpreter, Packet};
-use crate::nft::ir::{CtState, Hook, MapVerdict, Match, Ruleset};
+use crate::nft::ir::{Hook, MapVerdict, Match, Ruleset};
 use crate::nft::{Op, Transaction};
 
 use super::Flow;
@@ -133,7 +133,7 @@ pub fn first_packet(flow: &Flow) -> Option<Packet> {
     if !matches!(o.proto, 6 | 17 | 132) || o.src.is_ipv4() != r.src.is_ipv4() {
         return None;
     }
-    Some(Packet { src: o.src, dst: r.src, proto: o.proto, dport: r.sport, ct: CtState::New })
+    Some(Packet::new(o.src, r.src, o.proto, r.sport))
 }
 
 /// Would the ruleset behind `interp` drop the first packet of `flow` now?

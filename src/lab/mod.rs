@@ -21,9 +21,11 @@
 //!
 //! Each pod namespace has one `eth0` whose veth peer lives in its node's namespace. The
 //! pod's addresses are /32 and /128; its default routes go to `169.254.1.1` / `fe80::1`,
-//! which exist only as static neighbour entries pointing at the node side's MAC. Each node
-//! namespace forwards, routes every local pod address to that pod's veth (static neighbour
-//! again) and every remote pod address to the fabric, one extra namespace that routes
+//! which the node owns (`169.254.1.1` on its `lo`, `fe80::1` on every pod veth): the pod
+//! finds them by real ARP and neighbour discovery, and the node finds its pods the same way,
+//! as on a real node (so a ruleset that drops solicitations shows). Each node
+//! namespace forwards, routes every local pod address to that pod's veth and every remote
+//! pod address to the fabric, one extra namespace that routes
 //! each pod address to the node that owns it: a routed underlay, like a top-of-rack router.
 //!
 //! Why routed rather than bridged pods: with routing, *every* pod-to-pod packet crosses the
@@ -38,8 +40,11 @@
 //! to once a second; cross-node probes failed for ~1 s after every build. Veth-only paths
 //! are up at once. Interface indexes are chosen so no veth shares its peer's index (which
 //! would also make the link watcher lag), and `build` waits until every link is
-//! operationally up with its qdisc, so no first packet is lost to a half-ready veth. Static neighbours everywhere mean no ARP/ND at all: no first-packet
-//! delay, no proxy ARP, no DAD. A 9-pod, 3-node lab builds in well under 0.2 s.
+//! operationally up with its qdisc, so no first packet is lost to a half-ready veth. Between
+//! nodes and the fabric neighbours are static; between pods and their node ARP and ND are
+//! real (measured: no slower, the random three-engine kernel test ran in 13.3 s against
+//! 16.0 s with static entries, within the noise of a shared machine; DAD stays off). A 9-pod,
+//! 3-node lab builds in well under 0.2 s.
 //!
 //! # Safety of the host
 //!

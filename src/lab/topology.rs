@@ -10,10 +10,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// Prefix of every network namespace a lab creates; `cleanup_leftovers` looks only at these.
 pub const NETNS_PREFIX: &str = "npl-";
 
-/// The next hop every pod routes to (IPv4). It exists only as a static neighbour entry in
-/// the pod: the node side owns no address, like Calico's `169.254.1.1`.
+/// The next hop every pod routes to (IPv4), like Calico's `169.254.1.1`. The node owns it
+/// (on `lo`), so it answers every pod's ARP request for it on the pod's veth: real ARP,
+/// no static neighbour entry.
 pub const POD_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-/// The next hop every pod routes to (IPv6), a static neighbour entry as well.
+/// The next hop every pod routes to (IPv6): the node side of every pod veth carries this
+/// link-local address and answers the pod's neighbour solicitations for it (real ND).
 pub const POD_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// MAC address of every node-side pod veth (the same on all of them, as Calico does).
 pub const NODE_SIDE_MAC: &str = "ee:ee:ee:ee:ee:ee";
@@ -194,6 +196,9 @@ impl Plan {
             for gw in [IpAddr::V4(FABRIC_GW_V4), IpAddr::V6(FABRIC_GW_V6)] {
                 let _ = writeln!(s, "neigh add {gw} lladdr {} dev {FABRIC_IF} nud permanent", fabric_mac(i));
             }
+            if unique_ips.iter().any(|(_, pod, _)| pod.node == i && !pod.host_network) {
+                let _ = writeln!(s, "addr add {POD_GATEWAY_V4}/32 dev lo");
+            }
             for (j, pod, ips) in &unique_ips {
                 let j = *j;
                 if pod.node == i && pod.host_network {
@@ -214,9 +219,10 @@ impl Plan {
                         pod_mac(j)
                     );
                     let _ = writeln!(s, "link set {peer} up");
+                    let _ = writeln!(s, "addr add {POD_GATEWAY_V6}/64 dev {peer} nodad");
+                    // No neighbour entry: the node finds the pod by ARP and ND, as a real node.
                     for ip in ips {
                         let _ = writeln!(s, "route add {} dev {peer}", host_prefix(*ip));
-                        let _ = writeln!(s, "neigh add {ip} lladdr {} dev {peer} nud permanent", pod_mac(j));
                     }
                 } else {
                     for ip in ips {
@@ -240,9 +246,9 @@ impl Plan {
                 let nodad = if ip.is_ipv6() { " nodad" } else { "" };
                 let _ = writeln!(s, "addr add {} dev {POD_IF}{nodad}", host_prefix(*ip));
             }
-            let _ = writeln!(s, "neigh add {POD_GATEWAY_V4} lladdr {NODE_SIDE_MAC} dev {POD_IF} nud permanent");
+            // The gateways are found by ARP and ND (no neighbour entry): the pod's
+            // solicitations cross the node's `input` hook, where the ruleset must let them by.
             let _ = writeln!(s, "route add 0.0.0.0/0 via {POD_GATEWAY_V4} dev {POD_IF} onlink");
-            let _ = writeln!(s, "neigh add {POD_GATEWAY_V6} lladdr {NODE_SIDE_MAC} dev {POD_IF} nud permanent");
             let _ = writeln!(s, "route add ::/0 via {POD_GATEWAY_V6} dev {POD_IF}");
             ends.push((names.pod(j), s));
         }
@@ -344,6 +350,11 @@ mod tests {
             "link add p0 index 100 address ee:ee:ee:ee:ee:ee type veth peer name eth0 netns npl-1-a-p0 index 10 address 02:00:00:00:00:00\n"
         ));
         assert!(n0.contains("route add 10.0.0.1/32 dev p0\n"));
+        // Real neighbour discovery between pods and their node: the node owns the gateways.
+        assert!(n0.contains("addr add 169.254.1.1/32 dev lo\n"));
+        assert!(n0.contains("addr add fe80::1/64 dev p0 nodad\n"));
+        assert!(!n0.contains("dev p0 nud permanent"), "{n0}");
+        assert!(!plan.ends[0].1.contains("neigh add"), "{}", plan.ends[0].1);
         assert!(n0.contains("route add fd00::1/128 dev p0\n"));
         assert!(n0.contains("route add 10.0.1.1/32 via 169.254.100.254 dev fab0\n"));
         assert!(n0.contains("neigh add 169.254.100.254 lladdr 02:fb:00:00:00:00 dev fab0 nud permanent\n"));

@@ -219,12 +219,24 @@ fn add_rule(t: &mut Ruleset, chain: &str, rule: &Rule) -> R {
         return Err(format!("No such file or directory (chain {chain})"));
     }
     for m in &rule.matches {
-        if let Match::Lookup { key, set, .. } = m {
-            let s = t.sets.get(set).ok_or_else(|| format!("No such file or directory (set {set})"))?;
-            if s.key != key.key_types() {
-                return Err(format!("datatype mismatch: set {set} is not keyed by {}", render::key(*key)));
+        match m {
+            Match::Lookup { key, set, .. } => {
+                let s = t.sets.get(set).ok_or_else(|| format!("No such file or directory (set {set})"))?;
+                if s.key != key.key_types() {
+                    return Err(format!("datatype mismatch: set {set} is not keyed by {}", render::key(*key)));
+                }
             }
+            // nft: "Error: Range has zero or negative size".
+            Match::Icmpv6Type(lo, hi) if lo > hi => {
+                return Err(format!("Range has zero or negative size (icmpv6 type {lo}-{hi})"));
+            }
+            _ => {}
         }
+    }
+    // nft refuses a rule whose matches imply both families ("conflicting protocols").
+    let families: std::collections::BTreeSet<_> = rule.matches.iter().filter_map(|m| m.family()).collect();
+    if families.len() > 1 {
+        return Err("conflicting protocols specified: ip vs. ip6".to_string());
     }
     match &rule.verdict {
         Some(Verdict::Jump(c) | Verdict::Goto(c)) => check_target(&t.chains, c)?,
@@ -346,6 +358,24 @@ mod tests {
 
     fn tx(ops: Vec<Op>) -> Transaction {
         Transaction { table: "t".into(), ops }
+    }
+
+    #[test]
+    fn a_rule_mixing_families_or_with_an_empty_icmpv6_type_range_is_refused_as_nft_refuses_it() {
+        use crate::nft::ir::{AddrField, IpFamily, Key};
+        let mut f = FakeNftables::new();
+        let chain = || Op::AddChain { name: "c".into(), chain: Chain::default() };
+        let set = Set { key: vec![KeyType::Ipv4Addr], ..Set::default() };
+        let rule = |matches| Op::AddRule { chain: "c".into(), rule: Rule { matches, ..Rule::default() } };
+        let lookup = Match::Lookup { key: Key::Addr(IpFamily::V4, AddrField::Saddr), set: "s".into(), negate: false };
+        let mixed = rule(vec![lookup, Match::Ip6HopLimit(255)]);
+        let base = vec![Op::AddTable, chain(), Op::AddSet { name: "s".into(), set: Arc::new(set) }];
+        let err = f.apply(&tx([base.clone(), vec![mixed]].concat())).unwrap_err();
+        assert!(err.to_string().contains("conflicting protocols"), "{err}");
+        let err = f.apply(&tx([base.clone(), vec![rule(vec![Match::Icmpv6Type(136, 133)])]].concat())).unwrap_err();
+        assert!(err.to_string().contains("Range has zero or negative size"), "{err}");
+        let nd = rule(vec![Match::Icmpv6Type(133, 136), Match::Ip6HopLimit(255)]);
+        f.apply(&tx([base, vec![nd]].concat())).unwrap();
     }
 
     #[test]

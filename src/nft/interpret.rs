@@ -12,7 +12,8 @@
 //! ```
 //!
 //! An `ip …`/`ip6 …` match carries nft's implicit `meta nfproto` dependency: it never holds
-//! for a packet of the other family, negated or not.
+//! for a packet of the other family, negated or not. `icmpv6 type` and `ip6 hoplimit` hold
+//! only for IPv6 packets (the first for ICMPv6 ones), as nft's dependencies make them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -35,9 +36,29 @@ pub struct Packet {
     pub proto: u8,
     pub dport: u16,
     pub ct: CtState,
+    /// The ICMPv6 type of an ICMPv6 packet (`proto` 58); ignored for other protocols.
+    pub icmpv6_type: u8,
+    /// The IPv6 hop limit (ignored for IPv4).
+    pub hop_limit: u8,
 }
 
 impl Packet {
+    /// A packet of a new flow (`ct state new`), with a hop limit of 64 (Linux's default).
+    pub fn new(src: IpAddr, dst: IpAddr, proto: u8, dport: u16) -> Packet {
+        Packet { src, dst, proto, dport, ct: CtState::New, icmpv6_type: 0, hop_limit: 64 }
+    }
+
+    /// The same packet in another connection-tracking state.
+    pub fn with_ct(self, ct: CtState) -> Packet {
+        Packet { ct, ..self }
+    }
+
+    /// An ICMPv6 message of `icmpv6_type` with hop limit `hop_limit` (conntrack does not
+    /// track neighbour discovery: its state is whatever `ct` the caller gives).
+    pub fn icmpv6(src: IpAddr, dst: IpAddr, icmpv6_type: u8, hop_limit: u8) -> Packet {
+        Packet { src, dst, proto: 58, dport: 0, ct: CtState::New, icmpv6_type, hop_limit }
+    }
+
     pub fn family(&self) -> IpFamily {
         IpFamily::of(self.src)
     }
@@ -212,6 +233,10 @@ impl<'a> Interpreter<'a> {
         match m {
             Match::CtState(states) => states.contains(&pkt.ct),
             Match::NfProto(f) => pkt.family() == *f,
+            Match::Icmpv6Type(lo, hi) => {
+                pkt.family() == IpFamily::V6 && pkt.proto == 58 && (*lo..=*hi).contains(&pkt.icmpv6_type)
+            }
+            Match::Ip6HopLimit(n) => pkt.family() == IpFamily::V6 && pkt.hop_limit == *n,
             Match::Lookup { key, set, negate } => {
                 let Some(k) = key_of(*key, pkt) else {
                     return false;

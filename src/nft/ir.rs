@@ -263,7 +263,30 @@ pub enum Match {
     Lookup { key: Key, set: String, negate: bool },
     /// `meta nfproto ipv4|ipv6`
     NfProto(IpFamily),
+    /// `icmpv6 type <lo>-<hi>` (one type when equal): implies IPv6 and ICMPv6.
+    Icmpv6Type(u8, u8),
+    /// `ip6 hoplimit <n>`: implies IPv6.
+    Ip6HopLimit(u8),
 }
+
+impl Match {
+    /// The IP family the match implies, if any (nft's implicit `meta nfproto` dependency).
+    pub fn family(&self) -> Option<IpFamily> {
+        match self {
+            Match::Lookup { key, .. } => key.family(),
+            Match::NfProto(f) => Some(*f),
+            Match::Icmpv6Type(..) | Match::Ip6HopLimit(_) => Some(IpFamily::V6),
+            Match::CtState(_) => None,
+        }
+    }
+}
+
+/// ICMPv6 router solicitation (133), router advertisement (134), neighbour solicitation
+/// (135) and neighbour advertisement (136): neighbour discovery (RFC 4861).
+pub const ICMPV6_ND_TYPES: (u8, u8) = (133, 136);
+/// "The IP Hop Limit field has a value of 255, i.e., the packet could not possibly have
+/// been forwarded by a router" (RFC 4861 §7.1.1): what makes an ND message on-link.
+pub const ND_HOP_LIMIT: u8 = 255;
 
 /// The verdict a rule ends with.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -61,6 +61,13 @@ fn element(e: &Element) -> Expression<'static> {
     }
 }
 
+fn payload_field(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(expr::Payload::PayloadField(expr::PayloadField {
+        protocol: protocol.into(),
+        field: field.into(),
+    })))
+}
+
 fn key(k: Key) -> Expression<'static> {
     let addr = |f: super::ir::IpFamily, a: AddrField| {
         Expression::Named(NamedExpression::Payload(expr::Payload::PayloadField(expr::PayloadField {
@@ -109,6 +116,22 @@ fn statements(r: &Rule) -> Vec<Statement<'static>> {
             Match::NfProto(f) => Statement::Match(stmt::Match {
                 left: Expression::Named(NamedExpression::Meta(expr::Meta { key: expr::MetaKey::Nfproto })),
                 right: Expression::String(if f.keyword() == "ip" { "ipv4" } else { "ipv6" }.into()),
+                op: Operator::EQ,
+            }),
+            Match::Icmpv6Type(lo, hi) => Statement::Match(stmt::Match {
+                left: payload_field("icmpv6", "type"),
+                right: if lo == hi {
+                    Expression::Number(u32::from(*lo))
+                } else {
+                    Expression::Range(Box::new(expr::Range {
+                        range: [Expression::Number(u32::from(*lo)), Expression::Number(u32::from(*hi))],
+                    }))
+                },
+                op: Operator::EQ,
+            }),
+            Match::Ip6HopLimit(n) => Statement::Match(stmt::Match {
+                left: payload_field("ip6", "hoplimit"),
+                right: Expression::Number(u32::from(*n)),
                 op: Operator::EQ,
             }),
         });

@@ -25,6 +25,16 @@ pub const EGRESS_DISPATCH_V6: &str = "egress_dispatch_v6";
 pub const INGRESS_DISPATCH_V4: &str = "ingress_dispatch_v4";
 pub const INGRESS_DISPATCH_V6: &str = "ingress_dispatch_v6";
 
+/// Interval sets of the node's pod CIDRs (`NodeConfig::pod_cidrs`), one per family that has
+/// some: static, a handful of prefixes.
+pub const POD_CIDRS_V4: &str = "pod_cidrs_v4";
+pub const POD_CIDRS_V6: &str = "pod_cidrs_v6";
+/// Hash sets of the addresses of the node's known local pods (isolated or not), beside the
+/// pod CIDR sets: an address of the CIDRs outside them is no pod of this node (the
+/// unknown-pod guard). Pod churn changes single elements.
+pub const LOCAL_PODS_V4: &str = "local_pods_v4";
+pub const LOCAL_PODS_V6: &str = "local_pods_v6";
+
 /// Egress is decided first; its `accept` only ends the egress base chain, and the ingress
 /// base chain (a later priority on the same hook) still sees the packet.
 pub const EGRESS_PRIORITY: i32 = 0;
@@ -38,6 +48,10 @@ pub const FIXED: &[&str] = &[
     EGRESS_DISPATCH_V6,
     INGRESS_DISPATCH_V4,
     INGRESS_DISPATCH_V6,
+    POD_CIDRS_V4,
+    POD_CIDRS_V6,
+    LOCAL_PODS_V4,
+    LOCAL_PODS_V6,
 ];
 
 /// Generated-name prefixes.

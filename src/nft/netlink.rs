@@ -323,6 +323,9 @@ const PAYLOAD_NETWORK: u32 = 1;
 const PAYLOAD_TRANSPORT: u32 = 2;
 const CMP_EQ: u32 = 0;
 const CMP_NEQ: u32 = 1;
+const CMP_LTE: u32 = 3;
+const CMP_GTE: u32 = 5;
+const IPPROTO_ICMPV6: u8 = 58;
 
 fn nfproto(f: IpFamily) -> u8 {
     match f {
@@ -341,6 +344,16 @@ fn ct_state_bit(s: CtState) -> u32 {
     }
 }
 
+/// nft's implicit `meta nfproto` dependency of an `ip`/`ip6`/`icmpv6` match, unless the
+/// rule already tested the family.
+fn require_family(e: &mut Batch, f: IpFamily, family_known: &mut Option<IpFamily>) {
+    if *family_known != Some(f) {
+        e.meta(META_NFPROTO, 1);
+        e.cmp(CMP_EQ, 1, &[nfproto(f)]);
+        *family_known = Some(f);
+    }
+}
+
 /// Loads `key` of the packet into registers from the first one on, as nft does: an
 /// `ip`/`ip6` field needs the family (`meta nfproto`) unless the rule already tested it;
 /// concatenation fields go into consecutive 32-bit registers. `interval`: the set the key
@@ -348,11 +361,7 @@ fn ct_state_bit(s: CtState) -> u32 {
 /// `meta l4proto . th dport` key with a byteorder expression).
 fn load_key(e: &mut Batch, key: Key, family_known: &mut Option<IpFamily>, interval: bool) {
     let mut addr = |e: &mut Batch, f: IpFamily, field: super::ir::AddrField| -> u32 {
-        if *family_known != Some(f) {
-            e.meta(META_NFPROTO, 1);
-            e.cmp(CMP_EQ, 1, &[nfproto(f)]);
-            *family_known = Some(f);
-        }
+        require_family(e, f, family_known);
         let (len, offset) = match (f, field) {
             (IpFamily::V4, super::ir::AddrField::Saddr) => (4, 12),
             (IpFamily::V4, super::ir::AddrField::Daddr) => (4, 16),
@@ -645,6 +654,26 @@ fn encode_rule(
                 Match::Lookup { key, set, negate } => {
                     load_key(e, *key, &mut family_known, interval_of(set)?);
                     e.lookup(set, 1, None, *negate);
+                }
+                // nft: `meta nfproto ipv6` (unless known), `meta l4proto ipv6-icmp`, the type
+                // byte (transport header + 0), then `cmp eq` or a `cmp gte` / `cmp lte` pair.
+                Match::Icmpv6Type(lo, hi) => {
+                    require_family(e, IpFamily::V6, &mut family_known);
+                    e.meta(META_L4PROTO, 1);
+                    e.cmp(CMP_EQ, 1, &[IPPROTO_ICMPV6]);
+                    e.payload(PAYLOAD_TRANSPORT, 0, 1, 1);
+                    if lo == hi {
+                        e.cmp(CMP_EQ, 1, &[*lo]);
+                    } else {
+                        e.cmp(CMP_GTE, 1, &[*lo]);
+                        e.cmp(CMP_LTE, 1, &[*hi]);
+                    }
+                }
+                // The hop limit byte: network header + 7.
+                Match::Ip6HopLimit(n) => {
+                    require_family(e, IpFamily::V6, &mut family_known);
+                    e.payload(PAYLOAD_NETWORK, 7, 1, 1);
+                    e.cmp(CMP_EQ, 1, &[*n]);
                 }
             }
         }

@@ -32,6 +32,9 @@ pub fn match_expr(m: &Match) -> String {
             format!("{} {}@{set}", key(*k), if *negate { "!= " } else { "" })
         }
         Match::NfProto(f) => format!("meta nfproto {}", if f.keyword() == "ip" { "ipv4" } else { "ipv6" }),
+        Match::Icmpv6Type(lo, hi) if lo == hi => format!("icmpv6 type {lo}"),
+        Match::Icmpv6Type(lo, hi) => format!("icmpv6 type {lo}-{hi}"),
+        Match::Ip6HopLimit(n) => format!("ip6 hoplimit {n}"),
     }
 }
 
