@@ -1149,6 +1149,9 @@ fn chaos_of_kills_api_faults_foreign_flushes_and_ip_reuse_under_traffic_never_er
                         .unwrap();
                     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
                     push(expect_now(api));
+                    // Nothing else happens for a while: only the agent's own watch on its
+                    // table can put it back in time.
+                    std::thread::sleep(CHAOS_GRACE + Duration::from_millis(300));
                 }
                 3 | 4 => {
                     let slot = dice.below(GAP_SLOTS.len() as u64) as usize;
