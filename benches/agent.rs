@@ -70,6 +70,11 @@ struct Args {
     /// Passed to the agent as --debounce (its default when absent).
     #[arg(long)]
     debounce: Option<String>,
+    /// The node's pod CIDR, passed to the agent as --pod-cidr (repeatable): the unknown-pod
+    /// guard is on, and a new local pod's address must reach the guard's set before its
+    /// traffic passes (the generated pods live in 10.0.0.0/8).
+    #[arg(long)]
+    pod_cidr: Vec<ipnet::IpNet>,
     /// Extra environment for the agent (NAME=VALUE), e.g. MALLOC_ARENA_MAX=1.
     #[arg(long)]
     agent_env: Vec<String>,
@@ -600,6 +605,9 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     if let Some(d) = &args.debounce {
         launch.extra_args = vec!["--debounce".into(), d.clone()];
     }
+    for cidr in &args.pod_cidr {
+        launch.extra_args.extend(["--pod-cidr".to_string(), cidr.to_string()]);
+    }
     for kv in &args.agent_env {
         let (k, v) = kv.split_once('=').ok_or_else(|| format!("--agent-env {kv}: expected NAME=VALUE"))?;
         launch.env.push((k.into(), v.into()));
@@ -737,7 +745,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     // ---- ground truth: which events changed their pod's set memberships on the agent's node
     // when they happened (the churn replayed through the compiler, event by event; an event
     // can also change nothing then and matter later, when another event creates a set whole)
-    let config = NodeConfig { node: NODE.into(), table: TABLE.into(), pod_cidrs: Vec::new() };
+    let config = NodeConfig { node: NODE.into(), table: TABLE.into(), pod_cidrs: args.pod_cidr.clone() };
     let local_pods_at_end = mirror.values().filter(|p| p.node == NODE).count();
     let final_cluster =
         Cluster::new(base.namespaces.values().cloned().collect(), mirror.into_values(), base.policies.iter().cloned());

@@ -289,6 +289,34 @@ async fn until(w: &World, what: &str, holds: impl Fn(&World) -> bool) {
     }
 }
 
+/// A pod that fails conversion takes no part: its address is no known pod, so with the
+/// node's pod CIDRs the unknown-pod guard cuts it off both ways. Without them it stays open,
+/// as every pod the agent does not know (the warning, `netpol_skipped_objects` and
+/// `netpol_unknown_pod_guard_enabled 0` say so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_pod_that_fails_conversion_is_cut_off_by_the_unknown_pod_guard() {
+    let mut w = World::new().await;
+    w.seed();
+    // A label value the API server would never have stored.
+    w.pod(pod("shop", "broken", NODE, "192.0.2.9", &[("segment", "not a label value!")]));
+    let mut snapshot = w.snapshot();
+    assert_eq!(snapshot.skipped_objects, 1);
+    let fate = |snapshot: &netpol::agent::Snapshot, src: &str, dst: &str| {
+        let mut target = NftTarget::new(FakeNftables::new(), NODE, TABLE);
+        target.sync(snapshot, true).unwrap();
+        let pkt = Packet::new(src.parse().unwrap(), dst.parse().unwrap(), 6, 80);
+        Interpreter::new(target.last_applied().unwrap()).hook(Hook::Forward, &pkt)
+    };
+    assert_eq!(fate(&snapshot, "192.0.2.9", "192.0.2.1"), Fate::Accept, "no pod CIDRs: open, as any unknown pod");
+
+    // This node's pods: web-1 (.1), db-1 (.3) and the broken one (.9); web-2 (.2) is elsewhere.
+    snapshot.pod_cidrs = ["192.0.2.0/31", "192.0.2.3/32", "192.0.2.8/30"].map(|c| c.parse().unwrap()).to_vec();
+    assert_eq!(fate(&snapshot, "192.0.2.9", "192.0.2.1"), Fate::Drop, "from the broken pod");
+    assert_eq!(fate(&snapshot, "192.0.2.1", "192.0.2.9"), Fate::Drop, "to the broken pod");
+    assert_eq!(fate(&snapshot, "192.0.2.3", "192.0.2.1"), Fate::Accept, "known local pods are untouched");
+    assert_eq!(fate(&snapshot, "198.51.100.7", "192.0.2.1"), Fate::Accept, "and so is the outside");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_the_kernel_refuses_is_quarantined_fail_closed_and_the_rest_is_enforced() {
     let mut w = World::new().await;
