@@ -464,6 +464,30 @@ impl Drop for Netns {
     }
 }
 
+/// Where a test runs the real binary: a throwaway netns, a table named for the test
+/// process, a work dir with a kubeconfig for the world's apiserver.
+struct BinaryPlace {
+    netns: Netns,
+    table: String,
+    dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl BinaryPlace {
+    fn new(w: &World, tag: &str) -> BinaryPlace {
+        let pid = std::process::id();
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, w.server.kubeconfig_yaml()).unwrap();
+        BinaryPlace {
+            netns: Netns::new(format!("npl-{tag}-{pid}")),
+            table: format!("netpol_{tag}_{pid}"),
+            dir,
+            kubeconfig,
+        }
+    }
+}
+
 /// The agent process, killed on drop if still running.
 /// How long the agent may take to stop on SIGTERM.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
@@ -479,12 +503,7 @@ async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_
     }
     let mut w = World::new().await;
     w.seed();
-    let pid = std::process::id();
-    let netns = Netns::new(format!("npl-agent-{pid}"));
-    let table = format!("netpol_test_{pid}");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, w.server.kubeconfig_yaml()).unwrap();
+    let BinaryPlace { netns, table, dir, kubeconfig } = BinaryPlace::new(&w, "test");
     let launch = |extra: &[&str]| {
         let mut l = AgentLaunch::new(
             env!("CARGO_BIN_EXE_netpol-agent"),
@@ -545,12 +564,7 @@ async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_comm
     const FOREIGN: &str = "another program changed the table";
     let mut w = World::new().await;
     w.seed();
-    let pid = std::process::id();
-    let netns = Netns::new(format!("npl-foreign-{pid}"));
-    let table = format!("netpol_foreign_{pid}");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, w.server.kubeconfig_yaml()).unwrap();
+    let BinaryPlace { netns, table, dir, kubeconfig } = BinaryPlace::new(&w, "foreign");
     let mut launch = AgentLaunch::new(
         env!("CARGO_BIN_EXE_netpol-agent"),
         NODE,

@@ -230,6 +230,19 @@ fn endpoint(cluster: &Cluster, slot: &Slot) -> Endpoint {
     cluster.pod_by_ip(ip).map_or(Endpoint::Ip(ip), Endpoint::Pod)
 }
 
+/// The verdict per cell: the evaluator's, and with the unknown-pod guard on (`guarded`),
+/// denied wherever one end is a slot no API pod owns (its node's guard drops it).
+fn expected_guarded(cluster: &Cluster, slots: &[Slot], cells: &[Cell], guarded: bool) -> Vec<bool> {
+    let mut want = expected(cluster, slots, cells);
+    if guarded {
+        let unknown = |i: usize| matches!(endpoint(cluster, &slots[i]), Endpoint::Ip(_));
+        for (w, c) in want.iter_mut().zip(cells) {
+            *w &= !(unknown(c.from) || unknown(c.to));
+        }
+    }
+    want
+}
+
 /// The evaluator's verdict per cell: pod-to-pod cells from `matrix::Index` (the engine
 /// `netpol-check matrix` uses), cells with a non-pod end from `evaluate::evaluate`.
 fn expected(cluster: &Cluster, slots: &[Slot], cells: &[Cell]) -> Vec<bool> {
@@ -440,17 +453,8 @@ impl Scene {
         }
     }
 
-    /// The verdict per cell: the evaluator's, and with the unknown-pod guard on, denied
-    /// wherever one end is a slot no API pod owns (its node's guard drops it).
     fn expected(&self, cluster: &Cluster) -> Vec<bool> {
-        let mut want = expected(cluster, &self.slots, &self.cells);
-        if !self.pod_cidrs.is_empty() {
-            let unknown = |i: usize| matches!(endpoint(cluster, &self.slots[i]), Endpoint::Ip(_));
-            for (w, c) in want.iter_mut().zip(&self.cells) {
-                *w &= !(unknown(c.from) || unknown(c.to));
-            }
-        }
-        want
+        expected_guarded(cluster, &self.slots, &self.cells, !self.pod_cidrs.is_empty())
     }
 
     fn compile_all(&self, cluster: &Cluster) -> Vec<Ruleset> {
@@ -1062,17 +1066,8 @@ fn chaos_of_kills_api_faults_foreign_flushes_and_ip_reuse_under_traffic_never_er
     let stop = AtomicBool::new(false);
     let mut actions: BTreeMap<&str, u32> = BTreeMap::new();
     let Scene { fleet, lab, api, nodes, cells, .. } = &mut scene;
-    let scene_view = (GAP_SLOTS, cells.clone(), cidrs.clone());
-    let expect_now = |api: &Api| {
-        let cluster = applied_cluster(api);
-        let (slots, cells, _) = &scene_view;
-        let mut want = expected(&cluster, slots, cells);
-        let unknown = |i: usize| matches!(endpoint(&cluster, &slots[i]), Endpoint::Ip(_));
-        for (w, c) in want.iter_mut().zip(cells.iter()) {
-            *w &= !(unknown(c.from) || unknown(c.to));
-        }
-        want
-    };
+    let all_cells = cells.clone();
+    let expect_now = |api: &Api| expected_guarded(&applied_cluster(api), &GAP_SLOTS, &all_cells, true);
     let push = |want: Vec<bool>| expectations.lock().unwrap().history.push((Instant::now(), want));
     let mut names = 0u32;
     let mut owners: Vec<Option<(String, String)>> = vec![
