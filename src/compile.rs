@@ -1098,7 +1098,14 @@ impl<'a, 'c> Compiler<'a, 'c> {
                     verdict: Some(Verdict::Drop),
                     ..Rule::default()
                 };
-                let mut rules: Vec<Rule> = std::iter::once(invalid)
+                // Nor is a TCP segment other than a bare SYN: with the kernel's default
+                // nf_conntrack_tcp_loose=1 conntrack starts an entry for a mid-stream segment
+                // it has none for, and a connection whose entry the agent deleted (a change
+                // denied it) would come back as a "new" one from whichever side sends first.
+                let opens_nothing =
+                    Rule { matches: vec![Match::TcpNotSyn], verdict: Some(Verdict::Drop), ..Rule::default() };
+                let mut rules: Vec<Rule> = [invalid, opens_nothing]
+                    .into_iter()
                     .chain(policies.iter().map(|&pi| {
                         let p = &cluster.policies[pi];
                         Rule {

@@ -1277,6 +1277,27 @@ fn invalid_packets_of_isolated_pods_are_dropped_and_those_of_unisolated_pods_pas
     assert_eq!(interpreter.hook(Hook::Input, &invalid(other, addr("fd00:10::1"), 22)), Fate::Accept);
 }
 
+/// A TCP segment that is not a bare SYN opens no connection: one that reaches an isolated
+/// pod's chain as new (conntrack's loose pickup of a flow whose entry is gone, such as one a
+/// change ended) is dropped; SYNs, established segments and unisolated pods are untouched.
+#[test]
+fn a_new_tcp_segment_other_than_a_syn_is_dropped_for_isolated_pods_only() {
+    let cluster = neighbour_discovery_cluster();
+    let rs = compile(&cluster, &NodeConfig::new("node-1"));
+    let interpreter = Interpreter::new(&rs);
+    let (client, server, other) = (addr("fd00:10::5"), addr("fd00:10::6"), addr("fd00:10::7"));
+    const ACK: u8 = 0x10;
+    let mid_stream = |src, dst, port| Packet::new(src, dst, 6, port).with_tcp_flags(ACK);
+    assert_eq!(interpreter.hook(Hook::Forward, &Packet::new(client, other, 6, 8080)), Fate::Accept, "a SYN");
+    assert_eq!(interpreter.hook(Hook::Forward, &mid_stream(client, other, 8080)), Fate::Drop, "egress-isolated");
+    assert_eq!(interpreter.hook(Hook::Forward, &mid_stream(other, server, 80)), Fate::Drop, "ingress-isolated");
+    let established = mid_stream(client, other, 8080).with_ct(CtState::Established);
+    assert_eq!(interpreter.hook(Hook::Forward, &established), Fate::Accept);
+    assert_eq!(interpreter.hook(Hook::Forward, &mid_stream(other, other, 80)), Fate::Accept, "unisolated");
+    let syn_ecn = Packet::new(client, other, 6, 8080).with_tcp_flags(0x02 | 0x40 | 0x80);
+    assert_eq!(interpreter.hook(Hook::Forward, &syn_ecn), Fate::Accept, "a SYN with ECE and CWR");
+}
+
 /// Node-1's pods: `a` (unisolated), `b` (ingress from `a` only), and a hostNetwork pod;
 /// node-2's `r`, outside node-1's pod CIDRs, and `q`, inside them (a stale or foreign pod).
 fn guard_cluster() -> Cluster {

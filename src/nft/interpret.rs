@@ -40,12 +40,25 @@ pub struct Packet {
     pub icmpv6_type: u8,
     /// The IPv6 hop limit (ignored for IPv4).
     pub hop_limit: u8,
+    /// The TCP flags byte of a TCP segment (`proto` 6); ignored for other protocols.
+    pub tcp_flags: u8,
 }
 
+/// The TCP flags of a connection's first segment: SYN alone.
+pub const TCP_SYN: u8 = 0x02;
+/// fin | syn | rst | ack: the flags `tcp flags & (...) != syn` looks at.
+const TCP_OPENING_MASK: u8 = 0x17;
+
 impl Packet {
-    /// A packet of a new flow (`ct state new`), with a hop limit of 64 (Linux's default).
+    /// The first packet of a new flow (`ct state new`; for TCP a SYN), with a hop limit of
+    /// 64 (Linux's default).
     pub fn new(src: IpAddr, dst: IpAddr, proto: u8, dport: u16) -> Packet {
-        Packet { src, dst, proto, dport, ct: CtState::New, icmpv6_type: 0, hop_limit: 64 }
+        Packet { src, dst, proto, dport, ct: CtState::New, icmpv6_type: 0, hop_limit: 64, tcp_flags: TCP_SYN }
+    }
+
+    /// The same packet with these TCP flags.
+    pub fn with_tcp_flags(self, tcp_flags: u8) -> Packet {
+        Packet { tcp_flags, ..self }
     }
 
     /// The same packet in another connection-tracking state.
@@ -56,7 +69,7 @@ impl Packet {
     /// An ICMPv6 message of `icmpv6_type` with hop limit `hop_limit` (conntrack does not
     /// track neighbour discovery: its state is whatever `ct` the caller gives).
     pub fn icmpv6(src: IpAddr, dst: IpAddr, icmpv6_type: u8, hop_limit: u8) -> Packet {
-        Packet { src, dst, proto: 58, dport: 0, ct: CtState::New, icmpv6_type, hop_limit }
+        Packet { src, dst, proto: 58, dport: 0, ct: CtState::New, icmpv6_type, hop_limit, tcp_flags: 0 }
     }
 
     pub fn family(&self) -> IpFamily {
@@ -237,6 +250,7 @@ impl<'a> Interpreter<'a> {
                 pkt.family() == IpFamily::V6 && pkt.proto == 58 && (*lo..=*hi).contains(&pkt.icmpv6_type)
             }
             Match::Ip6HopLimit(n) => pkt.family() == IpFamily::V6 && pkt.hop_limit == *n,
+            Match::TcpNotSyn => pkt.proto == 6 && pkt.tcp_flags & TCP_OPENING_MASK != TCP_SYN,
             Match::Lookup { key, set, negate } => {
                 let Some(k) = key_of(*key, pkt) else {
                     return false;

@@ -267,6 +267,9 @@ pub enum Match {
     Icmpv6Type(u8, u8),
     /// `ip6 hoplimit <n>`: implies IPv6.
     Ip6HopLimit(u8),
+    /// `tcp flags & (fin | syn | rst | ack) != syn`: a TCP segment that is not a bare SYN,
+    /// so it opens no connection (implies TCP).
+    TcpNotSyn,
 }
 
 impl Match {
@@ -276,7 +279,7 @@ impl Match {
             Match::Lookup { key, .. } => key.family(),
             Match::NfProto(f) => Some(*f),
             Match::Icmpv6Type(..) | Match::Ip6HopLimit(_) => Some(IpFamily::V6),
-            Match::CtState(_) => None,
+            Match::CtState(_) | Match::TcpNotSyn => None,
         }
     }
 }

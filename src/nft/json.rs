@@ -134,6 +134,16 @@ fn statements(r: &Rule) -> Vec<Statement<'static>> {
                 right: Expression::Number(u32::from(*n)),
                 op: Operator::EQ,
             }),
+            Match::TcpNotSyn => Statement::Match(stmt::Match {
+                left: Expression::BinaryOperation(Box::new(expr::BinaryOperation::AND(
+                    payload_field("tcp", "flags"),
+                    Expression::List(
+                        ["fin", "syn", "rst", "ack"].into_iter().map(|f| Expression::String(f.into())).collect(),
+                    ),
+                ))),
+                right: Expression::String("syn".into()),
+                op: Operator::NEQ,
+            }),
         });
     }
     if r.counter {

@@ -326,6 +326,12 @@ const CMP_NEQ: u32 = 1;
 const CMP_LTE: u32 = 3;
 const CMP_GTE: u32 = 5;
 const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_TCP: u8 = 6;
+/// TCP header flag bits (the byte at offset 13).
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 fn nfproto(f: IpFamily) -> u8 {
     match f {
@@ -674,6 +680,21 @@ fn encode_rule(
                     require_family(e, IpFamily::V6, &mut family_known);
                     e.payload(PAYLOAD_NETWORK, 7, 1, 1);
                     e.cmp(CMP_EQ, 1, &[*n]);
+                }
+                // nft: `meta l4proto tcp`, the flags byte (transport header + 13) masked with
+                // fin|syn|rst|ack (0x17), `cmp neq` syn (0x02).
+                Match::TcpNotSyn => {
+                    e.meta(META_L4PROTO, 1);
+                    e.cmp(CMP_EQ, 1, &[IPPROTO_TCP]);
+                    e.payload(PAYLOAD_TRANSPORT, 13, 1, 1);
+                    e.expr("bitwise", |b| {
+                        b.u32(1, 1);
+                        b.u32(2, 1);
+                        b.u32(3, 1);
+                        b.data_value(4, &[TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK]);
+                        b.data_value(5, &[0]);
+                    });
+                    e.cmp(CMP_NEQ, 1, &[TCP_SYN]);
                 }
             }
         }

@@ -35,6 +35,7 @@ pub fn match_expr(m: &Match) -> String {
         Match::Icmpv6Type(lo, hi) if lo == hi => format!("icmpv6 type {lo}"),
         Match::Icmpv6Type(lo, hi) => format!("icmpv6 type {lo}-{hi}"),
         Match::Ip6HopLimit(n) => format!("ip6 hoplimit {n}"),
+        Match::TcpNotSyn => "tcp flags & (fin | syn | rst | ack) != syn".into(),
     }
 }
 
