@@ -75,6 +75,10 @@ struct Args {
     /// traffic passes (the generated pods live in 10.0.0.0/8).
     #[arg(long)]
     pod_cidr: Vec<ipnet::IpNet>,
+    /// Extra command-line arguments for the agent (repeatable), e.g.
+    /// `--agent-arg=--conntrack-cleanup=false`.
+    #[arg(long, allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
     /// Extra environment for the agent (NAME=VALUE), e.g. MALLOC_ARENA_MAX=1.
     #[arg(long)]
     agent_env: Vec<String>,
@@ -608,6 +612,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     for cidr in &args.pod_cidr {
         launch.extra_args.extend(["--pod-cidr".to_string(), cidr.to_string()]);
     }
+    launch.extra_args.extend(args.agent_arg.iter().cloned());
     for kv in &args.agent_env {
         let (k, v) = kv.split_once('=').ok_or_else(|| format!("--agent-env {kv}: expected NAME=VALUE"))?;
         launch.env.push((k.into(), v.into()));

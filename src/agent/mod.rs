@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod conntrack_worker;
 pub mod metrics;
 pub mod nft_target;
 mod node;

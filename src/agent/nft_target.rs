@@ -24,12 +24,14 @@
 //! ```
 //!
 //! A conntrack failure does not fail the sync (the ruleset is in force); it is logged and
-//! the next sync tries again.
+//! the next sync tries again. The agent hands the cleanup to a worker beside the sync loop
+//! instead ([`NftTarget::with_conntrack_in_background`]), paced to one dump per 200 ms.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::agent::conntrack_worker::{ConntrackWorker, Decision};
 use crate::agent::{ConntrackFlowsDeleted, Snapshot, SyncError, SyncStats, SyncTarget};
 use crate::compile::{IncrementalCompiler, NodeConfig};
 use crate::conntrack::{ConntrackError, ConntrackTable, Flow, NodeAddresses, Reason, flows_to_delete, may_tighten};
@@ -51,6 +53,13 @@ use crate::nft::{NftError, Nftables, Op, Transaction};
 /// 2 with 4 (the first use of two such sets).
 pub const IDLE_SET_ELEMENTS_PER_POD: usize = 4;
 
+/// Where flows are ended: in the sync itself, or by a worker beside the sync loop.
+#[derive(Debug)]
+enum Conntrack {
+    Inline(Box<dyn ConntrackTable>),
+    Background(ConntrackWorker),
+}
+
 /// Programs one node's nftables table from whole snapshots.
 #[derive(Debug)]
 pub struct NftTarget<N: Nftables> {
@@ -64,7 +73,7 @@ pub struct NftTarget<N: Nftables> {
     /// Idle-set budget the compiler is built with (kept when it is rebuilt).
     idle_set_elements_per_pod: usize,
     /// The node's conntrack table, when flows are to be ended (`--conntrack-cleanup`).
-    conntrack: Option<Box<dyn ConntrackTable>>,
+    conntrack: Option<Conntrack>,
     /// The pods as of the last conntrack cleanup: their addresses that are gone since
     /// are flushed at the next one.
     conntrack_pods: Option<SharedList<Pod>>,
@@ -92,8 +101,29 @@ impl<N: Nftables> NftTarget<N> {
     /// After each accepted sync, deletes from `table` the flows of pods that are gone and
     /// the flows the new ruleset denies (without it, conntrack is left alone).
     pub fn with_conntrack(mut self, table: impl ConntrackTable + 'static) -> Self {
-        self.conntrack = Some(Box::new(table));
+        self.conntrack = Some(Conntrack::Inline(Box::new(table)));
         self
+    }
+
+    /// As [`NftTarget::with_conntrack`], but on a worker thread that dumps at most once per
+    /// `pace` (see [`ConntrackWorker`]): the sync returns as soon as the kernel committed.
+    /// What was deleted shows in a later sync's stats.
+    pub fn with_conntrack_in_background(
+        mut self,
+        table: impl ConntrackTable + 'static,
+        pace: std::time::Duration,
+    ) -> std::io::Result<Self> {
+        self.conntrack = Some(Conntrack::Background(ConntrackWorker::start(Box::new(table), pace)?));
+        Ok(self)
+    }
+
+    /// Waits until the conntrack cleanup handed to a worker is done (or `limit` passes);
+    /// whether it is. Inline cleanups are done when the sync returns.
+    pub fn conntrack_settle(&self, limit: std::time::Duration) -> bool {
+        match &self.conntrack {
+            Some(Conntrack::Background(worker)) => worker.settle(limit),
+            _ => true,
+        }
     }
 
     /// Keeps idle sets up to `elements_per_pod` elements per cluster pod (see
@@ -256,7 +286,7 @@ impl<N: Nftables> NftTarget<N> {
     /// gone since the last cleanup, and, when `tightens` (or an earlier cleanup failed),
     /// those the applied ruleset denies. Needs `self.applied` to be what nft holds.
     fn end_flows(&mut self, snapshot: &Snapshot, tightens: bool, stats: &mut SyncStats) {
-        let Some(table) = self.conntrack.as_deref_mut() else { return };
+        let Some(conntrack) = self.conntrack.as_mut() else { return };
         let started = std::time::Instant::now();
         let gone: HashSet<IpAddr> = match &self.conntrack_pods {
             Some(before) if !Arc::ptr_eq(before, &snapshot.pods) => {
@@ -265,11 +295,27 @@ impl<N: Nftables> NftTarget<N> {
             _ => HashSet::new(),
         };
         let decide = (tightens || self.conntrack_pending).then_some(()).and(self.applied.as_ref());
+        let node = self.compiler.config().node.as_str();
+        let table = match conntrack {
+            Conntrack::Background(worker) => {
+                if !gone.is_empty() || decide.is_some() {
+                    let decide = decide.map(|rs| Decision {
+                        ruleset: rs.clone(),
+                        pods: Arc::clone(&snapshot.pods),
+                        node: node.to_string(),
+                    });
+                    worker.post(gone, decide);
+                }
+                self.conntrack_pods = Some(Arc::clone(&snapshot.pods));
+                stats.conntrack_flows_deleted = worker.take_deleted();
+                return;
+            }
+            Conntrack::Inline(table) => table.as_mut(),
+        };
         if gone.is_empty() && decide.is_none() {
             self.conntrack_pods = Some(Arc::clone(&snapshot.pods));
             return;
         }
-        let node = self.compiler.config().node.as_str();
         match end_flows(table, &gone, decide.map(|rs| (rs, &snapshot.pods[..], node))) {
             Ok(deleted) => {
                 stats.conntrack_flows_deleted = deleted;
@@ -297,7 +343,7 @@ impl<N: Nftables> NftTarget<N> {
 
 /// One dump of `table`, then the deletes: flows touching `gone`, then (with a ruleset, the
 /// node's pods and its name) the flows that ruleset denies.
-fn end_flows(
+pub(crate) fn end_flows(
     table: &mut dyn ConntrackTable,
     gone: &HashSet<IpAddr>,
     ruleset: Option<(&Ruleset, &[Arc<Pod>], &str)>,

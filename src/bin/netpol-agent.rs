@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use netpol::agent::conntrack_worker::DEFAULT_PACE;
 use netpol::agent::nft_target::NftTarget;
 use netpol::agent::quarantine::Quarantining;
 use netpol::agent::{self, AgentConfig, AgentError, Snapshot, SyncError, SyncStats, SyncTarget};
@@ -53,7 +54,14 @@ fn main() -> ExitCode {
     let idle_per_pod = usize::try_from(config.idle_set_elements_per_pod).unwrap_or(usize::MAX);
     let mut target = NftTarget::new(nft, config.node.clone(), config.table.clone()).keeping_idle_sets(idle_per_pod);
     if config.conntrack_cleanup {
-        target = target.with_conntrack(NetlinkConntrack::new(config.netns.clone()));
+        // Beside the sync loop: a dump walks the whole conntrack hash, ~9 ms here.
+        target = match target.with_conntrack_in_background(NetlinkConntrack::new(config.netns.clone()), DEFAULT_PACE) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("netpol-agent: cannot start the conntrack worker: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     }
     let target = TrimWhenIdle::new(CountingPaths(Quarantining::new(target)));
     let result = runtime.block_on(async {
