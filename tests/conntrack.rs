@@ -317,7 +317,7 @@ impl Rig {
         let target = NftTarget::new(nft, NODE, "netpol");
         let table = NetlinkConntrack::new(Some(ns.clone()));
         let target = if background {
-            target.with_conntrack_in_background(table, netpol::agent::conntrack_worker::DEFAULT_PACE).unwrap()
+            target.with_conntrack_in_background(table, netpol::agent::conntrack_worker::DEFAULT_PACE, || {}).unwrap()
         } else {
             target.with_conntrack(table)
         };

@@ -77,7 +77,12 @@ impl std::fmt::Debug for ConntrackWorker {
 }
 
 impl ConntrackWorker {
-    pub fn start(mut table: Box<dyn ConntrackTable>, pace: Duration) -> std::io::Result<ConntrackWorker> {
+    /// `after_run` runs on the worker after each cleanup.
+    pub fn start(
+        mut table: Box<dyn ConntrackTable>,
+        pace: Duration,
+        after_run: impl Fn() + Send + 'static,
+    ) -> std::io::Result<ConntrackWorker> {
         let shared = Arc::new(Shared { pending: Mutex::default(), changed: Condvar::new() });
         let thread = {
             let shared = Arc::clone(&shared);
@@ -132,6 +137,8 @@ impl ConntrackWorker {
                         }
                     }
                     shared.changed.notify_all();
+                    drop(p);
+                    after_run();
                 }
             })?
         };

@@ -108,12 +108,14 @@ impl<N: Nftables> NftTarget<N> {
     /// As [`NftTarget::with_conntrack`], but on a worker thread that dumps at most once per
     /// `pace` (see [`ConntrackWorker`]): the sync returns as soon as the kernel committed.
     /// What was deleted shows in a later sync's stats.
+    /// `after_run` is called on the worker after each cleanup (the agent trims its heap).
     pub fn with_conntrack_in_background(
         mut self,
         table: impl ConntrackTable + 'static,
         pace: std::time::Duration,
+        after_run: impl Fn() + Send + 'static,
     ) -> std::io::Result<Self> {
-        self.conntrack = Some(Conntrack::Background(ConntrackWorker::start(Box::new(table), pace)?));
+        self.conntrack = Some(Conntrack::Background(ConntrackWorker::start(Box::new(table), pace, after_run)?));
         Ok(self)
     }
 

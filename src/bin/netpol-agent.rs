@@ -52,10 +52,17 @@ fn main() -> ExitCode {
         }
     };
     let idle_per_pod = usize::try_from(config.idle_set_elements_per_pod).unwrap_or(usize::MAX);
+    let trimmer = heap_trimmer();
     let mut target = NftTarget::new(nft, config.node.clone(), config.table.clone()).keeping_idle_sets(idle_per_pod);
     if config.conntrack_cleanup {
-        // Beside the sync loop: a dump walks the whole conntrack hash, ~9 ms here.
-        target = match target.with_conntrack_in_background(NetlinkConntrack::new(config.netns.clone()), DEFAULT_PACE) {
+        // Beside the sync loop: a dump walks the whole conntrack hash, ~9 ms here. Its
+        // decisions' transient buffers go back to the kernel as a sync's do.
+        let churned = trimmer.clone();
+        let after_run = move || {
+            let _ = churned.send(());
+        };
+        let table = NetlinkConntrack::new(config.netns.clone());
+        target = match target.with_conntrack_in_background(table, DEFAULT_PACE, after_run) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("netpol-agent: cannot start the conntrack worker: {e}");
@@ -63,7 +70,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let target = TrimWhenIdle::new(CountingPaths(Quarantining::new(target)));
+    let target = TrimWhenIdle::new(CountingPaths(Quarantining::new(target)), trimmer);
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
         Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
@@ -128,28 +135,35 @@ struct TrimWhenIdle<T> {
 }
 
 impl<T> TrimWhenIdle<T> {
-    fn new(target: T) -> Self {
-        let (synced, syncs) = std::sync::mpsc::channel::<()>();
-        let spawned = std::thread::Builder::new().name("heap-trim".into()).spawn(move || {
-            use std::sync::mpsc::RecvTimeoutError;
-            use std::time::Duration;
-            // Each pass: wait for a sync, then trim once syncs pause.
-            while syncs.recv().is_ok() {
-                loop {
-                    match syncs.recv_timeout(Duration::from_millis(250)) {
-                        Ok(()) => continue,
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => return,
-                    }
-                }
-                release_free_heap();
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::warn!("no heap-trim thread ({e}): freed memory stays with the allocator");
-        }
-        TrimWhenIdle { target, synced }
+    /// Wraps `target`; `heap_trimmer` is [`heap_trimmer`]'s sender.
+    fn new(target: T, heap_trimmer: std::sync::mpsc::Sender<()>) -> Self {
+        TrimWhenIdle { target, synced: heap_trimmer }
     }
+}
+
+/// The trim thread: each message says the heap just churned (a sync, a conntrack cleanup);
+/// it trims once 250 ms pass without another.
+fn heap_trimmer() -> std::sync::mpsc::Sender<()> {
+    let (synced, syncs) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new().name("heap-trim".into()).spawn(move || {
+        use std::sync::mpsc::RecvTimeoutError;
+        use std::time::Duration;
+        // Each pass: wait for a churn, then trim once churns pause.
+        while syncs.recv().is_ok() {
+            loop {
+                match syncs.recv_timeout(Duration::from_millis(250)) {
+                    Ok(()) => continue,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            release_free_heap();
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("no heap-trim thread ({e}): freed memory stays with the allocator");
+    }
+    synced
 }
 
 impl<T: SyncTarget> SyncTarget for TrimWhenIdle<T> {

@@ -15,6 +15,7 @@
 //! for a packet of the other family, negated or not. `icmpv6 type` and `ip6 hoplimit` hold
 //! only for IPv6 packets (the first for ICMPv6 ones), as nft's dependencies make them.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -125,8 +126,11 @@ impl<T: Clone> Lookup<T> {
 /// A ruleset ready to decide packets (build once, ask many times).
 pub struct Interpreter<'a> {
     rs: &'a Ruleset,
-    sets: HashMap<&'a str, Lookup<()>>,
-    maps: HashMap<&'a str, Lookup<&'a MapVerdict>>,
+    /// Each set's and map's lookup, built the first time a packet needs it: a decision
+    /// usually consults a handful of a ruleset's hundreds of sets (the agent decides every
+    /// conntrack flow after a sync with a fresh interpreter).
+    sets: HashMap<&'a str, (&'a super::ir::Set, OnceCell<Lookup<()>>)>,
+    maps: HashMap<&'a str, (&'a super::ir::Map, OnceCell<Lookup<&'a MapVerdict>>)>,
 }
 
 /// One step of a trace.
@@ -138,10 +142,19 @@ pub struct Step {
 
 impl<'a> Interpreter<'a> {
     pub fn new(rs: &'a Ruleset) -> Self {
-        let sets =
-            rs.sets.iter().map(|(n, s)| (n.as_str(), Lookup::build(s.elements.iter().map(|e| (e, ()))))).collect();
-        let maps = rs.maps.iter().map(|(n, m)| (n.as_str(), Lookup::build(m.elements.iter()))).collect();
+        let sets = rs.sets.iter().map(|(n, s)| (n.as_str(), (&**s, OnceCell::new()))).collect();
+        let maps = rs.maps.iter().map(|(n, m)| (n.as_str(), (m, OnceCell::new()))).collect();
         Interpreter { rs, sets, maps }
+    }
+
+    fn set(&self, name: &str) -> Option<&Lookup<()>> {
+        self.sets
+            .get(name)
+            .map(|(set, lookup)| lookup.get_or_init(|| Lookup::build(set.elements.iter().map(|e| (e, ())))))
+    }
+
+    fn map(&self, name: &str) -> Option<&Lookup<&'a MapVerdict>> {
+        self.maps.get(name).map(|(map, lookup)| lookup.get_or_init(|| Lookup::build(map.elements.iter())))
     }
 
     pub fn ruleset(&self) -> &Ruleset {
@@ -204,7 +217,7 @@ impl<'a> Interpreter<'a> {
                 Some(Verdict::Goto(c)) => MapVerdict::Goto(c.clone()),
                 Some(Verdict::Vmap { key, map }) => {
                     let Some(k) = key_of(*key, pkt) else { continue };
-                    match self.maps.get(map.as_str()).and_then(|m| m.get(&k)) {
+                    match self.map(map.as_str()).and_then(|m| m.get(&k)) {
                         Some(v) => (*v).clone(),
                         None => {
                             note(trace, depth, || {
@@ -255,7 +268,7 @@ impl<'a> Interpreter<'a> {
                 let Some(k) = key_of(*key, pkt) else {
                     return false;
                 };
-                let found = self.sets.get(set.as_str()).is_some_and(|s| s.get(&k).is_some());
+                let found = self.set(set.as_str()).is_some_and(|s| s.get(&k).is_some());
                 found != *negate
             }
         }
