@@ -754,6 +754,47 @@ async fn the_nodes_pod_cidrs_are_read_with_a_get_and_a_name_selected_watch_and_a
     assert_eq!(server.list_requests(Kind::Node), 0);
 }
 
+/// `--unknown-pod-guard=false` (for networks whose node forwards from an address inside its
+/// pod CIDR): the agent reads no Node and ignores `--pod-cidr`, so no sync carries a CIDR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_unknown_pod_guard_off_the_agent_reads_no_node_and_guards_no_cidr() {
+    use clap::Parser;
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    server.apply(&node("node-a", &["10.244.1.0/24"])).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
+    let args = |guard: &str| {
+        netpol::agent::AgentConfig::try_parse_from([
+            "netpol-agent",
+            "--node",
+            "node-a",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--pod-cidr",
+            "10.9.0.0/16",
+            "--watch-table=false",
+            guard,
+        ])
+        .unwrap()
+    };
+    for (guard, want) in [("--unknown-pod-guard=true", 2), ("--unknown-pod-guard=false", 0)] {
+        let target = RecordingTarget::new();
+        let (stop, task) = run_agent(args(guard), target.clone());
+        let synced =
+            target.wait_until(Duration::from_secs(10), |c| c.last().is_some_and(|c| c.snapshot.pods.len() == 3)).await;
+        assert!(synced, "{guard}: the agent synced the seeded cluster");
+        let last = target.calls().last().cloned().unwrap();
+        assert_eq!(cidrs(&last.snapshot).len(), want, "{guard}: {:?}", cidrs(&last.snapshot));
+        stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(server.watch_requests(Kind::Node), 1, "only the guarded agent watched its Node");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_sync_waits_for_the_node_but_only_up_to_the_bound() {
     let server = FakeApiServer::start().await.unwrap();

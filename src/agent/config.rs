@@ -59,6 +59,14 @@ pub struct AgentConfig {
     #[arg(long = "pod-cidr", env = "NETPOL_POD_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     pub pod_cidrs: Vec<ipnet::IpNet>,
 
+    /// Drop traffic of addresses inside this node's pod CIDRs that are no known local pod
+    /// (on by default). `false` reads no Node and ignores --pod-cidr: for networks where
+    /// the node itself sends forwarded traffic from an address inside its pod CIDR (a
+    /// bridge gateway used as the source of hairpin or masqueraded traffic), which the
+    /// guard would take for a stranger.
+    #[arg(long, env = "NETPOL_UNKNOWN_POD_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub unknown_pod_guard: bool,
+
     /// The first sync waits at most this long for the agent's Node (its pod CIDRs);
     /// after that it syncs without them until the Node is read.
     #[arg(long, env = "NETPOL_NODE_WAIT", default_value = "10s", value_parser = parse_duration)]
@@ -272,6 +280,8 @@ mod tests {
         assert!(!c.cleanup_on_exit);
         assert_eq!(c.idle_set_elements_per_pod, 4);
         assert!(c.watch_table);
+        assert!(c.unknown_pod_guard);
+        assert!(!parse(&["--node", "node-a", "--unknown-pod-guard=false"]).unwrap().unknown_pod_guard);
         assert!(!parse(&["--node", "node-a", "--watch-table=false"]).unwrap().watch_table);
     }
 

@@ -190,9 +190,16 @@ pub async fn run<T: SyncTarget>(
 ) -> Result<T, AgentError> {
     let client = kube_client(&config).await?;
     let trigger = Trigger::new();
+    let guard = config.unknown_pod_guard;
+    if !guard {
+        tracing::warn!(
+            ignored_pod_cidrs = config.pod_cidrs.len(),
+            "--unknown-pod-guard=false: pods the agent does not know yet stay open"
+        );
+    }
     let options = watch::WatchOptions {
-        node: Some(config.node.clone()),
-        pod_cidrs: config.pod_cidrs.clone(),
+        node: guard.then(|| config.node.clone()),
+        pod_cidrs: if guard { config.pod_cidrs.clone() } else { Vec::new() },
         node_wait: config.node_wait,
         ..watch::WatchOptions::new(kube::runtime::watcher::Config::default())
     };
@@ -202,8 +209,8 @@ pub async fn run<T: SyncTarget>(
     let metrics = Metrics::new();
     // Dropped (stopped) when the agent stops.
     let _table_monitor = if config.watch_table { watch_table(&config, &trigger, &metrics) } else { None };
-    metrics.record_guard(!config.pod_cidrs.is_empty());
-    if config.pod_cidrs.is_empty() {
+    metrics.record_guard(guard && !config.pod_cidrs.is_empty());
+    if guard && config.pod_cidrs.is_empty() {
         // The warning that the guard is off comes once the Node is read without CIDRs.
         tracing::info!("no --pod-cidr given: the unknown-pod guard depends on the Node's spec.podCIDRs");
     }
