@@ -35,10 +35,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use netpol::cli::generate::{self, Params, Rng};
 use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
-use netpol::generate::{self, Params, Rng};
-use netpol::model::{Cluster, Pod};
 use netpol::nft::ir::{Element as NftElement, Ruleset, Value as NftValue};
+use netpol::policy::model::{Cluster, Pod};
 use netpol::testkit::agent_process::{AgentLaunch, NftRoute};
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
 
@@ -295,7 +295,7 @@ struct Monitor {
 
 impl Monitor {
     fn start(netns: &Netns) -> Result<Monitor, String> {
-        use netpol::nft::netlink::{self, NetlinkSocket};
+        use netpol::nft::backend::netlink::{self, NetlinkSocket};
         let socket = NetlinkSocket::open(Some(&netns.0), 1 << (netlink::NFNLGRP_NFTABLES - 1))
             .map_err(|e| format!("netlink monitor in {}: {e}", netns.0))?;
         socket.set_receive_timeout(Duration::from_millis(200)).map_err(|e| e.to_string())?;

@@ -25,8 +25,8 @@ use clap::Parser;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use netpol::agent::watch::AgentStores;
+use netpol::cli::generate;
 use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
-use netpol::generate;
 use netpol::nft::diff::{diff, diff_with, full_sync};
 
 #[path = "common/objects.rs"]
@@ -208,7 +208,7 @@ fn main() {
         applied.element_count()
     );
     // The same cluster from freshly allocated copies: what memory locality costs compile.
-    let fresh = netpol::model::Cluster::new(
+    let fresh = netpol::policy::model::Cluster::new(
         cluster.namespaces.values().cloned().collect(),
         cluster.pods.iter().map(|p| (**p).clone()).collect::<Vec<_>>(),
         cluster.policies.iter().map(|p| (**p).clone()).collect::<Vec<_>>(),
@@ -296,5 +296,5 @@ fn main() {
     new_pod.ips = "10.250.0.2".parse::<std::net::IpAddr>().expect("valid").into();
     apply_json(&mut stores, objects::pod_json(&new_pod)).expect("valid pod");
     sync_peak("peak during a sync after one new pod", &stores, Some(&applied));
-    println!("   size_of model::Pod: {} B", std::mem::size_of::<netpol::model::Pod>());
+    println!("   size_of model::Pod: {} B", std::mem::size_of::<netpol::policy::model::Pod>());
 }

@@ -1,4 +1,4 @@
-//! Compile, diff and load costs at cluster scale, on `netpol::generate` clusters (the
+//! Compile, diff and load costs at cluster scale, on `netpol::cli::generate` clusters (the
 //! generator the CLI, the agent bench and the tests use: mixed selectors, namespace
 //! selectors, ipBlocks with excepts, named ports, egress).
 
@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
+use netpol::cli::generate::{self, Params};
 use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
-use netpol::generate::{self, Params};
-use netpol::model::{Cluster, Direction, Pod};
 use netpol::nft::diff::{diff, full_sync};
+use netpol::policy::model::{Cluster, Direction, Pod};
 
 const PODS_PER_NODE: usize = 110;
 const PODS_PER_NAMESPACE: usize = 20;
@@ -147,7 +147,7 @@ fn nft_load_once() {
     for node in ["node-0", "node-1"] {
         let rs = compile(&c, &NodeConfig::new(node));
         let text = full_sync(&rs).render();
-        let nft = netpol::nft::real::RealNftables::in_netns(ns.clone());
+        let nft = netpol::nft::backend::process::RealNftables::in_netns(ns.clone());
         let start = Instant::now();
         let result = nft.apply_text(&text);
         let elapsed = start.elapsed();

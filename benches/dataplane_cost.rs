@@ -39,16 +39,16 @@ use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use netpol::cli::generate::{self, Params, Rng};
 use netpol::compile::{NodeConfig, compile};
-use netpol::evaluate::{Connection, Endpoint, evaluate};
-use netpol::generate::{self, Params, Rng};
-use netpol::kernel_engine;
+use netpol::engines::kernel;
 use netpol::lab::traffic::{Outcome, TcpServer, tcp_connect};
 use netpol::lab::{Lab, LabNode, LabPod};
-use netpol::model::{Cluster, Direction, Policy, Protocol};
+use netpol::nft::backend::process::RealNftables;
 use netpol::nft::ir::{MapVerdict, Ruleset, Value, Verdict};
-use netpol::nft::real::RealNftables;
 use netpol::nft::{names, render};
+use netpol::policy::evaluate::{Connection, Endpoint, evaluate};
+use netpol::policy::model::{Cluster, Direction, Policy, Protocol};
 use socket2::{Domain, Socket, Type};
 
 struct Args {
@@ -317,7 +317,7 @@ fn paired_ratio(ours: &[f64], base: &[f64]) -> f64 {
 
 fn run() -> Result<(), String> {
     let args = parse_args()?;
-    kernel_engine::check_prerequisites().map_err(|e| e.to_string())?;
+    kernel::check_prerequisites().map_err(|e| e.to_string())?;
     let p = &args.params;
     let t = Instant::now();
     let big = generate::cluster(p);

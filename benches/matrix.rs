@@ -4,10 +4,10 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use netpol::generate::{self, Params};
-use netpol::matrix::{Family, Index, default_probes};
-use netpol::model::Labels;
-use netpol::selector::{Operator, Requirement, Selector};
+use netpol::cli::generate::{self, Params};
+use netpol::policy::matrix::{Family, Index, default_probes};
+use netpol::policy::model::Labels;
+use netpol::policy::selector::{Operator, Requirement, Selector};
 
 fn selectors(c: &mut Criterion) {
     let labels: Labels = [("app", "web"), ("tier", "frontend"), ("env", "prod"), ("team", "payments")]

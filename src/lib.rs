@@ -1,32 +1,34 @@
 //! netpol: Kubernetes NetworkPolicy, evaluated, compiled to nftables, and proved.
 //!
 //! ```text
-//!  YAML ──► load ──┐                          ┌──► evaluate ──► verdicts / explain
-//!                  ├─► model::Cluster ────────┤
-//!  (agent) watch ──┘   (pure, sync)           └──► matrix ──► report (text/json/yaml/csv)
+//!  k8s (load, convert) ──► policy::model::Cluster ──┬─► policy (evaluate, matrix) ──► cli (report, query)
+//!       ▲                    (pure core)             ├─► compile ──► nft::ir::Ruleset ──► nft (render, diff,
+//!  agent (watch) ────────────────────────────────────┘                                   interpret)
+//!                                                                      nft::backend (netlink, nft) ──► kernel
+//!  engines: evaluator | ruleset (compile + interpret) | kernel (compile + lab + backend), and verify
 //! ```
 //!
-//! The pure core (`model`, `selector`, `evaluate`, `matrix`, `bitset`) does no I/O;
-//! `convert` is the only module that knows k8s-openapi types; `load` reads files.
+//! | folder      | layer |
+//! |-------------|-------|
+//! | `policy/`   | the pure core: model, selectors, reference evaluator, matrix |
+//! | `k8s/`      | the one door from Kubernetes objects (files or API) to the model |
+//! | `compile/`  | cluster → one node's nftables ruleset (reference and incremental) |
+//! | `nft/`      | the ruleset IR and everything pure about it; `nft/backend/` is its only I/O |
+//! | `engines/`  | the three engines behind one call, and `verify` across them |
+//! | `lab/`      | network namespaces and real packets (the kernel engine's proof) |
+//! | `conntrack/`| conntrack flow dump and delete over netlink (the agent's cleanup) |
+//! | `agent/`    | `netpol-agent`: watch, sync loop, metrics, admin server |
+//! | `cli/`      | what `netpol-check` parses and prints |
+//! | `testkit/`  | fake API server and agent process helpers for tests and benchmarks |
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod bitset;
+pub mod cli;
 pub mod compile;
 pub mod conntrack;
-pub mod convert;
-pub mod engine;
-pub mod evaluate;
-pub mod generate;
-pub mod kernel_engine;
+pub mod engines;
+pub mod k8s;
 pub mod lab;
-pub mod load;
-pub mod matrix;
-pub mod model;
 pub mod nft;
-pub mod query;
-pub mod report;
-pub mod ruleset_engine;
-pub mod selector;
+pub mod policy;
 pub mod testkit;
-pub mod verify;

@@ -44,13 +44,13 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol::agent::nft_target;
-use netpol::bitset::BitMatrix;
 use netpol::compile::{NodeConfig, compile};
-use netpol::evaluate::{self, Connection, Endpoint};
 use netpol::lab::{self, L4, Lab, LabNode, LabPod};
-use netpol::matrix::{self, Family, ProbePort};
-use netpol::model::{Cluster, Direction};
 use netpol::nft::ir::Ruleset;
+use netpol::policy::bitset::BitMatrix;
+use netpol::policy::evaluate::{self, Connection, Endpoint};
+use netpol::policy::matrix::{self, Family, ProbePort};
+use netpol::policy::model::{Cluster, Direction};
 use netpol::testkit::agent_process::{AgentLaunch, AgentProcess, NftRoute};
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
 use netpol::testkit::mirror::MirroredApi;
@@ -70,7 +70,7 @@ fn launch(dir: &Path, server: &FakeApiServer, node: &str, table: &str, nft: NftR
 
 /// Root, `ip` and `nft`, or the test skips (fails under `CI=true`).
 fn system_env_ok() -> bool {
-    let Err(why) = netpol::kernel_engine::check_prerequisites() else { return true };
+    let Err(why) = netpol::engines::kernel::check_prerequisites() else { return true };
     assert!(!common::ci(), "the netpol-agent system tests need root, `ip` and `nft`: {why} (CI=true: failing)");
     eprintln!("SKIPPED: the netpol-agent system tests need root, `ip` and `nft`: {why}");
     false

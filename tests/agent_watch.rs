@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::runtime::watcher;
 use netpol::agent::watch::{EventHook, Resource, Supervision, WatchOptions};
 use netpol::agent::{ClusterWatch, Metrics, Snapshot, SyncLoop, SyncLoopConfig, SyncState, Trigger, admin};
-use netpol::model::NAMESPACE_NAME_LABEL;
+use netpol::policy::model::NAMESPACE_NAME_LABEL;
 use netpol::testkit::apiserver::{FakeApiServer, Kind};
 use netpol::testkit::objects::{self, labels, namespace};
 use netpol::testkit::sync::RecordingTarget;
@@ -914,8 +914,8 @@ async fn the_admin_server_closes_connections_beyond_its_cap_and_serves_again_whe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_nft_is_killed_after_its_timeout_and_the_sync_loop_goes_on() {
     use netpol::agent::nft_target::NftTarget;
-    use netpol::nft::netlink::NetlinkNftables;
-    use netpol::nft::real::RealNftables;
+    use netpol::nft::backend::netlink::NetlinkNftables;
+    use netpol::nft::backend::process::RealNftables;
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();
     let hanging = dir.path().join("nft");

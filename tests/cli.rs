@@ -934,7 +934,7 @@ fn a_matrix_with_nothing_to_probe_says_so() {
 
 #[test]
 fn a_host_network_pod_or_node_ip_in_a_kernel_query_means_that_node_too() {
-    if let Err(e) = netpol::kernel_engine::check_prerequisites() {
+    if let Err(e) = netpol::engines::kernel::check_prerequisites() {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "{e} (CI=true: failing instead of skipping)");
         return eprintln!("SKIPPED: {e}");
     }

@@ -8,28 +8,28 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use netpol::bitset::BitMatrix;
 use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
-use netpol::matrix::{Family, Probe, ProbePort, reference_matrix};
-use netpol::model::{
+use netpol::engines::ruleset::Engine;
+use netpol::policy::bitset::BitMatrix;
+use netpol::policy::matrix::{Family, Probe, ProbePort, reference_matrix};
+use netpol::policy::model::{
     Cluster, ContainerPort, IpBlock, Namespace, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec,
     Protocol, Rule,
 };
-use netpol::ruleset_engine::Engine;
-use netpol::selector::{Operator, Requirement, Selector};
+use netpol::policy::selector::{Operator, Requirement, Selector};
 use proptest::prelude::*;
 
 // --- a small random cluster generator -------------------------------------------------------
 
-use netpol::generate::Rng;
+use netpol::cli::generate::Rng;
 
 const NAMESPACES: [&str; 3] = ["a", "b", "c"];
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 const PORTS: [u16; 4] = [80, 81, 443, 8080];
 const PORT_NAMES: [&str; 2] = ["http", "dns"];
 
-fn labels(rng: &mut Rng, keys: &[(&str, &[&str])]) -> netpol::model::Labels {
-    let mut l = netpol::model::Labels::new();
+fn labels(rng: &mut Rng, keys: &[(&str, &[&str])]) -> netpol::policy::model::Labels {
+    let mut l = netpol::policy::model::Labels::new();
     for (k, vs) in keys {
         if rng.chance(60) {
             l.insert(k.to_string(), rng.pick(vs).to_string());
@@ -277,10 +277,10 @@ fn every_conformance_case_passes_on_the_ruleset_engine() {
 
 // --- diffs ----------------------------------------------------------------------------------
 
+use netpol::nft::backend::netlink::NetlinkNftables;
+use netpol::nft::backend::process::RealNftables;
 use netpol::nft::diff::{diff, diff_with, full_sync};
 use netpol::nft::fake::FakeNftables;
-use netpol::nft::netlink::NetlinkNftables;
-use netpol::nft::real::RealNftables;
 use netpol::nft::{Nftables, render};
 
 /// One random change of the kinds the agent sees.
@@ -429,9 +429,15 @@ fn deep_copy(rs: &netpol::nft::ir::Ruleset) -> netpol::nft::ir::Ruleset {
 fn compiling_against_the_applied_ruleset_patches_sets_in_place_and_diffs_the_same() {
     let (mut patched, mut in_place) = (0, 0);
     for seed in 0..4 {
-        let params =
-            netpol::generate::Params { pods: 1_500, namespaces: 6, policies: 120, nodes: 6, seed, dual_stack: true };
-        let mut cluster = netpol::generate::cluster(&params);
+        let params = netpol::cli::generate::Params {
+            pods: 1_500,
+            namespaces: 6,
+            policies: 120,
+            nodes: 6,
+            seed,
+            dual_stack: true,
+        };
+        let mut cluster = netpol::cli::generate::cluster(&params);
         let node = NodeConfig::new("node-1");
         let mut compiler = IncrementalCompiler::new(node.clone());
         let mut applied = compiler.compile(&cluster);
@@ -611,7 +617,7 @@ fn unchanged_policies_and_pods_keep_their_chain_allocations_and_a_relabelled_pod
         // One local pod relabelled (a new object): its chains may change, no other pod's.
         let Some(k) = cluster.pods.iter().position(|p| p.node == "node-1" && !p.ips.is_empty()) else { continue };
         let mut pods: Vec<Pod> = cluster.pods.iter().map(|p| (**p).clone()).collect();
-        pods[k].labels = netpol::model::Labels::from([("app".to_string(), "relabelled".to_string())]).into();
+        pods[k].labels = netpol::policy::model::Labels::from([("app".to_string(), "relabelled".to_string())]).into();
         let changed = share_unchanged(
             &cluster,
             Cluster::new(cluster.namespaces.values().cloned().collect(), pods, cluster.policies.iter().cloned()),
@@ -649,7 +655,7 @@ fn allow_from(name: &str, app: &str) -> Policy {
 fn app_pod(name: &str, app: &str, node: &str, ip: &str) -> Pod {
     Pod {
         id: ObjectRef::new("a", name),
-        labels: netpol::model::Labels::from([("app".to_string(), app.to_string())]).into(),
+        labels: netpol::policy::model::Labels::from([("app".to_string(), app.to_string())]).into(),
         node: node.into(),
         ips: ip.parse::<IpAddr>().unwrap().into(),
         host_network: false,
@@ -853,7 +859,7 @@ fn a_pod_change_rebuilds_only_the_sets_it_is_or_becomes_a_member_of() {
     let mut after = before.clone();
     let db = after.pod_index(&ObjectRef::new("a", "db")).unwrap();
     Arc::make_mut(&mut Arc::make_mut(&mut after.pods)[db]).labels =
-        netpol::model::Labels::from([("app".into(), "api".into())]).into();
+        netpol::policy::model::Labels::from([("app".into(), "api".into())]).into();
 
     let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
     let a = compiler.compile(&before);
@@ -1075,8 +1081,9 @@ fn assert_netlink_rules_match_nft(what: &str, rs: &netpol::nft::ir::Ruleset, by_
 fn every_rule_the_compiler_makes_is_encoded_over_netlink_as_nft_encodes_it() {
     let Some([by_nft, by_netlink]) = kernel_namespaces(["nr-nft", "nr-batch"]) else { return };
     for example in examples() {
-        let sources = netpol::load::read_sources(std::slice::from_ref(&example)).unwrap();
-        let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
+        let sources = netpol::k8s::load::read_sources(std::slice::from_ref(&example)).unwrap();
+        let cluster =
+            netpol::k8s::load::load_sources(&sources, &netpol::k8s::load::LoadOptions::default()).unwrap().cluster;
         let rs = compile(&cluster, &NodeConfig::new("node-1"));
         assert_netlink_rules_match_nft(&example.display().to_string(), &rs, &by_nft, &by_netlink);
     }
@@ -1093,9 +1100,15 @@ fn a_large_full_sync_over_netlink_equals_nft_s() {
     let Some([by_nft, by_netlink]) = kernel_namespaces(["nb-nft", "nb-batch"]) else { return };
     // Dual-stack 3 000 pods: tens of thousands of elements, a batch of several MiB (more
     // than a socket sends by default) split into many element messages.
-    let params =
-        netpol::generate::Params { pods: 3_000, namespaces: 30, policies: 300, nodes: 3, seed: 5, dual_stack: true };
-    let rs = compile(&netpol::generate::cluster(&params), &NodeConfig::new("node-0"));
+    let params = netpol::cli::generate::Params {
+        pods: 3_000,
+        namespaces: 30,
+        policies: 300,
+        nodes: 3,
+        seed: 5,
+        dual_stack: true,
+    };
+    let rs = compile(&netpol::cli::generate::cluster(&params), &NodeConfig::new("node-0"));
     assert!(rs.element_count() > 20_000, "{} elements", rs.element_count());
     let tx = full_sync(&rs);
     RealNftables::in_netns(by_nft.0.clone()).apply(&tx).unwrap();
@@ -1109,7 +1122,8 @@ fn a_large_full_sync_over_netlink_equals_nft_s() {
 #[test]
 fn a_batch_the_kernel_rejects_changes_nothing_and_names_the_op() {
     let Some([ns]) = kernel_namespaces(["nl-reject"]) else { return };
-    let rs = compile(&netpol::generate::cluster(&netpol::generate::Params::default()), &NodeConfig::new("node-0"));
+    let rs =
+        compile(&netpol::cli::generate::cluster(&netpol::cli::generate::Params::default()), &NodeConfig::new("node-0"));
     let mut netlink = NetlinkNftables::open(RealNftables::in_netns(ns.0.clone())).unwrap();
     netlink.apply(&full_sync(&rs)).unwrap();
     let before = listing(netlink.nft());
@@ -1518,8 +1532,9 @@ fn golden_path(example: &Path) -> PathBuf {
 }
 
 fn example_ruleset(example: &Path) -> String {
-    let sources = netpol::load::read_sources(&[example.to_path_buf()]).unwrap();
-    let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
+    let sources = netpol::k8s::load::read_sources(&[example.to_path_buf()]).unwrap();
+    let cluster =
+        netpol::k8s::load::load_sources(&sources, &netpol::k8s::load::LoadOptions::default()).unwrap().cluster;
     render::ruleset(&compile(&cluster, &NodeConfig::new("node-1")))
 }
 
@@ -1562,8 +1577,9 @@ fn every_golden_file_passes_nft_check_in_a_throwaway_namespace() {
         let text = std::fs::read_to_string(golden_path(&example)).unwrap_or_else(|_| example_ruleset(&example));
         nft.check_text(&text).unwrap_or_else(|e| panic!("{}: {e}", example.display()));
         // And the full-sync transaction around it, which the agent would send.
-        let sources = netpol::load::read_sources(std::slice::from_ref(&example)).unwrap();
-        let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
+        let sources = netpol::k8s::load::read_sources(std::slice::from_ref(&example)).unwrap();
+        let cluster =
+            netpol::k8s::load::load_sources(&sources, &netpol::k8s::load::LoadOptions::default()).unwrap().cluster;
         let tx = full_sync(&compile(&cluster, &NodeConfig::new("node-1")));
         nft.check_text(&tx.render()).unwrap_or_else(|e| panic!("{}: full sync: {e}", example.display()));
         checked += 1;
@@ -1579,8 +1595,9 @@ fn the_json_rendering_loads_with_nft_json_in_a_throwaway_namespace() {
     let Some(ns) = Netns::new("json") else { return };
     let nft = RealNftables::in_netns(ns.0.clone());
     for example in examples() {
-        let sources = netpol::load::read_sources(std::slice::from_ref(&example)).unwrap();
-        let cluster = netpol::load::load_sources(&sources, &netpol::load::LoadOptions::default()).unwrap().cluster;
+        let sources = netpol::k8s::load::read_sources(std::slice::from_ref(&example)).unwrap();
+        let cluster =
+            netpol::k8s::load::load_sources(&sources, &netpol::k8s::load::LoadOptions::default()).unwrap().cluster;
         // With the unknown-pod guard too (its sets, its rules' comments).
         for config in [NodeConfig::new("node-1"), guarded("node-1", &["10.0.0.0/8", "10.1.0.0/16", "fd00::/8"])] {
             let rs = compile(&cluster, &config);

@@ -54,7 +54,7 @@ fn every_conformance_case_passes_with_the_ruleset_engine() {
 /// output holds their cross product, from which each expected probe is picked.
 #[test]
 fn every_conformance_case_passes_with_the_kernel_engine() {
-    match netpol::kernel_engine::check_prerequisites() {
+    match netpol::engines::kernel::check_prerequisites() {
         Ok(()) => {}
         Err(e) if common::ci() => panic!("{e} (CI=true: failing instead of skipping)"),
         Err(e) => return eprintln!("SKIPPED: {e}"),
@@ -81,8 +81,8 @@ fn every_conformance_case_passes_with_the_kernel_engine() {
         assert_eq!(got["engine"], "kernel");
         for (k, (probe, _)) in case.probes.iter().enumerate() {
             let port = match &probe.port {
-                netpol::matrix::ProbePort::Number(n) => serde_json::json!(n),
-                netpol::matrix::ProbePort::Named(name) => serde_json::json!(name),
+                netpol::policy::matrix::ProbePort::Number(n) => serde_json::json!(n),
+                netpol::policy::matrix::ProbePort::Named(name) => serde_json::json!(name),
             };
             let found = got["probes"]
                 .as_array()

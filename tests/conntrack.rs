@@ -33,12 +33,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol::agent::nft_target::NftTarget;
 use netpol::agent::{AgentConfig, Snapshot, SyncTarget};
 use netpol::conntrack::{ConntrackTable, Flow, NetlinkConntrack, RecordingConntrack, Tuple};
-use netpol::kernel_engine;
+use netpol::engines::kernel;
 use netpol::lab::traffic::{self, Outcome};
 use netpol::lab::{L4, Lab, LabNode, LabPod};
+use netpol::nft::backend::netlink::NetlinkNftables;
+use netpol::nft::backend::process::RealNftables;
 use netpol::nft::fake::FakeNftables;
-use netpol::nft::netlink::NetlinkNftables;
-use netpol::nft::real::RealNftables;
 use netpol::testkit::objects::{namespace, pod};
 
 const NS: &str = "shop";
@@ -254,7 +254,7 @@ fn the_conntrack_cleanup_flag_is_on_by_default_and_can_be_turned_off() {
 // ---------------------------------------------------------------- in the lab (root)
 
 fn prerequisites_ok() -> bool {
-    match kernel_engine::check_prerequisites() {
+    match kernel::check_prerequisites() {
         Ok(()) => true,
         Err(e) if common::ci() => panic!("{e} (CI=true: failing instead of skipping)"),
         Err(e) => {

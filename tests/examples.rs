@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use netpol::evaluate::{self, Endpoint};
-use netpol::load::{self, LoadOptions};
-use netpol::matrix::{Family, Index, Probe, ProbePort};
-use netpol::model::Protocol;
-use netpol::query;
+use netpol::cli::query;
+use netpol::k8s::load::{self, LoadOptions};
+use netpol::policy::evaluate::{self, Endpoint};
+use netpol::policy::matrix::{Family, Index, Probe, ProbePort};
+use netpol::policy::model::Protocol;
 use serde_json::Value;
 
 fn examples() -> Vec<PathBuf> {

@@ -14,19 +14,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use netpol::bitset::BitMatrix;
-use netpol::engine::Engine;
-use netpol::kernel_engine::{self, KernelError};
+use netpol::cli::generate;
+use netpol::engines::Engine;
+use netpol::engines::kernel::{self, KernelError};
+use netpol::engines::verify;
+use netpol::k8s::load::{LoadOptions, Source, load_sources};
 use netpol::lab::{self, LabSpec};
-use netpol::load::{LoadOptions, Source, load_sources};
-use netpol::matrix::{self, Family, Probe, ProbePort};
-use netpol::model::{Cluster, ObjectRef, Pod, PodIps, Protocol};
-use netpol::{generate, verify};
+use netpol::policy::bitset::BitMatrix;
+use netpol::policy::matrix::{self, Family, Probe, ProbePort};
+use netpol::policy::model::{Cluster, ObjectRef, Pod, PodIps, Protocol};
 
 const TIMEOUT: Duration = LabSpec::DEFAULT_TIMEOUT;
 
 fn kernel_ok() -> bool {
-    match kernel_engine::check_prerequisites() {
+    match kernel::check_prerequisites() {
         Ok(()) => true,
         Err(e) if ci() => panic!("{e} (CI=true: failing instead of skipping)"),
         Err(e) => {
@@ -290,7 +291,7 @@ fn a_pod_sharing_an_address_with_another_endpoint_is_refused_with_a_clear_error(
         .collect();
     let cluster = Cluster::new(loaded.namespaces.values().cloned().collect(), pods, loaded.policies.iter().cloned());
     let probes = random_probes();
-    match kernel_engine::matrices(&cluster, &probes, Family::Ipv4, TIMEOUT) {
+    match kernel::matrices(&cluster, &probes, Family::Ipv4, TIMEOUT) {
         Err(e @ KernelError::Unsupported(_)) => {
             assert!(e.to_string().contains("a/client and kube-system/agent-n2 sharing address 10.1.2.2"), "{e}")
         }

@@ -32,19 +32,19 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use netpol::compile::{NodeConfig, compile};
-use netpol::evaluate::{Connection, Endpoint, evaluate};
-use netpol::kernel_engine;
+use netpol::engines::kernel;
 use netpol::lab::traffic::{self, Outcome};
 use netpol::lab::{Lab, LabNode, LabPod};
-use netpol::model::{
-    Cluster, ContainerPort, Labels, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule,
-};
+use netpol::nft::backend::netlink::NetlinkNftables;
+use netpol::nft::backend::process::RealNftables;
 use netpol::nft::diff::{diff, full_sync};
 use netpol::nft::ir::Ruleset;
-use netpol::nft::netlink::NetlinkNftables;
-use netpol::nft::real::RealNftables;
 use netpol::nft::{Nftables as _, Op, render};
-use netpol::selector::Selector;
+use netpol::policy::evaluate::{Connection, Endpoint, evaluate};
+use netpol::policy::model::{
+    Cluster, ContainerPort, Labels, NamespaceScope, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule,
+};
+use netpol::policy::selector::Selector;
 
 /// Swaps of each kind (full sync, incremental diff).
 const SWAPS: usize = 100;
@@ -66,7 +66,7 @@ const SERVED: [(u16, Protocol); 4] =
     [(80, Protocol::Tcp), (8080, Protocol::Tcp), (53, Protocol::Udp), (81, Protocol::Udp)];
 
 fn prerequisites_ok() -> bool {
-    match kernel_engine::check_prerequisites() {
+    match kernel::check_prerequisites() {
         Ok(()) => true,
         Err(e) if common::ci() => panic!("{e} (CI=true: failing instead of skipping)"),
         Err(e) => {

@@ -308,19 +308,21 @@ fn a_nine_pod_matrix_builds_and_probes_in_seconds() {
 // --- the data path under real traffic: neighbour discovery, ct invalid, the unknown-pod guard
 
 use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
-use netpol::model::{Cluster, IpBlock, Namespace, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule};
 use netpol::nft::Nftables as _;
+use netpol::nft::backend::netlink::NetlinkNftables;
+use netpol::nft::backend::process::RealNftables;
 use netpol::nft::diff::{diff_with, full_sync};
-use netpol::nft::netlink::NetlinkNftables;
-use netpol::nft::real::RealNftables;
-use netpol::selector::Selector;
+use netpol::policy::model::{
+    Cluster, IpBlock, Namespace, ObjectRef, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule,
+};
+use netpol::policy::selector::Selector;
 
 /// A cluster pod of namespace `a` with these addresses.
 fn cluster_pod(name: &str, node: &str, ips: &[&str], host_network: bool) -> Pod {
     let ips: Vec<IpAddr> = ips.iter().map(|s| ip(s)).collect();
     Pod {
         id: ObjectRef::new("a", name),
-        labels: netpol::model::Labels::from([("app".to_string(), name.to_string())]).into(),
+        labels: netpol::policy::model::Labels::from([("app".to_string(), name.to_string())]).into(),
         node: node.into(),
         ips: ips.as_slice().try_into().unwrap(),
         host_network,
@@ -350,9 +352,9 @@ fn egress_anywhere_on(app: &str, port: u16) -> Policy {
     Policy {
         quarantined: None,
         id: ObjectRef::new("a", format!("{app}-egress-{port}")),
-        pod_selector: Selector::new(vec![netpol::selector::Requirement {
+        pod_selector: Selector::new(vec![netpol::policy::selector::Requirement {
             key: "app".into(),
-            operator: netpol::selector::Operator::In([app.to_string()].into()),
+            operator: netpol::policy::selector::Operator::In([app.to_string()].into()),
         }]),
         ingress: None,
         egress: Some(vec![Rule {

@@ -2,7 +2,7 @@
 //! objects (real kinds and field names, wrong types and values), either load or give an
 //! error.
 
-use netpol::load::{LoadOptions, Source, load_sources};
+use netpol::k8s::load::{LoadOptions, Source, load_sources};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -145,9 +145,9 @@ fn deeply_nested_yaml_is_an_error_not_a_crash() {
 
 // --- defaulting of absent, null and empty lists ------------------------------------------------
 
-use netpol::generate::{self, EmptyList, ListField};
-use netpol::matrix::{self, Family};
-use netpol::model::{Cluster, Policy};
+use netpol::cli::generate::{self, EmptyList, ListField};
+use netpol::policy::matrix::{self, Family};
+use netpol::policy::model::{Cluster, Policy};
 
 /// The API server's defaulting, stated on its own (upstream `SetDefaults_NetworkPolicy`):
 /// "if len(spec.policyTypes) == 0, policyTypes = [Ingress], plus Egress if len(spec.egress)

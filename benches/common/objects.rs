@@ -2,8 +2,8 @@
 
 use std::net::IpAddr;
 
-use netpol::generate::{self, Params};
-use netpol::model::{Cluster, Pod};
+use netpol::cli::generate::{self, Params};
+use netpol::policy::model::{Cluster, Pod};
 use serde_json::{Value, json};
 
 /// The size of the generated cluster (`--pods --policies --namespaces --nodes --seed`).

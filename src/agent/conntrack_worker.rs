@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use crate::agent::ConntrackFlowsDeleted;
 use crate::conntrack::ConntrackTable;
-use crate::model::{Pod, SharedList};
 use crate::nft::ir::Ruleset;
+use crate::policy::model::{Pod, SharedList};
 
 /// At most one dump this often by default: flows a change denies end within ~0.2 s plus a
 /// dump, well inside the 1 s the agent promises.

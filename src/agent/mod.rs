@@ -26,7 +26,7 @@ pub mod watch;
 
 use std::future::Future;
 
-use crate::model::{Namespace, Pod, Policy, SharedList};
+use crate::policy::model::{Namespace, Pod, Policy, SharedList};
 
 pub use config::AgentConfig;
 pub use metrics::Metrics;
@@ -265,14 +265,14 @@ pub async fn run<T: SyncTarget>(
     Ok(target)
 }
 
-/// Resyncs fully as soon as another tool changes the table (see [`crate::nft::monitor`]).
+/// Resyncs fully as soon as another tool changes the table (see [`crate::nft::backend::monitor`]).
 /// Without the monitor such a change waits for the periodic resync, which is said once.
 fn watch_table(
     config: &AgentConfig,
     trigger: &Trigger,
     metrics: &Metrics,
-) -> Option<crate::nft::monitor::TableMonitor> {
-    use crate::nft::monitor::{Change, TableMonitor};
+) -> Option<crate::nft::backend::monitor::TableMonitor> {
+    use crate::nft::backend::monitor::{Change, TableMonitor};
     /// Lost announcements are mostly our own big syncs' (thousands of set elements): a
     /// full sync for each would make the next one, so they resync at most this often.
     const LOST_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);

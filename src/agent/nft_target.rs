@@ -35,11 +35,11 @@ use crate::agent::conntrack_worker::{ConntrackWorker, Decision};
 use crate::agent::{ConntrackFlowsDeleted, Snapshot, SyncError, SyncStats, SyncTarget};
 use crate::compile::{IncrementalCompiler, NodeConfig};
 use crate::conntrack::{ConntrackError, ConntrackTable, Flow, NodeAddresses, Reason, flows_to_delete, may_tighten};
-use crate::model::{Cluster, Namespace, NamespaceMap, Pod, SharedList, namespace_map};
 use crate::nft::diff::{diff_with, full_sync};
 use crate::nft::interpret::Interpreter;
 use crate::nft::ir::Ruleset;
 use crate::nft::{NftError, Nftables, Op, Transaction};
+use crate::policy::model::{Cluster, Namespace, NamespaceMap, Pod, SharedList, namespace_map};
 
 /// Idle sets (peer sets no chain looks up any more) stay in the kernel while they hold at
 /// most this many elements per cluster pod in all, unless [`NftTarget::keeping_idle_sets`]

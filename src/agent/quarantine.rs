@@ -23,10 +23,10 @@ use std::sync::Arc;
 use crate::agent::nft_target::NftTarget;
 use crate::agent::{Snapshot, SyncError, SyncStats, SyncTarget};
 use crate::compile::compile;
-use crate::model::{Cluster, Direction, ObjectRef, Policy, SharedList, namespace_map};
 use crate::nft::Nftables;
 use crate::nft::diff::full_sync;
-use crate::selector::Selector;
+use crate::policy::model::{Cluster, Direction, ObjectRef, Policy, SharedList, namespace_map};
+use crate::policy::selector::Selector;
 
 /// The one candidate whose presence alone makes `fails` true, found by bisection in
 /// O(log n) calls. `None` when nothing fails without any candidate being at fault (the
@@ -245,14 +245,14 @@ mod tests {
     }
 
     fn policy(name: &str, app: &str) -> Arc<Policy> {
-        let selector = Selector::new(vec![crate::selector::Requirement {
+        let selector = Selector::new(vec![crate::policy::selector::Requirement {
             key: "app".into(),
-            operator: crate::selector::Operator::In([app.to_string()].into()),
+            operator: crate::policy::selector::Operator::In([app.to_string()].into()),
         }]);
         Arc::new(Policy {
             id: ObjectRef::new("shop", name),
             pod_selector: selector,
-            ingress: Some(vec![crate::model::Rule { peers: None, ports: None }]),
+            ingress: Some(vec![crate::policy::model::Rule { peers: None, ports: None }]),
             egress: None,
             quarantined: None,
         })
@@ -298,13 +298,13 @@ mod tests {
     #[test]
     fn a_policy_that_makes_the_sync_panic_is_quarantined_and_the_others_are_applied() {
         // Sorted by namespace and name, as the stores keep them.
-        let db = crate::model::Pod {
+        let db = crate::policy::model::Pod {
             ips: "192.0.2.2".parse::<std::net::IpAddr>().unwrap().into(),
-            ..(*crate::model::test_pod("shop", "db", &[("app", "db")])).clone()
+            ..(*crate::policy::model::test_pod("shop", "db", &[("app", "db")])).clone()
         };
-        let pods = vec![Arc::new(db), crate::model::test_pod("shop", "web", &[("app", "web")])];
+        let pods = vec![Arc::new(db), crate::policy::model::test_pod("shop", "web", &[("app", "web")])];
         let snapshot = Snapshot {
-            namespaces: Arc::new(vec![Arc::new(crate::model::Namespace {
+            namespaces: Arc::new(vec![Arc::new(crate::policy::model::Namespace {
                 name: "shop".into(),
                 labels: Default::default(),
             })]),

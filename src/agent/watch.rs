@@ -49,8 +49,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::convert::{self, FieldError, PodOutcome};
-use crate::model;
+use crate::k8s::convert::{self, FieldError, PodOutcome};
+use crate::policy::model;
 
 use super::Snapshot;
 use super::trigger::{SnapshotSource, Trigger};
@@ -1203,7 +1203,7 @@ mod tests {
     #[test]
     fn the_shared_active_list_follows_every_apply_delete_and_relist_and_never_changes_a_taken_snapshot() {
         for seed in 0..200 {
-            let mut rng = crate::generate::Rng::new(seed);
+            let mut rng = crate::cli::generate::Rng::new(seed);
             let mut stores = AgentStores::default();
             let mut relisting = false;
             for step in 0..60 {

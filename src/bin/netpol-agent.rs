@@ -18,8 +18,8 @@ use netpol::agent::nft_target::NftTarget;
 use netpol::agent::quarantine::Quarantining;
 use netpol::agent::{self, AgentConfig, AgentError, Snapshot, SyncError, SyncStats, SyncTarget};
 use netpol::conntrack::NetlinkConntrack;
-use netpol::nft::netlink::NetlinkNftables;
-use netpol::nft::real::RealNftables;
+use netpol::nft::backend::netlink::NetlinkNftables;
+use netpol::nft::backend::process::RealNftables;
 
 const BAD_CONFIG: u8 = 2;
 

@@ -9,20 +9,20 @@ use anyhow::{Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
-use netpol::bitset::BitMatrix;
+use netpol::cli::query;
+use netpol::cli::report::{self, MatrixReport};
 use netpol::compile::{self, NodeConfig};
-use netpol::engine::Engine;
-use netpol::evaluate::{self, Endpoint};
-use netpol::kernel_engine;
+use netpol::engines::Engine;
+use netpol::engines::kernel;
+use netpol::engines::ruleset;
+use netpol::engines::verify;
+use netpol::k8s::load::{self, LoadOptions, Loaded};
 use netpol::lab;
-use netpol::load::{self, LoadOptions, Loaded};
-use netpol::matrix::{self, Family, Probe, ProbePort};
-use netpol::model::{Cluster, Direction, Protocol};
 use netpol::nft::{json, render};
-use netpol::query;
-use netpol::report::{self, MatrixReport};
-use netpol::ruleset_engine;
-use netpol::verify;
+use netpol::policy::bitset::BitMatrix;
+use netpol::policy::evaluate::{self, Endpoint};
+use netpol::policy::matrix::{self, Family, Probe, ProbePort};
+use netpol::policy::model::{Cluster, Direction, Protocol};
 
 const ABOUT: &str = "Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.";
 
@@ -470,7 +470,7 @@ fn probes(cluster: &Cluster, ports: &[String], protocols: &[String]) -> Result<V
 /// a run cannot use.
 fn check_kernel(engines: &[Engine]) -> Result<()> {
     if engines.contains(&Engine::Kernel) {
-        kernel_engine::check_prerequisites()?;
+        kernel::check_prerequisites()?;
     }
     Ok(())
 }
@@ -534,7 +534,7 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
     match a.engine {
         Engine::Evaluator => {}
         Engine::Ruleset => {
-            let t = ruleset_engine::trace(&cluster, &conn);
+            let t = ruleset::trace(&cluster, &conn);
             // The explanation stays the evaluator's; the verdict is the ruleset's own.
             verdict.allowed = t.allowed;
             trace = Some(t);
@@ -542,7 +542,7 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
         Engine::Kernel => {
             // One connection, one probe (in a lab of the whole cluster); the explanation
             // stays the evaluator's, the verdict is what the packets did.
-            let facts = kernel_engine::decide(&cluster, &[conn], a.kernel.probe_timeout.0)?;
+            let facts = kernel::decide(&cluster, &[conn], a.kernel.probe_timeout.0)?;
             verdict.allowed = facts.first().copied().unwrap_or(false);
         }
     }
@@ -767,8 +767,8 @@ fn lab_cleanup_cmd(a: CleanupArgs) -> Result<ExitCode> {
         print_out(&text)?;
         return Ok(ExitCode::SUCCESS);
     }
-    kernel_engine::check_privileges().map_err(|e| match e {
-        kernel_engine::KernelError::NotRoot => {
+    kernel::check_privileges().map_err(|e| match e {
+        kernel::KernelError::NotRoot => {
             anyhow!("removing network namespaces needs root; run `sudo netpol-check lab cleanup`")
         }
         e => anyhow!(e),
@@ -784,7 +784,7 @@ fn lab_cleanup_cmd(a: CleanupArgs) -> Result<ExitCode> {
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<ExitCode> {
-    let params = netpol::generate::Params {
+    let params = netpol::cli::generate::Params {
         pods: a.pods,
         namespaces: a.namespaces,
         policies: a.policies,
@@ -792,7 +792,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<ExitCode> {
         seed: a.seed,
         dual_stack: a.dual_stack,
     };
-    let yaml = netpol::generate::to_yaml(&netpol::generate::cluster(&params));
+    let yaml = netpol::cli::generate::to_yaml(&netpol::cli::generate::cluster(&params));
     print_out(&yaml)?;
     Ok(ExitCode::SUCCESS)
 }

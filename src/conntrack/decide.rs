@@ -19,10 +19,10 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::model::{Pod, changed_items};
 use crate::nft::interpret::{Fate, Interpreter, Packet};
 use crate::nft::ir::{Hook, MapVerdict, Match, Ruleset};
 use crate::nft::{Op, Transaction};
+use crate::policy::model::{Pod, changed_items};
 
 use super::Flow;
 
@@ -171,9 +171,9 @@ mod tests {
     use super::*;
     use crate::compile::{NodeConfig, compile};
     use crate::conntrack::Tuple;
-    use crate::model::{Cluster, Labels, NamespaceScope, Peer, PortMatch, PortSpec, Protocol, Rule};
-    use crate::model::{Namespace, ObjectRef, Policy};
-    use crate::selector::Selector;
+    use crate::policy::model::{Cluster, Labels, NamespaceScope, Peer, PortMatch, PortSpec, Protocol, Rule};
+    use crate::policy::model::{Namespace, ObjectRef, Policy};
+    use crate::policy::selector::Selector;
     use proptest::prelude::*;
 
     const NODE: &str = "n1";
@@ -435,8 +435,8 @@ mod tests {
     /// the independent oracle (it reads the policies, not the ruleset).
     fn evaluator_allows(c: &Cluster, f: &Flow) -> Option<bool> {
         let endpoint = |ip: IpAddr| match c.pods.iter().position(|p| p.ips.contains(&ip)) {
-            Some(i) => crate::evaluate::Endpoint::Pod(i),
-            None => crate::evaluate::Endpoint::Ip(ip),
+            Some(i) => crate::policy::evaluate::Endpoint::Pod(i),
+            None => crate::policy::evaluate::Endpoint::Ip(ip),
         };
         let protocol = match f.original.proto {
             6 => Protocol::Tcp,
@@ -444,14 +444,14 @@ mod tests {
             132 => Protocol::Sctp,
             _ => return None,
         };
-        let conn = crate::evaluate::Connection {
+        let conn = crate::policy::evaluate::Connection {
             src: endpoint(f.original.src),
             dst: endpoint(f.reply.src),
             protocol,
             port: f.reply.sport,
             ipv6: f.original.src.is_ipv6(),
         };
-        Some(crate::evaluate::evaluate(c, &conn).allowed)
+        Some(crate::policy::evaluate::evaluate(c, &conn).allowed)
     }
 
     proptest! {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
-use crate::nft::netlink::{NLMSG_ERROR, NetlinkSocket, messages};
+use crate::nft::backend::netlink::{NLMSG_ERROR, NetlinkSocket, messages};
 
 use super::wire::{NLMSG_DONE, delete_request, dump_request, is_conntrack_entry, parse_flow};
 use super::{ConntrackError, ConntrackTable, Flow};

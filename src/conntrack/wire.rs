@@ -14,7 +14,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::nft::netlink::{NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, attributes};
+use crate::nft::backend::netlink::{NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, attributes};
 
 use super::{Flow, Tuple};
 
@@ -248,7 +248,7 @@ pub fn entry_message(flow: &Flow, seq: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::netlink::messages;
+    use crate::nft::backend::netlink::messages;
 
     fn tcp(src: &str, sport: u16, dst: &str, dport: u16) -> Flow {
         let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());

@@ -84,8 +84,8 @@ pub fn node_side_interface(pod: usize) -> String {
 /// Layer-4 protocol of a served port or a probe: the model's own [`Protocol`], so callers
 /// need no conversion.
 ///
-/// [`Protocol`]: crate::model::Protocol
-pub use crate::model::Protocol as L4;
+/// [`Protocol`]: crate::policy::model::Protocol
+pub use crate::policy::model::Protocol as L4;
 
 /// Address family of a probe.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, PartialOrd, Ord)]

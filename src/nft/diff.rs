@@ -267,7 +267,7 @@ mod tests {
     /// A node's ruleset with policy chains, peer sets and the dispatch maps.
     fn node_ruleset() -> Ruleset {
         (0..50)
-            .map(|seed| compile(&crate::generate::small_random(seed), &NodeConfig::new("node-1")))
+            .map(|seed| compile(&crate::cli::generate::small_random(seed), &NodeConfig::new("node-1")))
             .find(|rs| rs.chains.len() > 5 && rs.sets.values().any(|s| !s.elements.is_empty()))
             .expect("a random cluster with policies on node-1")
     }

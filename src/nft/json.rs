@@ -6,7 +6,7 @@
 //!
 //! The output is what `nft -j list table` prints and what `nft -j -f` accepts as adds.
 //! Only serialization: the crate's process helpers are never called (the only process
-//! spawner is [`crate::nft::real`]).
+//! spawner is [`crate::nft::backend::process`]).
 
 use std::borrow::Cow;
 use std::collections::HashSet;

@@ -10,15 +10,13 @@
 //!                                                                           └─ fake (in memory)
 //! ```
 
+pub mod backend;
 pub mod diff;
 pub mod fake;
 pub mod interpret;
 pub mod ir;
 pub mod json;
-pub mod monitor;
 pub mod names;
-pub mod netlink;
-pub mod real;
 pub mod render;
 
 use std::sync::Arc;

@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 
-use netpol::load::{LoadOptions, load_sources, read_sources};
-use netpol::matrix::{Probe, ProbePort};
-use netpol::model::{Cluster, ObjectRef, Protocol};
+use netpol::k8s::load::{LoadOptions, load_sources, read_sources};
+use netpol::policy::matrix::{Probe, ProbePort};
+use netpol::policy::model::{Cluster, ObjectRef, Protocol};
 use serde_json::Value;
 
 /// CI runs as root with everything installed: there a missing prerequisite is a failure.
@@ -51,7 +51,7 @@ fn load_case(path: PathBuf) -> Case {
         .unwrap_or_else(|e| panic!("{name}: {e}"))
         .cluster;
     let text = std::fs::read_to_string(&path).unwrap();
-    let exp: Value = netpol::load::split_documents(&text)
+    let exp: Value = netpol::k8s::load::split_documents(&text)
         .into_iter()
         .filter_map(|(_, doc)| yaml_serde::from_str::<Value>(&doc).ok())
         .find(|v| v["kind"] == "Expectation")

@@ -13,9 +13,9 @@
 
 use serde_json::{Value, json};
 
-use crate::bitset::BitMatrix;
-use crate::matrix::{self, Family, Probe, ProbePort};
-use crate::model::Cluster;
+use crate::policy::bitset::BitMatrix;
+use crate::policy::matrix::{self, Family, Probe, ProbePort};
+use crate::policy::model::Cluster;
 
 /// One cell where the engines do not all say the same.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,8 +204,8 @@ fn resolved_port(cluster: &Cluster, probe: &Probe, d: &Disagreement) -> Option<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bitset::BitSet;
-    use crate::model::{ObjectRef, Pod, Policy, Protocol};
+    use crate::policy::bitset::BitSet;
+    use crate::policy::model::{ObjectRef, Pod, Policy, Protocol};
 
     /// Rows of `.` (allowed) and `X` (denied).
     fn matrix(rows: &[&str]) -> BitMatrix {

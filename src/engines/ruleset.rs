@@ -14,13 +14,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::bitset::BitMatrix;
 use crate::compile::{NodeConfig, compile};
-use crate::evaluate::{Connection, Endpoint};
-use crate::matrix::{Family, Probe, cell_by_cell};
-use crate::model::Cluster;
 use crate::nft::interpret::{Fate, Interpreter, Packet, Step};
 use crate::nft::ir::{Hook, Ruleset};
+use crate::policy::bitset::BitMatrix;
+use crate::policy::evaluate::{Connection, Endpoint};
+use crate::policy::matrix::{Family, Probe, cell_by_cell};
+use crate::policy::model::Cluster;
 
 /// Every node's ruleset (compiled once), ready to decide connections.
 pub struct Engine {

@@ -26,9 +26,11 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, sockopt};
 
-use super::ir::{Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, MapVerdict, Match, Rule, Verdict};
-use super::real::RealNftables;
-use super::{NftError, Nftables, Op, Transaction};
+use super::process::RealNftables;
+use crate::nft::ir::{
+    Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, MapVerdict, Match, Rule, Verdict,
+};
+use crate::nft::{NftError, Nftables, Op, Transaction};
 
 // ---------------------------------------------------------------- constants (linux/netfilter/*.h)
 
@@ -247,7 +249,7 @@ impl Batch {
 /// A comment as libnftnl user data: type, length, the text with its NUL. One byte of
 /// length: nft caps comments at 128 bytes, and so does `names::comment`.
 fn comment_tlv(out: &mut Vec<u8>, kind: u8, text: &str) {
-    let text = super::names::comment(text);
+    let text = crate::nft::names::comment(text);
     let bytes = &text.as_bytes()[..text.len().min(254)];
     out.extend_from_slice(&[kind, (bytes.len() + 1) as u8]);
     out.extend_from_slice(bytes);
@@ -366,13 +368,13 @@ fn require_family(e: &mut Batch, f: IpFamily, family_known: &mut Option<IpFamily
 /// is looked up in has `flags interval` (nft then converts `meta l4proto` of a
 /// `meta l4proto . th dport` key with a byteorder expression).
 fn load_key(e: &mut Batch, key: Key, family_known: &mut Option<IpFamily>, interval: bool) {
-    let mut addr = |e: &mut Batch, f: IpFamily, field: super::ir::AddrField| -> u32 {
+    let mut addr = |e: &mut Batch, f: IpFamily, field: crate::nft::ir::AddrField| -> u32 {
         require_family(e, f, family_known);
         let (len, offset) = match (f, field) {
-            (IpFamily::V4, super::ir::AddrField::Saddr) => (4, 12),
-            (IpFamily::V4, super::ir::AddrField::Daddr) => (4, 16),
-            (IpFamily::V6, super::ir::AddrField::Saddr) => (16, 8),
-            (IpFamily::V6, super::ir::AddrField::Daddr) => (16, 24),
+            (IpFamily::V4, crate::nft::ir::AddrField::Saddr) => (4, 12),
+            (IpFamily::V4, crate::nft::ir::AddrField::Daddr) => (4, 16),
+            (IpFamily::V6, crate::nft::ir::AddrField::Saddr) => (16, 8),
+            (IpFamily::V6, crate::nft::ir::AddrField::Daddr) => (16, 24),
         };
         e.payload(PAYLOAD_NETWORK, offset, len, 1);
         len
@@ -977,7 +979,7 @@ fn encode_op(
                 inner.applied_op(&op);
             }
             for (name, map) in &rs.maps {
-                let declared = super::ir::Map { elements: Default::default(), ..map.clone() };
+                let declared = crate::nft::ir::Map { elements: Default::default(), ..map.clone() };
                 let op = Op::AddMap { name: name.clone(), map: declared };
                 encode_op(b, t, i, &op, &inner, set_id)?;
                 inner.applied_op(&op);
@@ -1301,7 +1303,7 @@ impl NetlinkNftables {
                 let op = origins.iter().find(|(s, _)| *s == seq).and_then(|(_, op)| tx.ops.get(*op));
                 errors.push(match op {
                     Some(op) => {
-                        let text: String = super::render::op(&tx.table, op).chars().take(200).collect();
+                        let text: String = crate::nft::render::op(&tx.table, op).chars().take(200).collect();
                         format!("{errno}: {text}")
                     }
                     None => errno.to_string(),

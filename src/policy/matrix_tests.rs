@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::generate;
+use crate::cli::generate;
 
 fn probes() -> Vec<Probe> {
     let mut out = Vec::new();

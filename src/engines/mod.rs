@@ -4,17 +4,20 @@
 //!
 //! ```text
 //!  Engine::Evaluator ──► matrix::Index (pure)              ┐
-//!  Engine::Ruleset   ──► ruleset_engine (pure)             ├─► result[family][probe]: BitMatrix
-//!  Engine::Kernel    ──► kernel_engine (one lab, real nft) ┘
+//!  Engine::Ruleset   ──► ruleset (pure)                    ├─► result[family][probe]: BitMatrix
+//!  Engine::Kernel    ──► kernel (one lab, real nft)        ┘
 //! ```
+
+pub mod kernel;
+pub mod ruleset;
+pub mod verify;
 
 use std::time::Duration;
 
-use crate::bitset::BitMatrix;
-use crate::kernel_engine::{self, KernelError};
-use crate::matrix::{self, Family, Probe};
-use crate::model::Cluster;
-use crate::ruleset_engine;
+use crate::policy::bitset::BitMatrix;
+use crate::policy::matrix::{self, Family, Probe};
+use crate::policy::model::Cluster;
+use kernel::KernelError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Engine {
@@ -57,10 +60,10 @@ impl Engine {
                 })
                 .collect(),
             Engine::Ruleset => {
-                let rulesets = ruleset_engine::Engine::new(cluster);
+                let rulesets = ruleset::Engine::new(cluster);
                 families.iter().map(|&f| probes.iter().map(|p| rulesets.matrix(cluster, p, f)).collect()).collect()
             }
-            Engine::Kernel => kernel_engine::matrices_per_family(cluster, probes, families, probe_timeout)?,
+            Engine::Kernel => kernel::matrices_per_family(cluster, probes, families, probe_timeout)?,
         })
     }
 }

@@ -21,11 +21,11 @@ use k8s_openapi::api::networking::v1 as net;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::{
+use crate::policy::model::{
     ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, PodIps, Policy, PortMatch,
     PortSpec, Protocol, Rule,
 };
-use crate::selector::{Operator, Requirement, Selector};
+use crate::policy::selector::{Operator, Requirement, Selector};
 
 /// What is wrong with one field of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +66,7 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace> {
     let mut ns = Namespace { name, labels };
     // The API server sets this label on every namespace (immutable, since 1.21): upstream
     // `SetDefaults_Namespace` (pkg/apis/core/v1/defaults.go), whatever labels were written.
-    ns.labels.insert(crate::model::NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
+    ns.labels.insert(crate::policy::model::NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
     Ok(ns)
 }
 
@@ -575,7 +575,7 @@ pub fn validate_port_name(name: &str, path: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Direction;
+    use crate::policy::model::Direction;
 
     fn network_policy(spec: serde_json::Value) -> net::NetworkPolicy {
         serde_json::from_value(serde_json::json!({
@@ -593,7 +593,7 @@ mod tests {
     }
 
     fn pod_with(labels: &[(&str, &str)]) -> Pod {
-        Pod::clone(&crate::model::test_pod("shop", "p", labels))
+        Pod::clone(&crate::policy::model::test_pod("shop", "p", labels))
     }
 
     const BAD_PEER: &str = "10.0.0.0/33";

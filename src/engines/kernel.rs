@@ -33,13 +33,13 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::bitset::{BitMatrix, BitSet};
 use crate::compile::{NodeConfig, compile};
-use crate::evaluate::{Connection, Endpoint};
 use crate::lab::{self, Lab, LabError, LabNode, LabPod};
-use crate::matrix::{self, Family};
-use crate::model::{Cluster, Protocol};
 use crate::nft::render;
+use crate::policy::bitset::{BitMatrix, BitSet};
+use crate::policy::evaluate::{Connection, Endpoint};
+use crate::policy::matrix::{self, Family};
+use crate::policy::model::{Cluster, Protocol};
 
 /// Why the kernel engine could not answer.
 #[derive(Debug)]
@@ -371,7 +371,7 @@ pub fn check_supported(cluster: &Cluster) -> Result<(), KernelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ObjectRef, Pod, Policy};
+    use crate::policy::model::{ObjectRef, Pod, Policy};
 
     fn pod(name: &str, node: &str, ip: &str, host_network: bool) -> Pod {
         Pod {

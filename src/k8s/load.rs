@@ -36,8 +36,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
-use crate::convert::{self, FieldError, PodOutcome};
-use crate::model::{Cluster, Namespace, ObjectRef, Pod, Policy};
+use crate::k8s::convert::{self, FieldError, PodOutcome};
+use crate::policy::model::{Cluster, Namespace, ObjectRef, Pod, Policy};
 
 /// A load failure, with everything needed to find and fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,17 +8,17 @@
 //!                               ► allowed[i][j] = egress[i][j] AND ingress[j][i]
 //! ```
 //!
-//! This is the evaluator engine at scale: the same semantics as [`crate::evaluate`] (which
+//! This is the evaluator engine at scale: the same semantics as [`crate::policy::evaluate`] (which
 //! decides one connection by walking every policy), computed with bit sets so that
 //! 10 000 pods × 1 000 policies takes seconds. The two are held equal by property tests.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
-use crate::bitset::{BitMatrix, BitSet};
-use crate::evaluate::{self, Connection, Endpoint};
-use crate::model::{Cluster, Direction, NamespaceScope, Peer, PortMatch, Protocol, Rule};
-use crate::selector::Selector;
+use crate::policy::bitset::{BitMatrix, BitSet};
+use crate::policy::evaluate::{self, Connection, Endpoint};
+use crate::policy::model::{Cluster, Direction, NamespaceScope, Peer, PortMatch, Protocol, Rule};
+use crate::policy::selector::Selector;
 
 /// The port of a probe: a number, or a name resolved on each destination pod.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

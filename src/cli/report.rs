@@ -12,10 +12,10 @@
 
 use std::io::{self, Write};
 
-use crate::bitset::BitMatrix;
-use crate::evaluate::{Connection, Decision, Endpoint, Shortcut, SideVerdict, Verdict};
-use crate::matrix::{Probe, ProbePort};
-use crate::model::{Cluster, Direction, NamespaceScope, Peer, PortSpec, Rule};
+use crate::policy::bitset::BitMatrix;
+use crate::policy::evaluate::{Connection, Decision, Endpoint, Shortcut, SideVerdict, Verdict};
+use crate::policy::matrix::{Probe, ProbePort};
+use crate::policy::model::{Cluster, Direction, NamespaceScope, Peer, PortSpec, Rule};
 
 pub struct MatrixReport<'a> {
     pub engine: &'a str,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::selector::Selector;
+use crate::policy::selector::Selector;
 
 /// Label key → value, sorted so that output and hashing are deterministic.
 pub type Labels = BTreeMap<String, String>;
@@ -728,10 +728,10 @@ mod tests {
 
     #[test]
     fn a_cluster_built_after_another_synthesizes_the_namespaces_its_new_pods_name() {
-        let mut rng = crate::generate::Rng::new(11);
+        let mut rng = crate::cli::generate::Rng::new(11);
         let declared = Arc::new(namespace_map([Namespace::synthesized("a"), Namespace::synthesized("b")]));
         // Pods of namespaces a, b (declared) and c (not), sorted by namespace and name.
-        let pods = |rng: &mut crate::generate::Rng, shared: &[Arc<Pod>]| -> SharedList<Pod> {
+        let pods = |rng: &mut crate::cli::generate::Rng, shared: &[Arc<Pod>]| -> SharedList<Pod> {
             let mut out: Vec<Arc<Pod>> = shared.iter().filter(|_| rng.chance(80)).cloned().collect();
             for k in 0..rng.below(3) {
                 let ns = if rng.chance(20) { "c" } else { *rng.pick(&["a", "b"]) };

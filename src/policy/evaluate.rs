@@ -20,7 +20,7 @@
 
 use std::net::IpAddr;
 
-use crate::model::{Cluster, Direction, NamespaceScope, Peer, Pod, Protocol, Rule};
+use crate::policy::model::{Cluster, Direction, NamespaceScope, Peer, Pod, Protocol, Rule};
 
 /// One end of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

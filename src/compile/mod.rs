@@ -43,14 +43,16 @@ use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::model::{Cluster, Direction, IpBlock, NamespaceScope, Peer, Pod, PortMatch, Protocol, Rule as PolicyRule};
 use crate::nft::diff::{SetDelta, SetDeltas};
 use crate::nft::ir::{
     AddrField, BaseChain, Chain, ChainPolicy, CtState, Element, Hook, ICMPV6_ND_TYPES, IpFamily, Key, KeyType, Map,
     MapVerdict, Match, ND_HOP_LIMIT, Rule, Ruleset, Set, Value, Verdict,
 };
 use crate::nft::names;
-use crate::selector::{Operator, Selector};
+use crate::policy::model::{
+    Cluster, Direction, IpBlock, NamespaceScope, Peer, Pod, PortMatch, Protocol, Rule as PolicyRule,
+};
+use crate::policy::selector::{Operator, Selector};
 
 /// Which node to compile for, and the table to own.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,7 +260,7 @@ type ChangedPod = (Option<usize>, Option<usize>);
 
 /// The changed pods of two clusters' sorted pod lists, or `None` when more than `limit` differ.
 fn changed_pods(old: &[Arc<Pod>], new: &[Arc<Pod>], limit: usize) -> Option<Vec<ChangedPod>> {
-    crate::model::changed_items(old, new, |p| &p.id, limit)
+    crate::policy::model::changed_items(old, new, |p| &p.id, limit)
 }
 
 /// Where the pods at `old` (ascending indices in the old cluster) are in the new one, for
@@ -457,13 +459,13 @@ struct SetCache {
     /// How the last patch changed sets, by set name.
     deltas: SetDeltas,
     /// Policy chains by (policy object, direction).
-    policy_chains: HashMap<(ByAddress<crate::model::Policy>, Direction), CachedPolicyChain>,
+    policy_chains: HashMap<(ByAddress<crate::policy::model::Policy>, Direction), CachedPolicyChain>,
     /// Local pods' chains by (pod object, direction).
     pod_chains: HashMap<(ByAddress<Pod>, Direction), CachedPodChain>,
     /// The policies (indices) selecting each local pod for (egress, ingress), in the
     /// policy list `selections_of`: a pod and a list both unchanged select the same.
     selections: HashMap<ByAddress<Pod>, [Vec<usize>; 2]>,
-    selections_of: Option<crate::model::SharedList<crate::model::Policy>>,
+    selections_of: Option<crate::policy::model::SharedList<crate::policy::model::Policy>>,
     /// Compiles so far (the current one included): the clock of the cached sets' `last_used`.
     generation: u64,
     /// The (v4, v6) sets of the local pods' addresses, when the unknown-pod guard is on.
@@ -534,7 +536,7 @@ struct CachedPolicyChain {
 #[derive(Debug)]
 struct CachedPodChain {
     /// The policies it jumps to (their ids name the chains).
-    policies: Vec<Arc<crate::model::Policy>>,
+    policies: Vec<Arc<crate::policy::model::Policy>>,
     name: String,
     chain: Arc<Chain>,
     used: bool,
@@ -749,9 +751,15 @@ fn named_port_entries(
         .collect();
     let admitted = entries.is_empty()
         || peers.is_none_or(|peers| {
-            peers
-                .iter()
-                .any(|p| crate::evaluate::peer_matches(cluster, policy_ns, p, crate::evaluate::Endpoint::Pod(j), ip))
+            peers.iter().any(|p| {
+                crate::policy::evaluate::peer_matches(
+                    cluster,
+                    policy_ns,
+                    p,
+                    crate::policy::evaluate::Endpoint::Pod(j),
+                    ip,
+                )
+            })
         });
     if admitted { entries } else { Vec::new() }
 }
@@ -1735,12 +1743,12 @@ mod tests {
 
     /// A pod of namespace `ns` named `name`, labelled `version: <version>`.
     fn named_pod(ns: &str, name: &str, version: usize) -> Arc<Pod> {
-        crate::model::test_pod(ns, name, &[("version", &version.to_string())])
+        crate::policy::model::test_pod(ns, name, &[("version", &version.to_string())])
     }
 
     #[test]
     fn unchanged_pods_are_found_in_the_next_cluster_by_counting_the_changes_before_them() {
-        let mut rng = crate::generate::Rng::new(7);
+        let mut rng = crate::cli::generate::Rng::new(7);
         for round in 0..500 {
             // Pods named 0..40 in two namespaces; each present in either list or both, and
             // shared, relabelled or an equal copy (a relist) when in both.
@@ -1778,8 +1786,8 @@ mod tests {
 
     #[test]
     fn sets_built_from_their_namespaces_pods_equal_sets_built_through_the_label_index() {
-        let mut clusters: Vec<Cluster> = (0..150).map(crate::generate::small_random).collect();
-        clusters.push(crate::generate::cluster(&crate::generate::Params {
+        let mut clusters: Vec<Cluster> = (0..150).map(crate::cli::generate::small_random).collect();
+        clusters.push(crate::cli::generate::cluster(&crate::cli::generate::Params {
             pods: 2_000,
             namespaces: 12,
             policies: 120,

@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::evaluate::{Connection, Endpoint};
-use crate::matrix::{Family, ProbePort};
-use crate::model::{Cluster, ObjectRef, Pod, PodIps, Protocol};
+use crate::policy::evaluate::{Connection, Endpoint};
+use crate::policy::matrix::{Family, ProbePort};
+use crate::policy::model::{Cluster, ObjectRef, Pod, PodIps, Protocol};
 
 /// The namespace that names node endpoints (`node/<node name>`) in answers.
 pub const NODE_ENDPOINT_NAMESPACE: &str = "node";
@@ -72,7 +72,7 @@ pub fn parse_port(text: &str) -> Result<ProbePort, String> {
         Ok(n) if (1..=65535).contains(&n) => Ok(ProbePort::Number(n as u16)),
         Ok(n) => Err(format!("{n} is not a port (1-65535)")),
         Err(_) => {
-            crate::convert::validate_port_name(text, "").map_err(|e| e.reason)?;
+            crate::k8s::convert::validate_port_name(text, "").map_err(|e| e.reason)?;
             Ok(ProbePort::Named(text.to_string()))
         }
     }

@@ -11,11 +11,11 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{
+use crate::policy::model::{
     Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, PodIps, Policy,
     PortMatch, PortSpec, Protocol, Rule,
 };
-use crate::selector::{Operator, Requirement, Selector};
+use crate::policy::selector::{Operator, Requirement, Selector};
 
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -88,7 +88,7 @@ pub fn cluster(p: &Params) -> Cluster {
             let mut labels = Labels::new();
             labels.insert("team".into(), rng.pick(TEAMS).to_string());
             labels.insert("env".into(), rng.pick(ENVS).to_string());
-            labels.insert(crate::model::NAMESPACE_NAME_LABEL.into(), name.clone());
+            labels.insert(crate::policy::model::NAMESPACE_NAME_LABEL.into(), name.clone());
             Namespace { name, labels }
         })
         .collect();
@@ -397,7 +397,7 @@ pub fn small_random(seed: u64) -> Cluster {
     let namespaces: Vec<Namespace> = ["a", "b", "c"]
         .iter()
         .map(|name| {
-            let mut labels = Labels::from([(crate::model::NAMESPACE_NAME_LABEL.to_string(), name.to_string())]);
+            let mut labels = Labels::from([(crate::policy::model::NAMESPACE_NAME_LABEL.to_string(), name.to_string())]);
             if rng.chance(50) {
                 labels.insert("team".into(), rng.pick(&["x", "y"]).to_string());
             }

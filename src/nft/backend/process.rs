@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{NftError, Nftables, Transaction};
+use crate::nft::{NftError, Nftables, Transaction};
 
 #[derive(Clone, Debug)]
 pub struct RealNftables {

@@ -1,0 +1,12 @@
+//! What `netpol-check` shows and generates: parsing what a user types, and formatting
+//! answers. No engine lives here.
+//!
+//! ```text
+//!  "ns/pod", "10.1.2.3", "http" ──► query ──► evaluate::Connection
+//!  MatrixReport, Verdict, Pod ────► report ──► text / JSON / YAML / CSV
+//!  Params{pods, policies, ...} ───► generate ──► Cluster (benchmarks, property tests)
+//! ```
+
+pub mod generate;
+pub mod query;
+pub mod report;

@@ -1,0 +1,15 @@
+//! The pure core: what NetworkPolicy means, with no I/O and no Kubernetes API type.
+//!
+//! ```text
+//!  model::{Namespace, Pod, Policy} ──► Cluster (sorted, indexed)
+//!        │                               │
+//!  selector (labels) ◄───────────────────┤
+//!                                        ├─► evaluate: one connection, with the rule that decided it
+//!                                        └─► matrix: every pair at once, on bitset::BitMatrix
+//! ```
+
+pub mod bitset;
+pub mod evaluate;
+pub mod matrix;
+pub mod model;
+pub mod selector;
