@@ -18,7 +18,7 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --profile deploy --locked --bins \
+    cargo build --profile deploy --locked --features agent --bins \
     && mkdir -p /out \
     && cp target/deploy/netpol-agent target/deploy/netpol-check /out/
 

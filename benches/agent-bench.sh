@@ -19,5 +19,5 @@ case " $* " in
     exec cargo bench --bench agent -- "$@"
     ;;
 esac
-cargo build --profile deploy --bin netpol-agent
+cargo build --profile deploy --features agent --bin netpol-agent
 exec cargo bench --bench agent -- --agent "$CARGO_TARGET_DIR/deploy/netpol-agent" "$@"

@@ -17,6 +17,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo fmt --all -- --check
+cargo clippy --locked --all-targets --all-features -- -D warnings
+# The default build is the CLI alone: it must stand without the agent's code.
+cargo clippy --locked --bin netpol-check -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --no-fail-fast
   cargo test --locked --doc

@@ -22,13 +22,16 @@
 //! | `testkit/`  | fake API server and agent process helpers for tests and benchmarks |
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "agent")]
 pub mod agent;
 pub mod cli;
 pub mod compile;
+#[cfg(feature = "agent")]
 pub mod conntrack;
 pub mod engines;
 pub mod k8s;
 pub mod lab;
 pub mod nft;
 pub mod policy;
+#[cfg(feature = "testkit")]
 pub mod testkit;

@@ -451,11 +451,11 @@ fn dockerfile_stages() -> Vec<Vec<String>> {
 }
 
 #[test]
-fn the_dockerfile_builds_the_binaries_with_the_locked_dependencies() {
+fn the_dockerfile_builds_both_binaries_with_the_locked_dependencies_and_the_agent_feature() {
     let stages = dockerfile_stages();
     assert!(stages.len() >= 2, "multi-stage: a builder and a runtime");
     let builder = stages[0].join("\n");
-    assert!(builder.contains("cargo build --profile deploy --locked --bins"), "{builder}");
+    assert!(builder.contains("cargo build --profile deploy --locked --features agent --bins"), "{builder}");
     assert!(builder.contains("target/deploy/netpol-agent"), "{builder}");
 }
 
