@@ -23,6 +23,7 @@ use netpol::policy::bitset::BitMatrix;
 use netpol::policy::evaluate::{self, Endpoint};
 use netpol::policy::matrix::{self, Family, Probe, ProbePort};
 use netpol::policy::model::{Cluster, Direction, Protocol};
+use netpol::validate;
 
 const ABOUT: &str = "Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.";
 
@@ -112,10 +113,10 @@ struct Input {
     #[arg(short = 'f', long = "file", value_name = "PATH", required = true)]
     files: Vec<PathBuf>,
     /// Range for the IPv4 addresses of pods that have none (workload templates, bare manifests).
-    #[arg(long, value_name = "CIDR", default_value = "10.244.0.0/16")]
+    #[arg(long, value_name = "CIDR", default_value = "10.244.0.0/16", value_parser = validate::cidr_arg)]
     synthetic_ipv4: IpNet,
     /// Also give such pods an IPv6 address from this range (dual stack).
-    #[arg(long, value_name = "CIDR")]
+    #[arg(long, value_name = "CIDR", value_parser = validate::cidr_arg)]
     synthetic_ipv6: Option<IpNet>,
     /// Warn instead of failing on unknown fields (ignored) and on pods sharing an IP (the
     /// first in namespace/name order keeps it; the others take no part).
@@ -123,36 +124,21 @@ struct Input {
     lenient: bool,
 }
 
-/// How long a kernel probe waits for an answer: `300`, `300ms`, `1s`, `1.5s`.
+/// How long a kernel probe waits for an answer: `300ms`, `1s`, `1.5s`.
 #[derive(Clone, Copy)]
 struct ProbeTimeout(std::time::Duration);
 
-const PROBE_TIMEOUT_RANGE: (u64, u64) = (10, 60_000);
-
+/// The duration grammar and messages are `validate::duration`'s, the agent's too; the
+/// range is this flag's own. The lab waits whole milliseconds.
 fn parse_probe_timeout(text: &str) -> Result<ProbeTimeout, String> {
-    let t = text.trim();
-    let (number, scale) = if let Some(ms) = t.strip_suffix("ms") {
-        (ms, 1.0)
-    } else if let Some(s) = t.strip_suffix('s') {
-        (s, 1000.0)
-    } else {
-        (t, 1.0)
-    };
-    let value: f64 =
-        number.trim().parse().ok().filter(|v: &f64| v.is_finite() && *v >= 0.0).ok_or_else(|| {
-            format!("{text:?} is not a duration (milliseconds like 300 or 300ms, or seconds like 1.5s)")
-        })?;
-    let ms = (value * scale).round() as u64;
-    let (lo, hi) = PROBE_TIMEOUT_RANGE;
-    if !(lo..=hi).contains(&ms) {
-        return Err(format!("{text:?} is out of range ({lo}ms to {}s)", hi / 1000));
-    }
-    Ok(ProbeTimeout(std::time::Duration::from_millis(ms)))
+    let range = (std::time::Duration::from_millis(10), std::time::Duration::from_secs(60));
+    let d = validate::duration_in(text, range.0, Some(range.1))?;
+    Ok(ProbeTimeout(std::time::Duration::from_millis((d.as_secs_f64() * 1000.0).round() as u64)))
 }
 
 #[derive(Args)]
 struct KernelOptions {
-    /// With the kernel engine: how long each probe waits for its answer (ms, or 1.5s).
+    /// With the kernel engine: how long each probe waits for its answer (300ms, 1.5s).
     /// A blocked connection costs this once per wave of concurrent probes.
     #[arg(long, value_name = "DURATION", default_value = "300ms", value_parser = parse_probe_timeout)]
     probe_timeout: ProbeTimeout,
@@ -301,7 +287,7 @@ struct RulesetArgs {
     table: String,
     /// A pod CIDR of the node (repeatable): its addresses that are no known local pod are
     /// dropped both ways (the unknown-pod guard). None: no guard.
-    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    #[arg(long = "pod-cidr", value_name = "CIDR", value_parser = validate::cidr_arg)]
     pod_cidrs: Vec<ipnet::IpNet>,
     #[arg(short = 'o', long = "output", value_enum, default_value = "nft")]
     output: RulesetFormat,
@@ -656,11 +642,10 @@ fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
 }
 
 fn ruleset_cmd(a: RulesetArgs) -> Result<ExitCode> {
-    let valid_table = a.table.starts_with(|c: char| c.is_ascii_alphabetic())
-        && a.table.len() <= 64
-        && a.table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !valid_table {
-        bail!("--table: {:?} is not an nftables table name (a letter, then letters, digits or '_')", a.table);
+    // The agent's rules (`--table`, `--node`) and messages: what this prints, it would load.
+    validate::table_name(&a.table).map_err(|e| anyhow!("--table: {e}"))?;
+    for node in &a.nodes {
+        validate::dns_subdomain(node).map_err(|e| anyhow!("--node: {e}"))?;
     }
     let cluster = load(&a.input)?;
     let known = cluster.nodes();
