@@ -9,6 +9,7 @@ use anyhow::{Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use netpol::cli::explain;
 use netpol::cli::query;
 use netpol::cli::report::{self, MatrixReport};
 use netpol::compile::{self, NodeConfig};
@@ -22,7 +23,7 @@ use netpol::nft::{json, render};
 use netpol::policy::bitset::BitMatrix;
 use netpol::policy::evaluate::{self, Endpoint};
 use netpol::policy::matrix::{self, Family, Probe, ProbePort};
-use netpol::policy::model::{Cluster, Direction, Protocol};
+use netpol::policy::model::{Cluster, Protocol};
 use netpol::validate;
 
 const ABOUT: &str = "Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.";
@@ -511,7 +512,6 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
     let protocol = parse_protocol(&a.protocol)?;
     let conn =
         query::connection(&cluster, &a.from, &a.to, &a.port, protocol, family(a.family)).map_err(|e| anyhow!(e))?;
-    let (src, dst, port, ipv6) = (conn.src, conn.dst, conn.port, conn.ipv6);
     if a.trace && !matches!(a.engine, Engine::Ruleset) {
         bail!("--trace: needs --engine ruleset (the evaluator explains itself without it)");
     }
@@ -532,50 +532,12 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
             verdict.allowed = facts.first().copied().unwrap_or(false);
         }
     }
-    let mut text = String::new();
-    match a.output {
-        QueryFormat::Text => {
-            for line in report::describe_verdict(&cluster, &conn, &verdict) {
-                text += &format!("{line}\n");
-            }
-            if let (true, Some(t)) = (a.trace, &trace) {
-                text += &format!("\nruleset trace:\n{t}\n");
-            }
-        }
-        QueryFormat::Json => {
-            let side = |s: &evaluate::SideVerdict| {
-                serde_json::json!({
-                    "isolatedBy": s.isolated_by.iter().map(|&i| cluster.policies[i].id.to_string()).collect::<Vec<_>>(),
-                    "decision": match &s.decision {
-                        evaluate::Decision::NotPoliced => serde_json::json!("not-policed"),
-                        evaluate::Decision::NotIsolated => serde_json::json!("not-isolated"),
-                        evaluate::Decision::NoRuleMatched => serde_json::json!("no-rule-matched"),
-                        evaluate::Decision::Skipped => serde_json::json!("skipped"),
-                        evaluate::Decision::Allowed(m) => serde_json::json!({
-                            "policy": cluster.policies[m.policy].id.to_string(),
-                            "direction": s.direction.as_str(),
-                            "rule": m.rule, "peer": m.peer, "port": m.port,
-                        }),
-                    },
-                })
-            };
-            let body = serde_json::json!({
-                "engine": a.engine.name(),
-                "allowed": verdict.allowed,
-                "from": report::endpoint_name(&cluster, src),
-                "to": report::endpoint_name(&cluster, dst),
-                "port": port,
-                "protocol": protocol.as_str(),
-                "family": if ipv6 { "IPv6" } else { "IPv4" },
-                "shortcut": verdict.shortcut.map(|s| format!("{s:?}")),
-                "egress": side(&verdict.egress),
-                "ingress": side(&verdict.ingress),
-                "explanation": report::describe_verdict(&cluster, &conn, &verdict),
-                "trace": trace.as_ref().filter(|_| a.trace).map(|t| t.lines.clone()),
-            });
-            text = format!("{}\n", serde_json::to_string_pretty(&body)?);
-        }
-    }
+    // The trace exists with the ruleset engine; it is shown when asked for.
+    let trace = trace.as_ref().filter(|_| a.trace);
+    let text = match a.output {
+        QueryFormat::Text => report::query_text(&cluster, &conn, &verdict, trace),
+        QueryFormat::Json => report::query_json(a.engine.name(), &cluster, &conn, &verdict, trace),
+    };
     print_out(&text)?;
     Ok(if verdict.allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
@@ -585,59 +547,7 @@ fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
     let Endpoint::Pod(i) = query::resolve_endpoint(&cluster, &a.pod).map_err(|e| anyhow!("NS/POD: {e}"))? else {
         bail!("NS/POD: {:?} is not a pod of the input", a.pod);
     };
-    let pod = &cluster.pods[i];
-    let mut text = String::new();
-    let ips: Vec<String> = pod.ips.iter().map(|ip| ip.to_string()).collect();
-    let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    outln!(
-        text,
-        "{}  ({}; node {}; labels {})",
-        pod.id,
-        ips.join(", "),
-        pod.node,
-        if labels.is_empty() { "none".into() } else { labels.join(",") }
-    );
-    if pod.host_network {
-        outln!(text, "hostNetwork pod: NetworkPolicy never selects it; it is reached (and seen) by its node's IP only");
-        print_out(&text)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    for direction in [Direction::Ingress, Direction::Egress] {
-        let selecting = cluster.isolating_policies(i, direction);
-        let verb = if direction == Direction::Ingress { "receive" } else { "send" };
-        outln!(text);
-        if selecting.is_empty() {
-            outln!(
-                text,
-                "{direction}: not isolated; it may {verb} anything (no policy in {} selects it for {direction})",
-                pod.id.namespace
-            );
-            continue;
-        }
-        let names: Vec<String> = selecting.iter().map(|&k| cluster.policies[k].id.name.clone()).collect();
-        outln!(text, "{direction}: isolated by {}; it may {verb} only:", names.join(", "));
-        let mut any = false;
-        for &k in &selecting {
-            let policy = &cluster.policies[k];
-            if let Some(why) = &policy.quarantined {
-                outln!(text, "  ({} allows nothing: it is enforced fail-closed, {why})", policy.id.name);
-            }
-            for (ri, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
-                any = true;
-                let field = if direction == Direction::Ingress { "ingress" } else { "egress" };
-                outln!(
-                    text,
-                    "  - {}   [{} spec.{field}[{ri}]]",
-                    report::describe_rule(&cluster, &policy.id.namespace, rule, direction),
-                    policy.id.name
-                );
-            }
-        }
-        if !any {
-            outln!(text, "  nothing: every {} connection is denied", direction.as_str().to_lowercase());
-        }
-    }
-    print_out(&text)?;
+    print_out(&explain::explain(&cluster, i))?;
     Ok(ExitCode::SUCCESS)
 }
 
