@@ -454,12 +454,25 @@ fn probes(cluster: &Cluster, ports: &[String], protocols: &[String]) -> Result<V
 }
 
 /// The kernel engine's prerequisites (root, `ip`, `nft`) come first: no point reading input
-/// a run cannot use.
+/// a run cannot use. A run that will build labs gets the Ctrl-C handler that removes them.
 fn check_kernel(engines: &[Engine]) -> Result<()> {
     if engines.contains(&Engine::Kernel) {
         kernel::check_prerequisites()?;
+        install_interrupt_handler();
     }
     Ok(())
+}
+
+/// On Ctrl-C or SIGTERM, delete the namespaces of every live lab, then exit 130 as a shell
+/// does for an interrupted command. A signal does not unwind, so the labs' `Drop` would not
+/// run. Installed only for the kernel engine: other commands keep the default signal action.
+fn install_interrupt_handler() {
+    if let Err(e) = ctrlc::set_handler(|| {
+        lab::teardown_live_labs();
+        std::process::exit(130);
+    }) {
+        note!("warning: no Ctrl-C handler ({e}): an interrupted run leaves its lab for `netpol-check lab cleanup`");
+    }
 }
 
 fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
