@@ -639,6 +639,14 @@ fn print_table(setups: &[Setup], args: &Args) {
 }
 
 fn main() -> ExitCode {
+    // The library installs no signal handler; a signal does not unwind, so without this a
+    // Ctrl-C would leave the lab's namespaces behind.
+    if let Err(e) = ctrlc::set_handler(|| {
+        netpol::lab::teardown_live_labs();
+        std::process::exit(130);
+    }) {
+        eprintln!("warning: no Ctrl-C cleanup: {e}");
+    }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

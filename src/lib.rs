@@ -20,6 +20,7 @@
 //! | `agent/`    | `netpol-agent`: watch, sync loop, metrics, admin server |
 //! | `cli/`      | what `netpol-check` parses and prints |
 //! | `testkit/`  | fake API server and agent process helpers for tests and benchmarks |
+//! | `validate`  | every rule for names, table names, durations and CIDRs, with its message |
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "agent")]
@@ -35,3 +36,4 @@ pub mod nft;
 pub mod policy;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod validate;

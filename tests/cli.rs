@@ -443,6 +443,30 @@ fn the_ruleset_command_prints_each_node_under_a_heading_and_rejects_a_bad_table_
     assert!(stderr(&bad).contains("--table: \"x;y\" is not an nftables table name"));
 }
 
+/// The table and node name rules are netpol-agent's, word for word (src/agent/config.rs): a
+/// ruleset printed here is one the agent would load under the same names.
+#[test]
+fn the_ruleset_command_checks_table_and_node_names_as_the_agent_does() {
+    let longest = format!("t{}", "_".repeat(254));
+    let o = netpol_check(repo(), &["ruleset", "--node", "node-1", "--table", &longest, "-f", FOUNDING]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with(&format!("table inet {longest} {{")), "{}", stdout(&o));
+    let too_long = format!("{longest}x");
+    let o = netpol_check(repo(), &["ruleset", "--table", &too_long, "-f", FOUNDING]);
+    assert_eq!(
+        stderr(&o),
+        format!(
+            "error: --table: {too_long:?} is not an nftables table name (a letter, then letters, digits or '_'; at most 255)\n"
+        )
+    );
+    let o = netpol_check(repo(), &["ruleset", "--node", "a..b", "-f", FOUNDING]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        "error: --node: \"a..b\" is not a valid name: must be dot-separated parts of lower case letters, digits or '-', each starting and ending with a letter or digit, at most 253 characters in all\n"
+    );
+}
+
 #[test]
 fn the_ruleset_command_guards_the_pod_cidrs_it_is_given_and_rejects_a_bad_one() {
     let args = ["ruleset", "--node", "node-1", "--pod-cidr", "10.244.1.0/24", "--pod-cidr", "fd00:1::/64", "-f"];
@@ -455,7 +479,13 @@ fn the_ruleset_command_guards_the_pod_cidrs_it_is_given_and_rejects_a_bad_one() 
     assert!(!unguarded.contains("pod_cidrs"), "{unguarded}");
     let bad = netpol_check(repo(), &["ruleset", "--pod-cidr", "10.244.1.0/33", "-f", FOUNDING]);
     assert_eq!(bad.status.code(), Some(2));
-    assert!(stderr(&bad).contains("--pod-cidr"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains(
+            "invalid value '10.244.1.0/33' for '--pod-cidr <CIDR>': \"10.244.1.0/33\" is not a valid CIDR (expected e.g. 10.0.0.0/16 or fd00::/64)"
+        ),
+        "{}",
+        stderr(&bad)
+    );
 }
 
 #[test]
@@ -515,7 +545,9 @@ fn verify_needs_two_different_engines() {
 #[test]
 fn a_bad_probe_timeout_is_refused_before_anything_runs() {
     for (value, reason) in [
-        ("soon", "\"soon\" is not a duration (milliseconds like 300 or 300ms, or seconds like 1.5s)"),
+        ("soon", "\"soon\" is not a duration (a number and a unit: 500ms, 1.5s, 5m, 1h)"),
+        // netpol-agent gives the same message for `--node-wait 300` (src/agent/config.rs).
+        ("300", "\"300\" has no unit (write 300ms or 300s)"),
         ("2ms", "\"2ms\" is out of range (10ms to 60s)"),
         ("61s", "\"61s\" is out of range (10ms to 60s)"),
     ] {

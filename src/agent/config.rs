@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::validate;
+
 /// Default admin port. 9090 is Prometheus' own port and the agent runs on the host
 /// network, so a less crowded port is taken.
 pub const DEFAULT_ADMIN_PORT: u16 = 9469;
@@ -119,81 +121,37 @@ pub struct AgentConfig {
     pub conntrack_cleanup: bool,
 }
 
-/// Parses `500ms`, `20s`, `5m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (examples: 500ms, 20s, 5m, 1h)"))?;
-    let secs = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)"));
-        }
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+// Names, table names, durations and CIDRs follow `crate::validate`, the rules and messages
+// netpol-check uses too; only the ranges below are the agent's own.
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    validate::duration(s)
 }
 
 fn parse_resync(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < Duration::from_secs(1) {
-        return Err("must be at least 1s".into());
-    }
-    Ok(d)
+    validate::duration_in(s, Duration::from_secs(1), None)
 }
 
 fn parse_nft_timeout(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
-        return Err("must be between 100ms and 10m".into());
-    }
-    Ok(d)
+    validate::duration_in(s, Duration::from_millis(100), Some(Duration::from_secs(600)))
+}
+
+/// At most 10s: it delays every change.
+fn parse_debounce(s: &str) -> Result<Duration, String> {
+    validate::duration_in(s, Duration::ZERO, Some(Duration::from_secs(10)))
 }
 
 fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
-    let s = s.trim();
-    s.parse::<ipnet::IpNet>()
-        .map(|net| net.trunc())
-        .map_err(|_| format!("`{s}` is not a CIDR (examples: 10.244.1.0/24, fd00:10:244:1::/64)"))
+    validate::cidr_arg(s)
 }
 
-fn parse_debounce(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d > Duration::from_secs(10) {
-        return Err("must be at most 10s (it delays every change)".into());
-    }
-    Ok(d)
-}
-
-/// A node name is a DNS subdomain: at most 253 characters of lowercase letters, digits,
-/// `-` and `.`, starting and ending with a letter or digit.
+/// A node name is a DNS subdomain, as the API server requires of a Node's name.
 fn parse_node_name(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(format!("`{s}` is not a valid node name (DNS subdomain: lowercase letters, digits, '-', '.')"))
-    }
+    validate::dns_subdomain(s).map(|()| s.to_string())
 }
 
-/// nft identifiers: a letter, then letters, digits and `_`; kept short.
 fn parse_table(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 32
-        && s.starts_with(|c: char| c.is_ascii_alphabetic())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err(format!("`{s}` is not a valid table name (a letter, then letters, digits or '_'; at most 32)"))
-    }
+    validate::table_name(s).map(|()| s.to_string())
 }
 
 fn parse_kubeconfig(s: &str) -> Result<PathBuf, String> {
@@ -256,14 +214,36 @@ mod tests {
     }
 
     #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("fast").is_err());
+    fn durations_take_a_unit_and_a_bare_number_says_what_to_write() {
+        let c = parse(&["--node", "a", "--node-wait", "500ms", "--resync-period", "1.5m", "--debounce", "0"]).unwrap();
+        assert_eq!(c.node_wait, Duration::from_millis(500));
+        assert_eq!(c.resync_period, Duration::from_secs(90));
+        assert_eq!(c.debounce, Duration::ZERO);
+        // The same message netpol-check gives for --probe-timeout 300 (tests/cli.rs).
+        let e = parse(&["--node", "a", "--node-wait", "300"]).unwrap_err().to_string();
+        assert!(
+            e.contains("invalid value '300' for '--node-wait <NODE_WAIT>': \"300\" has no unit (write 300ms or 300s)"),
+            "{e}"
+        );
+        let e = parse(&["--node", "a", "--nft-timeout", "soon"]).unwrap_err().to_string();
+        assert!(e.contains("\"soon\" is not a duration (a number and a unit: 500ms, 1.5s, 5m, 1h)"), "{e}");
+        let e = parse(&["--node", "a", "--debounce", "11s"]).unwrap_err().to_string();
+        assert!(e.contains("\"11s\" is out of range (0ms to 10s)"), "{e}");
+    }
+
+    #[test]
+    fn names_and_tables_follow_the_rules_netpol_check_uses_with_the_same_messages() {
+        // `a..b` has an empty label: no DNS subdomain, no node name.
+        let e = parse(&["--node", "a..b"]).unwrap_err().to_string();
+        assert!(e.contains(&format!("\"a..b\" is not a valid name: must be {}", validate::DNS_SUBDOMAIN_RULE)), "{e}");
+        // The kernel's limit, not a shorter one of our own (netpol-check prints such tables).
+        let long = format!("t{}", "_".repeat(254));
+        assert_eq!(parse(&["--node", "a", "--table", &long]).unwrap().table, long);
+        let e = parse(&["--node", "a", "--table", "x;y"]).unwrap_err().to_string();
+        assert!(
+            e.contains("\"x;y\" is not an nftables table name (a letter, then letters, digits or '_'; at most 255)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -303,15 +283,15 @@ mod tests {
             ["10.244.1.0/24", "fd00:1::/64", "10.9.0.0/16"].iter().map(|c| c.parse().unwrap()).collect();
         assert_eq!(c.pod_cidrs, want);
         let e = parse(&["--node", "a", "--pod-cidr", "10.0.0.0/33"]).unwrap_err().to_string();
-        assert!(e.contains("`10.0.0.0/33` is not a CIDR"), "{e}");
+        assert!(e.contains("\"10.0.0.0/33\" is not a valid CIDR (expected e.g. 10.0.0.0/16 or fd00::/64)"), "{e}");
     }
 
     #[test]
     fn bad_values_are_rejected_with_the_reason() {
         let e = parse(&["--node", "Node_A"]).unwrap_err().to_string();
-        assert!(e.contains("not a valid node name"), "{e}");
+        assert!(e.contains("\"Node_A\" is not a valid name"), "{e}");
         let e = parse(&["--node", "a", "--table", "1bad"]).unwrap_err().to_string();
-        assert!(e.contains("not a valid table name"), "{e}");
+        assert!(e.contains("\"1bad\" is not an nftables table name"), "{e}");
         let e = parse(&["--node", "a", "--resync-period", "10ms"]).unwrap_err().to_string();
         assert!(e.contains("at least 1s"), "{e}");
         let e = parse(&["--node", "a", "--kubeconfig", "/nonexistent/kc"]).unwrap_err().to_string();

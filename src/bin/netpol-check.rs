@@ -9,6 +9,7 @@ use anyhow::{Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use netpol::cli::explain;
 use netpol::cli::query;
 use netpol::cli::report::{self, MatrixReport};
 use netpol::compile::{self, NodeConfig};
@@ -22,7 +23,8 @@ use netpol::nft::{json, render};
 use netpol::policy::bitset::BitMatrix;
 use netpol::policy::evaluate::{self, Endpoint};
 use netpol::policy::matrix::{self, Family, Probe, ProbePort};
-use netpol::policy::model::{Cluster, Direction, Protocol};
+use netpol::policy::model::{Cluster, Protocol};
+use netpol::validate;
 
 const ABOUT: &str = "Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.";
 
@@ -112,10 +114,10 @@ struct Input {
     #[arg(short = 'f', long = "file", value_name = "PATH", required = true)]
     files: Vec<PathBuf>,
     /// Range for the IPv4 addresses of pods that have none (workload templates, bare manifests).
-    #[arg(long, value_name = "CIDR", default_value = "10.244.0.0/16")]
+    #[arg(long, value_name = "CIDR", default_value = "10.244.0.0/16", value_parser = validate::cidr_arg)]
     synthetic_ipv4: IpNet,
     /// Also give such pods an IPv6 address from this range (dual stack).
-    #[arg(long, value_name = "CIDR")]
+    #[arg(long, value_name = "CIDR", value_parser = validate::cidr_arg)]
     synthetic_ipv6: Option<IpNet>,
     /// Warn instead of failing on unknown fields (ignored) and on pods sharing an IP (the
     /// first in namespace/name order keeps it; the others take no part).
@@ -123,36 +125,21 @@ struct Input {
     lenient: bool,
 }
 
-/// How long a kernel probe waits for an answer: `300`, `300ms`, `1s`, `1.5s`.
+/// How long a kernel probe waits for an answer: `300ms`, `1s`, `1.5s`.
 #[derive(Clone, Copy)]
 struct ProbeTimeout(std::time::Duration);
 
-const PROBE_TIMEOUT_RANGE: (u64, u64) = (10, 60_000);
-
+/// The duration grammar and messages are `validate::duration`'s, the agent's too; the
+/// range is this flag's own. The lab waits whole milliseconds.
 fn parse_probe_timeout(text: &str) -> Result<ProbeTimeout, String> {
-    let t = text.trim();
-    let (number, scale) = if let Some(ms) = t.strip_suffix("ms") {
-        (ms, 1.0)
-    } else if let Some(s) = t.strip_suffix('s') {
-        (s, 1000.0)
-    } else {
-        (t, 1.0)
-    };
-    let value: f64 =
-        number.trim().parse().ok().filter(|v: &f64| v.is_finite() && *v >= 0.0).ok_or_else(|| {
-            format!("{text:?} is not a duration (milliseconds like 300 or 300ms, or seconds like 1.5s)")
-        })?;
-    let ms = (value * scale).round() as u64;
-    let (lo, hi) = PROBE_TIMEOUT_RANGE;
-    if !(lo..=hi).contains(&ms) {
-        return Err(format!("{text:?} is out of range ({lo}ms to {}s)", hi / 1000));
-    }
-    Ok(ProbeTimeout(std::time::Duration::from_millis(ms)))
+    let range = (std::time::Duration::from_millis(10), std::time::Duration::from_secs(60));
+    let d = validate::duration_in(text, range.0, Some(range.1))?;
+    Ok(ProbeTimeout(std::time::Duration::from_millis((d.as_secs_f64() * 1000.0).round() as u64)))
 }
 
 #[derive(Args)]
 struct KernelOptions {
-    /// With the kernel engine: how long each probe waits for its answer (ms, or 1.5s).
+    /// With the kernel engine: how long each probe waits for its answer (300ms, 1.5s).
     /// A blocked connection costs this once per wave of concurrent probes.
     #[arg(long, value_name = "DURATION", default_value = "300ms", value_parser = parse_probe_timeout)]
     probe_timeout: ProbeTimeout,
@@ -301,7 +288,7 @@ struct RulesetArgs {
     table: String,
     /// A pod CIDR of the node (repeatable): its addresses that are no known local pod are
     /// dropped both ways (the unknown-pod guard). None: no guard.
-    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    #[arg(long = "pod-cidr", value_name = "CIDR", value_parser = validate::cidr_arg)]
     pod_cidrs: Vec<ipnet::IpNet>,
     #[arg(short = 'o', long = "output", value_enum, default_value = "nft")]
     output: RulesetFormat,
@@ -467,12 +454,25 @@ fn probes(cluster: &Cluster, ports: &[String], protocols: &[String]) -> Result<V
 }
 
 /// The kernel engine's prerequisites (root, `ip`, `nft`) come first: no point reading input
-/// a run cannot use.
+/// a run cannot use. A run that will build labs gets the Ctrl-C handler that removes them.
 fn check_kernel(engines: &[Engine]) -> Result<()> {
     if engines.contains(&Engine::Kernel) {
         kernel::check_prerequisites()?;
+        install_interrupt_handler();
     }
     Ok(())
+}
+
+/// On Ctrl-C or SIGTERM, delete the namespaces of every live lab, then exit 130 as a shell
+/// does for an interrupted command. A signal does not unwind, so the labs' `Drop` would not
+/// run. Installed only for the kernel engine: other commands keep the default signal action.
+fn install_interrupt_handler() {
+    if let Err(e) = ctrlc::set_handler(|| {
+        lab::teardown_live_labs();
+        std::process::exit(130);
+    }) {
+        note!("warning: no Ctrl-C handler ({e}): an interrupted run leaves its lab for `netpol-check lab cleanup`");
+    }
 }
 
 fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
@@ -525,7 +525,6 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
     let protocol = parse_protocol(&a.protocol)?;
     let conn =
         query::connection(&cluster, &a.from, &a.to, &a.port, protocol, family(a.family)).map_err(|e| anyhow!(e))?;
-    let (src, dst, port, ipv6) = (conn.src, conn.dst, conn.port, conn.ipv6);
     if a.trace && !matches!(a.engine, Engine::Ruleset) {
         bail!("--trace: needs --engine ruleset (the evaluator explains itself without it)");
     }
@@ -546,50 +545,12 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
             verdict.allowed = facts.first().copied().unwrap_or(false);
         }
     }
-    let mut text = String::new();
-    match a.output {
-        QueryFormat::Text => {
-            for line in report::describe_verdict(&cluster, &conn, &verdict) {
-                text += &format!("{line}\n");
-            }
-            if let (true, Some(t)) = (a.trace, &trace) {
-                text += &format!("\nruleset trace:\n{t}\n");
-            }
-        }
-        QueryFormat::Json => {
-            let side = |s: &evaluate::SideVerdict| {
-                serde_json::json!({
-                    "isolatedBy": s.isolated_by.iter().map(|&i| cluster.policies[i].id.to_string()).collect::<Vec<_>>(),
-                    "decision": match &s.decision {
-                        evaluate::Decision::NotPoliced => serde_json::json!("not-policed"),
-                        evaluate::Decision::NotIsolated => serde_json::json!("not-isolated"),
-                        evaluate::Decision::NoRuleMatched => serde_json::json!("no-rule-matched"),
-                        evaluate::Decision::Skipped => serde_json::json!("skipped"),
-                        evaluate::Decision::Allowed(m) => serde_json::json!({
-                            "policy": cluster.policies[m.policy].id.to_string(),
-                            "direction": s.direction.as_str(),
-                            "rule": m.rule, "peer": m.peer, "port": m.port,
-                        }),
-                    },
-                })
-            };
-            let body = serde_json::json!({
-                "engine": a.engine.name(),
-                "allowed": verdict.allowed,
-                "from": report::endpoint_name(&cluster, src),
-                "to": report::endpoint_name(&cluster, dst),
-                "port": port,
-                "protocol": protocol.as_str(),
-                "family": if ipv6 { "IPv6" } else { "IPv4" },
-                "shortcut": verdict.shortcut.map(|s| format!("{s:?}")),
-                "egress": side(&verdict.egress),
-                "ingress": side(&verdict.ingress),
-                "explanation": report::describe_verdict(&cluster, &conn, &verdict),
-                "trace": trace.as_ref().filter(|_| a.trace).map(|t| t.lines.clone()),
-            });
-            text = format!("{}\n", serde_json::to_string_pretty(&body)?);
-        }
-    }
+    // The trace exists with the ruleset engine; it is shown when asked for.
+    let trace = trace.as_ref().filter(|_| a.trace);
+    let text = match a.output {
+        QueryFormat::Text => report::query_text(&cluster, &conn, &verdict, trace),
+        QueryFormat::Json => report::query_json(a.engine.name(), &cluster, &conn, &verdict, trace),
+    };
     print_out(&text)?;
     Ok(if verdict.allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
@@ -599,68 +560,15 @@ fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {
     let Endpoint::Pod(i) = query::resolve_endpoint(&cluster, &a.pod).map_err(|e| anyhow!("NS/POD: {e}"))? else {
         bail!("NS/POD: {:?} is not a pod of the input", a.pod);
     };
-    let pod = &cluster.pods[i];
-    let mut text = String::new();
-    let ips: Vec<String> = pod.ips.iter().map(|ip| ip.to_string()).collect();
-    let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    outln!(
-        text,
-        "{}  ({}; node {}; labels {})",
-        pod.id,
-        ips.join(", "),
-        pod.node,
-        if labels.is_empty() { "none".into() } else { labels.join(",") }
-    );
-    if pod.host_network {
-        outln!(text, "hostNetwork pod: NetworkPolicy never selects it; it is reached (and seen) by its node's IP only");
-        print_out(&text)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    for direction in [Direction::Ingress, Direction::Egress] {
-        let selecting = cluster.isolating_policies(i, direction);
-        let verb = if direction == Direction::Ingress { "receive" } else { "send" };
-        outln!(text);
-        if selecting.is_empty() {
-            outln!(
-                text,
-                "{direction}: not isolated; it may {verb} anything (no policy in {} selects it for {direction})",
-                pod.id.namespace
-            );
-            continue;
-        }
-        let names: Vec<String> = selecting.iter().map(|&k| cluster.policies[k].id.name.clone()).collect();
-        outln!(text, "{direction}: isolated by {}; it may {verb} only:", names.join(", "));
-        let mut any = false;
-        for &k in &selecting {
-            let policy = &cluster.policies[k];
-            if let Some(why) = &policy.quarantined {
-                outln!(text, "  ({} allows nothing: it is enforced fail-closed, {why})", policy.id.name);
-            }
-            for (ri, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
-                any = true;
-                let field = if direction == Direction::Ingress { "ingress" } else { "egress" };
-                outln!(
-                    text,
-                    "  - {}   [{} spec.{field}[{ri}]]",
-                    report::describe_rule(&cluster, &policy.id.namespace, rule, direction),
-                    policy.id.name
-                );
-            }
-        }
-        if !any {
-            outln!(text, "  nothing: every {} connection is denied", direction.as_str().to_lowercase());
-        }
-    }
-    print_out(&text)?;
+    print_out(&explain::explain(&cluster, i))?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn ruleset_cmd(a: RulesetArgs) -> Result<ExitCode> {
-    let valid_table = a.table.starts_with(|c: char| c.is_ascii_alphabetic())
-        && a.table.len() <= 64
-        && a.table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !valid_table {
-        bail!("--table: {:?} is not an nftables table name (a letter, then letters, digits or '_')", a.table);
+    // The agent's rules (`--table`, `--node`) and messages: what this prints, it would load.
+    validate::table_name(&a.table).map_err(|e| anyhow!("--table: {e}"))?;
+    for node in &a.nodes {
+        validate::dns_subdomain(node).map_err(|e| anyhow!("--node: {e}"))?;
     }
     let cluster = load(&a.input)?;
     let known = cluster.nodes();

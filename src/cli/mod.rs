@@ -3,10 +3,12 @@
 //!
 //! ```text
 //!  "ns/pod", "10.1.2.3", "http" ──► query ──► evaluate::Connection
-//!  MatrixReport, Verdict, Pod ────► report ──► text / JSON / YAML / CSV
+//!  MatrixReport, Verdict ─────────► report ──► text / JSON / YAML / CSV
+//!  Cluster + pod ─────────────────► explain ──► text
 //!  Params{pods, policies, ...} ───► generate ──► Cluster (benchmarks, property tests)
 //! ```
 
+pub mod explain;
 pub mod generate;
 pub mod query;
 pub mod report;

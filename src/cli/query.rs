@@ -72,7 +72,7 @@ pub fn parse_port(text: &str) -> Result<ProbePort, String> {
         Ok(n) if (1..=65535).contains(&n) => Ok(ProbePort::Number(n as u16)),
         Ok(n) => Err(format!("{n} is not a port (1-65535)")),
         Err(_) => {
-            crate::k8s::convert::validate_port_name(text, "").map_err(|e| e.reason)?;
+            crate::validate::port_name(text)?;
             Ok(ProbePort::Named(text.to_string()))
         }
     }

@@ -3,8 +3,10 @@
 //!
 //! ```text
 //!  MatrixReport{engine, pods, probes[BitMatrix]} ──► write_text | write_json | write_yaml | write_csv
-//!  Verdict ──► describe_verdict (query)          Pod ──► describe_pod (explain)
+//!  Verdict (+ ruleset Trace) ──► describe_verdict ──► query_text | query_json (query)
 //! ```
+//!
+//! `explain`'s answer is `cli::explain`, built from [`describe_rule`].
 //!
 //! The JSON matrix is a contract scripts rely on:
 //! `{"engine": E, "pods": ["ns/name", ...], "probes": [{"port": 80|"name", "protocol": "TCP",
@@ -12,6 +14,7 @@
 
 use std::io::{self, Write};
 
+use crate::engines::ruleset::Trace;
 use crate::policy::bitset::BitMatrix;
 use crate::policy::evaluate::{Connection, Decision, Endpoint, Shortcut, SideVerdict, Verdict};
 use crate::policy::matrix::{Probe, ProbePort};
@@ -285,4 +288,60 @@ pub fn describe_verdict(cluster: &Cluster, conn: &Connection, v: &Verdict) -> Ve
         }
     }
     lines
+}
+
+/// `query`'s text answer: the verdict and why, then, given a `trace`, the ruleset's path.
+pub fn query_text(cluster: &Cluster, conn: &Connection, verdict: &Verdict, trace: Option<&Trace>) -> String {
+    let mut text = String::new();
+    for line in describe_verdict(cluster, conn, verdict) {
+        text += &format!("{line}\n");
+    }
+    if let Some(t) = trace {
+        text += &format!("\nruleset trace:\n{t}\n");
+    }
+    text
+}
+
+/// `query -o json`'s answer, pretty-printed with a final newline. A contract scripts rely on:
+/// `{"engine", "allowed", "from", "to", "port", "protocol", "family", "shortcut", "egress",
+/// "ingress", "explanation", "trace"}`, each side `{"isolatedBy": [...], "decision": ...}`.
+pub fn query_json(
+    engine: &str,
+    cluster: &Cluster,
+    conn: &Connection,
+    verdict: &Verdict,
+    trace: Option<&Trace>,
+) -> String {
+    let side = |s: &SideVerdict| {
+        serde_json::json!({
+            "isolatedBy": s.isolated_by.iter().map(|&i| cluster.policies[i].id.to_string()).collect::<Vec<_>>(),
+            "decision": match &s.decision {
+                Decision::NotPoliced => serde_json::json!("not-policed"),
+                Decision::NotIsolated => serde_json::json!("not-isolated"),
+                Decision::NoRuleMatched => serde_json::json!("no-rule-matched"),
+                Decision::Skipped => serde_json::json!("skipped"),
+                Decision::Allowed(m) => serde_json::json!({
+                    "policy": cluster.policies[m.policy].id.to_string(),
+                    "direction": s.direction.as_str(),
+                    "rule": m.rule, "peer": m.peer, "port": m.port,
+                }),
+            },
+        })
+    };
+    let body = serde_json::json!({
+        "engine": engine,
+        "allowed": verdict.allowed,
+        "from": endpoint_name(cluster, conn.src),
+        "to": endpoint_name(cluster, conn.dst),
+        "port": conn.port,
+        "protocol": conn.protocol.as_str(),
+        "family": if conn.ipv6 { "IPv6" } else { "IPv4" },
+        "shortcut": verdict.shortcut.map(|s| format!("{s:?}")),
+        "egress": side(&verdict.egress),
+        "ingress": side(&verdict.ingress),
+        "explanation": describe_verdict(cluster, conn, verdict),
+        "trace": trace.map(|t| t.lines.clone()),
+    });
+    // `{:#}` is `serde_json::to_string_pretty`, which cannot fail on a `Value`.
+    format!("{body:#}\n")
 }

@@ -26,6 +26,7 @@ use crate::policy::model::{
     PortSpec, Protocol, Rule,
 };
 use crate::policy::selector::{Operator, Requirement, Selector};
+use crate::validate;
 
 /// What is wrong with one field of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -324,10 +325,7 @@ fn ip_block(block: &net::IPBlock, path: &str) -> Result<IpBlock> {
 
 /// Parses a CIDR as the API server's `ParseCIDR` does: host bits may be set and are masked.
 pub fn parse_cidr(text: &str, path: &str) -> Result<IpNet> {
-    let net: IpNet = text.parse().map_err(|_| {
-        FieldError::new(path, format!("{text:?} is not a valid CIDR (expected e.g. 10.0.0.0/16 or fd00::/64)"))
-    })?;
-    Ok(net.trunc())
+    validate::cidr(text).map_err(|reason| FieldError::new(path, reason))
 }
 
 fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
@@ -462,114 +460,26 @@ fn labels(map: Option<&std::collections::BTreeMap<String, String>>, path: &str) 
     Ok(out)
 }
 
-// --- name validation, as apimachinery's `validation` package spells it ----------------------
-
-fn is_alnum(c: char) -> bool {
-    c.is_ascii_alphanumeric()
-}
-
-/// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, at most 63 characters.
-fn is_qualified_name_part(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.starts_with(is_alnum)
-        && s.ends_with(is_alnum)
-        && s.chars().all(|c| is_alnum(c) || matches!(c, '-' | '_' | '.'))
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
-}
+// --- name validation: the rules and their messages live in `crate::validate` ---------------
 
 pub fn validate_label_key(key: &str, path: &str) -> Result<()> {
-    let (prefix, name) = match key.split_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, key),
-    };
-    if let Some(p) = prefix
-        && !is_dns_subdomain(p)
-    {
-        return Err(FieldError::new(
-            path,
-            format!("invalid label key {key:?}: prefix must be a DNS subdomain (lower case letters, digits, '-', '.')"),
-        ));
-    }
-    if !is_qualified_name_part(name) {
-        return Err(FieldError::new(
-            path,
-            format!(
-                "invalid label key {key:?}: name part must be 1-63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
-            ),
-        ));
-    }
-    Ok(())
+    validate::label_key(key).map_err(|reason| FieldError::new(path, reason))
 }
 
 pub fn validate_label_value(value: &str, path: &str) -> Result<()> {
-    if value.is_empty() || is_qualified_name_part(value) {
-        Ok(())
-    } else {
-        Err(FieldError::new(
-            path,
-            format!(
-                "invalid label value {value:?}: must be at most 63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
-            ),
-        ))
-    }
+    validate::label_value(value).map_err(|reason| FieldError::new(path, reason))
 }
 
 fn validate_dns_label(s: &str, path: &str) -> Result<()> {
-    validate_name(
-        s,
-        path,
-        is_dns_label,
-        "at most 63 lower case letters, digits or '-', starting and ending with a letter or digit",
-    )
+    validate::dns_label(s).map_err(|reason| FieldError::new(path, reason))
 }
 
 fn validate_dns_subdomain(s: &str, path: &str) -> Result<()> {
-    validate_name(s, path, is_dns_subdomain, "lower case letters, digits, '-' or '.', at most 253 characters")
+    validate::dns_subdomain(s).map_err(|reason| FieldError::new(path, reason))
 }
 
-/// A required object name, checked by `is_valid`; `rule` says what a valid one looks like.
-fn validate_name(s: &str, path: &str, is_valid: fn(&str) -> bool, rule: &str) -> Result<()> {
-    if is_valid(s) {
-        Ok(())
-    } else if s.is_empty() {
-        Err(FieldError::new(path, "is required"))
-    } else {
-        Err(FieldError::new(path, format!("{s:?} is not a valid name: must be {rule}")))
-    }
-}
-
-/// IANA_SVC_NAME: 1-15 characters of `[a-z0-9-]`, at least one letter, no leading, trailing
-/// or doubled hyphen.
 pub fn validate_port_name(name: &str, path: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 15
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && name.chars().any(|c| c.is_ascii_lowercase())
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-        && !name.contains("--");
-    if ok {
-        Ok(())
-    } else {
-        Err(FieldError::new(
-            path,
-            format!(
-                "invalid port name {name:?}: must be 1-15 lower case letters, digits or '-', with at least one letter and no leading, trailing or double '-'"
-            ),
-        ))
-    }
+    validate::port_name(name).map_err(|reason| FieldError::new(path, reason))
 }
 
 #[cfg(test)]

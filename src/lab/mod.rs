@@ -55,9 +55,10 @@
 //! route, so nothing can leave the lab. Every namespace is named
 //! `npl-<pid>-<suffix>-{n<i>,p<j>,fab}` (no `p<j>` for a hostNetwork pod) and registered
 //! before it is created; [`Lab`]'s
-//! `Drop` deletes them (also on error and panic), a Ctrl-C/SIGTERM handler deletes those of
-//! every live lab before exiting 130, and [`cleanup_leftovers`] removes those whose
-//! process is gone.
+//! `Drop` deletes them (also on error and panic), [`teardown_live_labs`] deletes those of
+//! every live lab for a program's Ctrl-C/SIGTERM handler (a signal does not unwind, so no
+//! `Drop` runs; the library installs no handler: netpol-check does), and
+//! [`cleanup_leftovers`] removes those whose process is gone.
 #![forbid(unsafe_code)]
 
 mod netns;
@@ -204,7 +205,7 @@ const LINKS_READY_LIMIT: Duration = Duration::from_secs(5);
 /// How long a wave's end waits for the serving thread to answer what reached it in time.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(10);
 
-/// Namespaces of live labs, by run id, for the Ctrl-C handler.
+/// Namespaces of live labs, by run id, for a program's Ctrl-C handler.
 static LIVE: Mutex<BTreeMap<String, Vec<String>>> = Mutex::new(BTreeMap::new());
 
 fn live() -> std::sync::MutexGuard<'static, BTreeMap<String, Vec<String>>> {
@@ -212,7 +213,8 @@ fn live() -> std::sync::MutexGuard<'static, BTreeMap<String, Vec<String>>> {
 }
 
 /// Delete the namespaces of every lab of this process that is still alive; returns how
-/// many labs. For a program that installs its own signal handler.
+/// many labs. For the signal handler of a program that builds labs: a signal does not
+/// unwind, so [`Lab`]'s `Drop` does not run. Safe to call from any thread at any time.
 pub fn teardown_live_labs() -> usize {
     let mut labs = live();
     let all: Vec<String> = labs.values().flatten().cloned().collect();
@@ -220,19 +222,6 @@ pub fn teardown_live_labs() -> usize {
     let n = labs.len();
     labs.clear();
     n
-}
-
-/// Install (once per process) a Ctrl-C/SIGTERM handler that tears down live labs and exits
-/// with status 130. [`Lab::build`] calls it; if the program already has a handler, that
-/// one stays and should call [`teardown_live_labs`].
-pub fn install_interrupt_handler() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| {
-            teardown_live_labs();
-            std::process::exit(130);
-        });
-    });
 }
 
 fn new_run_id() -> String {
@@ -317,7 +306,6 @@ impl Lab {
     pub fn build(nodes: &[LabNode], pods: &[LabPod]) -> Result<Lab, LabError> {
         let started = Instant::now();
         let placement = validate(nodes, pods)?;
-        install_interrupt_handler();
         let names = topology::Names::new(new_run_id());
         let wiring: Vec<topology::PodWiring> = pods
             .iter()

@@ -1,68 +1,34 @@
-//! nftables over netlink, in process: the agent's transactions without an `nft` process.
+//! Our IR as nf_tables messages: pure, no socket. What nft 1.0 sends for the same text,
+//! expression by expression and element by element.
 //!
 //! ```text
-//!  Transaction ──encode──► one batch [BEGIN, NEWTABLE/NEWSET/NEWCHAIN/NEWRULE/NEWSETELEM/..., END]
-//!       │                        └──send (one sendmsg: the kernel commits it whole or not at all)
-//!       └─ range changes in an existing interval set, or the first transaction after the
-//!          kernel refused a batch ──► the whole transaction through `nft -f` (RealNftables)
+//!  Transaction + KnownSets ──encode──► Encoded { batch: [BEGIN, NEWTABLE/NEWSET/NEWCHAIN/
+//!       │                                   NEWRULE/NEWSETELEM/..., END], origins: seq → op }
+//!       └─ range changes in an existing interval set, a set of unknown kind ──► Unsupported
 //! ```
-//!
-//! Why: an `nft -f` process costs ~25 ms per transaction on a quiet 2-core node whatever
-//! its size — starting it, reading the table's chains, sets and interval elements into its
-//! cache, and, when it exits, closing its netlink socket, which waits for the kernel to
-//! release the committed transaction (an RCU grace period) — and seconds to parse a large
-//! full sync. A long-lived socket and a batch encoded from the IR cost well under a
-//! millisecond for the element and chain changes pod churn makes.
-//!
-//! The encoding mirrors what nft 1.0 sends for the same text, expression by expression and
-//! element by element (`tests/compile.rs` compares the kernel's view of both paths,
-//! `nft --debug=netlink list` and the listing; the unit tests pin the set declarations'
-//! user data, which no listing shows). The kinds of the table's sets (interval or not, set
-//! or map) come from what was applied through this value.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
 
-use nix::errno::Errno;
-use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, sockopt};
-
-use super::process::RealNftables;
+use super::{
+    NFNL_SUBSYS_NFTABLES, NFTA_DATA_VALUE, NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, msg,
+};
 use crate::nft::ir::{
     Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, MapVerdict, Match, Rule, Verdict,
 };
-use crate::nft::{NftError, Nftables, Op, Transaction};
+use crate::nft::{Op, Transaction};
 
 // ---------------------------------------------------------------- constants (linux/netfilter/*.h)
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
-pub(crate) const NLMSG_ERROR: u16 = 2;
 
-pub(crate) const NLM_F_REQUEST: u16 = 0x1;
-pub(crate) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
-pub(crate) const NLA_F_NESTED: u16 = 0x8000;
 
 const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
-
-/// nf_tables message types.
-pub mod msg {
-    pub const NEWTABLE: u16 = 0;
-    pub const DELTABLE: u16 = 2;
-    pub const NEWCHAIN: u16 = 3;
-    pub const DELCHAIN: u16 = 5;
-    pub const NEWRULE: u16 = 6;
-    pub const DELRULE: u16 = 8;
-    pub const NEWSET: u16 = 9;
-    pub const DELSET: u16 = 11;
-    pub const NEWSETELEM: u16 = 12;
-    pub const DELSETELEM: u16 = 14;
-    pub const NEWGEN: u16 = 15;
-}
 
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
@@ -78,14 +44,7 @@ const NFTA_RULE_EXPRESSIONS: u16 = 4;
 const NFTA_RULE_USERDATA: u16 = 7;
 const NFTA_SET_TABLE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
-/// Also the element list's attributes: table, set, elements.
-pub const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-pub const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-pub const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-pub const NFTA_LIST_ELEM: u16 = 1;
-pub const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
-pub const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
@@ -114,9 +73,9 @@ const ELEMENTS_PER_MESSAGE_BYTES: usize = 32 * 1024;
 
 /// A finished batch: its bytes, and (sequence number, op index) per nf_tables message.
 #[derive(Debug, PartialEq, Eq)]
-struct Encoded {
-    batch: Vec<u8>,
-    origins: Vec<(u32, usize)>,
+pub(super) struct Encoded {
+    pub(super) batch: Vec<u8>,
+    pub(super) origins: Vec<(u32, usize)>,
 }
 
 /// A batch of netlink messages being built, with the op each message came from.
@@ -437,7 +396,7 @@ struct SetKind {
 
 /// The sets and maps of the table as applied, by name.
 #[derive(Clone, Debug, Default)]
-struct KnownSets {
+pub(super) struct KnownSets {
     table: String,
     sets: HashMap<String, SetKind>,
 }
@@ -449,7 +408,7 @@ impl KnownSets {
     }
 
     /// Follows a transaction that was applied (by either path).
-    fn applied(&mut self, tx: &Transaction) {
+    pub(super) fn applied(&mut self, tx: &Transaction) {
         if tx.table != self.table {
             *self = KnownSets::empty(&tx.table);
         }
@@ -617,7 +576,7 @@ const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 
 /// Why a transaction goes through nft instead.
 #[derive(Debug, PartialEq, Eq)]
-struct Unsupported;
+pub(super) struct Unsupported;
 
 fn encode_rule(
     b: &mut Batch,
@@ -1003,7 +962,7 @@ fn encode_op(
 
 /// The whole transaction as one batch, or `Unsupported` if any op needs nft. `known`:
 /// the table's sets as applied (`None`: unknown, so only ops that need none are encoded).
-fn encode(tx: &Transaction, known: Option<&KnownSets>, first_seq: u32) -> Result<Encoded, Unsupported> {
+pub(super) fn encode(tx: &Transaction, known: Option<&KnownSets>, first_seq: u32) -> Result<Encoded, Unsupported> {
     // Copied only if the transaction adds or removes sets (a partial sync rarely does).
     let mut kinds = match known {
         Some(k) if k.table == tx.table => std::borrow::Cow::Borrowed(k),
@@ -1020,351 +979,9 @@ fn encode(tx: &Transaction, known: Option<&KnownSets>, first_seq: u32) -> Result
     Ok(b.end())
 }
 
-// ---------------------------------------------------------------- the socket
-
-/// A `NETLINK_NETFILTER` socket, optionally in another network namespace.
-#[derive(Debug)]
-pub struct NetlinkSocket {
-    fd: OwnedFd,
-}
-
-impl NetlinkSocket {
-    /// Opens a socket in the caller's network namespace, or in the named one
-    /// (`/run/netns/<name>`, as `ip netns` makes them). `groups`: multicast groups to join
-    /// (a bit mask, group n = bit n-1), 0 for none.
-    pub fn open(netns: Option<&str>, groups: u32) -> std::io::Result<NetlinkSocket> {
-        let fd = match netns {
-            None => Self::create()?,
-            Some(name) => {
-                let path = format!("/run/netns/{name}");
-                let ns =
-                    std::fs::File::open(&path).map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?;
-                // setns changes only the calling thread: a short-lived one enters the
-                // namespace and creates the socket, which stays in that namespace.
-                std::thread::scope(|s| {
-                    s.spawn(|| {
-                        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                            .map_err(|e| std::io::Error::other(format!("entering {path}: {e}")))?;
-                        Self::create()
-                    })
-                    .join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
-                })?
-            }
-        };
-        socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).map_err(std::io::Error::from)?;
-        Ok(NetlinkSocket { fd })
-    }
-
-    /// The netlink port the kernel gave this socket: what its announcements of our own
-    /// requests carry as their sender.
-    pub fn port(&self) -> std::io::Result<u32> {
-        let addr: NetlinkAddr = socket::getsockname(self.fd.as_raw_fd()).map_err(std::io::Error::from)?;
-        Ok(addr.pid())
-    }
-
-    fn create() -> std::io::Result<OwnedFd> {
-        let fd = socket::socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )?;
-        // Room for a whole batch and for the kernel's answers (root may exceed the sysctl
-        // limits; others get what the limits allow).
-        let size = 8 << 20;
-        if socket::setsockopt(&fd, sockopt::SndBufForce, &size).is_err() {
-            let _ = socket::setsockopt(&fd, sockopt::SndBuf, &size);
-        }
-        if socket::setsockopt(&fd, sockopt::RcvBufForce, &size).is_err() {
-            let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &size);
-        }
-        Ok(fd)
-    }
-
-    /// Lets one send carry `bytes` (a full sync of a large cluster is several MiB).
-    pub fn reserve_send_buffer(&self, bytes: usize) {
-        let current = socket::getsockopt(&self.fd, sockopt::SndBuf).unwrap_or(0);
-        // The kernel doubles what it is given, and keeps some of it for itself.
-        if current < bytes + 64 * 1024 {
-            let want = (bytes + 64 * 1024).div_ceil(2) * 2;
-            if socket::setsockopt(&self.fd, sockopt::SndBufForce, &want).is_err() {
-                let _ = socket::setsockopt(&self.fd, sockopt::SndBuf, &want);
-            }
-        }
-    }
-
-    /// Blocking receives give up after `timeout` (so that a listener can check whether to stop).
-    pub fn set_receive_timeout(&self, timeout: std::time::Duration) -> std::io::Result<()> {
-        let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
-        socket::setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv).map_err(std::io::Error::from)
-    }
-
-    /// The bound of one blocking receive (zero: none).
-    pub fn receive_timeout(&self) -> std::time::Duration {
-        socket::getsockopt(&self.fd, sockopt::ReceiveTimeout)
-            .map(|tv| std::time::Duration::from_micros(tv.tv_sec() as u64 * 1_000_000 + tv.tv_usec() as u64))
-            .unwrap_or_default()
-    }
-
-    pub fn send(&self, buf: &[u8]) -> Result<(), Errno> {
-        let sent = socket::send(self.fd.as_raw_fd(), buf, MsgFlags::empty())?;
-        if sent == buf.len() { Ok(()) } else { Err(Errno::EMSGSIZE) }
-    }
-
-    /// One datagram (possibly several messages); `None` when none is waiting and `wait`
-    /// is false, or the receive timeout passed.
-    pub fn recv(&self, buf: &mut [u8], wait: bool) -> Result<Option<usize>, Errno> {
-        let flags = if wait { MsgFlags::empty() } else { MsgFlags::MSG_DONTWAIT };
-        match socket::recv(self.fd.as_raw_fd(), buf, flags) {
-            Ok(n) => Ok(Some(n)),
-            Err(Errno::EAGAIN) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// The nf_tables multicast group (NFNLGRP_NFTABLES): every committed change, then NEWGEN.
-pub const NFNLGRP_NFTABLES: u32 = 7;
-
-/// An nf_tables message's own type, if `kind` is one (the subsystem is in the high byte).
-pub fn nftables_message(kind: u16) -> Option<u16> {
-    (kind >> 8 == NFNL_SUBSYS_NFTABLES).then_some(kind & 0xff)
-}
-
-/// The keys of the elements in a NEWSETELEM/DELSETELEM payload (after the nfgenmsg).
-pub fn element_keys(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let attrs = payload.get(4..).unwrap_or_default();
-    attributes(attrs)
-        .filter(|(k, _)| *k == NFTA_SET_ELEM_LIST_ELEMENTS)
-        .flat_map(|(_, list)| attributes(list))
-        .filter(|(k, _)| *k == NFTA_LIST_ELEM)
-        .filter_map(|(_, elem)| attributes(elem).find(|(k, _)| *k == NFTA_SET_ELEM_KEY))
-        .filter_map(|(_, key)| attributes(key).find(|(k, _)| *k == NFTA_DATA_VALUE).map(|(_, v)| v))
-}
-
-/// The messages of a datagram: (type, flags, sequence number, payload after the header).
-pub fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u16, u32, &[u8])> {
-    frames(buf).map(|(h, payload)| (h.kind, h.flags, h.seq, payload))
-}
-
-/// The messages of a datagram with the netlink port that sent each: (type, sender's port,
-/// payload after the header). The kernel's announcements carry the port of the socket
-/// whose request caused them.
-pub fn messages_with_sender(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
-    frames(buf).map(|(h, payload)| (h.kind, h.port, payload))
-}
-
-/// A netlink message header (`struct nlmsghdr`), in host byte order.
-struct Header {
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    port: u32,
-}
-
-fn frames(buf: &[u8]) -> impl Iterator<Item = (Header, &[u8])> {
-    let mut rest = buf;
-    std::iter::from_fn(move || {
-        if rest.len() < 16 {
-            return None;
-        }
-        let len = u32::from_ne_bytes(rest[0..4].try_into().ok()?) as usize;
-        if len < 16 || len > rest.len() {
-            return None;
-        }
-        let header = Header {
-            kind: u16::from_ne_bytes([rest[4], rest[5]]),
-            flags: u16::from_ne_bytes([rest[6], rest[7]]),
-            seq: u32::from_ne_bytes(rest[8..12].try_into().ok()?),
-            port: u32::from_ne_bytes(rest[12..16].try_into().ok()?),
-        };
-        let payload = &rest[16..len];
-        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        Some((header, payload))
-    })
-}
-
-/// The attributes in `buf`: (type without flags, payload).
-pub fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut rest = buf;
-    std::iter::from_fn(move || {
-        if rest.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;
-        if len < 4 || len > rest.len() {
-            return None;
-        }
-        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
-        let payload = &rest[4..len];
-        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        Some((kind, payload))
-    })
-}
-
-// ---------------------------------------------------------------- the Nftables
-
-/// [`Nftables`] that sends what it can encode over its own netlink socket and the rest
-/// through `nft -f`; checks and listings always go through nft.
-#[derive(Debug)]
-pub struct NetlinkNftables {
-    /// `None`: no socket could be opened; everything goes through nft.
-    socket: Option<NetlinkSocket>,
-    nft: RealNftables,
-    /// `None` after a failure: nothing is known until the next full sync.
-    known: Option<KnownSets>,
-    seq: u32,
-    /// The kernel refused the last batch: send the next transactions through nft until
-    /// one succeeds.
-    nft_next: bool,
-    /// Where the kernel's answers are read (an error quotes the message it refuses, up to
-    /// an element list's 32 KiB).
-    answers: Vec<u8>,
-    /// Transactions sent over netlink, and through nft.
-    pub sent: (u64, u64),
-}
-
-impl NetlinkNftables {
-    /// A socket in `nft`'s network namespace (`nft.netns`, or ours).
-    pub fn open(nft: RealNftables) -> std::io::Result<NetlinkNftables> {
-        let socket = NetlinkSocket::open(nft.netns.as_deref(), 0)?;
-        super::monitor::note_own_socket(socket.port()?);
-        // The answer is there when the send returns; this only bounds a kernel gone wrong
-        // (each receive, and with the deadline in `send_batch` all of them together).
-        socket.set_receive_timeout(nft.timeout)?;
-        let seq =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(1);
-        Ok(NetlinkNftables {
-            socket: Some(socket),
-            nft,
-            known: None,
-            seq,
-            nft_next: false,
-            answers: vec![0; 64 * 1024],
-            sent: (0, 0),
-        })
-    }
-
-    /// Everything through nft (when no netlink socket can be had).
-    pub fn nft_only(nft: RealNftables) -> NetlinkNftables {
-        NetlinkNftables { socket: None, nft, known: None, seq: 1, nft_next: false, answers: Vec::new(), sent: (0, 0) }
-    }
-
-    /// The nft this value falls back to (and lists and checks with).
-    pub fn nft(&self) -> &RealNftables {
-        &self.nft
-    }
-
-    /// Applies `tx` through nft whatever it holds (tests compare both paths), keeping
-    /// track of the table's sets as `apply` does.
-    pub fn apply_via_nft(&mut self, tx: &Transaction) -> Result<(), NftError> {
-        let was = std::mem::replace(&mut self.nft_next, true);
-        let result = self.apply(tx);
-        self.nft_next = was && result.is_err();
-        result
-    }
-
-    fn send_batch(
-        socket: &NetlinkSocket,
-        buf: &mut [u8],
-        tx: &Transaction,
-        batch: &[u8],
-        origins: &[(u32, usize)],
-    ) -> Result<(), NftError> {
-        let rejected = |what: String| NftError::Rejected(what);
-        let Some(&(last_seq, _)) = origins.last() else { return Ok(()) };
-        socket.reserve_send_buffer(batch.len());
-        socket.send(batch).map_err(|e| rejected(format!("sending the batch over netlink: {e}")))?;
-        // The kernel handled the batch inside the send: its errors, then the last
-        // message's acknowledgement, are waiting.
-        let mut errors: Vec<String> = Vec::new();
-        let deadline = std::time::Instant::now() + socket.receive_timeout();
-        loop {
-            if std::time::Instant::now() >= deadline {
-                return Err(rejected("the kernel did not finish answering the batch in time".into()));
-            }
-            let n = match socket.recv(buf, true) {
-                Ok(Some(n)) => n,
-                Ok(None) => return Err(rejected("the kernel did not answer the batch".into())),
-                Err(e) => return Err(rejected(format!("reading the kernel's answer: {e}"))),
-            };
-            let mut done = false;
-            for (kind, _, seq, payload) in messages(&buf[..n]) {
-                if kind != NLMSG_ERROR || payload.len() < 4 {
-                    continue;
-                }
-                done |= seq == last_seq;
-                let code = i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                if code == 0 {
-                    continue;
-                }
-                let errno = Errno::from_raw(-code);
-                let op = origins.iter().find(|(s, _)| *s == seq).and_then(|(_, op)| tx.ops.get(*op));
-                errors.push(match op {
-                    Some(op) => {
-                        let text: String = crate::nft::render::op(&tx.table, op).chars().take(200).collect();
-                        format!("{errno}: {text}")
-                    }
-                    None => errno.to_string(),
-                });
-            }
-            if done {
-                break;
-            }
-        }
-        if errors.is_empty() { Ok(()) } else { Err(rejected(errors.join("; "))) }
-    }
-}
-
-impl Nftables for NetlinkNftables {
-    fn apply(&mut self, tx: &Transaction) -> Result<(), NftError> {
-        // After the kernel refused a batch, the next transaction (a full sync) goes through
-        // nft: should our encoding ever be what the kernel refuses, nft still gets through.
-        let encoded = match &self.socket {
-            Some(socket) if !self.nft_next => encode(tx, self.known.as_ref(), self.seq).ok().map(|e| (socket, e)),
-            _ => None,
-        };
-        let result = match encoded {
-            Some((socket, Encoded { batch, origins })) => {
-                self.seq = self.seq.wrapping_add(origins.len() as u32 + 2);
-                self.sent.0 += 1;
-                tracing::debug!(via = "netlink", messages = origins.len(), bytes = batch.len(), "transaction");
-                let result = Self::send_batch(socket, &mut self.answers, tx, &batch, &origins);
-                self.nft_next = result.is_err();
-                result
-            }
-            None => {
-                self.sent.1 += 1;
-                tracing::debug!(via = "nft", ops = tx.ops.len(), "transaction");
-                let result = self.nft.apply(tx);
-                self.nft_next &= result.is_err();
-                result
-            }
-        };
-        match result {
-            Ok(()) => {
-                self.known.get_or_insert_with(KnownSets::default).applied(tx);
-                Ok(())
-            }
-            Err(e) => {
-                self.known = None;
-                Err(e)
-            }
-        }
-    }
-
-    fn check(&self, tx: &Transaction) -> Result<(), NftError> {
-        self.nft.check(tx)
-    }
-
-    fn list(&self, table: &str) -> Result<String, NftError> {
-        self.nft.list(table)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::{attributes, messages, nftables_message};
     use super::*;
     use crate::nft::ir::{KeyType, MapVerdict, Ruleset, Set, Value};
     use std::net::IpAddr;
@@ -1562,20 +1179,5 @@ mod tests {
         assert_eq!(k.kind("s"), Some(SetKind { map: false, interval: true }));
         k.applied(&Transaction { table: "t".into(), ops: vec![Op::DeleteSet { name: "s".into() }] });
         assert_eq!(k.kind("s"), None);
-    }
-
-    #[test]
-    fn a_receive_from_a_silent_kernel_gives_up_after_the_bound() {
-        let socket = NetlinkSocket::open(None, 0).expect("a netlink socket");
-        socket.set_receive_timeout(std::time::Duration::from_millis(200)).unwrap();
-        assert_eq!(socket.receive_timeout(), std::time::Duration::from_millis(200));
-        let started = std::time::Instant::now();
-        let mut buf = [0u8; 256];
-        assert_eq!(socket.recv(&mut buf, true), Ok(None), "nothing was asked, nothing comes");
-        let waited = started.elapsed();
-        assert!(
-            waited >= std::time::Duration::from_millis(150) && waited < std::time::Duration::from_secs(3),
-            "{waited:?}"
-        );
     }
 }
