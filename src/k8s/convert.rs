@@ -509,6 +509,16 @@ mod tests {
     const BAD_PEER: &str = "10.0.0.0/33";
 
     #[test]
+    fn a_policy_name_with_a_part_longer_than_a_dns_label_is_valid_as_the_api_server_says() {
+        // `IsDNS1123Subdomain` bounds the whole name (253), not each dot-separated part.
+        let mut np = network_policy(serde_json::json!({"podSelector": {}}));
+        np.metadata.name = Some(format!("{}.v2", "a".repeat(64)));
+        assert!(policy(&np).is_ok(), "{:?}", policy(&np).err());
+        np.metadata.name = Some("a..v2".into());
+        assert!(policy(&np).is_err(), "an empty part is still invalid");
+    }
+
+    #[test]
     fn a_policy_with_an_unreadable_rule_isolates_what_it_selects_for_the_directions_it_names_and_allows_nothing() {
         let np = network_policy(serde_json::json!({
             "podSelector": {"matchLabels": {"app": "db"}},
