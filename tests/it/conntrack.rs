@@ -14,7 +14,7 @@
 //! The lab tests need root, `ip` and `nft`; they skip with a message without them and fail
 //! under `CI=true`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::io::{Read as _, Write as _};

@@ -6,7 +6,7 @@
 //! They build network namespaces, so they need root, `ip` and `nft`. Without them they skip
 //! with a message, except under `CI=true`, where they fail.
 
-mod common;
+use crate::common;
 
 use common::ci;
 use std::os::unix::process::CommandExt as _;

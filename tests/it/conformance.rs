@@ -5,7 +5,7 @@
 //! README). Under `CI=true` a machine where the kernel engine cannot run (root, `ip`, `nft`)
 //! fails the kernel test; elsewhere that skips.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -27,7 +27,7 @@
 //! The agents run in the root namespace (to reach the apiserver on loopback); each one's
 //! kernel is a lab node. Nothing else in the root namespace is touched.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};

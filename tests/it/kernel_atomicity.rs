@@ -23,7 +23,7 @@
 //!
 //! Needs root, `ip` and `nft`; skips with a message without them, fails under `CI=true`.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

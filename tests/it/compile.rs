@@ -1,7 +1,7 @@
 //! The compiler against the reference evaluator: random clusters, the conformance corpus,
 //! golden files of `policy-examples/`, and incremental diffs against full syncs.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
