@@ -1,7 +1,7 @@
 //! The kernel engine against the other two (DESIGN.md §2: three engines, one truth), on
 //! random clusters with hostNetwork pods in both families; hostNetwork semantics cell by
 //! cell; and the real `netpol-check` binary's `verify`, its errors and `lab cleanup`.
-//! (The conformance corpus runs through the CLI's kernel engine in tests/conformance.rs.)
+//! (The conformance corpus runs through the CLI's kernel engine in tests/it/conformance.rs.)
 //!
 //! They build network namespaces, so they need root, `ip` and `nft`. Without them they skip
 //! with a message, except under `CI=true`, where they fail.
