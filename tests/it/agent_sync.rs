@@ -2,6 +2,7 @@
 //! the fake nftables: watches → snapshot → convert → compile → diff → one transaction.
 //! The fake's table must always equal the compiled ruleset of the cluster as it is.
 
+use crate::common;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -419,22 +420,6 @@ async fn expired_watches_and_dropped_connections_still_converge() {
 
 // ---------------------------------------------------------------- the real binary
 
-/// Root, `ip` and `nft`, or the system test skips (fails under `CI=true`).
-fn system_env_ok() -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
-    let has = |tool: &str, arg: &str| Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success());
-    if root && has("ip", "-V") && has("nft", "--version") {
-        return true;
-    }
-    let msg = "the netpol-agent system test needs root, `ip` and `nft`";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg} (CI=true: failing instead of skipping)");
-    }
-    eprintln!("SKIPPED: {msg}");
-    false
-}
-
 use std::process::Command;
 
 /// A throwaway network namespace, deleted on drop (with every table in it).
@@ -498,7 +483,7 @@ const STOP_LIMIT: Duration = Duration::from_secs(10);
 /// ruleset is never touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_with_cleanup_on_exit() {
-    if !system_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let mut w = World::new().await;
@@ -558,7 +543,7 @@ async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_
 /// commits, over netlink or through `nft`, are never taken for such a change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_commits_are_not_foreign() {
-    if !system_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     const FOREIGN: &str = "another program changed the table";

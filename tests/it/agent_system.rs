@@ -68,14 +68,6 @@ fn launch(dir: &Path, server: &FakeApiServer, node: &str, table: &str, nft: NftR
     AgentLaunch::new(env!("CARGO_BIN_EXE_netpol-agent"), node, table, kubeconfig, nft, dir)
 }
 
-/// Root, `ip` and `nft`, or the test skips (fails under `CI=true`).
-fn system_env_ok() -> bool {
-    let Err(why) = netpol::engines::kernel::check_prerequisites() else { return true };
-    assert!(!common::ci(), "the netpol-agent system tests need root, `ip` and `nft`: {why} (CI=true: failing)");
-    eprintln!("SKIPPED: the netpol-agent system tests need root, `ip` and `nft`: {why}");
-    false
-}
-
 // ---------------------------------------------------------------- builders
 
 fn select(pairs: &[(&str, &str)]) -> LabelSelector {
@@ -572,7 +564,7 @@ fn db_from_web(ports: Vec<NetworkPolicyPort>) -> NetworkPolicy {
 /// evaluator's for the cluster as applied.
 #[test]
 fn every_step_of_pod_policy_and_namespace_churn_converges_to_the_evaluators_matrix_in_the_kernel() {
-    if !system_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let test_started = Instant::now();
@@ -764,7 +756,7 @@ impl Drop for StopOnDrop<'_> {
 /// may get through, and not one allowed connection may fail.
 #[test]
 fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_nor_refuse_an_allowed_one() {
-    if !system_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     use std::os::unix::process::ExitStatusExt as _;
@@ -1031,7 +1023,7 @@ impl Dice {
 /// change, no allowed one is refused after a new pod's first second.
 #[test]
 fn chaos_of_kills_api_faults_foreign_flushes_and_ip_reuse_under_traffic_never_errs_once_the_agents_had_a_second() {
-    if !system_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let seed = std::env::var("NETPOL_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {

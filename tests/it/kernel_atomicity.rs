@@ -32,7 +32,6 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use netpol::compile::{NodeConfig, compile};
-use netpol::engines::kernel;
 use netpol::lab::traffic::{self, Outcome};
 use netpol::lab::{Lab, LabNode, LabPod};
 use netpol::nft::backend::netlink::NetlinkNftables;
@@ -64,17 +63,6 @@ const LAST_SOURCE_PORT: u16 = 65_000;
 const NS: &str = "shop";
 const SERVED: [(u16, Protocol); 4] =
     [(80, Protocol::Tcp), (8080, Protocol::Tcp), (53, Protocol::Udp), (81, Protocol::Udp)];
-
-fn prerequisites_ok() -> bool {
-    match kernel::check_prerequisites() {
-        Ok(()) => true,
-        Err(e) if common::ci() => panic!("{e} (CI=true: failing instead of skipping)"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            false
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // The cluster: builders, and the two policy sets.
@@ -334,7 +322,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 #[test]
 fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agree_on() {
-    if !prerequisites_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let a = Cluster::new(vec![], pods(), policies_a());

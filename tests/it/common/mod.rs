@@ -9,9 +9,21 @@ use netpol::policy::matrix::{Probe, ProbePort};
 use netpol::policy::model::{Cluster, ObjectRef, Protocol};
 use serde_json::Value;
 
-/// CI runs as root with everything installed: there a missing prerequisite is a failure.
-pub fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
+/// Whether this machine can run the real-kernel tests: root with CAP_NET_ADMIN and
+/// CAP_SYS_ADMIN, network namespaces, `ip` and `nft`. Every such test starts with
+/// `if !common::kernel_or_skip() { return; }`. Without them the test prints why and passes
+/// as skipped, except under `CI=true`: CI runs as root with everything installed, so there
+/// a missing prerequisite is a failure, never a silent pass.
+pub fn kernel_or_skip() -> bool {
+    match netpol::engines::kernel::check_prerequisites() {
+        Ok(()) => true,
+        Err(why) => {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+            assert!(!ci, "this test needs the kernel: {why} (CI=true: failing instead of skipping)");
+            eprintln!("SKIPPED: this test needs the kernel: {why}");
+            false
+        }
+    }
 }
 
 /// `tests/conformance/cases` in this repository: the corpus travels with the code, so a
