@@ -1,6 +1,6 @@
 //! Shared by the integration tests: the conformance corpus (`tests/conformance/`), loaded once per file,
 //! and the cell-by-cell comparison every engine's test makes against it.
-#![allow(dead_code)] // each test binary uses its own part
+#![allow(dead_code)] // tests/lab.rs, its own binary, uses only kernel_or_skip
 
 use std::path::PathBuf;
 

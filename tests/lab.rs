@@ -1,7 +1,13 @@
 //! Real-kernel lab tests: they build network namespaces, so they need root, `ip` and `nft`.
 //! Without them they skip with a message, except under `CI=true`, where they fail.
+//!
+//! Its own test binary, not a module of `tests/it`, because its process must hold no lab
+//! but these tests': they assert that no namespace named for this process remains (`ours`)
+//! and one swaps the process-wide panic hook. `cargo test` runs a binary's tests as threads
+//! of one process, where the kernel, conformance and conntrack tests' labs would show up.
 
-use crate::common;
+#[path = "it/common/mod.rs"]
+mod common;
 use std::net::IpAddr;
 use std::process::Command;
 use std::sync::Mutex;
