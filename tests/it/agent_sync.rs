@@ -14,7 +14,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::watcher;
 use netpol::agent::nft_target::{self, NftTarget, is_full_sync};
 use netpol::agent::quarantine::Quarantining;
-use netpol::agent::{ClusterWatch, SyncLoop, SyncLoopConfig, SyncTarget, Trigger};
+use netpol::agent::watch::Resource;
+use netpol::agent::{ClusterWatch, SyncLoop, SyncLoopConfig, SyncState, SyncTarget, Trigger};
 use netpol::compile::{NodeConfig, compile};
 use netpol::nft::fake::FakeNftables;
 use netpol::nft::interpret::{Fate, Interpreter, Packet};
@@ -119,6 +120,8 @@ struct World {
     api: MirroredApi,
     nft: Arc<Mutex<Flaky>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The agent's watch and sync-loop status, once started.
+    agent: Option<(ClusterWatch, tokio::sync::watch::Receiver<SyncState>)>,
 }
 
 impl Drop for World {
@@ -146,7 +149,7 @@ impl std::ops::DerefMut for World {
 impl World {
     async fn new() -> World {
         let server = FakeApiServer::start().await.unwrap();
-        World { api: MirroredApi::new(server), nft: Arc::default(), tasks: Vec::new() }
+        World { api: MirroredApi::new(server), nft: Arc::default(), tasks: Vec::new(), agent: None }
     }
 
     fn start_agent(&mut self) {
@@ -158,9 +161,12 @@ impl World {
             debounce: Duration::from_millis(20),
             retry_initial: Duration::from_millis(50),
             retry_max: Duration::from_secs(1),
+            // An idle loop goes around this often (see `common::loop_went_around`).
+            heartbeat: Duration::from_millis(50),
             ..SyncLoopConfig::default()
         };
-        let sync_loop = SyncLoop::new(target, watch, trigger, config);
+        let sync_loop = SyncLoop::new(target, watch.clone(), trigger, config);
+        self.agent = Some((watch, sync_loop.status()));
         self.tasks.push(tokio::spawn(async move {
             let _ = driver.await;
         }));
@@ -239,7 +245,15 @@ async fn nothing_is_programmed_until_all_three_kinds_have_listed_and_the_first_s
     w.seed();
     w.server.pause_kind(Kind::NetworkPolicy);
     w.start_agent();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (watch, status) = w.agent.clone().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(watch.counters().listed(Resource::Pods) && watch.counters().listed(Resource::Namespaces)) {
+        assert!(Instant::now() < deadline, "pods and namespaces never listed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The loop has woken for those lists and declined to sync.
+    common::loop_went_around(&status).await;
+    assert!(!watch.is_ready());
     assert_eq!(w.nft().history.len(), 0, "programmed before NetworkPolicies listed");
     assert!(w.nft().fake.ruleset(TABLE).is_none());
 
@@ -622,8 +636,12 @@ async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_comm
         assert!(Instant::now() < deadline, "the new range never arrived:\n{}", agent.log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(agent.log().contains(r#""via":"nft""#), "no commit went through nft:\n{}", agent.log());
+    // The agent logs the commit's route once nft returns, which may be after the listing.
+    while !agent.log().contains(r#""via":"nft""#) {
+        assert!(Instant::now() < deadline, "no commit went through nft:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // (Own commits taken for foreign would also show in the exact count at the end.)
     assert!(!agent.log().contains(FOREIGN), "own commits taken for foreign:\n{}", agent.log());
 
     // A foreign `flush ruleset` removes the table; the agent puts it back.

@@ -128,3 +128,27 @@ impl Case {
         out
     }
 }
+
+/// Waits until an agent's sync loop (`status`: its `SyncLoop::status`) has run a whole
+/// iteration that began after this call: by then it has handled every change notified
+/// before the call, syncing it or deciding not to. That is the provable point after which
+/// "no (further) sync happened" can be asserted, instead of after a guessed sleep.
+///
+/// Each iteration starts by publishing its heartbeat; one that starts with a notification
+/// pending wakes for it at once (its heartbeat timer is fresh), unless an earlier
+/// iteration's batch window already took it. So the second heartbeat after the call ends an
+/// iteration that began after it. Give the loop a short `heartbeat` so an idle one goes
+/// around soon.
+pub async fn loop_went_around(status: &tokio::sync::watch::Receiver<netpol::agent::SyncState>) {
+    let since = tokio::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut status = status.clone();
+    let went_around = status.wait_for(|s| {
+        if let Some(beat) = s.heartbeat.filter(|b| *b > since && !seen.contains(b)) {
+            seen.push(beat);
+        }
+        seen.len() >= 2
+    });
+    let went_around = tokio::time::timeout(std::time::Duration::from_secs(10), went_around).await;
+    assert!(went_around.is_ok_and(|r| r.is_ok()), "the sync loop did not go around within 10 s");
+}
