@@ -17,13 +17,17 @@ use serde_json::Value;
 pub fn kernel_or_skip() -> bool {
     match netpol::engines::kernel::check_prerequisites() {
         Ok(()) => true,
-        Err(why) => {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-            assert!(!ci, "this test needs the kernel: {why} (CI=true: failing instead of skipping)");
-            eprintln!("SKIPPED: this test needs the kernel: {why}");
-            false
-        }
+        Err(why) => skip(&format!("this test needs the kernel: {why}")),
     }
+}
+
+/// Skips the calling test (or the part of it that needs what is missing): prints `why` and
+/// returns false — except under `CI=true`, where it panics with `why`.
+pub fn skip(why: &str) -> bool {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    assert!(!ci, "{why} (CI=true: failing instead of skipping)");
+    eprintln!("SKIPPED: {why}");
+    false
 }
 
 /// `tests/conformance/cases` in this repository: the corpus travels with the code, so a
