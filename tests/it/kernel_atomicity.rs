@@ -28,7 +28,7 @@ use crate::common;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use netpol::compile::{NodeConfig, compile};
@@ -222,6 +222,8 @@ struct Probing<'a> {
     violations: Mutex<Vec<String>>,
     /// What the main thread is doing, for messages: "full sync 17 -> B".
     phase: Mutex<String>,
+    /// Probe threads that have gone once through their connections.
+    warmed_up: AtomicUsize,
 }
 
 impl Probing<'_> {
@@ -272,11 +274,15 @@ impl Probing<'_> {
         let src = conns[0].src;
         self.lab
             .in_pod(src, || {
+                let mut first_round = true;
                 while !stop.load(Ordering::Relaxed) {
                     for c in conns {
                         let outcome = self.attempt(c, timeout);
                         self.record(class, c, &outcome);
                         std::thread::sleep(pacing);
+                    }
+                    if std::mem::take(&mut first_round) {
+                        self.warmed_up.fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 Ok(())
@@ -385,6 +391,7 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
         attempts: Mutex::default(),
         violations: Mutex::default(),
         phase: Mutex::new("start (A loaded)".into()),
+        warmed_up: AtomicUsize::new(0),
     };
     let only_a = by_class.get(&Class::OnlyA).cloned().unwrap_or_default();
     let only_b = by_class.get(&Class::OnlyB).cloned().unwrap_or_default();
@@ -394,6 +401,16 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
     let mut incremental_ops = 0;
 
     let swap_time = std::thread::scope(|s| {
+        // The probe threads stop also when this closure panics; else the scope would wait
+        // for them forever and a failing test would hang instead of failing.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        let mut spawned = 0;
         // Probe threads: per source pod, one for MustPass connections and two for MustBlock
         // ones (each blocked attempt waits out its time-out).
         for class in [Class::MustPass, Class::MustBlock] {
@@ -410,11 +427,16 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
                     }
                     let (probing, stop) = (&probing, &stop);
                     s.spawn(move || probing.keep_probing(class, &mine, timeout, pacing, stop));
+                    spawned += 1;
                 }
             }
         }
-        // Let traffic get going under A before the first swap.
-        std::thread::sleep(Duration::from_millis(200));
+        // Traffic under A before the first swap: every probe thread has gone once round.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while probing.warmed_up.load(Ordering::SeqCst) < spawned {
+            assert!(Instant::now() < deadline, "the probe threads never got going");
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let swaps_started = Instant::now();
 
         let mut applied = 0; // index into `rulesets`: 0 = A, 1 = B
