@@ -1,8 +1,14 @@
 //! Real-kernel lab tests: they build network namespaces, so they need root, `ip` and `nft`.
 //! Without them they skip with a message, except under `CI=true`, where they fail.
+//!
+//! Its own test binary, not a module of `tests/it`, because its process must hold no lab
+//! but these tests': they assert that no namespace named for this process remains (`ours`)
+//! and one swaps the process-wide panic hook. `cargo test` runs a binary's tests as threads
+//! of one process, where the kernel, conformance and conntrack tests' labs would show up.
 
+#[path = "it/common/mod.rs"]
+mod common;
 use std::net::IpAddr;
-use std::os::unix::fs::MetadataExt as _;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -11,30 +17,6 @@ use netpol::lab::{self, Family, L4, Lab, LabError, LabNode, LabPod, LabSpec, Pro
 
 /// Labs of one test at a time, so "no namespace of this process remains" is checkable.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn lab_env_ok() -> bool {
-    let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
-    let has = |tool: &str, arg: &str| Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success());
-    let mut missing = Vec::new();
-    if !root {
-        missing.push("root");
-    }
-    if !has("ip", "-V") {
-        missing.push("`ip` (iproute2)");
-    }
-    if !has("nft", "--version") {
-        missing.push("`nft` (nftables)");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("lab tests need {}", missing.join(", "));
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg} (CI=true: failing instead of skipping)");
-    }
-    eprintln!("SKIPPED: {msg}");
-    false
-}
 
 fn ours() -> Vec<String> {
     let prefix = format!("{}{}-", lab::NETNS_PREFIX, std::process::id());
@@ -92,7 +74,7 @@ fn describe(p: &Probe) -> String {
 
 #[test]
 fn without_rulesets_every_served_port_is_reachable_and_unserved_ones_are_not() {
-    if !lab_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -142,7 +124,7 @@ table inet lab_test {
 
 #[test]
 fn a_node_ruleset_drops_exactly_the_matching_probes_across_and_within_nodes() {
-    if !lab_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -174,7 +156,7 @@ fn a_node_ruleset_drops_exactly_the_matching_probes_across_and_within_nodes() {
 
 #[test]
 fn nothing_is_left_behind_after_success_error_or_a_crash() {
-    if !lab_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -232,7 +214,7 @@ fn nothing_is_left_behind_after_success_error_or_a_crash() {
 
 #[test]
 fn two_labs_with_the_same_addresses_coexist() {
-    if !lab_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -267,7 +249,7 @@ fn two_labs_with_the_same_addresses_coexist() {
 
 #[test]
 fn a_nine_pod_matrix_builds_and_probes_in_seconds() {
-    if !lab_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -366,7 +348,7 @@ fn egress_anywhere_on(app: &str, port: u16) -> Policy {
 
 #[test]
 fn an_egress_isolated_ipv6_pod_reaches_its_node_on_an_allowed_port_through_real_neighbour_discovery() {
-    if !lab_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -398,7 +380,7 @@ fn an_egress_isolated_ipv6_pod_reaches_its_node_on_an_allowed_port_through_real_
 
 #[test]
 fn a_node_without_policies_keeps_a_connection_that_conntrack_calls_invalid() {
-    if !lab_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -438,7 +420,7 @@ fn a_node_without_policies_keeps_a_connection_that_conntrack_calls_invalid() {
 
 #[test]
 fn the_unknown_pod_guard_cuts_off_a_stranger_of_the_pod_cidr_and_a_pod_once_its_deletion_is_seen() {
-    if !lab_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -219,7 +219,7 @@ mod tests {
         assert_eq!(c.node_wait, Duration::from_millis(500));
         assert_eq!(c.resync_period, Duration::from_secs(90));
         assert_eq!(c.debounce, Duration::ZERO);
-        // The same message netpol-check gives for --probe-timeout 300 (tests/cli.rs).
+        // The same message netpol-check gives for --probe-timeout 300 (tests/it/cli.rs).
         let e = parse(&["--node", "a", "--node-wait", "300"]).unwrap_err().to_string();
         assert!(
             e.contains("invalid value '300' for '--node-wait <NODE_WAIT>': \"300\" has no unit (write 300ms or 300s)"),

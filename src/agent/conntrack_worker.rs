@@ -12,9 +12,8 @@
 //! ```
 //!
 //! A dump walks the kernel's whole conntrack hash (~9 ms on a 24 GiB node whatever it
-//! holds); done inline it doubled the agent's event latency and quadrupled its CPU at 100
-//! pod events/s (benches/agent-bench.sh). Paced, a flow a change denies still ends within
-//! `pace` plus one dump of that change.
+//! holds); done inline it added that to every sync under churn (benches/README.md, agent).
+//! Paced, a flow a change denies still ends within `pace` plus one dump of that change.
 
 use std::collections::HashSet;
 use std::net::IpAddr;

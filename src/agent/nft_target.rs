@@ -45,12 +45,9 @@ use crate::policy::model::{Cluster, Namespace, NamespaceMap, Pod, SharedList, na
 /// most this many elements per cluster pod in all, unless [`NftTarget::keeping_idle_sets`]
 /// says otherwise: a policy that comes back to the node finds its big peer sets there
 /// instead of sending them again. An element costs the agent ~26 bytes and the kernel
-/// ~100 (a 20 000-element set: SUnreclaim +2.0 MiB), so at most 0.1 and 0.4 KiB per
-/// cluster pod. Replaying the agent bench's churn through the compiler, events whose sync
-/// adds ≥ 1 000 elements: 73 keeping none, 65 with 1 per pod, 47 with 2, 31 with 4 (most
-/// recently used first; biggest first did worse: 71, 58, 46); after egress named-port sets
-/// were shared, syncs adding ≥ 5 000 (a set of every pod, 50-100 ms): 6 with 2, 4 with 3,
-/// 2 with 4 (the first use of two such sets).
+/// ~100, so at most 0.1 and 0.4 KiB per cluster pod. Replaying the agent bench's churn,
+/// more kept elements per pod mean fewer big syncs, most recently used sets first
+/// (the counts: benches/README.md, agent).
 pub const IDLE_SET_ELEMENTS_PER_POD: usize = 4;
 
 /// Where flows are ended: in the sync itself, or by a worker beside the sync loop.

@@ -119,11 +119,8 @@ pub struct SyncLoopConfig {
 /// a few milliseconds to tens of milliseconds; the window folds its first milliseconds into
 /// one sync, and whatever arrives while that sync runs goes into the next one, so under
 /// any churn the syncs run back to back and a change waits at most the window plus two
-/// sync durations.
-///
-/// History: a 20 ms quiet period capped at 40 ms from the oldest change made
-/// `benches/agent.rs` (100 pod events/s, 10k pods) wait ~40 ms before every sync on top of
-/// the sync itself; measured with the window in `benches/agent.rs`, see the commit log.
+/// sync durations. A longer quiet period would make every sync under steady churn wait for
+/// it (measured with `benches/agent.rs`: benches/README.md).
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(5);
 
 impl Default for SyncLoopConfig {

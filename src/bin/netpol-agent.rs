@@ -122,8 +122,7 @@ impl SyncTarget for CountingPaths {
 /// Hands the heap a sync freed back to the kernel. A sync builds a whole desired ruleset
 /// and a transaction (about as much again as the agent keeps), then frees them; glibc
 /// keeps freed pages that lie below live data, so without a trim the agent's RSS stays at
-/// its highest sync (10k pods: 37 MiB after the first sync, 33 MiB trimmed; see
-/// benches/agent-bench.sh).
+/// its highest sync (benches/README.md, agent).
 ///
 /// The trim runs on its own thread once syncs pause (250 ms without one): it walks the
 /// heap under the allocator's lock for milliseconds, which a sync allocating meanwhile

@@ -532,7 +532,7 @@ pub fn split_documents(text: &str) -> Vec<(usize, String)> {
 
 /// How deep `[`/`{` may nest. The YAML deserializer gives up past 128 levels of any nesting
 /// ("recursion limit exceeded"), but only after parsing, which takes time quadratic in the
-/// depth (200 KB of `[` took 39 s); flow nesting alone past that limit is refused first.
+/// depth (benches/README.md); flow nesting alone past that limit is refused first.
 /// (The API server's own JSON limit is 10 000 levels; no object we read comes near either.)
 pub const MAX_FLOW_NESTING: usize = 128;
 

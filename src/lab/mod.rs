@@ -42,8 +42,7 @@
 //! would also make the link watcher lag), and `build` waits until every link is
 //! operationally up with its qdisc, so no first packet is lost to a half-ready veth. Between
 //! nodes and the fabric neighbours are static; between pods and their node ARP and ND are
-//! real (measured: no slower, the random three-engine kernel test ran in 13.3 s against
-//! 16.0 s with static entries, within the noise of a shared machine; DAD stays off). A 9-pod,
+//! real (measured no slower than static entries, benches/README.md; DAD stays off). A 9-pod,
 //! 3-node lab builds in well under 0.2 s.
 //!
 //! # Safety of the host
@@ -485,16 +484,15 @@ impl Drop for Lab {
 }
 
 /// Most probes in one wave. Every blocked probe of a wave costs the wave's one time-out, so
-/// fewer, larger waves are faster (measured, 50 pods × 14 probes, 35 000 probes: 8.0 s in
-/// waves of 2 048, 2.7 s in waves of 8 192); `poll` over 8 192 sockets stays cheap.
+/// fewer, larger waves are faster (benches/README.md); `poll` over 8 192 sockets stays cheap.
 const MAX_WAVE: usize = 8192;
 
 /// How many probes one wave may hold: each TCP/UDP probe is one open file.
 fn wave_size() -> usize {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     // Raise the soft open-file limit to the hard one, once per process, as Go's runtime
-    // does for every program: the common soft default of 1 024 would cut waves to ~480
-    // (the run above took 84 s under it).
+    // does for every program: the common soft default of 1 024 would cut waves to ~480,
+    // each paying a whole time-out.
     static RAISE: Once = Once::new();
     RAISE.call_once(|| {
         if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)

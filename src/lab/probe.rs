@@ -171,8 +171,8 @@ pub fn wave(
 
     // The clock starts once every first packet is out: issuing thousands of connects takes
     // a while on a loaded machine, and a deadline set before that loop shortened the last
-    // probes' time-out (measured: waves of 8 192 turned ~2% of allowed TCP cells into false
-    // "blocked"s under load: sending 8 192 took 190-280 ms of the 300).
+    // probes' time-out, and turned allowed cells into false "blocked"s under load
+    // (benches/README.md).
     let start = Instant::now();
     let deadline = start + timeout;
     let mut next_resend = start + RESEND;

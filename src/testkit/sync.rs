@@ -1,7 +1,7 @@
 //! A recording [`SyncTarget`] for tests: keeps every call with its snapshot, and can be
-//! told to fail, panic or be slow.
+//! told to fail, panic, be slow or hold a call until the test releases it.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::agent::{Snapshot, SyncError, SyncStats, SyncTarget};
@@ -30,6 +30,8 @@ struct Inner {
 #[derive(Clone, Default)]
 pub struct RecordingTarget {
     inner: Arc<Mutex<Inner>>,
+    /// Calls block while this is true (see [`RecordingTarget::hold`]).
+    held: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl RecordingTarget {
@@ -64,6 +66,18 @@ impl RecordingTarget {
     /// Every call takes this long (blocking, as a real `nft` run does).
     pub fn set_delay(&self, delay: Duration) {
         self.lock().delay = delay;
+    }
+
+    /// Every call from now on blocks (after it is recorded) until [`RecordingTarget::release`]:
+    /// a test keeps a sync running for exactly as long as it needs, not for a guessed delay.
+    pub fn hold(&self) {
+        *self.held.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Lets held calls return, and later ones run through.
+    pub fn release(&self) {
+        *self.held.0.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.held.1.notify_all();
     }
 
     /// Calls to [`SyncTarget::cleanup`].
@@ -102,6 +116,8 @@ impl SyncTarget for RecordingTarget {
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
+        let (held, released) = &*self.held;
+        drop(released.wait_while(held.lock().unwrap_or_else(|e| e.into_inner()), |h| *h));
         if panic {
             panic!("injected panic");
         }

@@ -23,7 +23,7 @@
 //! millisecond for the element and chain changes pod churn makes.
 //!
 //! The encoding mirrors what nft 1.0 sends for the same text, expression by expression and
-//! element by element (`tests/compile.rs` compares the kernel's view of both paths,
+//! element by element (`tests/it/compile.rs` compares the kernel's view of both paths,
 //! `nft --debug=netlink list` and the listing; the unit tests pin the set declarations'
 //! user data, which no listing shows). The kinds of the table's sets (interval or not, set
 //! or map) come from what was applied through this value.

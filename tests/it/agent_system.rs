@@ -27,7 +27,7 @@
 //! The agents run in the root namespace (to reach the apiserver on loopback); each one's
 //! kernel is a lab node. Nothing else in the root namespace is touched.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -66,14 +66,6 @@ fn launch(dir: &Path, server: &FakeApiServer, node: &str, table: &str, nft: NftR
         std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
     }
     AgentLaunch::new(env!("CARGO_BIN_EXE_netpol-agent"), node, table, kubeconfig, nft, dir)
-}
-
-/// Root, `ip` and `nft`, or the test skips (fails under `CI=true`).
-fn system_env_ok() -> bool {
-    let Err(why) = netpol::engines::kernel::check_prerequisites() else { return true };
-    assert!(!common::ci(), "the netpol-agent system tests need root, `ip` and `nft`: {why} (CI=true: failing)");
-    eprintln!("SKIPPED: the netpol-agent system tests need root, `ip` and `nft`: {why}");
-    false
 }
 
 // ---------------------------------------------------------------- builders
@@ -332,6 +324,8 @@ impl Fleet {
                 let netns = lab.node_netns(n).unwrap();
                 let mut l = launch(dir, server, n, table, NftRoute::Netns(netns));
                 l.extra_args = vec!["--debounce".into(), "20ms".into()];
+                // The sync loop's "not syncing" lines show that a gate held (`declined_to_sync`).
+                l.log_level = "info,netpol::agent::trigger=debug".into();
                 if let Some(cidr) = pod_cidrs.get(i) {
                     l.extra_args.extend(["--pod-cidr".to_string(), cidr.clone()]);
                 }
@@ -572,7 +566,7 @@ fn db_from_web(ports: Vec<NetworkPolicyPort>) -> NetworkPolicy {
 /// evaluator's for the cluster as applied.
 #[test]
 fn every_step_of_pod_policy_and_namespace_churn_converges_to_the_evaluators_matrix_in_the_kernel() {
-    if !system_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let test_started = Instant::now();
@@ -704,8 +698,21 @@ const DENIED_TIMEOUT: Duration = Duration::from_millis(60);
 /// time-out, so several threads are needed to look often (a gap of a few milliseconds,
 /// such as a non-atomic table replacement, must not slip between two looks).
 const DENIED_THREADS: u32 = 3;
-/// How long a node runs without an agent during a restart.
-const NO_AGENT_GAP: Duration = Duration::from_millis(300);
+
+/// Whether the agent's log shows its sync loop declining to sync (not all resources
+/// listed) after pods and namespaces had both completed their initial list: the loop woke
+/// for those lists and held off, the provable point for "nothing synced before
+/// NetworkPolicies listed".
+fn declined_to_sync_after_pod_and_namespace_lists(log: &str) -> bool {
+    let lines: Vec<serde_json::Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let listed = |resource: &str| {
+        lines
+            .iter()
+            .position(|v| v["fields"]["message"] == "initial list complete" && v["fields"]["resource"] == resource)
+    };
+    let (Some(pods), Some(namespaces)) = (listed("pods"), listed("namespaces")) else { return false };
+    lines[pods.max(namespaces)..].iter().any(|v| v["fields"]["message"] == "not all resources listed yet; not syncing")
+}
 
 /// New connections over and over on a fixed set of cells that should all be allowed (or
 /// all denied); every connection is counted, every wrong one recorded with the phase it
@@ -716,6 +723,8 @@ struct Flow<'a> {
     timeout: Duration,
     pause: Duration,
     attempted: AtomicU64,
+    /// Probe rounds finished (by all of the flow's threads).
+    rounds: AtomicU64,
     wrong: Mutex<Vec<String>>,
     phase: &'a Mutex<String>,
 }
@@ -740,8 +749,13 @@ impl Flow<'_> {
                     ));
                 }
             }
+            self.rounds.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(self.pause);
         }
+    }
+
+    fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::SeqCst)
     }
 }
 
@@ -764,7 +778,7 @@ impl Drop for StopOnDrop<'_> {
 /// may get through, and not one allowed connection may fail.
 #[test]
 fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_nor_refuse_an_allowed_one() {
-    if !system_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     use std::os::unix::process::ExitStatusExt as _;
@@ -820,6 +834,7 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
         timeout: ALLOWED_TIMEOUT,
         pause: Duration::from_millis(10),
         attempted: AtomicU64::new(0),
+        rounds: AtomicU64::new(0),
         wrong: Mutex::new(Vec::new()),
         phase: &phase,
     };
@@ -829,6 +844,7 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
         timeout: DENIED_TIMEOUT,
         pause: Duration::ZERO,
         attempted: AtomicU64::new(0),
+        rounds: AtomicU64::new(0),
         wrong: Mutex::new(Vec::new()),
         phase: &phase,
     };
@@ -849,7 +865,19 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
         }
         let fleet = &mut scene.fleet;
         let server = &scene.api.server;
-        std::thread::sleep(Duration::from_millis(300));
+        // Returns once both flows have probed the current phase: a whole round of the
+        // allowed flow, and of at least one denied thread (with k threads, k + 1 rounds
+        // finished mean one thread began a round after the call), instead of a guessed
+        // sleep that a slow machine may not fill with probes.
+        let traffic_ran = || {
+            let (allowed, denied) = (allowed_flow.rounds(), denied_flow.rounds());
+            let deadline = Instant::now() + CONVERGE_LIMIT;
+            while allowed_flow.rounds() < allowed + 2 || denied_flow.rounds() < denied + u64::from(DENIED_THREADS) + 1 {
+                assert!(Instant::now() < deadline, "the flows stopped probing");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        traffic_ran();
 
         // A new agent for node `i`; returns once it has replaced the table (its first,
         // full, transaction).
@@ -867,35 +895,33 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
         for (i, label) in [(0, "SIGTERM node-a"), (1, "SIGTERM node-b")] {
             set_phase(label);
             sigterm(fleet, i);
-            std::thread::sleep(NO_AGENT_GAP);
+            traffic_ran(); // with no agent on the node
             replace(fleet, i, label, &mut first_syncs);
-            std::thread::sleep(Duration::from_millis(200));
+            traffic_ran();
         }
 
         set_phase("SIGKILL node-a");
         let status = fleet.agents[0].kill_hard().unwrap();
         assert_eq!(status.signal(), Some(9));
-        std::thread::sleep(NO_AGENT_GAP);
+        traffic_ran();
         replace(fleet, 0, "SIGKILL node-a", &mut first_syncs);
-        std::thread::sleep(Duration::from_millis(200));
+        traffic_ran();
 
         // The new agent lists pods and namespaces but not policies: it must keep its hands
         // off the table (an early sync would open every isolated pod).
         set_phase("SIGTERM node-b, restart while NetworkPolicies cannot list");
         server.pause_kind(Kind::NetworkPolicy);
-        let lists_before = (server.list_requests(Kind::Pod), server.list_requests(Kind::Namespace));
         sigterm(fleet, 1);
-        std::thread::sleep(NO_AGENT_GAP);
+        traffic_ran();
         let spawned = Instant::now();
         fleet.restart(1);
         let deadline = Instant::now() + CONVERGE_LIMIT;
-        while server.list_requests(Kind::Pod) == lists_before.0
-            || server.list_requests(Kind::Namespace) == lists_before.1
-        {
+        while !declined_to_sync_after_pod_and_namespace_lists(&fleet.agents[1].log()) {
+            fleet.assert_running();
             assert!(Instant::now() < deadline, "the new agent never listed:\n{}", fleet.agents[1].log());
             std::thread::sleep(Duration::from_millis(5));
         }
-        std::thread::sleep(Duration::from_millis(500));
+        traffic_ran();
         assert_eq!(
             fleet.agents[1].applied(None),
             0,
@@ -904,16 +930,16 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
         );
         server.resume_kind(Kind::NetworkPolicy);
         fleet.agents[1].wait_applied(Some("full"), 1, CONVERGE_LIMIT).unwrap();
-        first_syncs.push(("SIGTERM node-b, NetworkPolicies held 0.5 s".into(), spawned.elapsed()));
-        std::thread::sleep(Duration::from_millis(200));
+        first_syncs.push(("SIGTERM node-b, NetworkPolicies held back".into(), spawned.elapsed()));
+        traffic_ran();
 
         set_phase("SIGTERM both nodes at once");
         sigterm(fleet, 0);
         sigterm(fleet, 1);
-        std::thread::sleep(NO_AGENT_GAP);
+        traffic_ran();
         replace(fleet, 0, "SIGTERM both: node-a", &mut first_syncs);
         replace(fleet, 1, "SIGTERM both: node-b", &mut first_syncs);
-        std::thread::sleep(Duration::from_millis(200));
+        traffic_ran();
 
         for (label, fault) in [
             ("watches expired (410)", &(|| server.expire_watches()) as &dyn Fn()),
@@ -924,8 +950,16 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
             }),
         ] {
             set_phase(label);
+            let watches = server.watch_requests(Kind::Pod);
             fault();
-            std::thread::sleep(Duration::from_millis(300));
+            // Both agents have watched pods again (after a relist where history is gone).
+            let deadline = Instant::now() + CONVERGE_LIMIT;
+            while server.watch_requests(Kind::Pod) < watches + 2 {
+                fleet.assert_running();
+                assert!(Instant::now() < deadline, "the agents never watched again after: {label}");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            traffic_ran();
         }
         // The agents are alive after the faults: a change that alters both rulesets (a
         // web pod outside the lab joins the peer sets) but no lab verdict is applied.
@@ -935,7 +969,7 @@ fn restarts_kills_and_api_faults_under_traffic_never_open_a_denied_connection_no
         for (i, a) in fleet.agents.iter_mut().enumerate() {
             a.wait_applied(None, before[i] + 1, CONVERGE_LIMIT).unwrap();
         }
-        std::thread::sleep(Duration::from_millis(300));
+        traffic_ran();
         fleet.assert_running();
     });
     let traffic_time = traffic_started.elapsed();
@@ -1031,7 +1065,7 @@ impl Dice {
 /// change, no allowed one is refused after a new pod's first second.
 #[test]
 fn chaos_of_kills_api_faults_foreign_flushes_and_ip_reuse_under_traffic_never_errs_once_the_agents_had_a_second() {
-    if !system_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let seed = std::env::var("NETPOL_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {

@@ -23,16 +23,15 @@
 //!
 //! Needs root, `ip` and `nft`; skips with a message without them, fails under `CI=true`.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use netpol::compile::{NodeConfig, compile};
-use netpol::engines::kernel;
 use netpol::lab::traffic::{self, Outcome};
 use netpol::lab::{Lab, LabNode, LabPod};
 use netpol::nft::backend::netlink::NetlinkNftables;
@@ -64,17 +63,6 @@ const LAST_SOURCE_PORT: u16 = 65_000;
 const NS: &str = "shop";
 const SERVED: [(u16, Protocol); 4] =
     [(80, Protocol::Tcp), (8080, Protocol::Tcp), (53, Protocol::Udp), (81, Protocol::Udp)];
-
-fn prerequisites_ok() -> bool {
-    match kernel::check_prerequisites() {
-        Ok(()) => true,
-        Err(e) if common::ci() => panic!("{e} (CI=true: failing instead of skipping)"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            false
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // The cluster: builders, and the two policy sets.
@@ -234,6 +222,8 @@ struct Probing<'a> {
     violations: Mutex<Vec<String>>,
     /// What the main thread is doing, for messages: "full sync 17 -> B".
     phase: Mutex<String>,
+    /// Probe threads that have gone once through their connections.
+    warmed_up: AtomicUsize,
 }
 
 impl Probing<'_> {
@@ -284,11 +274,15 @@ impl Probing<'_> {
         let src = conns[0].src;
         self.lab
             .in_pod(src, || {
+                let mut first_round = true;
                 while !stop.load(Ordering::Relaxed) {
                     for c in conns {
                         let outcome = self.attempt(c, timeout);
                         self.record(class, c, &outcome);
                         std::thread::sleep(pacing);
+                    }
+                    if std::mem::take(&mut first_round) {
+                        self.warmed_up.fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 Ok(())
@@ -334,7 +328,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 #[test]
 fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agree_on() {
-    if !prerequisites_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let a = Cluster::new(vec![], pods(), policies_a());
@@ -397,6 +391,7 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
         attempts: Mutex::default(),
         violations: Mutex::default(),
         phase: Mutex::new("start (A loaded)".into()),
+        warmed_up: AtomicUsize::new(0),
     };
     let only_a = by_class.get(&Class::OnlyA).cloned().unwrap_or_default();
     let only_b = by_class.get(&Class::OnlyB).cloned().unwrap_or_default();
@@ -406,6 +401,16 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
     let mut incremental_ops = 0;
 
     let swap_time = std::thread::scope(|s| {
+        // The probe threads stop also when this closure panics; else the scope would wait
+        // for them forever and a failing test would hang instead of failing.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        let mut spawned = 0;
         // Probe threads: per source pod, one for MustPass connections and two for MustBlock
         // ones (each blocked attempt waits out its time-out).
         for class in [Class::MustPass, Class::MustBlock] {
@@ -422,11 +427,16 @@ fn swapping_rulesets_under_traffic_never_leaks_or_refuses_a_connection_both_agre
                     }
                     let (probing, stop) = (&probing, &stop);
                     s.spawn(move || probing.keep_probing(class, &mine, timeout, pacing, stop));
+                    spawned += 1;
                 }
             }
         }
-        // Let traffic get going under A before the first swap.
-        std::thread::sleep(Duration::from_millis(200));
+        // Traffic under A before the first swap: every probe thread has gone once round.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while probing.warmed_up.load(Ordering::SeqCst) < spawned {
+            assert!(Instant::now() < deadline, "the probe threads never got going");
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let swaps_started = Instant::now();
 
         let mut applied = 0; // index into `rulesets`: 0 = A, 1 = B

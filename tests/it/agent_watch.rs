@@ -18,6 +18,8 @@ use netpol::testkit::objects::{self, labels, namespace};
 use netpol::testkit::sync::RecordingTarget;
 use tokio::task::JoinHandle;
 
+use crate::common;
+
 // ---------------------------------------------------------------- builders
 
 fn pod(ns: &str, name: &str, ip: &str, l: &[(&str, &str)]) -> Pod {
@@ -87,6 +89,8 @@ fn fast_config() -> SyncLoopConfig {
         debounce: Duration::from_millis(20),
         retry_initial: Duration::from_millis(50),
         retry_max: Duration::from_secs(1),
+        // An idle loop goes around this often, so `Agent::loop_went_around` returns soon.
+        heartbeat: Duration::from_millis(50),
         ..SyncLoopConfig::default()
     }
 }
@@ -141,6 +145,11 @@ impl Agent {
     /// Waits until the last successful sync saw a snapshot satisfying `pred`.
     async fn wait_synced(&self, what: &str, pred: impl Fn(&Snapshot) -> bool) {
         wait_for(what, Duration::from_secs(10), || pred(&self.synced())).await;
+    }
+
+    /// See [`common::loop_went_around`].
+    async fn loop_went_around(&self) {
+        common::loop_went_around(&self.status).await;
     }
 }
 
@@ -204,7 +213,8 @@ async fn nothing_is_synced_until_pods_namespaces_and_policies_have_all_listed() 
     .await;
     // Pod changes keep coming; still nothing may be programmed.
     server.apply(&pod("shop", "web-3", "192.0.2.4", &[("segment", "frontend")])).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for("the watch to see web-3", Duration::from_secs(5), || agent.watch.snapshot().pods.len() == 4).await;
+    agent.loop_went_around().await;
     assert!(!agent.watch.is_ready());
     assert!(agent.target.calls().is_empty(), "synced before policies listed");
 
@@ -299,11 +309,10 @@ async fn slow_apiserver_responses_delay_but_do_not_break_convergence() {
     let server = FakeApiServer::start().await.unwrap();
     seed(&server);
     server.set_latency(Duration::from_millis(300));
-    let started = Instant::now();
     let agent = Agent::start(&server, fast_config());
     agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
-    // Pods need two pages, each 300 ms late.
-    assert!(started.elapsed() >= Duration::from_millis(600));
+    // The three pods came in two pages (page size 2), each answered late.
+    assert!(server.list_requests(Kind::Pod) >= 2, "{} pod lists", server.list_requests(Kind::Pod));
     server.drop_connections();
     server.apply(&pod("shop", "late", "192.0.2.77", &[("segment", "frontend")])).unwrap();
     agent.wait_synced("the pod added behind a slow reconnect", |s| s.pods.len() == 4).await;
@@ -322,7 +331,8 @@ async fn a_hundred_rapid_changes_coalesce_into_a_few_syncs_and_the_last_state_wi
         server.apply(&pod("shop", "web-1", "192.0.2.1", &[("version", &v)])).unwrap();
     }
     agent.wait_synced("the last version", |s| pod_labels(s).get("shop/web-1") == Some(&l(&[("version", "99")]))).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Any sync still owed to the burst has happened by now.
+    agent.loop_went_around().await;
     let calls = agent.target.calls();
     let syncs = calls.len() - before;
     assert!(syncs <= 5, "100 changes took {syncs} syncs");
@@ -336,20 +346,24 @@ async fn changes_during_a_slow_sync_are_all_taken_by_the_one_sync_right_after_it
     seed(&server);
     let agent = Agent::start(&server, fast_config());
     agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
-    agent.target.set_delay(Duration::from_millis(1000));
+    // The sync for the first change runs until every later change has reached the watch.
+    agent.target.hold();
     let before = agent.target.calls().len();
 
     server.apply(&pod("shop", "web-1", "192.0.2.1", &[("version", "0")])).unwrap();
     wait_for("the slow sync to start", Duration::from_secs(5), || agent.target.calls().len() > before).await;
-    let started = Instant::now();
     for i in 1..20 {
         let v = i.to_string();
         server.apply(&pod("shop", "web-1", "192.0.2.1", &[("version", &v)])).unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(started.elapsed() < Duration::from_millis(800), "the changes must land during the slow sync");
+    wait_for("the watch to see the last version", Duration::from_secs(5), || {
+        pod_labels(&agent.watch.snapshot()).get("shop/web-1") == Some(&l(&[("version", "19")]))
+    })
+    .await;
+    assert_eq!(agent.target.calls().len(), before + 1, "the changes landed during the held sync");
+    agent.target.release();
     agent.wait_synced("the last version", |s| pod_labels(s).get("shop/web-1") == Some(&l(&[("version", "19")]))).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    agent.loop_went_around().await;
     let calls = agent.target.calls();
     assert_eq!(calls.len() - before, 2, "one sync for the first change, one for the 19 during it");
     assert_eq!(pod_labels(&calls[before].snapshot)["shop/web-1"], l(&[("version", "0")]));
@@ -812,7 +826,9 @@ async fn the_first_sync_waits_for_the_node_but_only_up_to_the_bound() {
     wait_for("the lists", Duration::from_secs(5), || Resource::ALL.iter().all(|r| counters.listed(*r))).await;
     assert!(agent.target.calls().is_empty(), "listed, but the Node is not read yet: no sync");
     agent.wait_synced("the sync after the bound", |s| s.pods.len() == 3).await;
-    assert!(started.elapsed() >= Duration::from_millis(2900), "synced after {:?}", started.elapsed());
+    // Not before the bound: the readiness check compares with it (timers never fire early).
+    let first = agent.target.calls()[0].at;
+    assert!(first >= started + Duration::from_secs(3), "synced {:?} after the start", first - started);
     assert!(cidrs(&agent.synced()).is_empty(), "synced without the Node's CIDRs");
 
     server.resume_kind(Kind::Node);
@@ -879,10 +895,10 @@ async fn the_admin_server_closes_connections_beyond_its_cap_and_serves_again_whe
         limits: admin::ProbeLimits::default(),
     };
     let admin_task = tokio::spawn(admin::serve_limited(listener, state, 2));
-    // Two idle connections take both slots.
+    // Two idle connections take both slots. No wait is needed before the third: the server
+    // accepts in connection order and takes a slot before its next accept.
     let idle =
         [tokio::net::TcpStream::connect(addr).await.unwrap(), tokio::net::TcpStream::connect(addr).await.unwrap()];
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(Duration::from_secs(3), third.read(&mut buf)).await;
@@ -969,8 +985,8 @@ async fn liveness_fails_through_the_admin_endpoint_while_a_sync_runs_past_its_bo
     agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
     assert_eq!(http_get(addr, "/healthz").await.0, 200);
 
-    // A sync that takes 2 s: liveness fails once it has run past 300 ms, and recovers.
-    agent.target.set_delay(Duration::from_secs(2));
+    // A sync held until liveness fails (past 300 ms); it recovers once the sync returns.
+    agent.target.hold();
     server.apply(&pod("shop", "web-5", "192.0.2.6", &[])).unwrap();
     let mut body = String::new();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -981,7 +997,7 @@ async fn liveness_fails_through_the_admin_endpoint_while_a_sync_runs_past_its_bo
         assert!(code == 503 || code == 200);
         body = b;
     }
-    agent.target.set_delay(Duration::ZERO);
+    agent.target.release();
     agent.wait_synced("the slow sync", |s| s.pods.len() == 4).await;
     wait_for("liveness to recover", Duration::from_secs(5), || agent.status.borrow().sync_started.is_none()).await;
     assert_eq!(http_get(addr, "/healthz").await.0, 200);

@@ -137,10 +137,30 @@ proptest! {
     }
 }
 
+/// The loader's error for `text`, which must not load.
+fn load_error(text: String) -> String {
+    let sources = [Source { name: "fuzz.yaml".into(), text }];
+    match load_sources(&sources, &LoadOptions::default()) {
+        Ok(_) => panic!("a deeply nested document loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[test]
 fn deeply_nested_yaml_is_an_error_not_a_crash() {
-    load(format!("kind: Pod\nspec: {}{}", "[".repeat(10_000), "]".repeat(10_000)));
-    load(format!("kind: Pod\nspec: {}", "- ".repeat(5_000)));
+    // Flow collections: refused by the loader's own depth scan, before the YAML parser.
+    let flow = load_error(format!("kind: Pod\nspec: {}{}", "[".repeat(10_000), "]".repeat(10_000)));
+    assert!(flow.starts_with("fuzz.yaml:1: nesting deeper than 128 levels at line 2"), "{flow}");
+    // Block sequences (`- - - ... x`, valid YAML): the parser's recursion limit.
+    let block = load_error(format!("kind: Pod\nspec:\n{}x\n", "- ".repeat(5_000)));
+    assert!(
+        block.starts_with("fuzz.yaml:1: invalid YAML at line 3") && block.contains("recursion limit exceeded"),
+        "{block}"
+    );
+    // Block mappings, one level per line.
+    let mappings: String = (0..3_000).map(|i| format!("{}a:\n", "  ".repeat(i))).collect();
+    let mappings = load_error(format!("kind: Pod\nspec:\n{mappings}"));
+    assert!(mappings.contains("recursion limit exceeded"), "{mappings}");
 }
 
 // --- defaulting of absent, null and empty lists ------------------------------------------------

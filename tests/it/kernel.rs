@@ -1,14 +1,13 @@
 //! The kernel engine against the other two (DESIGN.md §2: three engines, one truth), on
 //! random clusters with hostNetwork pods in both families; hostNetwork semantics cell by
 //! cell; and the real `netpol-check` binary's `verify`, its errors and `lab cleanup`.
-//! (The conformance corpus runs through the CLI's kernel engine in tests/conformance.rs.)
+//! (The conformance corpus runs through the CLI's kernel engine in tests/it/conformance.rs.)
 //!
 //! They build network namespaces, so they need root, `ip` and `nft`. Without them they skip
 //! with a message, except under `CI=true`, where they fail.
 
-mod common;
+use crate::common;
 
-use common::ci;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -25,17 +24,6 @@ use netpol::policy::matrix::{self, Family, Probe, ProbePort};
 use netpol::policy::model::{Cluster, ObjectRef, Pod, PodIps, Protocol};
 
 const TIMEOUT: Duration = LabSpec::DEFAULT_TIMEOUT;
-
-fn kernel_ok() -> bool {
-    match kernel::check_prerequisites() {
-        Ok(()) => true,
-        Err(e) if ci() => panic!("{e} (CI=true: failing instead of skipping)"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            false
-        }
-    }
-}
 
 fn random_probes() -> Vec<Probe> {
     vec![
@@ -116,7 +104,7 @@ const RANDOM_SEEDS: u64 = 40;
 
 #[test]
 fn evaluator_ruleset_and_kernel_agree_on_random_clusters_with_host_network_pods() {
-    if !kernel_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let started = Instant::now();
@@ -230,7 +218,7 @@ fn host_network_cluster() -> Cluster {
 
 #[test]
 fn host_network_pods_are_their_node_on_every_engine() {
-    if !kernel_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let cluster = host_network_cluster();
@@ -394,7 +382,7 @@ fn assert_one_line_error(out: &Output, expected: &str) {
 
 #[test]
 fn the_binary_verifies_random_clusters_in_both_families() {
-    if !kernel_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -425,7 +413,7 @@ fn the_binary_verifies_random_clusters_in_both_families() {
 /// sending and turned allowed cells into false "blocked"s.
 #[test]
 fn the_binary_verifies_a_50_pod_cluster_sent_in_large_waves() {
-    if !kernel_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let params = generate::Params { pods: 50, namespaces: 4, policies: 20, nodes: 3, seed: 1, dual_stack: true };
@@ -444,7 +432,7 @@ fn the_binary_verifies_a_50_pod_cluster_sent_in_large_waves() {
 
 #[test]
 fn query_with_the_kernel_engine_sends_one_probe_and_exits_by_its_fate() {
-    if !kernel_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let query = |from: &str, to: &str| {
@@ -466,7 +454,7 @@ fn query_with_the_kernel_engine_sends_one_probe_and_exits_by_its_fate() {
 
 #[test]
 fn verify_reports_a_kernel_that_enforces_nothing_and_exits_one() {
-    if !kernel_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     // An `nft` that accepts every ruleset and loads none: the kernel then allows everything.
@@ -491,7 +479,7 @@ fn verify_reports_a_kernel_that_enforces_nothing_and_exits_one() {
 
 #[test]
 fn kernel_engine_errors_are_one_actionable_line_with_exit_two() {
-    if !kernel_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let matrix = ["matrix", "--engine", "kernel", "-f", FOUNDING];
@@ -512,7 +500,7 @@ fn kernel_engine_errors_are_one_actionable_line_with_exit_two() {
         .output()
     {
         Ok(out) => assert_one_line_error(&out, "lacks CAP_NET_ADMIN and CAP_SYS_ADMIN"),
-        Err(e) => eprintln!("not checked without capabilities: setpriv: {e}"),
+        Err(e) => _ = common::skip(&format!("not checked without capabilities: setpriv: {e}")),
     }
 
     // No `ip`, then `ip` but no `nft`, on PATH.
@@ -547,7 +535,7 @@ echo "    ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^" >&2; exit 1;; esac"#,
 
 #[test]
 fn lab_cleanup_removes_a_crashed_runs_namespaces_and_never_a_live_ones() {
-    if !kernel_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let mut child = Command::new("true").spawn().unwrap();

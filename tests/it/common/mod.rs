@@ -1,6 +1,6 @@
 //! Shared by the integration tests: the conformance corpus (`tests/conformance/`), loaded once per file,
 //! and the cell-by-cell comparison every engine's test makes against it.
-#![allow(dead_code)] // each test binary uses its own part
+#![allow(dead_code)] // tests/lab.rs, its own binary, uses only kernel_or_skip
 
 use std::path::PathBuf;
 
@@ -9,9 +9,25 @@ use netpol::policy::matrix::{Probe, ProbePort};
 use netpol::policy::model::{Cluster, ObjectRef, Protocol};
 use serde_json::Value;
 
-/// CI runs as root with everything installed: there a missing prerequisite is a failure.
-pub fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
+/// Whether this machine can run the real-kernel tests: root with CAP_NET_ADMIN and
+/// CAP_SYS_ADMIN, network namespaces, `ip` and `nft`. Every such test starts with
+/// `if !common::kernel_or_skip() { return; }`. Without them the test prints why and passes
+/// as skipped, except under `CI=true`: CI runs as root with everything installed, so there
+/// a missing prerequisite is a failure, never a silent pass.
+pub fn kernel_or_skip() -> bool {
+    match netpol::engines::kernel::check_prerequisites() {
+        Ok(()) => true,
+        Err(why) => skip(&format!("this test needs the kernel: {why}")),
+    }
+}
+
+/// Skips the calling test (or the part of it that needs what is missing): prints `why` and
+/// returns false — except under `CI=true`, where it panics with `why`.
+pub fn skip(why: &str) -> bool {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    assert!(!ci, "{why} (CI=true: failing instead of skipping)");
+    eprintln!("SKIPPED: {why}");
+    false
 }
 
 /// `tests/conformance/cases` in this repository: the corpus travels with the code, so a
@@ -115,4 +131,28 @@ impl Case {
         }
         out
     }
+}
+
+/// Waits until an agent's sync loop (`status`: its `SyncLoop::status`) has run a whole
+/// iteration that began after this call: by then it has handled every change notified
+/// before the call, syncing it or deciding not to. That is the provable point after which
+/// "no (further) sync happened" can be asserted, instead of after a guessed sleep.
+///
+/// Each iteration starts by publishing its heartbeat; one that starts with a notification
+/// pending wakes for it at once (its heartbeat timer is fresh), unless an earlier
+/// iteration's batch window already took it. So the second heartbeat after the call ends an
+/// iteration that began after it. Give the loop a short `heartbeat` so an idle one goes
+/// around soon.
+pub async fn loop_went_around(status: &tokio::sync::watch::Receiver<netpol::agent::SyncState>) {
+    let since = tokio::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut status = status.clone();
+    let went_around = status.wait_for(|s| {
+        if let Some(beat) = s.heartbeat.filter(|b| *b > since && !seen.contains(b)) {
+            seen.push(beat);
+        }
+        seen.len() >= 2
+    });
+    let went_around = tokio::time::timeout(std::time::Duration::from_secs(10), went_around).await;
+    assert!(went_around.is_ok_and(|r| r.is_ok()), "the sync loop did not go around within 10 s");
 }

@@ -2,6 +2,7 @@
 //! the fake nftables: watches → snapshot → convert → compile → diff → one transaction.
 //! The fake's table must always equal the compiled ruleset of the cluster as it is.
 
+use crate::common;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::watcher;
 use netpol::agent::nft_target::{self, NftTarget, is_full_sync};
 use netpol::agent::quarantine::Quarantining;
-use netpol::agent::{ClusterWatch, SyncLoop, SyncLoopConfig, SyncTarget, Trigger};
+use netpol::agent::watch::Resource;
+use netpol::agent::{ClusterWatch, SyncLoop, SyncLoopConfig, SyncState, SyncTarget, Trigger};
 use netpol::compile::{NodeConfig, compile};
 use netpol::nft::fake::FakeNftables;
 use netpol::nft::interpret::{Fate, Interpreter, Packet};
@@ -118,6 +120,8 @@ struct World {
     api: MirroredApi,
     nft: Arc<Mutex<Flaky>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The agent's watch and sync-loop status, once started.
+    agent: Option<(ClusterWatch, tokio::sync::watch::Receiver<SyncState>)>,
 }
 
 impl Drop for World {
@@ -145,7 +149,7 @@ impl std::ops::DerefMut for World {
 impl World {
     async fn new() -> World {
         let server = FakeApiServer::start().await.unwrap();
-        World { api: MirroredApi::new(server), nft: Arc::default(), tasks: Vec::new() }
+        World { api: MirroredApi::new(server), nft: Arc::default(), tasks: Vec::new(), agent: None }
     }
 
     fn start_agent(&mut self) {
@@ -157,9 +161,12 @@ impl World {
             debounce: Duration::from_millis(20),
             retry_initial: Duration::from_millis(50),
             retry_max: Duration::from_secs(1),
+            // An idle loop goes around this often (see `common::loop_went_around`).
+            heartbeat: Duration::from_millis(50),
             ..SyncLoopConfig::default()
         };
-        let sync_loop = SyncLoop::new(target, watch, trigger, config);
+        let sync_loop = SyncLoop::new(target, watch.clone(), trigger, config);
+        self.agent = Some((watch, sync_loop.status()));
         self.tasks.push(tokio::spawn(async move {
             let _ = driver.await;
         }));
@@ -238,7 +245,15 @@ async fn nothing_is_programmed_until_all_three_kinds_have_listed_and_the_first_s
     w.seed();
     w.server.pause_kind(Kind::NetworkPolicy);
     w.start_agent();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (watch, status) = w.agent.clone().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(watch.counters().listed(Resource::Pods) && watch.counters().listed(Resource::Namespaces)) {
+        assert!(Instant::now() < deadline, "pods and namespaces never listed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The loop has woken for those lists and declined to sync.
+    common::loop_went_around(&status).await;
+    assert!(!watch.is_ready());
     assert_eq!(w.nft().history.len(), 0, "programmed before NetworkPolicies listed");
     assert!(w.nft().fake.ruleset(TABLE).is_none());
 
@@ -419,22 +434,6 @@ async fn expired_watches_and_dropped_connections_still_converge() {
 
 // ---------------------------------------------------------------- the real binary
 
-/// Root, `ip` and `nft`, or the system test skips (fails under `CI=true`).
-fn system_env_ok() -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
-    let has = |tool: &str, arg: &str| Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success());
-    if root && has("ip", "-V") && has("nft", "--version") {
-        return true;
-    }
-    let msg = "the netpol-agent system test needs root, `ip` and `nft`";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{msg} (CI=true: failing instead of skipping)");
-    }
-    eprintln!("SKIPPED: {msg}");
-    false
-}
-
 use std::process::Command;
 
 /// A throwaway network namespace, deleted on drop (with every table in it).
@@ -498,7 +497,7 @@ const STOP_LIMIT: Duration = Duration::from_secs(10);
 /// ruleset is never touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_with_cleanup_on_exit() {
-    if !system_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let mut w = World::new().await;
@@ -558,7 +557,7 @@ async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_
 /// commits, over netlink or through `nft`, are never taken for such a change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_commits_are_not_foreign() {
-    if !system_env_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     const FOREIGN: &str = "another program changed the table";
@@ -637,8 +636,12 @@ async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_comm
         assert!(Instant::now() < deadline, "the new range never arrived:\n{}", agent.log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(agent.log().contains(r#""via":"nft""#), "no commit went through nft:\n{}", agent.log());
+    // The agent logs the commit's route once nft returns, which may be after the listing.
+    while !agent.log().contains(r#""via":"nft""#) {
+        assert!(Instant::now() < deadline, "no commit went through nft:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // (Own commits taken for foreign would also show in the exact count at the end.)
     assert!(!agent.log().contains(FOREIGN), "own commits taken for foreign:\n{}", agent.log());
 
     // A foreign `flush ruleset` removes the table; the agent puts it back.

@@ -1,7 +1,7 @@
 //! The compiler against the reference evaluator: random clusters, the conformance corpus,
 //! golden files of `policy-examples/`, and incremental diffs against full syncs.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -242,9 +242,15 @@ proptest! {
     #[test]
     fn compiling_is_deterministic(seed in any::<u64>()) {
         let cluster = random_cluster(seed);
+        // The same objects listed in reverse (an API server promises no order).
+        let reordered = Cluster::new(
+            cluster.namespaces.values().rev().cloned().collect(),
+            cluster.pods.iter().rev().cloned(),
+            cluster.policies.iter().rev().cloned(),
+        );
         for node in NODES {
             let a = netpol::nft::render::ruleset(&compile(&cluster, &NodeConfig::new(node)));
-            let b = netpol::nft::render::ruleset(&compile(&cluster.clone(), &NodeConfig::new(node)));
+            let b = netpol::nft::render::ruleset(&compile(&reordered, &NodeConfig::new(node)));
             prop_assert_eq!(a, b);
         }
     }
@@ -885,10 +891,11 @@ fn a_pod_change_rebuilds_only_the_sets_it_is_or_becomes_a_member_of() {
 struct Netns(String);
 
 impl Netns {
-    fn new(tag: &str) -> Option<Netns> {
+    fn new(tag: &str) -> Netns {
         let name = format!("npl-{tag}-{}", std::process::id());
         let ok = std::process::Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
-        ok.then(|| Netns(name))
+        assert!(ok, "ip netns add {name} failed");
+        Netns(name)
     }
 }
 
@@ -898,24 +905,12 @@ impl Drop for Netns {
     }
 }
 
-fn nft_available() -> bool {
-    let found = std::process::Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "nft is required under CI=true");
-    }
-    found
-}
-
 #[test]
 fn diffs_apply_on_the_real_kernel_and_list_back() {
-    if !nft_available() {
-        eprintln!("nft missing: skipped");
+    if !common::kernel_or_skip() {
         return;
     }
-    let Some(ns) = Netns::new("diff") else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
-        return;
-    };
+    let ns = Netns::new("diff");
     let mut nft = RealNftables::in_netns(ns.0.clone());
     for seed in 1..=40u64 {
         let mut rng = Rng::new(seed.wrapping_mul(7919));
@@ -988,19 +983,10 @@ fn assert_same_kernel_tables(what: &str, reference: &RealNftables, other: &RealN
     assert!(want == got, "{what}: the listings differ (- nft, + netlink):\n{}", line_diff(&want, &got));
 }
 
-/// Throwaway network namespaces for a kernel test, or `None` (the test then skips) when
-/// nft or namespaces are not available — which fails the test under `CI=true`.
+/// Throwaway network namespaces for a kernel test, or `None` (the test then skips) when the
+/// kernel is not available — see `common::kernel_or_skip`.
 fn kernel_namespaces<const N: usize>(tags: [&str; N]) -> Option<[Netns; N]> {
-    if !nft_available() {
-        eprintln!("nft missing: skipped");
-        return None;
-    }
-    let made: Vec<Netns> = tags.iter().filter_map(|t| Netns::new(t)).collect();
-    let made: Option<[Netns; N]> = made.try_into().ok();
-    if made.is_none() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
-    }
-    made
+    common::kernel_or_skip().then(|| tags.map(Netns::new))
 }
 
 #[test]
@@ -1563,14 +1549,10 @@ fn every_policy_example_renders_as_its_golden_file() {
 
 #[test]
 fn every_golden_file_passes_nft_check_in_a_throwaway_namespace() {
-    if !nft_available() {
-        eprintln!("nft missing: skipped");
+    if !common::kernel_or_skip() {
         return;
     }
-    let Some(ns) = Netns::new("golden") else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot create a network namespace under CI=true");
-        return;
-    };
+    let ns = Netns::new("golden");
     let nft = RealNftables::in_netns(ns.0.clone());
     let mut checked = 0;
     for example in examples() {
@@ -1589,10 +1571,10 @@ fn every_golden_file_passes_nft_check_in_a_throwaway_namespace() {
 
 #[test]
 fn the_json_rendering_loads_with_nft_json_in_a_throwaway_namespace() {
-    if !nft_available() {
+    if !common::kernel_or_skip() {
         return;
     }
-    let Some(ns) = Netns::new("json") else { return };
+    let ns = Netns::new("json");
     let nft = RealNftables::in_netns(ns.0.clone());
     for example in examples() {
         let sources = netpol::k8s::load::read_sources(std::slice::from_ref(&example)).unwrap();

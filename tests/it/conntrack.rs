@@ -14,7 +14,7 @@
 //! The lab tests need root, `ip` and `nft`; they skip with a message without them and fail
 //! under `CI=true`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::io::{Read as _, Write as _};
@@ -33,7 +33,6 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol::agent::nft_target::NftTarget;
 use netpol::agent::{AgentConfig, Snapshot, SyncTarget};
 use netpol::conntrack::{ConntrackTable, Flow, NetlinkConntrack, RecordingConntrack, Tuple};
-use netpol::engines::kernel;
 use netpol::lab::traffic::{self, Outcome};
 use netpol::lab::{L4, Lab, LabNode, LabPod};
 use netpol::nft::backend::netlink::NetlinkNftables;
@@ -253,17 +252,6 @@ fn the_conntrack_cleanup_flag_is_on_by_default_and_can_be_turned_off() {
 
 // ---------------------------------------------------------------- in the lab (root)
 
-fn prerequisites_ok() -> bool {
-    match kernel::check_prerequisites() {
-        Ok(()) => true,
-        Err(e) if common::ci() => panic!("{e} (CI=true: failing instead of skipping)"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            false
-        }
-    }
-}
-
 /// Lab pod indexes, in `lab_pods()` order.
 const P_API: usize = 0;
 const P_DB: usize = 1;
@@ -411,7 +399,7 @@ fn a_tightening_cuts_flows_within_a_second_through_the_background_worker() {
 }
 
 fn tightening_cuts_flows(background: bool) {
-    if !prerequisites_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let mut rig = Rig::with(background);
@@ -453,7 +441,7 @@ fn tightening_cuts_flows(background: bool) {
 
 #[test]
 fn an_allowed_connection_survives_a_hundred_unrelated_changes() {
-    if !prerequisites_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let mut rig = Rig::new();
@@ -498,7 +486,7 @@ fn an_allowed_connection_survives_a_hundred_unrelated_changes() {
 
 #[test]
 fn a_deleted_pods_udp_flow_is_flushed_so_its_ips_next_owner_starts_anew() {
-    if !prerequisites_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let mut rig = Rig::new();
@@ -548,7 +536,7 @@ fn udp_flows(rig: &Rig, pod: usize, from: &str, to: &[&str], ports: std::ops::Ra
 /// that denies them all, and a bare dump of 100 000 entries.
 #[test]
 fn the_cleanup_of_ten_thousand_flows_and_a_dump_of_a_hundred_thousand_take_milliseconds() {
-    if !prerequisites_ok() {
+    if !common::kernel_or_skip() {
         return;
     }
     let mut rig = Rig::new();
