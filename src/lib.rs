@@ -11,7 +11,6 @@
 //! | folder      | layer |
 //! |-------------|-------|
 //! | `policy/`   | the pure core: model, selectors, reference evaluator, matrix |
-//! | `validate`  | one home for every input rule (names, table names, durations, CIDRs) |
 //! | `k8s/`      | the one door from Kubernetes objects (files or API) to the model |
 //! | `compile/`  | cluster → one node's nftables ruleset (reference and incremental) |
 //! | `nft/`      | the ruleset IR and everything pure about it; `nft/backend/` is its only I/O |
