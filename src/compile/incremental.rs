@@ -1369,3 +1369,37 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod mutation {
+    use super::*;
+    use crate::cli::generate;
+
+    /// What the cross-check against the reference compiler rests on: a cached set that is
+    /// wrong (one address too many, as a missed patch would leave it) shows in the result,
+    /// so `incremental == reference` fails. A check that could not fail would prove nothing.
+    #[test]
+    fn a_corrupted_cached_set_makes_the_incremental_result_differ_from_the_reference() {
+        let bogus = Element::single(Value::Addr(IpAddr::from([192, 0, 2, 254])));
+        let (mut corrupted, mut caught) = (0, 0);
+        for seed in 0..200 {
+            let cluster = generate::small_random(seed);
+            for node in cluster.nodes() {
+                let config = NodeConfig::new(node);
+                let mut compiler = IncrementalCompiler::new(config.clone());
+                let first = compiler.compile(&cluster, None).ruleset;
+                assert_eq!(first, compile(&cluster, &config), "seed {seed}: equal before the corruption");
+                let Some(cached) = compiler.cache.peers.values_mut().find(|c| !c.sets[0].elements.contains(&bogus))
+                else {
+                    continue;
+                };
+                Arc::make_mut(&mut cached.sets[0]).elements.insert(bogus.clone());
+                corrupted += 1;
+                let again = compiler.compile(&cluster.clone(), None).ruleset;
+                caught += usize::from(again != compile(&cluster, &config));
+            }
+        }
+        assert!(corrupted >= 50, "too few peer sets to corrupt: {corrupted}");
+        assert_eq!(caught, corrupted, "a corrupted cache went unnoticed");
+    }
+}

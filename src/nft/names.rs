@@ -4,6 +4,7 @@
 //!  fixed names ──► constants below
 //!  generated   ──► <prefix> + 12 hex digits of a stable hash + '_' + readable hint
 //!                  hint sanitised to [a-z0-9_], whole name ≤ MAX_NAME_LEN
+//!                  (sets: identities and collisions in crate::compile::naming)
 //! ```
 //!
 //! No Kubernetes string reaches nft text unescaped: names are sanitised here, comments go
