@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::naming::{Ident, Namer};
+use super::naming::{Hashed, HashedMap, Ident, Namer};
 use super::*;
 use crate::nft::diff::{SetDelta, SetDeltas};
 use crate::policy::model::{PortMatch, Rule as PolicyRule};
@@ -41,6 +41,8 @@ pub struct IncrementalCompiler {
     config: NodeConfig,
     /// Names sets (a fresh copy per compile).
     namer: Namer,
+    /// How many names the last compile gave (room for the next one's).
+    names: usize,
     /// The cluster the cache reflects.
     last: Option<Cluster>,
     /// Indices (ascending) of `last`'s pods on this node that policies may select.
@@ -91,6 +93,7 @@ impl IncrementalCompiler {
         IncrementalCompiler {
             config,
             namer: Namer::new(),
+            names: 0,
             last: None,
             local: Vec::new(),
             addresses: AddressCounts::default(),
@@ -180,7 +183,9 @@ impl IncrementalCompiler {
         };
         self.local.clone_from(&local);
         self.cache.generation += 1;
-        let mut ruleset = Compiler::new(cluster, &self.config, &mut self.cache, self.namer.fresh()).run(local);
+        let namer = self.namer.fresh(self.names);
+        let (mut ruleset, names) = Compiler::new(cluster, &self.config, &mut self.cache, namer).run(local);
+        self.names = names;
         let idle_budget = self.idle_elements_per_pod.saturating_mul(cluster.pods.len());
         let kept = self.cache.keep_used_and_idle(idle_budget);
         let idle = IdleSets { sets: kept.len(), elements: kept.iter().map(|(_, set)| set.elements.len()).sum() };
@@ -198,7 +203,7 @@ impl IncrementalCompiler {
     pub fn forget(&mut self) {
         *self = IncrementalCompiler::new(self.config.clone())
             .keeping_idle_sets(self.idle_elements_per_pod)
-            .with_namer(self.namer.fresh());
+            .with_namer(self.namer.fresh(0));
     }
 }
 
@@ -401,9 +406,9 @@ fn patch_set(
 #[derive(Debug, Default)]
 struct SetCache {
     /// Peer sets by their IPv4 identity.
-    peers: HashMap<String, CachedPeers>,
+    peers: HashedMap<CachedPeers>,
     /// Egress named-port sets by identity.
-    named: HashMap<String, CachedNamedPorts>,
+    named: HashedMap<CachedNamedPorts>,
     /// Policy chains by (policy object, direction).
     policy_chains: HashMap<(ByAddress<crate::policy::model::Policy>, Direction), CachedPolicyChain>,
     /// Local pods' chains by (pod object, direction).
@@ -461,7 +466,7 @@ impl<T> std::hash::Hash for ByAddress<T> {
 #[derive(Debug)]
 enum SetSource {
     /// Family `k` (0: v4, 1: v6) of the peer sets cached under this (IPv4) identity key.
-    Peers(String, usize),
+    Peers(Hashed, usize),
     /// The egress named-port set cached under its identity key.
     NamedPorts,
     /// A set of the policy alone (ipBlocks, ports).
@@ -624,7 +629,7 @@ impl SetCache {
         let size = |sets: &[Arc<Set>]| sets.iter().map(|s| s.elements.len().max(1)).sum::<usize>();
         // (last used, is a peer entry, last name, cache key, elements): by recency, then by
         // name (then key, should two idle sets have had the same name in different compiles).
-        let mut idle: Vec<(u64, bool, &String, &String, usize)> = self
+        let mut idle: Vec<(u64, bool, &String, &Hashed, usize)> = self
             .peers
             .iter()
             .filter(|(_, c)| c.last_used != now)
@@ -638,8 +643,8 @@ impl SetCache {
             .collect();
         idle.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| (a.1, a.2, a.3).cmp(&(b.1, b.2, b.3))));
         let mut room = budget;
-        let mut evicted: Vec<(bool, String)> = Vec::new();
-        let mut kept: Vec<(bool, String)> = Vec::new();
+        let mut evicted: Vec<(bool, Hashed)> = Vec::new();
+        let mut kept: Vec<(bool, Hashed)> = Vec::new();
         for (_, peer, _, key, elements) in idle {
             match room.checked_sub(elements) {
                 Some(left) => {
@@ -681,7 +686,7 @@ impl SetCache {
                 SetSource::NamedPorts => Arc::clone(&self.named.get(logged.ident.key())?.set),
                 SetSource::Fixed(set) => Arc::clone(set),
             };
-            if namer.name(&logged.ident) != logged.name {
+            if !namer.names_as(&logged.ident, &logged.name) {
                 return None;
             }
             out.push((logged.name.clone(), set));
@@ -772,7 +777,8 @@ impl<'a, 'c> Compiler<'a, 'c> {
     }
 
     /// The node's ruleset, given its pods that policies may select (`local`, ascending).
-    fn run(mut self, local: Vec<usize>) -> Ruleset {
+    /// Also returns how many names the compile gave.
+    fn run(mut self, local: Vec<usize>) -> (Ruleset, usize) {
         self.base(&local);
         let cluster = self.cluster;
         let mut selections = std::mem::take(&mut self.cache.selections);
@@ -807,7 +813,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
         for ((pi, d), pods) in &selected {
             self.policy_chain(*pi, *d, pods);
         }
-        self.rs
+        (self.rs, self.namer.len())
     }
 
     /// Base chains and dispatch maps (see [`skeleton`]), with the unknown-pod guard's sets.
@@ -992,7 +998,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                         Peer::Pods { namespaces, pods } => {
                             let (idents, sets) = self.peer_set(ns, namespaces, pods);
                             for (k, (ident, set)) in idents.iter().zip(&sets).enumerate() {
-                                self.log_set(ident, set, SetSource::Peers(idents[0].key().to_string(), k));
+                                self.log_set(ident, set, SetSource::Peers(idents[0].key().clone(), k));
                             }
                             for (f, set) in FAMILIES.into_iter().zip(sets) {
                                 let m = Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false };
@@ -1163,7 +1169,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 set: Arc::clone(&set),
                 last_used: self.cache.generation,
             };
-            self.cache.named.insert(ident.key().to_string(), cached);
+            self.cache.named.insert(ident.key().clone(), cached);
         }
         set
     }
@@ -1194,7 +1200,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             None => {
                 let cached = self.build_peer_sets(policy_ns, scope, pods, &out);
                 let sets = cached.sets.clone();
-                self.cache.peers.insert(idents[0].key().to_string(), cached);
+                self.cache.peers.insert(idents[0].key().clone(), cached);
                 sets
             }
         };
@@ -1303,7 +1309,7 @@ mod tests {
         let mut cache = SetCache::default();
         let mut compiler = Compiler::new(cluster, config, &mut cache, Namer::new());
         compiler.scans_left = scans;
-        compiler.run(local_pods(cluster, &config.node))
+        compiler.run(local_pods(cluster, &config.node)).0
     }
 
     /// A pod of namespace `ns` named `name`, labelled `version: <version>`.

@@ -23,7 +23,10 @@
 //! the plain name and the next one a rehash of its identity with a salt, at full width.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt::Write;
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
 
 use crate::nft::names;
 use crate::policy::model::{IpBlock, NamespaceScope, Peer};
@@ -151,25 +154,93 @@ pub fn text<T: ?Sized>(value: &T, encode: fn(&mut String, &T)) -> String {
     out
 }
 
+/// A text with its hash, computed once: a map key that costs one `u64` to hash and,
+/// between two clones of the same text, a pointer comparison to compare. Identities and
+/// names are looked up on every compile for every set a reused chain names.
+#[derive(Clone, Debug)]
+pub struct Hashed {
+    hash: u64,
+    text: Arc<str>,
+}
+
+impl Hashed {
+    fn new(text: String) -> Self {
+        Hashed { hash: names::stable_hash(&[&text]), text: text.into() }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl PartialEq for Hashed {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && (Arc::ptr_eq(&self.text, &other.text) || self.text == other.text)
+    }
+}
+
+impl Eq for Hashed {}
+
+impl std::hash::Hash for Hashed {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for Hashed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Hashed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
+    }
+}
+
+/// The hasher of [`HashedMap`]: a [`Hashed`]'s hash as it is (already mixed).
+#[derive(Default)]
+pub struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A map by [`Hashed`].
+pub type HashedMap<V> = HashMap<Hashed, V, BuildHasherDefault<PassThrough>>;
+
 /// The identity of one generated object: its prefix, every part of what it holds (the key
 /// the set cache uses: injective, so two different sets never share it) and the name it
 /// gets when nothing else of its compile claims that name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ident {
     prefix: &'static str,
-    key: String,
-    plain: String,
+    key: Hashed,
+    plain: Hashed,
 }
 
 impl Ident {
     /// The cache key: the prefix and each part, length-prefixed.
-    pub fn key(&self) -> &str {
+    pub fn key(&self) -> &Hashed {
         &self.key
     }
 
     /// The name it gets without a collision.
     pub fn plain(&self) -> &str {
-        &self.plain
+        self.plain.as_str()
     }
 }
 
@@ -179,8 +250,8 @@ impl Ident {
 #[derive(Clone, Debug)]
 pub struct Namer {
     bits: u32,
-    /// The identity key holding each name given so far.
-    owners: HashMap<String, String>,
+    /// The identity holding each name given so far.
+    owners: HashedMap<Hashed>,
 }
 
 impl Default for Namer {
@@ -201,16 +272,25 @@ impl Namer {
     /// need collisions (salted names always keep 48).
     pub fn with_hash_bits(bits: u32) -> Self {
         assert!((1..=Namer::DEFAULT_BITS).contains(&bits), "hash bits {bits} out of 1..=48");
-        Namer { bits, owners: HashMap::new() }
+        Namer { bits, owners: HashedMap::default() }
     }
 
     pub fn hash_bits(&self) -> u32 {
         self.bits
     }
 
-    /// A namer of the same width that has given no name yet.
-    pub fn fresh(&self) -> Namer {
-        Namer::with_hash_bits(self.bits)
+    /// A namer of the same width that has given no name yet, with room for `names`.
+    pub fn fresh(&self, names: usize) -> Namer {
+        Namer { bits: self.bits, owners: HashedMap::with_capacity_and_hasher(names, Default::default()) }
+    }
+
+    /// How many names it gave.
+    pub fn len(&self) -> usize {
+        self.owners.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.owners.is_empty()
     }
 
     /// The identity made of `parts` under `prefix`, named after `hint` (sanitised).
@@ -222,28 +302,39 @@ impl Namer {
             key.push_str(part);
         }
         let plain = names::generated_with_bits(prefix, parts, hint, self.bits);
-        Ident { prefix, key, plain }
+        Ident { prefix, key: Hashed::new(key), plain: Hashed::new(plain) }
     }
 
     /// The name of `ident` in this compile: its plain name unless another identity holds
     /// it, else the first free salted name (`<prefix><48-bit hash of key and salt><hint>`).
     pub fn name(&mut self, ident: &Ident) -> String {
+        self.claim(ident).as_str().to_string()
+    }
+
+    /// Whether `ident` is named `name` in this compile (claiming its name, as
+    /// [`Namer::name`]): no allocation when it is.
+    pub fn names_as(&mut self, ident: &Ident, name: &str) -> bool {
+        self.claim(ident).as_str() == name
+    }
+
+    fn claim(&mut self, ident: &Ident) -> Hashed {
         let mut salt = 0u32;
         loop {
             let name = if salt == 0 {
                 ident.plain.clone()
             } else {
-                let hash = names::stable_hash(&[&ident.key, &salt.to_string()]) >> (64 - Namer::DEFAULT_BITS);
-                let suffix = &ident.plain[ident.prefix.len() + names::HASH_LEN..];
-                format!("{}{hash:0width$x}{suffix}", ident.prefix, width = names::HASH_LEN)
+                let hash = names::stable_hash(&[ident.key.as_str(), &salt.to_string()]) >> (64 - Namer::DEFAULT_BITS);
+                let suffix = &ident.plain()[ident.prefix.len() + names::HASH_LEN..];
+                Hashed::new(format!("{}{hash:0width$x}{suffix}", ident.prefix, width = names::HASH_LEN))
             };
-            match self.owners.get(&name) {
-                None => {
-                    self.owners.insert(name.clone(), ident.key.clone());
+            match self.owners.entry(name) {
+                Entry::Vacant(vacant) => {
+                    let name = vacant.key().clone();
+                    vacant.insert(ident.key.clone());
                     return name;
                 }
-                Some(owner) if *owner == ident.key => return name,
-                Some(_) => salt += 1,
+                Entry::Occupied(owner) if *owner.get() == ident.key => return owner.key().clone(),
+                Entry::Occupied(_) => salt += 1,
             }
         }
     }
@@ -329,7 +420,7 @@ mod tests {
         let namer = Namer::with_hash_bits(1);
         let idents: Vec<Ident> =
             (0..20).map(|i| namer.ident(names::PEERS_V4, &["x", &i.to_string()], "same")).collect();
-        let mut namer = namer.fresh();
+        let mut namer = namer.fresh(0);
         let given: Vec<String> = idents.iter().map(|id| namer.name(id)).collect();
         let distinct: BTreeSet<&String> = given.iter().collect();
         assert_eq!(distinct.len(), idents.len(), "{given:?}");
@@ -346,6 +437,6 @@ mod tests {
         let namer = Namer::new();
         let id = namer.ident(names::PEERS_V6, &["ns", "a", "b"], "a_b");
         assert_eq!(id.plain(), names::generated(names::PEERS_V6, &["ns", "a", "b"], "a_b"));
-        assert_eq!(namer.fresh().name(&id), id.plain());
+        assert_eq!(namer.fresh(0).name(&id), id.plain());
     }
 }

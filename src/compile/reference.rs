@@ -63,7 +63,7 @@ pub fn compile_with_namer(cluster: &Cluster, config: &NodeConfig, namer: &Namer)
     }
 
     // Each policy selecting a local pod, in cluster order (the order sets are named in).
-    let mut reference = Reference { cluster, rs, namer: namer.fresh() };
+    let mut reference = Reference { cluster, rs, namer: namer.fresh(0) };
     for (&(pi, d), local) in &selected {
         reference.policy_chain(&cluster.policies[pi], d, local);
     }
