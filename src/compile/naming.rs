@@ -308,13 +308,25 @@ impl Namer {
     /// The name of `ident` in this compile: its plain name unless another identity holds
     /// it, else the first free salted name (`<prefix><48-bit hash of key and salt><hint>`).
     pub fn name(&mut self, ident: &Ident) -> String {
+        if self.holds_plain(ident) {
+            return ident.plain().to_string();
+        }
         self.claim(ident).as_str().to_string()
     }
 
     /// Whether `ident` is named `name` in this compile (claiming its name, as
-    /// [`Namer::name`]): no allocation when it is.
+    /// [`Namer::name`]). A reused chain asks this of each of its sets on every compile:
+    /// when the identity holds its plain name already, it costs one lookup.
     pub fn names_as(&mut self, ident: &Ident, name: &str) -> bool {
+        if self.holds_plain(ident) {
+            return ident.plain() == name;
+        }
         self.claim(ident).as_str() == name
+    }
+
+    /// Whether `ident` was given its plain name already.
+    fn holds_plain(&self, ident: &Ident) -> bool {
+        self.owners.get(&ident.plain).is_some_and(|owner| *owner == ident.key)
     }
 
     fn claim(&mut self, ident: &Ident) -> Hashed {
