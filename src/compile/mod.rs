@@ -45,7 +45,7 @@
 //!
 //! Independence: neither compiler calls the evaluator (`policy::evaluate`, `policy::matrix`).
 //! Isolation is [`crate::policy::model::Policy::isolates`]; which pods a peer admits is
-//! written here ([`peer_admits_pod`]) from the model, so the ruleset engine (verdicts from the
+//! written here (`peer_admits_pod`) from the model, so the ruleset engine (verdicts from the
 //! compiled ruleset only) checks the evaluator rather than repeating it. And the incremental
 //! compiler is checked against the reference one, a second code path without any cache.
 
@@ -601,6 +601,27 @@ pub fn range_to_prefixes(lo: u128, hi: u128, f: IpFamily) -> Vec<IpNet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ruleset engine checks the evaluator only while the compilers do not call it.
+    #[test]
+    fn neither_compiler_calls_the_evaluator() {
+        let forbidden = [concat!("evalu", "ate"), concat!("matr", "ix::")];
+        let sources = [
+            ("mod.rs", include_str!("mod.rs")),
+            ("reference.rs", include_str!("reference.rs")),
+            ("incremental.rs", include_str!("incremental.rs")),
+            ("naming.rs", include_str!("naming.rs")),
+        ];
+        for (file, text) in sources {
+            for (n, line) in text.lines().enumerate() {
+                let code = line.trim_start();
+                if code.starts_with("//") {
+                    continue;
+                }
+                assert!(!forbidden.iter().any(|f| code.contains(f)), "{file}:{}: {line}", n + 1);
+            }
+        }
+    }
 
     #[test]
     fn a_cidr_minus_an_except_becomes_disjoint_prefixes() {
