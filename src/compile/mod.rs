@@ -118,6 +118,13 @@ fn scope_admits(cluster: &Cluster, policy_ns: &str, scope: &NamespaceScope, ns: 
     }
 }
 
+/// The pods of namespace `ns` (the cluster keeps its pods sorted by namespace, then name).
+fn pods_of_namespace<'c>(cluster: &'c Cluster, ns: &str) -> &'c [Arc<Pod>] {
+    let start = cluster.pods.partition_point(|p| p.id.namespace.as_str() < ns);
+    let len = cluster.pods[start..].partition_point(|p| p.id.namespace == ns);
+    &cluster.pods[start..start + len]
+}
+
 /// Base chains and dispatch maps: always present, so the layout never depends on pods
 /// (only on the node's pod CIDRs: `guarded`, the families of the unknown-pod guard, whose
 /// sets the caller adds).

@@ -5,7 +5,7 @@
 //!      │              └─► its pod chain (jumps to those policies' chains) + dispatch entries
 //!      └──► each (policy, direction) selecting a local pod ──► its chain:
 //!               each rule × (peers: pod sets | ipBlock sets | any) × (ports set | named ports | any)
-//!               each set built straight from the cluster (every pod read), named by its
+//!               each set built straight from the cluster (every pod in scope read), named by its
 //!               canonical identity
 //! ```
 //!
@@ -249,10 +249,15 @@ impl Reference<'_> {
     fn peer_sets(&mut self, policy_ns: &str, peer: &Peer, scope: &NamespaceScope, pods: &Selector) -> [String; 2] {
         let names = peer_idents(&self.namer, policy_ns, scope, pods).map(|ident| self.namer.name(&ident));
         if !self.rs.sets.contains_key(&names[0]) {
+            let cluster = self.cluster;
             let mut addrs: [Vec<IpAddr>; 2] = [Vec::new(), Vec::new()];
-            for pod in self.cluster.pods.iter().filter(|pod| peer_admits_pod(self.cluster, policy_ns, peer, pod)) {
-                for ip in &pod.ips {
-                    addrs[usize::from(ip.is_ipv6())].push(*ip);
+            // Only the pods of the namespaces in scope can be admitted: the others are not read.
+            let in_scope = cluster.namespaces.keys().filter(|ns| scope_admits(cluster, policy_ns, scope, ns));
+            for pod in in_scope.flat_map(|ns| pods_of_namespace(cluster, ns)) {
+                if peer_admits_pod(cluster, policy_ns, peer, pod) {
+                    for ip in &pod.ips {
+                        addrs[usize::from(ip.is_ipv6())].push(*ip);
+                    }
                 }
             }
             let sets = address_sets(addrs, &pods_text(policy_ns, scope, pods));
