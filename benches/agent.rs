@@ -222,7 +222,7 @@ fn replay(base: &Cluster, events: &[Event], config: &NodeConfig) -> Vec<bool> {
         base.pods.iter().map(|p| ((p.id.namespace.clone(), p.id.name.clone()), Arc::clone(p))).collect();
     let mut compiler = IncrementalCompiler::new(config.clone())
         .keeping_idle_sets(netpol::agent::nft_target::IDLE_SET_ELEMENTS_PER_POD);
-    let mut before = compiler.compile(base);
+    let mut before = compiler.compile(base, None).ruleset;
     events
         .iter()
         .map(|e| {
@@ -231,7 +231,7 @@ fn replay(base: &Cluster, events: &[Event], config: &NodeConfig) -> Vec<bool> {
                 None => pods.remove(&e.pod),
             };
             let cluster = Cluster::new(namespaces.clone(), pods.values().cloned(), base.policies.iter().cloned());
-            let after = compiler.compile(&cluster);
+            let after = compiler.compile(&cluster, None).ruleset;
             let changed = memberships_of(&before, e.ip) != memberships_of(&after, e.ip);
             before = after;
             changed

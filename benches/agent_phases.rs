@@ -248,15 +248,15 @@ fn main() {
         // There and back (two one-pod changes) per run, so every run sees a change.
         let mut incremental = IncrementalCompiler::new(config.clone());
         // As the agent does: against the applied ruleset, whose patched sets become stand-ins.
-        let mut last = incremental.compile(&base_cluster);
-        let desired = incremental.compile_after(&cluster, Some(&mut last));
-        assert_eq!(diff_with(&last, &desired, &incremental.take_set_deltas()), tx, "the agent's path differs");
-        last = desired;
+        let mut last = incremental.compile(&base_cluster, None).ruleset;
+        let compiled = incremental.compile(&cluster, Some(&mut last));
+        assert_eq!(diff_with(&last, &compiled.ruleset, &compiled.set_deltas), tx, "the agent's path differs");
+        last = compiled.ruleset;
         let (m, n, _) = time(args.runs, || {
             for next in [&base_cluster, &cluster] {
-                let desired = incremental.compile_after(next, Some(&mut last));
-                black_box(diff_with(&last, &desired, &incremental.take_set_deltas()));
-                last = desired;
+                let compiled = incremental.compile(next, Some(&mut last));
+                black_box(diff_with(&last, &compiled.ruleset, &compiled.set_deltas));
+                last = compiled.ruleset;
             }
         });
         row(&format!("{what}: incremental compile + diff (agent)"), (m / 2, n / 2));

@@ -102,8 +102,8 @@ fn bench_diff(c: &mut Criterion) {
             b.iter(|| black_box(diff(black_box(&a), black_box(&b_rs))))
         });
         let mut compiler = IncrementalCompiler::new(config.clone());
-        let a_inc = compiler.compile(&base);
-        let b_inc = compiler.compile(changed);
+        let a_inc = compiler.compile(&base, None).ruleset;
+        let b_inc = compiler.compile(changed, None).ruleset;
         assert_eq!(diff(&a_inc, &b_inc), tx, "{name}: the incremental compiler's diff differs");
         g.bench_function(format!("{name}_incremental_compiles"), |b| {
             b.iter(|| black_box(diff(black_box(&a_inc), black_box(&b_inc))))
@@ -116,11 +116,11 @@ fn bench_diff(c: &mut Criterion) {
     g.sample_size(30);
     for (name, changed) in &cases {
         let mut compiler = IncrementalCompiler::new(config.clone());
-        let mut last = compiler.compile(&base);
+        let mut last = compiler.compile(&base, None).ruleset;
         g.bench_function(*name, |b| {
             b.iter(|| {
                 for next in [changed, &base] {
-                    let rs = compiler.compile(next);
+                    let rs = compiler.compile(next, None).ruleset;
                     black_box(diff(&last, &rs));
                     last = rs;
                 }

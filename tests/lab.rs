@@ -441,7 +441,7 @@ fn the_unknown_pod_guard_cuts_off_a_stranger_of_the_pod_cidr_and_a_pod_once_its_
     let netns = lab.node_netns("node-1").unwrap();
     let mut kernel = NetlinkNftables::open(RealNftables::in_netns(netns)).unwrap();
     let mut compiler = IncrementalCompiler::new(config);
-    let mut applied = compiler.compile(&cluster(vec![a.clone(), b.clone()], Vec::new()));
+    let mut applied = compiler.compile(&cluster(vec![a.clone(), b.clone()], Vec::new()), None).ruleset;
     kernel.apply(&full_sync(&applied)).unwrap();
     let both_ways = |x: usize, y: usize| {
         let mut v = Vec::new();
@@ -458,8 +458,8 @@ fn the_unknown_pod_guard_cuts_off_a_stranger_of_the_pod_cidr_and_a_pod_once_its_
     let known = probe(&both_ways(0, 1));
     let with_stranger = [probe(&both_ways(0, 2)), probe(&both_ways(1, 2))].concat();
     // `b` is deleted: the compiler sees it, patches the local-pod sets, the kernel follows.
-    let next = compiler.compile_after(&cluster(vec![a.clone()], Vec::new()), Some(&mut applied));
-    let tx = diff_with(&applied, &next, &compiler.take_set_deltas());
+    let next = compiler.compile(&cluster(vec![a.clone()], Vec::new()), Some(&mut applied));
+    let tx = diff_with(&applied, &next.ruleset, &next.set_deltas);
     kernel.apply(&tx).unwrap();
     let after_deletion = probe(&both_ways(0, 1));
     let still_a = probe(&[Probe::new(0, 0, 80, L4::Tcp), Probe::new(0, 0, 80, L4::Tcp).v6()]);

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::agent::conntrack_worker::{ConntrackWorker, Decision};
 use crate::agent::{ConntrackFlowsDeleted, Snapshot, SyncError, SyncStats, SyncTarget};
-use crate::compile::{IncrementalCompiler, NodeConfig};
+use crate::compile::{Compiled, IncrementalCompiler, NodeConfig};
 use crate::conntrack::{ConntrackError, ConntrackTable, Flow, NodeAddresses, Reason, flows_to_delete, may_tighten};
 use crate::nft::diff::{diff_with, full_sync};
 use crate::nft::interpret::Interpreter;
@@ -172,8 +172,8 @@ impl<N: Nftables> NftTarget<N> {
 
     /// The ruleset this node should have for `snapshot`, its sets patched in place where
     /// `applied` (what the kernel has) lets go of them: `applied` is then good for the diff
-    /// against the result only (see [`IncrementalCompiler::compile_after`]).
-    fn desired(&mut self, snapshot: &Snapshot, applied: Option<&mut Ruleset>) -> Ruleset {
+    /// against the result only (see [`IncrementalCompiler::compile`]).
+    fn desired(&mut self, snapshot: &Snapshot, applied: Option<&mut Ruleset>) -> Compiled {
         let namespaces = self.namespace_map(snapshot);
         let cluster = Cluster::from_sorted_after(
             self.compiler.last_cluster(),
@@ -181,7 +181,7 @@ impl<N: Nftables> NftTarget<N> {
             Arc::clone(&snapshot.pods),
             Arc::clone(&snapshot.policies),
         );
-        self.compiler.compile_after(&cluster, applied)
+        self.compiler.compile(&cluster, applied)
     }
 }
 
@@ -213,11 +213,11 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         if full {
             self.compiler.forget();
         }
-        let desired = self.desired(snapshot, applied.as_mut());
-        let known = self.compiler.take_set_deltas();
-        let (idle_sets, idle_set_elements) = self.compiler.idle_sets();
+        // `retired` (the cluster before) is dropped once the ruleset is applied, and the
+        // deltas (which may hold sets' earlier versions) at the end: off the path to the commit.
+        let Compiled { ruleset: desired, set_deltas, idle, retired } = self.desired(snapshot, applied.as_mut());
         let tx = match &applied {
-            Some(applied) => diff_with(applied, &desired, &known),
+            Some(applied) => diff_with(applied, &desired, &set_deltas),
             None => full_sync(&desired),
         };
         let mut stats = SyncStats {
@@ -228,8 +228,8 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             sets: desired.sets.len() + desired.maps.len(),
             set_elements: desired.element_count(),
             rules: desired.rule_count(),
-            idle_sets,
-            idle_set_elements,
+            idle_sets: idle.sets,
+            idle_set_elements: idle.elements,
             skipped_objects: snapshot.skipped_objects,
             fail_closed_policies: snapshot.fail_closed_policies,
             ..SyncStats::default()
@@ -237,7 +237,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         if tx.is_empty() {
             // The kernel holds what was applied, which equals `desired`.
             self.applied = Some(desired);
-            self.compiler.release_retired();
+            drop(retired);
             tracing::debug!("ruleset unchanged; nothing to apply");
             self.end_flows(snapshot, false, &mut stats);
             return Ok(stats);
@@ -248,7 +248,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         let applying = std::time::Instant::now();
         let applied = self.nft.apply(&tx);
         stats.apply = applying.elapsed();
-        self.compiler.release_retired();
+        drop(retired);
         match applied {
             Ok(()) => {
                 tracing::info!(

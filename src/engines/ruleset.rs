@@ -51,6 +51,12 @@ impl Engine {
         Engine { rulesets }
     }
 
+    /// Decides with the given rulesets, by node (compiled otherwise, e.g. with a narrow
+    /// [`crate::compile::naming::Namer`]).
+    pub fn from_rulesets(rulesets: BTreeMap<String, Ruleset>) -> Self {
+        Engine { rulesets }
+    }
+
     pub fn rulesets(&self) -> &BTreeMap<String, Ruleset> {
         &self.rulesets
     }

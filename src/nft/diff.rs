@@ -60,7 +60,7 @@ fn by_name<'a, A, B>(
 /// knows it: `to` is `from` without `gone` and with `added` (both sorted, `gone` ⊆ `from`,
 /// `added` disjoint from it). `from` is the allocation the earlier ruleset holds: the
 /// version before, or a stand-in without elements when the set was changed in place (see
-/// [`crate::compile::IncrementalCompiler::compile_after`]).
+/// [`crate::compile::IncrementalCompiler::compile`]).
 #[derive(Clone, Debug)]
 pub struct SetDelta {
     pub from: Arc<Set>,

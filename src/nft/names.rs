@@ -4,6 +4,7 @@
 //!  fixed names ──► constants below
 //!  generated   ──► <prefix> + 12 hex digits of a stable hash + '_' + readable hint
 //!                  hint sanitised to [a-z0-9_], whole name ≤ MAX_NAME_LEN
+//!                  (sets: identities and collisions in crate::compile::naming)
 //! ```
 //!
 //! No Kubernetes string reaches nft text unescaped: names are sanitised here, comments go
@@ -128,9 +129,17 @@ pub fn sanitize(hint: &str) -> String {
 
 /// `prefix` + hash of `identity` + `_` + sanitised hint, at most [`MAX_NAME_LEN`] bytes.
 pub fn generated(prefix: &str, identity: &[&str], hint: &str) -> String {
+    generated_with_bits(prefix, identity, hint, 4 * HASH_LEN as u32)
+}
+
+/// [`generated`], keeping only the top `bits` (1 to 48) bits of the hash, still written as
+/// [`HASH_LEN`] hex digits: tests force collisions with few bits (see
+/// [`crate::compile::naming::Namer`], which resolves them).
+pub fn generated_with_bits(prefix: &str, identity: &[&str], hint: &str, bits: u32) -> String {
     debug_assert!(PREFIXES.contains(&prefix));
+    debug_assert!((1..=4 * HASH_LEN as u32).contains(&bits));
     let hash = stable_hash(identity);
-    let mut name = format!("{prefix}{:0width$x}", hash >> (64 - 4 * HASH_LEN), width = HASH_LEN);
+    let mut name = format!("{prefix}{:0width$x}", hash >> (64 - bits), width = HASH_LEN);
     let hint = sanitize(hint);
     if !hint.is_empty() {
         name.push('_');

@@ -8,7 +8,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
+use netpol::compile::naming::Namer;
+use netpol::compile::{IdleSets, IncrementalCompiler, NodeConfig, compile, reference};
 use netpol::engines::ruleset::Engine;
 use netpol::policy::bitset::BitMatrix;
 use netpol::policy::matrix::{Family, Probe, ProbePort, reference_matrix};
@@ -183,12 +184,26 @@ fn policy(rng: &mut Rng, i: usize) -> Policy {
 }
 
 fn random_cluster(seed: u64) -> Cluster {
+    let (namespaces, pods, policies) = random_objects(seed);
+    Cluster::new(namespaces, pods, policies)
+}
+
+/// The objects of [`random_cluster`], in the order they were made.
+fn random_objects(seed: u64) -> (Vec<Namespace>, Vec<Pod>, Vec<Policy>) {
     let mut rng = Rng::new(seed);
     let namespaces =
         NAMESPACES.iter().map(|n| Namespace { name: n.to_string(), labels: labels(&mut rng, NS_LABELS) }).collect();
     let pods: Vec<Pod> = (0..2 + rng.below(7)).map(|i| pod(&mut rng, i)).collect();
     let policies: Vec<Policy> = (0..rng.below(5)).map(|i| policy(&mut rng, i)).collect();
-    Cluster::new(namespaces, pods, policies)
+    (namespaces, pods, policies)
+}
+
+/// `items` in a random order.
+fn shuffled<T>(rng: &mut Rng, mut items: Vec<T>) -> Vec<T> {
+    for i in (1..items.len()).rev() {
+        items.swap(i, rng.below(i + 1));
+    }
+    items
 }
 
 fn probes() -> Vec<Probe> {
@@ -241,17 +256,24 @@ proptest! {
 
     #[test]
     fn compiling_is_deterministic(seed in any::<u64>()) {
+        // The same objects, made in another order: reversed, and shuffled.
         let cluster = random_cluster(seed);
-        // The same objects listed in reverse (an API server promises no order).
-        let reordered = Cluster::new(
-            cluster.namespaces.values().rev().cloned().collect(),
-            cluster.pods.iter().rev().cloned(),
-            cluster.policies.iter().rev().cloned(),
+        let (namespaces, pods, policies) = random_objects(seed);
+        let reversed = Cluster::new(
+            namespaces.iter().rev().cloned().collect(),
+            pods.iter().rev().cloned(),
+            policies.iter().rev().cloned(),
         );
+        let mut rng = Rng::new(seed ^ 0x5eed);
+        let shuffled = Cluster::new(shuffled(&mut rng, namespaces), shuffled(&mut rng, pods), shuffled(&mut rng, policies));
         for node in NODES {
-            let a = netpol::nft::render::ruleset(&compile(&cluster, &NodeConfig::new(node)));
-            let b = netpol::nft::render::ruleset(&compile(&reordered, &NodeConfig::new(node)));
-            prop_assert_eq!(a, b);
+            let config = NodeConfig::new(node);
+            let a = netpol::nft::render::ruleset(&compile(&cluster, &config));
+            for other in [&reversed, &shuffled] {
+                prop_assert_eq!(&a, &netpol::nft::render::ruleset(&compile(other, &config)));
+                let incremental = IncrementalCompiler::new(config.clone()).compile(other, None).ruleset;
+                prop_assert_eq!(&a, &netpol::nft::render::ruleset(&incremental));
+            }
         }
     }
 
@@ -446,7 +468,7 @@ fn compiling_against_the_applied_ruleset_patches_sets_in_place_and_diffs_the_sam
         let mut cluster = netpol::cli::generate::cluster(&params);
         let node = NodeConfig::new("node-1");
         let mut compiler = IncrementalCompiler::new(node.clone());
-        let mut applied = compiler.compile(&cluster);
+        let mut applied = compiler.compile(&cluster, None).ruleset;
         let mut rng = Rng::new(seed);
         for step in 0..10 {
             // A remote pod takes the labels of another pod of its namespace.
@@ -465,8 +487,8 @@ fn compiling_against_the_applied_ruleset_patches_sets_in_place_and_diffs_the_sam
             let before = deep_copy(&applied);
             let addresses: BTreeMap<String, *const netpol::nft::ir::Set> =
                 applied.sets.iter().map(|(n, s)| (n.clone(), Arc::as_ptr(s))).collect();
-            let got = compiler.compile_after(&next, Some(&mut applied));
-            let known = compiler.take_set_deltas();
+            let compiled = compiler.compile(&next, Some(&mut applied));
+            let (got, known) = (compiled.ruleset, compiled.set_deltas);
             assert_eq!(diff_with(&applied, &got, &known), diff(&before, &got), "seed {seed} step {step}");
             assert_eq!(got, compile(&next, &node), "seed {seed} step {step}");
             for name in known.keys() {
@@ -488,7 +510,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_incremental_compiler_always_equals_a_fresh_compile(seed in any::<u64>()) {
+    fn the_incremental_compiler_always_equals_the_reference_compiler(seed in any::<u64>()) {
         let mut rng = Rng::new(seed);
         let mut cluster = random_cluster(seed);
         // As the agent (which keeps idle sets), with every idle set kept, or with none.
@@ -500,21 +522,22 @@ proptest! {
         let mut previous: Vec<Option<netpol::nft::ir::Ruleset>> = vec![None; NODES.len()];
         for step in 0..12 {
             for ((node, compiler), previous) in NODES.iter().zip(&mut compilers).zip(&mut previous) {
-                let want = compile(&cluster, &config_for(node, seed));
+                // The reference compiler: no cache, every set built from every pod.
+                let want = reference::compile(&cluster, &config_for(node, seed));
                 // Every other step as the agent compiles: against the ruleset it applied,
                 // whose patched sets the compiler changes in place (they become stand-ins
                 // there). Else without it (patched sets are copies).
                 let got = match previous.as_mut().filter(|_| step % 2 == 1) {
                     Some(applied) => {
                         let before = deep_copy(applied);
-                        let got = compiler.compile_after(&cluster, Some(applied));
-                        let known = compiler.take_set_deltas();
+                        let compiled = compiler.compile(&cluster, Some(applied));
+                        let (got, known) = (compiled.ruleset, compiled.set_deltas);
                         prop_assert_eq!(diff_with(applied, &got, &known), diff(&before, &got), "seed {} step {}", seed, step);
                         got
                     }
                     None => {
-                        let got = compiler.compile(&cluster);
-                        let known = compiler.take_set_deltas();
+                        let compiled = compiler.compile(&cluster, None);
+                        let (got, known) = (compiled.ruleset, compiled.set_deltas);
                         if let Some(prev) = previous.as_ref() {
                             prop_assert_eq!(diff_with(prev, &got, &known), diff(prev, &got), "seed {} step {}", seed, step);
                         }
@@ -542,6 +565,141 @@ proptest! {
     }
 }
 
+/// A label key long enough that every peer set's hint is cut to the same text: with few
+/// bits of hash, their names collide.
+const LONG_KEY: &str = "example.com/a-label-key-long-enough-to-fill-the-hint";
+
+/// Namespace `a`: pods `p<i>` labelled `LONG_KEY: v<i>` on two nodes, and a policy per pod
+/// admitting TCP/80 from the next pod only: one peer set per pod, all hinted alike.
+fn colliding_cluster(pods: usize) -> Cluster {
+    let by_value = |v: usize| {
+        Selector::new(vec![Requirement { key: LONG_KEY.into(), operator: Operator::In([format!("v{v}")].into()) }])
+    };
+    let pods_list: Vec<Pod> = (0..pods)
+        .map(|i| Pod {
+            labels: netpol::policy::model::Labels::from([(LONG_KEY.to_string(), format!("v{i}"))]).into(),
+            ..app_pod(&format!("p{i}"), "x", ["node-1", "node-2"][i % 2], &format!("10.0.0.{}", i + 1))
+        })
+        .collect();
+    let policies: Vec<Policy> = (0..pods)
+        .map(|i| Policy {
+            id: ObjectRef::new("a", format!("allow-{i}")),
+            pod_selector: by_value(i),
+            ingress: Some(vec![Rule {
+                peers: Some(vec![Peer::Pods {
+                    namespaces: NamespaceScope::PolicyNamespace,
+                    pods: by_value((i + 1) % pods),
+                }]),
+                ports: Some(vec![PortSpec { protocol: Protocol::Tcp, port: PortMatch::Range(80, 80) }]),
+            }]),
+            egress: None,
+            quarantined: None,
+        })
+        .collect();
+    Cluster::new(vec![Namespace { name: "a".into(), labels: Default::default() }], pods_list, policies)
+}
+
+/// The sets of a ruleset by content, names aside (sorted): equal for two compiles that
+/// differ in names only, fewer if two sets were merged into one.
+fn set_contents(rs: &netpol::nft::ir::Ruleset) -> Vec<String> {
+    let mut out: Vec<String> = rs.sets.values().map(|s| format!("{s:?}")).collect();
+    out.sort();
+    out
+}
+
+/// Names (of sets of `rs`) whose hash is not a 4-bit one: rehashed after a collision.
+fn rehashed(rs: &netpol::nft::ir::Ruleset) -> usize {
+    rs.sets
+        .keys()
+        .filter(|n| {
+            netpol::nft::names::PREFIXES
+                .iter()
+                .find_map(|p| n.strip_prefix(p))
+                .is_some_and(|rest| !rest.starts_with("00000000000"))
+        })
+        .count()
+}
+
+#[test]
+fn sets_whose_names_collide_stay_distinct_and_the_ruleset_still_decides_as_the_evaluator() {
+    let namer = Namer::with_hash_bits(4);
+    let cluster = colliding_cluster(40);
+    let mut rulesets = BTreeMap::new();
+    let mut collisions = 0;
+    for node in cluster.nodes() {
+        let config = NodeConfig::new(node.as_str());
+        let narrow = reference::compile_with_namer(&cluster, &config, &namer);
+        let wide = compile(&cluster, &config);
+        assert_eq!(set_contents(&narrow), set_contents(&wide), "{node}: sets merged or lost");
+        assert_eq!(narrow.rule_count(), wide.rule_count());
+        collisions += rehashed(&narrow);
+        rulesets.insert(node, narrow);
+    }
+    assert!(collisions >= 10, "too few collisions to mean anything: {collisions}");
+    let engine = Engine::from_rulesets(rulesets);
+    let probe = Probe { port: ProbePort::Number(80), protocol: Protocol::Tcp };
+    let want = reference_matrix(&cluster, &probe, Family::Primary);
+    let got = engine.matrix(&cluster, &probe, Family::Primary);
+    assert_eq!(show(&got), show(&want));
+    // Not a vacuous agreement: each pod admits one other pod only (and unisolated traffic).
+    let denied = (0..want.size()).flat_map(|i| (0..want.size()).map(move |j| (i, j))).filter(|&(i, j)| !want.get(i, j));
+    assert!(denied.count() > 1_000, "the policies deny too little to mean anything");
+}
+
+#[test]
+fn with_colliding_names_the_incremental_compiler_still_equals_the_reference_compiler() {
+    let namer = Namer::with_hash_bits(4);
+    for seed in 0..20u64 {
+        let mut rng = Rng::new(seed);
+        let mut cluster = colliding_cluster(30);
+        let idle_per_pod = [0, 1_000][(seed % 2) as usize];
+        let mut compilers: Vec<IncrementalCompiler> = ["node-1", "node-2"]
+            .iter()
+            .map(|n| {
+                IncrementalCompiler::new(NodeConfig::new(*n)).keeping_idle_sets(idle_per_pod).with_namer(namer.clone())
+            })
+            .collect();
+        let mut applied: Vec<Option<netpol::nft::ir::Ruleset>> = vec![None, None];
+        for step in 0..12 {
+            for (compiler, applied) in compilers.iter_mut().zip(&mut applied) {
+                let want = reference::compile_with_namer(&cluster, compiler.config(), &namer);
+                let before = applied.clone();
+                let compiled = compiler.compile(&cluster, applied.as_mut());
+                if let Some(before) = &before {
+                    let tx = diff_with(applied.as_ref().unwrap(), &compiled.ruleset, &compiled.set_deltas);
+                    assert_eq!(tx, diff(before, &compiled.ruleset), "seed {seed} step {step}");
+                }
+                assert!(
+                    compiled.ruleset.without_idle_sets() == want,
+                    "seed {seed} step {step}:\n{}",
+                    line_diff(&render::ruleset(&want), &render::ruleset(&compiled.ruleset))
+                );
+                *applied = Some(compiled.ruleset);
+            }
+            // A pod relabelled to another value, gone, or back; a policy gone.
+            let mut pods: Vec<Pod> = cluster.pods.iter().map(|p| (**p).clone()).collect();
+            let mut policies: Vec<Policy> = cluster.policies.iter().map(|p| (**p).clone()).collect();
+            let k = rng.below(pods.len());
+            match rng.below(4) {
+                0 | 1 => {
+                    pods[k].labels =
+                        netpol::policy::model::Labels::from([(LONG_KEY.to_string(), format!("v{}", rng.below(40)))])
+                            .into()
+                }
+                2 if pods.len() > 2 => {
+                    pods.remove(k);
+                }
+                _ if policies.len() > 2 => {
+                    policies.remove(rng.below(policies.len()));
+                }
+                _ => {}
+            }
+            let next = Cluster::new(cluster.namespaces.values().cloned().collect(), pods, policies);
+            cluster = share_unchanged(&cluster, next);
+        }
+    }
+}
+
 /// The property above means something for idle sets only if they come back: count the
 /// idle sets that a later compile looks up again, the same allocation, patched meanwhile.
 #[test]
@@ -554,7 +712,7 @@ fn idle_sets_come_back_into_use_in_random_sequences() {
             let mut compiler = IncrementalCompiler::new(NodeConfig::new(node)).keeping_idle_sets(1_000);
             let mut idle: BTreeMap<String, Arc<netpol::nft::ir::Set>> = BTreeMap::new();
             for _ in 0..16 {
-                let got = compiler.compile(&cluster);
+                let got = compiler.compile(&cluster, None).ruleset;
                 assert_eq!(got.without_idle_sets(), compile(&cluster, compiler.config()), "seed {seed}");
                 let referenced = got.referenced_sets();
                 for (name, was) in &idle {
@@ -586,8 +744,8 @@ fn an_unchanged_cluster_compiles_to_the_same_set_allocations() {
         let cluster = random_cluster(seed);
         for node in NODES {
             let mut compiler = IncrementalCompiler::new(NodeConfig::new(node));
-            let a = compiler.compile(&cluster);
-            let b = compiler.compile(&cluster.clone());
+            let a = compiler.compile(&cluster, None).ruleset;
+            let b = compiler.compile(&cluster.clone(), None).ruleset;
             let peers: Vec<&String> = b.sets.keys().filter(|n| n.starts_with("peers")).collect();
             peer_sets += peers.len();
             for name in peers {
@@ -605,8 +763,8 @@ fn unchanged_policies_and_pods_keep_their_chain_allocations_and_a_relabelled_pod
     for seed in 1..=100u64 {
         let cluster = random_cluster(seed * 613);
         let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
-        let a = compiler.compile(&cluster);
-        let b = compiler.compile(&cluster.clone());
+        let a = compiler.compile(&cluster, None).ruleset;
+        let b = compiler.compile(&cluster.clone(), None).ruleset;
         // (The three base chains are rebuilt, a few rules.) Ingress chains with named ports,
         // resolved on the local pods, stand as long as those pods do.
         let resolves_on_local_pods = |name: &str, chain: &netpol::nft::ir::Chain| {
@@ -628,7 +786,7 @@ fn unchanged_policies_and_pods_keep_their_chain_allocations_and_a_relabelled_pod
             &cluster,
             Cluster::new(cluster.namespaces.values().cloned().collect(), pods, cluster.policies.iter().cloned()),
         );
-        let c = compiler.compile(&changed);
+        let c = compiler.compile(&changed, None).ruleset;
         assert_eq!(c, compile(&changed, &NodeConfig::new("node-1")), "seed {seed}");
         let id = &cluster.pods[k].id;
         let own = |ingress: bool| netpol::nft::names::pod_chain(ingress, &id.namespace, &id.name);
@@ -731,9 +889,9 @@ fn egress_rules_to_the_same_named_ports_of_the_same_peers_share_one_set_across_p
     assert!(a_own.is_disjoint(&a_any), "other peers, another set");
     // The incremental compiler patches the one shared set for both policies.
     let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
-    compiler.compile(&cluster);
+    let _ = compiler.compile(&cluster, None);
     let grown = with_pod(&cluster, metrics_pod("c", "c-2", "node-2", "10.0.0.4"));
-    let patched = compiler.compile(&grown);
+    let patched = compiler.compile(&grown, None).ruleset;
     assert_eq!(patched, compile(&grown, &NodeConfig::new("node-1")));
     assert_eq!(patched.sets[*v4].elements.len(), 4);
 }
@@ -771,12 +929,13 @@ fn without_pod(c: &Cluster, name: &str) -> Cluster {
 
 /// The agent's sequence: the node's only selected pod goes, a peer pod changes meanwhile,
 /// and a new pod brings the policy back. (The web set's elements sent at each step.)
-fn policy_leaves_and_comes_back(compiler: &mut IncrementalCompiler) -> [usize; 3] {
+fn policy_leaves_and_comes_back(compiler: &mut IncrementalCompiler) -> ([usize; 3], IdleSets) {
     let config = compiler.config().clone();
     let webs = web_pods_and_their_policy(40);
     let with_target = with_pod(&webs, app_pod("target-1", "target", "node-1", "10.0.0.1"));
-    let mut applied = compiler.compile(&with_target);
+    let mut applied = compiler.compile(&with_target, None).ruleset;
     let mut sent = Vec::new();
+    let mut idle = IdleSets::default();
     let steps = [
         without_pod(&with_target, "target-1"),
         without_pod(&without_pod(&with_target, "target-1"), "web-7"),
@@ -787,24 +946,26 @@ fn policy_leaves_and_comes_back(compiler: &mut IncrementalCompiler) -> [usize; 3
     ];
     for (step, cluster) in steps.iter().enumerate() {
         let before = applied.clone();
-        let got = compiler.compile_after(cluster, Some(&mut applied));
-        let tx = diff_with(&applied, &got, &compiler.take_set_deltas());
+        let compiled = compiler.compile(cluster, Some(&mut applied));
+        let tx = diff_with(&applied, &compiled.ruleset, &compiled.set_deltas);
+        let got = compiled.ruleset;
+        idle = compiled.idle;
         assert_eq!(tx, diff(&before, &got), "step {step}: the diff against what the kernel holds");
         assert_eq!(got.without_idle_sets(), compile(cluster, &config), "step {step}");
         sent.push(elements_sent(&tx));
         applied = got;
     }
-    sent.try_into().unwrap()
+    (sent.try_into().unwrap(), idle)
 }
 
 #[test]
 fn a_policy_that_comes_back_to_the_node_finds_its_peer_sets_kept_idle_in_the_kernel() {
     let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1")).keeping_idle_sets(2);
-    let [gone, patched, back] = policy_leaves_and_comes_back(&mut compiler);
+    let ([gone, patched, back], idle) = policy_leaves_and_comes_back(&mut compiler);
     assert_eq!(gone, 0, "the web set stays when its policy leaves the node");
     assert_eq!(patched, 0, "a pod leaving the idle set only deletes its element");
     assert_eq!(back, 0, "the policy's chain comes back without sending 39 web addresses");
-    assert_eq!(compiler.idle_sets(), (0, 0), "the sets are in use again");
+    assert_eq!(idle, IdleSets { sets: 0, elements: 0 }, "the sets are in use again");
 }
 
 #[test]
@@ -819,14 +980,15 @@ fn idle_sets_are_dropped_when_they_exceed_their_share_of_the_cluster() {
         with_pod(&webs, app_pod("target", "target", "node-3", "10.0.0.1")),
         webs,
     ] {
-        let got = compiler.compile(&cluster);
+        let compiled = compiler.compile(&cluster, None);
+        let got = compiled.ruleset;
         assert_eq!(got.without_idle_sets(), compile(&cluster, compiler.config()));
-        seen.push((compiler.idle_sets(), got.sets.len() - got.referenced_sets().len()));
+        seen.push(((compiled.idle.sets, compiled.idle.elements), got.sets.len() - got.referenced_sets().len()));
     }
     assert_eq!(seen, [((0, 0), 0), ((2, 40), 2), ((0, 0), 0)]);
 
     let mut without = IncrementalCompiler::new(NodeConfig::new("node-1"));
-    assert_eq!(policy_leaves_and_comes_back(&mut without)[2], 39, "without idle sets the web set is sent again");
+    assert_eq!(policy_leaves_and_comes_back(&mut without).0[2], 39, "without idle sets the web set is sent again");
 }
 
 #[test]
@@ -841,11 +1003,11 @@ fn an_address_stays_in_a_peer_set_while_another_member_pod_still_has_it() {
         vec![allow_from("from-web", "web")],
     );
     let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
-    compiler.compile(&before);
+    let _ = compiler.compile(&before, None);
     let mut after = before.clone();
     let old = after.pod_index(&ObjectRef::new("a", "web-old")).unwrap();
     Arc::make_mut(&mut after.pods).remove(old);
-    let got = compiler.compile(&after);
+    let got = compiler.compile(&after, None).ruleset;
     assert_eq!(render::ruleset(&got), render::ruleset(&compile(&after, &NodeConfig::new("node-1"))));
     assert!(render::ruleset(&got).contains("10.0.0.2"));
 }
@@ -868,8 +1030,8 @@ fn a_pod_change_rebuilds_only_the_sets_it_is_or_becomes_a_member_of() {
         netpol::policy::model::Labels::from([("app".into(), "api".into())]).into();
 
     let mut compiler = IncrementalCompiler::new(NodeConfig::new("node-1"));
-    let a = compiler.compile(&before);
-    let b = compiler.compile(&after);
+    let a = compiler.compile(&before, None).ruleset;
+    let b = compiler.compile(&after, None).ruleset;
     assert_eq!(b, compile(&after, &NodeConfig::new("node-1")));
     let v4_sets_of = |rs: &netpol::nft::ir::Ruleset, ip: &str| -> Vec<String> {
         let ip = netpol::nft::ir::Value::Addr(ip.parse().unwrap());
@@ -1446,14 +1608,14 @@ fn a_local_pod_that_comes_or_goes_changes_one_element_of_the_guard_set_in_place(
     let config = guarded("node-1", &["10.244.1.0/24", "fd00:1::/64"]);
     let cluster = guard_cluster();
     let mut compiler = IncrementalCompiler::new(config.clone());
-    let mut applied = compiler.compile(&cluster);
+    let mut applied = compiler.compile(&cluster, None).ruleset;
     let set_before = Arc::as_ptr(&applied.sets["local_pods_v4"]);
     for (step, next) in
         [with_pod(&cluster, app_pod("c", "c", "node-1", "10.244.1.4")), cluster.clone()].into_iter().enumerate()
     {
         let before = deep_copy(&applied);
-        let got = compiler.compile_after(&next, Some(&mut applied));
-        let known = compiler.take_set_deltas();
+        let compiled = compiler.compile(&next, Some(&mut applied));
+        let (got, known) = (compiled.ruleset, compiled.set_deltas);
         assert_eq!(got, compile(&next, &config), "step {step}");
         let delta = &known["local_pods_v4"];
         assert_eq!(delta.added.len() + delta.gone.len(), 1, "step {step}: one element moves");
