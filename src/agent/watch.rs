@@ -15,10 +15,10 @@
 //! Relists are level-triggered: `Init` starts a fresh set, `InitApply` fills it,
 //! `InitDone` swaps it in whole (objects deleted while the watch was down vanish then).
 //! Lists are paged (kube-runtime asks for 500 objects a page), so no list is ever held
-//! whole. Watch errors are retried with the watcher's default backoff; a `410 Gone` in the
-//! stream makes the watcher relist, and one answered to the watch start (which kube-runtime
-//! would retry with the same resourceVersion forever) makes the agent start a fresh
-//! watcher, which relists.
+//! whole. A watch error is retried at once, and with backoff only if errors keep coming
+//! ([`WatchBackoff`]); a `410 Gone` in the stream makes the watcher relist, and one
+//! answered to the watch start (which kube-runtime would retry with the same
+//! resourceVersion forever) makes the agent start a fresh watcher, which relists.
 //!
 //! The watches (and the agent's Node, see `node.rs`) run in one task under a
 //! supervisor ([`ClusterWatch::start_with`]): when the task ends (a panic) the watches are
@@ -978,7 +978,7 @@ impl ClusterWatch {
         let mut gone_in_row: u32 = 0;
         let mut last_gone: Option<Instant> = None;
         loop {
-            let stream = watcher(api.clone(), config.clone()).default_backoff();
+            let stream = watcher(api.clone(), config.clone()).backoff(WatchBackoff::new());
             let mut stream = std::pin::pin!(stream);
             while let Some(item) = stream.next().await {
                 let event = match item {
@@ -1046,6 +1046,96 @@ impl ClusterWatch {
 /// handles; proxies and aggregated servers also answer the request itself with 410.
 fn is_gone_at_watch_start(error: &watcher::Error) -> bool {
     matches!(error, watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 410)
+}
+
+/// The pause between a watch error and the watcher's next attempt (a relist, or the watch
+/// again).
+///
+/// kube-runtime's default (client-go's reflector: 800 ms doubling to 30 s, with up to as much
+/// again of jitter) waits 0.8-1.6 s even after a routine `410 Expired` in the stream, which
+/// etcd compaction causes several times an hour: for that long a deleted pod's address stays
+/// allowed to its old peers, and a new pod stays cut off by the unknown-pod guard. So an
+/// error that ends a healthy watch (events delivered for [`WatchBackoff::HEALTHY`] since the
+/// last error, or no error for [`WatchBackoff::QUIET`]) is retried at once, after at most
+/// [`WatchBackoff::FIRST_JITTER`] (a fleet of agents does not relist in lockstep). Errors
+/// that come back sooner back off from 800 ms doubling to 30 s, as client-go does: a watch
+/// that fails right after each relist must not relist as fast as the apiserver answers
+/// (kube-runtime restarts its schedule on every event, which would let it).
+#[derive(Debug)]
+pub struct WatchBackoff {
+    /// Errors in the current run of them.
+    errors: u32,
+    last_error: Option<tokio::time::Instant>,
+    /// The first event delivered after the last error.
+    healthy_since: Option<tokio::time::Instant>,
+    /// xorshift state for the jitter.
+    jitter: u64,
+}
+
+impl WatchBackoff {
+    /// The most the first retry of a run of errors waits.
+    pub const FIRST_JITTER: Duration = Duration::from_millis(100);
+    /// Events delivered this long after an error end a run of errors.
+    pub const HEALTHY: Duration = Duration::from_secs(5);
+    /// No error for this long ends a run of errors too (a watch with nothing to deliver).
+    pub const QUIET: Duration = Duration::from_secs(60);
+    const INITIAL: Duration = Duration::from_millis(800);
+    const MAX: Duration = Duration::from_secs(30);
+
+    pub fn new() -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        WatchBackoff { errors: 0, last_error: None, healthy_since: None, jitter: (nanos as u64) | 1 }
+    }
+
+    /// The pause before the retry after error number `errors` of a run (0: the first), with
+    /// `jitter` in `[0, 1)`.
+    pub fn delay(errors: u32, jitter: f64) -> Duration {
+        if errors == 0 {
+            return Self::FIRST_JITTER.mul_f64(jitter);
+        }
+        let base = Self::INITIAL.saturating_mul(1 << (errors - 1).min(6)).min(Self::MAX);
+        base.saturating_add(base.mul_f64(jitter)).min(Self::MAX)
+    }
+
+    fn next_jitter(&mut self) -> f64 {
+        self.jitter ^= self.jitter << 13;
+        self.jitter ^= self.jitter >> 7;
+        self.jitter ^= self.jitter << 17;
+        (self.jitter >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        let healthy = self.healthy_since.is_some_and(|at| now.duration_since(at) >= Self::HEALTHY);
+        let quiet = self.last_error.is_none_or(|at| now.duration_since(at) >= Self::QUIET);
+        if healthy || quiet {
+            self.errors = 0;
+        }
+        self.last_error = Some(now);
+        self.healthy_since = None;
+        let jitter = self.next_jitter();
+        let delay = Self::delay(self.errors, jitter);
+        self.errors = self.errors.saturating_add(1);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    /// Called on every event the watch delivers: the run of errors ends only once events
+    /// have flowed for [`WatchBackoff::HEALTHY`] (see the type's doc).
+    fn reset(&mut self) {
+        self.healthy_since.get_or_insert_with(tokio::time::Instant::now);
+    }
 }
 
 impl SnapshotSource for ClusterWatch {
@@ -1256,5 +1346,36 @@ mod tests {
         assert_eq!(interner.sweep_at, MIN_SWEEP);
         let again = interner.intern(Arc::new((*kept).clone()));
         assert!(Arc::ptr_eq(&kept, &again));
+    }
+
+    #[test]
+    fn a_watch_error_after_a_quiet_spell_is_retried_at_once_and_errors_that_keep_coming_back_off_to_30_s() {
+        for jitter in [0.0, 0.5, 0.999] {
+            assert!(WatchBackoff::delay(0, jitter) <= WatchBackoff::FIRST_JITTER);
+        }
+        assert_eq!(WatchBackoff::delay(1, 0.0), Duration::from_millis(800));
+        assert_eq!(WatchBackoff::delay(2, 0.0), Duration::from_millis(1600));
+        assert_eq!(WatchBackoff::delay(3, 0.5), Duration::from_millis(4800));
+        assert_eq!(WatchBackoff::delay(30, 0.9), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watch_backoff_escalates_while_errors_follow_each_retry_and_starts_again_after_a_healthy_spell() {
+        use kube::runtime::utils::Backoff;
+        let mut backoff = WatchBackoff::new();
+        assert!(backoff.next().unwrap() <= WatchBackoff::FIRST_JITTER, "a routine 410: at once");
+        backoff.reset(); // the relist delivered events...
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(backoff.next().unwrap() >= Duration::from_millis(800), "...but it failed again soon: back off");
+        backoff.reset();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(backoff.next().unwrap() >= Duration::from_millis(1600));
+        backoff.reset();
+        tokio::time::advance(WatchBackoff::HEALTHY).await;
+        assert!(backoff.next().unwrap() <= WatchBackoff::FIRST_JITTER, "healthy for a while: at once again");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(backoff.next().unwrap() >= Duration::from_millis(800), "no event since: a run of errors");
+        tokio::time::advance(WatchBackoff::QUIET).await;
+        assert!(backoff.next().unwrap() <= WatchBackoff::FIRST_JITTER, "no error for a minute: at once");
     }
 }
