@@ -1007,7 +1007,9 @@ struct Expectations {
     /// (since when, expected verdict per cell), in time order.
     history: Vec<(Instant, Vec<bool>)>,
     /// While an agent is down (SIGKILLed until its replacement's first full sync) its node
-    /// keeps the rules of before: every matrix in force since the kill stays acceptable.
+    /// keeps the rules of before, and while an apiserver fault keeps the agents uninformed
+    /// (until they watch again) so may both nodes: every matrix in force since stays
+    /// acceptable.
     down: Vec<(Instant, Option<Instant>)>,
 }
 
@@ -1060,9 +1062,10 @@ impl Dice {
 /// reuses addresses (a slot's pod deleted, another pod with other labels created there
 /// later) and policy changes. The agents run with their node's pod CIDR, so an address no
 /// pod owns is cut off. Judged per probe round: a verdict is wrong if it matches none of
-/// the matrices in force from 1 s before the round (or from an overlapping agent outage)
-/// to its end — no denied connection gets through once the agents had 1 s to see the
-/// change, no allowed one is refused after a new pod's first second.
+/// the matrices in force from 1 s before the round (or from an overlapping agent outage, or
+/// apiserver fault until the agents watch again) to its end — no denied connection gets
+/// through once the agents had 1 s to see the change, no allowed one is refused after a new
+/// pod's first second.
 #[test]
 fn chaos_of_kills_api_faults_foreign_flushes_and_ip_reuse_under_traffic_never_errs_once_the_agents_had_a_second() {
     if !common::kernel_or_skip() {
@@ -1144,6 +1147,13 @@ fn chaos_of_kills_api_faults_foreign_flushes_and_ip_reuse_under_traffic_never_er
                 1 => {
                     let fault = dice.below(5);
                     *actions.entry("apiserver fault").or_default() += 1;
+                    // An agent cannot see what the API server does not tell it: from the
+                    // fault until both agents watch every kind again (after the relist that
+                    // brings them up to date), the rules of before stay acceptable, as while
+                    // an agent is down.
+                    let kinds = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy];
+                    let watches: Vec<u64> = kinds.iter().map(|&k| api.server.watch_requests(k)).collect();
+                    expectations.lock().unwrap().down.push((Instant::now(), None));
                     match fault {
                         0 => api.server.drop_connections(),
                         1 => api.server.expire_watches(),
@@ -1165,6 +1175,13 @@ fn chaos_of_kills_api_faults_foreign_flushes_and_ip_reuse_under_traffic_never_er
                             api.server.resume_kind(kind);
                         }
                     }
+                    let deadline = Instant::now() + CONVERGE_LIMIT;
+                    while kinds.iter().zip(&watches).any(|(&k, &before)| api.server.watch_requests(k) < before + 2) {
+                        fleet.assert_running();
+                        assert!(Instant::now() < deadline, "the agents never watched again after an apiserver fault");
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    expectations.lock().unwrap().down.last_mut().unwrap().1 = Some(Instant::now());
                 }
                 2 => {
                     let node = nodes[dice.below(2) as usize];
