@@ -5,8 +5,8 @@
 //!  compile ──► ir::Ruleset ──┬─► render (nft -f text) / json (nft -j)
 //!                            ├─► interpret (decide a packet like the kernel)
 //!                            └─► diff(applied, desired) ──► Transaction ──► Nftables::apply
-//!                                                                           ├─ netlink (own batch; the agent)
-//!                                                                           ├─ real (nft -f -)
+//!                                                                           ├─ backend::netlink (own batch; the agent)
+//!                                                                           ├─ backend::process (nft -f -)
 //!                                                                           └─ fake (in memory)
 //! ```
 
