@@ -1028,22 +1028,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             }
         }
 
-        let mut push = |matches: Vec<Match>, what: String| {
-            let r = Rule {
-                matches,
-                counter: true,
-                verdict: Some(Verdict::Accept),
-                comment: Some(names::comment(&format!("{base_comment} {what}"))),
-            };
-            if !out.contains(&r) {
-                out.push(r);
-            }
-        };
-        for (pm, pwhat) in &peer_matches {
-            for (qm, qwhat) in &port_matches {
-                push(pm.iter().chain(qm).cloned().collect(), format!("{pwhat}, {qwhat}"));
-            }
-        }
+        peer_port_rules(out, &base_comment, &peer_matches, &port_matches);
 
         // "A named port is resolved on the destination pod's containerPorts, per pod; it never
         // matches a non-pod destination": daddr . proto . port sets of resolved pods.
@@ -1053,12 +1038,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
         for f in FAMILIES {
             // An ingress rule looks the set up after each peer match of its family (a v6
             // peer set never matches a v4 packet): none, and the set would serve no rule.
-            let peers_of_family: Vec<&(Option<Match>, String)> = peer_matches
-                .iter()
-                .filter(|(pm, _)| {
-                    !pm.as_ref().is_some_and(|m| matches!(m, Match::Lookup { key, .. } if key.family() != Some(f)))
-                })
-                .collect();
+            let peers_of_family = peers_of_family(&peer_matches, f);
             if ingress && peers_of_family.is_empty() {
                 continue;
             }
@@ -1082,13 +1062,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             }
             self.rs.sets.insert(set.clone(), elements);
             let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
-            if ingress {
-                for (pm, pwhat) in peers_of_family {
-                    push(pm.iter().cloned().chain([lookup.clone()]).collect(), format!("{pwhat}, named ports"));
-                }
-            } else {
-                push(vec![lookup], "peers, named ports".into());
-            }
+            named_port_rules(out, &base_comment, ingress, &peers_of_family, lookup);
         }
     }
 

@@ -605,6 +605,62 @@ pub fn range_to_prefixes(lo: u128, hi: u128, f: IpFamily) -> Vec<IpNet> {
     out
 }
 
+/// A match of a policy rule's peers or ports (`None`: any), with the words for its comment.
+type Described = (Option<Match>, String);
+
+/// Appends the accept rule `matches` (its comment `base_comment` and `what`) to a policy
+/// rule's rules, unless an equal one is there (two peers can yield the same lookup).
+fn push_accept(out: &mut Vec<Rule>, base_comment: &str, matches: Vec<Match>, what: &str) {
+    let r = Rule {
+        matches,
+        counter: true,
+        verdict: Some(Verdict::Accept),
+        comment: Some(names::comment(&format!("{base_comment} {what}"))),
+    };
+    if !out.contains(&r) {
+        out.push(r);
+    }
+}
+
+/// "Traffic is allowed if it matches at least one peer AND at least one port": one accept
+/// rule per (peer match, port match).
+fn peer_port_rules(out: &mut Vec<Rule>, base_comment: &str, peer_matches: &[Described], port_matches: &[Described]) {
+    for (pm, pwhat) in peer_matches {
+        for (qm, qwhat) in port_matches {
+            push_accept(out, base_comment, pm.iter().chain(qm).cloned().collect(), &format!("{pwhat}, {qwhat}"));
+        }
+    }
+}
+
+/// The peer matches an ingress rule's named-port set of family `f` can follow (a v6 peer
+/// set never matches a v4 packet).
+fn peers_of_family(peer_matches: &[Described], f: IpFamily) -> Vec<&Described> {
+    peer_matches
+        .iter()
+        .filter(|(pm, _)| {
+            !pm.as_ref().is_some_and(|m| matches!(m, Match::Lookup { key, .. } if key.family() != Some(f)))
+        })
+        .collect()
+}
+
+/// The accept rules that look up a named-port set (`lookup`): after each peer match of its
+/// family for ingress (the destination is the local pod), alone for egress (the set holds
+/// only admitted peers).
+fn named_port_rules(out: &mut Vec<Rule>, base_comment: &str, ingress: bool, peers: &[&Described], lookup: Match) {
+    if ingress {
+        for (pm, pwhat) in peers {
+            push_accept(
+                out,
+                base_comment,
+                pm.iter().cloned().chain([lookup.clone()]).collect(),
+                &format!("{pwhat}, named ports"),
+            );
+        }
+    } else {
+        push_accept(out, base_comment, vec![lookup], "peers, named ports");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
