@@ -32,7 +32,7 @@ use std::sync::Arc;
 use super::naming::{Hashed, HashedMap, Ident, Namer};
 use super::*;
 use crate::nft::diff::{SetDelta, SetDeltas};
-use crate::policy::model::{PortMatch, Rule as PolicyRule};
+use crate::policy::model::Rule as PolicyRule;
 use crate::policy::selector::Operator;
 
 /// Compiles one node's ruleset again and again, as the cluster changes (see the module).
@@ -959,17 +959,8 @@ impl<'a, 'c> Compiler<'a, 'c> {
         match &rule.ports {
             None => port_matches.push((None, "all ports".into())),
             Some(specs) => {
-                let mut ranges: BTreeMap<Protocol, Vec<(u16, u16)>> = BTreeMap::new();
-                for s in specs {
-                    match &s.port {
-                        // "ports with protocol but no port = every port of that protocol"
-                        PortMatch::Any => ranges.entry(s.protocol).or_default().push((0, u16::MAX)),
-                        PortMatch::Range(a, b) => ranges.entry(s.protocol).or_default().push((*a, *b)),
-                        PortMatch::Named(n) => named.push((n.as_str(), s.protocol)),
-                    }
-                }
-                named.sort();
-                named.dedup();
+                let ranges;
+                (ranges, named) = numbered_and_named(specs);
                 if !ranges.is_empty() {
                     let (elements, text) = ports_elements(ranges);
                     let ident = ports_ident(&self.namer, &text);

@@ -60,7 +60,9 @@ use crate::nft::ir::{
     MapVerdict, Match, ND_HOP_LIMIT, Rule, Ruleset, Set, Value, Verdict,
 };
 use crate::nft::names;
-use crate::policy::model::{Cluster, Direction, IpBlock, NamespaceScope, Peer, Pod, Policy, Protocol};
+use crate::policy::model::{
+    Cluster, Direction, IpBlock, NamespaceScope, Peer, Pod, Policy, PortMatch, PortSpec, Protocol,
+};
 use crate::policy::selector::Selector;
 
 pub mod incremental;
@@ -603,6 +605,27 @@ pub fn range_to_prefixes(lo: u128, hi: u128, f: IpFamily) -> Vec<IpNet> {
         lo = end + 1;
     }
     out
+}
+
+/// Port ranges by protocol.
+type PortRanges = BTreeMap<Protocol, Vec<(u16, u16)>>;
+
+/// A rule's ports as the ruleset matches them: numbered ports and ranges by protocol (one
+/// `proto . port` set), and named ports (sorted, without repeats; resolved per pod).
+fn numbered_and_named(specs: &[PortSpec]) -> (PortRanges, Vec<(&str, Protocol)>) {
+    let mut ranges: BTreeMap<Protocol, Vec<(u16, u16)>> = BTreeMap::new();
+    let mut named: Vec<(&str, Protocol)> = Vec::new();
+    for s in specs {
+        match &s.port {
+            // "ports with protocol but no port = every port of that protocol"
+            PortMatch::Any => ranges.entry(s.protocol).or_default().push((0, u16::MAX)),
+            PortMatch::Range(a, b) => ranges.entry(s.protocol).or_default().push((*a, *b)),
+            PortMatch::Named(n) => named.push((n.as_str(), s.protocol)),
+        }
+    }
+    named.sort();
+    named.dedup();
+    (ranges, named)
 }
 
 /// A match of a policy rule's peers or ports (`None`: any), with the words for its comment.
