@@ -112,6 +112,16 @@ impl Drop for Agent {
     }
 }
 
+/// The fake apiserver with the [`seed`] objects, and an agent ([`fast_config`]) that has
+/// synced them once.
+async fn seeded_and_synced() -> (FakeApiServer, Agent) {
+    let server = FakeApiServer::start().await.unwrap();
+    seed(&server);
+    let agent = Agent::start(&server, fast_config());
+    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    (server, agent)
+}
+
 impl Agent {
     /// Watches (paged lists of 2 objects) and the sync loop over a recording target.
     fn start(server: &FakeApiServer, config: SyncLoopConfig) -> Agent {
@@ -231,10 +241,7 @@ async fn nothing_is_synced_until_pods_namespaces_and_policies_have_all_listed() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_410_gone_after_compaction_makes_the_watcher_relist_and_converge_with_nothing_lost() {
-    let server = FakeApiServer::start().await.unwrap();
-    seed(&server);
-    let agent = Agent::start(&server, fast_config());
-    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let (server, agent) = seeded_and_synced().await;
     let lists_before = server.list_requests(Kind::Pod);
 
     // Changes the agent does not see before history is forgotten and the streams die.
@@ -268,10 +275,7 @@ async fn a_410_gone_after_compaction_makes_the_watcher_relist_and_converge_with_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_live_watch_makes_the_watcher_relist() {
-    let server = FakeApiServer::start().await.unwrap();
-    seed(&server);
-    let agent = Agent::start(&server, fast_config());
-    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let (server, agent) = seeded_and_synced().await;
     wait_for("three live watches", Duration::from_secs(5), || server.live_watches() == 3).await;
 
     server.expire_watches();
@@ -286,10 +290,7 @@ async fn an_expired_live_watch_makes_the_watcher_relist() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connections_reconnect_from_the_last_version_and_converge() {
-    let server = FakeApiServer::start().await.unwrap();
-    seed(&server);
-    let agent = Agent::start(&server, fast_config());
-    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let (server, agent) = seeded_and_synced().await;
     let watches_before = server.watch_requests(Kind::Pod);
 
     for round in 0..3 {
@@ -320,10 +321,7 @@ async fn slow_apiserver_responses_delay_but_do_not_break_convergence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_rapid_changes_coalesce_into_a_few_syncs_and_the_last_state_wins() {
-    let server = FakeApiServer::start().await.unwrap();
-    seed(&server);
-    let agent = Agent::start(&server, fast_config());
-    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let (server, agent) = seeded_and_synced().await;
     let before = agent.target.calls().len();
 
     for i in 0..100 {
@@ -342,10 +340,7 @@ async fn a_hundred_rapid_changes_coalesce_into_a_few_syncs_and_the_last_state_wi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_during_a_slow_sync_are_all_taken_by_the_one_sync_right_after_it() {
-    let server = FakeApiServer::start().await.unwrap();
-    seed(&server);
-    let agent = Agent::start(&server, fast_config());
-    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let (server, agent) = seeded_and_synced().await;
     // The sync for the first change runs until every later change has reached the watch.
     agent.target.hold();
     let before = agent.target.calls().len();
@@ -371,10 +366,7 @@ async fn changes_during_a_slow_sync_are_all_taken_by_the_one_sync_right_after_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_sync_is_retried_with_growing_backoff_and_the_next_sync_is_full() {
-    let server = FakeApiServer::start().await.unwrap();
-    seed(&server);
-    let agent = Agent::start(&server, fast_config());
-    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let (server, agent) = seeded_and_synced().await;
     let before = agent.target.calls().len();
 
     agent.target.fail_next(3);
@@ -674,10 +666,7 @@ async fn watches_that_keep_panicking_make_the_supervisor_give_up_with_the_reason
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_410_gone_answered_as_the_status_of_the_watch_start_makes_the_agent_relist_and_converge() {
-    let server = FakeApiServer::start().await.unwrap();
-    seed(&server);
-    let agent = Agent::start(&server, fast_config());
-    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let (server, agent) = seeded_and_synced().await;
 
     // While the watches are cut, the world changes and its history is compacted; the
     // watches then resume from a resourceVersion the server answers with HTTP 410.
@@ -706,10 +695,7 @@ async fn a_410_gone_answered_as_the_status_of_the_watch_start_makes_the_agent_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_410_gone_error_event_in_the_stream_makes_the_agent_relist_and_converge() {
-    let server = FakeApiServer::start().await.unwrap();
-    seed(&server);
-    let agent = Agent::start(&server, fast_config());
-    agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
+    let (server, agent) = seeded_and_synced().await;
     server.pause_kind(Kind::Pod);
     server.drop_connections();
     server.delete(Kind::Pod, "shop", "web-1").unwrap();
