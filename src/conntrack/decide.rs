@@ -225,12 +225,7 @@ mod tests {
 
     fn flow(proto: u8, src: &str, sport: u16, dst: &str, dport: u16) -> Flow {
         let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
-        Flow {
-            original: Tuple { src, dst, proto, sport, dport },
-            reply: Tuple { src: dst, dst: src, proto, sport: dport, dport: sport },
-            zone: 0,
-            id: None,
-        }
+        Flow::without_nat(Tuple { src, dst, proto, sport, dport })
     }
 
     fn addresses(c: &Cluster) -> NodeAddresses {
@@ -397,12 +392,7 @@ mod tests {
         )
             .prop_map(|(src, dst, proto, sport, port_pick, nat)| {
                 let dport = [22, 80, 5432, 53, 8080, 443, 1, 65535, 9000, 5433][port_pick as usize];
-                let mut f = Flow {
-                    original: Tuple { src, dst, proto, sport, dport },
-                    reply: Tuple { src: dst, dst: src, proto, sport: dport, dport: sport },
-                    zone: 0,
-                    id: None,
-                };
+                let mut f = Flow::without_nat(Tuple { src, dst, proto, sport, dport });
                 if nat {
                     f.original.dst = "10.96.0.7".parse().unwrap();
                 }

@@ -52,7 +52,21 @@ pub struct Flow {
     pub id: Option<u32>,
 }
 
+impl Tuple {
+    /// The same connection seen from the other end: what its answers look like when no
+    /// NAT rewrote it.
+    pub fn reversed(self) -> Tuple {
+        Tuple { src: self.dst, dst: self.src, proto: self.proto, sport: self.dport, dport: self.sport }
+    }
+}
+
 impl Flow {
+    /// The entry of a connection no NAT rewrote (the reply is the original reversed), in
+    /// zone 0, without a kernel id.
+    pub fn without_nat(original: Tuple) -> Flow {
+        Flow { original, reply: original.reversed(), zone: 0, id: None }
+    }
+
     /// The addresses at the ends of both directions (after NAT, the reply's differ).
     pub fn addresses(&self) -> [IpAddr; 4] {
         [self.original.src, self.original.dst, self.reply.src, self.reply.dst]

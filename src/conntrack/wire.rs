@@ -252,12 +252,7 @@ mod tests {
 
     fn tcp(src: &str, sport: u16, dst: &str, dport: u16) -> Flow {
         let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
-        Flow {
-            original: Tuple { src, dst, proto: 6, sport, dport },
-            reply: Tuple { src: dst, dst: src, proto: 6, sport: dport, dport: sport },
-            zone: 0,
-            id: Some(0xdead_beef),
-        }
+        Flow { id: Some(0xdead_beef), ..Flow::without_nat(Tuple { src, dst, proto: 6, sport, dport }) }
     }
 
     #[test]

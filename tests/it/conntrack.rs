@@ -99,12 +99,7 @@ fn snapshot(pods: &[Pod], policies: &[NetworkPolicy]) -> Snapshot {
 
 fn flow(proto: u8, src: &str, sport: u16, dst: &str, dport: u16) -> Flow {
     let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
-    Flow {
-        original: Tuple { src, dst, proto, sport, dport },
-        reply: Tuple { src: dst, dst: src, proto, sport: dport, dport: sport },
-        zone: 0,
-        id: None,
-    }
+    Flow::without_nat(Tuple { src, dst, proto, sport, dport })
 }
 
 /// `p` with a second, IPv6 address `fd77::<last byte of its IPv4 one>`.
