@@ -403,6 +403,15 @@ mod tests {
         assert_eq!(retry_delay(&c, u32::MAX), Duration::from_secs(1));
     }
 
+    /// A sync loop (`config`) over a source that is ready at once and a recording target.
+    fn ready_loop(config: SyncLoopConfig) -> (SyncLoop<RecordingTarget, FakeSource>, RecordingTarget, Trigger) {
+        let source = FakeSource::default();
+        source.ready.store(true, Ordering::SeqCst);
+        let target = RecordingTarget::new();
+        let trigger = Trigger::new();
+        (SyncLoop::new(target.clone(), source, trigger.clone(), config), target, trigger)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn nothing_syncs_until_the_source_is_ready_then_the_first_sync_is_full() {
         let source = FakeSource::default();
@@ -430,12 +439,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_resync_period_forces_a_full_sync() {
-        let source = FakeSource::default();
-        source.ready.store(true, Ordering::SeqCst);
-        let target = RecordingTarget::new();
-        let trigger = Trigger::new();
-        let config = SyncLoopConfig { resync_period: Duration::from_secs(10), ..SyncLoopConfig::default() };
-        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), config);
+        let (sl, target, trigger) =
+            ready_loop(SyncLoopConfig { resync_period: Duration::from_secs(10), ..SyncLoopConfig::default() });
         let status = sl.status();
         let task = tokio::spawn(sl.run(tokio::time::sleep(Duration::from_secs(25))));
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -449,12 +454,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_panicking_target_counts_as_a_failure_and_the_next_sync_is_full() {
-        let source = FakeSource::default();
-        source.ready.store(true, Ordering::SeqCst);
-        let target = RecordingTarget::new();
+        let (sl, target, _trigger) = ready_loop(SyncLoopConfig::default());
         target.panic_next(1);
-        let trigger = Trigger::new();
-        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), SyncLoopConfig::default());
         let status = sl.status();
         tokio::spawn(sl.run(std::future::pending()));
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -468,11 +469,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_requested_full_sync_makes_the_next_sync_full_once() {
-        let source = FakeSource::default();
-        source.ready.store(true, Ordering::SeqCst);
-        let target = RecordingTarget::new();
-        let trigger = Trigger::new();
-        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), SyncLoopConfig::default());
+        let (sl, target, trigger) = ready_loop(SyncLoopConfig::default());
         tokio::spawn(sl.run(std::future::pending()));
         tokio::time::sleep(Duration::from_millis(100)).await;
         trigger.notify();
@@ -487,12 +484,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_idle_loop_keeps_beating_and_a_running_sync_is_visible() {
-        let source = FakeSource::default();
-        source.ready.store(true, Ordering::SeqCst);
-        let target = RecordingTarget::new();
-        let trigger = Trigger::new();
-        let config = SyncLoopConfig { heartbeat: Duration::from_secs(5), ..SyncLoopConfig::default() };
-        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), config);
+        let (sl, _target, _trigger) =
+            ready_loop(SyncLoopConfig { heartbeat: Duration::from_secs(5), ..SyncLoopConfig::default() });
         let status = sl.status();
         tokio::spawn(sl.run(std::future::pending()));
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -504,11 +497,7 @@ mod tests {
 
     /// Changes every `gap` for a second of paused time; returns the syncs they took.
     async fn syncs_for_churn(gap: Duration) -> usize {
-        let source = FakeSource::default();
-        source.ready.store(true, Ordering::SeqCst);
-        let target = RecordingTarget::new();
-        let trigger = Trigger::new();
-        let sl = SyncLoop::new(target.clone(), source, trigger.clone(), SyncLoopConfig::default());
+        let (sl, target, trigger) = ready_loop(SyncLoopConfig::default());
         tokio::spawn(sl.run(std::future::pending()));
         tokio::time::sleep(Duration::from_millis(100)).await;
         let before = target.calls().len();
