@@ -13,3 +13,4 @@ pub mod evaluate;
 pub mod matrix;
 pub mod model;
 pub mod selector;
+pub mod tiers;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::policy::selector::Selector;
+use crate::policy::tiers::{ClusterPolicy, DomainMap, Node};
 
 /// Label key → value, sorted so that output and hashing are deterministic.
 pub type Labels = BTreeMap<String, String>;
@@ -495,6 +496,12 @@ pub struct Cluster {
     pub namespaces: Arc<NamespaceMap>,
     pub pods: SharedList<Pod>,
     pub policies: SharedList<Policy>,
+    /// The cluster-wide tiers' policies, in [`ClusterPolicy::precedence`] order.
+    pub cluster_policies: SharedList<ClusterPolicy>,
+    /// The nodes, by name: what `nodes` peers select.
+    pub nodes: Arc<Vec<Node>>,
+    /// What domain names resolve to, for `domainNames` peers (the CLI's `--resolve`).
+    pub domains: Arc<DomainMap>,
 }
 
 impl Cluster {
@@ -529,7 +536,30 @@ impl Cluster {
                 by_name.entry(name.clone()).or_insert_with(|| Namespace::synthesized(name));
             }
         }
-        Cluster { namespaces, pods, policies }
+        Cluster { namespaces, pods, policies, ..Cluster::default() }
+    }
+
+    /// This cluster with the cluster-wide tiers' policies (any order), its nodes and its
+    /// resolved domain names.
+    pub fn with_tiers<Q: Into<Arc<ClusterPolicy>>>(
+        mut self,
+        cluster_policies: impl IntoIterator<Item = Q>,
+        nodes: Vec<Node>,
+        domains: DomainMap,
+    ) -> Self {
+        let mut cluster_policies: Vec<Arc<ClusterPolicy>> = cluster_policies.into_iter().map(Into::into).collect();
+        cluster_policies.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+        let mut nodes = nodes;
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        self.cluster_policies = Arc::new(cluster_policies);
+        self.nodes = Arc::new(nodes);
+        self.domains = Arc::new(domains);
+        self
+    }
+
+    /// Whether any cluster-wide policy exists: without one, the tiers are NetworkPolicy alone.
+    pub fn has_tiers(&self) -> bool {
+        !self.cluster_policies.is_empty()
     }
 
     /// [`Cluster::from_sorted`], knowing the cluster built before from the same namespace
@@ -562,7 +592,7 @@ impl Cluster {
             if added_are_known(&previous.pods, &pods, |p| &p.id, &namespaces)
                 && added_are_known(&previous.policies, &policies, |p| &p.id, &namespaces)
             {
-                return Cluster { namespaces, pods, policies };
+                return Cluster { namespaces, pods, policies, ..Cluster::default() };
             }
         }
         Cluster::from_sorted(namespaces, pods, policies)
