@@ -16,6 +16,9 @@ use crate::policy::model::{
     PortMatch, PortSpec, Protocol, Rule,
 };
 use crate::policy::selector::{Operator, Requirement, Selector};
+use crate::policy::tiers::{
+    Action, ClusterPeer, ClusterPolicy, ClusterPolicyId, ClusterPolicyKind, ClusterRule, DomainMap, Node, PodSet, Tier,
+};
 
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -439,19 +442,7 @@ pub fn small_random(seed: u64) -> Cluster {
             }
         })
         .collect();
-    let selector = |rng: &mut Rng| -> Selector {
-        match rng.below(6) {
-            0 => Selector::everything(),
-            1 => Selector::new(vec![Requirement {
-                key: "app".into(),
-                operator: Operator::NotIn(BTreeSet::from([rng.pick(&["web", "db"]).to_string()])),
-            }]),
-            2 => Selector::new(vec![Requirement { key: "tier".into(), operator: Operator::Exists }]),
-            3 => Selector::new(vec![Requirement { key: "tier".into(), operator: Operator::DoesNotExist }]),
-            4 => Selector::from_labels([("app", "nothing-has-this")]),
-            _ => Selector::from_labels([("app", *rng.pick(&["web", "db", "api"]))]),
-        }
-    };
+    let selector = random_selector;
     let peer = |rng: &mut Rng| -> Peer {
         match rng.below(5) {
             0 => {
@@ -474,16 +465,7 @@ pub fn small_random(seed: u64) -> Cluster {
             _ => Peer::Pods { namespaces: NamespaceScope::PolicyNamespace, pods: selector(rng) },
         }
     };
-    let port = |rng: &mut Rng| -> PortSpec {
-        let protocol = *rng.pick(&Protocol::ALL);
-        let port = match rng.below(4) {
-            0 => PortMatch::Any,
-            1 => PortMatch::Range(80, 81),
-            2 => PortMatch::Named(rng.pick(&["web", "dns", "sig"]).to_string()),
-            _ => PortMatch::Range(*rng.pick(&[80, 8080]), 0).normalized(),
-        };
-        PortSpec { protocol, port }
-    };
+    let port = random_port;
     let rules = |rng: &mut Rng| -> Vec<Rule> {
         (0..rng.below(3))
             .map(|_| Rule {
@@ -506,6 +488,133 @@ pub fn small_random(seed: u64) -> Cluster {
         })
         .collect();
     Cluster::new(namespaces, pods, policies)
+}
+
+/// A selector of `small_random`'s labels: everything, nothing, or one of each operator.
+fn random_selector(rng: &mut Rng) -> Selector {
+    match rng.below(6) {
+        0 => Selector::everything(),
+        1 => Selector::new(vec![Requirement {
+            key: "app".into(),
+            operator: Operator::NotIn(BTreeSet::from([rng.pick(&["web", "db"]).to_string()])),
+        }]),
+        2 => Selector::new(vec![Requirement { key: "tier".into(), operator: Operator::Exists }]),
+        3 => Selector::new(vec![Requirement { key: "tier".into(), operator: Operator::DoesNotExist }]),
+        4 => Selector::from_labels([("app", "nothing-has-this")]),
+        _ => Selector::from_labels([("app", *rng.pick(&["web", "db", "api"]))]),
+    }
+}
+
+/// A port spec of `small_random`'s ports: any, a range, a named port, a single port.
+fn random_port(rng: &mut Rng) -> PortSpec {
+    let protocol = *rng.pick(&Protocol::ALL);
+    let port = match rng.below(4) {
+        0 => PortMatch::Any,
+        1 => PortMatch::Range(80, 81),
+        2 => PortMatch::Named(rng.pick(&["web", "dns", "sig"]).to_string()),
+        _ => PortMatch::Range(*rng.pick(&[80, 8080]), 0).normalized(),
+    };
+    PortSpec { protocol, port }
+}
+
+/// [`small_random`] with the cluster-wide tiers: up to four cluster policies of every kind
+/// and tier, priorities that tie, every action, every peer kind (pods, namespaces, nodes,
+/// networks, domain names, a fail-closed deny-all), with the nodes (their addresses those of
+/// their hostNetwork pods and one more) and resolved domain names they need.
+pub fn small_random_tiered(seed: u64) -> Cluster {
+    let cluster = small_random(seed);
+    let mut rng = Rng::new(seed ^ 0x7469_6572_7321);
+    let nodes: Vec<Node> = ["node-0", "node-1"]
+        .iter()
+        .enumerate()
+        .map(|(k, name)| {
+            let mut ips: Vec<IpAddr> = cluster
+                .pods
+                .iter()
+                .filter(|p| p.host_network && p.node == *name)
+                .flat_map(|p| p.ips.to_vec())
+                .collect();
+            ips.push(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 200 + k as u8)));
+            ips.sort();
+            ips.dedup();
+            let role = if k == 0 { "control" } else { "worker" };
+            Node { name: name.to_string(), labels: Labels::from([("role".to_string(), role.to_string())]), ips }
+        })
+        .collect();
+    let domains = DomainMap::from([
+        ("db.example.com".to_string(), vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3)), "fd00::3".parse().expect("valid")]),
+        ("api.example.org".to_string(), vec![IpAddr::V4(Ipv4Addr::new(10, 0, 1, 2))]),
+    ]);
+    let pod_set = |rng: &mut Rng| PodSet {
+        namespaces: if rng.chance(50) { Selector::everything() } else { Selector::from_labels([("team", "x")]) },
+        pods: if rng.chance(30) { Selector::everything() } else { random_selector(rng) },
+    };
+    let networks: [&[&str]; 4] = [&["10.0.0.0/24"], &["fd00::/112"], &["10.0.1.0/24", "fd00::1:0/112"], &["0.0.0.0/0"]];
+    let peer = |rng: &mut Rng, egress: bool| -> ClusterPeer {
+        match if egress { rng.below(9) } else { rng.below(4) } {
+            0 => ClusterPeer::Everything,
+            1..=3 => ClusterPeer::Pods(pod_set(rng)),
+            4 => ClusterPeer::Nodes(if rng.chance(50) {
+                Selector::everything()
+            } else {
+                Selector::from_labels([("role", "worker")])
+            }),
+            5 | 6 => ClusterPeer::Networks(rng.pick(&networks).iter().map(|n| n.parse().expect("valid")).collect()),
+            _ => ClusterPeer::DomainNames(vec![rng.pick(&["*.example.com", "api.example.org"]).to_string()]),
+        }
+    };
+    let rules = |rng: &mut Rng, egress: bool, baseline_v1alpha1: bool| -> Vec<ClusterRule> {
+        (0..rng.below(4))
+            .map(|k| {
+                let action = match rng.below(if baseline_v1alpha1 { 2 } else { 3 }) {
+                    0 => Action::Accept,
+                    1 => Action::Deny,
+                    _ => Action::Pass,
+                };
+                let peers: Vec<ClusterPeer> = (0..1 + rng.below(2)).map(|_| peer(rng, egress)).collect();
+                // "DomainNames is only supported for Accept rules."
+                let peers: Vec<ClusterPeer> = peers
+                    .into_iter()
+                    .filter(|p| action == Action::Accept || !matches!(p, ClusterPeer::DomainNames(_)))
+                    .collect();
+                let fail_closed =
+                    peers.contains(&ClusterPeer::Everything).then(|| "peer has no known field".to_string());
+                ClusterRule {
+                    name: rng.chance(50).then(|| format!("r{k}")),
+                    action: if fail_closed.is_some() { Action::Deny } else { action },
+                    ports: (fail_closed.is_none() && rng.chance(50))
+                        .then(|| (0..1 + rng.below(2)).map(|_| random_port(rng)).collect()),
+                    peers,
+                    fail_closed,
+                }
+            })
+            .collect()
+    };
+    let mut baseline_v1alpha1 = false;
+    let policies: Vec<ClusterPolicy> = (0..rng.below(5))
+        .map(|i| {
+            let (kind, tier) = match rng.below(4) {
+                0 if !baseline_v1alpha1 => (ClusterPolicyKind::BaselineAdminNetworkPolicy, Tier::Baseline),
+                0 | 1 => (ClusterPolicyKind::AdminNetworkPolicy, Tier::Admin),
+                2 => (ClusterPolicyKind::ClusterNetworkPolicy, Tier::Baseline),
+                _ => (ClusterPolicyKind::ClusterNetworkPolicy, Tier::Admin),
+            };
+            let banp = kind == ClusterPolicyKind::BaselineAdminNetworkPolicy;
+            baseline_v1alpha1 |= banp;
+            ClusterPolicy {
+                id: ClusterPolicyId { kind, name: if banp { "default".to_string() } else { format!("cp{}", i % 3) } },
+                tier,
+                priority: if banp { 0 } else { *rng.pick(&[0, 5, 5, 10]) },
+                subject: pod_set(&mut rng),
+                ingress: rules(&mut rng, false, banp),
+                egress: rules(&mut rng, true, banp),
+            }
+        })
+        .collect();
+    // Names are unique per kind, as the API server keeps them.
+    let mut seen = BTreeSet::new();
+    let policies: Vec<ClusterPolicy> = policies.into_iter().filter(|p| seen.insert(p.id.clone())).collect();
+    cluster.with_tiers(policies, nodes, domains)
 }
 
 impl PortMatch {

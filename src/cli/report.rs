@@ -16,9 +16,10 @@ use std::io::{self, Write};
 
 use crate::engines::ruleset::Trace;
 use crate::policy::bitset::BitMatrix;
-use crate::policy::evaluate::{Connection, Decision, Endpoint, Shortcut, SideVerdict, Verdict};
+use crate::policy::evaluate::{ClusterMatch, Connection, Decision, Endpoint, Shortcut, SideVerdict, Verdict};
 use crate::policy::matrix::{Probe, ProbePort};
 use crate::policy::model::{Cluster, Direction, NamespaceScope, Peer, PortSpec, Rule};
+use crate::policy::tiers::{Action, ClusterPeer, ClusterRule, Tier};
 
 pub struct MatrixReport<'a> {
     pub engine: &'a str,
@@ -235,6 +236,11 @@ pub fn describe_side(cluster: &Cluster, conn: &Connection, side: &SideVerdict) -
                 describe_rule(cluster, &policy.id.namespace, rule, side.direction)
             ));
         }
+        Decision::Cluster(m) => {
+            let verb = if m.action == Action::Deny { "DENIED" } else { "ALLOWED" };
+            lines.push(format!("{label} {name}: {verb} by {}", cluster_rule_name(cluster, m, side.direction)));
+            lines.push(format!("  matched {}", cluster_match_detail(cluster, m, side.direction)));
+        }
         Decision::NoRuleMatched => {
             lines.push(format!("{label} {name}: DENIED; isolated by {}, and no rule matches", isolating.join(", ")));
             for &pi in &side.isolated_by {
@@ -259,7 +265,74 @@ pub fn describe_side(cluster: &Cluster, conn: &Connection, side: &SideVerdict) -
             }
         }
     }
+    // The Pass rules that sent the connection on, before the tier that decided it.
+    for m in &side.passed {
+        let next = match cluster.cluster_policies[m.policy].tier {
+            Tier::Admin => "the NetworkPolicy tier",
+            Tier::Baseline => "the default (allow)",
+        };
+        lines.push(format!("  passed on to {next} by {}", cluster_rule_name(cluster, m, side.direction)));
+        lines.push(format!("    matched {}", cluster_match_detail(cluster, m, side.direction)));
+    }
     lines
+}
+
+/// `ClusterNetworkPolicy tenant-isolation (Admin, priority 10) ingress rule "deny-others"`.
+pub fn cluster_rule_name(cluster: &Cluster, m: &ClusterMatch, direction: Direction) -> String {
+    let policy = &cluster.cluster_policies[m.policy];
+    let rule = &policy.rules(direction)[m.rule];
+    format!("{} {} {}", policy.describe(), side_field(direction).0, rule.label(m.rule))
+}
+
+/// Where in the policy the match is, and the rule in words.
+fn cluster_match_detail(cluster: &Cluster, m: &ClusterMatch, direction: Direction) -> String {
+    let policy = &cluster.cluster_policies[m.policy];
+    let rule = &policy.rules(direction)[m.rule];
+    let (field, peer_field) = side_field(direction);
+    let mut at = format!("spec.{field}[{}].{peer_field}[{}]", m.rule, m.peer);
+    if let Some(p) = m.port {
+        at.push_str(&format!(", protocols[{p}]"));
+    }
+    let mut text = format!("{at}: {} {}", rule.action, describe_cluster_rule(rule, direction));
+    if let Some(why) = &rule.fail_closed {
+        text.push_str(&format!(" (enforced fail-closed: {why})"));
+    }
+    text
+}
+
+/// "from pods with app=web in namespaces with team=a, on TCP/80": a cluster rule, plainly.
+pub fn describe_cluster_rule(rule: &ClusterRule, direction: Direction) -> String {
+    let prep = match direction {
+        Direction::Ingress => "from",
+        Direction::Egress => "to",
+    };
+    let peers: Vec<String> = rule.peers.iter().map(describe_cluster_peer).collect();
+    let peers = if peers.is_empty() { "nothing".to_string() } else { peers.join(" or ") };
+    let ports = match &rule.ports {
+        None => "all traffic".to_string(),
+        Some(_) => describe_ports(&rule.ports),
+    };
+    format!("{prep} {peers}, on {ports}")
+}
+
+fn describe_cluster_peer(peer: &ClusterPeer) -> String {
+    match peer {
+        ClusterPeer::Pods(set) => {
+            let who = if set.pods.is_everything() { "all pods".to_string() } else { format!("pods with {}", set.pods) };
+            if set.namespaces.is_everything() {
+                format!("{who} in every namespace")
+            } else {
+                format!("{who} in namespaces with {}", set.namespaces)
+            }
+        }
+        ClusterPeer::Nodes(s) if s.is_everything() => "every node".to_string(),
+        ClusterPeer::Nodes(s) => format!("nodes with {s}"),
+        ClusterPeer::Networks(nets) => {
+            format!("networks {}", nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+        }
+        ClusterPeer::DomainNames(names) => format!("domains {}", names.join(", ")),
+        ClusterPeer::Everything => "anywhere".to_string(),
+    }
 }
 
 pub fn describe_verdict(cluster: &Cluster, conn: &Connection, v: &Verdict) -> Vec<String> {
@@ -302,6 +375,20 @@ pub fn query_text(cluster: &Cluster, conn: &Connection, verdict: &Verdict, trace
     text
 }
 
+/// A cluster policy's matching rule, for JSON: who, which tier, which rule, what it did.
+fn cluster_match_json(cluster: &Cluster, m: &ClusterMatch, direction: Direction) -> serde_json::Value {
+    let policy = &cluster.cluster_policies[m.policy];
+    let rule = &policy.rules(direction)[m.rule];
+    serde_json::json!({
+        "clusterPolicy": policy.id.to_string(),
+        "tier": policy.tier.as_str(),
+        "priority": policy.priority,
+        "direction": direction.as_str(),
+        "rule": m.rule, "ruleName": rule.name, "action": m.action.as_str(),
+        "peer": m.peer, "port": m.port,
+    })
+}
+
 /// `query -o json`'s answer, pretty-printed with a final newline. A contract scripts rely on:
 /// `{"engine", "allowed", "from", "to", "port", "protocol", "family", "shortcut", "egress",
 /// "ingress", "explanation", "trace"}`, each side `{"isolatedBy": [...], "decision": ...}`.
@@ -313,7 +400,7 @@ pub fn query_json(
     trace: Option<&Trace>,
 ) -> String {
     let side = |s: &SideVerdict| {
-        serde_json::json!({
+        let mut out = serde_json::json!({
             "isolatedBy": s.isolated_by.iter().map(|&i| cluster.policies[i].id.to_string()).collect::<Vec<_>>(),
             "decision": match &s.decision {
                 Decision::NotPoliced => serde_json::json!("not-policed"),
@@ -325,8 +412,14 @@ pub fn query_json(
                     "direction": s.direction.as_str(),
                     "rule": m.rule, "peer": m.peer, "port": m.port,
                 }),
+                Decision::Cluster(m) => cluster_match_json(cluster, m, s.direction),
             },
-        })
+        });
+        // Only where a cluster policy passed: NetworkPolicy-only answers keep their shape.
+        if !s.passed.is_empty() {
+            out["passed"] = s.passed.iter().map(|m| cluster_match_json(cluster, m, s.direction)).collect();
+        }
+        out
     };
     let body = serde_json::json!({
         "engine": engine,

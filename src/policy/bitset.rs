@@ -60,6 +60,20 @@ impl BitSet {
         }
     }
 
+    /// `self &= !other`: removes every member of `other`.
+    pub fn difference_with(&mut self, other: &BitSet) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !*b;
+        }
+    }
+
+    /// The indices `0..len` not in this set.
+    pub fn complement(&self) -> BitSet {
+        let mut out = BitSet { words: self.words.iter().map(|w| !w).collect(), len: self.len };
+        out.clear_tail();
+        out
+    }
+
     /// `self |= a & b`, without a temporary.
     pub fn union_with_intersection(&mut self, a: &BitSet, b: &BitSet) {
         for ((s, x), y) in self.words.iter_mut().zip(&a.words).zip(&b.words) {

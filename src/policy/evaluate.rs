@@ -5,15 +5,18 @@
 //!      │
 //!      ├─ same pod? node → own pod? ──► allowed, not policed
 //!      ▼
-//!  egress side (source pod)   ──► tiers: [NetworkPolicy] ──► Allow | Deny | Pass → default allow
-//!  ingress side (destination) ──► tiers: [NetworkPolicy] ──► Allow | Deny | Pass → default allow
+//!  egress side (source pod)   ──► tiers: Admin → NetworkPolicy → Baseline ──► Accept | Deny | Pass → default allow
+//!  ingress side (destination) ──► tiers: Admin → NetworkPolicy → Baseline ──► Accept | Deny | Pass → default allow
 //!      ▼
 //!  Verdict { allowed = egress allows AND ingress allows, with the rule that decided each }
 //! ```
 //!
-//! Tiers are an ordered pipeline so that AdminNetworkPolicy (before) and
-//! BaselineAdminNetworkPolicy (after) can slot in: each tier answers Allow, Deny or Pass for
-//! one side of a connection, and the first non-Pass answer wins.
+//! Tiers are an ordered pipeline: each tier answers Accept, Deny or Pass for one side of a
+//! connection, and the first non-Pass answer wins. The cluster-wide tiers
+//! (ClusterNetworkPolicy `Admin` / `Baseline`, and v1alpha1's AdminNetworkPolicy /
+//! BaselineAdminNetworkPolicy, see [`crate::policy::tiers`]) go before and after the
+//! NetworkPolicy tier, which decides every pod it isolates ("v1.NetworkPolicy always makes
+//! a final decision for selected pods").
 //!
 //! This module decides one connection at a time by walking every policy; `matrix` computes
 //! whole matrices fast with precomputed sets and is tested against this one.
@@ -21,6 +24,7 @@
 use std::net::IpAddr;
 
 use crate::policy::model::{Cluster, Direction, NamespaceScope, Peer, Pod, Protocol, Rule};
+use crate::policy::tiers::{self, Action, ClusterPeer};
 
 /// One end of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -68,6 +72,9 @@ pub struct SideVerdict {
     /// Indices into `Cluster::policies` of the policies that isolate this side's pod.
     pub isolated_by: Vec<usize>,
     pub decision: Decision,
+    /// The Pass rules that sent the connection on to a later tier, in tier order (an
+    /// Admin one before the decision, a Baseline one before the default).
+    pub passed: Vec<ClusterMatch>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +89,21 @@ pub enum Decision {
     NoRuleMatched,
     /// Not decided (a shortcut applied).
     Skipped,
+    /// A cluster policy's rule decided: Accept or Deny.
+    Cluster(ClusterMatch),
+}
+
+/// The rule of a cluster policy that matched a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterMatch {
+    /// Index into `Cluster::cluster_policies`.
+    pub policy: usize,
+    pub rule: usize,
+    pub action: Action,
+    /// Index of the matching peer.
+    pub peer: usize,
+    /// Index of the matching port spec; `None` when the rule has no `protocols` (all traffic).
+    pub port: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,11 +117,20 @@ pub struct RuleMatch {
 }
 
 impl SideVerdict {
-    pub fn allows(&self) -> bool {
-        !matches!(self.decision, Decision::NoRuleMatched)
+    fn new(direction: Direction, isolated_by: Vec<usize>, decision: Decision) -> Self {
+        SideVerdict { direction, isolated_by, decision, passed: Vec::new() }
     }
+
+    pub fn allows(&self) -> bool {
+        match self.decision {
+            Decision::NoRuleMatched => false,
+            Decision::Cluster(m) => m.action != Action::Deny,
+            Decision::NotPoliced | Decision::NotIsolated | Decision::Allowed(_) | Decision::Skipped => true,
+        }
+    }
+
     fn skipped(direction: Direction) -> Self {
-        SideVerdict { direction, isolated_by: Vec::new(), decision: Decision::Skipped }
+        SideVerdict::new(direction, Vec::new(), Decision::Skipped)
     }
 }
 
@@ -152,33 +183,44 @@ fn side(cluster: &Cluster, conn: &Connection, direction: Direction) -> SideVerdi
         Direction::Egress => (conn.src, conn.dst),
         Direction::Ingress => (conn.dst, conn.src),
     };
+    let not_policed = || SideVerdict::new(direction, Vec::new(), Decision::NotPoliced);
     let Endpoint::Pod(subject) = subject else {
-        return SideVerdict { direction, isolated_by: Vec::new(), decision: Decision::NotPoliced };
+        return not_policed();
     };
     if cluster.pods[subject].host_network {
-        // "hostNetwork pods are not selectable as policy targets."
-        return SideVerdict { direction, isolated_by: Vec::new(), decision: Decision::NotPoliced };
+        // "hostNetwork pods are not selectable as policy targets"; "Note that
+        // host-networked pods are not included in subject selection."
+        return not_policed();
     }
+    let mut passed = Vec::new();
     for tier in TIERS {
         match tier.decide(cluster, conn, direction, subject, peer) {
-            TierDecision::Pass => continue,
-            TierDecision::Decided(verdict) => return verdict,
+            TierDecision::Pass(pass) => passed.extend(pass),
+            TierDecision::Decided(mut verdict) => {
+                verdict.passed = passed;
+                return verdict;
+            }
         }
     }
-    SideVerdict { direction, isolated_by: Vec::new(), decision: Decision::NotIsolated }
+    // "If a given connection wasn't allowed or denied by any of the tiers, the default
+    // kubernetes policy is applied, which says that all pods can communicate with each
+    // other."
+    SideVerdict { passed, ..SideVerdict::new(direction, Vec::new(), Decision::NotIsolated) }
 }
 
-/// The ordered policy tiers. AdminNetworkPolicy goes before NetworkPolicy and
-/// BaselineAdminNetworkPolicy after it, when they arrive.
-const TIERS: &[Tier] = &[Tier::NetworkPolicy];
+/// The ordered policy tiers: "Policy tiers are evaluated in the following order: Admin
+/// tier, NetworkPolicy tier, Baseline tier."
+const TIERS: &[Tier] = &[Tier::Cluster(tiers::Tier::Admin), Tier::NetworkPolicy, Tier::Cluster(tiers::Tier::Baseline)];
 
 #[derive(Clone, Copy, Debug)]
 enum Tier {
+    Cluster(tiers::Tier),
     NetworkPolicy,
 }
 
 enum TierDecision {
-    Pass,
+    /// Not decided here; the Pass rule that sent it on, if one did.
+    Pass(Option<ClusterMatch>),
     Decided(SideVerdict),
 }
 
@@ -192,8 +234,78 @@ impl Tier {
         peer: Endpoint,
     ) -> TierDecision {
         match self {
+            Tier::Cluster(tier) => cluster_tier(cluster, conn, tier, direction, subject, peer),
             Tier::NetworkPolicy => network_policy_tier(cluster, conn, direction, subject, peer),
         }
+    }
+}
+
+/// An Admin or Baseline tier: its policies governing the subject, in precedence order
+/// ("Policies with lower priority values have higher precedence"), each one's rules in
+/// written order; the first rule matching the connection decides.
+fn cluster_tier(
+    cluster: &Cluster,
+    conn: &Connection,
+    tier: tiers::Tier,
+    direction: Direction,
+    subject: usize,
+    peer: Endpoint,
+) -> TierDecision {
+    let pod = &cluster.pods[subject];
+    let namespace_labels = cluster.namespace_labels(&pod.id.namespace);
+    let destination = match conn.dst {
+        Endpoint::Pod(i) => Some(&*cluster.pods[i]),
+        Endpoint::Ip(_) => None,
+    };
+    let peer_ip = conn.ip_of(cluster, peer).expect("shortcut checked addresses");
+    let governing = cluster.cluster_policies.iter().enumerate().filter(|(_, p)| p.tier == tier);
+    for (pi, policy) in governing.filter(|(_, p)| p.governs(pod, namespace_labels, direction)) {
+        for (ri, rule) in policy.rules(direction).iter().enumerate() {
+            let Some(peer_idx) = rule.peers.iter().position(|p| cluster_peer_matches(cluster, p, peer, peer_ip)) else {
+                continue;
+            };
+            // "If unspecified, protocol-specific attributes will not be used to match traffic."
+            let port_idx = match &rule.ports {
+                None => None,
+                Some(ports) => match ports.iter().position(|p| p.matches(conn.protocol, conn.port, destination)) {
+                    Some(k) => Some(k),
+                    None => continue,
+                },
+            };
+            let matched = ClusterMatch { policy: pi, rule: ri, action: rule.action, peer: peer_idx, port: port_idx };
+            return match rule.action {
+                // "Pass: Skips all further ClusterNetworkPolicy rules in the current tier for
+                // the selected traffic, and passes evaluation to the next tier."
+                Action::Pass => TierDecision::Pass(Some(matched)),
+                Action::Accept | Action::Deny => {
+                    TierDecision::Decided(SideVerdict::new(direction, Vec::new(), Decision::Cluster(matched)))
+                }
+            };
+        }
+    }
+    TierDecision::Pass(None)
+}
+
+/// Whether a cluster policy's peer matches the endpoint at the other end (address `ip`).
+pub(crate) fn cluster_peer_matches(cluster: &Cluster, peer: &ClusterPeer, endpoint: Endpoint, ip: IpAddr) -> bool {
+    match peer {
+        // "Note that host-networked pods are not included in this type of peer."
+        ClusterPeer::Pods(set) => match endpoint {
+            Endpoint::Pod(i) => {
+                let pod = &cluster.pods[i];
+                set.contains(pod, cluster.namespace_labels(&pod.id.namespace))
+            }
+            Endpoint::Ip(_) => false,
+        },
+        // "It selects the nodeIPs as the peer type by matching on the IPs present in the
+        // node.Status.Addresses field of the node."
+        ClusterPeer::Nodes(selector) => {
+            cluster.nodes.iter().any(|node| selector.matches(&node.labels) && node.ips.contains(&ip))
+        }
+        // "cluster-internal traffic will be checked against the rule as well."
+        ClusterPeer::Networks(nets) => nets.iter().any(|net| net.contains(&ip)),
+        ClusterPeer::DomainNames(names) => tiers::resolve(&cluster.domains, names).any(|a| a == ip),
+        ClusterPeer::Everything => true,
     }
 }
 
@@ -205,10 +317,11 @@ fn network_policy_tier(
     peer: Endpoint,
 ) -> TierDecision {
     // "A pod is isolated for a direction iff some policy in its namespace selects it and
-    // lists that direction." Unisolated pods pass to the next tier.
+    // lists that direction." Unisolated pods pass to the next tier: "Further evaluation
+    // only happens for Pods not selected by a v1.NetworkPolicy."
     let isolated_by = cluster.isolating_policies(subject, direction);
     if isolated_by.is_empty() {
-        return TierDecision::Pass;
+        return TierDecision::Pass(None);
     }
     let destination = match conn.dst {
         Endpoint::Pod(i) => Some(&*cluster.pods[i]),
@@ -223,11 +336,11 @@ fn network_policy_tier(
                 rule_admits(cluster, &policy.id.namespace, rule, peer, peer_ip, destination, conn)
             {
                 let decision = Decision::Allowed(RuleMatch { policy: pi, rule: ri, peer: peer_idx, port: port_idx });
-                return TierDecision::Decided(SideVerdict { direction, isolated_by, decision });
+                return TierDecision::Decided(SideVerdict::new(direction, isolated_by, decision));
             }
         }
     }
-    TierDecision::Decided(SideVerdict { direction, isolated_by, decision: Decision::NoRuleMatched })
+    TierDecision::Decided(SideVerdict::new(direction, isolated_by, Decision::NoRuleMatched))
 }
 
 /// "Traffic is allowed ... if the traffic matches at least one peer AND at least one port";

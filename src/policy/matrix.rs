@@ -17,8 +17,9 @@ use std::fmt;
 
 use crate::policy::bitset::{BitMatrix, BitSet};
 use crate::policy::evaluate::{self, Connection, Endpoint};
-use crate::policy::model::{Cluster, Direction, NamespaceScope, Peer, PortMatch, Protocol, Rule};
+use crate::policy::model::{Cluster, Direction, NamespaceScope, Peer, PortMatch, PortSpec, Protocol, Rule};
 use crate::policy::selector::Selector;
+use crate::policy::tiers::{Action, ClusterPeer, Tier};
 
 /// The port of a probe: a number, or a name resolved on each destination pod.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -150,6 +151,13 @@ pub struct Index<'a> {
     /// Destinations whose cells use IPv6 under `family`.
     dst_is_v6: BitSet,
     family: Family,
+    /// Per direction and pod: the cluster policies governing it, in precedence order.
+    governing: [Vec<Vec<usize>>; 2],
+    /// Per ingress (cluster policy, rule): the source pods its peers match, per family.
+    cluster_ingress_peers: HashMap<(usize, usize), [BitSet; 2]>,
+    /// Per egress (cluster policy, rule): the destination pods its peers match, each seen
+    /// through the family its cells use.
+    cluster_egress_peers: HashMap<(usize, usize), BitSet>,
 }
 
 fn dir_slot(d: Direction) -> usize {
@@ -207,7 +215,40 @@ impl<'a> Index<'a> {
                 }
             }
         }
-        Index { cluster, n, isolating, ingress_peers, egress_peers, dst_is_v6, family }
+        // The cluster-wide tiers: who each policy governs, and whom each rule's peers match.
+        let mut governing: [Vec<Vec<usize>>; 2] = [vec![Vec::new(); n], vec![Vec::new(); n]];
+        let (mut cluster_ingress_peers, mut cluster_egress_peers) = (HashMap::new(), HashMap::new());
+        for (pi, policy) in cluster.cluster_policies.iter().enumerate() {
+            for (i, pod) in cluster.pods.iter().enumerate() {
+                let labels = cluster.namespace_labels(&pod.id.namespace);
+                for d in [Direction::Ingress, Direction::Egress] {
+                    if policy.governs(pod, labels, d) {
+                        governing[dir_slot(d)][i].push(pi);
+                    }
+                }
+            }
+            for (ri, rule) in policy.ingress.iter().enumerate() {
+                cluster_ingress_peers.insert((pi, ri), cluster_peer_sets(cluster, &rule.peers));
+            }
+            for (ri, rule) in policy.egress.iter().enumerate() {
+                let [mut mixed, v6] = cluster_peer_sets(cluster, &rule.peers);
+                mixed.intersect_with(&dst_is_v4);
+                mixed.union_with_intersection(&v6, &dst_is_v6);
+                cluster_egress_peers.insert((pi, ri), mixed);
+            }
+        }
+        Index {
+            cluster,
+            n,
+            isolating,
+            ingress_peers,
+            egress_peers,
+            dst_is_v6,
+            family,
+            governing,
+            cluster_ingress_peers,
+            cluster_egress_peers,
+        }
     }
 
     /// The allowed matrix of one probe over every pod of the cluster.
@@ -231,28 +272,63 @@ impl<'a> Index<'a> {
                     policy.rules(d).unwrap_or_default().iter().enumerate().map(move |(ri, rule)| ((pi, d, ri), rule))
                 })
             })
-            .map(|(key, rule)| (key, ports_admit_set(cluster, rule, probe.protocol, &dst_port, uniform_port)))
+            .map(|(key, rule)| {
+                (key, ports_admit_set(cluster, rule.ports.as_deref(), probe.protocol, &dst_port, uniform_port))
+            })
+            .collect();
+        let cluster_ports_admit: HashMap<(usize, Direction, usize), PortsAdmit> = cluster
+            .cluster_policies
+            .iter()
+            .enumerate()
+            .flat_map(|(pi, policy)| {
+                [Direction::Ingress, Direction::Egress]
+                    .into_iter()
+                    .flat_map(move |d| policy.rules(d).iter().enumerate().map(move |(ri, rule)| ((pi, d, ri), rule)))
+            })
+            .map(|(key, rule)| {
+                (key, ports_admit_set(cluster, rule.ports.as_deref(), probe.protocol, &dst_port, uniform_port))
+            })
             .collect();
 
         // Ingress, by source: for each source i, the destinations that let it in. Every
         // unisolated destination does; an isolated one lets in the sources its rules allow.
         // (Only isolated destinations are walked: no full n×n transpose.)
-        let mut unisolated = BitSet::empty(n);
-        for j in (0..n).filter(|&j| self.isolating[0][j].is_empty()) {
-            unisolated.insert(j);
+        // Destinations a cluster policy governs are walked through the tiers too.
+        let policed = |j: usize| !self.isolating[0][j].is_empty() || !self.governing[0][j].is_empty();
+        let mut unpoliced = BitSet::empty(n);
+        for j in (0..n).filter(|&j| !policed(j)) {
+            unpoliced.insert(j);
         }
-        let mut ingress_by_source = vec![unisolated; n];
-        for j in (0..n).filter(|&j| !self.isolating[0][j].is_empty()) {
+        let mut ingress_by_source = vec![unpoliced; n];
+        for j in (0..n).filter(|&j| policed(j)) {
             let fam = usize::from(self.dst_is_v6.contains(j));
-            let mut allowed = BitSet::empty(n);
-            for &pi in &self.isolating[0][j] {
-                let rules = cluster.policies[pi].ingress.as_deref().unwrap_or_default();
-                for ri in 0..rules.len() {
-                    if ports_admit[&(pi, Direction::Ingress, ri)].admits(j) {
-                        allowed.union_with(&self.ingress_peers[&(pi, ri)][fam]);
+            let network_policy = (!self.isolating[0][j].is_empty()).then(|| {
+                let mut allowed = BitSet::empty(n);
+                for &pi in &self.isolating[0][j] {
+                    let rules = cluster.policies[pi].ingress.as_deref().unwrap_or_default();
+                    for ri in 0..rules.len() {
+                        if ports_admit[&(pi, Direction::Ingress, ri)].admits(j) {
+                            allowed.union_with(&self.ingress_peers[&(pi, ri)][fam]);
+                        }
                     }
                 }
-            }
+                allowed
+            });
+            let allowed = match (network_policy, self.governing[0][j].is_empty()) {
+                (Some(allowed), true) => allowed,
+                (network_policy, _) => {
+                    // Each cluster rule matches the sources its peers match, if its ports
+                    // admit this destination.
+                    let matched = |pi: usize, ri: usize| {
+                        if cluster_ports_admit[&(pi, Direction::Ingress, ri)].admits(j) {
+                            self.cluster_ingress_peers[&(pi, ri)][fam].clone()
+                        } else {
+                            BitSet::empty(n)
+                        }
+                    };
+                    self.tiered(&self.governing[0][j], Direction::Ingress, network_policy, matched)
+                }
+            };
             for i in allowed.iter() {
                 ingress_by_source[i].insert(j);
             }
@@ -266,19 +342,32 @@ impl<'a> Index<'a> {
             .enumerate()
             .map(|(i, mut row)| {
                 let policies = &self.isolating[1][i];
-                if !policies.is_empty() {
+                let network_policy = (!policies.is_empty()).then(|| {
                     let mut allowed = BitSet::empty(n);
                     for &pi in policies {
                         let rules = cluster.policies[pi].egress.as_deref().unwrap_or_default();
                         for ri in 0..rules.len() {
-                            let peers = &self.egress_peers[&(pi, ri)];
-                            match &ports_admit[&(pi, Direction::Egress, ri)] {
-                                PortsAdmit::All => allowed.union_with(peers),
-                                PortsAdmit::None => {}
-                                PortsAdmit::Some(set) => allowed.union_with_intersection(peers, set),
-                            }
+                            ports_admit[&(pi, Direction::Egress, ri)]
+                                .add_matches(&mut allowed, &self.egress_peers[&(pi, ri)]);
                         }
                     }
+                    allowed
+                });
+                let governing = &self.governing[1][i];
+                let allowed = if governing.is_empty() {
+                    network_policy
+                } else {
+                    // Each cluster rule matches the destinations its peers match where its
+                    // ports admit the probe.
+                    let matched = |pi: usize, ri: usize| {
+                        let mut set = BitSet::empty(n);
+                        cluster_ports_admit[&(pi, Direction::Egress, ri)]
+                            .add_matches(&mut set, &self.cluster_egress_peers[&(pi, ri)]);
+                        set
+                    };
+                    Some(self.tiered(governing, Direction::Egress, network_policy, matched))
+                };
+                if let Some(allowed) = allowed {
                     row.intersect_with(&allowed);
                 }
                 shortcuts.apply(cluster, i, &mut row);
@@ -290,6 +379,57 @@ impl<'a> Index<'a> {
 
     pub fn family(&self) -> Family {
         self.family
+    }
+
+    /// The peers one side of a pod allows through the tiers: `governing` (the cluster
+    /// policies that govern it in direction `d`, in precedence order) with `matched(policy,
+    /// rule)` the peers each rule matches, and `network_policy` the peers its NetworkPolicies
+    /// allow when they isolate it (`None`: not isolated).
+    fn tiered(
+        &self,
+        governing: &[usize],
+        d: Direction,
+        network_policy: Option<BitSet>,
+        matched: impl Fn(usize, usize) -> BitSet,
+    ) -> BitSet {
+        let n = self.n;
+        let policies = &self.cluster.cluster_policies;
+        let mut allowed = BitSet::empty(n);
+        // Peers each tier has settled: decided, or passed on by a Pass rule ("Skips all
+        // further ClusterNetworkPolicy rules in the current tier").
+        let mut walk_tier = |tier: Tier, settled: &mut BitSet, decided: &mut BitSet| {
+            for &pi in governing.iter().filter(|&&pi| policies[pi].tier == tier) {
+                for (ri, rule) in policies[pi].rules(d).iter().enumerate() {
+                    let mut fresh = matched(pi, ri);
+                    fresh.difference_with(settled);
+                    settled.union_with(&fresh);
+                    match rule.action {
+                        Action::Accept => allowed.union_with(&fresh),
+                        Action::Deny => {}
+                        // An Admin Pass goes on to the next tier; a Baseline Pass to the
+                        // default, which allows.
+                        Action::Pass if tier == Tier::Baseline => allowed.union_with(&fresh),
+                        Action::Pass => continue,
+                    }
+                    decided.union_with(&fresh);
+                }
+            }
+        };
+        let mut decided = BitSet::empty(n);
+        walk_tier(Tier::Admin, &mut BitSet::empty(n), &mut decided);
+        let mut open = decided.complement();
+        if let Some(network_policy) = network_policy {
+            // "v1.NetworkPolicy always makes a final decision for selected pods."
+            open.intersect_with(&network_policy);
+            allowed.union_with(&open);
+            return allowed;
+        }
+        let mut settled = decided.clone();
+        walk_tier(Tier::Baseline, &mut settled, &mut decided);
+        // "If a given connection wasn't allowed or denied by any of the tiers, the default
+        // kubernetes policy is applied": allowed.
+        allowed.union_with(&decided.complement());
+        allowed
     }
 }
 
@@ -347,6 +487,15 @@ enum PortsAdmit {
 }
 
 impl PortsAdmit {
+    /// `into |= peers` where the ports admit each destination.
+    fn add_matches(&self, into: &mut BitSet, peers: &BitSet) {
+        match self {
+            PortsAdmit::All => into.union_with(peers),
+            PortsAdmit::None => {}
+            PortsAdmit::Some(set) => into.union_with_intersection(peers, set),
+        }
+    }
+
     fn admits(&self, j: usize) -> bool {
         match self {
             PortsAdmit::All => true,
@@ -359,12 +508,12 @@ impl PortsAdmit {
 /// `uniform`: every destination is probed on the same port (computed once per probe).
 fn ports_admit_set(
     cluster: &Cluster,
-    rule: &Rule,
+    ports: Option<&[PortSpec]>,
     protocol: Protocol,
     dst_port: &[Option<u16>],
     uniform: bool,
 ) -> PortsAdmit {
-    let Some(specs) = &rule.ports else { return PortsAdmit::All };
+    let Some(specs) = ports else { return PortsAdmit::All };
     let named = specs.iter().any(|s| matches!(s.port, PortMatch::Named(_)));
     if !named && uniform {
         // Same answer for every destination (that has the port at all).
@@ -437,6 +586,25 @@ fn rule_peer_sets<'s>(
                 });
                 sets[0].union_with(set);
                 sets[1].union_with(set);
+            }
+        }
+    }
+    sets
+}
+
+/// The pods a cluster rule's peers match, as seen by IPv4 packets and by IPv6 packets.
+fn cluster_peer_sets(cluster: &Cluster, peers: &[ClusterPeer]) -> [BitSet; 2] {
+    let n = cluster.pods.len();
+    let mut sets = [BitSet::empty(n), BitSet::empty(n)];
+    for (i, pod) in cluster.pods.iter().enumerate() {
+        for (fam, set) in sets.iter_mut().enumerate() {
+            // A pod is matched by its address of the packet's family (networks, nodes,
+            // domains) or by its labels (pods, namespaces).
+            let Some(ip) = pod.ip_of_family(fam == 1).or_else(|| pod.ips.first().copied()) else {
+                continue;
+            };
+            if peers.iter().any(|p| evaluate::cluster_peer_matches(cluster, p, Endpoint::Pod(i), ip)) {
+                set.insert(i);
             }
         }
     }
