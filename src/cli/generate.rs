@@ -579,11 +579,20 @@ pub fn small_random_tiered(seed: u64) -> Cluster {
                     .collect();
                 let fail_closed =
                     peers.contains(&ClusterPeer::Everything).then(|| "peer has no known field".to_string());
+                // "networks/nodes/domainNames peer cannot be set with namedPorts since there
+                // are no namedPorts for networks/nodes/domainNames".
+                let named_ok = peers.iter().all(|p| matches!(p, ClusterPeer::Pods(_)));
+                let port = |rng: &mut Rng| loop {
+                    let spec = random_port(rng);
+                    if named_ok || !matches!(spec.port, PortMatch::Named(_)) {
+                        break spec;
+                    }
+                };
                 ClusterRule {
                     name: rng.chance(50).then(|| format!("r{k}")),
                     action: if fail_closed.is_some() { Action::Deny } else { action },
                     ports: (fail_closed.is_none() && rng.chance(50))
-                        .then(|| (0..1 + rng.below(2)).map(|_| random_port(rng)).collect()),
+                        .then(|| (0..1 + rng.below(2)).map(|_| port(rng)).collect()),
                     peers,
                     fail_closed,
                 }

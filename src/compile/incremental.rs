@@ -30,6 +30,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::naming::{Hashed, HashedMap, Ident, Namer};
+use super::tiers::{TierJumps, TierPlan, TierSets};
 use super::*;
 use crate::nft::diff::{SetDelta, SetDeltas};
 use crate::policy::model::Rule as PolicyRule;
@@ -497,6 +498,8 @@ struct CachedPolicyChain {
 struct CachedPodChain {
     /// The policies it jumps to (their ids name the chains).
     policies: Vec<Arc<crate::policy::model::Policy>>,
+    /// The tier chains it jumps to.
+    tiers: TierJumps,
     name: String,
     chain: Arc<Chain>,
     used: bool,
@@ -731,6 +734,25 @@ struct Compiler<'a, 'c> {
     resolved_on_local: bool,
 }
 
+impl<'a> TierSets<'a> for Compiler<'a, '_> {
+    fn cluster(&self) -> &'a Cluster {
+        self.cluster
+    }
+
+    fn ruleset(&mut self) -> &mut Ruleset {
+        &mut self.rs
+    }
+
+    fn namer(&mut self) -> &mut Namer {
+        &mut self.namer
+    }
+
+    fn pod_peer_sets(&mut self, namespaces: &'a Selector, pods: &'a Selector) -> [String; 2] {
+        // A pod peer with a namespace selector depends on no policy namespace.
+        self.peer_set_of("", Some(namespaces), pods).1
+    }
+}
+
 /// How many sets of few pods a compile builds from their namespaces' pods before it indexes
 /// the cluster's pods by label (a walk over every pod): an incremental compile builds a
 /// handful of sets, a fresh one hundreds.
@@ -789,6 +811,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
         let mut kept = HashMap::with_capacity(local.len());
         // (policy, direction) → the local pods it selects.
         let mut selected: BTreeMap<(usize, Direction), Vec<usize>> = BTreeMap::new();
+        let mut tiers = TierPlan::default();
         for &i in &local {
             let pod = &cluster.pods[i];
             let key = ByAddress(Arc::clone(pod));
@@ -799,13 +822,14 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 })
             });
             for (d, policies) in [Direction::Egress, Direction::Ingress].into_iter().zip(&by_direction) {
-                if policies.is_empty() {
-                    continue; // unisolated: absent from the dispatch map, passes
+                let jumps = tiers.add_pod(cluster, i, d);
+                if policies.is_empty() && jumps.is_empty() {
+                    continue; // unpoliced: absent from the dispatch map, passes
                 }
                 for &pi in policies {
                     selected.entry((pi, d)).or_default().push(i);
                 }
-                self.pod_chain(pod, d, policies);
+                self.pod_chain(pod, d, policies, jumps);
             }
             kept.insert(key, by_direction);
         }
@@ -813,6 +837,8 @@ impl<'a, 'c> Compiler<'a, 'c> {
         for ((pi, d), pods) in &selected {
             self.policy_chain(*pi, *d, pods);
         }
+        // The cluster-wide tiers' chains, built each compile (their sets come from the cache).
+        tiers.emit(&mut self);
         (self.rs, self.namer.len())
     }
 
@@ -852,14 +878,15 @@ impl<'a, 'c> Compiler<'a, 'c> {
     }
 
     /// A local isolated pod's chain: its policies' chains, then drop; and its dispatch entries.
-    fn pod_chain(&mut self, pod: &Arc<Pod>, d: Direction, policies: &[usize]) {
+    fn pod_chain(&mut self, pod: &Arc<Pod>, d: Direction, policies: &[usize], tiers: TierJumps) {
         let ingress = d == Direction::Ingress;
         let cluster = self.cluster;
         let key = (ByAddress(Arc::clone(pod)), d);
         // The chain names the pod and jumps to its policies' chains, named by the policies'
         // ids: the same pod object and the same policy ids make the same chain.
         let cached = self.cache.pod_chains.get_mut(&key).filter(|c| {
-            c.policies.len() == policies.len()
+            c.tiers == tiers
+                && c.policies.len() == policies.len()
                 && c.policies.iter().zip(policies).all(|(p, &pi)| {
                     let now = &cluster.policies[pi];
                     Arc::ptr_eq(p, now) || p.id == now.id
@@ -872,10 +899,11 @@ impl<'a, 'c> Compiler<'a, 'c> {
             }
             None => {
                 let isolating: Vec<&Policy> = policies.iter().map(|&pi| &*cluster.policies[pi]).collect();
-                let (name, chain) = super::pod_chain(pod, d, &isolating);
+                let (name, chain) = super::pod_chain(pod, d, &isolating, &tiers);
                 let chain = Arc::new(chain);
                 let cached = CachedPodChain {
                     policies: policies.iter().map(|&pi| Arc::clone(&cluster.policies[pi])).collect(),
+                    tiers,
                     name: name.clone(),
                     chain: Arc::clone(&chain),
                     used: true,
@@ -1019,7 +1047,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             }
         }
 
-        peer_port_rules(out, &base_comment, &peer_matches, &port_matches);
+        peer_port_rules(out, &base_comment, &peer_matches, &port_matches, &Verdict::Accept);
 
         // "A named port is resolved on the destination pod's containerPorts, per pod; it never
         // matches a non-pod destination": daddr . proto . port sets of resolved pods.
@@ -1053,7 +1081,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             }
             self.rs.sets.insert(set.clone(), elements);
             let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
-            named_port_rules(out, &base_comment, ingress, &peers_of_family, lookup);
+            named_port_rules(out, &base_comment, ingress, &peers_of_family, lookup, &Verdict::Accept);
         }
     }
 
@@ -1147,13 +1175,33 @@ impl<'a, 'c> Compiler<'a, 'c> {
         scope: &'a NamespaceScope,
         pods: &'a Selector,
     ) -> ([Ident; 2], [String; 2]) {
-        let key: PeerKey<'a> = match scope {
-            NamespaceScope::PolicyNamespace => (Some(policy_ns), None, pods),
-            NamespaceScope::Matching(s) => (None, Some(s), pods),
+        let namespaces = match scope {
+            NamespaceScope::PolicyNamespace => None,
+            NamespaceScope::Matching(s) => Some(s),
+        };
+        self.peer_set_of(policy_ns, namespaces, pods)
+    }
+
+    /// [`Compiler::peer_set`] of the pods matching `pods` in the namespaces matching
+    /// `namespaces` (`None`: in `policy_ns` alone).
+    fn peer_set_of(
+        &mut self,
+        policy_ns: &'a str,
+        namespaces: Option<&'a Selector>,
+        pods: &'a Selector,
+    ) -> ([Ident; 2], [String; 2]) {
+        let key: PeerKey<'a> = match namespaces {
+            None => (Some(policy_ns), None, pods),
+            Some(s) => (None, Some(s), pods),
         };
         if let Some(known) = self.peer_sets.get(&key) {
             return known.clone();
         }
+        let scope = match namespaces {
+            None => NamespaceScope::PolicyNamespace,
+            Some(s) => NamespaceScope::Matching(s.clone()),
+        };
+        let scope = &scope;
         let idents = peer_idents(&self.namer, policy_ns, scope, pods);
         let out = [self.namer.name(&idents[0]), self.namer.name(&idents[1])];
         let sets = match self.cache.peers.get_mut(idents[0].key()) {
@@ -1180,7 +1228,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
     fn build_peer_sets(
         &mut self,
         policy_ns: &'a str,
-        scope: &'a NamespaceScope,
+        scope: &NamespaceScope,
         pods: &'a Selector,
         names: &[String; 2],
     ) -> CachedPeers {

@@ -68,6 +68,7 @@ use crate::policy::selector::Selector;
 pub mod incremental;
 pub mod naming;
 pub mod reference;
+pub mod tiers;
 
 pub use incremental::{Compiled, IdleSets, IncrementalCompiler, Retired};
 pub use reference::compile;
@@ -251,12 +252,13 @@ fn local_pods_of(cluster: &Cluster, local: &[usize], family: IpFamily) -> Set {
     }
 }
 
-/// A local isolated pod's chain for direction `d`, named: a jump to the chain of each of
-/// `policies` (those isolating it, in cluster order), then drop.
-fn pod_chain(pod: &Pod, d: Direction, policies: &[&Policy]) -> (String, Chain) {
+/// A local pod's chain for direction `d`, named: its Admin tier chain, then a jump to the
+/// chain of each of `policies` (the NetworkPolicies isolating it, in cluster order) and
+/// drop, or, when none isolates it, its Baseline tier chain (see [`tiers`]).
+fn pod_chain(pod: &Pod, d: Direction, policies: &[&Policy], tiers: &tiers::TierJumps) -> (String, Chain) {
     let ingress = d == Direction::Ingress;
     let name = names::pod_chain(ingress, &pod.id.namespace, &pod.id.name);
-    // Only isolated pods' packets get here (established and related ones were
+    // Only policed pods' packets get here (established and related ones were
     // accepted before dispatch): a packet conntrack calls invalid (out of window,
     // no connection to belong to) is no new connection a policy could allow.
     let invalid = Rule {
@@ -269,19 +271,21 @@ fn pod_chain(pod: &Pod, d: Direction, policies: &[&Policy]) -> (String, Chain) {
     // it has none for, and a connection whose entry the agent deleted (a change
     // denied it) would come back as a "new" one from whichever side sends first.
     let opens_nothing = Rule { matches: vec![Match::TcpNotSyn], verdict: Some(Verdict::Drop), ..Rule::default() };
-    let mut rules: Vec<Rule> = [invalid, opens_nothing]
-        .into_iter()
-        .chain(policies.iter().map(|p| Rule {
-            verdict: Some(Verdict::Jump(names::policy_chain(ingress, &p.id.namespace, &p.id.name))),
+    let jump = |chain: String| Rule { verdict: Some(Verdict::Jump(chain)), ..Rule::default() };
+    let mut rules: Vec<Rule> = vec![invalid, opens_nothing];
+    rules.extend(tiers.admin.clone().map(jump));
+    if policies.is_empty() {
+        // "Further evaluation only happens for Pods not selected by a v1.NetworkPolicy."
+        rules.extend(tiers.baseline.clone().map(jump));
+    } else {
+        rules.extend(policies.iter().map(|p| jump(names::policy_chain(ingress, &p.id.namespace, &p.id.name))));
+        rules.push(Rule {
+            counter: true,
+            verdict: Some(Verdict::Drop),
+            comment: Some(names::comment(&format!("{} {}: no policy allows", pod.id, d.as_str().to_lowercase()))),
             ..Rule::default()
-        }))
-        .collect();
-    rules.push(Rule {
-        counter: true,
-        verdict: Some(Verdict::Drop),
-        comment: Some(names::comment(&format!("{} {}: no policy allows", pod.id, d.as_str().to_lowercase()))),
-        ..Rule::default()
-    });
+        });
+    }
     let chain = Chain {
         base: None,
         comment: Some(names::comment(&format!("{} {}", pod.id, d.as_str().to_lowercase()))),
@@ -631,13 +635,13 @@ fn numbered_and_named(specs: &[PortSpec]) -> (PortRanges, Vec<(&str, Protocol)>)
 /// A match of a policy rule's peers or ports (`None`: any), with the words for its comment.
 type Described = (Option<Match>, String);
 
-/// Appends the accept rule `matches` (its comment `base_comment` and `what`) to a policy
-/// rule's rules, unless an equal one is there (two peers can yield the same lookup).
-fn push_accept(out: &mut Vec<Rule>, base_comment: &str, matches: Vec<Match>, what: &str) {
+/// Appends the rule `matches` → `verdict` (its comment `base_comment` and `what`) to a
+/// policy rule's rules, unless an equal one is there (two peers can yield the same lookup).
+fn push_rule(out: &mut Vec<Rule>, base_comment: &str, matches: Vec<Match>, what: &str, verdict: &Verdict) {
     let r = Rule {
         matches,
         counter: true,
-        verdict: Some(Verdict::Accept),
+        verdict: Some(verdict.clone()),
         comment: Some(names::comment(&format!("{base_comment} {what}"))),
     };
     if !out.contains(&r) {
@@ -645,12 +649,19 @@ fn push_accept(out: &mut Vec<Rule>, base_comment: &str, matches: Vec<Match>, wha
     }
 }
 
-/// "Traffic is allowed if it matches at least one peer AND at least one port": one accept
-/// rule per (peer match, port match).
-fn peer_port_rules(out: &mut Vec<Rule>, base_comment: &str, peer_matches: &[Described], port_matches: &[Described]) {
+/// "Traffic is allowed if it matches at least one peer AND at least one port": one rule
+/// per (peer match, port match), each ending in `verdict` (accept, for NetworkPolicy).
+fn peer_port_rules(
+    out: &mut Vec<Rule>,
+    base_comment: &str,
+    peer_matches: &[Described],
+    port_matches: &[Described],
+    verdict: &Verdict,
+) {
     for (pm, pwhat) in peer_matches {
         for (qm, qwhat) in port_matches {
-            push_accept(out, base_comment, pm.iter().chain(qm).cloned().collect(), &format!("{pwhat}, {qwhat}"));
+            let matches = pm.iter().chain(qm).cloned().collect();
+            push_rule(out, base_comment, matches, &format!("{pwhat}, {qwhat}"), verdict);
         }
     }
 }
@@ -666,21 +677,24 @@ fn peers_of_family(peer_matches: &[Described], f: IpFamily) -> Vec<&Described> {
         .collect()
 }
 
-/// The accept rules that look up a named-port set (`lookup`): after each peer match of its
-/// family for ingress (the destination is the local pod), alone for egress (the set holds
-/// only admitted peers).
-fn named_port_rules(out: &mut Vec<Rule>, base_comment: &str, ingress: bool, peers: &[&Described], lookup: Match) {
+/// The rules (ending in `verdict`) that look up a named-port set (`lookup`): after each
+/// peer match of its family for ingress (the destination is the local pod), alone for
+/// egress (the set holds only admitted peers).
+fn named_port_rules(
+    out: &mut Vec<Rule>,
+    base_comment: &str,
+    ingress: bool,
+    peers: &[&Described],
+    lookup: Match,
+    verdict: &Verdict,
+) {
     if ingress {
         for (pm, pwhat) in peers {
-            push_accept(
-                out,
-                base_comment,
-                pm.iter().cloned().chain([lookup.clone()]).collect(),
-                &format!("{pwhat}, named ports"),
-            );
+            let matches = pm.iter().cloned().chain([lookup.clone()]).collect();
+            push_rule(out, base_comment, matches, &format!("{pwhat}, named ports"), verdict);
         }
     } else {
-        push_accept(out, base_comment, vec![lookup], "peers, named ports");
+        push_rule(out, base_comment, vec![lookup], "peers, named ports", verdict);
     }
 }
 

@@ -1,12 +1,16 @@
 //! The reference compiler: one cluster → one node's ruleset, written for clarity only.
 //!
 //! ```text
-//!  local pods ──► for each direction: the policies isolating it (Policy::isolates)
-//!      │              └─► its pod chain (jumps to those policies' chains) + dispatch entries
+//!  local pods ──► for each direction: the policies isolating it (Policy::isolates), the
+//!      │          cluster policies governing it (ClusterPolicy::governs)
+//!      │              └─► its pod chain (jumps to its tier chains and those policies' chains)
+//!      │                  + dispatch entries
 //!      └──► each (policy, direction) selecting a local pod ──► its chain:
 //!               each rule × (peers: pod sets | ipBlock sets | any) × (ports set | named ports | any)
 //!               each set built straight from the cluster (every pod in scope read), named by its
 //!               canonical identity
+//!      └──► each distinct list of cluster policies governing a local pod ──► its tier chain
+//!               (compile/tiers.rs, shared with the incremental compiler)
 //! ```
 //!
 //! No cache, no label index, no budgets: [`super::IncrementalCompiler`] is checked against
@@ -17,6 +21,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::naming::Namer;
+use super::tiers::{TierPlan, TierSets};
 use super::*;
 use crate::policy::model::Rule as PolicyRule;
 
@@ -45,15 +50,17 @@ pub fn compile_with_namer(cluster: &Cluster, config: &NodeConfig, namer: &Namer)
     // Each local pod isolated for a direction gets a chain; unisolated, it is absent from
     // the dispatch map and passes.
     let mut selected: BTreeMap<(usize, Direction), Vec<usize>> = BTreeMap::new();
+    let mut tiers = TierPlan::default();
     for &i in &local {
         let pod = &cluster.pods[i];
         for d in [Direction::Egress, Direction::Ingress] {
             let isolating = cluster.isolating_policies(i, d);
-            if isolating.is_empty() {
+            let jumps = tiers.add_pod(cluster, i, d);
+            if isolating.is_empty() && jumps.is_empty() {
                 continue;
             }
             let policies: Vec<&Policy> = isolating.iter().map(|&pi| &*cluster.policies[pi]).collect();
-            let (name, chain) = pod_chain(pod, d, &policies);
+            let (name, chain) = pod_chain(pod, d, &policies, &jumps);
             dispatch(&mut rs, pod, d == Direction::Ingress, &name);
             rs.chains.insert(name, Arc::new(chain));
             for pi in isolating {
@@ -67,7 +74,30 @@ pub fn compile_with_namer(cluster: &Cluster, config: &NodeConfig, namer: &Namer)
     for (&(pi, d), local) in &selected {
         reference.policy_chain(&cluster.policies[pi], d, local);
     }
+    // The cluster-wide tiers' chains, after the NetworkPolicy chains (the order sets are named in).
+    tiers.emit(&mut reference);
     reference.rs
+}
+
+impl<'a> TierSets<'a> for Reference<'a> {
+    fn cluster(&self) -> &'a Cluster {
+        self.cluster
+    }
+
+    fn ruleset(&mut self) -> &mut Ruleset {
+        &mut self.rs
+    }
+
+    fn namer(&mut self) -> &mut Namer {
+        &mut self.namer
+    }
+
+    fn pod_peer_sets(&mut self, namespaces: &'a Selector, pods: &'a Selector) -> [String; 2] {
+        let scope = NamespaceScope::Matching(namespaces.clone());
+        let peer = Peer::Pods { namespaces: scope.clone(), pods: pods.clone() };
+        // A pod peer with a namespace selector depends on no policy namespace.
+        self.peer_sets("", &peer, &scope, pods)
+    }
 }
 
 struct Reference<'a> {
@@ -165,7 +195,7 @@ impl Reference<'_> {
             }
         }
 
-        peer_port_rules(out, &base_comment, &peer_matches, &port_matches);
+        peer_port_rules(out, &base_comment, &peer_matches, &port_matches, &Verdict::Accept);
 
         // "A named port is resolved on the destination pod's containerPorts, per pod; it
         // never matches a non-pod destination": daddr . proto . port sets of resolved pods.
@@ -204,7 +234,7 @@ impl Reference<'_> {
             let set = self.namer.name(&ident);
             self.rs.sets.insert(set.clone(), Arc::new(named_port_set(f, entries, comment)));
             let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
-            named_port_rules(out, &base_comment, ingress, &peers_of_family, lookup);
+            named_port_rules(out, &base_comment, ingress, &peers_of_family, lookup, &Verdict::Accept);
         }
     }
 

@@ -67,6 +67,14 @@ pub const CIDR_V6: &str = "cidr6_";
 pub const PORTS: &str = "ports_";
 pub const NAMED_V4: &str = "named4_";
 pub const NAMED_V6: &str = "named6_";
+pub const ADMIN_INGRESS: &str = "adm_in_";
+pub const ADMIN_EGRESS: &str = "adm_eg_";
+pub const BASELINE_INGRESS: &str = "base_in_";
+pub const BASELINE_EGRESS: &str = "base_eg_";
+pub const NODES_V4: &str = "nodes4_";
+pub const NODES_V6: &str = "nodes6_";
+pub const DOMAINS_V4: &str = "dns4_";
+pub const DOMAINS_V6: &str = "dns6_";
 
 pub const PREFIXES: &[&str] = &[
     POD_INGRESS,
@@ -80,6 +88,14 @@ pub const PREFIXES: &[&str] = &[
     PORTS,
     NAMED_V4,
     NAMED_V6,
+    ADMIN_INGRESS,
+    ADMIN_EGRESS,
+    BASELINE_INGRESS,
+    BASELINE_EGRESS,
+    NODES_V4,
+    NODES_V6,
+    DOMAINS_V4,
+    DOMAINS_V6,
 ];
 
 /// Longest name we generate (nft allows 255; short names keep rules readable).
@@ -188,6 +204,20 @@ pub fn comment(text: &str) -> String {
 pub fn pod_chain(ingress: bool, namespace: &str, name: &str) -> String {
     let prefix = if ingress { POD_INGRESS } else { POD_EGRESS };
     generated(prefix, &[namespace, name], &format!("{namespace}_{name}"))
+}
+
+/// The chain of a cluster-wide tier (`admin`: Admin, else Baseline) for a direction, for
+/// the pods governed by exactly the cluster policies `policies` (their kind/name ids, in
+/// precedence order): one chain per distinct list.
+pub fn tier_chain(admin: bool, ingress: bool, policies: &[&str]) -> String {
+    let prefix = match (admin, ingress) {
+        (true, true) => ADMIN_INGRESS,
+        (true, false) => ADMIN_EGRESS,
+        (false, true) => BASELINE_INGRESS,
+        (false, false) => BASELINE_EGRESS,
+    };
+    let hint = policies.iter().map(|id| id.rsplit('/').next().unwrap_or(id)).collect::<Vec<_>>().join("_");
+    generated(prefix, policies, &hint)
 }
 
 /// The chain of a policy for a direction.

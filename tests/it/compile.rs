@@ -22,7 +22,7 @@ use proptest::prelude::*;
 
 // --- a small random cluster generator -------------------------------------------------------
 
-use netpol::cli::generate::Rng;
+use netpol::cli::generate::{self, Rng};
 
 const NAMESPACES: [&str; 3] = ["a", "b", "c"];
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -560,6 +560,58 @@ proptest! {
             if rng.chance(60) {
                 next = with_ip_twin(&next, &mut rng, step);
             }
+            cluster = if step % 2 == 0 { share_unchanged(&cluster, next) } else { next };
+        }
+    }
+}
+
+// --- the cluster-wide tiers ------------------------------------------------------------------
+
+/// The nodes [`generate::small_random_tiered`] puts pods on.
+const TIERED_NODES: [&str; 2] = ["node-0", "node-1"];
+
+/// `next` with `prev`'s cluster policies, nodes and names, or (one time in four) with those
+/// of another random cluster: cluster policies come, go and change too.
+fn with_tiers_of(prev: &Cluster, next: Cluster, rng: &mut Rng) -> Cluster {
+    let source = if rng.chance(25) { generate::small_random_tiered(rng.next_u64()) } else { prev.clone() };
+    next.with_tiers(source.cluster_policies.iter().cloned(), (*source.nodes).clone(), (*source.domains).clone())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_ruleset_engine_agrees_with_the_reference_on_random_clusters_with_cluster_policies(seed in any::<u64>()) {
+        let cluster = generate::small_random_tiered(seed);
+        if let Err(e) = check_equal(&cluster) {
+            prop_assert!(false, "seed {seed}: {e}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_incremental_compiler_equals_the_reference_compiler_with_cluster_policies(seed in any::<u64>()) {
+        let mut rng = Rng::new(seed);
+        let mut cluster = generate::small_random_tiered(seed);
+        let mut compilers: Vec<IncrementalCompiler> =
+            TIERED_NODES.iter().map(|n| IncrementalCompiler::new(config_for(n, seed)).keeping_idle_sets(1)).collect();
+        for step in 0..12 {
+            for (node, compiler) in TIERED_NODES.iter().zip(&mut compilers) {
+                let want = reference::compile(&cluster, &config_for(node, seed));
+                let got = compiler.compile(&cluster, None).ruleset;
+                prop_assert!(
+                    got.without_idle_sets() == want,
+                    "seed {} step {} node {}:\n{}",
+                    seed,
+                    step,
+                    node,
+                    line_diff(&render::ruleset(&want), &render::ruleset(&got))
+                );
+            }
+            let next = with_tiers_of(&cluster, mutate(&cluster, &mut rng), &mut rng);
             cluster = if step % 2 == 0 { share_unchanged(&cluster, next) } else { next };
         }
     }

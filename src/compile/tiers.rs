@@ -1,0 +1,332 @@
+//! The cluster-wide tiers in a node's ruleset: ClusterNetworkPolicy (Admin, Baseline) and
+//! v1alpha1's AdminNetworkPolicy / BaselineAdminNetworkPolicy, around the NetworkPolicy tier.
+//!
+//! ```text
+//!  pod_{eg,in}_<pod>: ct state invalid drop; tcp non-SYN drop
+//!                     jump adm_{eg,in}_<list>    the Admin tier: accept | drop | return (Pass)
+//!                     jump pol_{eg,in}_<policy>  the NetworkPolicy tier, when one isolates the
+//!                     ...; counter drop          pod: it decides ("always makes a final decision")
+//!                     jump base_{eg,in}_<list>   otherwise the Baseline tier: accept | drop | return
+//!                     (end: back in the base chain, whose policy accepts: the default allow)
+//!
+//!  adm_/base_<list>: the rules of the cluster policies governing the pod, in precedence order,
+//!                    each rule's (peer × port) matches with its verdict
+//! ```
+//!
+//! "Pass: Skips all further ClusterNetworkPolicy rules in the current tier ... and passes
+//! evaluation to the next tier": a tier is one chain per distinct list of governing
+//! policies, so Pass is `return` (to the pod chain, which goes on with the next tier), and
+//! nothing needs to know which pod it came from. Pods governed alike (every pod of a
+//! namespace, typically) share the chain. "Accept ... No further ... NetworkPolicy rules
+//! will be processed" (egress: "but any ingress rules at the destination do apply"):
+//! `accept` ends this direction's base chain only; the ingress base chain, a later priority
+//! on the same hook, still runs.
+//!
+//! Both compilers build tier chains with this code; they differ in where the pod peer sets
+//! come from ([`TierSets`]: built afresh, or from the incremental compiler's cache). The
+//! first-packet cost grows with the governing policies' rules, never with the cluster's pods:
+//! peers are set lookups.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::naming::{Ident, Namer};
+use super::*;
+use crate::policy::tiers::{self as model, Action, ClusterPeer, ClusterPolicy, ClusterRule, Tier};
+
+/// The tier chains a local pod's chain jumps to, for one direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierJumps {
+    pub admin: Option<String>,
+    pub baseline: Option<String>,
+}
+
+impl TierJumps {
+    pub fn is_empty(&self) -> bool {
+        self.admin.is_none() && self.baseline.is_none()
+    }
+}
+
+/// What a compiler lends the tier chains: its ruleset, its namer, and the pod peer sets it
+/// shares with NetworkPolicy chains.
+pub(super) trait TierSets<'a> {
+    fn cluster(&self) -> &'a Cluster;
+    fn ruleset(&mut self) -> &mut Ruleset;
+    fn namer(&mut self) -> &mut Namer;
+    /// The names of the (v4, v6) sets of the addresses of the pods matching `pods` in the
+    /// namespaces matching `namespaces` (hostNetwork pods never), in the ruleset.
+    fn pod_peer_sets(&mut self, namespaces: &'a Selector, pods: &'a Selector) -> [String; 2];
+}
+
+/// The tier chains of one compile: which lists of cluster policies govern which local pods.
+#[derive(Debug, Default)]
+pub(super) struct TierPlan {
+    /// (tier, direction, governing policies) → the chain's name.
+    chains: BTreeMap<(Tier, Direction, Vec<usize>), String>,
+    /// (policy, direction) → the local pods it governs (ingress named ports resolve on them).
+    governed: BTreeMap<(usize, Direction), Vec<usize>>,
+}
+
+impl TierPlan {
+    /// Records the cluster policies governing local pod `i` in direction `d`, and returns
+    /// the tier chains its pod chain jumps to.
+    pub fn add_pod(&mut self, cluster: &Cluster, i: usize, d: Direction) -> TierJumps {
+        if !cluster.has_tiers() {
+            return TierJumps::default();
+        }
+        let pod = &cluster.pods[i];
+        let labels = cluster.namespace_labels(&pod.id.namespace);
+        let governing: Vec<usize> = (0..cluster.cluster_policies.len())
+            .filter(|&pi| cluster.cluster_policies[pi].governs(pod, labels, d))
+            .collect();
+        for &pi in &governing {
+            self.governed.entry((pi, d)).or_default().push(i);
+        }
+        let mut chain = |tier: Tier| {
+            let list: Vec<usize> =
+                governing.iter().copied().filter(|&pi| cluster.cluster_policies[pi].tier == tier).collect();
+            if list.is_empty() {
+                return None;
+            }
+            let name = self.chains.entry((tier, d, list)).or_insert_with_key(|(_, _, list)| {
+                let ids: Vec<String> = list.iter().map(|&pi| policy_key(&cluster.cluster_policies[pi])).collect();
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                names::tier_chain(tier == Tier::Admin, d == Direction::Ingress, &ids)
+            });
+            Some(name.clone())
+        };
+        TierJumps { admin: chain(Tier::Admin), baseline: chain(Tier::Baseline) }
+    }
+
+    /// Adds every tier chain (and the sets it looks up) to the compiler's ruleset.
+    pub fn emit<'a>(self, sets: &mut impl TierSets<'a>) {
+        let cluster = sets.cluster();
+        for ((tier, d, list), name) in &self.chains {
+            let mut rules = Vec::new();
+            for &pi in list {
+                let local = self.governed.get(&(pi, *d)).map(Vec::as_slice).unwrap_or_default();
+                for (ri, rule) in cluster.cluster_policies[pi].rules(*d).iter().enumerate() {
+                    cluster_rule(sets, pi, *d, ri, rule, local, &mut rules);
+                }
+            }
+            let ids: Vec<String> = list.iter().map(|&pi| cluster.cluster_policies[pi].id.name.clone()).collect();
+            let comment = format!("{tier} tier {}: {}", d.as_str().to_lowercase(), ids.join(", "));
+            let chain = Chain { base: None, comment: Some(names::comment(&comment)), rules };
+            sets.ruleset().chains.insert(name.clone(), Arc::new(chain));
+        }
+    }
+}
+
+/// `kind/name`: a cluster policy's identity in chain names.
+fn policy_key(policy: &ClusterPolicy) -> String {
+    format!("{}/{}", policy.id.kind, policy.id.name)
+}
+
+/// The identity of a set of rule `ri` of cluster policy `policy` alone (its networks, its
+/// ingress named ports). The kind stands where a NetworkPolicy's namespace would: no
+/// namespace is spelled with capitals, so the two never meet.
+fn rule_ident(namer: &Namer, prefix: &'static str, policy: &ClusterPolicy, dir: &str, ri: usize) -> Ident {
+    let (kind, name) = (policy.id.kind.as_str(), policy.id.name.as_str());
+    namer.ident(prefix, &[kind, name, dir, &ri.to_string()], name)
+}
+
+/// What a rule does, in nft: "Accept" accepts, "Deny" drops, "Pass" returns to the pod
+/// chain, which goes on with the next tier.
+fn verdict(action: Action) -> Verdict {
+    match action {
+        Action::Accept => Verdict::Accept,
+        Action::Deny => Verdict::Drop,
+        Action::Pass => Verdict::Return,
+    }
+}
+
+/// One cluster policy rule as nft rules: its verdict for each (peer match × port match),
+/// like a NetworkPolicy rule's accepts. `local`: the local pods the policy governs.
+fn cluster_rule<'a>(
+    sets: &mut impl TierSets<'a>,
+    pi: usize,
+    d: Direction,
+    ri: usize,
+    rule: &'a ClusterRule,
+    local: &[usize],
+    out: &mut Vec<Rule>,
+) {
+    let cluster = sets.cluster();
+    let policy = &cluster.cluster_policies[pi];
+    // "treat the rule as matching no traffic" (an Accept rule that failed closed).
+    if rule.peers.is_empty() {
+        return;
+    }
+    let ingress = d == Direction::Ingress;
+    let dir = if ingress { "ingress" } else { "egress" };
+    let peer_field = if ingress { AddrField::Saddr } else { AddrField::Daddr };
+    let base_comment = format!("{} {dir} {} {}", policy.id, rule.label(ri), rule.action);
+    let verdict = verdict(rule.action);
+
+    // Ports: "If unspecified, protocol-specific attributes will not be used to match
+    // traffic": no match at all, every protocol.
+    let mut port_matches: Vec<Described> = Vec::new();
+    let mut named: Vec<(&str, Protocol)> = Vec::new();
+    match &rule.ports {
+        None => port_matches.push((None, "all traffic".into())),
+        Some(specs) => {
+            let ranges;
+            (ranges, named) = numbered_and_named(specs);
+            if !ranges.is_empty() {
+                let (elements, text) = ports_elements(ranges);
+                let ident = ports_ident(sets.namer(), &text);
+                let set = sets.namer().name(&ident);
+                sets.ruleset().sets.entry(set.clone()).or_insert_with(|| Arc::new(ports_set(elements, &text)));
+                port_matches.push((Some(Match::Lookup { key: Key::ProtoDport, set, negate: false }), "ports".into()));
+            }
+        }
+    }
+
+    // Peers, looked up only when a rule uses them (as for NetworkPolicy rules).
+    let peers_looked_up = !port_matches.is_empty() || (ingress && !named.is_empty());
+    let mut peer_matches: Vec<Described> = Vec::new();
+    if rule.peers.contains(&ClusterPeer::Everything) {
+        peer_matches.push((None, "any peer".into()));
+    } else if peers_looked_up {
+        let lookups = |names: [String; 2], what: String, out: &mut Vec<Described>| {
+            for (f, set) in FAMILIES.into_iter().zip(names) {
+                let m = Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false };
+                out.push((Some(m), what.clone()));
+            }
+        };
+        let mut networks: Vec<IpBlock> = Vec::new();
+        for (k, peer) in rule.peers.iter().enumerate() {
+            match peer {
+                ClusterPeer::Pods(set) => {
+                    let names = sets.pod_peer_sets(&set.namespaces, &set.pods);
+                    lookups(names, format!("peer {k} pods"), &mut peer_matches);
+                }
+                ClusterPeer::Nodes(selector) => {
+                    let names = node_sets(sets, selector);
+                    lookups(names, format!("peer {k} nodes"), &mut peer_matches);
+                }
+                ClusterPeer::DomainNames(domains) => {
+                    let names = domain_sets(sets, domains);
+                    lookups(names, format!("peer {k} domains"), &mut peer_matches);
+                }
+                ClusterPeer::Networks(nets) => {
+                    networks.extend(nets.iter().map(|&cidr| IpBlock { cidr, except: Vec::new() }))
+                }
+                ClusterPeer::Everything => unreachable!("handled above"),
+            }
+        }
+        let blocks: Vec<&IpBlock> = networks.iter().collect();
+        for f in FAMILIES {
+            let Some(cidrs) = cidr_set(&blocks, f, &format!("{base_comment} networks")) else {
+                continue;
+            };
+            let prefix = if f == IpFamily::V4 { names::CIDR_V4 } else { names::CIDR_V6 };
+            let ident = rule_ident(sets.namer(), prefix, policy, dir, ri);
+            let set = sets.namer().name(&ident);
+            sets.ruleset().sets.insert(set.clone(), Arc::new(cidrs));
+            peer_matches
+                .push((Some(Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false }), "networks".into()));
+        }
+    }
+    peer_port_rules(out, &base_comment, &peer_matches, &port_matches, &verdict);
+
+    // "DestinationNamedPort selects a destination port on a pod based on the ContainerPort
+    // name": resolved per pod, as for NetworkPolicy (daddr . proto . port sets).
+    if named.is_empty() {
+        return;
+    }
+    // The peers as a NetworkPolicy would write them ("You can't use this in a rule that
+    // targets resources without named ports (e.g. Nodes or Networks)": pods and namespaces
+    // are what remain, and a network is an ipBlock).
+    let as_peers: Option<Vec<Peer>> = (!rule.peers.contains(&ClusterPeer::Everything)).then(|| {
+        rule.peers
+            .iter()
+            .flat_map(|peer| match peer {
+                ClusterPeer::Pods(set) => vec![Peer::Pods {
+                    namespaces: NamespaceScope::Matching(set.namespaces.clone()),
+                    pods: set.pods.clone(),
+                }],
+                ClusterPeer::Networks(nets) => {
+                    nets.iter().map(|&cidr| Peer::IpBlock(IpBlock { cidr, except: Vec::new() })).collect()
+                }
+                ClusterPeer::Nodes(_) | ClusterPeer::DomainNames(_) | ClusterPeer::Everything => Vec::new(),
+            })
+            .collect()
+    });
+    for f in FAMILIES {
+        let peers_of_family = peers_of_family(&peer_matches, f);
+        if ingress && peers_of_family.is_empty() {
+            continue;
+        }
+        let prefix = if f == IpFamily::V4 { names::NAMED_V4 } else { names::NAMED_V6 };
+        let mut entries: Vec<(IpAddr, u8, u16)> = Vec::new();
+        let (ident, comment) = if ingress {
+            // The destination is the local pod itself.
+            for &i in local {
+                let pod = &cluster.pods[i];
+                let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
+                    continue;
+                };
+                for &(n, proto) in &named {
+                    entries.extend(pod.resolve_named_port(n, proto).map(|port| (ip, proto.number(), port)));
+                }
+            }
+            (rule_ident(sets.namer(), prefix, policy, dir, ri), names::comment(&format!("{base_comment} named ports")))
+        } else {
+            // The destination is any pod the peers admit: the set encodes peer AND port.
+            for j in 0..cluster.pods.len() {
+                entries.extend(named_port_entries(cluster, "", as_peers.as_deref(), j, f, &named));
+            }
+            egress_named_set(sets.namer(), prefix, "", as_peers.as_deref(), &named)
+        };
+        let set = sets.namer().name(&ident);
+        sets.ruleset().sets.entry(set.clone()).or_insert_with(|| Arc::new(named_port_set(f, entries, comment)));
+        let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
+        named_port_rules(out, &base_comment, ingress, &peers_of_family, lookup, &verdict);
+    }
+}
+
+/// The (v4, v6) sets of the addresses of the nodes matching `selector`: "the IPs present
+/// in the node.Status.Addresses field of the node".
+fn node_sets<'a>(sets: &mut impl TierSets<'a>, selector: &Selector) -> [String; 2] {
+    let cluster = sets.cluster();
+    let text = naming::text(selector, naming::selector);
+    let names = [names::NODES_V4, names::NODES_V6]
+        .map(|prefix| sets.namer().ident(prefix, &["nodes", &text], &format!("nodes_{selector}")))
+        .map(|ident| sets.namer().name(&ident));
+    if !sets.ruleset().sets.contains_key(&names[0]) {
+        let mut addrs: [Vec<IpAddr>; 2] = [Vec::new(), Vec::new()];
+        for node in cluster.nodes.iter().filter(|n| selector.matches(&n.labels)) {
+            for ip in &node.ips {
+                addrs[usize::from(ip.is_ipv6())].push(*ip);
+            }
+        }
+        let built = address_sets(addrs, &format!("nodes {selector}"));
+        for (name, set) in names.iter().zip(built) {
+            sets.ruleset().sets.insert(name.clone(), Arc::new(set));
+        }
+    }
+    names
+}
+
+/// The (v4, v6) sets of the addresses the domain names `domains` resolve to (the cluster's
+/// [`model::DomainMap`]: the CLI's `--resolve`; empty in the agent, which matches none).
+fn domain_sets<'a>(sets: &mut impl TierSets<'a>, domains: &[String]) -> [String; 2] {
+    let cluster = sets.cluster();
+    let text = domains.join("\n");
+    let hint = domains.first().map(String::as_str).unwrap_or_default();
+    let names = [names::DOMAINS_V4, names::DOMAINS_V6]
+        .map(|prefix| sets.namer().ident(prefix, &["domains", &text], hint))
+        .map(|ident| sets.namer().name(&ident));
+    if !sets.ruleset().sets.contains_key(&names[0]) {
+        let mut addrs: [Vec<IpAddr>; 2] = [Vec::new(), Vec::new()];
+        for ip in model::resolve(&cluster.domains, domains) {
+            addrs[usize::from(ip.is_ipv6())].push(ip);
+        }
+        let built = address_sets(addrs, &format!("domains {}", domains.join(",")));
+        for (name, set) in names.iter().zip(built) {
+            sets.ruleset().sets.insert(name.clone(), Arc::new(set));
+        }
+    }
+    names
+}
