@@ -136,7 +136,9 @@ fn every_tier_case_file_parses_and_its_pod_order_names_exactly_its_pods() {
         let mut declared: Vec<String> = objects
             .iter()
             .filter(|o| o["kind"] == "Pod")
-            .map(|o| format!("{}/{}", o["metadata"]["namespace"].as_str().unwrap(), o["metadata"]["name"].as_str().unwrap()))
+            .map(|o| {
+                format!("{}/{}", o["metadata"]["namespace"].as_str().unwrap(), o["metadata"]["name"].as_str().unwrap())
+            })
             .collect();
         let order: Vec<String> =
             exp["podOrder"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
@@ -149,8 +151,13 @@ fn every_tier_case_file_parses_and_its_pod_order_names_exactly_its_pods() {
         let probes = exp["probes"].as_array().unwrap_or_else(|| panic!("{name}: no probes"));
         assert!(!probes.is_empty(), "{name}: no probes");
         for probe in probes {
-            let rows: Vec<Vec<common::Cell>> =
-                probe["matrix"].as_str().unwrap().lines().filter(|l| !l.trim().is_empty()).map(common::parse_row).collect();
+            let rows: Vec<Vec<common::Cell>> = probe["matrix"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(common::parse_row)
+                .collect();
             assert_eq!(rows.len(), order.len(), "{name}: {probe:?} has the wrong number of rows");
             assert!(rows.iter().all(|r| r.len() == order.len()), "{name}: a row of {probe:?} has the wrong width");
             assert!(rows.iter().flatten().any(Option::is_some), "{name}: {probe:?} asserts no cell");

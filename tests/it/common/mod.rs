@@ -123,13 +123,8 @@ fn load_case(path: PathBuf) -> Case {
                 v => ProbePort::Named(v.as_str().unwrap().to_string()),
             };
             let protocol = Protocol::parse(p["protocol"].as_str().unwrap()).unwrap();
-            let matrix = p["matrix"]
-                .as_str()
-                .unwrap()
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(parse_row)
-                .collect();
+            let matrix =
+                p["matrix"].as_str().unwrap().lines().filter(|l| !l.trim().is_empty()).map(parse_row).collect();
             (Probe { port, protocol }, matrix)
         })
         .collect();
