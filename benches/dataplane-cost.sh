@@ -9,6 +9,7 @@
 #   benches/dataplane-cost.sh [--rounds 15] [--slice 0.5] [--pods 10000] [--policies 1000]
 #                             [--namespaces 50] [--nodes 10] [--seed 1] [--configs abcdef]
 #                             [--dump DIR] [--variant LABEL=SRC.nft,DST.nft]...
+#                             [--cluster-policies N]
 # --dump writes (b)'s two rulesets as nft text and stops; --variant measures a hand-edited
 # pair of them as one more configuration (it must keep (b)'s policy chain names).
 set -euo pipefail

@@ -32,7 +32,10 @@
 //!
 //! Run with `benches/dataplane-cost.sh` (root, `ip`, `nft`), which passes its arguments on:
 //! `--rounds N --slice SECONDS --pods P --policies Q --namespaces K --nodes M --seed X
-//! --configs abcdef --dump DIR --variant LABEL=SRC.nft,DST.nft`.
+//! --configs abcdef --dump DIR --variant LABEL=SRC.nft,DST.nft --cluster-policies N` (N
+//! ClusterNetworkPolicies in the big cluster, Admin and Baseline, see
+//! `generate::cluster_policies`; the pair picked is the one the most policies and cluster
+//! policies govern).
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
@@ -60,6 +63,8 @@ struct Args {
     /// Write the (b) rulesets of both nodes as nft text into this directory and stop.
     dump: Option<std::path::PathBuf>,
     variants: Vec<Variant>,
+    /// ClusterNetworkPolicies added to the big cluster (`generate::cluster_policies`).
+    cluster_policies: usize,
 }
 
 /// A hand-edited ruleset pair, measured as one more configuration.
@@ -87,6 +92,7 @@ fn parse_args() -> Result<Args, String> {
         configs: "abcdef".to_string(),
         dump: None,
         variants: Vec::new(),
+        cluster_policies: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -111,6 +117,7 @@ fn parse_args() -> Result<Args, String> {
                 args.configs = value;
             }
             "--dump" => args.dump = Some(value.into()),
+            "--cluster-policies" => args.cluster_policies = number()?,
             "--variant" => args.variants.push(parse_variant(&value)?),
             _ => return Err(format!("unknown argument {flag}")),
         }
@@ -152,7 +159,9 @@ fn pick_pair(cluster: &Cluster, seed: u64) -> Option<Pair> {
         for port in ports {
             if evaluate(cluster, &tcp(src, dst, port)).allowed {
                 let weight = cluster.isolating_policies(src, Direction::Egress).len()
-                    + cluster.isolating_policies(dst, Direction::Ingress).len();
+                    + cluster.isolating_policies(dst, Direction::Ingress).len()
+                    + governing(cluster, src, Direction::Egress).len()
+                    + governing(cluster, dst, Direction::Ingress).len();
                 if best.as_ref().is_none_or(|(w, _)| weight > *w) {
                     best = Some((weight, Pair { src, dst, port }));
                 }
@@ -167,8 +176,16 @@ fn pick_pair(cluster: &Cluster, seed: u64) -> Option<Pair> {
     best.map(|(_, p)| p)
 }
 
+/// The cluster policies that govern pod `i` in direction `d`.
+fn governing(cluster: &Cluster, i: usize, d: Direction) -> Vec<usize> {
+    let pod = &cluster.pods[i];
+    let labels = cluster.namespace_labels(&pod.id.namespace);
+    (0..cluster.cluster_policies.len()).filter(|&k| cluster.cluster_policies[k].governs(pod, labels, d)).collect()
+}
+
 /// The same pair in a small cluster: it, 8 neighbours from the destination's namespace, and
-/// only the policies that isolate the pair. Returns the cluster and the pair's new indices.
+/// only the policies that isolate or govern the pair. Returns the cluster and the pair's new
+/// indices.
 fn small_cluster(big: &Cluster, pair: &Pair) -> (Cluster, usize, usize) {
     let mut keep = vec![pair.src, pair.dst];
     let ns = &big.pods[pair.dst].id.namespace;
@@ -179,11 +196,16 @@ fn small_cluster(big: &Cluster, pair: &Pair) -> (Cluster, usize, usize) {
     policies.extend(big.isolating_policies(pair.dst, Direction::Ingress));
     policies.sort_unstable();
     policies.dedup();
+    let mut tiers = governing(big, pair.src, Direction::Egress);
+    tiers.extend(governing(big, pair.dst, Direction::Ingress));
+    tiers.sort_unstable();
+    tiers.dedup();
     let small = Cluster::new(
         big.namespaces.values().cloned().collect(),
         keep.iter().map(|&i| big.pods[i].clone()),
         policies.iter().map(|&i| big.policies[i].clone()),
-    );
+    )
+    .with_tiers(tiers.iter().map(|&k| big.cluster_policies[k].clone()), (*big.nodes).clone(), (*big.domains).clone());
     let index = |i: usize| small.pod_index(&big.pods[i].id).expect("kept");
     let (src, dst) = (index(pair.src), index(pair.dst));
     (small, src, dst)
@@ -320,7 +342,11 @@ fn run() -> Result<(), String> {
     kernel::check_prerequisites().map_err(|e| e.to_string())?;
     let p = &args.params;
     let t = Instant::now();
-    let big = generate::cluster(p);
+    let mut big = generate::cluster(p);
+    if args.cluster_policies > 0 {
+        let tiers = generate::cluster_policies(p.seed, args.cluster_policies);
+        big = big.with_tiers(tiers, Vec::new(), Default::default());
+    }
     let pair = pick_pair(&big, p.seed).ok_or("no isolated, allowed TCP pair across nodes in this cluster")?;
     let (small, small_src, small_dst) = small_cluster(&big, &pair);
     for (name, c, s, d) in [("big", &big, pair.src, pair.dst), ("small", &small, small_src, small_dst)] {

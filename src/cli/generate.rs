@@ -626,6 +626,154 @@ pub fn small_random_tiered(seed: u64) -> Cluster {
     cluster.with_tiers(policies, nodes, domains)
 }
 
+/// `count` ClusterNetworkPolicies as a cluster of [`cluster`]'s shape might hold them: seven
+/// in ten in the Admin tier, each governing a team's namespaces (or an app's pods in them)
+/// with one to three ingress rules (Pass, Accept, Deny) from teams' namespaces or apps' pods,
+/// half of them on one port, and now and then an egress rule (a Deny of a documentation
+/// network, a Pass of pod traffic, an Accept of the nodes). Priorities spread over 0..=1000,
+/// some equal. For benchmarks: the mix an agent meets, not every corner of the semantics
+/// (that is [`small_random_tiered`]'s job).
+pub fn cluster_policies(seed: u64, count: usize) -> Vec<ClusterPolicy> {
+    let mut rng = Rng::new(seed ^ 0x636e_7073);
+    let team_namespaces = |rng: &mut Rng| Selector::from_labels([("team", *rng.pick(TEAMS))]);
+    let pod_set = |rng: &mut Rng| PodSet {
+        namespaces: team_namespaces(rng),
+        pods: if rng.chance(50) { Selector::everything() } else { Selector::from_labels([("app", *rng.pick(APPS))]) },
+    };
+    (0..count)
+        .map(|i| {
+            let tier = if rng.chance(70) { Tier::Admin } else { Tier::Baseline };
+            let action = |rng: &mut Rng| match rng.below(10) {
+                0..=3 => Action::Pass,
+                4..=6 => Action::Accept,
+                _ => Action::Deny,
+            };
+            let ingress = (0..1 + rng.below(3))
+                .map(|k| {
+                    let (port, protocol, _) = *rng.pick(PORTS);
+                    ClusterRule {
+                        name: Some(format!("rule-{k}")),
+                        action: action(&mut rng),
+                        peers: vec![ClusterPeer::Pods(pod_set(&mut rng))],
+                        ports: rng
+                            .chance(50)
+                            .then(|| vec![PortSpec { protocol, port: PortMatch::Range(port, port) }]),
+                        fail_closed: None,
+                    }
+                })
+                .collect();
+            let egress = match rng.below(6) {
+                0 => vec![ClusterRule {
+                    name: Some("no-documentation-networks".into()),
+                    action: Action::Deny,
+                    peers: vec![ClusterPeer::Networks(vec!["192.0.2.0/24".parse().expect("valid")])],
+                    ports: None,
+                    fail_closed: None,
+                }],
+                1 => vec![ClusterRule {
+                    name: Some("nodes".into()),
+                    action: Action::Accept,
+                    peers: vec![ClusterPeer::Nodes(Selector::everything())],
+                    ports: None,
+                    fail_closed: None,
+                }],
+                2 => vec![ClusterRule {
+                    name: Some("pods-decide".into()),
+                    action: Action::Pass,
+                    peers: vec![ClusterPeer::Pods(PodSet {
+                        namespaces: Selector::everything(),
+                        pods: Selector::everything(),
+                    })],
+                    ports: None,
+                    fail_closed: None,
+                }],
+                _ => Vec::new(),
+            };
+            let subject = if rng.chance(70) {
+                PodSet { namespaces: team_namespaces(&mut rng), pods: Selector::everything() }
+            } else {
+                pod_set(&mut rng)
+            };
+            ClusterPolicy {
+                id: ClusterPolicyId { kind: ClusterPolicyKind::ClusterNetworkPolicy, name: format!("cluster-policy-{i}") },
+                tier,
+                priority: (rng.below(101) * 10) as u16,
+                subject,
+                ingress,
+                egress,
+            }
+        })
+        .collect()
+}
+
+/// The `policy.networking.k8s.io/v1beta1` ClusterNetworkPolicy object a client would send
+/// for `policy` (its kind must be ClusterNetworkPolicy; fail-closed rules have no manifest).
+pub fn cluster_policy_manifest(policy: &ClusterPolicy) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let pod_set = |set: &PodSet| {
+        if set.pods.is_everything() {
+            json!({"namespaces": selector_json(&set.namespaces)})
+        } else {
+            json!({"pods": {"namespaceSelector": selector_json(&set.namespaces), "podSelector": selector_json(&set.pods)}})
+        }
+    };
+    let rules = |rules: &[ClusterRule], peers_key: &str| -> Value {
+        rules
+            .iter()
+            .map(|rule| {
+                let peers: Vec<Value> = rule
+                    .peers
+                    .iter()
+                    .map(|peer| match peer {
+                        ClusterPeer::Pods(set) => pod_set(set),
+                        ClusterPeer::Nodes(s) => json!({"nodes": selector_json(s)}),
+                        ClusterPeer::Networks(nets) => {
+                            json!({"networks": nets.iter().map(ToString::to_string).collect::<Vec<_>>()})
+                        }
+                        ClusterPeer::DomainNames(names) => json!({"domainNames": names}),
+                        ClusterPeer::Everything => json!({"networks": ["0.0.0.0/0", "::/0"]}),
+                    })
+                    .collect();
+                let mut out = json!({"action": rule.action.as_str(), peers_key: peers});
+                if let Some(name) = &rule.name {
+                    out["name"] = json!(name);
+                }
+                if let Some(specs) = &rule.ports {
+                    let protocols: Vec<Value> = specs
+                        .iter()
+                        .map(|spec| {
+                            let key = spec.protocol.as_str().to_ascii_lowercase();
+                            match &spec.port {
+                                PortMatch::Named(name) => json!({"destinationNamedPort": name}),
+                                PortMatch::Range(a, b) if a == b => json!({key: {"destinationPort": {"number": a}}}),
+                                PortMatch::Range(a, b) => {
+                                    json!({key: {"destinationPort": {"range": {"start": a, "end": b}}}})
+                                }
+                                PortMatch::Any => json!({key: {"destinationPort": {"range": {"start": 1, "end": 65535}}}}),
+                            }
+                        })
+                        .collect();
+                    out["protocols"] = Value::Array(protocols);
+                }
+                out
+            })
+            .collect()
+    };
+    let mut spec = json!({"tier": policy.tier.as_str(), "priority": policy.priority, "subject": pod_set(&policy.subject)});
+    if !policy.ingress.is_empty() {
+        spec["ingress"] = rules(&policy.ingress, "from");
+    }
+    if !policy.egress.is_empty() {
+        spec["egress"] = rules(&policy.egress, "to");
+    }
+    json!({
+        "apiVersion": "policy.networking.k8s.io/v1beta1",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": policy.id.name},
+        "spec": spec,
+    })
+}
+
 impl PortMatch {
     /// `Range(p, 0)` as shorthand for the single port `p`.
     fn normalized(self) -> Self {
