@@ -278,6 +278,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn domain_patterns_take_two_labels_or_more_and_a_wildcard_only_as_a_prefix() {
+        for ok in ["example.com", "EXAMPLE.com.", "*.example.com", "a_b.c-d.io", "1.2"] {
+            assert_eq!(domain_pattern(ok), Ok(()), "{ok}");
+        }
+        for bad in ["com", "*.com", "a.*.com", "*example.com", "a-.com", "_a.com", "a..com", ".a.com", ""] {
+            assert!(domain_pattern(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_resolve_entry_is_a_lower_case_name_without_trailing_dot_and_an_ip() {
+        assert_eq!(resolve_arg("Example.COM.=203.0.113.7"), Ok(("example.com".into(), "203.0.113.7".parse().unwrap())));
+        assert_eq!(
+            resolve_arg("a.example.com=2001:db8::1"),
+            Ok(("a.example.com".into(), "2001:db8::1".parse().unwrap()))
+        );
+        assert_eq!(
+            resolve_arg("example.com"),
+            Err("\"example.com\" is not NAME=IP (e.g. example.com=203.0.113.7)".into())
+        );
+        assert_eq!(resolve_arg("example.com=10.0.0.0/8"), Err("\"10.0.0.0/8\" is not an IPv4 or IPv6 address".into()));
+        assert!(resolve_arg("*.example.com=10.0.0.1").unwrap_err().contains("without a '*'"));
+        assert!(resolve_arg("localhost=127.0.0.1").unwrap_err().starts_with("\"localhost\" is not a domain name"));
+    }
+
+    #[test]
     fn dns_labels_and_subdomains_follow_rfc_1123() {
         let long_label = "a".repeat(63);
         let too_long_label = "a".repeat(64);

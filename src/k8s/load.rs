@@ -1068,6 +1068,145 @@ impl Placer {
 mod tests {
     use super::*;
 
+    use crate::policy::tiers::{ClusterPolicyKind, Tier};
+
+    fn load(text: &str, options: &LoadOptions) -> Result<Loaded, LoadError> {
+        load_sources(&[Source { name: "in.yaml".into(), text: text.into() }], options)
+    }
+
+    fn loaded(text: &str) -> Loaded {
+        load(text, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn error(text: &str) -> String {
+        load(text, &LoadOptions::default()).expect_err("invalid").to_string()
+    }
+
+    /// A cluster policy document of `kind` in `version` named `name`, with a `spec` body
+    /// (YAML lines, indented two spaces).
+    fn tier_doc(version: &str, kind: &str, name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: policy.networking.k8s.io/{version}\nkind: {kind}\nmetadata:\n  name: {name}\nspec:\n{spec}"
+        )
+    }
+
+    const CNP_SPEC: &str = "  tier: Admin\n  priority: 3\n  subject: {namespaces: {}}\n";
+    const ANP_SPEC: &str = "  priority: 2\n  subject: {namespaces: {}}\n";
+    const BANP_SPEC: &str = "  subject: {namespaces: {}}\n";
+
+    fn node_doc(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{zone: x}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {ip}}}\n"
+        )
+    }
+
+    #[test]
+    fn every_cluster_policy_kind_and_version_and_nodes_load_into_the_cluster() {
+        let text = [
+            tier_doc("v1beta1", "ClusterNetworkPolicy", "beta", CNP_SPEC),
+            tier_doc("v1alpha2", "ClusterNetworkPolicy", "alpha", CNP_SPEC),
+            tier_doc("v1alpha1", "AdminNetworkPolicy", "admin", ANP_SPEC),
+            tier_doc("v1alpha1", "BaselineAdminNetworkPolicy", "default", BANP_SPEC),
+            node_doc("worker-1", "192.168.1.10"),
+        ]
+        .join("---\n");
+        let options = LoadOptions {
+            domains: DomainMap::from([("example.com".to_string(), vec!["203.0.113.7".parse().unwrap()])]),
+            ..LoadOptions::default()
+        };
+        let l = load(&text, &options).unwrap();
+        let order: Vec<(Tier, u16, &str, ClusterPolicyKind)> =
+            l.cluster.cluster_policies.iter().map(|p| p.precedence()).collect();
+        assert_eq!(
+            order,
+            [
+                (Tier::Admin, 2, "admin", ClusterPolicyKind::AdminNetworkPolicy),
+                (Tier::Admin, 3, "alpha", ClusterPolicyKind::ClusterNetworkPolicy),
+                (Tier::Admin, 3, "beta", ClusterPolicyKind::ClusterNetworkPolicy),
+                (Tier::Baseline, 0, "default", ClusterPolicyKind::BaselineAdminNetworkPolicy),
+            ]
+        );
+        assert_eq!(l.cluster.nodes.len(), 1);
+        assert_eq!(l.cluster.nodes[0].ips, ["192.168.1.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(l.cluster.domains.as_ref(), &options.domains);
+        assert_eq!(l.node_ips.get(&"192.168.1.10".parse().unwrap()).map(String::as_str), Some("worker-1"));
+    }
+
+    #[test]
+    fn a_nodes_internal_ip_wins_over_what_a_pod_says_and_pods_still_add_the_others() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nspec: {nodeName: pod-says, containers: []}\nstatus: {podIP: 10.0.0.1, hostIP: 192.168.1.10, hostIPs: [{ip: 192.168.1.10}, {ip: 192.168.1.11}]}\n";
+        let without = loaded(pod);
+        assert_eq!(without.node_ips.get(&"192.168.1.10".parse().unwrap()).map(String::as_str), Some("pod-says"));
+        let with = loaded(&format!("{pod}---\n{}", node_doc("worker-1", "192.168.1.10")));
+        assert_eq!(with.node_ips.get(&"192.168.1.10".parse().unwrap()).map(String::as_str), Some("worker-1"));
+        assert_eq!(with.node_ips.get(&"192.168.1.11".parse().unwrap()).map(String::as_str), Some("pod-says"));
+    }
+
+    #[test]
+    fn a_cluster_policy_declared_twice_is_an_error_but_one_name_in_two_kinds_is_not() {
+        let text = [
+            tier_doc("v1beta1", "ClusterNetworkPolicy", "x", CNP_SPEC),
+            tier_doc("v1alpha1", "AdminNetworkPolicy", "x", ANP_SPEC),
+            tier_doc("v1alpha2", "ClusterNetworkPolicy", "x", CNP_SPEC),
+        ];
+        assert_eq!(loaded(&text[..2].join("---\n")).cluster.cluster_policies.len(), 2);
+        assert_eq!(
+            error(&text.join("---\n")),
+            "in.yaml:18: ClusterNetworkPolicy x: declared twice (first at in.yaml:1)"
+        );
+        let nodes = format!("{}---\n{}", node_doc("n", "10.9.0.1"), node_doc("n", "10.9.0.2"));
+        assert_eq!(error(&nodes), "in.yaml:10: Node n: declared twice (first at in.yaml:1)");
+    }
+
+    #[test]
+    fn a_cluster_policy_error_names_the_file_line_object_and_field() {
+        let text = format!(
+            "# head\n{}",
+            tier_doc(
+                "v1beta1",
+                "ClusterNetworkPolicy",
+                "p",
+                "  tier: Admin\n  priority: 2000\n  subject: {namespaces: {}}\n"
+            )
+        );
+        assert_eq!(
+            error(&text),
+            "in.yaml:2: ClusterNetworkPolicy p: spec.priority: must be between 0 and 1000, inclusive (got 2000)"
+        );
+        let list = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: policy.networking.k8s.io/v1alpha1, kind: BaselineAdminNetworkPolicy, metadata: {name: default}, spec: {subject: {}}}\n";
+        assert_eq!(
+            error(list),
+            "in.yaml:1: BaselineAdminNetworkPolicy default: items[0].spec.subject: must set exactly one of \"namespaces\", \"pods\""
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_of_a_cluster_policy_is_refused_like_any_kinds_and_lenient_ignores_it() {
+        let text = tier_doc("v1beta1", "ClusterNetworkPolicy", "p", &format!("{CNP_SPEC}  ingres: []\n"));
+        let expected = "in.yaml:1: ClusterNetworkPolicy p: strict decoding error: unknown field \"spec.ingres\"";
+        assert_eq!(error(&text), expected);
+        let lenient = load(&text, &LoadOptions { lenient: true, ..LoadOptions::default() }).unwrap();
+        assert_eq!(lenient.cluster.cluster_policies.len(), 1);
+        assert!(lenient.warnings.iter().any(|w| w.starts_with(expected)), "{:?}", lenient.warnings);
+        let node = format!(
+            "{}  taints: []\n",
+            node_doc("n", "10.9.0.1").replace("status:\n", "spec:\n  podCIDRz: x\nstatus:\n")
+        );
+        assert_eq!(error(&node), "in.yaml:1: Node n: strict decoding error: unknown field \"spec.podCIDRz\"");
+    }
+
+    #[test]
+    fn an_unknown_version_of_a_cluster_policy_kind_names_the_versions_read() {
+        assert_eq!(
+            error(&tier_doc("v1", "AdminNetworkPolicy", "a", ANP_SPEC)),
+            "in.yaml:1: AdminNetworkPolicy a: no matches for kind \"AdminNetworkPolicy\" in version \"policy.networking.k8s.io/v1\" (netpol reads AdminNetworkPolicy in policy.networking.k8s.io/v1alpha1)"
+        );
+        assert_eq!(
+            error("apiVersion: v2\nkind: Node\nmetadata: {name: n}\n"),
+            "in.yaml:1: Node n: no matches for kind \"Node\" in version \"v2\""
+        );
+    }
+
     #[test]
     fn documents_report_their_first_content_line() {
         let docs = split_documents("# head\n---\n\nkind: A\n---\nkind: B\n");
