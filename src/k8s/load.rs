@@ -6,7 +6,10 @@
 //!                                                        ▼
 //!  less a UTF-8 BOM, split into documents (line of each) ─► nesting depth scan
 //!     ─► JSON value(s) (YAML, JSON, or JSON objects one after another) ─► by apiVersion/kind:
-//!     Namespace, Pod, NetworkPolicy ............ typed, unknown fields refused (strict)
+//!     Namespace, Pod, NetworkPolicy, Node ...... typed, unknown fields refused (strict)
+//!     ClusterNetworkPolicy (v1beta1, v1alpha2),
+//!     Admin/BaselineAdminNetworkPolicy (v1alpha1)  k8s::tiers (Mode::File: unknown fields
+//!                                                refused, as for the typed kinds)
 //!     *List ..................................... each item (kind from the list if absent)
 //!     Deployment, StatefulSet, DaemonSet, ... .. typed (strict), then pods from the template
 //!                                                (synthetic IPs), unless ownerReferences
@@ -16,6 +19,8 @@
 //!     anything else ............................ skipped, one warning per kind
 //!                                                        ▼
 //!                         convert (validate, default) ─► shared-IP check
+//!                                                        ▼
+//!                 Cluster::with_tiers(cluster policies, nodes, LoadOptions::domains)
 //!                                                        ▼
 //!                                          Loaded { cluster, warnings, node_ips }
 //! ```
@@ -37,7 +42,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::k8s::convert::{self, FieldError, PodOutcome};
+use crate::k8s::tiers;
 use crate::policy::model::{Cluster, Namespace, ObjectRef, Pod, Policy};
+use crate::policy::tiers::{ClusterPolicy, DomainMap, Node};
 
 /// A load failure, with everything needed to find and fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,11 +94,18 @@ pub struct LoadOptions {
     /// fields (dropped, as without strict field validation) and pods sharing an IP (the
     /// first in namespace/name order keeps it, the others take no part).
     pub lenient: bool,
+    /// What domain names resolve to (netpol-check's `--resolve`), for `domainNames` peers.
+    pub domains: DomainMap,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { synthetic_ipv4: "10.244.0.0/16".parse().expect("valid"), synthetic_ipv6: None, lenient: false }
+        LoadOptions {
+            synthetic_ipv4: "10.244.0.0/16".parse().expect("valid"),
+            synthetic_ipv6: None,
+            lenient: false,
+            domains: DomainMap::new(),
+        }
     }
 }
 
@@ -99,8 +113,9 @@ impl Default for LoadOptions {
 pub struct Loaded {
     pub cluster: Cluster,
     pub warnings: Vec<String>,
-    /// Node addresses the input reveals (a pod's `status.hostIP`/`hostIPs`, a hostNetwork
-    /// pod's IP), with the node each belongs to: such an address means that node.
+    /// Node addresses the input reveals (a Node's InternalIPs first; then a pod's
+    /// `status.hostIP`/`hostIPs`, a hostNetwork pod's IP), with the node each belongs to:
+    /// such an address means that node.
     pub node_ips: BTreeMap<IpAddr, String>,
 }
 
@@ -208,6 +223,9 @@ enum Raw {
     Namespace(core::Namespace),
     Pod(Box<core::Pod>),
     Policy(net::NetworkPolicy),
+    /// A ClusterNetworkPolicy, AdminNetworkPolicy or BaselineAdminNetworkPolicy, converted.
+    ClusterPolicy(Box<ClusterPolicy>),
+    Node(Box<core::Node>),
     /// Pod templates to instantiate: (workload label, pods to make, per-node?).
     Workload {
         kind: String,
@@ -286,7 +304,7 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         }
     }
     for (kind, first) in skipped_kinds {
-        warnings.push(format!("{first}: skipped kind {kind} (netpol-check reads Namespace, Pod, NetworkPolicy and workloads); other objects of this kind are skipped too"));
+        warnings.push(format!("{first}: skipped kind {kind} (netpol-check reads Namespace, Pod, NetworkPolicy, workloads, ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy and Node); other objects of this kind are skipped too"));
     }
 
     // Reject an object declared twice: the second would silently win in a cluster.
@@ -300,11 +318,12 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         }
     }
 
-    // Nodes known from scheduled pods place the pods we synthesize.
+    // Nodes known from scheduled pods and Node objects place the pods we synthesize.
     let mut nodes: BTreeSet<String> = raws
         .iter()
         .filter_map(|(_, _, r)| match r {
             Raw::Pod(p) => p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            Raw::Node(n) => n.metadata.name.clone(),
             _ => None,
         })
         .filter(|n| !n.is_empty())
@@ -371,12 +390,24 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
     let mut namespaces: Vec<Namespace> = Vec::new();
     let mut pods: Vec<Pod> = Vec::new();
     let mut policies: Vec<Policy> = Vec::new();
+    let mut cluster_policies: Vec<ClusterPolicy> = Vec::new();
+    let mut nodes: Vec<Node> = Vec::new();
+    // A Node object's InternalIPs are that node's addresses, whatever pods say.
+    let mut declared_node_ips: BTreeMap<IpAddr, String> = BTreeMap::new();
     let mut pod_ids: HashMap<ObjectRef, String> = HashMap::new();
     let mut pod_origins: HashMap<ObjectRef, (Origin, String)> = HashMap::new();
     for (origin, label, raw) in raws {
         let field_err = |e: FieldError| origin.error(Some(label.clone()), Some(e.path), e.reason);
         match raw {
             Raw::Namespace(ns) => namespaces.push(convert::namespace(&ns).map_err(field_err)?),
+            Raw::ClusterPolicy(policy) => cluster_policies.push(*policy),
+            Raw::Node(node) => {
+                let converted = tiers::node_from(&node).map_err(field_err)?;
+                for ip in tiers::internal_ips(&node) {
+                    declared_node_ips.entry(ip).or_insert_with(|| converted.name.clone());
+                }
+                nodes.push(converted);
+            }
             Raw::Policy(p) => match convert::policy(&p) {
                 Ok(policy) => policies.push(policy),
                 // What netpol-agent enforces for a policy it cannot convert.
@@ -454,7 +485,15 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
             node_ips.entry(*ip).or_insert_with(|| pod.node.as_str().to_string());
         }
     }
-    Ok(Loaded { cluster: Cluster::new(namespaces, pods, policies), warnings, node_ips })
+    if !declared_node_ips.is_empty() {
+        // Node objects name their own addresses; what pods reveal only adds the others.
+        for (ip, node) in node_ips {
+            declared_node_ips.entry(ip).or_insert(node);
+        }
+        node_ips = declared_node_ips;
+    }
+    let cluster = Cluster::new(namespaces, pods, policies).with_tiers(cluster_policies, nodes, options.domains.clone());
+    Ok(Loaded { cluster, warnings, node_ips })
 }
 
 /// Two live pods never hold one address: the engines could not tell them apart (and would
@@ -631,11 +670,15 @@ fn str_field<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
     v.get(key).and_then(Value::as_str)
 }
 
+/// Kinds without a namespace: messages name them by name alone.
+const CLUSTER_SCOPED: &[&str] =
+    &["Namespace", "Node", "ClusterNetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy"];
+
 fn object_label(kind: &str, v: &Value) -> String {
     let meta = v.get("metadata");
     let name = meta.and_then(|m| str_field(m, "name")).unwrap_or("<no name>");
     match meta.and_then(|m| str_field(m, "namespace")) {
-        _ if kind == "Namespace" => format!("{kind} {name}"),
+        _ if CLUSTER_SCOPED.contains(&kind) => format!("{kind} {name}"),
         Some(ns) => format!("{kind} {ns}/{name}"),
         None => format!("{kind} default/{name}"),
     }
@@ -655,6 +698,7 @@ struct Collector<'a> {
 const READ_KINDS: &[(&str, &str)] = &[
     ("v1", "Namespace"),
     ("v1", "Pod"),
+    ("v1", "Node"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("apps/v1", "Deployment"),
     ("apps/v1", "StatefulSet"),
@@ -679,6 +723,13 @@ impl Collector<'_> {
         let raw = match (api_version.as_str(), kind.as_str()) {
             ("v1", "Namespace") => Raw::Namespace(self.decode(&value, origin, &label)?),
             ("v1", "Pod") => Raw::Pod(Box::new(self.decode(&value, origin, &label)?)),
+            ("v1", "Node") => Raw::Node(Box::new(self.decode(&value, origin, &label)?)),
+            (version, k) if tiers::versions(k).is_some() => {
+                if !tiers::versions(k).unwrap_or_default().contains(&version) {
+                    return Err(origin.error(Some(label), None, tiers::unknown_version(k, version)));
+                }
+                Raw::ClusterPolicy(Box::new(self.cluster_policy(&value, origin, &label)?))
+            }
             ("networking.k8s.io/v1", "NetworkPolicy") => Raw::Policy(self.decode(&value, origin, &label)?),
             ("net.alpha.kubernetes.io/v1alpha1", "NetworkPolicy") => {
                 let v1 = legacy_to_v1(&value).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
@@ -766,17 +817,31 @@ impl Collector<'_> {
                 unknown_fields(v, kept.get(key), key.clone(), &mut unknown);
             }
         }
-        if !unknown.is_empty() {
-            let list: Vec<String> = unknown.iter().map(|p| format!("unknown field {p:?}")).collect();
-            let error =
-                origin.error(Some(label.to_string()), None, format!("strict decoding error: {}", list.join(", ")));
-            if !self.options.lenient {
-                return Err(error);
-            }
-            self.warnings
-                .push(format!("{error} (--lenient: ignored, as a server without strict field validation drops it)"));
-        }
+        self.unknown_fields(&unknown, origin, label)?;
         Ok(typed)
+    }
+
+    /// Converts a cluster policy of a file ([`tiers::Mode::File`]), its unknown fields
+    /// refused as [`Collector::decode`] refuses them (with `lenient`, ignored with a warning).
+    fn cluster_policy(&mut self, value: &Value, origin: &Origin, label: &str) -> Result<ClusterPolicy, LoadError> {
+        let (result, unknown) = tiers::cluster_policy_checked(value, tiers::Mode::File);
+        self.unknown_fields(&unknown, origin, label)?;
+        result.map_err(|e| origin.error(Some(label.to_string()), Some(e.path), e.reason))
+    }
+
+    /// The error (or, with `lenient`, the warning) for fields a kind does not have.
+    fn unknown_fields(&mut self, unknown: &[String], origin: &Origin, label: &str) -> Result<(), LoadError> {
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = unknown.iter().map(|p| format!("unknown field {p:?}")).collect();
+        let error = origin.error(Some(label.to_string()), None, format!("strict decoding error: {}", list.join(", ")));
+        if !self.options.lenient {
+            return Err(error);
+        }
+        self.warnings
+            .push(format!("{error} (--lenient: ignored, as a server without strict field validation drops it)"));
+        Ok(())
     }
 
     /// A workload's fields are checked as strictly as a Pod's (its pod template above all).
@@ -1002,6 +1067,145 @@ impl Placer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::policy::tiers::{ClusterPolicyKind, Tier};
+
+    fn load(text: &str, options: &LoadOptions) -> Result<Loaded, LoadError> {
+        load_sources(&[Source { name: "in.yaml".into(), text: text.into() }], options)
+    }
+
+    fn loaded(text: &str) -> Loaded {
+        load(text, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn error(text: &str) -> String {
+        load(text, &LoadOptions::default()).expect_err("invalid").to_string()
+    }
+
+    /// A cluster policy document of `kind` in `version` named `name`, with a `spec` body
+    /// (YAML lines, indented two spaces).
+    fn tier_doc(version: &str, kind: &str, name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: policy.networking.k8s.io/{version}\nkind: {kind}\nmetadata:\n  name: {name}\nspec:\n{spec}"
+        )
+    }
+
+    const CNP_SPEC: &str = "  tier: Admin\n  priority: 3\n  subject: {namespaces: {}}\n";
+    const ANP_SPEC: &str = "  priority: 2\n  subject: {namespaces: {}}\n";
+    const BANP_SPEC: &str = "  subject: {namespaces: {}}\n";
+
+    fn node_doc(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{zone: x}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {ip}}}\n"
+        )
+    }
+
+    #[test]
+    fn every_cluster_policy_kind_and_version_and_nodes_load_into_the_cluster() {
+        let text = [
+            tier_doc("v1beta1", "ClusterNetworkPolicy", "beta", CNP_SPEC),
+            tier_doc("v1alpha2", "ClusterNetworkPolicy", "alpha", CNP_SPEC),
+            tier_doc("v1alpha1", "AdminNetworkPolicy", "admin", ANP_SPEC),
+            tier_doc("v1alpha1", "BaselineAdminNetworkPolicy", "default", BANP_SPEC),
+            node_doc("worker-1", "192.168.1.10"),
+        ]
+        .join("---\n");
+        let options = LoadOptions {
+            domains: DomainMap::from([("example.com".to_string(), vec!["203.0.113.7".parse().unwrap()])]),
+            ..LoadOptions::default()
+        };
+        let l = load(&text, &options).unwrap();
+        let order: Vec<(Tier, u16, &str, ClusterPolicyKind)> =
+            l.cluster.cluster_policies.iter().map(|p| p.precedence()).collect();
+        assert_eq!(
+            order,
+            [
+                (Tier::Admin, 2, "admin", ClusterPolicyKind::AdminNetworkPolicy),
+                (Tier::Admin, 3, "alpha", ClusterPolicyKind::ClusterNetworkPolicy),
+                (Tier::Admin, 3, "beta", ClusterPolicyKind::ClusterNetworkPolicy),
+                (Tier::Baseline, 0, "default", ClusterPolicyKind::BaselineAdminNetworkPolicy),
+            ]
+        );
+        assert_eq!(l.cluster.nodes.len(), 1);
+        assert_eq!(l.cluster.nodes[0].ips, ["192.168.1.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(l.cluster.domains.as_ref(), &options.domains);
+        assert_eq!(l.node_ips.get(&"192.168.1.10".parse().unwrap()).map(String::as_str), Some("worker-1"));
+    }
+
+    #[test]
+    fn a_nodes_internal_ip_wins_over_what_a_pod_says_and_pods_still_add_the_others() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nspec: {nodeName: pod-says, containers: []}\nstatus: {podIP: 10.0.0.1, hostIP: 192.168.1.10, hostIPs: [{ip: 192.168.1.10}, {ip: 192.168.1.11}]}\n";
+        let without = loaded(pod);
+        assert_eq!(without.node_ips.get(&"192.168.1.10".parse().unwrap()).map(String::as_str), Some("pod-says"));
+        let with = loaded(&format!("{pod}---\n{}", node_doc("worker-1", "192.168.1.10")));
+        assert_eq!(with.node_ips.get(&"192.168.1.10".parse().unwrap()).map(String::as_str), Some("worker-1"));
+        assert_eq!(with.node_ips.get(&"192.168.1.11".parse().unwrap()).map(String::as_str), Some("pod-says"));
+    }
+
+    #[test]
+    fn a_cluster_policy_declared_twice_is_an_error_but_one_name_in_two_kinds_is_not() {
+        let text = [
+            tier_doc("v1beta1", "ClusterNetworkPolicy", "x", CNP_SPEC),
+            tier_doc("v1alpha1", "AdminNetworkPolicy", "x", ANP_SPEC),
+            tier_doc("v1alpha2", "ClusterNetworkPolicy", "x", CNP_SPEC),
+        ];
+        assert_eq!(loaded(&text[..2].join("---\n")).cluster.cluster_policies.len(), 2);
+        assert_eq!(
+            error(&text.join("---\n")),
+            "in.yaml:18: ClusterNetworkPolicy x: declared twice (first at in.yaml:1)"
+        );
+        let nodes = format!("{}---\n{}", node_doc("n", "10.9.0.1"), node_doc("n", "10.9.0.2"));
+        assert_eq!(error(&nodes), "in.yaml:10: Node n: declared twice (first at in.yaml:1)");
+    }
+
+    #[test]
+    fn a_cluster_policy_error_names_the_file_line_object_and_field() {
+        let text = format!(
+            "# head\n{}",
+            tier_doc(
+                "v1beta1",
+                "ClusterNetworkPolicy",
+                "p",
+                "  tier: Admin\n  priority: 2000\n  subject: {namespaces: {}}\n"
+            )
+        );
+        assert_eq!(
+            error(&text),
+            "in.yaml:2: ClusterNetworkPolicy p: spec.priority: must be between 0 and 1000, inclusive (got 2000)"
+        );
+        let list = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: policy.networking.k8s.io/v1alpha1, kind: BaselineAdminNetworkPolicy, metadata: {name: default}, spec: {subject: {}}}\n";
+        assert_eq!(
+            error(list),
+            "in.yaml:1: BaselineAdminNetworkPolicy default: items[0].spec.subject: must set exactly one of \"namespaces\", \"pods\""
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_of_a_cluster_policy_is_refused_like_any_kinds_and_lenient_ignores_it() {
+        let text = tier_doc("v1beta1", "ClusterNetworkPolicy", "p", &format!("{CNP_SPEC}  ingres: []\n"));
+        let expected = "in.yaml:1: ClusterNetworkPolicy p: strict decoding error: unknown field \"spec.ingres\"";
+        assert_eq!(error(&text), expected);
+        let lenient = load(&text, &LoadOptions { lenient: true, ..LoadOptions::default() }).unwrap();
+        assert_eq!(lenient.cluster.cluster_policies.len(), 1);
+        assert!(lenient.warnings.iter().any(|w| w.starts_with(expected)), "{:?}", lenient.warnings);
+        let node = format!(
+            "{}  taints: []\n",
+            node_doc("n", "10.9.0.1").replace("status:\n", "spec:\n  podCIDRz: x\nstatus:\n")
+        );
+        assert_eq!(error(&node), "in.yaml:1: Node n: strict decoding error: unknown field \"spec.podCIDRz\"");
+    }
+
+    #[test]
+    fn an_unknown_version_of_a_cluster_policy_kind_names_the_versions_read() {
+        assert_eq!(
+            error(&tier_doc("v1", "AdminNetworkPolicy", "a", ANP_SPEC)),
+            "in.yaml:1: AdminNetworkPolicy a: no matches for kind \"AdminNetworkPolicy\" in version \"policy.networking.k8s.io/v1\" (netpol reads AdminNetworkPolicy in policy.networking.k8s.io/v1alpha1)"
+        );
+        assert_eq!(
+            error("apiVersion: v2\nkind: Node\nmetadata: {name: n}\n"),
+            "in.yaml:1: Node n: no matches for kind \"Node\" in version \"v2\""
+        );
+    }
 
     #[test]
     fn documents_report_their_first_content_line() {

@@ -991,3 +991,114 @@ fn an_empty_container_port_protocol_defaults_to_tcp_as_the_api_server_does() {
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).starts_with("ALLOWED  default/b -> default/a TCP/80"), "{}", stdout(&o));
 }
+
+// --- cluster-wide tiers: ClusterNetworkPolicy, AdminNetworkPolicy, Node, --resolve ------------
+
+/// A ClusterNetworkPolicy `p` (v1beta1, Admin tier, priority 10, every namespace) with the
+/// given `spec` body lines.
+fn cluster_policy(spec: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata:\n  name: p\nspec:\n  tier: Admin\n  priority: 10\n  subject: {{namespaces: {{}}}}\n{spec}"
+    )
+}
+
+const CNP: &str = "ClusterNetworkPolicy p";
+
+#[test]
+fn a_bad_cluster_network_policy_is_named_with_its_field() {
+    assert_error(
+        &cluster_policy("  egress:\n  - action: Deny\n    to: [{domainNames: [example.com]}]\n"),
+        MATRIX,
+        &format!(
+            "error: bad.yaml:1: {CNP}: spec.egress[0].to[0].domainNames: is only supported in Accept rules (this rule's action is Deny)"
+        ),
+    );
+    assert_error(
+        &cluster_policy("  egress:\n  - action: Accept\n    to: [{networks: [10.0.0.1/8]}]\n"),
+        &["query", "--from", "10.0.0.1", "--to", "10.0.0.2", "--port", "80"],
+        &format!(
+            "error: bad.yaml:1: {CNP}: spec.egress[0].to[0].networks[0]: \"10.0.0.1/8\" has host bits set: write 10.0.0.0/8"
+        ),
+    );
+}
+
+#[test]
+fn an_unknown_field_of_a_cluster_policy_file_is_named_with_its_path() {
+    assert_error(
+        &cluster_policy("  ingress:\n  - action: Accept\n    from: [{namespace: {}}]\n"),
+        MATRIX,
+        &format!(
+            "error: bad.yaml:1: {CNP}: strict decoding error: unknown field \"spec.ingress[0].from[0].namespace\""
+        ),
+    );
+}
+
+#[test]
+fn an_admin_network_policy_in_an_unknown_version_names_the_versions_read() {
+    assert_error(
+        "apiVersion: policy.networking.k8s.io/v1beta1\nkind: AdminNetworkPolicy\nmetadata: {name: a}\nspec: {}\n",
+        MATRIX,
+        "error: bad.yaml:1: AdminNetworkPolicy a: no matches for kind \"AdminNetworkPolicy\" in version \"policy.networking.k8s.io/v1beta1\" (netpol reads AdminNetworkPolicy in policy.networking.k8s.io/v1alpha1)",
+    );
+}
+
+#[test]
+fn a_baseline_admin_network_policy_not_named_default_is_refused() {
+    assert_error(
+        "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: strict}\nspec: {subject: {namespaces: {}}}\n",
+        MATRIX,
+        "error: bad.yaml:1: BaselineAdminNetworkPolicy strict: metadata.name: must be \"default\" (got \"strict\"): there is one BaselineAdminNetworkPolicy in a cluster",
+    );
+}
+
+#[test]
+fn resolve_is_taken_by_every_command_that_loads_and_changes_no_answer_of_the_examples() {
+    let resolve = ["--resolve", "example.com=203.0.113.7", "--resolve", "Example.COM.=2001:db8::7"];
+    let commands: &[&[&str]] = &[
+        &["matrix", "-f", FOUNDING],
+        &["query", "--from", "tenant-a/nginx", "--to", "tenant-a/backend-1", "--port", "80", "-f", FOUNDING],
+        &["explain", "tenant-a/backend-1", "-f", FOUNDING],
+        &["ruleset", "-f", FOUNDING],
+    ];
+    for args in commands {
+        let plain = netpol_check(repo(), args);
+        let with: Vec<&str> = args.iter().copied().chain(resolve).collect();
+        let resolved = netpol_check(repo(), &with);
+        assert_eq!(resolved.status.code(), plain.status.code(), "{args:?}: {}", stderr(&resolved));
+        assert_eq!(stdout(&resolved), stdout(&plain), "{args:?}");
+    }
+}
+
+#[test]
+fn a_bad_resolve_value_is_named_and_exits_2() {
+    let tiers = cluster_policy("  egress:\n  - action: Accept\n    to: [{domainNames: [example.com]}]\n");
+    assert_error(
+        &tiers,
+        &["matrix", "--resolve", "example.com"],
+        "error: invalid value 'example.com' for '--resolve <NAME=IP>': \"example.com\" is not NAME=IP (e.g. example.com=203.0.113.7)",
+    );
+    assert_error(
+        &tiers,
+        &["explain", "a/b", "--resolve", "example.com=203.0.113.300"],
+        "error: invalid value 'example.com=203.0.113.300' for '--resolve <NAME=IP>': \"203.0.113.300\" is not an IPv4 or IPv6 address",
+    );
+    assert_error(
+        &tiers,
+        &["ruleset", "--resolve", "*.example.com=203.0.113.7"],
+        "error: invalid value '*.example.com=203.0.113.7' for '--resolve <NAME=IP>': \"*.example.com\" is not a domain name: must be two or more dot-separated labels of letters, digits, '-' or '_' (each starting and ending with a letter or digit), without a '*'",
+    );
+}
+
+#[test]
+fn a_node_objects_internal_ip_is_that_node_in_a_query() {
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nspec: {nodeName: worker-1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.5}\n";
+    let node = "apiVersion: v1\nkind: Node\nmetadata: {name: worker-1}\nstatus:\n  addresses: [{type: InternalIP, address: 192.168.1.10}]\n";
+    let query = ["query", "--from", "192.168.1.10", "--to", "a/p", "--port", "80", "-f", "bad.yaml"];
+    let without = with_file(pod);
+    let o = netpol_check(without.path(), &query);
+    assert!(stdout(&o).starts_with("ALLOWED  192.168.1.10 -> a/p"), "no Node: an outside address\n{}", stdout(&o));
+    let with = with_file(&format!("{pod}---\n{node}"));
+    let o = netpol_check(with.path(), &query);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("ALLOWED  node/worker-1 -> a/p TCP/80"), "{}", stdout(&o));
+}
