@@ -205,7 +205,11 @@ fn small_cluster(big: &Cluster, pair: &Pair) -> (Cluster, usize, usize) {
         keep.iter().map(|&i| big.pods[i].clone()),
         policies.iter().map(|&i| big.policies[i].clone()),
     )
-    .with_tiers(tiers.iter().map(|&k| big.cluster_policies[k].clone()), (*big.nodes).clone(), (*big.domains).clone());
+    .with_tiers(
+        tiers.iter().map(|&k| big.cluster_policies[k].clone()),
+        (*big.nodes).clone(),
+        (*big.domains).clone(),
+    );
     let index = |i: usize| small.pod_index(&big.pods[i].id).expect("kept");
     let (src, dst) = (index(pair.src), index(pair.dst));
     (small, src, dst)

@@ -655,9 +655,7 @@ pub fn cluster_policies(seed: u64, count: usize) -> Vec<ClusterPolicy> {
                         name: Some(format!("rule-{k}")),
                         action: action(&mut rng),
                         peers: vec![ClusterPeer::Pods(pod_set(&mut rng))],
-                        ports: rng
-                            .chance(50)
-                            .then(|| vec![PortSpec { protocol, port: PortMatch::Range(port, port) }]),
+                        ports: rng.chance(50).then(|| vec![PortSpec { protocol, port: PortMatch::Range(port, port) }]),
                         fail_closed: None,
                     }
                 })
@@ -695,7 +693,10 @@ pub fn cluster_policies(seed: u64, count: usize) -> Vec<ClusterPolicy> {
                 pod_set(&mut rng)
             };
             ClusterPolicy {
-                id: ClusterPolicyId { kind: ClusterPolicyKind::ClusterNetworkPolicy, name: format!("cluster-policy-{i}") },
+                id: ClusterPolicyId {
+                    kind: ClusterPolicyKind::ClusterNetworkPolicy,
+                    name: format!("cluster-policy-{i}"),
+                },
                 tier,
                 priority: (rng.below(101) * 10) as u16,
                 subject,
@@ -749,7 +750,9 @@ pub fn cluster_policy_manifest(policy: &ClusterPolicy) -> serde_json::Value {
                                 PortMatch::Range(a, b) => {
                                     json!({key: {"destinationPort": {"range": {"start": a, "end": b}}}})
                                 }
-                                PortMatch::Any => json!({key: {"destinationPort": {"range": {"start": 1, "end": 65535}}}}),
+                                PortMatch::Any => {
+                                    json!({key: {"destinationPort": {"range": {"start": 1, "end": 65535}}}})
+                                }
                             }
                         })
                         .collect();
@@ -759,7 +762,8 @@ pub fn cluster_policy_manifest(policy: &ClusterPolicy) -> serde_json::Value {
             })
             .collect()
     };
-    let mut spec = json!({"tier": policy.tier.as_str(), "priority": policy.priority, "subject": pod_set(&policy.subject)});
+    let mut spec =
+        json!({"tier": policy.tier.as_str(), "priority": policy.priority, "subject": pod_set(&policy.subject)});
     if !policy.ingress.is_empty() {
         spec["ingress"] = rules(&policy.ingress, "from");
     }

@@ -160,7 +160,8 @@ fn cluster_rule<'a>(
     let ingress = d == Direction::Ingress;
     let dir = if ingress { "ingress" } else { "egress" };
     let peer_field = if ingress { AddrField::Saddr } else { AddrField::Daddr };
-    let base_comment = format!("{} {dir} {} {}", policy.id, rule.label(ri), rule.action);
+    let rule_name = rule.name.clone().unwrap_or_else(|| ri.to_string());
+    let base_comment = format!("{} {dir} rule {rule_name} {}", policy.id, rule.action);
     let verdict = verdict(rule.action);
 
     // Ports: "If unspecified, protocol-specific attributes will not be used to match

@@ -196,6 +196,12 @@ fn join(path: &str, key: &str) -> String {
     if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
 }
 
+/// Whether a v1alpha1 `namespaces` peer is v0.1.0's NamespacedPeer (`{namespaceSelector:
+/// ...}`, `{sameLabels: [...]}`) rather than a label selector (`{matchLabels: ...}`).
+fn is_namespaced_peer(v: &Value) -> bool {
+    ["namespaceSelector", "sameLabels", "notSameLabels"].iter().any(|k| v.get(k).is_some())
+}
+
 /// A field of a mapping; `null` is absent (it carries nothing, as in the API server).
 fn field<'v>(map: &'v Map<String, Value>, key: &str) -> Option<&'v Value> {
     map.get(key).filter(|v| !v.is_null())
@@ -403,8 +409,19 @@ impl Reader {
             Direction::Ingress => "from",
             Direction::Egress => "to",
         };
-        let ports_key = api.ports_field();
-        let map = self.object(v, path, &["name", "action", peer_key, ports_key])?;
+        // ClusterNetworkPolicy v1alpha2 lists ports as `protocols` since network-policy-api
+        // v0.1.8 and as v1alpha1's `ports` (portNumber, namedPort, portRange) before: both
+        // are v1alpha2 objects clusters hold, and a rule sets one of them.
+        let ports_keys: &[&str] =
+            if api == Api::ClusterV1alpha2 { &["protocols", "ports"] } else { &[api.ports_field()] };
+        let mut known = vec!["name", "action", peer_key];
+        known.extend_from_slice(ports_keys);
+        let map = self.object(v, path, &known)?;
+        let ports_key = match ports_keys.iter().copied().filter(|k| field(map, k).is_some()).collect::<Vec<_>>()[..] {
+            [] => ports_keys[0],
+            [one] => one,
+            _ => return Err(FieldError::new(path, "must set at most one of \"protocols\", \"ports\"")),
+        };
 
         // "Name is an identifier for this rule, that may be no more than 100 characters".
         let name = match field(map, "name") {
@@ -457,7 +474,8 @@ impl Reader {
             let mut specs = Vec::new();
             for (i, p) in listed.iter().enumerate() {
                 let port_path = format!("{ports_path}[{i}]");
-                let read = if api.is_cluster() { self.protocol(p, &port_path)? } else { self.port(p, &port_path)? };
+                let read =
+                    if ports_key == "protocols" { self.protocol(p, &port_path)? } else { self.port(p, &port_path)? };
                 match read {
                     Some((found, is_named)) => {
                         if is_named && named.is_none() {
@@ -518,7 +536,24 @@ impl Reader {
         let at = join(path, which);
         let value = &map[which];
         Ok(Some(match which {
+            "namespaces" if !api.is_cluster() && is_namespaced_peer(value) => {
+                match self.namespaced_peer(value, &at)? {
+                    Some(set) => ClusterPeer::Pods(set),
+                    None => return Ok(None),
+                }
+            }
             "namespaces" => ClusterPeer::Pods(self.namespaces(value, &at)?),
+            "pods" if !api.is_cluster() && value.get("namespaces").is_some() => {
+                // v0.1.0's `pods: {namespaces: NamespacedPeer, podSelector}`.
+                let map = self.object(value, &at, &["namespaces", "podSelector"])?;
+                let Some(mut set) = self.namespaced_peer(&map["namespaces"], &join(&at, "namespaces"))? else {
+                    return Ok(None);
+                };
+                let pods = field(map, "podSelector")
+                    .ok_or_else(|| FieldError::new(join(&at, "podSelector"), "is required"))?;
+                set.pods = self.selector(pods, &join(&at, "podSelector"))?;
+                ClusterPeer::Pods(set)
+            }
             "pods" => ClusterPeer::Pods(self.namespaced_pods(value, &at, api)?),
             "nodes" => ClusterPeer::Nodes(self.selector(value, &at)?),
             "networks" => {
@@ -544,6 +579,31 @@ impl Reader {
                 ClusterPeer::DomainNames(domains)
             }
         }))
+    }
+
+    /// v1alpha1 as network-policy-api v0.1.0 shipped it: `namespaces: {namespaceSelector |
+    /// sameLabels | notSameLabels}` (v0.1.1 made `namespaces` the selector itself). Every
+    /// pod of the selected namespaces. `sameLabels` and `notSameLabels` relate the peer to
+    /// each subject's own namespace, which netpol does not model: an error in a file, and in
+    /// an object from the API server a peer we cannot read (`None`: its rule fails closed).
+    fn namespaced_peer(&mut self, v: &Value, path: &str) -> Result<Option<PodSet>> {
+        const FIELDS: &[&str] = &["namespaceSelector", "sameLabels", "notSameLabels"];
+        let map = self.object(v, path, FIELDS)?;
+        match Self::one_of(map, path, FIELDS)? {
+            Some("namespaceSelector") => {
+                let at = join(path, "namespaceSelector");
+                Ok(Some(PodSet {
+                    namespaces: self.selector(&map["namespaceSelector"], &at)?,
+                    pods: Selector::everything(),
+                }))
+            }
+            Some(other) if self.mode == Mode::File => Err(FieldError::new(
+                join(path, other),
+                "is not supported by netpol (network-policy-api v0.1.0; later versions dropped it)",
+            )),
+            Some(_) => Ok(None),
+            None => Err(FieldError::new(path, format!("must set exactly one of {}", names(FIELDS)))),
+        }
     }
 
     /// A ClusterNetworkPolicy `protocols` entry: the specs, and whether it is a named port;
@@ -1285,5 +1345,65 @@ mod tests {
         assert_eq!(internal_ips(&typed), ips[..2]);
         let bad = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n", "labels": {"zone": "-x"}}});
         assert!(node(&bad).unwrap_err().to_string().starts_with("metadata.labels[zone]: invalid label value"));
+    }
+
+    #[test]
+    fn a_v1alpha2_rule_reads_ports_as_earlier_releases_wrote_them_or_protocols_but_not_both() {
+        let with = |rule: Value| {
+            object(
+                V1ALPHA2,
+                "ClusterNetworkPolicy",
+                "p",
+                json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {}}, "egress": [rule]}),
+            )
+        };
+        let to = json!([{"namespaces": {}}]);
+        let ports = json!([{"portNumber": {"protocol": "TCP", "port": 80}}]);
+        let protocols = json!([{"tcp": {"destinationPort": {"number": 80}}}]);
+        let by_ports = file(&with(json!({"action": "Deny", "to": to, "ports": ports})));
+        let by_protocols = file(&with(json!({"action": "Deny", "to": to, "protocols": protocols})));
+        assert_eq!(by_ports.egress[0].ports, Some(vec![tcp(80)]));
+        assert_eq!(by_ports, by_protocols);
+        assert_eq!(
+            error(&with(json!({"action": "Deny", "to": to, "ports": ports, "protocols": protocols}))),
+            "spec.egress[0]: must set at most one of \"protocols\", \"ports\""
+        );
+        // v1beta1 has `protocols` only.
+        let v1beta1 = cnp_egress(json!([{"action": "Deny", "to": to, "ports": ports}]));
+        assert_eq!(error(&v1beta1), "spec.egress[0].ports: unknown field");
+    }
+
+    #[test]
+    fn a_v1alpha1_namespaces_peer_in_its_first_released_shape_reads_as_the_later_one() {
+        let first = anp_egress(json!([{"action": "Deny", "to": [
+            {"namespaces": {"namespaceSelector": {"matchLabels": {"team": "a"}}}},
+            {"pods": {"namespaces": {"namespaceSelector": {"matchLabels": {"team": "b"}}}, "podSelector": {"matchLabels": {"app": "db"}}}},
+        ]}]));
+        let later = anp_egress(json!([{"action": "Deny", "to": [
+            {"namespaces": {"matchLabels": {"team": "a"}}},
+            {"pods": {"namespaceSelector": {"matchLabels": {"team": "b"}}, "podSelector": {"matchLabels": {"app": "db"}}}},
+        ]}]));
+        assert_eq!(file(&first), file(&later));
+        assert_eq!(
+            file(&first).egress[0].peers[0],
+            ClusterPeer::Pods(PodSet { namespaces: labelled("team", "a"), pods: Selector::everything() })
+        );
+    }
+
+    #[test]
+    fn same_labels_peers_are_refused_in_files_and_fail_closed_from_the_api_server() {
+        let policy = anp_egress(json!([{"action": "Deny", "to": [{"namespaces": {"sameLabels": ["tenant"]}}]}]));
+        assert_eq!(
+            error(&policy),
+            "spec.egress[0].to[0].namespaces.sameLabels: is not supported by netpol (network-policy-api v0.1.0; later versions dropped it)"
+        );
+        let rule = &api_server(&policy).egress[0];
+        assert_eq!(
+            (rule.action, &rule.peers),
+            (Action::Deny, &vec![ClusterPeer::Everything]),
+            "a Deny rule denies all"
+        );
+        let allow = anp_egress(json!([{"action": "Allow", "to": [{"namespaces": {"notSameLabels": ["tenant"]}}]}]));
+        assert!(api_server(&allow).egress[0].peers.is_empty(), "an Allow rule matches nothing");
     }
 }
