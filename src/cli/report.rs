@@ -215,8 +215,10 @@ pub fn describe_side(cluster: &Cluster, conn: &Connection, side: &SideVerdict) -
             Endpoint::Pod(_) => lines.push(format!("{label} {name}: a hostNetwork pod, which NetworkPolicy does not select")),
         },
         Decision::NotIsolated => lines.push(format!(
-            "{label} {name}: allowed, the pod is not isolated for {} (no policy in its namespace selects it with policyTypes {})",
-            side.direction, side.direction
+            "{label} {name}: allowed, the pod is not isolated for {} (no policy in its namespace selects it with policyTypes {}{})",
+            side.direction,
+            side.direction,
+            if cluster.has_tiers() { ", and no cluster policy rule matches" } else { "" }
         )),
         Decision::Allowed(m) => {
             let policy = &cluster.policies[m.policy];
@@ -265,15 +267,21 @@ pub fn describe_side(cluster: &Cluster, conn: &Connection, side: &SideVerdict) -
             }
         }
     }
-    // The Pass rules that sent the connection on, before the tier that decided it.
+    // The Pass rules that sent the connection on, in the order they did: an Admin one
+    // before the decision's details, a Baseline one (on to the default) after them.
+    let mut admin = Vec::new();
+    let mut baseline = Vec::new();
     for m in &side.passed {
-        let next = match cluster.cluster_policies[m.policy].tier {
-            Tier::Admin => "the NetworkPolicy tier",
-            Tier::Baseline => "the default (allow)",
+        let (next, out) = match cluster.cluster_policies[m.policy].tier {
+            Tier::Admin => ("the NetworkPolicy tier", &mut admin),
+            Tier::Baseline => ("the default (allow)", &mut baseline),
         };
-        lines.push(format!("  passed on to {next} by {}", cluster_rule_name(cluster, m, side.direction)));
-        lines.push(format!("    matched {}", cluster_match_detail(cluster, m, side.direction)));
+        out.push(format!("  passed on to {next} by {}", cluster_rule_name(cluster, m, side.direction)));
+        out.push(format!("    matched {}", cluster_match_detail(cluster, m, side.direction)));
     }
+    let at = lines.len().min(1);
+    lines.splice(at..at, admin);
+    lines.extend(baseline);
     lines
 }
 

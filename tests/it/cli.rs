@@ -1102,3 +1102,74 @@ fn a_node_objects_internal_ip_is_that_node_in_a_query() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).starts_with("ALLOWED  node/worker-1 -> a/p TCP/80"), "{}", stdout(&o));
 }
+
+// --- the cluster-wide tiers ------------------------------------------------------------------
+
+const TENANTS: &str = "policy-examples/tier-tenant-isolation";
+
+#[test]
+fn query_names_the_tier_policy_priority_and_rule_that_denied_a_connection() {
+    let o = netpol_check(
+        repo(),
+        &["query", "-f", TENANTS, "--from", "tenant-b/web", "--to", "tenant-a/web", "--port", "80"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.starts_with("DENIED  tenant-b/web -> tenant-a/web TCP/80\n"), "{text}");
+    assert!(
+        text.contains(
+            "ingress to tenant-a/web: DENIED by ClusterNetworkPolicy tenant-a-isolation (Admin, priority 10) ingress rule \"deny-other-tenants\"\n  matched spec.ingress[1].from[0]: Deny from all pods in namespaces with tenant, on all traffic"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn query_shows_the_pass_that_handed_a_connection_to_the_network_policy_that_decided_it() {
+    let o = netpol_check(
+        repo(),
+        &["query", "-f", TENANTS, "--from", "tenant-a/web", "--to", "tenant-a/db", "--port", "5432"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    let pass = text.find("passed on to the NetworkPolicy tier by ClusterNetworkPolicy tenant-a-isolation (Admin, priority 10) ingress rule \"tenant-a-decides-its-own\"");
+    let decided = text.find("matched tenant-a/db-from-web spec.ingress[0].from[0], ports[0]");
+    assert!(pass.is_some() && decided.is_some() && pass < decided, "the Pass, then the NetworkPolicy rule:\n{text}");
+}
+
+#[test]
+fn query_json_carries_the_cluster_policy_decision_and_the_passes() {
+    let o = netpol_check(
+        repo(),
+        &["query", "-o", "json", "-f", TENANTS, "--from", "tenant-a/web", "--to", "tenant-a/db", "--port", "5432"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["ingress"]["decision"]["policy"], "tenant-a/db-from-web");
+    let pass = &v["ingress"]["passed"][0];
+    assert_eq!(pass["clusterPolicy"], "ClusterNetworkPolicy tenant-a-isolation");
+    assert_eq!((&pass["tier"], &pass["priority"], &pass["action"]), (&"Admin".into(), &10.into(), &"Pass".into()));
+    assert_eq!(pass["ruleName"], "tenant-a-decides-its-own");
+    let denied = netpol_check(
+        repo(),
+        &["query", "-o", "json", "-f", TENANTS, "--from", "tenant-b/web", "--to", "tenant-a/web", "--port", "80"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&denied.stdout).expect("JSON");
+    assert_eq!(v["ingress"]["decision"]["action"], "Deny");
+    assert_eq!(v["ingress"]["decision"]["rule"], 1);
+    assert!(v["egress"].get("passed").is_none(), "no pass, no key: {v}");
+}
+
+#[test]
+fn verify_agrees_on_every_tier_example_with_the_ruleset_engine() {
+    for example in [
+        "tier-tenant-isolation",
+        "tier-monitoring-exception",
+        "tier-baseline-default-deny",
+        "tier-egress-cidr-deny",
+        "tier-legacy-admin-baseline",
+    ] {
+        let dir = format!("policy-examples/{example}");
+        let o = netpol_check(repo(), &["verify", "--engines", "evaluator,ruleset", "--family", "ipv4", "-f", &dir]);
+        assert_eq!(o.status.code(), Some(0), "{example}: {}{}", stdout(&o), stderr(&o));
+    }
+}
