@@ -149,6 +149,59 @@ fn evaluator_ruleset_and_kernel_agree_on_random_clusters_with_host_network_pods(
     assert!(failures.is_empty(), "{} disagreements:\n{}", failures.len(), failures.join("\n"));
 }
 
+const TIERED_SEEDS: u64 = 48;
+
+/// The cluster-wide tiers on a real kernel: `small_random_tiered` clusters (every kind,
+/// tier, action and peer kind, tied priorities, hostNetwork pods whose addresses are node
+/// addresses), each engine's matrices compared cell by cell.
+#[test]
+fn evaluator_ruleset_and_kernel_agree_on_random_clusters_with_cluster_policies() {
+    if !common::kernel_or_skip() {
+        return;
+    }
+    let started = Instant::now();
+    let probes = random_probes();
+    let engines: Vec<String> = ["evaluator", "ruleset", "kernel"].map(String::from).into();
+    let mut failures = Vec::new();
+    let (mut cells, mut by_cluster_policy) = (0, 0);
+    for seed in 0..TIERED_SEEDS {
+        let cluster = generate::small_random_tiered(seed);
+        let results = match three_engines(&cluster, &probes) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("seed {seed}: {e}"));
+                continue;
+            }
+        };
+        let report = verify::Report::new(engines.clone(), FAMILIES.to_vec(), probes.clone(), &results);
+        cells += report.cells;
+        for d in &report.disagreements {
+            failures.push(format!("seed {seed}, {:?}: {}", d.family, report.describe(&cluster, d)));
+        }
+        // Cells a cluster policy rule decided (Accept, Deny), by the evaluator's account.
+        for probe in &probes {
+            for i in 0..cluster.pods.len() {
+                for j in 0..cluster.pods.len() {
+                    if let Some(conn) = matrix::cell_connection(&cluster, probe, Family::Primary, i, j) {
+                        let v = netpol::policy::evaluate::evaluate(&cluster, &conn);
+                        by_cluster_policy += [&v.egress, &v.ingress]
+                            .iter()
+                            .filter(|s| matches!(s.decision, netpol::policy::evaluate::Decision::Cluster(_)))
+                            .count();
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{TIERED_SEEDS} random tiered clusters × 3 families × 3 engines: {cells} cells, {by_cluster_policy} \
+         sides decided by a cluster policy rule, in {:.1?}",
+        started.elapsed()
+    );
+    assert!(by_cluster_policy > 200, "only {by_cluster_policy} sides decided by cluster policies");
+    assert!(failures.is_empty(), "{} disagreements:\n{}", failures.len(), failures.join("\n"));
+}
+
 /// Two nodes; node n1 runs two hostNetwork pods with the node's address and a pod, node n2
 /// one hostNetwork pod and two pods. Every pod of `a` is ingress-isolated with no rule;
 /// `a/client` may send only to 10.0.0.1/32 (n1's address).
