@@ -822,7 +822,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 })
             });
             for (d, policies) in [Direction::Egress, Direction::Ingress].into_iter().zip(&by_direction) {
-                let jumps = tiers.add_pod(cluster, i, d);
+                let jumps = tiers.add_pod(cluster, i, d, !policies.is_empty());
                 if policies.is_empty() && jumps.is_empty() {
                     continue; // unpoliced: absent from the dispatch map, passes
                 }

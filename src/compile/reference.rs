@@ -55,7 +55,7 @@ pub fn compile_with_namer(cluster: &Cluster, config: &NodeConfig, namer: &Namer)
         let pod = &cluster.pods[i];
         for d in [Direction::Egress, Direction::Ingress] {
             let isolating = cluster.isolating_policies(i, d);
-            let jumps = tiers.add_pod(cluster, i, d);
+            let jumps = tiers.add_pod(cluster, i, d, !isolating.is_empty());
             if isolating.is_empty() && jumps.is_empty() {
                 continue;
             }

@@ -69,14 +69,17 @@ pub(super) struct TierPlan {
 
 impl TierPlan {
     /// Records the cluster policies governing local pod `i` in direction `d`, and returns
-    /// the tier chains its pod chain jumps to.
-    pub fn add_pod(&mut self, cluster: &Cluster, i: usize, d: Direction) -> TierJumps {
+    /// the tier chains its pod chain jumps to. `isolated`: a NetworkPolicy isolates the pod
+    /// for `d`, so its Baseline tier never applies ("Further evaluation only happens for
+    /// Pods not selected by a v1.NetworkPolicy").
+    pub fn add_pod(&mut self, cluster: &Cluster, i: usize, d: Direction, isolated: bool) -> TierJumps {
         if !cluster.has_tiers() {
             return TierJumps::default();
         }
         let pod = &cluster.pods[i];
         let labels = cluster.namespace_labels(&pod.id.namespace);
         let governing: Vec<usize> = (0..cluster.cluster_policies.len())
+            .filter(|&pi| !(isolated && cluster.cluster_policies[pi].tier == Tier::Baseline))
             .filter(|&pi| cluster.cluster_policies[pi].governs(pod, labels, d))
             .collect();
         for &pi in &governing {

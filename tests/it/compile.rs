@@ -589,6 +589,54 @@ proptest! {
     }
 }
 
+/// The chains no base chain reaches, through jumps, gotos and verdict maps.
+fn unreachable_chains(rs: &netpol::nft::ir::Ruleset) -> Vec<String> {
+    use netpol::nft::ir::{MapVerdict, Verdict};
+    let mut reached: BTreeSet<&str> =
+        rs.chains.iter().filter(|(_, c)| c.base.is_some()).map(|(n, _)| n.as_str()).collect();
+    loop {
+        let mut next = reached.clone();
+        for name in &reached {
+            for rule in &rs.chains[*name].rules {
+                match &rule.verdict {
+                    Some(Verdict::Jump(c) | Verdict::Goto(c)) => {
+                        next.insert(c.as_str());
+                    }
+                    Some(Verdict::Vmap { map, .. }) => {
+                        for v in rs.maps[map].elements.values() {
+                            if let MapVerdict::Jump(c) | MapVerdict::Goto(c) = v {
+                                next.insert(c.as_str());
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if next.len() == reached.len() {
+            break;
+        }
+        reached = next;
+    }
+    rs.chains.keys().filter(|n| !reached.contains(n.as_str())).cloned().collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_chain_and_set_a_tiered_compile_makes_is_used(seed in any::<u64>()) {
+        let cluster = generate::small_random_tiered(seed);
+        for node in TIERED_NODES {
+            let rs = compile(&cluster, &NodeConfig::new(node));
+            let unused: Vec<&String> = rs.sets.keys().filter(|n| !rs.referenced_sets().contains(n.as_str())).collect();
+            prop_assert!(unused.is_empty(), "seed {} node {}: sets {:?}", seed, node, unused);
+            let unreachable = unreachable_chains(&rs);
+            prop_assert!(unreachable.is_empty(), "seed {} node {}: chains {:?}", seed, node, unreachable);
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
 
