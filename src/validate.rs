@@ -11,6 +11,7 @@
 //! the same text whichever binary or layer reports it. Nothing here does I/O or needs a
 //! Cargo feature.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -124,6 +125,57 @@ pub fn port_name(name: &str) -> Result<(), String> {
             "invalid port name {name:?}: must be 1-15 lower case letters, digits or '-', with at least one letter and no leading, trailing or double '-'"
         ))
     }
+}
+
+// --- domain names -----------------------------------------------------------------------------
+
+/// One label of a `domainNames` entry as the API's pattern has it:
+/// `[a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?` (no length bound in the pattern).
+fn is_domain_label(label: &str) -> bool {
+    let b = label.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_')
+}
+
+/// A `domainNames` entry of a ClusterNetworkPolicy (or AdminNetworkPolicy): two or more
+/// labels, an optional trailing dot, and `*.` allowed only as a prefix (the CRD's pattern
+/// `^(\*\.)?([a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.?$`).
+pub fn domain_pattern(text: &str) -> Result<(), String> {
+    let name = text.strip_prefix("*.").unwrap_or(text);
+    if is_domain_name(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{text:?} is not a valid domain name: must be two or more dot-separated labels of letters, digits, '-' or '_' \
+             (each starting and ending with a letter or digit), optionally with a trailing '.' or a leading '*.'"
+        ))
+    }
+}
+
+/// A domain name without a wildcard, as [`domain_pattern`] has it.
+fn is_domain_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let labels: Vec<&str> = name.split('.').collect();
+    labels.len() >= 2 && labels.iter().all(|l| is_domain_label(l))
+}
+
+/// `NAME=IP` (netpol-check's `--resolve`): what a domain name resolves to. The name is
+/// returned in lower case without a trailing dot (DNS compares names so); it takes no `*`.
+pub fn resolve_arg(text: &str) -> Result<(String, IpAddr), String> {
+    let Some((name, ip)) = text.split_once('=') else {
+        return Err(format!("{text:?} is not NAME=IP (e.g. example.com=203.0.113.7)"));
+    };
+    let (name, ip) = (name.trim(), ip.trim());
+    if !is_domain_name(name) {
+        return Err(format!(
+            "{name:?} is not a domain name: must be two or more dot-separated labels of letters, digits, '-' or '_' \
+             (each starting and ending with a letter or digit), without a '*'"
+        ));
+    }
+    let ip: IpAddr = ip.parse().map_err(|_| format!("{ip:?} is not an IPv4 or IPv6 address"))?;
+    Ok((name.trim_end_matches('.').to_ascii_lowercase(), ip))
 }
 
 // --- nftables table names ---------------------------------------------------------------------

@@ -123,6 +123,10 @@ struct Input {
     /// first in namespace/name order keeps it; the others take no part).
     #[arg(long)]
     lenient: bool,
+    /// What a domain name resolves to, for the domainNames peers of cluster policies
+    /// (repeatable; IPv4 or IPv6): --resolve example.com=203.0.113.7.
+    #[arg(long, value_name = "NAME=IP", value_parser = validate::resolve_arg)]
+    resolve: Vec<(String, std::net::IpAddr)>,
 }
 
 /// How long a kernel probe waits for an answer: `300ms`, `1s`, `1.5s`.
@@ -385,12 +389,25 @@ fn load_all(input: &Input) -> Result<Loaded> {
         synthetic_ipv4: input.synthetic_ipv4,
         synthetic_ipv6: input.synthetic_ipv6,
         lenient: input.lenient,
+        domains: domains(&input.resolve),
     };
     let loaded = load::load_sources(&sources, &options)?;
     for w in &loaded.warnings {
         note!("warning: {w}");
     }
     Ok(loaded)
+}
+
+/// The `--resolve` entries as one map: a name given twice resolves to every address given.
+fn domains(entries: &[(String, std::net::IpAddr)]) -> netpol::policy::tiers::DomainMap {
+    let mut map = netpol::policy::tiers::DomainMap::new();
+    for (name, ip) in entries {
+        let ips = map.entry(name.clone()).or_default();
+        if !ips.contains(ip) {
+            ips.push(*ip);
+        }
+    }
+    map
 }
 
 /// Probing one family where no pod has an address of it answers nothing but "denied".

@@ -39,7 +39,7 @@ pub fn resolve_endpoint(cluster: &Cluster, text: &str) -> Result<Endpoint, Strin
 }
 
 /// The cluster, plus a node endpoint for each of `endpoints` that is the address of a node
-/// (`node_ips`, e.g. a pod's `status.hostIP`) but of no pod: a hostNetwork pod
+/// (`node_ips`: a Node object's InternalIP, or a pod's `status.hostIP`) but of no pod: a hostNetwork pod
 /// `node/<node name>` of that node. That is what a node is to every engine: traffic it sends
 /// to its own pods is always allowed, and policies see it by IP (ipBlock) only.
 pub fn with_node_endpoints(cluster: &Cluster, node_ips: &BTreeMap<IpAddr, String>, endpoints: &[&str]) -> Cluster {
@@ -63,7 +63,11 @@ pub fn with_node_endpoints(cluster: &Cluster, node_ips: &BTreeMap<IpAddr, String
         return cluster.clone();
     }
     let pods: Vec<Arc<Pod>> = cluster.pods.iter().cloned().chain(nodes.into_iter().map(Arc::new)).collect();
-    Cluster::new(cluster.namespaces.values().cloned().collect(), pods, cluster.policies.iter().cloned())
+    Cluster::new(cluster.namespaces.values().cloned().collect(), pods, cluster.policies.iter().cloned()).with_tiers(
+        cluster.cluster_policies.iter().cloned(),
+        cluster.nodes.to_vec(),
+        cluster.domains.as_ref().clone(),
+    )
 }
 
 /// A port as typed: a number in 1..=65535, or a valid container port name.

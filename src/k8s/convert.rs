@@ -142,7 +142,7 @@ pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodO
 }
 
 fn container_port(p: &core::ContainerPort, path: &str) -> Result<ContainerPort> {
-    let port = port_number(p.container_port, &format!("{path}.containerPort"))?;
+    let port = port_number(p.container_port.into(), &format!("{path}.containerPort"))?;
     // Upstream `SetDefaults_ContainerPort` (pkg/apis/core/v1/defaults.go): `if obj.Protocol
     // == ""` it becomes TCP, so an empty string defaults like an absent one here (unlike a
     // NetworkPolicyPort's protocol, a pointer defaulted only when nil).
@@ -342,7 +342,7 @@ fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
             ));
         }
         (Some(IntOrString::Int(n)), end) => {
-            let start = port_number(*n, &format!("{path}.port"))?;
+            let start = port_number((*n).into(), &format!("{path}.port"))?;
             // "endPort indicates that the range of ports from port to endPort if set,
             // inclusive, should be allowed by the policy. This field cannot be defined if
             // the port field is not defined or if the port field is defined as a named
@@ -350,7 +350,7 @@ fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
             let end = match end {
                 None => start,
                 Some(e) => {
-                    let end = port_number(e, &format!("{path}.endPort"))?;
+                    let end = port_number(e.into(), &format!("{path}.endPort"))?;
                     if end < start {
                         return Err(FieldError::new(
                             format!("{path}.endPort"),
@@ -379,7 +379,7 @@ fn port_spec(p: &net::NetworkPolicyPort, path: &str) -> Result<PortSpec> {
     Ok(PortSpec { protocol, port })
 }
 
-fn protocol(text: Option<&str>, path: &str) -> Result<Protocol> {
+pub(crate) fn protocol(text: Option<&str>, path: &str) -> Result<Protocol> {
     match text {
         None => Ok(Protocol::Tcp),
         Some(t @ ("TCP" | "UDP" | "SCTP")) => Ok(Protocol::parse(t).expect("listed")),
@@ -390,7 +390,7 @@ fn protocol(text: Option<&str>, path: &str) -> Result<Protocol> {
     }
 }
 
-fn port_number(n: i32, path: &str) -> Result<u16> {
+pub(crate) fn port_number(n: i64, path: &str) -> Result<u16> {
     u16::try_from(n)
         .ok()
         .filter(|p| *p >= 1)
@@ -450,7 +450,7 @@ fn object_ref(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta)
     Ok(ObjectRef { namespace, name })
 }
 
-fn labels(map: Option<&std::collections::BTreeMap<String, String>>, path: &str) -> Result<Labels> {
+pub(crate) fn labels(map: Option<&std::collections::BTreeMap<String, String>>, path: &str) -> Result<Labels> {
     let mut out = Labels::new();
     for (k, v) in map.into_iter().flatten() {
         validate_label_key(k, path)?;
@@ -474,7 +474,7 @@ fn validate_dns_label(s: &str, path: &str) -> Result<()> {
     validate::dns_label(s).map_err(|reason| FieldError::new(path, reason))
 }
 
-fn validate_dns_subdomain(s: &str, path: &str) -> Result<()> {
+pub(crate) fn validate_dns_subdomain(s: &str, path: &str) -> Result<()> {
     validate::dns_subdomain(s).map_err(|reason| FieldError::new(path, reason))
 }
 

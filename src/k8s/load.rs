@@ -6,7 +6,10 @@
 //!                                                        ▼
 //!  less a UTF-8 BOM, split into documents (line of each) ─► nesting depth scan
 //!     ─► JSON value(s) (YAML, JSON, or JSON objects one after another) ─► by apiVersion/kind:
-//!     Namespace, Pod, NetworkPolicy ............ typed, unknown fields refused (strict)
+//!     Namespace, Pod, NetworkPolicy, Node ...... typed, unknown fields refused (strict)
+//!     ClusterNetworkPolicy (v1beta1, v1alpha2),
+//!     Admin/BaselineAdminNetworkPolicy (v1alpha1)  k8s::tiers (Mode::File: unknown fields
+//!                                                refused, as for the typed kinds)
 //!     *List ..................................... each item (kind from the list if absent)
 //!     Deployment, StatefulSet, DaemonSet, ... .. typed (strict), then pods from the template
 //!                                                (synthetic IPs), unless ownerReferences
@@ -16,6 +19,8 @@
 //!     anything else ............................ skipped, one warning per kind
 //!                                                        ▼
 //!                         convert (validate, default) ─► shared-IP check
+//!                                                        ▼
+//!                 Cluster::with_tiers(cluster policies, nodes, LoadOptions::domains)
 //!                                                        ▼
 //!                                          Loaded { cluster, warnings, node_ips }
 //! ```
@@ -37,7 +42,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::k8s::convert::{self, FieldError, PodOutcome};
+use crate::k8s::tiers;
 use crate::policy::model::{Cluster, Namespace, ObjectRef, Pod, Policy};
+use crate::policy::tiers::{ClusterPolicy, DomainMap, Node};
 
 /// A load failure, with everything needed to find and fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,11 +94,18 @@ pub struct LoadOptions {
     /// fields (dropped, as without strict field validation) and pods sharing an IP (the
     /// first in namespace/name order keeps it, the others take no part).
     pub lenient: bool,
+    /// What domain names resolve to (netpol-check's `--resolve`), for `domainNames` peers.
+    pub domains: DomainMap,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { synthetic_ipv4: "10.244.0.0/16".parse().expect("valid"), synthetic_ipv6: None, lenient: false }
+        LoadOptions {
+            synthetic_ipv4: "10.244.0.0/16".parse().expect("valid"),
+            synthetic_ipv6: None,
+            lenient: false,
+            domains: DomainMap::new(),
+        }
     }
 }
 
@@ -99,8 +113,9 @@ impl Default for LoadOptions {
 pub struct Loaded {
     pub cluster: Cluster,
     pub warnings: Vec<String>,
-    /// Node addresses the input reveals (a pod's `status.hostIP`/`hostIPs`, a hostNetwork
-    /// pod's IP), with the node each belongs to: such an address means that node.
+    /// Node addresses the input reveals (a Node's InternalIPs first; then a pod's
+    /// `status.hostIP`/`hostIPs`, a hostNetwork pod's IP), with the node each belongs to:
+    /// such an address means that node.
     pub node_ips: BTreeMap<IpAddr, String>,
 }
 
@@ -208,6 +223,9 @@ enum Raw {
     Namespace(core::Namespace),
     Pod(Box<core::Pod>),
     Policy(net::NetworkPolicy),
+    /// A ClusterNetworkPolicy, AdminNetworkPolicy or BaselineAdminNetworkPolicy, converted.
+    ClusterPolicy(Box<ClusterPolicy>),
+    Node(Box<core::Node>),
     /// Pod templates to instantiate: (workload label, pods to make, per-node?).
     Workload {
         kind: String,
@@ -286,7 +304,7 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         }
     }
     for (kind, first) in skipped_kinds {
-        warnings.push(format!("{first}: skipped kind {kind} (netpol-check reads Namespace, Pod, NetworkPolicy and workloads); other objects of this kind are skipped too"));
+        warnings.push(format!("{first}: skipped kind {kind} (netpol-check reads Namespace, Pod, NetworkPolicy, workloads, ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy and Node); other objects of this kind are skipped too"));
     }
 
     // Reject an object declared twice: the second would silently win in a cluster.
@@ -300,11 +318,12 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         }
     }
 
-    // Nodes known from scheduled pods place the pods we synthesize.
+    // Nodes known from scheduled pods and Node objects place the pods we synthesize.
     let mut nodes: BTreeSet<String> = raws
         .iter()
         .filter_map(|(_, _, r)| match r {
             Raw::Pod(p) => p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            Raw::Node(n) => n.metadata.name.clone(),
             _ => None,
         })
         .filter(|n| !n.is_empty())
@@ -371,12 +390,24 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
     let mut namespaces: Vec<Namespace> = Vec::new();
     let mut pods: Vec<Pod> = Vec::new();
     let mut policies: Vec<Policy> = Vec::new();
+    let mut cluster_policies: Vec<ClusterPolicy> = Vec::new();
+    let mut nodes: Vec<Node> = Vec::new();
+    // A Node object's InternalIPs are that node's addresses, whatever pods say.
+    let mut declared_node_ips: BTreeMap<IpAddr, String> = BTreeMap::new();
     let mut pod_ids: HashMap<ObjectRef, String> = HashMap::new();
     let mut pod_origins: HashMap<ObjectRef, (Origin, String)> = HashMap::new();
     for (origin, label, raw) in raws {
         let field_err = |e: FieldError| origin.error(Some(label.clone()), Some(e.path), e.reason);
         match raw {
             Raw::Namespace(ns) => namespaces.push(convert::namespace(&ns).map_err(field_err)?),
+            Raw::ClusterPolicy(policy) => cluster_policies.push(*policy),
+            Raw::Node(node) => {
+                let converted = tiers::node_from(&node).map_err(field_err)?;
+                for ip in tiers::internal_ips(&node) {
+                    declared_node_ips.entry(ip).or_insert_with(|| converted.name.clone());
+                }
+                nodes.push(converted);
+            }
             Raw::Policy(p) => match convert::policy(&p) {
                 Ok(policy) => policies.push(policy),
                 // What netpol-agent enforces for a policy it cannot convert.
@@ -454,7 +485,15 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
             node_ips.entry(*ip).or_insert_with(|| pod.node.as_str().to_string());
         }
     }
-    Ok(Loaded { cluster: Cluster::new(namespaces, pods, policies), warnings, node_ips })
+    if !declared_node_ips.is_empty() {
+        // Node objects name their own addresses; what pods reveal only adds the others.
+        for (ip, node) in node_ips {
+            declared_node_ips.entry(ip).or_insert(node);
+        }
+        node_ips = declared_node_ips;
+    }
+    let cluster = Cluster::new(namespaces, pods, policies).with_tiers(cluster_policies, nodes, options.domains.clone());
+    Ok(Loaded { cluster, warnings, node_ips })
 }
 
 /// Two live pods never hold one address: the engines could not tell them apart (and would
@@ -631,11 +670,15 @@ fn str_field<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
     v.get(key).and_then(Value::as_str)
 }
 
+/// Kinds without a namespace: messages name them by name alone.
+const CLUSTER_SCOPED: &[&str] =
+    &["Namespace", "Node", "ClusterNetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy"];
+
 fn object_label(kind: &str, v: &Value) -> String {
     let meta = v.get("metadata");
     let name = meta.and_then(|m| str_field(m, "name")).unwrap_or("<no name>");
     match meta.and_then(|m| str_field(m, "namespace")) {
-        _ if kind == "Namespace" => format!("{kind} {name}"),
+        _ if CLUSTER_SCOPED.contains(&kind) => format!("{kind} {name}"),
         Some(ns) => format!("{kind} {ns}/{name}"),
         None => format!("{kind} default/{name}"),
     }
@@ -655,6 +698,7 @@ struct Collector<'a> {
 const READ_KINDS: &[(&str, &str)] = &[
     ("v1", "Namespace"),
     ("v1", "Pod"),
+    ("v1", "Node"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("apps/v1", "Deployment"),
     ("apps/v1", "StatefulSet"),
@@ -679,6 +723,13 @@ impl Collector<'_> {
         let raw = match (api_version.as_str(), kind.as_str()) {
             ("v1", "Namespace") => Raw::Namespace(self.decode(&value, origin, &label)?),
             ("v1", "Pod") => Raw::Pod(Box::new(self.decode(&value, origin, &label)?)),
+            ("v1", "Node") => Raw::Node(Box::new(self.decode(&value, origin, &label)?)),
+            (version, k) if tiers::versions(k).is_some() => {
+                if !tiers::versions(k).unwrap_or_default().contains(&version) {
+                    return Err(origin.error(Some(label), None, tiers::unknown_version(k, version)));
+                }
+                Raw::ClusterPolicy(Box::new(self.cluster_policy(&value, origin, &label)?))
+            }
             ("networking.k8s.io/v1", "NetworkPolicy") => Raw::Policy(self.decode(&value, origin, &label)?),
             ("net.alpha.kubernetes.io/v1alpha1", "NetworkPolicy") => {
                 let v1 = legacy_to_v1(&value).map_err(|e| origin.error(Some(label.clone()), Some(e.path), e.reason))?;
@@ -766,17 +817,31 @@ impl Collector<'_> {
                 unknown_fields(v, kept.get(key), key.clone(), &mut unknown);
             }
         }
-        if !unknown.is_empty() {
-            let list: Vec<String> = unknown.iter().map(|p| format!("unknown field {p:?}")).collect();
-            let error =
-                origin.error(Some(label.to_string()), None, format!("strict decoding error: {}", list.join(", ")));
-            if !self.options.lenient {
-                return Err(error);
-            }
-            self.warnings
-                .push(format!("{error} (--lenient: ignored, as a server without strict field validation drops it)"));
-        }
+        self.unknown_fields(&unknown, origin, label)?;
         Ok(typed)
+    }
+
+    /// Converts a cluster policy of a file ([`tiers::Mode::File`]), its unknown fields
+    /// refused as [`Collector::decode`] refuses them (with `lenient`, ignored with a warning).
+    fn cluster_policy(&mut self, value: &Value, origin: &Origin, label: &str) -> Result<ClusterPolicy, LoadError> {
+        let (result, unknown) = tiers::cluster_policy_checked(value, tiers::Mode::File);
+        self.unknown_fields(&unknown, origin, label)?;
+        result.map_err(|e| origin.error(Some(label.to_string()), Some(e.path), e.reason))
+    }
+
+    /// The error (or, with `lenient`, the warning) for fields a kind does not have.
+    fn unknown_fields(&mut self, unknown: &[String], origin: &Origin, label: &str) -> Result<(), LoadError> {
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = unknown.iter().map(|p| format!("unknown field {p:?}")).collect();
+        let error = origin.error(Some(label.to_string()), None, format!("strict decoding error: {}", list.join(", ")));
+        if !self.options.lenient {
+            return Err(error);
+        }
+        self.warnings
+            .push(format!("{error} (--lenient: ignored, as a server without strict field validation drops it)"));
+        Ok(())
     }
 
     /// A workload's fields are checked as strictly as a Pod's (its pod template above all).
