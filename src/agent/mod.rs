@@ -21,12 +21,14 @@ pub mod metrics;
 pub mod nft_target;
 mod node;
 pub mod quarantine;
+pub mod tiers;
 pub mod trigger;
 pub mod watch;
 
 use std::future::Future;
 
 use crate::policy::model::{Namespace, Pod, Policy, SharedList};
+use crate::policy::tiers::{ClusterPolicy, Node};
 
 pub use config::AgentConfig;
 pub use metrics::Metrics;
@@ -49,6 +51,15 @@ pub struct Snapshot {
     /// This node's pod CIDRs (`--pod-cidr` and the Node's `spec.podCIDRs`), sorted: the
     /// compiler drops traffic of addresses inside them that are no known local pod.
     pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// The cluster policies of the three kinds, in [`ClusterPolicy::precedence`] order
+    /// (shared with the stores until one changes).
+    pub cluster_policies: SharedList<ClusterPolicy>,
+    /// Every node (name, labels, addresses), sorted by name: what `nodes` peers select.
+    pub nodes: std::sync::Arc<Vec<Node>>,
+    /// Cluster policies that failed conversion and are enforced by a deny stand-in (in
+    /// `cluster_policies`), and those that cannot be enforced at all (in `skipped_objects`).
+    pub fail_closed_cluster_policies: usize,
+    pub unenforced_cluster_policies: usize,
 }
 
 /// What one sync did, for metrics.
