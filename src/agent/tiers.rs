@@ -185,10 +185,8 @@ impl<T: TierKind> Watched for TierObject<T> {
     type Model = ClusterPolicy;
     const KIND: &'static str = T::KIND;
     const DEFAULT_NAMESPACE: &'static str = "";
-    const FAIL_CLOSED_MEANS: &'static str =
-        "enforced fail-closed: its subjects' traffic is denied at its tier and priority in the directions it has rules for";
-    const SKIPPED_MEANS: &'static str =
-        "NOT ENFORCED: its subject cannot be read, so no one knows whom to deny (the agent reports not ready until it is fixed)";
+    const FAIL_CLOSED_MEANS: &'static str = "enforced fail-closed: its subjects' traffic is denied at its tier and priority in the directions it has rules for";
+    const SKIPPED_MEANS: &'static str = "NOT ENFORCED: its subject cannot be read, so no one knows whom to deny (the agent reports not ready until it is fixed)";
 
     fn convert(&self) -> Result<Option<ClusterPolicy>, FieldError> {
         cluster_policy(&self.value(), Mode::ApiServer).map(Some)
@@ -220,14 +218,11 @@ impl<T: TierKind> Watched for TierObject<T> {
     }
 
     fn changed(stores: &mut AgentStores) {
-        let mut all: Vec<Arc<ClusterPolicy>> = [
-            &stores.cluster_network_policies,
-            &stores.admin_network_policies,
-            &stores.baseline_admin_network_policies,
-        ]
-        .iter()
-        .flat_map(|o| o.enforced().iter().cloned())
-        .collect();
+        let mut all: Vec<Arc<ClusterPolicy>> =
+            [&stores.cluster_network_policies, &stores.admin_network_policies, &stores.baseline_admin_network_policies]
+                .iter()
+                .flat_map(|o| o.enforced().iter().cloned())
+                .collect();
         all.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
         stores.cluster_policies = Arc::new(all);
         stores.tier_report = TierReport::of(stores);
@@ -335,6 +330,7 @@ impl ClusterWatch {
         &self,
         client: &Client,
         config: &watcher::Config,
+        recheck: Duration,
         trigger: &Trigger,
         hook: Option<&EventHook>,
     ) {
@@ -360,13 +356,18 @@ impl ClusterWatch {
                     if news {
                         tracing::info!(
                             resource = resource.as_str(),
-                            recheck = ?CRD_RECHECK,
-                            "CRD not installed (404): working without {}; checking again every 30-60 s",
-                            T::KIND
+                            recheck = ?recheck,
+                            "CRD not installed (404): working without {}; checking again every {:?}-{:?}",
+                            T::KIND,
+                            recheck,
+                            recheck * 2
                         );
                     }
                     if emptied {
-                        tracing::warn!(resource = resource.as_str(), "the CRD is gone: its policies are no longer enforced");
+                        tracing::warn!(
+                            resource = resource.as_str(),
+                            "the CRD is gone: its policies are no longer enforced"
+                        );
                     }
                     counters.delivered(resource);
                     if counters.mark_listed(resource) {
@@ -376,7 +377,7 @@ impl ClusterWatch {
                     if news || emptied {
                         trigger.notify();
                     }
-                    let wait = CRD_RECHECK + CRD_RECHECK.mul_f64(jitter());
+                    let wait = recheck + recheck.mul_f64(jitter());
                     tokio::time::sleep(wait).await;
                 }
                 Err(error) => {

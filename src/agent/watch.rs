@@ -762,8 +762,7 @@ impl AgentStores {
             Event::Apply(obj) => {
                 let entry = entry(obj, self);
                 let objects = K::objects(self);
-                if let (Entry::Active(new), Some(Entry::Active(old))) =
-                    (&entry, objects.live.get(&entry as &dyn Keyed))
+                if let (Entry::Active(new), Some(Entry::Active(old))) = (&entry, objects.live.get(&entry as &dyn Keyed))
                     && K::unchanged(old, new)
                 {
                     return false;
@@ -812,7 +811,8 @@ impl AgentStores {
         let (pods, b, _) = self.pods.active();
         let (policies, c, fail_closed_policies) = self.policies.active();
         let d = self.nodes.invalid;
-        let unenforced = [&self.cluster_network_policies, &self.admin_network_policies, &self.baseline_admin_network_policies];
+        let unenforced =
+            [&self.cluster_network_policies, &self.admin_network_policies, &self.baseline_admin_network_policies];
         let e: usize = unenforced.iter().map(|o| o.invalid).sum();
         let fail_closed_cluster_policies = unenforced.iter().map(|o| o.fail_closed).sum();
         Snapshot {
@@ -883,6 +883,9 @@ pub struct WatchOptions {
     pub node_wait: Duration,
     pub supervision: Supervision,
     pub on_event: Option<EventHook>,
+    /// A cluster policy kind whose CRD is not installed is probed for again after this
+    /// long plus up to as much again ([`super::tiers::CRD_RECHECK`]).
+    pub crd_recheck: Duration,
 }
 
 /// How long the first sync waits for the agent's Node by default (see [`WatchOptions`]).
@@ -897,6 +900,7 @@ impl WatchOptions {
             node_wait: DEFAULT_NODE_WAIT,
             supervision: Supervision::default(),
             on_event: None,
+            crd_recheck: super::tiers::CRD_RECHECK,
         }
     }
 }
@@ -1031,7 +1035,7 @@ impl ClusterWatch {
 
     /// The watch task: every watch, until one panics (none ends otherwise).
     async fn run_all(self, client: Client, options: WatchOptions, trigger: Trigger) {
-        let WatchOptions { config, node, on_event: hook, .. } = options;
+        let WatchOptions { config, node, on_event: hook, crd_recheck, .. } = options;
         let node_watch = async {
             let Some(name) = node else { return };
             let wait = async {
@@ -1077,9 +1081,9 @@ impl ClusterWatch {
                 hook,
                 false
             ),
-            self.run_crd::<ClusterNetwork>(&client, &config, &trigger, hook),
-            self.run_crd::<Admin>(&client, &config, &trigger, hook),
-            self.run_crd::<Baseline>(&client, &config, &trigger, hook),
+            self.run_crd::<ClusterNetwork>(&client, &config, crd_recheck, &trigger, hook),
+            self.run_crd::<Admin>(&client, &config, crd_recheck, &trigger, hook),
+            self.run_crd::<Baseline>(&client, &config, crd_recheck, &trigger, hook),
             node_watch,
         );
     }

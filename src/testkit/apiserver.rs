@@ -71,7 +71,8 @@ impl Kind {
     /// The listed kinds, in a fixed order.
     pub const ALL: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy];
     /// The kinds served only while their CRD is installed.
-    pub const CRDS: [Kind; 3] = [Kind::ClusterNetworkPolicy, Kind::AdminNetworkPolicy, Kind::BaselineAdminNetworkPolicy];
+    pub const CRDS: [Kind; 3] =
+        [Kind::ClusterNetworkPolicy, Kind::AdminNetworkPolicy, Kind::BaselineAdminNetworkPolicy];
 
     /// The kind of a k8s-openapi resource type, if the fake serves it.
     pub fn of<K: k8s_openapi::Resource>() -> Option<Kind> {
@@ -693,9 +694,7 @@ fn route(path: &str) -> Option<(Kind, Option<String>)> {
         ["apis", "networking.k8s.io", "v1", "namespaces", ns, "networkpolicies"] => {
             Some((Kind::NetworkPolicy, Some(ns.to_string())))
         }
-        ["apis", POLICY_GROUP, _, plural] => {
-            Kind::CRDS.into_iter().find(|k| k.plural() == *plural).map(|k| (k, None))
-        }
+        ["apis", POLICY_GROUP, _, plural] => Kind::CRDS.into_iter().find(|k| k.plural() == *plural).map(|k| (k, None)),
         _ => None,
     }
 }
