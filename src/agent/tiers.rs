@@ -414,3 +414,92 @@ async fn probe<T: TierKind>(client: &Client) -> Result<Option<ApiResource>, kube
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::watcher::Event;
+    use serde_json::json;
+
+    use super::*;
+
+    fn admin(name: &str, priority: u16) -> TierObject<Admin> {
+        TierObject::new(
+            serde_json::from_value(json!({
+                "apiVersion": "policy.networking.k8s.io/v1alpha1",
+                "kind": "AdminNetworkPolicy",
+                "metadata": {"name": name, "resourceVersion": "1"},
+                "spec": {
+                    "priority": priority,
+                    "subject": {"namespaces": {}},
+                    "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}],
+                },
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn node(name: &str, zone: &str, heartbeat: &str) -> k8s_openapi::api::core::v1::Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"zone": zone}},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+                "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}],
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn snapshots_share_the_cluster_policy_and_node_lists_until_one_changes() {
+        let mut stores = AgentStores::default();
+        stores.apply(&admin("b", 20));
+        stores.apply(&admin("a", 30));
+        stores.apply(&node("node-a", "z1", "2026-01-01T00:00:00Z"));
+        let (one, two) = (stores.snapshot(), stores.snapshot());
+        assert!(Arc::ptr_eq(&one.cluster_policies, &two.cluster_policies));
+        assert!(Arc::ptr_eq(&one.nodes, &two.nodes));
+        // In precedence order (priority), not the store's name order.
+        let names: Vec<&str> = one.cluster_policies.iter().map(|p| p.id.name.as_str()).collect();
+        assert_eq!(names, ["b", "a"]);
+
+        // A node status update that changes no label or address is no change at all.
+        assert!(!stores.handle(&Event::Apply(node("node-a", "z1", "2026-01-01T00:00:40Z"))));
+        assert!(Arc::ptr_eq(&one.nodes, &stores.snapshot().nodes));
+        assert!(!stores.handle(&Event::Apply(admin("a", 30))), "the same policy again");
+        assert!(Arc::ptr_eq(&one.cluster_policies, &stores.snapshot().cluster_policies));
+
+        assert!(stores.handle(&Event::Apply(node("node-a", "z2", "2026-01-01T00:01:20Z"))));
+        assert_eq!(stores.snapshot().nodes[0].labels["zone"], "z2");
+        assert!(stores.handle(&Event::Apply(admin("a", 10))));
+        let names: Vec<String> = stores.snapshot().cluster_policies.iter().map(|p| p.id.name.clone()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(one.cluster_policies.len(), 2, "a taken snapshot keeps its list");
+    }
+
+    #[test]
+    fn a_stand_in_keeps_tier_priority_and_subject_and_denies_only_the_directions_with_rules() {
+        let value = json!({
+            "apiVersion": "policy.networking.k8s.io/v1beta1",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "p"},
+            "spec": {
+                "tier": "Baseline",
+                "priority": 7,
+                "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                "egress": [{"action": "Sometimes", "to": [{"networks": ["10.0.0.0/8"]}]}],
+                "ingress": [],
+            },
+        });
+        let error = cluster_policy(&value, Mode::ApiServer).unwrap_err();
+        let p = stand_in(&value, &error).unwrap();
+        assert_eq!((p.tier.as_str(), p.priority), ("Baseline", 7));
+        assert!(p.ingress.is_empty());
+        assert_eq!(p.egress.len(), 1);
+        assert_eq!((p.egress[0].action, &p.egress[0].peers[..]), (Action::Deny, &[ClusterPeer::Everything][..]));
+
+        let mut unreadable = value.clone();
+        unreadable["spec"]["subject"] = json!({"namespaces": {"matchLabels": {"team": "not a value!"}}});
+        let error = cluster_policy(&unreadable, Mode::ApiServer).unwrap_err();
+        assert_eq!(stand_in(&unreadable, &error), None);
+    }
+}
