@@ -210,7 +210,7 @@ async fn a_crd_installed_later_is_picked_up_and_enforced_and_goes_with_its_crd()
         })
         .await;
     assert!(!agent.table().contains("Admin tier"));
-    assert!(agent.readiness().is_ok(), "{:?}", agent.readiness());
+    agent.until("ready", |a| a.readiness().is_ok()).await;
 
     // And a ClusterNetworkPolicy CRD serving only v1alpha2 is read in v1alpha2.
     server.install_crd_version(Kind::ClusterNetworkPolicy, "policy.networking.k8s.io/v1alpha2");
@@ -270,7 +270,7 @@ async fn a_peer_of_a_newer_api_fails_closed_a_pass_rule_denies_everything_and_an
     assert_eq!(agent.fate(OUTSIDE, WEB, 443), Some(Fate::Drop), "everything, not only team b");
     let rules = &agent.watch.snapshot().cluster_policies[0].ingress;
     assert!(rules[0].peers.is_empty() && rules[0].fail_closed.is_some(), "{rules:?}");
-    assert!(agent.readiness().is_ok(), "converted (as the API asks): ready, {:?}", agent.readiness());
+    agent.until("ready", |a| a.readiness().is_ok()).await;
     let metrics = agent.metrics_text();
     let line = "netpol_cluster_policies_unenforced_peers{kind=\"ClusterNetworkPolicy\",field=\"unknown\"} 1";
     assert!(metrics.contains(line), "{line} in\n{metrics}");
@@ -294,7 +294,7 @@ async fn a_cluster_policy_that_fails_conversion_is_denied_at_its_tier_or_reporte
     assert_eq!((stand_in.tier.as_str(), stand_in.priority), ("Baseline", 10));
     assert!(stand_in.egress.is_empty(), "no egress rules: egress untouched");
     assert_eq!(agent.fate(WEB, OUTSIDE, 80), Some(Fate::Accept));
-    assert!(agent.readiness().is_ok());
+    agent.until("ready", |a| a.readiness().is_ok()).await;
 
     // Unreadable subject: nobody knows whom to deny. Not enforced, and not ready.
     let mut broken_subject = cnp("broken-subject", "Admin", 1, "Deny");
@@ -344,5 +344,5 @@ async fn domain_names_peers_match_nothing_and_are_reported_once_per_policy() {
     agent.until("two policies with names", |a| a.watch.snapshot().cluster_policies.len() == 3).await;
     let line = "netpol_cluster_policies_unenforced_peers{kind=\"ClusterNetworkPolicy\",field=\"domainNames\"} 2";
     assert!(agent.metrics_text().contains(line), "{line} in\n{}", agent.metrics_text());
-    assert!(agent.readiness().is_ok(), "reported, not unready: {:?}", agent.readiness());
+    agent.until("ready", |a| a.readiness().is_ok()).await;
 }
