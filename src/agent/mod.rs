@@ -4,8 +4,9 @@
 //! The agent is level-triggered: watch events only update the stores and poke a
 //! [`trigger::Trigger`]; the sync loop then hands the whole [`Snapshot`] to a
 //! [`SyncTarget`] (compile + diff + nft), never a single event. Nothing is synced until
-//! Pods, Namespaces and NetworkPolicies have all listed once (and the agent's Node has
-//! been read, or `--node-wait` passed); any failure makes the next sync a full one.
+//! Pods, Namespaces, NetworkPolicies, Nodes and the cluster policy kinds (or their CRD's
+//! 404) have all listed once (and the agent's Node has been read, or `--node-wait`
+//! passed); any failure makes the next sync a full one.
 //!
 //! ```text
 //!  supervisor ─► watch task (pods, namespaces, policies, own Node) ─► stores ─► Trigger

@@ -267,7 +267,14 @@ fn unenforced_fields(policy: &ClusterPolicy) -> Vec<&'static str> {
 /// Warns once per policy about each peer field the agent does not enforce as written.
 fn report_peers(policy: &ClusterPolicy, stores: &mut AgentStores) {
     let kind = policy.id.kind.as_str();
-    for field in unenforced_fields(policy) {
+    let fields = unenforced_fields(policy);
+    // A field the policy no longer has is warned about anew if it comes back.
+    if !stores.reported_peers.is_empty() {
+        stores
+            .reported_peers
+            .retain(|(k, name, f)| (*k, name.as_str()) != (kind, &policy.id.name) || fields.contains(f));
+    }
+    for field in fields {
         if !stores.reported_peers.insert((kind, policy.id.name.clone(), field)) {
             continue;
         }

@@ -1,5 +1,6 @@
-//! Kubernetes watches: `kube-runtime` watchers for Pods (all namespaces), Namespaces and
-//! NetworkPolicies, feeding the agent's own stores of converted model objects.
+//! Kubernetes watches: `kube-runtime` watchers for Pods (all namespaces), Namespaces,
+//! NetworkPolicies, Nodes and the cluster policy kinds (while their CRDs are installed, see
+//! [`super::tiers`]), feeding the agent's own stores of converted model objects.
 //!
 //! ```text
 //!  watcher() ──Event──► convert on arrival ──► share labels, node name, ports (interners)
