@@ -114,6 +114,12 @@ pub fn readiness(state: &SyncState, watches: Option<&WatchCounters>, limits: &Pr
                 reasons.push(format!("watch of {} is not live", r.as_str()));
             }
         }
+        // A cluster policy whose subject cannot be read is not enforced at all (see
+        // `agent::tiers`): the agent does not claim to enforce the cluster's policies.
+        let unenforced = w.tier_report().unenforced;
+        if !unenforced.is_empty() {
+            reasons.push(format!("cluster policies not enforced (failed conversion): {}", unenforced.join(", ")));
+        }
     }
     if reasons.is_empty() { Ok(()) } else { Err(reasons.join("; ")) }
 }

@@ -68,6 +68,17 @@ struct ResourceLabels {
     resource: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PeerFieldLabels {
+    kind: &'static str,
+    field: &'static str,
+}
+
 fn mode(full: bool) -> ModeLabels {
     ModeLabels { mode: if full { Mode::full } else { Mode::partial } }
 }
@@ -110,6 +121,9 @@ struct Inner {
     netlink_fallbacks: Counter,
     guard_enabled: Gauge,
     fail_closed_policies: Gauge,
+    crd_installed: Family<ResourceLabels, Gauge>,
+    cluster_policies: Family<StateLabels, Gauge>,
+    unenforced_peers: Family<PeerFieldLabels, Gauge>,
     foreign_table_changes: Counter,
     conntrack_flows_deleted: Family<ReasonLabels, Counter>,
     started: std::time::Instant,
@@ -158,6 +172,9 @@ impl Metrics {
         let netlink_fallbacks = Counter::default();
         let guard_enabled = Gauge::default();
         let fail_closed_policies = Gauge::default();
+        let crd_installed = Family::<ResourceLabels, Gauge>::default();
+        let cluster_policies = Family::<StateLabels, Gauge>::default();
+        let unenforced_peers = Family::<PeerFieldLabels, Gauge>::default();
         let foreign_table_changes = Counter::default();
         let conntrack_flows_deleted = Family::<ReasonLabels, Counter>::default();
 
@@ -272,6 +289,21 @@ impl Metrics {
             fail_closed_policies.clone(),
         );
         registry.register(
+            "crd_installed",
+            "Whether the CRD of a cluster policy kind is installed (1) or not (0: the agent works without the kind and probes for it every 30-60 s)",
+            crd_installed.clone(),
+        );
+        registry.register(
+            "cluster_policies",
+            "Cluster policies (ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy) by state: enforced, fail_closed (failed conversion, enforced by a deny stand-in), unenforced (failed conversion, subject unreadable: not enforced)",
+            cluster_policies.clone(),
+        );
+        registry.register(
+            "cluster_policies_unenforced_peers",
+            "Cluster policies with peers the agent does not enforce as written, by kind and field: domainNames (no DNS-aware enforcement: they match nothing), unknown (a newer API's peer: the rule fails closed)",
+            unenforced_peers.clone(),
+        );
+        registry.register(
             "foreign_table_changes",
             "Changes another program made to the agent's table (or lost nf_tables announcements), each \
              undone at once by a full sync",
@@ -312,6 +344,9 @@ impl Metrics {
                 netlink_fallbacks,
                 guard_enabled,
                 fail_closed_policies,
+                crd_installed,
+                cluster_policies,
+                unenforced_peers,
                 foreign_table_changes,
                 conntrack_flows_deleted,
                 started: std::time::Instant::now(),
@@ -370,6 +405,10 @@ impl Metrics {
             (Resource::Pods, snapshot.pods.len()),
             (Resource::Namespaces, snapshot.namespaces.len()),
             (Resource::NetworkPolicies, snapshot.policies.len()),
+            (Resource::Nodes, snapshot.nodes.len()),
+            (Resource::ClusterNetworkPolicies, count(snapshot, "ClusterNetworkPolicy")),
+            (Resource::AdminNetworkPolicies, count(snapshot, "AdminNetworkPolicy")),
+            (Resource::BaselineAdminNetworkPolicies, count(snapshot, "BaselineAdminNetworkPolicy")),
         ] {
             self.inner.index_objects.get_or_create(&ResourceLabels { resource: resource.as_str() }).set(gauge_value(n));
         }
@@ -393,6 +432,29 @@ impl Metrics {
                 i.watch_event_age.get_or_create(&l).set(age.as_secs_f64());
             }
             set_counter(&i.watch_restarts, w.restarts());
+            for r in Resource::CRDS {
+                if let Some(installed) = w.crd_installed(r) {
+                    i.crd_installed.get_or_create(&ResourceLabels { resource: r.as_str() }).set(i64::from(installed));
+                }
+            }
+            let report = w.tier_report();
+            for (state, n) in [
+                ("enforced", report.enforced),
+                ("fail_closed", report.fail_closed),
+                ("unenforced", report.unenforced.len()),
+            ] {
+                i.cluster_policies.get_or_create(&StateLabels { state }).set(gauge_value(n));
+            }
+            // Bounded: three kinds, two fields. A pair that went back to none shows 0.
+            for kind in ["ClusterNetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy"] {
+                for field in ["domainNames", "unknown"] {
+                    let n = report.unenforced_peers.get(&(kind, field)).copied().unwrap_or(0);
+                    let labels = PeerFieldLabels { kind, field };
+                    if n > 0 || i.unenforced_peers.get(&labels).is_some() {
+                        i.unenforced_peers.get_or_create(&labels).set(gauge_value(n));
+                    }
+                }
+            }
         }
         let wall = state.last_success_wall.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
         i.last_success_timestamp.set(wall.map_or(0.0, |d| d.as_secs_f64()));
@@ -403,6 +465,11 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &i.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// The snapshot's cluster policies of `kind`.
+fn count(snapshot: &Snapshot, kind: &str) -> usize {
+    snapshot.cluster_policies.iter().filter(|p| p.id.kind.as_str() == kind).count()
 }
 
 fn gauge_value(n: usize) -> i64 {

@@ -4,8 +4,9 @@
 //! The agent is level-triggered: watch events only update the stores and poke a
 //! [`trigger::Trigger`]; the sync loop then hands the whole [`Snapshot`] to a
 //! [`SyncTarget`] (compile + diff + nft), never a single event. Nothing is synced until
-//! Pods, Namespaces and NetworkPolicies have all listed once (and the agent's Node has
-//! been read, or `--node-wait` passed); any failure makes the next sync a full one.
+//! Pods, Namespaces, NetworkPolicies, Nodes and the cluster policy kinds (or their CRD's
+//! 404) have all listed once (and the agent's Node has been read, or `--node-wait`
+//! passed); any failure makes the next sync a full one.
 //!
 //! ```text
 //!  supervisor ─► watch task (pods, namespaces, policies, own Node) ─► stores ─► Trigger
@@ -21,12 +22,14 @@ pub mod metrics;
 pub mod nft_target;
 mod node;
 pub mod quarantine;
+pub mod tiers;
 pub mod trigger;
 pub mod watch;
 
 use std::future::Future;
 
 use crate::policy::model::{Namespace, Pod, Policy, SharedList};
+use crate::policy::tiers::{ClusterPolicy, Node};
 
 pub use config::AgentConfig;
 pub use metrics::Metrics;
@@ -49,6 +52,15 @@ pub struct Snapshot {
     /// This node's pod CIDRs (`--pod-cidr` and the Node's `spec.podCIDRs`), sorted: the
     /// compiler drops traffic of addresses inside them that are no known local pod.
     pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// The cluster policies of the three kinds, in [`ClusterPolicy::precedence`] order
+    /// (shared with the stores until one changes).
+    pub cluster_policies: SharedList<ClusterPolicy>,
+    /// Every node (name, labels, addresses), sorted by name: what `nodes` peers select.
+    pub nodes: std::sync::Arc<Vec<Node>>,
+    /// Cluster policies that failed conversion and are enforced by a deny stand-in (in
+    /// `cluster_policies`), and those that cannot be enforced at all (in `skipped_objects`).
+    pub fail_closed_cluster_policies: usize,
+    pub unenforced_cluster_policies: usize,
 }
 
 /// What one sync did, for metrics.

@@ -40,6 +40,7 @@ use crate::nft::interpret::Interpreter;
 use crate::nft::ir::Ruleset;
 use crate::nft::{NftError, Nftables, Op, Transaction};
 use crate::policy::model::{Cluster, Namespace, NamespaceMap, Pod, SharedList, namespace_map};
+use crate::policy::tiers::DomainMap;
 
 /// Idle sets (peer sets no chain looks up any more) stay in the kernel while they hold at
 /// most this many elements per cluster pod in all, unless [`NftTarget::keeping_idle_sets`]
@@ -181,7 +182,7 @@ impl<N: Nftables> NftTarget<N> {
             Arc::clone(&snapshot.pods),
             Arc::clone(&snapshot.policies),
         );
-        self.compiler.compile(&cluster, applied)
+        self.compiler.compile(&with_tiers(cluster, snapshot), applied)
     }
 }
 
@@ -192,9 +193,19 @@ pub fn cluster(snapshot: &Snapshot) -> (Cluster, usize) {
     (cluster_with(snapshot, Arc::new(namespaces)), snapshot.skipped_objects)
 }
 
-fn cluster_with(snapshot: &Snapshot, namespaces: Arc<NamespaceMap>) -> Cluster {
+pub(crate) fn cluster_with(snapshot: &Snapshot, namespaces: Arc<NamespaceMap>) -> Cluster {
     // The stores keep their objects sorted by namespace and name.
-    Cluster::from_sorted(namespaces, Arc::clone(&snapshot.pods), Arc::clone(&snapshot.policies))
+    let cluster = Cluster::from_sorted(namespaces, Arc::clone(&snapshot.pods), Arc::clone(&snapshot.policies));
+    with_tiers(cluster, snapshot)
+}
+
+/// `cluster` with the snapshot's cluster policies and nodes, shared as they are (the
+/// stores keep them in precedence and name order). No domain name resolves in the agent:
+/// `domainNames` peers match nothing (see [`crate::agent::tiers`]).
+pub(crate) fn with_tiers(cluster: Cluster, snapshot: &Snapshot) -> Cluster {
+    static NO_DOMAINS: std::sync::OnceLock<Arc<DomainMap>> = std::sync::OnceLock::new();
+    let domains = Arc::clone(NO_DOMAINS.get_or_init(Arc::default));
+    cluster.with_sorted_tiers(Arc::clone(&snapshot.cluster_policies), Arc::clone(&snapshot.nodes), domains)
 }
 
 impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {

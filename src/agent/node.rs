@@ -1,6 +1,10 @@
 //! The agent's own Node, for its pod CIDRs: one GET, then a WATCH of that one object
-//! (`fieldSelector=metadata.name=<node>`). The ClusterRole grants `get` and `watch` on
-//! nodes and nothing else, so the Node is never listed.
+//! (`fieldSelector=metadata.name=<node>`). The agent also lists and watches every Node
+//! (slim: name, labels, addresses, for the `nodes` peers of cluster policies; `watch.rs`);
+//! this read stays separate because the first sync waits for it alone (`--node-wait`), a
+//! missing own Node is not an error, and its pod CIDRs change the compiler's configuration
+//! (a full sync) where the other nodes change only the cluster. The cost is one more watch
+//! per agent, of one object.
 //!
 //! ```text
 //!  GET nodes/<node> ──► spec.podCIDRs ──► ClusterWatch::set_node_cidrs ──(changed)──► full sync

@@ -173,8 +173,11 @@ impl<N: Nftables + Send + 'static> Quarantining<N> {
             .collect();
         let nft = self.target.nftables();
         culprit(&candidates, |only| {
+            // With the cluster policies: they are compiled with every candidate (and alone
+            // first: if they fail by themselves, no NetworkPolicy is the culprit).
             let cluster =
                 Cluster::from_sorted(Arc::clone(&namespaces), Arc::clone(&snapshot.pods), Arc::new(only.to_vec()));
+            let cluster = crate::agent::nft_target::with_tiers(cluster, snapshot);
             // A panic (compiling, or in the backend) fails as a refusal does.
             std::panic::catch_unwind(AssertUnwindSafe(|| nft.check(&full_sync(&compile(&cluster, config))).is_err()))
                 .unwrap_or(true)

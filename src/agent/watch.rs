@@ -1,5 +1,6 @@
-//! Kubernetes watches: `kube-runtime` watchers for Pods (all namespaces), Namespaces and
-//! NetworkPolicies, feeding the agent's own stores of converted model objects.
+//! Kubernetes watches: `kube-runtime` watchers for Pods (all namespaces), Namespaces,
+//! NetworkPolicies, Nodes and the cluster policy kinds (while their CRDs are installed, see
+//! [`super::tiers`]), feeding the agent's own stores of converted model objects.
 //!
 //! ```text
 //!  watcher() ──Event──► convert on arrival ──► share labels, node name, ports (interners)
@@ -49,13 +50,14 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::k8s;
 use crate::k8s::convert::{self, FieldError, PodOutcome};
-use crate::policy::model;
+use crate::policy::{model, tiers};
 
 use super::Snapshot;
 use super::trigger::{SnapshotSource, Trigger};
 
-/// The watched resources: the three the agent lists and watches, and the agent's own
+/// The watched resources: the ones the agent lists and watches, and the agent's own
 /// Node (read with a GET and a field-selected WATCH, for its pod CIDRs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Resource {
@@ -63,11 +65,31 @@ pub enum Resource {
     Namespaces,
     NetworkPolicies,
     Node,
+    /// Every Node, slim (name, labels, addresses): what `nodes` peers of cluster policies select.
+    Nodes,
+    /// The cluster policy CRDs (`policy.networking.k8s.io`), each watched only while its
+    /// CRD is installed (see [`super::tiers`]).
+    ClusterNetworkPolicies,
+    AdminNetworkPolicies,
+    BaselineAdminNetworkPolicies,
 }
 
 impl Resource {
-    /// The listed resources: nothing is synced until each has listed once.
-    pub const ALL: [Resource; 3] = [Resource::Pods, Resource::Namespaces, Resource::NetworkPolicies];
+    /// The listed resources: nothing is synced until each has listed once (a CRD kind whose
+    /// CRD is not installed counts as listed, empty).
+    pub const ALL: [Resource; 7] = [
+        Resource::Pods,
+        Resource::Namespaces,
+        Resource::NetworkPolicies,
+        Resource::Nodes,
+        Resource::ClusterNetworkPolicies,
+        Resource::AdminNetworkPolicies,
+        Resource::BaselineAdminNetworkPolicies,
+    ];
+
+    /// The kinds served by CRDs, which may not be installed.
+    pub const CRDS: [Resource; 3] =
+        [Resource::ClusterNetworkPolicies, Resource::AdminNetworkPolicies, Resource::BaselineAdminNetworkPolicies];
 
     /// Label value used in logs and metrics.
     pub fn as_str(self) -> &'static str {
@@ -76,11 +98,20 @@ impl Resource {
             Resource::Namespaces => "namespaces",
             Resource::NetworkPolicies => "networkpolicies",
             Resource::Node => "node",
+            Resource::Nodes => "nodes",
+            Resource::ClusterNetworkPolicies => "clusternetworkpolicies",
+            Resource::AdminNetworkPolicies => "adminnetworkpolicies",
+            Resource::BaselineAdminNetworkPolicies => "baselineadminnetworkpolicies",
         }
     }
 
     fn index(self) -> usize {
         self as usize
+    }
+
+    /// The cluster policy kinds (their store changes the tier report).
+    fn is_tiers(self) -> bool {
+        Resource::CRDS.contains(&self)
     }
 }
 
@@ -100,12 +131,14 @@ struct PerResource {
     /// event or bookmark the watch delivered, and of its last error.
     last_ok: AtomicU64,
     last_error: AtomicU64,
+    /// A CRD kind: 0 not probed yet, 1 its CRD is installed, 2 it is not.
+    crd: std::sync::atomic::AtomicU8,
 }
 
 /// Counters per watched resource, read by the metrics endpoint, the probes and by tests.
 #[derive(Debug)]
 pub struct WatchCounters {
-    per: [PerResource; 4],
+    per: [PerResource; 8],
     /// Tokio time the millisecond stamps count from.
     origin: Instant,
     /// Whether the Node is watched (a node name was given).
@@ -114,6 +147,8 @@ pub struct WatchCounters {
     restarts: AtomicU64,
     /// Stamp (as `last_ok`) of the supervisor's last heartbeat.
     supervisor_beat: AtomicU64,
+    /// What the stores of the cluster policy kinds hold that is not enforced as written.
+    tiers: Mutex<super::tiers::TierReport>,
 }
 
 impl Default for WatchCounters {
@@ -124,6 +159,7 @@ impl Default for WatchCounters {
             node_watched: AtomicBool::new(false),
             restarts: AtomicU64::new(0),
             supervisor_beat: AtomicU64::new(0),
+            tiers: Mutex::default(),
         }
     }
 }
@@ -208,6 +244,36 @@ impl WatchCounters {
         self.listed(r) && (error <= ok || self.since(error).is_some_and(|d| d >= WATCH_HEAL_AFTER))
     }
 
+    /// Whether the CRD of a CRD kind is installed (`None`: not probed yet, or no CRD kind).
+    pub fn crd_installed(&self, r: Resource) -> Option<bool> {
+        match self.per[r.index()].crd.load(Ordering::SeqCst) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Records whether the CRD of `r` is installed; whether that is news.
+    pub(super) fn set_crd_installed(&self, r: Resource, installed: bool) -> bool {
+        let state = if installed { 1 } else { 2 };
+        self.per[r.index()].crd.swap(state, Ordering::SeqCst) != state
+    }
+
+    /// Marks a listed resource as listed (a CRD kind without its CRD: listed, empty);
+    /// whether it is the first time.
+    pub(super) fn mark_listed(&self, r: Resource) -> bool {
+        !self.per[r.index()].listed.swap(true, Ordering::SeqCst)
+    }
+
+    /// The cluster policies not enforced as written, as the stores last held them.
+    pub fn tier_report(&self) -> super::tiers::TierReport {
+        self.tiers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(super) fn set_tier_report(&self, report: super::tiers::TierReport) {
+        *self.tiers.lock().unwrap_or_else(|e| e.into_inner()) = report;
+    }
+
     /// Time since the watch supervisor's last heartbeat (`None` before it started).
     pub fn since_supervisor_beat(&self) -> Option<Duration> {
         self.since(self.supervisor_beat.load(Ordering::SeqCst))
@@ -277,6 +343,19 @@ impl Keyed for model::Policy {
 impl Keyed for model::Namespace {
     fn key(&self) -> (&str, &str) {
         ("", &self.name)
+    }
+}
+
+impl Keyed for tiers::Node {
+    fn key(&self) -> (&str, &str) {
+        ("", &self.name)
+    }
+}
+
+/// Each cluster policy kind has its own store: the name is the key.
+impl Keyed for tiers::ClusterPolicy {
+    fn key(&self) -> (&str, &str) {
+        ("", &self.id.name)
     }
 }
 
@@ -440,14 +519,33 @@ impl<M: Keyed> Objects<M> {
     fn active(&self) -> (Arc<Vec<Arc<M>>>, usize, usize) {
         (Arc::clone(&self.active), self.invalid, self.fail_closed)
     }
+
+    /// The objects syncs enforce, sorted by key.
+    pub(super) fn enforced(&self) -> &Arc<Vec<Arc<M>>> {
+        &self.active
+    }
+
+    /// The keys of the objects that failed conversion and are not enforced at all.
+    pub(super) fn invalid_keys(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.live.iter().filter(|e| matches!(e, Entry::Invalid(_))).map(|e| e.key())
+    }
+
+    /// How many objects failed conversion and are enforced by a fail-closed stand-in.
+    pub(super) fn fail_closed_count(&self) -> usize {
+        self.fail_closed
+    }
 }
 
 /// A watched Kubernetes kind and the model object it converts to.
-pub trait Watched: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
+pub trait Watched: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
     type Model: Keyed + Debug + Send + Sync + 'static;
     const KIND: &'static str;
     /// The namespace [`convert`] gives an object that names none ("" if cluster-scoped).
     const DEFAULT_NAMESPACE: &'static str;
+    /// What the warning about an object that failed conversion says is done with it, when
+    /// [`Watched::fail_closed`] gives a stand-in, and when it does not.
+    const FAIL_CLOSED_MEANS: &'static str = "enforced fail-closed: it isolates the pods it selects and allows nothing";
+    const SKIPPED_MEANS: &'static str = "skipped";
     /// `Ok(None)`: valid, but it takes no part (logged at debug level with the reason).
     fn convert(&self) -> Result<Option<Self::Model>, FieldError>;
     /// What to enforce for an object that failed conversion with `error`: `None` skips it.
@@ -459,6 +557,15 @@ pub trait Watched: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned +
         model
     }
     fn objects(stores: &mut AgentStores) -> &mut Objects<Self::Model>;
+    /// Completes an object as it arrives from `api` (a dynamic object's apiVersion and kind).
+    fn arrived(&mut self, _dynamic_type: &Self::DynamicType) {}
+    /// Whether `new` changes nothing a sync sees in `old`: its update needs no sync (a
+    /// Node's status updates, most of which touch neither labels nor addresses).
+    fn unchanged(_old: &Self::Model, _new: &Self::Model) -> bool {
+        false
+    }
+    /// Called after this kind's store changed (the stores' derived lists follow it).
+    fn changed(_stores: &mut AgentStores) {}
 }
 
 impl Watched for Pod {
@@ -518,6 +625,27 @@ fn display_key((namespace, name): &ObjectKey) -> String {
     if namespace.is_empty() { name.clone() } else { format!("{namespace}/{name}") }
 }
 
+/// Every Node, for the `nodes` peers of cluster policies: its name, labels and addresses
+/// ([`k8s::tiers::node_from`]); the rest of the (large) object is dropped on arrival.
+impl Watched for k8s_openapi::api::core::v1::Node {
+    type Model = tiers::Node;
+    const KIND: &'static str = "Node";
+    const DEFAULT_NAMESPACE: &'static str = "";
+    fn convert(&self) -> Result<Option<tiers::Node>, FieldError> {
+        k8s::tiers::node_from(self).map(Some)
+    }
+    fn objects(stores: &mut AgentStores) -> &mut Objects<tiers::Node> {
+        &mut stores.nodes
+    }
+    fn unchanged(old: &tiers::Node, new: &tiers::Node) -> bool {
+        old == new
+    }
+    fn changed(stores: &mut AgentStores) {
+        // The stores keep nodes sorted by name, as the Cluster wants them.
+        stores.node_list = Arc::new(stores.nodes.active.iter().map(|n| (**n).clone()).collect());
+    }
+}
+
 /// Converts one arriving object. One that fails conversion is warned about here, once per
 /// object and reason (not again on every relist or status update), with structured fields.
 fn entry<K: Watched>(obj: &K, stores: &mut AgentStores) -> Entry<K::Model> {
@@ -538,11 +666,7 @@ fn entry<K: Watched>(obj: &K, stores: &mut AgentStores) -> Entry<K::Model> {
                 stores.failed.insert((K::KIND, (*key).clone()), e.to_string()).is_none_or(|old| old != e.to_string());
             if first {
                 let (namespace, name) = &*key;
-                let enforced = if stand_in.is_some() {
-                    "enforced fail-closed: it isolates the pods it selects and allows nothing"
-                } else {
-                    "skipped"
-                };
+                let enforced = if stand_in.is_some() { K::FAIL_CLOSED_MEANS } else { K::SKIPPED_MEANS };
                 tracing::warn!(kind = K::KIND, namespace, name, field = %e.path, reason = %e.reason, "{} {} failed conversion, {enforced}: {e}", K::KIND, display_key(&key));
             }
             match stand_in {
@@ -560,6 +684,20 @@ pub struct AgentStores {
     pods: Objects<model::Pod>,
     namespaces: Objects<model::Namespace>,
     policies: Objects<model::Policy>,
+    pub(super) nodes: Objects<tiers::Node>,
+    pub(super) cluster_network_policies: Objects<tiers::ClusterPolicy>,
+    pub(super) admin_network_policies: Objects<tiers::ClusterPolicy>,
+    pub(super) baseline_admin_network_policies: Objects<tiers::ClusterPolicy>,
+    /// The active nodes, sorted by name (rebuilt when a node changes).
+    node_list: Arc<Vec<tiers::Node>>,
+    /// The cluster policies of the three stores in [`tiers::ClusterPolicy::precedence`]
+    /// order, rebuilt when one changes, so that every snapshot shares the list.
+    pub(super) cluster_policies: model::SharedList<tiers::ClusterPolicy>,
+    /// What of the cluster policies is not enforced as written (rebuilt with the list).
+    pub(super) tier_report: super::tiers::TierReport,
+    /// Cluster policies (kind, name, what) already warned about for a peer the agent does
+    /// not enforce as written: each is warned about once.
+    pub(super) reported_peers: HashSet<(&'static str, String, &'static str)>,
     /// One copy of each distinct pod label set: replicas of a workload share theirs.
     pod_labels: Interner<model::Labels>,
     /// One copy of each node name and of each distinct container port list.
@@ -609,25 +747,50 @@ impl<T: Eq + Hash + ?Sized> Interner<T> {
 }
 
 impl AgentStores {
-    /// Applies one watcher event.
-    pub fn handle<K: Watched>(&mut self, event: &Event<K>) {
+    /// Applies one watcher event; whether a sync may see a change (an update that changes
+    /// nothing of a kind with [`Watched::unchanged`] does not).
+    pub fn handle<K: Watched>(&mut self, event: &Event<K>) -> bool {
         match event {
             Event::Init => K::objects(self).init(),
             Event::InitApply(obj) => {
                 let entry = entry(obj, self);
                 K::objects(self).apply(entry, true)
             }
-            Event::InitDone => K::objects(self).init_done(),
+            Event::InitDone => {
+                K::objects(self).init_done();
+                K::changed(self);
+            }
             Event::Apply(obj) => {
                 let entry = entry(obj, self);
-                K::objects(self).apply(entry, false)
+                let objects = K::objects(self);
+                if let (Entry::Active(new), Some(Entry::Active(old))) = (&entry, objects.live.get(&entry as &dyn Keyed))
+                    && K::unchanged(old, new)
+                {
+                    return false;
+                }
+                objects.apply(entry, false);
+                K::changed(self);
             }
             Event::Delete(obj) => {
                 let key = object_key(obj.meta(), K::DEFAULT_NAMESPACE);
                 self.forget_failure(K::KIND, || Box::new(key.clone()));
-                K::objects(self).delete(&key)
+                if !self.reported_peers.is_empty() {
+                    self.reported_peers.retain(|(kind, name, _)| (*kind, name.as_str()) != (K::KIND, key.1.as_str()));
+                }
+                K::objects(self).delete(&key);
+                K::changed(self);
             }
         }
+        true
+    }
+
+    /// Empties the store of `K` as a list of no objects would (a CRD kind whose CRD is not
+    /// installed); whether it held anything.
+    pub(super) fn clear<K: Watched>(&mut self) -> bool {
+        let had = !K::objects(self).live.is_empty();
+        self.handle::<K>(&Event::Init);
+        self.handle::<K>(&Event::InitDone);
+        had
     }
 
     /// The object converts again, or is gone: a new failure of it is warned about anew.
@@ -648,7 +811,23 @@ impl AgentStores {
         let (namespaces, a, _) = self.namespaces.active();
         let (pods, b, _) = self.pods.active();
         let (policies, c, fail_closed_policies) = self.policies.active();
-        Snapshot { namespaces, pods, policies, skipped_objects: a + b + c, fail_closed_policies, pod_cidrs: Vec::new() }
+        let d = self.nodes.invalid;
+        let unenforced =
+            [&self.cluster_network_policies, &self.admin_network_policies, &self.baseline_admin_network_policies];
+        let e: usize = unenforced.iter().map(|o| o.invalid).sum();
+        let fail_closed_cluster_policies = unenforced.iter().map(|o| o.fail_closed).sum();
+        Snapshot {
+            namespaces,
+            pods,
+            policies,
+            skipped_objects: a + b + c + d + e,
+            fail_closed_policies,
+            pod_cidrs: Vec::new(),
+            cluster_policies: Arc::clone(&self.cluster_policies),
+            nodes: Arc::clone(&self.node_list),
+            fail_closed_cluster_policies,
+            unenforced_cluster_policies: e,
+        }
     }
 }
 
@@ -705,6 +884,9 @@ pub struct WatchOptions {
     pub node_wait: Duration,
     pub supervision: Supervision,
     pub on_event: Option<EventHook>,
+    /// A cluster policy kind whose CRD is not installed is probed for again after this
+    /// long plus up to as much again ([`super::tiers::CRD_RECHECK`]).
+    pub crd_recheck: Duration,
 }
 
 /// How long the first sync waits for the agent's Node by default (see [`WatchOptions`]).
@@ -719,6 +901,7 @@ impl WatchOptions {
             node_wait: DEFAULT_NODE_WAIT,
             supervision: Supervision::default(),
             on_event: None,
+            crd_recheck: super::tiers::CRD_RECHECK,
         }
     }
 }
@@ -853,7 +1036,7 @@ impl ClusterWatch {
 
     /// The watch task: every watch, until one panics (none ends otherwise).
     async fn run_all(self, client: Client, options: WatchOptions, trigger: Trigger) {
-        let WatchOptions { config, node, on_event: hook, .. } = options;
+        let WatchOptions { config, node, on_event: hook, crd_recheck, .. } = options;
         let node_watch = async {
             let Some(name) = node else { return };
             let wait = async {
@@ -868,22 +1051,40 @@ impl ClusterWatch {
             let api = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
             futures::join!(super::node::watch_node(&self, api, &name, &trigger, hook.as_ref()), wait);
         };
+        use super::tiers::{Admin, Baseline, ClusterNetwork};
+        let hook = hook.as_ref();
         futures::join!(
-            self.run_one(Api::<Pod>::all(client.clone()), config.clone(), Resource::Pods, &trigger, hook.as_ref()),
+            self.run_one(Api::<Pod>::all(client.clone()), &(), config.clone(), Resource::Pods, &trigger, hook, false),
             self.run_one(
                 Api::<Namespace>::all(client.clone()),
+                &(),
                 config.clone(),
                 Resource::Namespaces,
                 &trigger,
-                hook.as_ref()
+                hook,
+                false
             ),
             self.run_one(
                 Api::<NetworkPolicy>::all(client.clone()),
+                &(),
                 config.clone(),
                 Resource::NetworkPolicies,
                 &trigger,
-                hook.as_ref()
+                hook,
+                false
             ),
+            self.run_one(
+                Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
+                &(),
+                config.clone(),
+                Resource::Nodes,
+                &trigger,
+                hook,
+                false
+            ),
+            self.run_crd::<ClusterNetwork>(&client, &config, crd_recheck, &trigger, hook),
+            self.run_crd::<Admin>(&client, &config, crd_recheck, &trigger, hook),
+            self.run_crd::<Baseline>(&client, &config, crd_recheck, &trigger, hook),
             node_watch,
         );
     }
@@ -933,6 +1134,15 @@ impl ClusterWatch {
         self.stores.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(super) fn stores(&self) -> std::sync::MutexGuard<'_, AgentStores> {
+        self.lock()
+    }
+
+    /// Wakes [`ClusterWatch::wait_ready`] after a resource listed.
+    pub(super) fn listed_notify(&self) {
+        self.listed.notify_waiters();
+    }
+
     /// Records the Node's pod CIDRs; a change asks for a full sync with them.
     pub(super) fn set_node_cidrs(&self, cidrs: Vec<IpNet>, trigger: &Trigger) {
         let first = !self.counters.per[Resource::Node.index()].listed.swap(true, Ordering::SeqCst);
@@ -965,13 +1175,18 @@ impl ClusterWatch {
         (&self.counters, Resource::Node)
     }
 
-    async fn run_one<K: Watched>(
+    /// Lists and watches one kind forever; with `until_not_found`, until the API server
+    /// answers 404 (a CRD kind whose CRD is gone).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn run_one<K: Watched>(
         &self,
         api: Api<K>,
+        dynamic_type: &K::DynamicType,
         config: watcher::Config,
         resource: Resource,
         trigger: &Trigger,
         hook: Option<&EventHook>,
+        until_not_found: bool,
     ) {
         let per = &self.counters.per[resource.index()];
         // 410s answered to the watch start in a row, and when the last came.
@@ -982,7 +1197,11 @@ impl ClusterWatch {
             let mut stream = std::pin::pin!(stream);
             while let Some(item) = stream.next().await {
                 let event = match item {
-                    Ok(event) => event,
+                    Ok(event) => event.modify(|object| object.arrived(dynamic_type)),
+                    Err(error) if until_not_found && is_not_found(&error) => {
+                        tracing::warn!(resource = resource.as_str(), %error, "the API server no longer serves this kind (its CRD was deleted?)");
+                        return;
+                    }
                     Err(error) => {
                         self.counters.failed(resource);
                         if is_gone_at_watch_start(&error) {
@@ -996,7 +1215,11 @@ impl ClusterWatch {
                 if let Some(hook) = hook {
                     hook(resource);
                 }
-                self.lock().handle(&event);
+                let changed = self.lock().handle(&event);
+                if resource.is_tiers() {
+                    let report = self.lock().tier_report.clone();
+                    self.counters.set_tier_report(report);
+                }
                 match event {
                     Event::Init => {
                         let n = per.lists.fetch_add(1, Ordering::SeqCst);
@@ -1016,7 +1239,9 @@ impl ClusterWatch {
                     Event::Apply(_) | Event::Delete(_) => {
                         self.counters.delivered(resource);
                         per.events.fetch_add(1, Ordering::SeqCst);
-                        trigger.notify();
+                        if changed {
+                            trigger.notify();
+                        }
                     }
                 }
             }
@@ -1046,6 +1271,17 @@ impl ClusterWatch {
 /// handles; proxies and aggregated servers also answer the request itself with 410.
 fn is_gone_at_watch_start(error: &watcher::Error) -> bool {
     matches!(error, watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 410)
+}
+
+/// Did the API server answer 404 Not Found (to the list, the watch, or in the stream)?
+fn is_not_found(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 404,
+        watcher::Error::WatchError(status) => status.code == 404,
+        _ => false,
+    }
 }
 
 /// The pause between a watch error and the watcher's next attempt (a relist, or the watch

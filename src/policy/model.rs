@@ -557,6 +557,23 @@ impl Cluster {
         self
     }
 
+    /// [`Cluster::with_tiers`] of lists already in [`ClusterPolicy::precedence`] and name
+    /// order, taken as they are (the agent's stores keep them so): nothing is sorted or
+    /// copied, and clusters built from the same lists share them.
+    pub fn with_sorted_tiers(
+        mut self,
+        cluster_policies: SharedList<ClusterPolicy>,
+        nodes: Arc<Vec<Node>>,
+        domains: Arc<DomainMap>,
+    ) -> Self {
+        debug_assert!(cluster_policies.is_sorted_by(|a, b| a.precedence() <= b.precedence()));
+        debug_assert!(nodes.is_sorted_by(|a, b| a.name <= b.name));
+        self.cluster_policies = cluster_policies;
+        self.nodes = nodes;
+        self.domains = domains;
+        self
+    }
+
     /// Whether any cluster-wide policy exists: without one, the tiers are NetworkPolicy alone.
     pub fn has_tiers(&self) -> bool {
         !self.cluster_policies.is_empty()

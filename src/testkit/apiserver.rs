@@ -13,8 +13,15 @@
 //!   `timeoutSeconds` ends the stream cleanly (after a bookmark when bookmarks are on);
 //!   `resourceVersion` absent or `"0"` replays the current state as `ADDED` first.
 //!
-//! Nodes are served as the agent's RBAC allows them: `GET /api/v1/nodes/<name>`, and a
-//! watch filtered by `fieldSelector=metadata.name=<name>`; listing them is 403 Forbidden.
+//! Nodes are served as the agent's RBAC allows them: `GET /api/v1/nodes/<name>`, a watch
+//! filtered by `fieldSelector=metadata.name=<name>` (the agent's own Node), and a list and
+//! watch of all of them (the `nodes` peers of cluster policies).
+//!
+//! The cluster policy kinds (`policy.networking.k8s.io`: ClusterNetworkPolicy,
+//! AdminNetworkPolicy, BaselineAdminNetworkPolicy) are CRDs: each is served only once its
+//! "CRD" is installed ([`FakeApiServer::install_crd`], in one version), and answers 404
+//! before, like an API server without the CRD. [`FakeApiServer::uninstall_crd`] deletes its
+//! objects (a `DELETED` event each, as the CRD's deletion does) and then ends its watches.
 //! [`FakeApiServer::set_gone_as_status`] makes a watch from a compacted resourceVersion
 //! get HTTP 410 as the response status instead of the `ERROR` event.
 //!
@@ -48,14 +55,24 @@ pub enum Kind {
     Pod,
     Namespace,
     NetworkPolicy,
-    /// Served as the agent's RBAC allows: `get` by name and a `watch` (with a
-    /// `metadata.name` field selector); a list is refused with 403 Forbidden.
+    /// `get` by name and a `watch` with a `metadata.name` field selector (the agent's own
+    /// Node), and a list and watch of all nodes.
     Node,
+    /// CRDs of `policy.networking.k8s.io`: 404 until installed.
+    ClusterNetworkPolicy,
+    AdminNetworkPolicy,
+    BaselineAdminNetworkPolicy,
 }
+
+/// The API group of the cluster policy CRDs.
+const POLICY_GROUP: &str = "policy.networking.k8s.io";
 
 impl Kind {
     /// The listed kinds, in a fixed order.
     pub const ALL: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy];
+    /// The kinds served only while their CRD is installed.
+    pub const CRDS: [Kind; 3] =
+        [Kind::ClusterNetworkPolicy, Kind::AdminNetworkPolicy, Kind::BaselineAdminNetworkPolicy];
 
     /// The kind of a k8s-openapi resource type, if the fake serves it.
     pub fn of<K: k8s_openapi::Resource>() -> Option<Kind> {
@@ -68,6 +85,9 @@ impl Kind {
             "Namespace" => Some(Kind::Namespace),
             "NetworkPolicy" => Some(Kind::NetworkPolicy),
             "Node" => Some(Kind::Node),
+            "ClusterNetworkPolicy" => Some(Kind::ClusterNetworkPolicy),
+            "AdminNetworkPolicy" => Some(Kind::AdminNetworkPolicy),
+            "BaselineAdminNetworkPolicy" => Some(Kind::BaselineAdminNetworkPolicy),
             _ => None,
         }
     }
@@ -78,18 +98,41 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Node => "Node",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Kind::AdminNetworkPolicy => "AdminNetworkPolicy",
+            Kind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
         }
     }
 
+    /// The apiVersion served; a CRD kind's is its installed version's (see
+    /// [`State::api_version`]).
     fn api_version(self) -> &'static str {
         match self {
             Kind::Pod | Kind::Namespace | Kind::Node => "v1",
             Kind::NetworkPolicy => "networking.k8s.io/v1",
+            Kind::ClusterNetworkPolicy => "policy.networking.k8s.io/v1beta1",
+            Kind::AdminNetworkPolicy | Kind::BaselineAdminNetworkPolicy => "policy.networking.k8s.io/v1alpha1",
         }
     }
 
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Pod => "pods",
+            Kind::Namespace => "namespaces",
+            Kind::NetworkPolicy => "networkpolicies",
+            Kind::Node => "nodes",
+            Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
+            Kind::AdminNetworkPolicy => "adminnetworkpolicies",
+            Kind::BaselineAdminNetworkPolicy => "baselineadminnetworkpolicies",
+        }
+    }
+
+    fn is_crd(self) -> bool {
+        Kind::CRDS.contains(&self)
+    }
+
     fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace | Kind::Node)
+        !matches!(self, Kind::Namespace | Kind::Node) && !self.is_crd()
     }
 
     fn index(self) -> usize {
@@ -98,6 +141,9 @@ impl Kind {
             Kind::Namespace => 1,
             Kind::NetworkPolicy => 2,
             Kind::Node => 3,
+            Kind::ClusterNetworkPolicy => 4,
+            Kind::AdminNetworkPolicy => 5,
+            Kind::BaselineAdminNetworkPolicy => 6,
         }
     }
 }
@@ -111,6 +157,8 @@ pub enum FakeError {
     UnknownKind(String),
     #[error("object has no metadata.name")]
     NoName,
+    #[error("the CRD of {0} is not installed")]
+    NotInstalled(&'static str),
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -124,6 +172,8 @@ enum WatchMsg {
     Bookmark(u64),
     /// Send a 410 ERROR event and close the stream.
     Expire,
+    /// Close the stream cleanly.
+    End,
 }
 
 struct Subscriber {
@@ -163,17 +213,37 @@ struct State {
     history: Vec<HistoryEvent>,
     subscribers: Vec<Subscriber>,
     pages: HashMap<String, Page>,
+    /// The installed CRDs, each with the version it serves (`policy.networking.k8s.io/...`).
+    crds: HashMap<Kind, String>,
+}
+
+impl State {
+    /// The apiVersion `kind` is served in (a CRD kind: as installed).
+    fn api_version(&self, kind: Kind) -> String {
+        self.crds.get(&kind).cloned().unwrap_or_else(|| kind.api_version().to_string())
+    }
+
+    /// Is `kind` served (a CRD kind: installed)?
+    fn serves(&self, kind: Kind) -> bool {
+        !kind.is_crd() || self.crds.contains_key(&kind)
+    }
 }
 
 #[derive(Default, Clone)]
 struct Pause {
     all: bool,
     kinds: HashSet<Kind>,
+    /// Only the reads of one Node by name (GET and a `metadata.name` watch).
+    node_reads: bool,
 }
 
 impl Pause {
     fn blocks(&self, kind: Kind) -> bool {
         self.all || self.kinds.contains(&kind)
+    }
+
+    fn blocks_named(&self, kind: Kind) -> bool {
+        self.blocks(kind) || (kind == Kind::Node && self.node_reads)
     }
 }
 
@@ -184,8 +254,10 @@ struct Shared {
     /// Answer a watch from a compacted resourceVersion with HTTP 410 instead of 200 and
     /// an `ERROR` event.
     gone_as_status: std::sync::atomic::AtomicBool,
-    lists: [AtomicU64; 4],
-    watches: [AtomicU64; 4],
+    lists: [AtomicU64; 7],
+    watches: [AtomicU64; 7],
+    /// Watches with a `metadata.name` field selector.
+    named_watches: AtomicU64,
     gets: AtomicU64,
     live_watches: AtomicUsize,
     conns: Mutex<HashMap<u64, AbortHandle>>,
@@ -198,9 +270,14 @@ impl Shared {
     }
 
     async fn wait_unpaused(&self, kind: Kind) {
+        self.wait_unpaused_as(kind, false).await
+    }
+
+    /// Waits until `kind` is not paused; `named`: a read of one object by name.
+    async fn wait_unpaused_as(&self, kind: Kind, named: bool) {
         let mut rx = self.pause.subscribe();
         // The sender lives as long as `self`, so this only fails if it is gone: then go on.
-        let _ = rx.wait_for(|p| !p.blocks(kind)).await;
+        let _ = rx.wait_for(|p| if named { !p.blocks_named(kind) } else { !p.blocks(kind) }).await;
     }
 
     fn latency(&self) -> Duration {
@@ -235,6 +312,7 @@ impl FakeApiServer {
             pause: tokio::sync::watch::Sender::new(Pause::default()),
             gone_as_status: Default::default(),
             gets: Default::default(),
+            named_watches: Default::default(),
             lists: Default::default(),
             watches: Default::default(),
             live_watches: AtomicUsize::new(0),
@@ -270,6 +348,37 @@ impl FakeApiServer {
         let url = self.url().parse().expect("own URL parses");
         let config = kube::Config::new(url);
         kube::Client::try_from(config).expect("a plain-http kube client builds")
+    }
+
+    /// Creates or replaces an object; returns its new resourceVersion.
+    /// Installs the CRD of a cluster policy kind, served in its first version
+    /// (ClusterNetworkPolicy: v1beta1); see [`FakeApiServer::install_crd_version`].
+    pub fn install_crd(&self, kind: Kind) {
+        self.install_crd_version(kind, kind.api_version());
+    }
+
+    /// Installs the CRD of `kind` serving `api_version` only (`policy.networking.k8s.io/v1alpha2`).
+    pub fn install_crd_version(&self, kind: Kind, api_version: &str) {
+        assert!(kind.is_crd(), "{kind:?} is no CRD kind");
+        self.shared.state().crds.insert(kind, api_version.to_string());
+    }
+
+    /// Deletes the CRD of `kind`: its objects first (a `DELETED` event each, as the API
+    /// server's CRD finalizer does), then its watches end and it answers 404.
+    pub fn uninstall_crd(&self, kind: Kind) {
+        let names: Vec<String> = {
+            let st = self.shared.state();
+            st.objects.keys().filter(|k| k.0 == kind).map(|k| k.2.clone()).collect()
+        };
+        for name in names {
+            self.delete(kind, "", &name);
+        }
+        let mut st = self.shared.state();
+        st.crds.remove(&kind);
+        for s in st.subscribers.iter().filter(|s| s.kind == kind) {
+            let _ = s.tx.unbounded_send(WatchMsg::End);
+        }
+        st.subscribers.retain(|s| s.kind != kind);
     }
 
     /// Creates or replaces an object; returns its new resourceVersion.
@@ -401,6 +510,7 @@ impl FakeApiServer {
         self.shared.pause.send_modify(|p| {
             p.all = false;
             p.kinds.clear();
+            p.node_reads = false;
         });
     }
 
@@ -408,6 +518,7 @@ impl FakeApiServer {
     pub fn resume_kind(&self, kind: Kind) {
         self.shared.pause.send_modify(|p| {
             p.kinds.remove(&kind);
+            p.node_reads &= kind != Kind::Node;
         });
     }
 
@@ -419,6 +530,17 @@ impl FakeApiServer {
     /// GETs of a single object served (found or not).
     pub fn get_requests(&self) -> u64 {
         self.shared.gets.load(Ordering::SeqCst)
+    }
+
+    /// Watches of one object by name (`fieldSelector=metadata.name=...`) served.
+    pub fn named_watch_requests(&self) -> u64 {
+        self.shared.named_watches.load(Ordering::SeqCst)
+    }
+
+    /// Holds the reads of a Node by name (the GET and the name-selected watch of the
+    /// agent's own Node), not the list and watch of all nodes, until [`FakeApiServer::resume`].
+    pub fn pause_node_reads(&self) {
+        self.shared.pause.send_modify(|p| p.node_reads = true);
     }
 
     /// Watch requests served (stream started) for a kind.
@@ -443,7 +565,10 @@ fn event_line(event_type: &str, object: &Value) -> Bytes {
 fn store(st: &mut State, mut value: Value, keep_history: bool) -> Result<u64, FakeError> {
     let kind_str = value.get("kind").and_then(Value::as_str).unwrap_or("");
     let kind = Kind::from_kind_str(kind_str).ok_or_else(|| FakeError::UnknownKind(kind_str.into()))?;
-    value["apiVersion"] = kind.api_version().into();
+    if !st.serves(kind) {
+        return Err(FakeError::NotInstalled(kind.as_str()));
+    }
+    value["apiVersion"] = st.api_version(kind).into();
     let meta = value.get("metadata").cloned().unwrap_or_else(|| json!({}));
     let name = meta.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()).ok_or(FakeError::NoName)?.to_string();
     let namespace = if kind.namespaced() {
@@ -569,8 +694,18 @@ fn route(path: &str) -> Option<(Kind, Option<String>)> {
         ["apis", "networking.k8s.io", "v1", "namespaces", ns, "networkpolicies"] => {
             Some((Kind::NetworkPolicy, Some(ns.to_string())))
         }
+        ["apis", POLICY_GROUP, _, plural] => Kind::CRDS.into_iter().find(|k| k.plural() == *plural).map(|k| (k, None)),
         _ => None,
     }
+}
+
+/// Does the request's path name `kind` in the version it is served in (a CRD kind: the
+/// installed one)?
+fn served_at(st: &State, kind: Kind, path: &str) -> bool {
+    if !kind.is_crd() {
+        return true;
+    }
+    st.crds.get(&kind).is_some_and(|v| path.trim_matches('/').starts_with(&format!("apis/{v}/")))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -630,7 +765,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
-        shared.wait_unpaused(Kind::Node).await;
+        shared.wait_unpaused_as(Kind::Node, true).await;
         shared.gets.fetch_add(1, Ordering::SeqCst);
         let object = shared.state().objects.get(&(Kind::Node, String::new(), name.clone())).cloned();
         return match object {
@@ -638,7 +773,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             None => error(StatusCode::NOT_FOUND, "NotFound", &format!("nodes \"{name}\" not found")),
         };
     }
-    let Some((kind, namespace)) = route(req.uri().path()) else {
+    let route = route(req.uri().path()).filter(|(kind, _)| served_at(&shared.state(), *kind, req.uri().path()));
+    let Some((kind, namespace)) = route else {
         return error(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -650,18 +786,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    shared.wait_unpaused(kind).await;
+    let named = q.get("fieldSelector").is_some_and(|f| f.starts_with("metadata.name="));
+    shared.wait_unpaused_as(kind, named).await;
     if truthy(q.get("watch")) {
+        if named {
+            shared.named_watches.fetch_add(1, Ordering::SeqCst);
+        }
         watch(shared, kind, namespace, &q)
-    } else if kind == Kind::Node {
-        // The agent's ClusterRole grants get and watch on nodes, not list. Counted as a
-        // list request, so that tests can say none was tried.
-        shared.lists[kind.index()].fetch_add(1, Ordering::SeqCst);
-        error(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            "nodes is forbidden: User \"system:serviceaccount:netpol-system:netpol-agent\" cannot list resource \"nodes\"",
-        )
     } else {
         list(&shared, kind, namespace, &q)
     }
@@ -702,13 +833,14 @@ fn list(shared: &Shared, kind: Kind, namespace: Option<String>, q: &HashMap<Stri
         metadata["remainingItemCount"] = rest.len().into();
         st.pages.insert(token, Page { rv, kind, items: rest });
     }
+    let api_version = st.api_version(kind);
     drop(st);
     shared.lists[kind.index()].fetch_add(1, Ordering::SeqCst);
     full(
         StatusCode::OK,
         json!({
             "kind": format!("{}List", kind.as_str()),
-            "apiVersion": kind.api_version(),
+            "apiVersion": api_version,
             "metadata": metadata,
             "items": items,
         }),
@@ -780,7 +912,7 @@ fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, q: &HashMap
                 if send_initial {
                     let bm = json!({
                         "kind": kind.as_str(),
-                        "apiVersion": kind.api_version(),
+                        "apiVersion": st.api_version(kind),
                         "metadata": {
                             "resourceVersion": st.rv.to_string(),
                             "annotations": {"k8s.io/initial-events-end": "true"},
@@ -871,6 +1003,7 @@ fn streaming(shared: Arc<Shared>, s: Stream) -> Response<Body> {
                             body_tx.send(Ok(Frame::data(line))).await.ok()?;
                         }
                     }
+                    Some(WatchMsg::End) => return Some(()),
                     Some(WatchMsg::Expire) => {
                         let line = event_line("ERROR", &status_json(410, "Expired", "too old resource version"));
                         body_tx.send(Ok(Frame::data(line))).await.ok()?;

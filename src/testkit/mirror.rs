@@ -5,14 +5,22 @@
 //!  test ──ns/pod/policy/delete──► MirroredApi ──► FakeApiServer ──watch──► agent
 //!                                      └──► mirror ──snapshot()──► expected state
 //! ```
+//!
+//! Cluster policies (ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy)
+//! are applied as JSON, and mirrored as the agent converts them (`Mode::ApiServer`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::Value;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::agent::Snapshot;
+use crate::k8s::tiers::{Mode, cluster_policy};
+use crate::policy::tiers::ClusterPolicy;
 use crate::testkit::apiserver::{FakeApiServer, Kind};
 
 /// `(namespace, name)` of a namespaced object.
@@ -31,11 +39,19 @@ pub struct MirroredApi {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<Key, Pod>,
     pub policies: BTreeMap<Key, NetworkPolicy>,
+    /// Cluster policies by (kind, name), as applied.
+    pub cluster_policies: BTreeMap<Key, Value>,
 }
 
 impl MirroredApi {
     pub fn new(server: FakeApiServer) -> MirroredApi {
-        MirroredApi { server, namespaces: BTreeMap::new(), pods: BTreeMap::new(), policies: BTreeMap::new() }
+        MirroredApi {
+            server,
+            namespaces: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            cluster_policies: BTreeMap::new(),
+        }
     }
 
     /// Applies (creates or replaces) a namespace.
@@ -54,6 +70,20 @@ impl MirroredApi {
     pub fn policy(&mut self, p: NetworkPolicy) {
         self.server.apply(&p).expect("the fake accepts the policy");
         self.policies.insert(key(&p.metadata), p);
+    }
+
+    /// Applies (creates or replaces) a cluster policy, given as JSON with its `kind`; its
+    /// CRD must be installed.
+    pub fn cluster_policy(&mut self, value: Value) {
+        self.server.apply_json(value.clone()).expect("the fake accepts the cluster policy");
+        let kind = value["kind"].as_str().unwrap_or_default().to_string();
+        let name = value["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        self.cluster_policies.insert((kind, name), value);
+    }
+
+    pub fn delete_cluster_policy(&mut self, kind: Kind, name: &str) {
+        self.server.delete(kind, "", name).expect("cluster policy exists");
+        self.cluster_policies.remove(&owned(kind.as_str(), name));
     }
 
     pub fn delete_pod(&mut self, ns: &str, name: &str) {
@@ -76,6 +106,16 @@ impl MirroredApi {
         let namespaces: Vec<Namespace> = self.namespaces.values().cloned().collect();
         let pods: Vec<Pod> = self.pods.values().cloned().collect();
         let policies: Vec<NetworkPolicy> = self.policies.values().cloned().collect();
-        Snapshot::from_objects(&namespaces, &pods, &policies)
+        let mut snapshot = Snapshot::from_objects(&namespaces, &pods, &policies);
+        let mut tiers: Vec<Arc<ClusterPolicy>> = self
+            .cluster_policies
+            .values()
+            .map(|v| {
+                Arc::new(cluster_policy(v, Mode::ApiServer).expect("the test applies convertible cluster policies"))
+            })
+            .collect();
+        tiers.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+        snapshot.cluster_policies = Arc::new(tiers);
+        snapshot
     }
 }

@@ -669,6 +669,124 @@ fn every_step_of_pod_policy_and_namespace_churn_converges_to_the_evaluators_matr
     }
 }
 
+// ---------------------------------------------------------------- cluster-wide tiers
+
+const TIER_NODES: [&str; 2] = ["node-a", "node-b"];
+/// shop/web-1 (node-a), shop/db-1 (node-b), ops/mon-1 (node-a), ops/mon-2 (node-b).
+const TIER_SLOTS: [Slot; 4] =
+    [slot(9, 10, "node-a"), slot(9, 11, "node-b"), slot(9, 12, "node-a"), slot(9, 13, "node-b")];
+const TIER_PORTS: [(u16, L4); 1] = [(80, L4::Tcp)];
+const TIER_WEB: usize = 0;
+const TIER_DB: usize = 1;
+const TIER_MON: [usize; 2] = [2, 3];
+
+fn tier_pod(ns: &str, name: &str, i: usize, l: &[(&str, &str)]) -> Pod {
+    let s = TIER_SLOTS[i];
+    pod(ns, name, s.node, &s.ip.to_string(), l)
+}
+
+/// A ClusterNetworkPolicy (v1beta1) on the namespaces labelled `team: a` (shop): `action`
+/// for ingress from the namespaces labelled `team: b` (ops).
+fn shop_from_ops(name: &str, tier: &str, priority: u16, action: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "policy.networking.k8s.io/v1beta1",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "tier": tier,
+            "priority": priority,
+            "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+            "ingress": [{"action": action, "from": [{"namespaces": {"matchLabels": {"team": "b"}}}]}],
+        },
+    })
+}
+
+/// Whether the settled scene's kernel lets slot `from` reach slot `to` on TCP 80.
+fn tier_fact(scene: &Scene, from: usize, to: usize) -> bool {
+    let i = scene.cells.iter().position(|c| c.from == from && c.to == to).expect("a probed cell");
+    scene.facts[i]
+}
+
+/// The Admin tier before NetworkPolicies, the Baseline tier after them, with real agents
+/// and real packets: an Admin Deny between two namespaces overrides a NetworkPolicy's
+/// allow; an Admin Pass above it hands the traffic over to the NetworkPolicy (the lower
+/// Deny is skipped); a Baseline deny (BaselineAdminNetworkPolicy) is overridden where a
+/// NetworkPolicy allows and holds where none does. After every step the kernel equals
+/// the evaluator on every cell.
+#[test]
+fn admin_and_baseline_tiers_around_network_policies_are_enforced_by_the_agents_with_real_packets() {
+    if !common::kernel_or_skip() {
+        return;
+    }
+    let rt = runtime();
+    let _in_runtime = rt.enter();
+    let started = Instant::now();
+    let mut scene = Scene::start(&TIER_NODES, &TIER_SLOTS, &TIER_PORTS, "netpol_tiers", |api| {
+        // Installed before the agents start: one installed later is found within 30-60 s.
+        api.server.install_crd(Kind::ClusterNetworkPolicy);
+        api.server.install_crd(Kind::BaselineAdminNetworkPolicy);
+        api.ns(namespace("shop", &[("team", "a")]));
+        api.ns(namespace("ops", &[("team", "b")]));
+        api.pod(tier_pod("shop", "web-1", TIER_WEB, &[("app", "web")]));
+        api.pod(tier_pod("shop", "db-1", TIER_DB, &[("app", "db")]));
+        api.pod(tier_pod("ops", "mon-1", TIER_MON[0], &[("app", "mon")]));
+        api.pod(tier_pod("ops", "mon-2", TIER_MON[1], &[("app", "mon")]));
+        // The db accepts the ops namespace only.
+        api.policy(policy(
+            "shop",
+            "db-from-ops",
+            &[("app", "db")],
+            Some(vec![from(vec![peer(Some(&[("team", "b")]), None)], vec![tcp(80)])]),
+            None,
+        ));
+    });
+    scene.settle("initial lists", started, &[0, 0]);
+    for mon in TIER_MON {
+        assert!(tier_fact(&scene, mon, TIER_DB), "the NetworkPolicy lets ops reach the db");
+    }
+    assert!(!tier_fact(&scene, TIER_WEB, TIER_DB), "and nothing else");
+
+    scene.step("an Admin Deny from ops to shop", |api| {
+        api.cluster_policy(shop_from_ops("deny-ops", "Admin", 20, "Deny"));
+    });
+    for mon in TIER_MON {
+        assert!(!tier_fact(&scene, mon, TIER_DB), "the Admin Deny overrides the NetworkPolicy's allow");
+        assert!(!tier_fact(&scene, mon, TIER_WEB));
+    }
+    assert!(tier_fact(&scene, TIER_DB, TIER_MON[0]), "ops itself is not a subject");
+
+    scene.step("an Admin Pass above the Deny", |api| {
+        api.cluster_policy(shop_from_ops("pass-ops", "Admin", 10, "Pass"));
+    });
+    for mon in TIER_MON {
+        assert!(tier_fact(&scene, mon, TIER_DB), "passed to the NetworkPolicy, which allows");
+        assert!(tier_fact(&scene, mon, TIER_WEB), "passed to no NetworkPolicy: default allow");
+    }
+
+    scene.step("the Admin policies replaced by a Baseline deny", |api| {
+        api.delete_cluster_policy(Kind::ClusterNetworkPolicy, "pass-ops");
+        api.delete_cluster_policy(Kind::ClusterNetworkPolicy, "deny-ops");
+        api.cluster_policy(serde_json::json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha1",
+            "kind": "BaselineAdminNetworkPolicy",
+            "metadata": {"name": "default"},
+            "spec": {
+                "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                "ingress": [{"action": "Deny", "from": [{"namespaces": {"matchLabels": {"team": "b"}}}]}],
+            },
+        }));
+    });
+    for mon in TIER_MON {
+        assert!(tier_fact(&scene, mon, TIER_DB), "the NetworkPolicy overrides the Baseline deny");
+        assert!(!tier_fact(&scene, mon, TIER_WEB), "no NetworkPolicy selects web: the Baseline deny holds");
+    }
+
+    for a in &mut scene.fleet.agents {
+        let status = a.terminate(Duration::from_secs(10)).unwrap().expect("agent stops on SIGTERM");
+        assert_eq!(status.code(), Some(0), "{}", a.log());
+    }
+}
+
 // ---------------------------------------------------------------- restarts under traffic
 
 const GAP_NODES: [&str; 2] = ["node-a", "node-b"];

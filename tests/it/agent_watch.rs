@@ -276,7 +276,10 @@ async fn a_410_gone_after_compaction_makes_the_watcher_relist_and_converge_with_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_live_watch_makes_the_watcher_relist() {
     let (server, agent) = seeded_and_synced().await;
-    wait_for("three live watches", Duration::from_secs(5), || server.live_watches() == 3).await;
+    wait_for("four live watches (pods, namespaces, policies, nodes)", Duration::from_secs(5), || {
+        server.live_watches() == 4
+    })
+    .await;
 
     server.expire_watches();
     server.apply(&pod("shop", "web-9", "192.0.2.99", &[("segment", "frontend")])).unwrap();
@@ -748,10 +751,10 @@ async fn the_nodes_pod_cidrs_are_read_with_a_get_and_a_name_selected_watch_and_a
     assert_eq!(cidrs(&changed.snapshot), ["10.9.0.0/16", "10.244.1.0/24", "fd00:10:244:1::/64"]);
     assert!(calls.iter().all(|c| !cidrs(&c.snapshot).contains(&"10.244.3.0/24".to_string())));
 
-    // RBAC: get and watch, never list.
+    // Its own Node is read by name: a GET and a name-selected watch (besides the list and
+    // watch of every node, for the cluster policies' `nodes` peers).
     assert!(server.get_requests() >= 1);
-    assert!(server.watch_requests(Kind::Node) >= 1);
-    assert_eq!(server.list_requests(Kind::Node), 0);
+    assert!(server.named_watch_requests() >= 1);
 }
 
 /// `--unknown-pod-guard=false` (for networks whose node forwards from an address inside its
@@ -792,7 +795,7 @@ async fn with_the_unknown_pod_guard_off_the_agent_reads_no_node_and_guards_no_ci
         stop.send(()).unwrap();
         task.await.unwrap().unwrap();
     }
-    assert_eq!(server.watch_requests(Kind::Node), 1, "only the guarded agent watched its Node");
+    assert_eq!(server.named_watch_requests(), 1, "only the guarded agent watched its Node");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -800,7 +803,7 @@ async fn the_first_sync_waits_for_the_node_but_only_up_to_the_bound() {
     let server = FakeApiServer::start().await.unwrap();
     seed(&server);
     server.apply(&node("node-a", &["10.244.1.0/24"])).unwrap();
-    server.pause_kind(Kind::Node);
+    server.pause_node_reads();
     let options = WatchOptions {
         node: Some("node-a".into()),
         node_wait: Duration::from_secs(3),

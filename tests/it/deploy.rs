@@ -220,7 +220,7 @@ fn the_namespace_admits_the_privileged_agent_under_pod_security_admission() {
 // ---------------------------------------------------------------- RBAC
 
 #[test]
-fn the_cluster_role_grants_only_get_list_watch_on_pods_namespaces_and_networkpolicies_and_get_watch_on_nodes() {
+fn the_cluster_role_grants_only_get_list_watch_on_pods_namespaces_networkpolicies_nodes_and_the_cluster_policy_kinds() {
     let role = one::<ClusterRole>();
     assert_eq!(role.metadata.name.as_deref(), Some(ROLE));
     assert!(role.aggregation_rule.is_none(), "an aggregated role could gain rules from elsewhere");
@@ -237,14 +237,20 @@ fn the_cluster_role_grants_only_get_list_watch_on_pods_namespaces_and_networkpol
         }
     }
     let mut expected = BTreeSet::new();
-    for (group, resource) in [("", "pods"), ("", "namespaces"), ("networking.k8s.io", "networkpolicies")] {
+    // Nodes: every one's labels and addresses (`nodes` peers), and the agent's own pod CIDRs.
+    // The cluster policy kinds, and not their CRDs (a missing one is probed by listing it).
+    for (group, resource) in [
+        ("", "pods"),
+        ("", "namespaces"),
+        ("networking.k8s.io", "networkpolicies"),
+        ("", "nodes"),
+        ("policy.networking.k8s.io", "clusternetworkpolicies"),
+        ("policy.networking.k8s.io", "adminnetworkpolicies"),
+        ("policy.networking.k8s.io", "baselineadminnetworkpolicies"),
+    ] {
         for verb in ["get", "list", "watch"] {
             expected.insert((group.to_string(), resource.to_string(), verb.to_string()));
         }
-    }
-    // The agent's own Node, for its pod CIDRs: a GET and a WATCH by name, never a list.
-    for verb in ["get", "watch"] {
-        expected.insert((String::new(), "nodes".to_string(), verb.to_string()));
     }
     assert_eq!(granted, expected);
 }

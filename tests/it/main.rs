@@ -4,6 +4,7 @@
 
 mod agent_sync;
 mod agent_system;
+mod agent_tiers;
 mod agent_watch;
 mod cli;
 mod common;
