@@ -212,6 +212,19 @@ fn memberships_of(rs: &Ruleset, ip: Ipv4Addr) -> BTreeSet<String> {
     out
 }
 
+/// `cluster` with `count` generated ClusterNetworkPolicies (seeded by `seed`).
+fn with_cluster_policies(cluster: Cluster, seed: u64, count: usize) -> Cluster {
+    if count == 0 {
+        return cluster;
+    }
+    cluster.with_tiers(generate::cluster_policies(seed, count), Vec::new(), Default::default())
+}
+
+/// `cluster` with `base`'s cluster policies, nodes and resolved names.
+fn with_tiers_of(base: &Cluster, cluster: Cluster) -> Cluster {
+    cluster.with_tiers(base.cluster_policies.iter().cloned(), (*base.nodes).clone(), (*base.domains).clone())
+}
+
 /// For each event: did it change its pod's memberships on the agent's node, given the
 /// cluster as it was when the event happened? (Replays the churn from `base`, keeping idle
 /// sets as the agent does by default: a set that goes idle keeps its elements in the
@@ -230,7 +243,10 @@ fn replay(base: &Cluster, events: &[Event], config: &NodeConfig) -> Vec<bool> {
                 Some(p) => pods.insert(e.pod.clone(), Arc::new(p.clone())),
                 None => pods.remove(&e.pod),
             };
-            let cluster = Cluster::new(namespaces.clone(), pods.values().cloned(), base.policies.iter().cloned());
+            let cluster = with_tiers_of(
+                base,
+                Cluster::new(namespaces.clone(), pods.values().cloned(), base.policies.iter().cloned()),
+            );
             let after = compiler.compile(&cluster, None).ruleset;
             let changed = memberships_of(&before, e.ip) != memberships_of(&after, e.ip);
             before = after;
@@ -589,9 +605,13 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let server = runtime.block_on(FakeApiServer::start()).map_err(|e| e.to_string())?;
 
     let t = Instant::now();
-    let base = generate::cluster(params);
+    let base = with_cluster_policies(generate::cluster(params), params.seed, args.cluster.cluster_policies);
     let mut objects = namespaces_and_policies_json(&base);
     objects.extend(base.pods.iter().map(|p| pod_json(p)));
+    if base.has_tiers() {
+        server.install_crd(Kind::ClusterNetworkPolicy);
+        objects.extend(base.cluster_policies.iter().map(|p| generate::cluster_policy_manifest(p)));
+    }
     server.apply_bulk(objects).map_err(|e| e.to_string())?;
     let load_secs = t.elapsed().as_secs_f64();
     eprintln!("   generated and loaded into the fake apiserver in {load_secs:.1} s");
@@ -752,8 +772,10 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     // can also change nothing then and matter later, when another event creates a set whole)
     let config = NodeConfig { node: NODE.into(), table: TABLE.into(), pod_cidrs: args.pod_cidr.clone() };
     let local_pods_at_end = mirror.values().filter(|p| p.node == NODE).count();
-    let final_cluster =
-        Cluster::new(base.namespaces.values().cloned().collect(), mirror.into_values(), base.policies.iter().cloned());
+    let final_cluster = with_tiers_of(
+        &base,
+        Cluster::new(base.namespaces.values().cloned().collect(), mirror.into_values(), base.policies.iter().cloned()),
+    );
     let after = memberships(&compile(&final_cluster, &config));
 
     // ---- converge before measuring memory: RSS read while a sync runs (at 100k pods the

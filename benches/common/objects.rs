@@ -25,6 +25,10 @@ pub struct ClusterArgs {
     /// Seed of the generator (same seed, same cluster).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// ClusterNetworkPolicies in the mix (`generate::cluster_policies`: Admin and Baseline,
+    /// every action), served as `policy.networking.k8s.io/v1beta1` objects.
+    #[arg(long, default_value_t = 0)]
+    pub cluster_policies: usize,
 }
 
 impl ClusterArgs {

@@ -793,6 +793,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn generated_cluster_policies_read_back_from_their_manifests_as_they_were() {
+        use crate::k8s::tiers::{Mode, cluster_policy};
+        let policies = cluster_policies(3, 60);
+        for p in &policies {
+            let manifest = cluster_policy_manifest(p);
+            assert_eq!(cluster_policy(&manifest, Mode::File).as_ref(), Ok(p), "{manifest:#}");
+        }
+        let tiers: BTreeSet<Tier> = policies.iter().map(|p| p.tier).collect();
+        let actions: BTreeSet<Action> = policies.iter().flat_map(|p| p.ingress.iter().map(|r| r.action)).collect();
+        assert_eq!((tiers.len(), actions.len()), (2, 3), "every tier and action in the mix");
+    }
+
+    #[test]
     fn the_same_parameters_give_the_same_cluster() {
         let p = Params { pods: 50, ..Params::default() };
         assert_eq!(cluster(&p), cluster(&p));
