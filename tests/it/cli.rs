@@ -1173,3 +1173,23 @@ fn verify_agrees_on_every_tier_example_with_the_ruleset_engine() {
         assert_eq!(o.status.code(), Some(0), "{example}: {}{}", stdout(&o), stderr(&o));
     }
 }
+
+#[test]
+fn explain_lists_a_pods_tiers_in_the_order_they_decide() {
+    let o = netpol_check(repo(), &["explain", "shop/frontend", "-f", "policy-examples/tier-baseline-default-deny"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    let order: Vec<Option<usize>> = [
+        "Ingress: tiers in order",
+        "  NetworkPolicy tier: not isolated; it goes on (no policy in shop selects it for Ingress)",
+        "  Baseline tier:\n    - Deny from all pods in every namespace, on all traffic   [ClusterNetworkPolicy default-deny-between-pods (Baseline, priority 100) ingress rule \"deny-from-every-pod\"]",
+        "  then: allowed (the default)",
+    ]
+    .iter()
+    .map(|line| text.find(line))
+    .collect();
+    assert!(order.iter().all(Option::is_some) && order.is_sorted(), "{order:?}\n{text}");
+    let isolated =
+        stdout(&netpol_check(repo(), &["explain", "shop/backend", "-f", "policy-examples/tier-baseline-default-deny"]));
+    assert!(isolated.contains("(the Baseline tier never applies: a NetworkPolicy selects the pod)"), "{isolated}");
+}
