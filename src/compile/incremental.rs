@@ -1120,15 +1120,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
         let mut entries: Vec<(IpAddr, u8, u16)> = Vec::new();
         if ingress {
             // The destination is the local pod itself.
-            for &i in local {
-                let pod = &cluster.pods[i];
-                let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
-                    continue;
-                };
-                for &(n, proto) in named {
-                    entries.extend(pod.resolve_named_port(n, proto).map(|port| (ip, proto.number(), port)));
-                }
-            }
+            entries = local_named_port_entries(cluster, local, f, named);
         } else {
             // The destination is any pod the peers admit, so the set encodes peer AND port.
             // The pods any peer may admit (a superset; each is checked by named_port_entries).

@@ -434,6 +434,28 @@ fn named_port_entries(
     if admitted { entries } else { Vec::new() }
 }
 
+/// "A named port is resolved on the destination pod's containerPorts": the (address,
+/// protocol, port) entries of an ingress rule's named ports `named` on the `local` pods (the
+/// destination is the local pod itself), for family `f`.
+fn local_named_port_entries(
+    cluster: &Cluster,
+    local: &[usize],
+    f: IpFamily,
+    named: &[(&str, Protocol)],
+) -> Vec<(IpAddr, u8, u16)> {
+    let mut entries = Vec::new();
+    for &i in local {
+        let pod = &cluster.pods[i];
+        let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
+            continue;
+        };
+        for &(n, proto) in named {
+            entries.extend(pod.resolve_named_port(n, proto).map(|port| (ip, proto.number(), port)));
+        }
+    }
+    entries
+}
+
 /// The policy's namespace, if a peer selects pods in it ("no namespaceSelector: the
 /// policy's own namespace"): only then does an egress named-port set depend on it.
 fn own_namespace<'n>(policy_ns: &'n str, peers: Option<&[Peer]>) -> Option<&'n str> {

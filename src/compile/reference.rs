@@ -213,15 +213,7 @@ impl Reference<'_> {
             let mut entries: Vec<(IpAddr, u8, u16)> = Vec::new();
             let (ident, comment) = if ingress {
                 // The destination is the local pod itself.
-                for &i in local {
-                    let pod = &self.cluster.pods[i];
-                    let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
-                        continue;
-                    };
-                    for &(n, proto) in &named {
-                        entries.extend(pod.resolve_named_port(n, proto).map(|port| (ip, proto.number(), port)));
-                    }
-                }
+                entries = local_named_port_entries(self.cluster, local, f, &named);
                 let comment = names::comment(&format!("{base_comment} named ports"));
                 (rule_ident(&self.namer, prefix, policy, dir, ri), comment)
             } else {

@@ -266,15 +266,7 @@ fn cluster_rule<'a>(
         let mut entries: Vec<(IpAddr, u8, u16)> = Vec::new();
         let (ident, comment) = if ingress {
             // The destination is the local pod itself.
-            for &i in local {
-                let pod = &cluster.pods[i];
-                let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
-                    continue;
-                };
-                for &(n, proto) in &named {
-                    entries.extend(pod.resolve_named_port(n, proto).map(|port| (ip, proto.number(), port)));
-                }
-            }
+            entries = local_named_port_entries(cluster, local, f, &named);
             (rule_ident(sets.namer(), prefix, policy, dir, ri), names::comment(&format!("{base_comment} named ports")))
         } else {
             // The destination is any pod the peers admit: the set encodes peer AND port.

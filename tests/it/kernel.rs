@@ -100,6 +100,29 @@ fn host_network_cells(cluster: &Cluster, probe: &Probe, family: Family) -> usize
     count
 }
 
+/// Every engine's matrices of `cluster` (see [`three_engines`]) and how many cells were
+/// compared; each disagreement (or the lab's error) goes to `failures`, named by `seed`.
+fn compare_engines(
+    cluster: &Cluster,
+    probes: &[Probe],
+    seed: u64,
+    failures: &mut Vec<String>,
+) -> Option<(usize, Vec<Vec<Vec<BitMatrix>>>)> {
+    let engines: Vec<String> = ["evaluator", "ruleset", "kernel"].map(String::from).into();
+    let results = match three_engines(cluster, probes) {
+        Ok(r) => r,
+        Err(e) => {
+            failures.push(format!("seed {seed}: {e}"));
+            return None;
+        }
+    };
+    let report = verify::Report::new(engines, FAMILIES.to_vec(), probes.to_vec(), &results);
+    for d in &report.disagreements {
+        failures.push(format!("seed {seed}, {:?}: {}", d.family, report.describe(cluster, d)));
+    }
+    Some((report.cells, results))
+}
+
 const RANDOM_SEEDS: u64 = 40;
 
 #[test]
@@ -109,24 +132,15 @@ fn evaluator_ruleset_and_kernel_agree_on_random_clusters_with_host_network_pods(
     }
     let started = Instant::now();
     let probes = random_probes();
-    let engines: Vec<String> = ["evaluator", "ruleset", "kernel"].map(String::from).into();
     let mut failures = Vec::new();
     let (mut cells, mut denied, mut host_cells, mut host_denied, mut clusters_with_host) = (0, 0, 0, 0, 0);
     for seed in 0..RANDOM_SEEDS {
         let cluster = random_cluster(seed);
         clusters_with_host += usize::from(cluster.pods.iter().any(|p| p.host_network));
-        let results = match three_engines(&cluster, &probes) {
-            Ok(r) => r,
-            Err(e) => {
-                failures.push(format!("seed {seed}: {e}"));
-                continue;
-            }
+        let Some((cells_compared, results)) = compare_engines(&cluster, &probes, seed, &mut failures) else {
+            continue;
         };
-        let report = verify::Report::new(engines.clone(), FAMILIES.to_vec(), probes.clone(), &results);
-        cells += report.cells;
-        for d in &report.disagreements {
-            failures.push(format!("seed {seed}, {:?}: {}", d.family, report.describe(&cluster, d)));
-        }
+        cells += cells_compared;
         for (&family, per_engine) in FAMILIES.iter().zip(&results) {
             for (probe, evaluator) in probes.iter().zip(&per_engine[0]) {
                 let (all, host) = policed_denials(&cluster, probe, family, evaluator);
@@ -161,23 +175,14 @@ fn evaluator_ruleset_and_kernel_agree_on_random_clusters_with_cluster_policies()
     }
     let started = Instant::now();
     let probes = random_probes();
-    let engines: Vec<String> = ["evaluator", "ruleset", "kernel"].map(String::from).into();
     let mut failures = Vec::new();
     let (mut cells, mut by_cluster_policy) = (0, 0);
     for seed in 0..TIERED_SEEDS {
         let cluster = generate::small_random_tiered(seed);
-        let results = match three_engines(&cluster, &probes) {
-            Ok(r) => r,
-            Err(e) => {
-                failures.push(format!("seed {seed}: {e}"));
-                continue;
-            }
+        let Some((cells_compared, _)) = compare_engines(&cluster, &probes, seed, &mut failures) else {
+            continue;
         };
-        let report = verify::Report::new(engines.clone(), FAMILIES.to_vec(), probes.clone(), &results);
-        cells += report.cells;
-        for d in &report.disagreements {
-            failures.push(format!("seed {seed}, {:?}: {}", d.family, report.describe(&cluster, d)));
-        }
+        cells += cells_compared;
         // Cells a cluster policy rule decided (Accept, Deny), by the evaluator's account.
         for probe in &probes {
             for i in 0..cluster.pods.len() {
