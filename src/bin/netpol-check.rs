@@ -43,9 +43,12 @@ Examples:
   kubectl get ns,pods,networkpolicies -A -o yaml | netpol-check matrix -f -
   sudo netpol-check matrix --engine kernel -f policy-examples/frontend-backend
   sudo netpol-check verify -f policy-examples/frontend-backend
+  netpol-check diff old-policies/ new-policies/
+  netpol-check lint -f policy-examples/policies-add-up
 
-Exit codes: 0 success (query: allowed; verify: the engines agree), 1 query denied or engines
-disagree, 2 bad input, usage, or an engine that cannot run.";
+Exit codes: 0 success (query: allowed; verify: the engines agree; diff: no cell changes; lint:
+no finding), 1 query denied, engines disagree, cells change or findings, 2 bad input, usage,
+or an engine that cannot run.";
 
 #[derive(Parser)]
 #[command(name = "netpol-check", version, about = ABOUT, long_about = LONG_ABOUT)]
