@@ -147,6 +147,28 @@ fn a_pod_relabel_is_attributed_to_the_pod_not_to_the_policy_that_reads_the_label
 }
 
 #[test]
+fn a_namespace_relabel_is_attributed_to_the_namespace() {
+    let team_b = "    - podSelector: {matchLabels: {app: web}}\n    - namespaceSelector: {matchLabels: {team: b}}\n";
+    let old = Side::base().edit("policies.yaml", "    - podSelector: {matchLabels: {app: web}}\n", team_b);
+    let new = Side::base().edit("policies.yaml", "    - podSelector: {matchLabels: {app: web}}\n", team_b).edit(
+        "cluster.yaml",
+        "metadata: {name: other, labels: {team: b}}",
+        "metadata: {name: other, labels: {team: c}}",
+    );
+    let o = diff(&old, &new, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        groups(&stdout(&o)),
+        [(
+            "Namespace other relabelled".to_string(),
+            vec!["TCP/5432 other/client -> app/db: allowed -> denied".to_string()]
+        )],
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
 fn a_cell_needing_both_the_policy_and_the_relabel_names_both() {
     // The relabel alone does nothing (the rule reads namespace app only), and the policy
     // edit alone does nothing (client is not app=web): only both together open the cell.
