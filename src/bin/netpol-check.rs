@@ -43,9 +43,12 @@ Examples:
   kubectl get ns,pods,networkpolicies -A -o yaml | netpol-check matrix -f -
   sudo netpol-check matrix --engine kernel -f policy-examples/frontend-backend
   sudo netpol-check verify -f policy-examples/frontend-backend
+  netpol-check diff old-policies/ new-policies/
+  netpol-check lint -f policy-examples/policies-add-up
 
-Exit codes: 0 success (query: allowed; verify: the engines agree), 1 query denied or engines
-disagree, 2 bad input, usage, or an engine that cannot run.";
+Exit codes: 0 success (query: allowed; verify: the engines agree; diff: no cell changes; lint:
+no finding), 1 query denied, engines disagree, cells change or findings, 2 bad input, usage,
+or an engine that cannot run.";
 
 #[derive(Parser)]
 #[command(name = "netpol-check", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -88,6 +91,65 @@ The kernel engine needs root, `ip` and `nft` (it builds the cluster from network
     Lab(LabCommand),
     /// Write a generated cluster (namespaces, pods, policies) as YAML, for benchmarks.
     Generate(GenerateArgs),
+    /// Every cell whose verdict changes between two inputs, grouped by the change causing it.
+    #[command(
+        long_about = "Every cell whose verdict changes between two inputs, grouped by the change causing it.\n\n\
+OLD and NEW are each a file or a folder (or - for stdin, on one side), read with the same loader\n\
+options. Cells are (from pod, to pod, probe) over the pods present on both sides (pods on one side\n\
+only are listed, not compared); probes are the default ones of both sides, or --port/--protocol.\n\
+A cell is grouped under the changed policies its explanations name (isolating or deciding a side,\n\
+before or after) when those changes alone give the new verdict; otherwise under the changed\n\
+endpoints, their namespaces and the changed nodes. Exit code 0 when no cell changes, 1 otherwise,\n\
+2 on bad input: the check a CI job runs on a pull request that edits policies."
+    )]
+    Diff(DiffArgs),
+    /// Policies that cannot mean what they say: selecting nothing, never matching, shadowed.
+    #[command(long_about = "Policies that cannot mean what they say, judged against the input.\n\n\
+NetworkPolicies: selects-no-pod, named-port-never-matches, namespace-selector-matches-nothing,\n\
+rule-shadowed (another rule of a policy selecting at least its pods allows all it allows),\n\
+ipblock-covers-pods (the pods' own addresses, or --pod-cidr ranges, lie in the block),\n\
+open-despite-default-deny (a rule open to every address in a namespace with a default deny).\n\
+Cluster policies: subject-selects-no-pod, cluster-rule-shadowed (an earlier rule of the tier\n\
+matches all it matches), ambiguous-priority (equal priorities, overlapping rules, different\n\
+actions). Each finding names the object, the field path and why. Exit code 0 when clean,\n\
+1 on any finding, 2 on bad input.")]
+    Lint(LintArgs),
+}
+
+#[derive(Args)]
+struct DiffArgs {
+    /// The input before the change: a file or folder.
+    #[arg(value_name = "OLD")]
+    old: PathBuf,
+    /// The input after the change: a file or folder.
+    #[arg(value_name = "NEW")]
+    new: PathBuf,
+    #[command(flatten)]
+    options: LoaderArgs,
+    /// Ports to probe: numbers or container port names, comma separated (default: all known
+    /// on either side).
+    #[arg(long, value_delimiter = ',', value_name = "PORT")]
+    port: Vec<String>,
+    /// Protocols to probe, comma separated (default: those the probed ports use).
+    #[arg(long, value_delimiter = ',', value_name = "PROTOCOL")]
+    protocol: Vec<String>,
+    /// Address family of the probes.
+    #[arg(long, value_enum, default_value = "primary")]
+    family: FamilyArg,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    output: VerifyFormat,
+}
+
+#[derive(Args)]
+struct LintArgs {
+    #[command(flatten)]
+    input: Input,
+    /// The pod CIDRs of the cluster (repeatable): an ipBlock overlapping one is reported.
+    /// Without it, an ipBlock holding the address of a pod of the input is.
+    #[arg(long = "pod-cidr", value_name = "CIDR", value_parser = validate::cidr_arg)]
+    pod_cidrs: Vec<ipnet::IpNet>,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    output: VerifyFormat,
 }
 
 #[derive(Subcommand)]
@@ -113,6 +175,13 @@ struct Input {
     /// A YAML/JSON file, a folder (read recursively: *.yaml, *.yml, *.json) or - for stdin.
     #[arg(short = 'f', long = "file", value_name = "PATH", required = true)]
     files: Vec<PathBuf>,
+    #[command(flatten)]
+    options: LoaderArgs,
+}
+
+/// How files are read: shared by `-f` inputs and `diff`'s two sides.
+#[derive(Args)]
+struct LoaderArgs {
     /// Range for the IPv4 addresses of pods that have none (workload templates, bare manifests).
     #[arg(long, value_name = "CIDR", default_value = "10.244.0.0/16", value_parser = validate::cidr_arg)]
     synthetic_ipv4: IpNet,
@@ -358,6 +427,8 @@ fn main() -> ExitCode {
         Command::Verify(a) => verify_cmd(a),
         Command::Lab(LabCommand::Cleanup(a)) => lab_cleanup_cmd(a),
         Command::Generate(a) => generate_cmd(a),
+        Command::Diff(a) => diff_cmd(a),
+        Command::Lint(a) => lint_cmd(a),
     };
     match result {
         Ok(code) => code,
@@ -378,22 +449,27 @@ fn load(input: &Input) -> Result<Cluster> {
 
 /// Loads the input; warnings go to stderr.
 fn load_all(input: &Input) -> Result<Loaded> {
+    load_paths(&input.files, &input.options, "")
+}
+
+/// Loads `files` with `input`'s options; warnings go to stderr, after `side` ("OLD: ").
+fn load_paths(files: &[PathBuf], input: &LoaderArgs, side: &str) -> Result<Loaded> {
     if !input.synthetic_ipv4.addr().is_ipv4() {
         bail!("--synthetic-ipv4: {} is not an IPv4 range", input.synthetic_ipv4);
     }
     if let Some(v6) = input.synthetic_ipv6.filter(|n| !n.addr().is_ipv6()) {
         bail!("--synthetic-ipv6: {v6} is not an IPv6 range");
     }
-    let sources = load::read_sources(&input.files)?;
+    let sources = load::read_sources(files).map_err(|e| anyhow!("{side}{e}"))?;
     let options = LoadOptions {
         synthetic_ipv4: input.synthetic_ipv4,
         synthetic_ipv6: input.synthetic_ipv6,
         lenient: input.lenient,
         domains: domains(&input.resolve),
     };
-    let loaded = load::load_sources(&sources, &options)?;
+    let loaded = load::load_sources(&sources, &options).map_err(|e| anyhow!("{side}{e}"))?;
     for w in &loaded.warnings {
-        note!("warning: {w}");
+        note!("warning: {side}{w}");
     }
     Ok(loaded)
 }
@@ -720,4 +796,51 @@ fn generate_cmd(a: GenerateArgs) -> Result<ExitCode> {
     let yaml = netpol::cli::generate::to_yaml(&netpol::cli::generate::cluster(&params));
     print_out(&yaml)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn diff_cmd(a: DiffArgs) -> Result<ExitCode> {
+    if a.old.as_os_str() == "-" && a.new.as_os_str() == "-" {
+        bail!("OLD and NEW: only one side can be read from stdin (-)");
+    }
+    let old = load_paths(std::slice::from_ref(&a.old), &a.options, "OLD: ")?.cluster;
+    let new = load_paths(std::slice::from_ref(&a.new), &a.options, "NEW: ")?.cluster;
+    for (side, cluster) in [("OLD", &old), ("NEW", &new)] {
+        check_family(cluster, a.family).map_err(|e| anyhow!("{side}: {e}"))?;
+    }
+    let probes = if a.port.is_empty() {
+        let protocols: Vec<Protocol> = a.protocol.iter().map(|p| parse_protocol(p)).collect::<Result<_>>()?;
+        let mut all = netpol::cli::diff::default_probes(&old, &new);
+        if !protocols.is_empty() {
+            all.retain(|p| protocols.contains(&p.protocol));
+        }
+        all
+    } else {
+        probes(&new, &a.port, &a.protocol)?
+    };
+    let report = netpol::cli::diff::diff(&old, &new, probes, family(a.family));
+    let mut text = String::new();
+    match a.output {
+        VerifyFormat::Text => text = report.text(&old, &new),
+        VerifyFormat::Json => outln!(text, "{}", serde_json::to_string_pretty(&report.to_json(&old, &new))?),
+    }
+    print_out(&text)?;
+    Ok(if report.unchanged() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn lint_cmd(a: LintArgs) -> Result<ExitCode> {
+    let cluster = load(&a.input)?;
+    let findings = netpol::cli::lint::lint(&cluster, &a.pod_cidrs);
+    let mut text = String::new();
+    match a.output {
+        VerifyFormat::Text => {
+            for f in &findings {
+                outln!(text, "{}", f.line());
+            }
+            let policies = cluster.policies.len() + cluster.cluster_policies.len();
+            outln!(text, "lint: {} findings in {policies} policies", findings.len());
+        }
+        VerifyFormat::Json => outln!(text, "{}", serde_json::to_string_pretty(&netpol::cli::lint::to_json(&findings))?),
+    }
+    print_out(&text)?;
+    Ok(if findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

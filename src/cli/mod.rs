@@ -5,10 +5,14 @@
 //!  "ns/pod", "10.1.2.3", "http" ──► query ──► evaluate::Connection
 //!  MatrixReport, Verdict ─────────► report ──► text / JSON / YAML / CSV
 //!  Cluster + pod ─────────────────► explain ──► text
+//!  old Cluster + new Cluster ─────► diff ─────► changed cells by cause ──► text / JSON
+//!  Cluster ───────────────────────► lint ─────► findings ──► text / JSON
 //!  Params{pods, policies, ...} ───► generate ──► Cluster (benchmarks, property tests)
 //! ```
 
+pub mod diff;
 pub mod explain;
 pub mod generate;
+pub mod lint;
 pub mod query;
 pub mod report;

@@ -12,6 +12,7 @@ mod compile;
 mod conformance;
 mod conntrack;
 mod deploy;
+mod diff_lint;
 mod examples;
 mod kernel;
 mod kernel_atomicity;
