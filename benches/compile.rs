@@ -128,6 +128,26 @@ fn bench_diff(c: &mut Criterion) {
         });
     }
     g.finish();
+    // The same with 50 ClusterNetworkPolicies in the mix (Admin and Baseline tiers).
+    let tiered = |c: &Cluster| c.clone().with_tiers(generate::cluster_policies(1, 50), Vec::new(), Default::default());
+    let tiered_base = tiered(&base);
+    let mut g = c.benchmark_group("incremental_compile_and_diff_there_and_back_50_cluster_policies");
+    g.sample_size(30);
+    for (name, changed) in &cases {
+        let changed = tiered(changed);
+        let mut compiler = IncrementalCompiler::new(config.clone());
+        let mut last = compiler.compile(&tiered_base, None).ruleset;
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                for next in [&changed, &tiered_base] {
+                    let rs = compiler.compile(next, None).ruleset;
+                    black_box(diff(&last, &rs));
+                    last = rs;
+                }
+            })
+        });
+    }
+    g.finish();
 }
 
 /// Loads the full-sync transaction of a 10k-pod cluster's node ruleset with the real `nft -f`,

@@ -104,13 +104,21 @@ impl TierPlan {
     /// Adds every tier chain (and the sets it looks up) to the compiler's ruleset.
     pub fn emit<'a>(self, sets: &mut impl TierSets<'a>) {
         let cluster = sets.cluster();
+        // A policy's rules compile alike in every list it is in (their comments name the
+        // policy, their sets are the policy's or shared): once per compile.
+        let mut compiled: BTreeMap<(usize, Direction), Vec<Rule>> = BTreeMap::new();
         for ((tier, d, list), name) in &self.chains {
             let mut rules = Vec::new();
             for &pi in list {
-                let local = self.governed.get(&(pi, *d)).map(Vec::as_slice).unwrap_or_default();
-                for (ri, rule) in cluster.cluster_policies[pi].rules(*d).iter().enumerate() {
-                    cluster_rule(sets, pi, *d, ri, rule, local, &mut rules);
-                }
+                let policy_rules = compiled.entry((pi, *d)).or_insert_with(|| {
+                    let local = self.governed.get(&(pi, *d)).map(Vec::as_slice).unwrap_or_default();
+                    let mut out = Vec::new();
+                    for (ri, rule) in cluster.cluster_policies[pi].rules(*d).iter().enumerate() {
+                        cluster_rule(sets, pi, *d, ri, rule, local, &mut out);
+                    }
+                    out
+                });
+                rules.extend(policy_rules.iter().cloned());
             }
             let ids: Vec<String> = list.iter().map(|&pi| cluster.cluster_policies[pi].id.name.clone()).collect();
             let comment = format!("{tier} tier {}: {}", d.as_str().to_lowercase(), ids.join(", "));
