@@ -129,7 +129,14 @@ fn bench_diff(c: &mut Criterion) {
     }
     g.finish();
     // The same with 50 ClusterNetworkPolicies in the mix (Admin and Baseline tiers).
-    let tiered = |c: &Cluster| c.clone().with_tiers(generate::cluster_policies(1, 50), Vec::new(), Default::default());
+    // Shared between snapshots, as the agent's are.
+    let tiers = base.clone().with_tiers(generate::cluster_policies(1, 50), Vec::new(), Default::default());
+    let tiered = |c: &Cluster| Cluster {
+        cluster_policies: Arc::clone(&tiers.cluster_policies),
+        nodes: Arc::clone(&tiers.nodes),
+        domains: Arc::clone(&tiers.domains),
+        ..c.clone()
+    };
     let tiered_base = tiered(&base);
     let mut g = c.benchmark_group("incremental_compile_and_diff_there_and_back_50_cluster_policies");
     g.sample_size(30);

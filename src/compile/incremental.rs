@@ -30,11 +30,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::naming::{Hashed, HashedMap, Ident, Namer};
-use super::tiers::{TierJumps, TierPlan, TierSets};
+use super::tiers::{TierJumps, TierPlan, TierSets, UsedSet};
 use super::*;
 use crate::nft::diff::{SetDelta, SetDeltas};
 use crate::policy::model::Rule as PolicyRule;
 use crate::policy::selector::Operator;
+use crate::policy::tiers::{ClusterPeer, ClusterPolicy, DomainMap, Node};
 
 /// Compiles one node's ruleset again and again, as the cluster changes (see the module).
 #[derive(Debug)]
@@ -422,6 +423,22 @@ struct SetCache {
     generation: u64,
     /// The (v4, v6) sets of the local pods' addresses, when the unknown-pod guard is on.
     local_pods: Option<CachedLocalPods>,
+    /// Cluster policies' compiled rules by (policy object, direction), valid for the nodes
+    /// and resolved names of `tier_inputs` (their node and domain sets depend on them).
+    cluster_rules: HashMap<(ByAddress<ClusterPolicy>, Direction), CachedClusterRules>,
+    tier_inputs: Option<(Arc<Vec<Node>>, Arc<DomainMap>)>,
+    /// The cluster policies governing each local pod for (egress, ingress), valid for the
+    /// cluster policy list and namespace map of `governing_of`.
+    governing: HashMap<ByAddress<Pod>, [Vec<usize>; 2]>,
+    governing_of: Option<(crate::policy::model::SharedList<ClusterPolicy>, Arc<crate::policy::model::NamespaceMap>)>,
+}
+
+/// A cluster policy's rules for one direction, and the sets they use in naming order.
+#[derive(Debug)]
+struct CachedClusterRules {
+    rules: Vec<Rule>,
+    sets: Vec<UsedSet>,
+    used: bool,
 }
 
 /// The addresses of a node's known local pods, by family: the unknown-pod guard's sets,
@@ -628,6 +645,7 @@ impl SetCache {
     fn keep_used_and_idle(&mut self, budget: usize) -> Vec<(String, Arc<Set>)> {
         self.policy_chains.retain(|_, c| std::mem::take(&mut c.used));
         self.pod_chains.retain(|_, c| std::mem::take(&mut c.used));
+        self.cluster_rules.retain(|_, c| std::mem::take(&mut c.used));
         let now = self.generation;
         let size = |sets: &[Arc<Set>]| sets.iter().map(|s| s.elements.len().max(1)).sum::<usize>();
         // (last used, is a peer entry, last name, cache key, elements): by recency, then by
@@ -732,11 +750,54 @@ struct Compiler<'a, 'c> {
     set_log: Option<Vec<LoggedSet>>,
     /// While a policy chain is built: an ingress rule resolved named ports on the local pods.
     resolved_on_local: bool,
+    /// While a cluster policy's rules are built: the sets they use (see [`TierSets::used`]).
+    tier_log: Vec<UsedSet>,
 }
 
 impl<'a> TierSets<'a> for Compiler<'a, '_> {
     fn cluster(&self) -> &'a Cluster {
         self.cluster
+    }
+
+    fn reuse(&mut self, pi: usize, d: Direction) -> Option<Vec<Rule>> {
+        self.tier_log.clear();
+        let cluster = self.cluster;
+        let policy = &cluster.cluster_policies[pi];
+        let key = (ByAddress(Arc::clone(policy)), d);
+        let cached = self.cache.cluster_rules.remove(&key)?;
+        // Each set again, in the order the rules first named them: the same names (or the
+        // rules are compiled afresh), fixed sets as they were, pod peer sets as patched.
+        for used in &cached.sets {
+            match used {
+                UsedSet::Fixed { ident, name, set } => {
+                    if !self.namer.names_as(ident, name) {
+                        return None;
+                    }
+                    self.rs.sets.entry(name.clone()).or_insert_with(|| Arc::clone(set));
+                }
+                UsedSet::PodPeers { rule, peer, names } => {
+                    let ClusterPeer::Pods(set) = &policy.rules(d)[*rule].peers[*peer] else {
+                        return None;
+                    };
+                    if self.peer_set_of("", Some(&set.namespaces), &set.pods).1 != *names {
+                        return None;
+                    }
+                }
+            }
+        }
+        let rules = cached.rules.clone();
+        self.cache.cluster_rules.insert(key, CachedClusterRules { used: true, ..cached });
+        Some(rules)
+    }
+
+    fn used(&mut self, set: UsedSet) {
+        self.tier_log.push(set);
+    }
+
+    fn keep(&mut self, pi: usize, d: Direction, rules: &[Rule]) {
+        let key = (ByAddress(Arc::clone(&self.cluster.cluster_policies[pi])), d);
+        let sets = std::mem::take(&mut self.tier_log);
+        self.cache.cluster_rules.insert(key, CachedClusterRules { rules: rules.to_vec(), sets, used: true });
     }
 
     fn ruleset(&mut self) -> &mut Ruleset {
@@ -785,6 +846,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             scans_left: SCANS_BEFORE_INDEX,
             set_log: None,
             resolved_on_local: false,
+            tier_log: Vec::new(),
         }
     }
 
@@ -803,12 +865,31 @@ impl<'a, 'c> Compiler<'a, 'c> {
     fn run(mut self, local: Vec<usize>) -> (Ruleset, usize) {
         self.base(&local);
         let cluster = self.cluster;
+        let same_tier_inputs = self.cache.tier_inputs.as_ref().is_some_and(|(nodes, domains)| {
+            (Arc::ptr_eq(nodes, &cluster.nodes) || **nodes == *cluster.nodes)
+                && (Arc::ptr_eq(domains, &cluster.domains) || **domains == *cluster.domains)
+        });
+        if !same_tier_inputs {
+            self.cache.cluster_rules.clear();
+            self.cache.tier_inputs = Some((Arc::clone(&cluster.nodes), Arc::clone(&cluster.domains)));
+        }
         let mut selections = std::mem::take(&mut self.cache.selections);
         if !self.cache.selections_of.as_ref().is_some_and(|list| Arc::ptr_eq(list, &cluster.policies)) {
             selections.clear();
             self.cache.selections_of = Some(Arc::clone(&cluster.policies));
         }
         let mut kept = HashMap::with_capacity(local.len());
+        let mut governing_of = std::mem::take(&mut self.cache.governing);
+        // The same objects, or equal ones (after a relist, or a snapshot built anew).
+        let same_governors = self.cache.governing_of.as_ref().is_some_and(|(policies, namespaces)| {
+            (Arc::ptr_eq(policies, &cluster.cluster_policies) || **policies == *cluster.cluster_policies)
+                && (Arc::ptr_eq(namespaces, &cluster.namespaces) || **namespaces == *cluster.namespaces)
+        });
+        if !same_governors {
+            governing_of.clear();
+            self.cache.governing_of = Some((Arc::clone(&cluster.cluster_policies), Arc::clone(&cluster.namespaces)));
+        }
+        let mut kept_governing = HashMap::with_capacity(local.len());
         // (policy, direction) → the local pods it selects.
         let mut selected: BTreeMap<(usize, Direction), Vec<usize>> = BTreeMap::new();
         let mut tiers = TierPlan::default();
@@ -821,8 +902,14 @@ impl<'a, 'c> Compiler<'a, 'c> {
                     self.policies_in(&pod.id.namespace).filter(|&pi| cluster.policies[pi].isolates(pod, d)).collect()
                 })
             });
+            // The cluster policies governing it, kept while the pod, the cluster policies
+            // and the namespaces stay the same objects.
+            let governing = governing_of.remove(&ByAddress(Arc::clone(pod))).unwrap_or_else(|| {
+                [Direction::Egress, Direction::Ingress].map(|d| super::tiers::governing(cluster, pod, d))
+            });
+            let slot = |d: Direction| usize::from(d == Direction::Ingress);
             for (d, policies) in [Direction::Egress, Direction::Ingress].into_iter().zip(&by_direction) {
-                let jumps = tiers.add_pod(cluster, i, d, !policies.is_empty());
+                let jumps = tiers.add_governed_pod(cluster, i, d, !policies.is_empty(), &governing[slot(d)]);
                 if policies.is_empty() && jumps.is_empty() {
                     continue; // unpoliced: absent from the dispatch map, passes
                 }
@@ -832,8 +919,10 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 self.pod_chain(pod, d, policies, jumps);
             }
             kept.insert(key, by_direction);
+            kept_governing.insert(ByAddress(Arc::clone(pod)), governing);
         }
         self.cache.selections = kept;
+        self.cache.governing = kept_governing;
         for ((pi, d), pods) in &selected {
             self.policy_chain(*pi, *d, pods);
         }

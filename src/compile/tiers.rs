@@ -56,6 +56,31 @@ pub(super) trait TierSets<'a> {
     /// The names of the (v4, v6) sets of the addresses of the pods matching `pods` in the
     /// namespaces matching `namespaces` (hostNetwork pods never), in the ruleset.
     fn pod_peer_sets(&mut self, namespaces: &'a Selector, pods: &'a Selector) -> [String; 2];
+
+    /// The rules of cluster policy `pi` in direction `d` as an earlier compile made them,
+    /// their sets named and in the ruleset again; `None`: compile them (and say what they
+    /// use, [`TierSets::used`], then [`TierSets::keep`] them). The reference compiler keeps
+    /// nothing.
+    fn reuse(&mut self, _pi: usize, _d: Direction) -> Option<Vec<Rule>> {
+        None
+    }
+
+    /// The rules being compiled use this set (in this order).
+    fn used(&mut self, _set: UsedSet) {}
+
+    /// The rules of cluster policy `pi` in direction `d` just compiled, with the sets
+    /// [`TierSets::used`] reported since the last [`TierSets::reuse`].
+    fn keep(&mut self, _pi: usize, _d: Direction, _rules: &[Rule]) {}
+}
+
+/// A set the rules of a cluster policy look up, as a later compile finds it again.
+#[derive(Clone, Debug)]
+pub enum UsedSet {
+    /// A set of the policy's own (ports, networks, nodes, domain names): its identity, the
+    /// name it had, its contents (which depend on the policy, the cluster's nodes and names).
+    Fixed { ident: Ident, name: String, set: Arc<Set> },
+    /// The pod peer sets of peer `peer` of rule `rule`: shared, patched as pods change.
+    PodPeers { rule: usize, peer: usize, names: [String; 2] },
 }
 
 /// The tier chains of one compile: which lists of cluster policies govern which local pods.
@@ -73,14 +98,27 @@ impl TierPlan {
     /// for `d`, so its Baseline tier never applies ("Further evaluation only happens for
     /// Pods not selected by a v1.NetworkPolicy").
     pub fn add_pod(&mut self, cluster: &Cluster, i: usize, d: Direction, isolated: bool) -> TierJumps {
-        if !cluster.has_tiers() {
+        let governing = governing(cluster, &cluster.pods[i], d);
+        self.add_governed_pod(cluster, i, d, isolated, &governing)
+    }
+
+    /// [`TierPlan::add_pod`], given the pod's [`governing`] cluster policies (which a
+    /// compiler may have kept from an earlier compile).
+    pub fn add_governed_pod(
+        &mut self,
+        cluster: &Cluster,
+        i: usize,
+        d: Direction,
+        isolated: bool,
+        governing: &[usize],
+    ) -> TierJumps {
+        if governing.is_empty() {
             return TierJumps::default();
         }
-        let pod = &cluster.pods[i];
-        let labels = cluster.namespace_labels(&pod.id.namespace);
-        let governing: Vec<usize> = (0..cluster.cluster_policies.len())
+        let governing: Vec<usize> = governing
+            .iter()
+            .copied()
             .filter(|&pi| !(isolated && cluster.cluster_policies[pi].tier == Tier::Baseline))
-            .filter(|&pi| cluster.cluster_policies[pi].governs(pod, labels, d))
             .collect();
         for &pi in &governing {
             self.governed.entry((pi, d)).or_default().push(i);
@@ -111,10 +149,23 @@ impl TierPlan {
             let mut rules = Vec::new();
             for &pi in list {
                 let policy_rules = compiled.entry((pi, *d)).or_insert_with(|| {
+                    // Named ports resolve on pods (local ones for ingress): such rules are
+                    // compiled afresh; the others depend on the policy and shared sets only.
+                    let rules = cluster.cluster_policies[pi].rules(*d);
+                    let keepable = !rules
+                        .iter()
+                        .flat_map(|r| r.ports.iter().flatten())
+                        .any(|p| matches!(p.port, crate::policy::model::PortMatch::Named(_)));
+                    if keepable && let Some(kept) = sets.reuse(pi, *d) {
+                        return kept;
+                    }
                     let local = self.governed.get(&(pi, *d)).map(Vec::as_slice).unwrap_or_default();
                     let mut out = Vec::new();
-                    for (ri, rule) in cluster.cluster_policies[pi].rules(*d).iter().enumerate() {
+                    for (ri, rule) in rules.iter().enumerate() {
                         cluster_rule(sets, pi, *d, ri, rule, local, &mut out);
+                    }
+                    if keepable {
+                        sets.keep(pi, *d, &out);
                     }
                     out
                 });
@@ -126,6 +177,15 @@ impl TierPlan {
             sets.ruleset().chains.insert(name.clone(), Arc::new(chain));
         }
     }
+}
+
+/// The cluster policies (indices, in precedence order) governing `pod` in direction `d`.
+pub fn governing(cluster: &Cluster, pod: &Pod, d: Direction) -> Vec<usize> {
+    if !cluster.has_tiers() {
+        return Vec::new();
+    }
+    let labels = cluster.namespace_labels(&pod.id.namespace);
+    (0..cluster.cluster_policies.len()).filter(|&pi| cluster.cluster_policies[pi].governs(pod, labels, d)).collect()
 }
 
 /// `kind/name`: a cluster policy's identity in chain names.
@@ -187,8 +247,7 @@ fn cluster_rule<'a>(
             if !ranges.is_empty() {
                 let (elements, text) = ports_elements(ranges);
                 let ident = ports_ident(sets.namer(), &text);
-                let set = sets.namer().name(&ident);
-                sets.ruleset().sets.entry(set.clone()).or_insert_with(|| Arc::new(ports_set(elements, &text)));
+                let set = fixed_set(sets, ident, || ports_set(elements, &text));
                 port_matches.push((Some(Match::Lookup { key: Key::ProtoDport, set, negate: false }), "ports".into()));
             }
         }
@@ -211,6 +270,7 @@ fn cluster_rule<'a>(
             match peer {
                 ClusterPeer::Pods(set) => {
                     let names = sets.pod_peer_sets(&set.namespaces, &set.pods);
+                    sets.used(UsedSet::PodPeers { rule: ri, peer: k, names: names.clone() });
                     lookups(names, format!("peer {k} pods"), &mut peer_matches);
                 }
                 ClusterPeer::Nodes(selector) => {
@@ -234,8 +294,7 @@ fn cluster_rule<'a>(
             };
             let prefix = if f == IpFamily::V4 { names::CIDR_V4 } else { names::CIDR_V6 };
             let ident = rule_ident(sets.namer(), prefix, policy, dir, ri);
-            let set = sets.namer().name(&ident);
-            sets.ruleset().sets.insert(set.clone(), Arc::new(cidrs));
+            let set = fixed_set(sets, ident, || cidrs);
             peer_matches
                 .push((Some(Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false }), "networks".into()));
         }
@@ -290,27 +349,31 @@ fn cluster_rule<'a>(
     }
 }
 
+/// Names `ident` and puts the set `build` makes under that name (unless a set of the same
+/// identity is there already), reporting it as used; returns the name.
+fn fixed_set<'a>(sets: &mut impl TierSets<'a>, ident: Ident, build: impl FnOnce() -> Set) -> String {
+    let name = sets.namer().name(&ident);
+    let set = Arc::clone(sets.ruleset().sets.entry(name.clone()).or_insert_with(|| Arc::new(build())));
+    sets.used(UsedSet::Fixed { ident, name: name.clone(), set });
+    name
+}
+
 /// The (v4, v6) sets of the addresses of the nodes matching `selector`: "the IPs present
 /// in the node.Status.Addresses field of the node".
 fn node_sets<'a>(sets: &mut impl TierSets<'a>, selector: &Selector) -> [String; 2] {
     let cluster = sets.cluster();
     let text = naming::text(selector, naming::selector);
-    let names = [names::NODES_V4, names::NODES_V6]
-        .map(|prefix| sets.namer().ident(prefix, &["nodes", &text], &format!("nodes_{selector}")))
-        .map(|ident| sets.namer().name(&ident));
-    if !sets.ruleset().sets.contains_key(&names[0]) {
-        let mut addrs: [Vec<IpAddr>; 2] = [Vec::new(), Vec::new()];
-        for node in cluster.nodes.iter().filter(|n| selector.matches(&n.labels)) {
-            for ip in &node.ips {
-                addrs[usize::from(ip.is_ipv6())].push(*ip);
-            }
-        }
-        let built = address_sets(addrs, &format!("nodes {selector}"));
-        for (name, set) in names.iter().zip(built) {
-            sets.ruleset().sets.insert(name.clone(), Arc::new(set));
+    let mut addrs: [Vec<IpAddr>; 2] = [Vec::new(), Vec::new()];
+    for node in cluster.nodes.iter().filter(|n| selector.matches(&n.labels)) {
+        for ip in &node.ips {
+            addrs[usize::from(ip.is_ipv6())].push(*ip);
         }
     }
-    names
+    let [v4, v6] = address_sets(addrs, &format!("nodes {selector}"));
+    let hint = format!("nodes_{selector}");
+    let [i4, i6] =
+        [names::NODES_V4, names::NODES_V6].map(|prefix| sets.namer().ident(prefix, &["nodes", &text], &hint));
+    [fixed_set(sets, i4, || v4), fixed_set(sets, i6, || v6)]
 }
 
 /// The (v4, v6) sets of the addresses the domain names `domains` resolve to (the cluster's
@@ -319,18 +382,12 @@ fn domain_sets<'a>(sets: &mut impl TierSets<'a>, domains: &[String]) -> [String;
     let cluster = sets.cluster();
     let text = domains.join("\n");
     let hint = domains.first().map(String::as_str).unwrap_or_default();
-    let names = [names::DOMAINS_V4, names::DOMAINS_V6]
-        .map(|prefix| sets.namer().ident(prefix, &["domains", &text], hint))
-        .map(|ident| sets.namer().name(&ident));
-    if !sets.ruleset().sets.contains_key(&names[0]) {
-        let mut addrs: [Vec<IpAddr>; 2] = [Vec::new(), Vec::new()];
-        for ip in model::resolve(&cluster.domains, domains) {
-            addrs[usize::from(ip.is_ipv6())].push(ip);
-        }
-        let built = address_sets(addrs, &format!("domains {}", domains.join(",")));
-        for (name, set) in names.iter().zip(built) {
-            sets.ruleset().sets.insert(name.clone(), Arc::new(set));
-        }
+    let mut addrs: [Vec<IpAddr>; 2] = [Vec::new(), Vec::new()];
+    for ip in model::resolve(&cluster.domains, domains) {
+        addrs[usize::from(ip.is_ipv6())].push(ip);
     }
-    names
+    let [v4, v6] = address_sets(addrs, &format!("domains {}", domains.join(",")));
+    let [i4, i6] =
+        [names::DOMAINS_V4, names::DOMAINS_V6].map(|prefix| sets.namer().ident(prefix, &["domains", &text], hint));
+    [fixed_set(sets, i4, || v4), fixed_set(sets, i6, || v6)]
 }
