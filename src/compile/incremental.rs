@@ -430,7 +430,18 @@ struct SetCache {
     /// The cluster policies governing each local pod for (egress, ingress), valid for the
     /// cluster policy list and namespace map of `governing_of`.
     governing: HashMap<ByAddress<Pod>, [Vec<usize>; 2]>,
+    /// Tier chains by name.
+    tier_chains: HashMap<String, CachedTierChain>,
     governing_of: Option<(crate::policy::model::SharedList<ClusterPolicy>, Arc<crate::policy::model::NamespaceMap>)>,
+}
+
+/// A tier chain: the cluster policies (in order) whose rules it holds, for one direction.
+#[derive(Debug)]
+struct CachedTierChain {
+    policies: Vec<Arc<ClusterPolicy>>,
+    direction: Direction,
+    chain: Arc<Chain>,
+    used: bool,
 }
 
 /// A cluster policy's rules for one direction, and the sets they use in naming order.
@@ -646,6 +657,7 @@ impl SetCache {
         self.policy_chains.retain(|_, c| std::mem::take(&mut c.used));
         self.pod_chains.retain(|_, c| std::mem::take(&mut c.used));
         self.cluster_rules.retain(|_, c| std::mem::take(&mut c.used));
+        self.tier_chains.retain(|_, c| std::mem::take(&mut c.used));
         let now = self.generation;
         let size = |sets: &[Arc<Set>]| sets.iter().map(|s| s.elements.len().max(1)).sum::<usize>();
         // (last used, is a peer entry, last name, cache key, elements): by recency, then by
@@ -752,6 +764,8 @@ struct Compiler<'a, 'c> {
     resolved_on_local: bool,
     /// While a cluster policy's rules are built: the sets they use (see [`TierSets::used`]).
     tier_log: Vec<UsedSet>,
+    /// The (cluster policy, direction) whose rules this compile took from the cache.
+    reused_cluster_rules: std::collections::HashSet<(usize, Direction)>,
 }
 
 impl<'a> TierSets<'a> for Compiler<'a, '_> {
@@ -787,7 +801,28 @@ impl<'a> TierSets<'a> for Compiler<'a, '_> {
         }
         let rules = cached.rules.clone();
         self.cache.cluster_rules.insert(key, CachedClusterRules { used: true, ..cached });
+        self.reused_cluster_rules.insert((pi, d));
         Some(rules)
+    }
+
+    fn reuse_chain(&mut self, name: &str, list: &[usize], d: Direction) -> Option<Arc<Chain>> {
+        let cluster = self.cluster;
+        let cached = self.cache.tier_chains.get_mut(name)?;
+        let same = cached.direction == d
+            && cached.policies.len() == list.len()
+            && cached.policies.iter().zip(list).all(|(p, &pi)| Arc::ptr_eq(p, &cluster.cluster_policies[pi]))
+            && list.iter().all(|&pi| self.reused_cluster_rules.contains(&(pi, d)));
+        if !same {
+            return None;
+        }
+        cached.used = true;
+        Some(Arc::clone(&cached.chain))
+    }
+
+    fn keep_chain(&mut self, name: &str, list: &[usize], d: Direction, chain: &Arc<Chain>) {
+        let policies = list.iter().map(|&pi| Arc::clone(&self.cluster.cluster_policies[pi])).collect();
+        let cached = CachedTierChain { policies, direction: d, chain: Arc::clone(chain), used: true };
+        self.cache.tier_chains.insert(name.to_string(), cached);
     }
 
     fn used(&mut self, set: UsedSet) {
@@ -847,6 +882,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             set_log: None,
             resolved_on_local: false,
             tier_log: Vec::new(),
+            reused_cluster_rules: std::collections::HashSet::new(),
         }
     }
 

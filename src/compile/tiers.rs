@@ -71,6 +71,16 @@ pub(super) trait TierSets<'a> {
     /// The rules of cluster policy `pi` in direction `d` just compiled, with the sets
     /// [`TierSets::used`] reported since the last [`TierSets::reuse`].
     fn keep(&mut self, _pi: usize, _d: Direction, _rules: &[Rule]) {}
+
+    /// The tier chain `name` of cluster policies `list` in direction `d` as an earlier
+    /// compile made it, when every one of them was [`TierSets::reuse`]d in this compile
+    /// (the chain is their rules, so it is the same): shared, a diff skips it unread.
+    fn reuse_chain(&mut self, _name: &str, _list: &[usize], _d: Direction) -> Option<Arc<Chain>> {
+        None
+    }
+
+    /// The tier chain `name` just built.
+    fn keep_chain(&mut self, _name: &str, _list: &[usize], _d: Direction, _chain: &Arc<Chain>) {}
 }
 
 /// A set the rules of a cluster policy look up, as a later compile finds it again.
@@ -146,36 +156,51 @@ impl TierPlan {
         // policy, their sets are the policy's or shared): once per compile.
         let mut compiled: BTreeMap<(usize, Direction), Vec<Rule>> = BTreeMap::new();
         for ((tier, d, list), name) in &self.chains {
+            // The rules first (they name the sets, in order), then the chain they make.
+            for &pi in list {
+                if let std::collections::btree_map::Entry::Vacant(slot) = compiled.entry((pi, *d)) {
+                    slot.insert(self.policy_rules(sets, pi, *d));
+                }
+            }
+            if let Some(chain) = sets.reuse_chain(name, list, *d) {
+                sets.ruleset().chains.insert(name.clone(), chain);
+                continue;
+            }
             let mut rules = Vec::new();
             for &pi in list {
-                let policy_rules = compiled.entry((pi, *d)).or_insert_with(|| {
-                    // Named ports resolve on pods (local ones for ingress): such rules are
-                    // compiled afresh; the others depend on the policy and shared sets only.
-                    let rules = cluster.cluster_policies[pi].rules(*d);
-                    let keepable = !rules
-                        .iter()
-                        .flat_map(|r| r.ports.iter().flatten())
-                        .any(|p| matches!(p.port, crate::policy::model::PortMatch::Named(_)));
-                    if keepable && let Some(kept) = sets.reuse(pi, *d) {
-                        return kept;
-                    }
-                    let local = self.governed.get(&(pi, *d)).map(Vec::as_slice).unwrap_or_default();
-                    let mut out = Vec::new();
-                    for (ri, rule) in rules.iter().enumerate() {
-                        cluster_rule(sets, pi, *d, ri, rule, local, &mut out);
-                    }
-                    if keepable {
-                        sets.keep(pi, *d, &out);
-                    }
-                    out
-                });
-                rules.extend(policy_rules.iter().cloned());
+                rules.extend(compiled[&(pi, *d)].iter().cloned());
             }
             let ids: Vec<String> = list.iter().map(|&pi| cluster.cluster_policies[pi].id.name.clone()).collect();
             let comment = format!("{tier} tier {}: {}", d.as_str().to_lowercase(), ids.join(", "));
-            let chain = Chain { base: None, comment: Some(names::comment(&comment)), rules };
-            sets.ruleset().chains.insert(name.clone(), Arc::new(chain));
+            let chain = Arc::new(Chain { base: None, comment: Some(names::comment(&comment)), rules });
+            sets.keep_chain(name, list, *d, &chain);
+            sets.ruleset().chains.insert(name.clone(), chain);
         }
+    }
+
+    /// The rules of cluster policy `pi` in direction `d`, as an earlier compile kept them or
+    /// compiled now.
+    fn policy_rules<'a>(&self, sets: &mut impl TierSets<'a>, pi: usize, d: Direction) -> Vec<Rule> {
+        let cluster = sets.cluster();
+        // Named ports resolve on pods (local ones for ingress): such rules are compiled
+        // afresh; the others depend on the policy and shared sets only.
+        let rules = cluster.cluster_policies[pi].rules(d);
+        let keepable = !rules
+            .iter()
+            .flat_map(|r| r.ports.iter().flatten())
+            .any(|p| matches!(p.port, crate::policy::model::PortMatch::Named(_)));
+        if keepable && let Some(kept) = sets.reuse(pi, d) {
+            return kept;
+        }
+        let local = self.governed.get(&(pi, d)).map(Vec::as_slice).unwrap_or_default();
+        let mut out = Vec::new();
+        for (ri, rule) in rules.iter().enumerate() {
+            cluster_rule(sets, pi, d, ri, rule, local, &mut out);
+        }
+        if keepable {
+            sets.keep(pi, d, &out);
+        }
+        out
     }
 }
 
