@@ -138,6 +138,18 @@ fn bench_diff(c: &mut Criterion) {
         ..c.clone()
     };
     let tiered_base = tiered(&base);
+    let rs = compile(&tiered_base, &config);
+    let tier_chains: Vec<_> =
+        rs.chains.iter().filter(|(n, _)| n.starts_with("adm_") || n.starts_with("base_")).collect();
+    eprintln!(
+        "10k pods / 1k policies / 50 cluster policies, node-0: {} chains ({} tier chains, {} rules in them), {} rules, {} sets/maps, {} elements",
+        rs.chains.len(),
+        tier_chains.len(),
+        tier_chains.iter().map(|(_, c)| c.rules.len()).sum::<usize>(),
+        rs.rule_count(),
+        rs.sets.len() + rs.maps.len(),
+        rs.element_count()
+    );
     let mut g = c.benchmark_group("incremental_compile_and_diff_there_and_back_50_cluster_policies");
     g.sample_size(30);
     for (name, changed) in &cases {
