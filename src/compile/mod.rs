@@ -9,8 +9,9 @@
 //!                                         │ local isolated pod IP → jump pod_eg_<pod>
 //!  forward, prio 10 ingress_forward ──► 1, 2, 3 on daddr, 4 ip daddr vmap @ingress_dispatch_v4
 //!                                         │ local isolated pod IP → jump pod_in_<pod>
-//!  pod_{eg,in}_<pod>: ct state invalid drop; jump pol_{eg,in}_<policy> for each policy
-//!                     selecting it; counter drop
+//!  pod_{eg,in}_<pod>: ct state invalid drop; [jump adm_{eg,in}_<list>]; jump
+//!                     pol_{eg,in}_<policy> for each policy selecting it; counter drop
+//!                     (none selecting it: [jump base_{eg,in}_<list>]; see compile/tiers.rs)
 //!  pol_{eg,in}_<policy>: one rule per (rule × peer kind × port kind), set lookups, accept
 //! ```
 //!
@@ -41,6 +42,8 @@
 //!                          set built straight from the cluster; written for clarity only
 //!  compile/incremental.rs  IncrementalCompiler (the agent): one Compiled per cluster, sets
 //!                          patched for the changed pods, chains reused; always == compile()
+//!  compile/tiers.rs        the Admin and Baseline tiers' chains (cluster policies), written
+//!                          once for both compilers; the incremental one keeps their parts
 //! ```
 //!
 //! Independence: neither compiler calls the evaluator (`policy::evaluate`, `policy::matrix`).

@@ -1,7 +1,7 @@
 //! The pure core: what NetworkPolicy means, with no I/O and no Kubernetes API type.
 //!
 //! ```text
-//!  model::{Namespace, Pod, Policy} ──► Cluster (sorted, indexed)
+//!  model::{Namespace, Pod, Policy} ──► Cluster (sorted, indexed) ◄── tiers::{ClusterPolicy, Node, DomainMap}
 //!        │                               │
 //!  selector (labels) ◄───────────────────┤
 //!                                        ├─► evaluate: one connection, with the rule that decided it
