@@ -1316,7 +1316,8 @@ impl WatchBackoff {
     /// No error for this long ends a run of errors too (a watch with nothing to deliver).
     pub const QUIET: Duration = Duration::from_secs(60);
     const INITIAL: Duration = Duration::from_millis(800);
-    const MAX: Duration = Duration::from_secs(30);
+    /// The longest pause between retries.
+    pub const MAX: Duration = Duration::from_secs(30);
 
     pub fn new() -> Self {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());

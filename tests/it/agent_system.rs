@@ -44,6 +44,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol::agent::nft_target;
+use netpol::agent::watch::WatchBackoff;
 use netpol::compile::{NodeConfig, compile};
 use netpol::lab::{self, L4, Lab, LabNode, LabPod};
 use netpol::nft::ir::Ruleset;
@@ -1293,10 +1294,19 @@ fn chaos_of_kills_api_faults_foreign_flushes_and_ip_reuse_under_traffic_never_er
                             api.server.resume_kind(kind);
                         }
                     }
-                    let deadline = Instant::now() + CONVERGE_LIMIT;
+                    // Faults that come close together make the agents back off, up to
+                    // WatchBackoff::MAX between retries, by design (a watch that fails right
+                    // after each relist must not hammer the API server): the window lasts
+                    // until they are back, however long that is within the backoff's bound.
+                    let deadline = Instant::now() + WatchBackoff::MAX + CONVERGE_LIMIT;
                     while kinds.iter().zip(&watches).any(|(&k, &before)| api.server.watch_requests(k) < before + 2) {
                         fleet.assert_running();
-                        assert!(Instant::now() < deadline, "the agents never watched again after an apiserver fault");
+                        assert!(
+                            Instant::now() < deadline,
+                            "the agents never watched again after apiserver fault {fault}: watch requests before {watches:?}, now {:?}\n{}",
+                            kinds.iter().map(|&k| api.server.watch_requests(k)).collect::<Vec<_>>(),
+                            fleet.logs()
+                        );
                         std::thread::sleep(Duration::from_millis(2));
                     }
                     expectations.lock().unwrap().down.last_mut().unwrap().1 = Some(Instant::now());
