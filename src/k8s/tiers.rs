@@ -270,6 +270,23 @@ impl Reader {
         }
     }
 
+    /// [`Reader::one_of`] where a newer API may have added the field that is set: none of
+    /// `fields` set is an error in a file, and `None` from the API server (its rule fails
+    /// closed).
+    fn known_one_of(
+        &self,
+        map: &Map<String, Value>,
+        path: &str,
+        fields: &[&'static str],
+    ) -> Result<Option<&'static str>> {
+        match Self::one_of(map, path, fields)? {
+            None if self.mode == Mode::File => {
+                Err(FieldError::new(path, format!("must set exactly one of {}", names(fields))))
+            }
+            which => Ok(which),
+        }
+    }
+
     fn policy(&mut self, v: &Value) -> Result<ClusterPolicy> {
         let top = self.object(v, "", &["apiVersion", "kind", "metadata", "spec", "status"])?;
         let api_version = top.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
@@ -527,11 +544,8 @@ impl Reader {
     fn peer(&mut self, v: &Value, path: &str, api: Api, direction: Direction) -> Result<Option<ClusterPeer>> {
         let fields = api.peer_fields(direction);
         let map = self.object(v, path, fields)?;
-        let Some(which) = Self::one_of(map, path, fields)? else {
-            return match self.mode {
-                Mode::File => Err(FieldError::new(path, format!("must set exactly one of {}", names(fields)))),
-                Mode::ApiServer => Ok(None),
-            };
+        let Some(which) = self.known_one_of(map, path, fields)? else {
+            return Ok(None);
         };
         let at = join(path, which);
         let value = &map[which];
@@ -611,11 +625,8 @@ impl Reader {
     fn protocol(&mut self, v: &Value, path: &str) -> Result<Option<(Vec<PortSpec>, bool)>> {
         const FIELDS: &[&str] = &["tcp", "udp", "sctp", "destinationNamedPort"];
         let map = self.object(v, path, FIELDS)?;
-        let Some(which) = Self::one_of(map, path, FIELDS)? else {
-            return match self.mode {
-                Mode::File => Err(FieldError::new(path, format!("must set exactly one of {}", names(FIELDS)))),
-                Mode::ApiServer => Ok(None),
-            };
+        let Some(which) = self.known_one_of(map, path, FIELDS)? else {
+            return Ok(None);
         };
         let at = join(path, which);
         let protocol = match which {
@@ -664,11 +675,8 @@ impl Reader {
     fn port(&mut self, v: &Value, path: &str) -> Result<Option<(Vec<PortSpec>, bool)>> {
         const FIELDS: &[&str] = &["portNumber", "namedPort", "portRange"];
         let map = self.object(v, path, FIELDS)?;
-        let Some(which) = Self::one_of(map, path, FIELDS)? else {
-            return match self.mode {
-                Mode::File => Err(FieldError::new(path, format!("must set exactly one of {}", names(FIELDS)))),
-                Mode::ApiServer => Ok(None),
-            };
+        let Some(which) = self.known_one_of(map, path, FIELDS)? else {
+            return Ok(None);
         };
         let at = join(path, which);
         let value = &map[which];
