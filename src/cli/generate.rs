@@ -15,7 +15,7 @@ use crate::policy::model::{
     Cluster, ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, PodIps, Policy,
     PortMatch, PortSpec, Protocol, Rule,
 };
-use crate::policy::selector::{Operator, Requirement, Selector};
+use crate::policy::selector::{Operator, Requirement, Selector, Values};
 use crate::policy::tiers::{
     Action, ClusterPeer, ClusterPolicy, ClusterPolicyId, ClusterPolicyKind, ClusterRule, DomainMap, Node, PodSet, Tier,
 };
@@ -148,11 +148,11 @@ fn app_selector(rng: &mut Rng) -> Selector {
         0 => Selector::everything(),
         1 => Selector::new(vec![Requirement {
             key: "app".into(),
-            operator: Operator::In(BTreeSet::from([rng.pick(APPS).to_string(), rng.pick(APPS).to_string()])),
+            operator: Operator::In(Values::from([rng.pick(APPS).to_string(), rng.pick(APPS).to_string()])),
         }]),
         2 => Selector::new(vec![
-            Requirement { key: "tier".into(), operator: Operator::In(BTreeSet::from([rng.pick(TIERS).to_string()])) },
-            Requirement { key: "env".into(), operator: Operator::NotIn(BTreeSet::from(["dev".to_string()])) },
+            Requirement { key: "tier".into(), operator: Operator::In(Values::from([rng.pick(TIERS).to_string()])) },
+            Requirement { key: "env".into(), operator: Operator::NotIn(Values::from(["dev".to_string()])) },
         ]),
         3 => Selector::new(vec![Requirement { key: "env".into(), operator: Operator::Exists }]),
         _ => Selector::from_labels([("app", *rng.pick(APPS))]),
@@ -496,7 +496,7 @@ fn random_selector(rng: &mut Rng) -> Selector {
         0 => Selector::everything(),
         1 => Selector::new(vec![Requirement {
             key: "app".into(),
-            operator: Operator::NotIn(BTreeSet::from([rng.pick(&["web", "db"]).to_string()])),
+            operator: Operator::NotIn(Values::from([rng.pick(&["web", "db"]).to_string()])),
         }]),
         2 => Selector::new(vec![Requirement { key: "tier".into(), operator: Operator::Exists }]),
         3 => Selector::new(vec![Requirement { key: "tier".into(), operator: Operator::DoesNotExist }]),

@@ -63,7 +63,7 @@ pub fn selector(out: &mut String, s: &Selector) {
         out.push_str("Requirement { key: ");
         string(out, &r.key);
         out.push_str(", operator: ");
-        let values = |out: &mut String, word: &str, values: &std::collections::BTreeSet<String>| {
+        let values = |out: &mut String, word: &str, values: &crate::policy::selector::Values| {
             out.push_str(word);
             out.push_str("({");
             for (k, v) in values.iter().enumerate() {
@@ -362,7 +362,7 @@ mod tests {
         Selector::new(reqs.into_iter().map(|(k, operator)| Requirement { key: k.into(), operator }).collect())
     }
 
-    fn values(vs: &[&str]) -> BTreeSet<String> {
+    fn values(vs: &[&str]) -> crate::policy::selector::Values {
         vs.iter().map(|v| v.to_string()).collect()
     }
 

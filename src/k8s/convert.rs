@@ -11,7 +11,6 @@
 //! both ourselves, exactly as it would (`pkg/apis/networking/validation` and the
 //! defaulting functions of `networking/v1`). No k8s-openapi type leaves this module.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -25,7 +24,7 @@ use crate::policy::model::{
     ContainerPort, IpBlock, Labels, Namespace, NamespaceScope, ObjectRef, Peer, Pod, PodIps, Policy, PortMatch,
     PortSpec, Protocol, Rule,
 };
-use crate::policy::selector::{Operator, Requirement, Selector};
+use crate::policy::selector::{Operator, Requirement, Selector, Values};
 use crate::validate;
 
 /// What is wrong with one field of one object.
@@ -402,12 +401,12 @@ pub fn selector(s: &LabelSelector, path: &str) -> Result<Selector> {
     for (k, v) in s.match_labels.iter().flatten() {
         validate_label_key(k, &format!("{path}.matchLabels"))?;
         validate_label_value(v, &format!("{path}.matchLabels[{k}]"))?;
-        reqs.push(Requirement { key: k.clone(), operator: Operator::In(BTreeSet::from([v.clone()])) });
+        reqs.push(Requirement { key: k.clone(), operator: Operator::In(Values::from([v.clone()])) });
     }
     for (i, e) in s.match_expressions.iter().flatten().enumerate() {
         let epath = format!("{path}.matchExpressions[{i}]");
         validate_label_key(&e.key, &format!("{epath}.key"))?;
-        let values: BTreeSet<String> = e.values.iter().flatten().cloned().collect();
+        let values: Values = e.values.iter().flatten().cloned().collect();
         for (j, v) in e.values.iter().flatten().enumerate() {
             validate_label_value(v, &format!("{epath}.values[{j}]"))?;
         }

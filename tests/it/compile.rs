@@ -46,8 +46,9 @@ fn selector(rng: &mut Rng, keys: &[(&str, &[&str])]) -> Selector {
     let mut reqs = Vec::new();
     for _ in 0..rng.below(3) {
         let (k, vs) = rng.pick(keys);
-        let vals =
-            |rng: &mut Rng| -> BTreeSet<String> { (0..1 + rng.below(2)).map(|_| rng.pick(vs).to_string()).collect() };
+        let vals = |rng: &mut Rng| -> netpol::policy::selector::Values {
+            (0..1 + rng.below(2)).map(|_| rng.pick(vs).to_string()).collect()
+        };
         let operator = match rng.below(5) {
             0 | 1 => Operator::In(vals(rng)),
             2 => Operator::NotIn(vals(rng)),
