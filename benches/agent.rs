@@ -200,7 +200,7 @@ fn memberships_of(rs: &Ruleset, ip: Ipv4Addr) -> BTreeSet<String> {
     let starts_with_addr = |e: Option<&NftElement>| e.is_some_and(|e| e.values().first() == Some(&addr));
     let mut out = BTreeSet::new();
     for (name, set) in &rs.sets {
-        if starts_with_addr(set.elements.range(&first..).next()) {
+        if starts_with_addr(set.elements.first_from(&first).as_ref()) {
             out.insert(name.clone());
         }
     }

@@ -341,7 +341,7 @@ fn ports_set(elements: BTreeSet<Element>, text: &str) -> Set {
         key: vec![KeyType::InetProto, KeyType::InetService],
         interval: true,
         comment: Some(names::comment(text)),
-        elements,
+        elements: elements.into_iter().collect(),
     }
 }
 

@@ -16,10 +16,10 @@
 //! same allocation in both rulesets (the compiler reused it) is skipped unread. A changed layout
 //! (another table, base chain, or set type under the same name) makes the diff a full sync.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::ir::{Element, MapVerdict, Ruleset, Set};
+use super::ir::{Element, Elements, MapVerdict, Ruleset, Set};
 use super::{Op, Transaction};
 
 /// Replaces the whole table atomically: `add table` (so `delete` cannot fail), `delete
@@ -71,7 +71,7 @@ pub struct SetDelta {
 
 impl SetDelta {
     /// The elements of the set before the change: `to` without `added`, with `gone`.
-    pub fn before(&self) -> BTreeSet<Element> {
+    pub fn before(&self) -> Elements {
         let mut before = self.to.elements.clone();
         for e in &self.added {
             before.remove(e);
@@ -97,8 +97,8 @@ pub fn diff_with(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Tra
 }
 
 /// The elements `after` adds to `before`, and those it takes away.
-fn element_changes(before: &BTreeSet<Element>, after: &BTreeSet<Element>) -> (Vec<Element>, Vec<Element>) {
-    (after.difference(before).cloned().collect(), before.difference(after).cloned().collect())
+fn element_changes(before: &Elements, after: &Elements) -> (Vec<Element>, Vec<Element>) {
+    (after.difference(before).collect(), before.difference(after).collect())
 }
 
 /// [`diff_with`] while `desired` keeps `applied`'s layout; `None` once it does not (another

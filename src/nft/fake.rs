@@ -283,10 +283,10 @@ fn add_set(t: &mut Ruleset, name: &str, set: &Set) -> R {
         Some(existing) if !existing.same_declaration(set) => {
             Err(format!("File exists (set {name} with another type or flags)"))
         }
-        Some(existing) => add_elements(Arc::make_mut(existing), &set.elements.iter().cloned().collect::<Vec<_>>()),
+        Some(existing) => add_elements(Arc::make_mut(existing), &set.elements.iter().collect::<Vec<_>>()),
         None => {
             let mut s = Set { elements: Default::default(), ..set.clone() };
-            add_elements(&mut s, &set.elements.iter().cloned().collect::<Vec<_>>())?;
+            add_elements(&mut s, &set.elements.iter().collect::<Vec<_>>())?;
             t.sets.insert(name.to_string(), Arc::new(s));
             Ok(())
         }

@@ -107,9 +107,10 @@ struct Lookup<T> {
 }
 
 impl<T: Clone> Lookup<T> {
-    fn build<'e>(items: impl Iterator<Item = (&'e Element, T)>) -> Self {
+    fn build<E: std::borrow::Borrow<Element>>(items: impl Iterator<Item = (E, T)>) -> Self {
         let mut l = Lookup { exact: HashMap::new(), intervals: Vec::new() };
         for (e, t) in items {
+            let e = e.borrow();
             if e.is_interval() {
                 l.intervals.push((e.clone(), t));
             } else {

@@ -344,13 +344,13 @@ pub struct Set {
     /// `flags interval`: elements may be prefixes and ranges (and must not overlap).
     pub interval: bool,
     pub comment: Option<String>,
-    pub elements: BTreeSet<Element>,
+    pub elements: Elements,
 }
 
 impl Set {
     /// The set's type, flags and comment, without elements.
     pub fn declaration(&self) -> Set {
-        Set { key: self.key.clone(), interval: self.interval, comment: self.comment.clone(), elements: BTreeSet::new() }
+        Set { key: self.key.clone(), interval: self.interval, comment: self.comment.clone(), elements: Elements::new() }
     }
 
     /// Same type and flags (what an `add set` of an existing set must agree with).
@@ -522,6 +522,218 @@ impl Element {
     }
 }
 
+/// A set's elements, in [`Element`] order.
+///
+/// A set of plain addresses (the pod sets: nearly all of a node's elements at scale) keeps
+/// them as numbers, ~6 (IPv4) or ~22 (IPv6) bytes each in its B-tree against ~26-37 as
+/// `Element`s (24 bytes a key, plus the tree's slack). Every other set keeps `Element`s.
+/// Iteration hands out owned `Element`s, made on the fly (no allocation for one value).
+#[derive(Clone, Default)]
+pub struct Elements(Store);
+
+#[derive(Clone)]
+enum Store {
+    V4(BTreeSet<u32>),
+    V6(BTreeSet<u128>),
+    Any(BTreeSet<Element>),
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::V4(BTreeSet::new())
+    }
+}
+
+/// An element as one of the compact stores keeps it.
+enum Compact {
+    V4(u32),
+    V6(u128),
+}
+
+impl Compact {
+    fn of(e: &Element) -> Option<Compact> {
+        match e.0 {
+            Repr::One(Value::Addr(IpAddr::V4(a))) => Some(Compact::V4(u32::from(a))),
+            Repr::One(Value::Addr(IpAddr::V6(a))) => Some(Compact::V6(u128::from(a))),
+            _ => None,
+        }
+    }
+}
+
+fn v4_element(a: u32) -> Element {
+    Element::single(Value::Addr(IpAddr::V4(a.into())))
+}
+
+fn v6_element(a: u128) -> Element {
+    Element::single(Value::Addr(IpAddr::V6(a.into())))
+}
+
+impl Elements {
+    pub fn new() -> Self {
+        Elements::default()
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            Store::V4(s) => s.len(),
+            Store::V6(s) => s.len(),
+            Store::Any(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, e: &Element) -> bool {
+        match (&self.0, Compact::of(e)) {
+            (Store::V4(s), Some(Compact::V4(a))) => s.contains(&a),
+            (Store::V6(s), Some(Compact::V6(a))) => s.contains(&a),
+            (Store::Any(s), _) => s.contains(e),
+            _ => false,
+        }
+    }
+
+    /// `true` if `e` was not there yet.
+    pub fn insert(&mut self, e: Element) -> bool {
+        if self.is_empty() {
+            // An empty set takes the store of its first element.
+            self.0 = match Compact::of(&e) {
+                Some(Compact::V4(_)) => Store::V4(BTreeSet::new()),
+                Some(Compact::V6(_)) => Store::V6(BTreeSet::new()),
+                None => Store::Any(BTreeSet::new()),
+            };
+        }
+        match (&mut self.0, Compact::of(&e)) {
+            (Store::V4(s), Some(Compact::V4(a))) => s.insert(a),
+            (Store::V6(s), Some(Compact::V6(a))) => s.insert(a),
+            (Store::Any(s), _) => s.insert(e),
+            _ => {
+                // Elements of two kinds in one set (no compiled set has them): keep them all.
+                let mut any: BTreeSet<Element> = self.iter().collect();
+                let inserted = any.insert(e);
+                self.0 = Store::Any(any);
+                inserted
+            }
+        }
+    }
+
+    /// `true` if `e` was there.
+    pub fn remove(&mut self, e: &Element) -> bool {
+        match (&mut self.0, Compact::of(e)) {
+            (Store::V4(s), Some(Compact::V4(a))) => s.remove(&a),
+            (Store::V6(s), Some(Compact::V6(a))) => s.remove(&a),
+            (Store::Any(s), _) => s.remove(e),
+            _ => false,
+        }
+    }
+
+    pub fn first(&self) -> Option<Element> {
+        self.iter().next()
+    }
+
+    /// The first element at or after `e` in [`Element`] order.
+    pub fn first_from(&self, e: &Element) -> Option<Element> {
+        match (&self.0, Compact::of(e)) {
+            (Store::V4(s), Some(Compact::V4(a))) => s.range(a..).next().map(|a| v4_element(*a)),
+            (Store::V6(s), Some(Compact::V6(a))) => s.range(a..).next().map(|a| v6_element(*a)),
+            (Store::Any(s), _) => s.range(e..).next().cloned(),
+            _ => self.iter().find(|x| x >= e),
+        }
+    }
+
+    /// In [`Element`] order.
+    pub fn iter(&self) -> ElementsIter<'_> {
+        match &self.0 {
+            Store::V4(s) => ElementsIter::V4(s.iter()),
+            Store::V6(s) => ElementsIter::V6(s.iter()),
+            Store::Any(s) => ElementsIter::Any(s.iter()),
+        }
+    }
+
+    /// The elements `self` has and `other` lacks, in order.
+    pub fn difference<'a>(&'a self, other: &'a Elements) -> impl Iterator<Item = Element> + 'a {
+        self.iter().filter(move |e| !other.contains(e))
+    }
+}
+
+/// The iterator of [`Elements::iter`].
+pub enum ElementsIter<'a> {
+    V4(std::collections::btree_set::Iter<'a, u32>),
+    V6(std::collections::btree_set::Iter<'a, u128>),
+    Any(std::collections::btree_set::Iter<'a, Element>),
+}
+
+impl Iterator for ElementsIter<'_> {
+    type Item = Element;
+
+    fn next(&mut self) -> Option<Element> {
+        match self {
+            ElementsIter::V4(i) => i.next().map(|a| v4_element(*a)),
+            ElementsIter::V6(i) => i.next().map(|a| v6_element(*a)),
+            ElementsIter::Any(i) => i.next().cloned(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            ElementsIter::V4(i) => i.size_hint(),
+            ElementsIter::V6(i) => i.size_hint(),
+            ElementsIter::Any(i) => i.size_hint(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Elements {
+    type Item = Element;
+    type IntoIter = ElementsIter<'a>;
+
+    fn into_iter(self) -> ElementsIter<'a> {
+        self.iter()
+    }
+}
+
+impl Extend<Element> for Elements {
+    fn extend<I: IntoIterator<Item = Element>>(&mut self, elements: I) {
+        for e in elements {
+            self.insert(e);
+        }
+    }
+}
+
+impl FromIterator<Element> for Elements {
+    fn from_iter<I: IntoIterator<Item = Element>>(elements: I) -> Self {
+        let mut out = Elements::new();
+        out.extend(elements);
+        out
+    }
+}
+
+impl<const N: usize> From<[Element; N]> for Elements {
+    fn from(elements: [Element; N]) -> Self {
+        elements.into_iter().collect()
+    }
+}
+
+impl PartialEq for Elements {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Store::V4(a), Store::V4(b)) => a == b,
+            (Store::V6(a), Store::V6(b)) => a == b,
+            (Store::Any(a), Store::Any(b)) => a == b,
+            _ => self.len() == other.len() && self.iter().eq(other.iter()),
+        }
+    }
+}
+
+impl Eq for Elements {}
+
+impl fmt::Debug for Elements {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -555,5 +767,75 @@ pub fn proto_name(p: u8) -> String {
         1 => "icmp".into(),
         58 => "ipv6-icmp".into(),
         n => n.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Addresses from a small pool (so removals hit), single or in a concatenation.
+    fn element() -> impl Strategy<Value = Element> {
+        let v4 = (0u32..6).prop_map(|n| Value::Addr(IpAddr::V4((0x0a00_0000 + n).into())));
+        let v6 = (0u128..6).prop_map(|n| Value::Addr(IpAddr::V6((0xfd00_u128 << 112 | n).into())));
+        prop_oneof![
+            4 => v4.clone().prop_map(Element::single),
+            2 => v6.prop_map(Element::single),
+            1 => (v4, 1u16..4).prop_map(|(a, p)| Element::concat(vec![a, Value::Proto(6), Value::Port(p)])),
+        ]
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Insert(Element),
+        Remove(Element),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![3 => element().prop_map(Step::Insert), 2 => element().prop_map(Step::Remove)]
+    }
+
+    proptest! {
+        /// The compact stores are an implementation detail: whatever is inserted and removed,
+        /// in whatever mix of kinds, `Elements` answers as a `BTreeSet<Element>` would.
+        #[test]
+        fn elements_behave_as_a_sorted_set_of_elements(
+            // Mostly one kind per history, as compiled sets are; sometimes a mix.
+            one_kind in any::<bool>(),
+            steps in proptest::collection::vec(step(), 0..40),
+            probe in element(),
+        ) {
+            let steps: Vec<Step> = if one_kind {
+                steps.into_iter().filter(|s| matches!(s, Step::Insert(e) | Step::Remove(e) if Compact::of(e).is_some_and(|c| matches!(c, Compact::V4(_))))).collect()
+            } else {
+                steps
+            };
+            let mut model = BTreeSet::new();
+            let mut elements = Elements::new();
+            for s in steps {
+                match s {
+                    Step::Insert(e) => prop_assert_eq!(elements.insert(e.clone()), model.insert(e)),
+                    Step::Remove(e) => prop_assert_eq!(elements.remove(&e), model.remove(&e)),
+                }
+                prop_assert_eq!(elements.len(), model.len());
+                prop_assert!(elements.iter().eq(model.iter().cloned()));
+            }
+            prop_assert_eq!(elements.contains(&probe), model.contains(&probe));
+            prop_assert_eq!(elements.first_from(&probe), model.range(&probe..).next().cloned());
+            prop_assert_eq!(elements.first(), model.first().cloned());
+            let rebuilt: Elements = model.iter().cloned().collect();
+            prop_assert_eq!(&rebuilt, &elements);
+            prop_assert_eq!(format!("{elements:?}"), format!("{model:?}"));
+        }
+    }
+
+    #[test]
+    fn a_set_of_ipv4_addresses_keeps_them_as_numbers() {
+        let elements: Elements =
+            ["10.0.0.2", "10.0.0.1"].map(|a| Element::single(Value::Addr(a.parse().unwrap()))).into();
+        assert!(matches!(elements.0, Store::V4(_)));
+        let texts: Vec<String> = elements.iter().map(|e| e.to_string()).collect();
+        assert_eq!(texts, ["10.0.0.1", "10.0.0.2"]);
     }
 }

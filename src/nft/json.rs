@@ -202,7 +202,8 @@ pub fn ruleset(rs: &Ruleset) -> Nftables<'static> {
             name: name.clone().into(),
             set_type: set_type(&set.key),
             flags: flags(set.interval),
-            elem: (!set.elements.is_empty()).then(|| set.elements.iter().map(element).collect::<Vec<_>>().into()),
+            elem: (!set.elements.is_empty())
+                .then(|| set.elements.iter().map(|e| element(&e)).collect::<Vec<_>>().into()),
             comment: set.comment.clone().map(Into::into),
             ..schema::Set::default()
         }))));

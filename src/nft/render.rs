@@ -79,8 +79,8 @@ fn key_type(types: &[super::ir::KeyType]) -> String {
     types.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(" . ")
 }
 
-fn elements<'a>(items: impl Iterator<Item = &'a Element>) -> String {
-    items.map(|e| e.to_string()).collect::<Vec<_>>().join(", ")
+fn elements<E: std::borrow::Borrow<Element>>(items: impl Iterator<Item = E>) -> String {
+    items.map(|e| e.borrow().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 fn map_elements<'a>(items: impl Iterator<Item = (&'a Element, &'a MapVerdict)>) -> String {

@@ -528,25 +528,27 @@ fn successor(bytes: &[u8]) -> Option<Vec<u8>> {
 /// set as they are; a concatenation with ranges as (start, end) pairs; a single-field
 /// interval set as start and end-after elements in order, after an end element at zero
 /// when the first range does not start there (what nft 1.0 sends, byte for byte).
-fn wire_elements<'a>(
+fn wire_elements<'a, E: std::borrow::Borrow<Element>>(
     interval: bool,
     concat: bool,
-    elements: impl Iterator<Item = (&'a Element, Option<&'a MapVerdict>)>,
+    elements: impl Iterator<Item = (E, Option<&'a MapVerdict>)>,
 ) -> Result<Vec<WireElement<'a>>, Unsupported> {
     if !interval {
-        return elements.map(|(e, v)| element_key(e).map(|k| WireElement::key(k, v)).ok_or(Unsupported)).collect();
+        return elements
+            .map(|(e, v)| element_key(e.borrow()).map(|k| WireElement::key(k, v)).ok_or(Unsupported))
+            .collect();
     }
     if concat {
         return Ok(elements
             .map(|(e, v)| {
-                let (lo, hi) = element_span(e);
+                let (lo, hi) = element_span(e.borrow());
                 WireElement { key_end: Some(hi), ..WireElement::key(lo, v) }
             })
             .collect());
     }
     let mut spans: Vec<(Vec<u8>, Vec<u8>, Option<&MapVerdict>)> = elements
         .map(|(e, v)| {
-            let (lo, hi) = element_span(e);
+            let (lo, hi) = element_span(e.borrow());
             (lo, hi, v)
         })
         .collect();
