@@ -35,9 +35,9 @@ pub mod engines;
 pub mod k8s;
 pub mod lab;
 #[cfg(feature = "agent")]
-pub mod nfnetlink;
-#[cfg(feature = "agent")]
 pub mod nflog;
+#[cfg(feature = "agent")]
+pub mod nfnetlink;
 pub mod nft;
 pub mod policy;
 #[cfg(feature = "testkit")]

@@ -195,15 +195,20 @@ mod tests {
 
     #[test]
     fn a_denied_packet_names_the_policed_pod_its_policies_and_both_ends() {
-        let r = drop_record(&received("np-in-3", tcp("10.0.0.2", "10.0.0.3", 5432), true), shop_attribution, shop_pod_at);
+        let r =
+            drop_record(&received("np-in-3", tcp("10.0.0.2", "10.0.0.3", 5432), true), shop_attribution, shop_pod_at);
         assert_eq!(r.time, UNIX_EPOCH + Duration::from_secs(100), "the kernel's stamp");
         assert_eq!(r.attribution.as_ref().unwrap().pod, pod("shop", "db"));
-        assert_eq!(r.to_string(), "denied ingress to shop/db (isolated by shop/db-from-web): shop/web -> shop/db TCP/5432");
+        assert_eq!(
+            r.to_string(),
+            "denied ingress to shop/db (isolated by shop/db-from-web): shop/web -> shop/db TCP/5432"
+        );
     }
 
     #[test]
     fn an_address_of_no_pod_is_shown_as_the_address_and_an_unknown_prefix_as_itself() {
-        let r = drop_record(&received("np-out-9", tcp("192.0.2.7", "10.0.0.3", 22), false), shop_attribution, shop_pod_at);
+        let r =
+            drop_record(&received("np-out-9", tcp("192.0.2.7", "10.0.0.3", 22), false), shop_attribution, shop_pod_at);
         assert_eq!(r.time, UNIX_EPOCH + Duration::from_secs(200), "no stamp: when it was read");
         assert_eq!(r.attribution, None);
         assert_eq!(r.to_string(), "denied by a rule logging \"np-out-9\": 192.0.2.7 -> shop/db TCP/22");
@@ -212,7 +217,11 @@ mod tests {
     #[test]
     fn egress_icmp_and_unreadable_packets_read_as_such() {
         let egress = |p: &str| {
-            (p == "np-out-2").then(|| Attribution { direction: Direction::Egress, pod: pod("shop", "web"), policies: vec![] })
+            (p == "np-out-2").then(|| Attribution {
+                direction: Direction::Egress,
+                pod: pod("shop", "web"),
+                policies: vec![],
+            })
         };
         let icmp = Ok(Headers {
             src: "10.0.0.2".parse().unwrap(),

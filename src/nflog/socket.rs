@@ -61,7 +61,8 @@ pub struct Batch {
 impl NflogSocket {
     /// Opens a socket in the network namespace `netns` (a name under /run/netns) or in
     /// ours, with a receive buffer of `receive_buffer` bytes (the kernel doubles it), and
-    /// binds it to `config.group`.
+    /// binds it to `config.group`. A group another socket of the namespace holds is refused
+    /// (`ErrorKind::AddrInUse`).
     pub fn open(netns: Option<&str>, config: &LogConfig, receive_buffer: usize) -> io::Result<NflogSocket> {
         let fd = match netns {
             None => create()?,
@@ -101,15 +102,20 @@ impl NflogSocket {
                 }
                 return match error_code(payload) {
                     0 => Ok(()),
-                    c if c == -(Errno::EBUSY as i32) => Err(io::Error::new(
+                    // The kernel refuses a group another socket holds with EPERM (EBUSY only
+                    // when it is our own socket's already), and a caller without
+                    // CAP_NET_ADMIN with EPERM too.
+                    c if c == -(Errno::EBUSY as i32) || c == -(Errno::EPERM as i32) => Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
-                        format!("nflog group {} is bound by another socket", config.group),
+                        format!(
+                            "nflog group {} is bound by another socket (or CAP_NET_ADMIN is missing): {}",
+                            config.group,
+                            Errno::from_raw(-c)
+                        ),
                     )),
-                    c => Err(io::Error::other(format!(
-                        "binding nflog group {}: {}",
-                        config.group,
-                        Errno::from_raw(-c)
-                    ))),
+                    c => {
+                        Err(io::Error::other(format!("binding nflog group {}: {}", config.group, Errno::from_raw(-c))))
+                    }
                 };
             }
         }

@@ -83,8 +83,8 @@ impl LogConfig {
 }
 
 /// A request binding this socket to `config.group` and setting what is copied and when
-/// it is sent, acknowledged. The kernel refuses it with EBUSY when another socket holds
-/// the group.
+/// it is sent, acknowledged. The kernel refuses it with EPERM when another socket holds
+/// the group (EBUSY when this one already does).
 pub fn bind_request(config: &LogConfig, seq: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     let flags = NLM_F_REQUEST | NLM_F_ACK;
@@ -233,9 +233,11 @@ pub enum WireError {
 }
 
 fn exact<const N: usize>(name: &'static str, data: &[u8]) -> Result<[u8; N], WireError> {
-    data.get(..N)
-        .and_then(|b| <[u8; N]>::try_from(b).ok())
-        .ok_or(WireError::BadAttribute { name, len: data.len(), expected: N })
+    data.get(..N).and_then(|b| <[u8; N]>::try_from(b).ok()).ok_or(WireError::BadAttribute {
+        name,
+        len: data.len(),
+        expected: N,
+    })
 }
 
 /// The logged packet in an NFULNL_MSG_PACKET message's payload (after the netlink header).
@@ -271,9 +273,8 @@ pub fn parse_packet(payload: &[u8]) -> Result<LoggedPacket, WireError> {
                 let t: [u8; 16] = exact("NFULA_TIMESTAMP", data)?;
                 let sec = u64::from_be_bytes(t[..8].try_into().expect("8 bytes"));
                 let usec = u64::from_be_bytes(t[8..].try_into().expect("8 bytes"));
-                let since_epoch = Duration::from_secs(sec)
-                    .checked_add(Duration::from_micros(usec))
-                    .ok_or(WireError::BadTimestamp)?;
+                let since_epoch =
+                    Duration::from_secs(sec).checked_add(Duration::from_micros(usec)).ok_or(WireError::BadTimestamp)?;
                 packet.timestamp = Some(UNIX_EPOCH.checked_add(since_epoch).ok_or(WireError::BadTimestamp)?);
             }
             NFULA_IFINDEX_INDEV => packet.indev = Some(u32::from_be_bytes(exact("NFULA_IFINDEX_INDEV", data)?)),
@@ -396,10 +397,9 @@ fn transport(protocol: u8, l4: &[u8]) -> Transport {
     match protocol {
         // TCP, UDP, DCCP, SCTP, UDP-Lite
         6 | 17 | 33 | 132 | 136 => match l4.get(..4) {
-            Some(p) => Transport::Ports {
-                src: u16::from_be_bytes([p[0], p[1]]),
-                dst: u16::from_be_bytes([p[2], p[3]]),
-            },
+            Some(p) => {
+                Transport::Ports { src: u16::from_be_bytes([p[0], p[1]]), dst: u16::from_be_bytes([p[2], p[3]]) }
+            }
             None => Transport::Truncated,
         },
         // ICMP, ICMPv6
@@ -556,7 +556,14 @@ mod tests {
     #[test]
     fn a_packet_without_timestamp_devices_or_prefix_has_none_of_them() {
         let bytes = ipv4_packet([10, 0, 0, 1], [10, 0, 0, 2], 1, 0, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
-        let msg = PacketMessage { timestamp: None, indev: None, outdev: None, seq: None, prefix: None, ..packet(2, "", &bytes) };
+        let msg = PacketMessage {
+            timestamp: None,
+            indev: None,
+            outdev: None,
+            seq: None,
+            prefix: None,
+            ..packet(2, "", &bytes)
+        };
         let p = parse(&msg.encode()).unwrap();
         assert_eq!((p.timestamp, p.indev, p.outdev, p.seq), (None, None, None, None));
         assert_eq!(p.prefix, "");
