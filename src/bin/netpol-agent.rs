@@ -7,6 +7,7 @@
 //!                                                   │    each sync one netlink batch (nft as the fallback),
 //!                                                   │    every receive and every nft call bounded (--nft-timeout)
 //!                                                   └─ syncs pause ──► malloc_trim(0), own thread
+//!  --drop-log G ──► NflogReader (own thread) ──► one `netpol::drop` log line per logged packet
 //! ```
 
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ use netpol::agent::nft_target::NftTarget;
 use netpol::agent::quarantine::Quarantining;
 use netpol::agent::{self, AgentConfig, AgentError, Snapshot, SyncError, SyncStats, SyncTarget};
 use netpol::conntrack::NetlinkConntrack;
+use netpol::nflog::{DEFAULT_RECEIVE_BUFFER, LogConfig, NflogReader, NflogSocket, drop_record};
 use netpol::nft::backend::netlink::NetlinkNftables;
 use netpol::nft::backend::process::RealNftables;
 
@@ -71,6 +73,8 @@ fn main() -> ExitCode {
         };
     }
     let target = TrimWhenIdle::new(CountingPaths(Quarantining::new(target)), trimmer);
+    // Lives until the agent exits; the kernel releases the group with the socket.
+    let _drop_log = config.drop_log.and_then(|group| start_drop_log(config.netns.as_deref(), group));
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
         Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
@@ -96,6 +100,36 @@ fn main() -> ExitCode {
             tracing::error!("{e}");
             eprintln!("netpol-agent: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the drop log's group on its own thread and writes each packet as a log line.
+/// Enforcement never waits for it: a group that cannot be bound is warned about and the
+/// agent runs without its drop log.
+fn start_drop_log(netns: Option<&str>, group: u16) -> Option<NflogReader> {
+    let started = NflogSocket::open(netns, &LogConfig::new(group), DEFAULT_RECEIVE_BUFFER).and_then(|socket| {
+        NflogReader::start(socket, |received| {
+            // Attribution (prefix → pod, policies) and addresses → pods come with the
+            // compiled plan's lookups; until then the prefix and addresses stand as they are.
+            let record = drop_record(&received, |_| None, |_| None);
+            tracing::info!(
+                target: "netpol::drop",
+                prefix = %record.prefix,
+                service = %record.service(),
+                hook = ?received.packet.hook,
+                "{record}"
+            );
+        })
+    });
+    match started {
+        Ok(reader) => {
+            tracing::info!(group, "reading the drop log");
+            Some(reader)
+        }
+        Err(e) => {
+            tracing::warn!(group, "no drop log: {e}");
+            None
         }
     }
 }
