@@ -4,6 +4,7 @@
 //! ```text
 //!  ReceivedPacket ──prefix──► attribution(prefix) ──► direction, policed pod, isolating policies
 //!                 ──headers─► pod_at(src), pod_at(dst) ──► ns/pod, else the address
+//!                             (pod_holding: the pods the agent last synced)
 //!                 ──────────► DropRecord { time, prefix, attribution, src, dst, protocol, transport }
 //! ```
 //!
@@ -13,10 +14,12 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::ReceivedPacket;
 use super::wire::{Headers, PayloadError, Transport};
+use crate::policy::model::Pod;
 
 /// The direction a pod's chain polices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +95,15 @@ pub fn drop_record(
         attribution: attribution(&p.prefix),
         packet: p.headers.map(|Headers { src, dst, protocol, transport }| (end(src), end(dst), protocol, transport)),
     }
+}
+
+/// The pod holding `ip` among `pods`, for [`drop_record`]'s `pod_at`. A hostNetwork pod
+/// is not one: its address is its node's, shown as the address. One pass over the pods
+/// per logged packet, which the rules' rate limit keeps rare.
+pub fn pod_holding(pods: &[Arc<Pod>], ip: IpAddr) -> Option<PodRef> {
+    pods.iter()
+        .find(|p| !p.host_network && p.ips.contains(&ip))
+        .map(|p| PodRef { namespace: p.id.namespace.clone(), name: p.id.name.clone() })
 }
 
 impl DropRecord {
@@ -212,6 +224,24 @@ mod tests {
         assert_eq!(r.time, UNIX_EPOCH + Duration::from_secs(200), "no stamp: when it was read");
         assert_eq!(r.attribution, None);
         assert_eq!(r.to_string(), "denied by a rule logging \"np-out-9\": 192.0.2.7 -> shop/db TCP/22");
+    }
+
+    #[test]
+    fn an_address_is_a_pods_unless_only_a_host_network_pod_holds_it() {
+        let model = |name: &str, ip: &str, host_network: bool| {
+            Arc::new(Pod {
+                id: crate::policy::model::ObjectRef::new("shop", name),
+                labels: Arc::default(),
+                node: crate::policy::model::NodeName::default(),
+                ips: ip.parse::<IpAddr>().unwrap().into(),
+                host_network,
+                ports: Arc::new([]),
+            })
+        };
+        let pods = vec![model("kube-proxy", "192.0.2.1", true), model("web", "10.0.0.2", false)];
+        assert_eq!(pod_holding(&pods, "10.0.0.2".parse().unwrap()), Some(pod("shop", "web")));
+        assert_eq!(pod_holding(&pods, "192.0.2.1".parse().unwrap()), None, "the node's address");
+        assert_eq!(pod_holding(&pods, "10.0.0.9".parse().unwrap()), None);
     }
 
     #[test]

@@ -26,6 +26,7 @@ use netpol::nflog::wire::{Family, Hook};
 use netpol::nflog::{DEFAULT_RECEIVE_BUFFER, Headers, LogConfig, NflogReader, NflogSocket, ReceivedPacket, Transport};
 use netpol::testkit::agent_process::{AgentLaunch, NftRoute};
 use netpol::testkit::apiserver::FakeApiServer;
+use netpol::testkit::objects::{namespace, pod};
 use socket2::{Domain, Protocol, Socket, Type};
 
 const NODE: &str = "n1";
@@ -235,8 +236,8 @@ fn a_full_receive_buffer_is_survived_and_the_lost_packets_counted() {
 }
 
 /// `netpol-agent --drop-log 7` reads the group in its namespace and writes one
-/// `netpol::drop` line per logged packet (unattributed until the compiled plan's lookups
-/// are wired: the prefix and addresses stand as they are).
+/// `netpol::drop` line per logged packet, naming the addresses of the pods it synced
+/// (unattributed until the compile change's prefixes come: the prefix stands as it is).
 #[test]
 fn the_agent_with_a_drop_log_group_writes_a_line_per_logged_packet() {
     if !common::kernel_or_skip() {
@@ -246,6 +247,9 @@ fn the_agent_with_a_drop_log_group_writes_a_line_per_logged_packet() {
     let ns = lab.node_netns(NODE).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let server = rt.block_on(FakeApiServer::start()).unwrap();
+    // The agent knows pod a; b's address is no pod it knows.
+    server.apply(&namespace("t", &[])).unwrap();
+    server.apply(&pod("t", "a", NODE, A, &[])).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
@@ -274,11 +278,12 @@ fn the_agent_with_a_drop_log_group_writes_a_line_per_logged_packet() {
             }
         };
     wait_for(&mut agent, "drop log start", &|l| l.contains("reading the drop log"));
+    agent.wait_applied(None, 1, Duration::from_secs(15)).unwrap();
     send_udp(&lab, SocketAddr::new(A.parse().unwrap(), 40030), SocketAddr::new(B.parse().unwrap(), 9200), 1);
     let line = wait_for(&mut agent, "drop line", &|l| l.contains("netpol::drop"));
     eprintln!("agent: {line}");
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(v["fields"]["message"], "denied by a rule logging \"flood\": 10.79.0.1 -> 10.79.0.2 UDP/9200", "{line}");
+    assert_eq!(v["fields"]["message"], "denied by a rule logging \"flood\": t/a -> 10.79.0.2 UDP/9200", "{line}");
     assert_eq!(v["fields"]["prefix"], "flood", "{line}");
     assert_eq!(v["fields"]["service"], "UDP/9200", "{line}");
     let status = agent.terminate(Duration::from_secs(10)).unwrap().expect("netpol-agent stops on SIGTERM");
