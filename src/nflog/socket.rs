@@ -31,8 +31,8 @@ use crate::nfnetlink::{NLMSG_ERROR, error_code, messages};
 
 /// One receive waits at most this long, so that a stopping reader notices within it.
 pub const RECEIVE_WAIT: Duration = Duration::from_millis(200);
-/// The receive buffer asked for by default: each logged packet is a message of its own
-/// (about 4 KiB of the buffer's accounting each), so this holds a few hundred; the rules'
+/// The receive buffer asked for by default: each logged packet is a message of its own,
+/// in a buffer of about a page (NLMSG_GOODSIZE), so this holds a few hundred; the rules'
 /// rate limit keeps the flow below what one reader thread takes.
 pub const DEFAULT_RECEIVE_BUFFER: usize = 1 << 20;
 
@@ -238,7 +238,10 @@ impl NflogReader {
                                 counters.overruns.fetch_add(1, Ordering::Relaxed);
                                 tracing::warn!(group, "nflog receive buffer overrun: logged packets were dropped");
                             }
-                            counters.lost.fetch_add(batch.lost, Ordering::Relaxed);
+                            if batch.lost > 0 {
+                                let total = counters.lost.fetch_add(batch.lost, Ordering::Relaxed) + batch.lost;
+                                tracing::warn!(group, lost = batch.lost, total, "logged packets lost to an overrun");
+                            }
                             counters.malformed.fetch_add(batch.malformed.len() as u64, Ordering::Relaxed);
                             for e in &batch.malformed {
                                 tracing::debug!(group, error = %e, "unreadable nflog message");
