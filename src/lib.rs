@@ -17,6 +17,8 @@
 //! | `engines/`  | the three engines behind one call, and `verify` across them |
 //! | `lab/`      | network namespaces and real packets (the kernel engine's proof) |
 //! | `conntrack/`| conntrack flow dump and delete over netlink (the agent's cleanup) |
+//! | `nflog/`    | the nfnetlink_log reader: packets logged to a group, attributed drop records |
+//! | `nfnetlink` | nfnetlink request framing shared by `conntrack/` and `nflog/` |
 //! | `agent/`    | `netpol-agent`: watch, sync loop, metrics, admin server |
 //! | `cli/`      | what `netpol-check` parses and prints |
 //! | `testkit/`  | fake API server and agent process helpers for tests and benchmarks |
@@ -32,6 +34,10 @@ pub mod conntrack;
 pub mod engines;
 pub mod k8s;
 pub mod lab;
+#[cfg(feature = "agent")]
+pub mod nflog;
+#[cfg(feature = "agent")]
+pub mod nfnetlink;
 pub mod nft;
 pub mod policy;
 #[cfg(feature = "testkit")]

@@ -119,6 +119,13 @@ pub struct AgentConfig {
     /// leaves conntrack alone (established connections then outlive a tightening).
     #[arg(long, env = "NETPOL_CONNTRACK_CLEANUP", default_value_t = true, action = clap::ArgAction::Set)]
     pub conntrack_cleanup: bool,
+
+    /// Read the packets the node's rules log to this nfnetlink_log group (0-65535) and
+    /// write each as a `denied` log line (target `netpol::drop`, with its prefix, ends and
+    /// service). The agent holds the group: another reader of it in the namespace is
+    /// refused. Unset: no group is read.
+    #[arg(long, env = "NETPOL_DROP_LOG", value_name = "GROUP")]
+    pub drop_log: Option<u16>,
 }
 
 // Names, table names, durations and CIDRs follow `crate::validate`, the rules and messages
@@ -263,6 +270,14 @@ mod tests {
         assert!(c.unknown_pod_guard);
         assert!(!parse(&["--node", "node-a", "--unknown-pod-guard=false"]).unwrap().unknown_pod_guard);
         assert!(!parse(&["--node", "node-a", "--watch-table=false"]).unwrap().watch_table);
+        assert_eq!(c.drop_log, None);
+    }
+
+    #[test]
+    fn the_drop_log_reads_the_group_given_and_only_a_16_bit_one() {
+        assert_eq!(parse(&["--node", "a", "--drop-log", "7"]).unwrap().drop_log, Some(7));
+        let e = parse(&["--node", "a", "--drop-log", "65536"]).unwrap_err().to_string();
+        assert!(e.contains("65536") && e.contains("--drop-log"), "{e}");
     }
 
     #[test]

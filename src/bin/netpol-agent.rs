@@ -3,13 +3,16 @@
 //! error, 2 bad configuration).
 //!
 //! ```text
-//!  config ──► logging ──► tokio (1 worker) ──► agent::run(TrimWhenIdle(CountingPaths(Quarantining(NftTarget(NetlinkNftables, NetlinkConntrack)))))
+//!  config ──► logging ──► tokio (1 worker) ──► agent::run(RememberPods(TrimWhenIdle(CountingPaths(Quarantining(NftTarget(NetlinkNftables, NetlinkConntrack))))))
 //!                                                   │    each sync one netlink batch (nft as the fallback),
 //!                                                   │    every receive and every nft call bounded (--nft-timeout)
 //!                                                   └─ syncs pause ──► malloc_trim(0), own thread
+//!  --drop-log G ──► NflogReader (own thread) ──► one `netpol::drop` log line per logged packet,
+//!                   its addresses named by the pods RememberPods kept from the last sync
 //! ```
 
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 
@@ -18,8 +21,10 @@ use netpol::agent::nft_target::NftTarget;
 use netpol::agent::quarantine::Quarantining;
 use netpol::agent::{self, AgentConfig, AgentError, Snapshot, SyncError, SyncStats, SyncTarget};
 use netpol::conntrack::NetlinkConntrack;
+use netpol::nflog::{DEFAULT_RECEIVE_BUFFER, LogConfig, NflogReader, NflogSocket, drop_record, pod_holding};
 use netpol::nft::backend::netlink::NetlinkNftables;
 use netpol::nft::backend::process::RealNftables;
+use netpol::policy::model::{Pod, SharedList};
 
 const BAD_CONFIG: u8 = 2;
 
@@ -70,7 +75,14 @@ fn main() -> ExitCode {
             }
         };
     }
-    let target = TrimWhenIdle::new(CountingPaths(Quarantining::new(target)), trimmer);
+    let synced_pods: SyncedPods = Arc::default();
+    let target = RememberPods {
+        target: TrimWhenIdle::new(CountingPaths(Quarantining::new(target)), trimmer),
+        pods: config.drop_log.map(|_| Arc::clone(&synced_pods)),
+    };
+    // Lives until the agent exits; the kernel releases the group with the socket.
+    let _drop_log =
+        config.drop_log.and_then(|group| start_drop_log(config.netns.as_deref(), group, Arc::clone(&synced_pods)));
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
         Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
@@ -97,6 +109,60 @@ fn main() -> ExitCode {
             eprintln!("netpol-agent: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Reads the drop log's group on its own thread and writes each packet as a log line.
+/// Enforcement never waits for it: a group that cannot be bound is warned about and the
+/// agent runs without its drop log.
+fn start_drop_log(netns: Option<&str>, group: u16, pods: SyncedPods) -> Option<NflogReader> {
+    let started = NflogSocket::open(netns, &LogConfig::new(group), DEFAULT_RECEIVE_BUFFER).and_then(|socket| {
+        NflogReader::start(socket, move |received| {
+            let pods = Arc::clone(&pods.lock().unwrap_or_else(|e| e.into_inner()));
+            // Attribution (prefix → pod, policies) comes with the compile change's prefix
+            // scheme; until then the prefix stands as it is.
+            let record = drop_record(&received, |_| None, |ip| pod_holding(&pods, ip));
+            tracing::info!(
+                target: "netpol::drop",
+                prefix = %record.prefix,
+                service = %record.service(),
+                hook = ?received.packet.hook,
+                "{record}"
+            );
+        })
+    });
+    match started {
+        Ok(reader) => {
+            tracing::info!(group, "reading the drop log");
+            Some(reader)
+        }
+        Err(e) => {
+            tracing::warn!(group, "no drop log: {e}");
+            None
+        }
+    }
+}
+
+/// The pods of the snapshot last handed to a sync: whose addresses the drop log names.
+type SyncedPods = Arc<Mutex<SharedList<Pod>>>;
+
+/// Keeps each snapshot's pods for the drop log (when it is on: `pods`), then syncs.
+struct RememberPods<T> {
+    target: T,
+    pods: Option<SyncedPods>,
+}
+
+impl<T: SyncTarget> SyncTarget for RememberPods<T> {
+    fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
+        if let Some(pods) = &self.pods {
+            // Shares the snapshot's list: a reference count, not a copy.
+            *pods.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&snapshot.pods);
+        }
+        self.target.sync(snapshot, full)
+    }
+
+    fn cleanup(&mut self) -> Result<(), SyncError> {
+        self.target.cleanup()
     }
 }
 

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
-use crate::nft::backend::netlink::{NLMSG_ERROR, NetlinkSocket, messages};
+use crate::nfnetlink::{NLMSG_ERROR, error_code, messages};
+use crate::nft::backend::netlink::NetlinkSocket;
 
 use super::wire::{NLMSG_DONE, delete_request, dump_request, is_conntrack_entry, parse_flow};
 use super::{ConntrackError, ConntrackTable, Flow};
@@ -173,11 +174,6 @@ impl NetlinkConntrack {
             Err(ConntrackError(format!("{deleted} deleted, {} refused: {}", errors.len(), errors.join(", "))))
         }
     }
-}
-
-/// The code of an NLMSG_ERROR payload (0: an acknowledgement).
-fn error_code(payload: &[u8]) -> i32 {
-    payload.get(..4).map_or(-(Errno::EINVAL as i32), |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 impl ConntrackTable for NetlinkConntrack {

@@ -14,7 +14,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::nft::backend::netlink::{NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, attributes};
+use crate::nfnetlink::{self, NLM_F_ACK, NLM_F_REQUEST, attr, attributes, nest};
 
 use super::{Flow, Tuple};
 
@@ -63,36 +63,9 @@ pub fn is_conntrack_entry(kind: u16) -> bool {
     kind == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 }
 
-/// Appends a netlink message: header, nfgenmsg of `family`, then what `body` writes.
+/// Appends a ctnetlink message: header, nfgenmsg of `family`, then what `body` writes.
 fn message(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, body: impl FnOnce(&mut Vec<u8>)) {
-    let start = out.len();
-    out.extend_from_slice(&0u32.to_ne_bytes()); // length, set below
-    out.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
-    out.extend_from_slice(&[family, 0, 0, 0]); // nfgenmsg: family, NFNETLINK_V0, res_id
-    body(out);
-    let len = (out.len() - start) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-}
-
-fn attr(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
-    out.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(data);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-}
-
-fn nest(out: &mut Vec<u8>, kind: u16, body: impl FnOnce(&mut Vec<u8>)) {
-    let start = out.len();
-    out.extend_from_slice(&0u16.to_ne_bytes());
-    out.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-    body(out);
-    let len = (out.len() - start) as u16;
-    out[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    nfnetlink::message(out, NFNL_SUBSYS_CTNETLINK, kind, flags, seq, family, 0, body);
 }
 
 /// Asks for every entry of every family (AF_UNSPEC: ctnetlink filters on the family only
