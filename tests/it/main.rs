@@ -17,3 +17,4 @@ mod examples;
 mod kernel;
 mod kernel_atomicity;
 mod loader_fuzz;
+mod picture;
