@@ -540,7 +540,7 @@ mod tests {
     #[test]
     fn the_dot_graph_has_a_cluster_per_namespace_and_an_edge_per_allowed_pair_but_none_to_itself() {
         let cluster = hostile_cluster();
-        let dot = render(&cluster, |o, p| write_dot(o, p));
+        let dot = render(&cluster, write_dot);
         assert!(dot.contains("subgraph \"cluster_other\" {"), "{dot}");
         assert!(dot.contains("subgraph \"cluster_shop\" {"), "{dot}");
         // Nobody carries the hostile role, so nobody reaches shop/db; the rest is open on
@@ -565,7 +565,7 @@ mod tests {
 
     #[test]
     fn hostile_names_reach_the_page_only_escaped() {
-        let html = render(&hostile_cluster(), |o, p| write_html(o, p));
+        let html = render(&hostile_cluster(), write_html);
         // The page's own two script blocks close; nothing from the input opens or closes one.
         assert_eq!(html.matches("<script").count(), 2, "{html}");
         assert_eq!(html.matches("</script>").count(), 2, "{html}");
@@ -579,7 +579,7 @@ mod tests {
         assert_eq!(data["queryOptions"], " -f 'my dir/it'\\''s.yaml'");
         // Names in headers and titles are HTML-escaped text.
         let named = Cluster::new(Vec::new(), [pod("n&s", "<b>bold</b>", [10, 0, 0, 9], &[])], Vec::<Policy>::new());
-        let html = render(&named, |o, p| write_html(o, p));
+        let html = render(&named, write_html);
         assert!(!html.contains("<b>"), "{html}");
         assert!(
             html.contains("title=\"n&amp;s/&lt;b&gt;bold&lt;/b&gt;\">n&amp;s/&lt;b&gt;bold&lt;/b&gt;</th>"),
@@ -590,7 +590,7 @@ mod tests {
     #[test]
     fn each_embedded_cell_reads_as_the_lines_query_prints() {
         let cluster = hostile_cluster();
-        let html = render(&cluster, |o, p| write_html(o, p));
+        let html = render(&cluster, write_html);
         let data = data_block(&html);
         let lines = data["lines"].as_array().unwrap();
         let cell = |k: usize, i: usize, j: usize| -> Vec<String> {
