@@ -93,7 +93,11 @@ pub fn write_dot(out: &mut impl Write, p: &Picture) -> io::Result<()> {
     writeln!(
         out,
         "  graph [rankdir=LR, fontname=\"Helvetica\", labelloc=t, label={}];",
-        dot_quote(&format!("reachability ({} engine; probes: {})", p.engine, probes.join(", ")))
+        dot_quote(&format!(
+            "reachability ({} engine; probes: {})",
+            p.engine,
+            if probes.is_empty() { "none".to_string() } else { probes.join(", ") }
+        ))
     )?;
     writeln!(out, "  node [shape=box, style=\"rounded,filled\", fillcolor=\"#eef3fb\", fontname=\"Helvetica\"];")?;
     writeln!(out, "  edge [fontname=\"Helvetica\", fontsize=10, color=\"#2e7d4f\"];")?;
