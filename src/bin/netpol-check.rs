@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use netpol::cli::explain;
+use netpol::cli::picture::{self, Picture};
 use netpol::cli::query;
 use netpol::cli::report::{self, MatrixReport};
 use netpol::compile::{self, NodeConfig};
@@ -179,11 +180,14 @@ struct Input {
     options: LoaderArgs,
 }
 
+/// `--synthetic-ipv4`'s default: also what a `query` command printed for a page leaves out.
+const SYNTHETIC_IPV4_DEFAULT: &str = "10.244.0.0/16";
+
 /// How files are read: shared by `-f` inputs and `diff`'s two sides.
 #[derive(Args)]
 struct LoaderArgs {
     /// Range for the IPv4 addresses of pods that have none (workload templates, bare manifests).
-    #[arg(long, value_name = "CIDR", default_value = "10.244.0.0/16", value_parser = validate::cidr_arg)]
+    #[arg(long, value_name = "CIDR", default_value = SYNTHETIC_IPV4_DEFAULT, value_parser = validate::cidr_arg)]
     synthetic_ipv4: IpNet,
     /// Also give such pods an IPv6 address from this range (dual stack).
     #[arg(long, value_name = "CIDR", value_parser = validate::cidr_arg)]
@@ -224,6 +228,11 @@ enum MatrixFormat {
     Json,
     Yaml,
     Csv,
+    /// A Graphviz graph: namespaces as clusters, an edge per allowed pair labelled with its
+    /// probes (render with `dot -Tsvg`).
+    Dot,
+    /// One self-contained page: a heat map per probe; click a cell for `query`'s answer.
+    Html,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -591,6 +600,15 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
         pods: keep.iter().map(|&i| cluster.pods[i].id.to_string()).collect(),
         probes: results,
     };
+    let input_args = query_input_args(&a.input);
+    let picture = Picture {
+        cluster: &cluster,
+        engine: a.engine.name(),
+        family: fam,
+        pods: &keep,
+        probes: &report.probes,
+        input_args: &input_args,
+    };
     let color = match a.color {
         ColorArg::Always => true,
         ColorArg::Never => false,
@@ -604,10 +622,34 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
             MatrixFormat::Json => report::write_json(&mut out, &report),
             MatrixFormat::Yaml => report::write_yaml(&mut out, &report),
             MatrixFormat::Csv => report::write_csv(&mut out, &report),
+            MatrixFormat::Dot => picture::write_dot(&mut out, &picture),
+            MatrixFormat::Html => picture::write_html(&mut out, &picture),
         }
         .and_then(|()| out.flush()),
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The words that give `query` the input `input` names, as a user would type them.
+fn query_input_args(input: &Input) -> Vec<String> {
+    let mut words = Vec::new();
+    for file in &input.files {
+        words.extend(["-f".to_string(), file.display().to_string()]);
+    }
+    let options = &input.options;
+    if options.synthetic_ipv4.to_string() != SYNTHETIC_IPV4_DEFAULT {
+        words.extend(["--synthetic-ipv4".to_string(), options.synthetic_ipv4.to_string()]);
+    }
+    if let Some(v6) = options.synthetic_ipv6 {
+        words.extend(["--synthetic-ipv6".to_string(), v6.to_string()]);
+    }
+    if options.lenient {
+        words.push("--lenient".to_string());
+    }
+    for (name, ip) in &options.resolve {
+        words.extend(["--resolve".to_string(), format!("{name}={ip}")]);
+    }
+    words
 }
 
 fn query_cmd(a: QueryArgs) -> Result<ExitCode> {

@@ -4,6 +4,7 @@
 //! ```text
 //!  "ns/pod", "10.1.2.3", "http" ──► query ──► evaluate::Connection
 //!  MatrixReport, Verdict ─────────► report ──► text / JSON / YAML / CSV
+//!  Cluster + matrices ────────────► picture ─► Graphviz DOT / one HTML page (heat maps + explanations)
 //!  Cluster + pod ─────────────────► explain ──► text
 //!  old Cluster + new Cluster ─────► diff ─────► changed cells by cause ──► text / JSON
 //!  Cluster ───────────────────────► lint ─────► findings ──► text / JSON
@@ -14,5 +15,6 @@ pub mod diff;
 pub mod explain;
 pub mod generate;
 pub mod lint;
+pub mod picture;
 pub mod query;
 pub mod report;

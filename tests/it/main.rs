@@ -18,3 +18,4 @@ mod kernel;
 mod kernel_atomicity;
 mod loader_fuzz;
 mod nflog;
+mod picture;
