@@ -124,14 +124,14 @@ fn stdin_and_namespace_filter_work() {
 fn workloads_become_pods_with_synthetic_addresses_and_unknown_kinds_warn_once() {
     let dir = with_file(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec:\n  replicas: 3\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers:\n      - name: c\n        ports: [{containerPort: 8080, name: http}]\n\
----\napiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\n",
+---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n",
     );
     let o = netpol_check(dir.path(), &["matrix", "-o", "json", "--synthetic-ipv4", "10.50.0.0/24", "-f", "bad.yaml"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["pods"], serde_json::json!(["shop/web-0", "shop/web-1", "shop/web-2"]));
     assert_eq!(v["probes"][0]["port"], 8080);
-    assert_eq!(stderr(&o).matches("skipped kind v1 Service").count(), 1);
+    assert_eq!(stderr(&o).matches("skipped kind v1 ConfigMap").count(), 1);
     let q = netpol_check(
         dir.path(),
         &[
@@ -627,7 +627,7 @@ fn unknown_fields_of_pods_namespaces_and_workload_templates_are_errors_but_statu
         "error: bad.yaml:1: Deployment default/web: strict decoding error: unknown field \"spec.template.spec.containers[0].port\"",
     );
     let dir = with_file(
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: n, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.1, someFutureField: 1}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {anything: 1}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: n, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.1, someFutureField: 1}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: s}\nspec: {anything: 1}\n",
     );
     let o = netpol_check(dir.path(), &["explain", "default/a", "-f", "bad.yaml"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
