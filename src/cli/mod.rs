@@ -7,6 +7,7 @@
 //!  Cluster + pod ─────────────────► explain ──► text
 //!  old Cluster + new Cluster ─────► diff ─────► changed cells by cause ──► text / JSON
 //!  Cluster ───────────────────────► lint ─────► findings ──► text / JSON
+//!  "svc/ns/name" + Services ──────► services ─► endpoints ──► a pod answer each / matrix columns
 //!  Params{pods, policies, ...} ───► generate ──► Cluster (benchmarks, property tests)
 //! ```
 
@@ -16,3 +17,4 @@ pub mod generate;
 pub mod lint;
 pub mod query;
 pub mod report;
+pub mod services;
