@@ -1358,3 +1358,37 @@ fn matrix_services_in_json_gives_each_row_its_count_of_allowed_endpoints() {
     assert_eq!(csv.status.code(), Some(2));
     assert!(stderr(&csv).contains("error: --services: Service columns are printed with -o text or -o json"));
 }
+
+#[test]
+fn real_packets_to_each_endpoint_of_a_service_give_the_evaluators_answers() {
+    if !common::kernel_or_skip() {
+        return;
+    }
+    let services_json = |engine: &str| -> serde_json::Value {
+        let o = netpol_check(
+            repo(),
+            &["matrix", "--engine", engine, "--services", "--port", "80", "-o", "json", "-f", SERVICES],
+        );
+        assert_eq!(o.status.code(), Some(0), "{engine}: {}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["services"].clone()
+    };
+    assert_eq!(services_json("kernel"), services_json("evaluator"));
+    let o = netpol_check(
+        repo(),
+        &[
+            "query",
+            "--engine",
+            "kernel",
+            "--from",
+            "shop/client",
+            "--to",
+            "svc/shop/web",
+            "--port",
+            "http",
+            "-f",
+            SERVICES,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stdout(&o).ends_with("svc/shop/web TCP/80: 2 of 3 endpoints allowed\n"), "{}", stdout(&o));
+}
