@@ -33,8 +33,8 @@ const LONG_ABOUT: &str = "\
 Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.
 
 netpol-check reads Kubernetes YAML or JSON (Namespaces, Pods, NetworkPolicies, and workloads
-such as Deployments, whose pods it makes from their templates) and answers with the same
-semantics a cluster enforces.
+such as Deployments, whose pods it makes from their templates; Services, resolved to their
+endpoints) and answers with the same semantics a cluster enforces.
 
 Examples:
   netpol-check matrix -f policy-examples/frontend-backend
