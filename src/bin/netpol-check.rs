@@ -80,7 +80,8 @@ A node with no hostNetwork pod in the input is answered as node/<node name>.\n\n
 --to svc/NAMESPACE/NAME asks about a Service port (--port: its number or name): each endpoint\n\
 (a selected pod with an IP, the targetPort resolved on it) is answered as a pod destination,\n\
 then 'N of M endpoints allowed'. Exit 0 when every endpoint is allowed, 1 when any is denied\n\
-or there is none, 2 for an unknown Service or port, or one without a selector.")]
+or there is none, 2 for an unknown Service or port, or one without a selector or of type\n\
+ExternalName (its endpoints cannot be computed from pods).")]
     Query(QueryArgs),
     /// Which policies select a pod, and what it may receive and send, in plain language.
     Explain(ExplainArgs),
