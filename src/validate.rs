@@ -57,6 +57,15 @@ pub fn dns_subdomain(s: &str) -> Result<(), String> {
     name(s, is_dns_subdomain, DNS_SUBDOMAIN_RULE)
 }
 
+/// A Service's name: a DNS-1035 label (`ValidateServiceName`), or why not.
+pub fn service_name(s: &str) -> Result<(), String> {
+    dns_label(s)?;
+    if s.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(format!("{s:?} is not a valid name: a Service name must start with a letter (a DNS-1035 label)"));
+    }
+    Ok(())
+}
+
 /// A required name, checked by `is_valid`; `rule` says what a valid one looks like.
 fn name(s: &str, is_valid: fn(&str) -> bool, rule: &str) -> Result<(), String> {
     if is_valid(s) {

@@ -13,6 +13,7 @@ use netpol::cli::explain;
 use netpol::cli::picture::{self, Picture};
 use netpol::cli::query;
 use netpol::cli::report::{self, MatrixReport};
+use netpol::cli::services;
 use netpol::compile::{self, NodeConfig};
 use netpol::engines::Engine;
 use netpol::engines::kernel;
@@ -33,13 +34,14 @@ const LONG_ABOUT: &str = "\
 Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.
 
 netpol-check reads Kubernetes YAML or JSON (Namespaces, Pods, NetworkPolicies, and workloads
-such as Deployments, whose pods it makes from their templates) and answers with the same
-semantics a cluster enforces.
+such as Deployments, whose pods it makes from their templates; Services, resolved to their
+endpoints) and answers with the same semantics a cluster enforces.
 
 Examples:
   netpol-check matrix -f policy-examples/frontend-backend
   netpol-check matrix -f cluster/ --port 80,http --protocol TCP -o json
   netpol-check query --from tenant-a/nginx --to tenant-a/backend-1 --port 80 -f policy-examples/frontend-backend
+  netpol-check query --from tenant-a/nginx --to svc/tenant-a/backend --port http -f cluster/
   netpol-check explain tenant-a/backend-1 -f policy-examples/frontend-backend
   kubectl get ns,pods,networkpolicies -A -o yaml | netpol-check matrix -f -
   sudo netpol-check matrix --engine kernel -f policy-examples/frontend-backend
@@ -64,7 +66,9 @@ enum Command {
     #[command(long_about = "Print reachability matrices: one truth table per port and protocol.\n\n\
 Rows are sources, columns destinations; '.' allowed, 'X' denied. Without --port, every port that\n\
 any pod declares or any policy names is probed. A named port (--port http) is resolved on each\n\
-destination pod; a destination without that port is denied (nothing can listen there).")]
+destination pod; a destination without that port is denied (nothing can listen there).\n\n\
+With --services, a second table has one column per Service port: '.' the row's pod may reach\n\
+every endpoint, '~' some, 'X' none, '-' the port has no endpoints.")]
     Matrix(MatrixArgs),
     /// Can A open a connection to B? ALLOWED or DENIED, and the rules that decided it.
     #[command(long_about = "Can A open a connection to B? Prints ALLOWED or DENIED, then why: for each side,\n\
@@ -73,7 +77,12 @@ peer, port) allowed it, or that no rule matched. Exit code 0 allowed, 1 denied, 
 Endpoints are NAMESPACE/POD or an IP address (an IP that belongs to a pod means that pod).\n\
 The IP of a hostNetwork pod, or a node's address (a pod's status.hostIP), means that node, in\n\
 every engine: it reaches its own pods whatever the policies, and policies see it by ipBlock only.\n\
-A node with no hostNetwork pod in the input is answered as node/<node name>.")]
+A node with no hostNetwork pod in the input is answered as node/<node name>.\n\n\
+--to svc/NAMESPACE/NAME asks about a Service port (--port: its number or name): each endpoint\n\
+(a selected pod with an IP, the targetPort resolved on it) is answered as a pod destination,\n\
+then 'N of M endpoints allowed'. Exit 0 when every endpoint is allowed, 1 when any is denied\n\
+or there is none, 2 for an unknown Service or port, or one without a selector or of type\n\
+ExternalName (its endpoints cannot be computed from pods).")]
     Query(QueryArgs),
     /// Which policies select a pod, and what it may receive and send, in plain language.
     Explain(ExplainArgs),
@@ -263,6 +272,10 @@ struct MatrixArgs {
     /// Show only pods of this namespace (repeatable).
     #[arg(short = 'n', long = "namespace", value_name = "NS")]
     namespaces: Vec<String>,
+    /// Add a column per Service port: may each pod reach all, some or none of its endpoints
+    /// (text and JSON output).
+    #[arg(long)]
+    services: bool,
     /// Which engine computes the verdicts.
     #[arg(long, value_enum, default_value = "evaluator")]
     engine: Engine,
@@ -291,14 +304,16 @@ struct QueryArgs {
     /// Source: NAMESPACE/POD or an IP address.
     #[arg(long, value_name = "NS/POD|IP")]
     from: String,
-    /// Destination: NAMESPACE/POD or an IP address.
-    #[arg(long, value_name = "NS/POD|IP")]
+    /// Destination: NAMESPACE/POD, an IP address, or svc/NAMESPACE/NAME (a Service).
+    #[arg(long, value_name = "NS/POD|IP|svc/NS/NAME")]
     to: String,
-    /// Destination port: a number, or a container port name of the destination pod.
+    /// Destination port: a number, or a container port name of the destination pod; for a
+    /// Service, its port's number or name.
     #[arg(long)]
     port: String,
-    #[arg(long, default_value = "TCP")]
-    protocol: String,
+    /// TCP, UDP or SCTP (default TCP; for a Service port given by name, that port's).
+    #[arg(long)]
+    protocol: Option<String>,
     /// Address family (default: the destination's first IP).
     #[arg(long, value_enum, default_value = "primary")]
     family: FamilyArg,
@@ -579,7 +594,11 @@ fn install_interrupt_handler() {
 
 fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
     check_kernel(&[a.engine])?;
-    let cluster = load(&a.input)?;
+    if a.services && !matches!(a.output, MatrixFormat::Text | MatrixFormat::Json) {
+        bail!("--services: Service columns are printed with -o text or -o json");
+    }
+    let loaded = load_all(&a.input)?;
+    let cluster = loaded.cluster;
     check_family(&cluster, a.family)?;
     let probes = probes(&cluster, &a.port, &a.protocol)?;
     warn_if_nothing_to_probe(&cluster, &probes);
@@ -591,10 +610,25 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
     let keep: Vec<usize> = (0..cluster.pods.len())
         .filter(|&i| a.namespaces.is_empty() || a.namespaces.contains(&cluster.pods[i].id.namespace))
         .collect();
+    let (columns, column_warnings) =
+        if a.services { services::columns(&cluster, &loaded.services, &a.namespaces) } else { Default::default() };
+    for w in &column_warnings {
+        note!("warning: {w}");
+    }
+    if a.services && loaded.services.is_empty() {
+        note!("warning: --services: the input has no Service");
+    }
+    // The Service columns' endpoint ports are probed with the matrix's own probes, by the
+    // same engine run; only the requested probes are shown as pod tables.
+    let column_probes = services::probes(&columns);
+    let mut all_probes = probes.clone();
+    all_probes.extend(column_probes.iter().filter(|p| !probes.contains(p)).cloned());
     let fam = family(a.family);
-    let mut per_family = a.engine.matrices(&cluster, &probes, &[fam], a.kernel.probe_timeout.0)?;
+    let mut per_family = a.engine.matrices(&cluster, &all_probes, &[fam], a.kernel.probe_timeout.0)?;
     let matrices = per_family.pop().unwrap_or_default();
-    let results = probes.into_iter().zip(matrices).map(|(p, m)| (p, m.project(&keep))).collect();
+    let by_probe = services::by_probe(&all_probes, &matrices);
+    let cells = services::cells(&columns, &keep, |p| by_probe.get(p).copied());
+    let results = probes.into_iter().zip(&matrices).map(|(p, m)| (p, m.project(&keep))).collect();
     let report = MatrixReport {
         engine: a.engine.name(),
         pods: keep.iter().map(|&i| cluster.pods[i].id.to_string()).collect(),
@@ -618,6 +652,11 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
     let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
     quietly(
         match a.output {
+            MatrixFormat::Text if a.services => report::write_text(&mut out, &report, color)
+                .and_then(|()| services::write_text(&mut out, &cluster, &keep, &columns, &cells, color)),
+            MatrixFormat::Json if a.services => {
+                services::write_json(&mut out, &report, &services::json_value(&cluster, &columns, &cells))
+            }
             MatrixFormat::Text => report::write_text(&mut out, &report, color),
             MatrixFormat::Json => report::write_json(&mut out, &report),
             MatrixFormat::Yaml => report::write_yaml(&mut out, &report),
@@ -654,15 +693,24 @@ fn query_input_args(input: &Input) -> Vec<String> {
 
 fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
     check_kernel(&[a.engine])?;
-    let loaded = load_all(&a.input)?;
-    // A node's address (a hostNetwork pod's, or a pod's status.hostIP) means that node.
-    let cluster = query::with_node_endpoints(&loaded.cluster, &loaded.node_ips, &[&a.from, &a.to]);
-    let protocol = parse_protocol(&a.protocol)?;
-    let conn =
-        query::connection(&cluster, &a.from, &a.to, &a.port, protocol, family(a.family)).map_err(|e| anyhow!(e))?;
+    if services::is_service(&a.from) {
+        bail!(
+            "--from: {:?} is a Service, and a Service is not a source: connections come from pods (give NS/POD or an IP)",
+            a.from
+        );
+    }
     if a.trace && !matches!(a.engine, Engine::Ruleset) {
         bail!("--trace: needs --engine ruleset (the evaluator explains itself without it)");
     }
+    let loaded = load_all(&a.input)?;
+    if services::is_service(&a.to) {
+        return service_query_cmd(a, loaded);
+    }
+    // A node's address (a hostNetwork pod's, or a pod's status.hostIP) means that node.
+    let cluster = query::with_node_endpoints(&loaded.cluster, &loaded.node_ips, &[&a.from, &a.to]);
+    let protocol = parse_protocol(a.protocol.as_deref().unwrap_or("TCP"))?;
+    let conn =
+        query::connection(&cluster, &a.from, &a.to, &a.port, protocol, family(a.family)).map_err(|e| anyhow!(e))?;
     let mut verdict = evaluate::evaluate(&cluster, &conn);
     let mut trace = None;
     match a.engine {
@@ -688,6 +736,50 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
     };
     print_out(&text)?;
     Ok(if verdict.allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `query --to svc/NS/NAME`: one answer per endpoint of the Service port, by the chosen
+/// engine (the kernel engine probes them all in one lab), then the summary.
+fn service_query_cmd(a: QueryArgs, loaded: Loaded) -> Result<ExitCode> {
+    let cluster = query::with_node_endpoints(&loaded.cluster, &loaded.node_ips, &[&a.from]);
+    let protocol = a.protocol.as_deref().map(parse_protocol).transpose()?;
+    let target = services::target(&cluster, &loaded.services, &loaded.endpoint_conditions, &a.to, &a.port, protocol)
+        .map_err(|e| anyhow!(e))?;
+    let src = query::resolve_endpoint(&cluster, &a.from).map_err(|e| anyhow!("--from: {e}"))?;
+    let conns = target.connections(&cluster, src, family(a.family));
+    let mut verdicts: Vec<evaluate::Verdict> = conns.iter().map(|c| evaluate::evaluate(&cluster, c)).collect();
+    let mut traces = Vec::new();
+    match a.engine {
+        Engine::Evaluator => {}
+        Engine::Ruleset => {
+            let engine = ruleset::Engine::new(&cluster);
+            for (verdict, conn) in verdicts.iter_mut().zip(&conns) {
+                let t = engine.trace(&cluster, conn);
+                verdict.allowed = t.allowed;
+                traces.push(t);
+            }
+        }
+        Engine::Kernel if !conns.is_empty() => {
+            let facts = kernel::decide(&cluster, &conns, a.kernel.probe_timeout.0)?;
+            for (verdict, allowed) in verdicts.iter_mut().zip(facts) {
+                verdict.allowed = allowed;
+            }
+        }
+        Engine::Kernel => {}
+    }
+    let answers: Vec<services::Answer> = conns
+        .into_iter()
+        .zip(verdicts)
+        .enumerate()
+        .map(|(k, (conn, verdict))| (conn, verdict, traces.get(k).filter(|_| a.trace)))
+        .collect();
+    let text = match a.output {
+        QueryFormat::Text => services::query_text(&cluster, &target, &answers),
+        QueryFormat::Json => services::query_json(a.engine.name(), &cluster, &target, &answers),
+    };
+    print_out(&text)?;
+    let all_allowed = !answers.is_empty() && services::allowed_count(&answers) == answers.len();
+    Ok(if all_allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn explain_cmd(a: ExplainArgs) -> Result<ExitCode> {

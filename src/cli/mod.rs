@@ -8,6 +8,7 @@
 //!  Cluster + pod ─────────────────► explain ──► text
 //!  old Cluster + new Cluster ─────► diff ─────► changed cells by cause ──► text / JSON
 //!  Cluster ───────────────────────► lint ─────► findings ──► text / JSON
+//!  "svc/ns/name" + Services ──────► services ─► endpoints ──► a pod answer each / matrix columns
 //!  Params{pods, policies, ...} ───► generate ──► Cluster (benchmarks, property tests)
 //! ```
 
@@ -18,3 +19,4 @@ pub mod lint;
 pub mod picture;
 pub mod query;
 pub mod report;
+pub mod services;

@@ -1,10 +1,10 @@
 //! The one door between Kubernetes API types (k8s-openapi) and our model.
 //!
 //! ```text
-//!  k8s_openapi::{Namespace, Pod, NetworkPolicy} ──► convert::{namespace, pod, policy}
-//!        (as a client sent them)                        │ defaulting + validation
-//!                                                       ▼
-//!                                  model::{Namespace, Pod, Policy}  or  FieldError{path, reason}
+//!  k8s_openapi::{Namespace, Pod, NetworkPolicy, Service} ──► convert::{namespace, pod, policy, service}
+//!        (as a client sent them)                                 │ defaulting + validation
+//!                                                                ▼
+//!                         model::{Namespace, Pod, Policy}, service::Service  or  FieldError{path, reason}
 //! ```
 //!
 //! The API server defaults and validates before anyone sees an object; offline we must do
@@ -25,6 +25,7 @@ use crate::policy::model::{
     PortSpec, Protocol, Rule,
 };
 use crate::policy::selector::{Operator, Requirement, Selector, Values};
+use crate::policy::service::{EndpointConditions, Service, ServicePort, TargetPort};
 use crate::validate;
 
 /// What is wrong with one field of one object.
@@ -138,6 +139,92 @@ pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodO
         host_network,
         ports: ports.into(),
     }))
+}
+
+/// What an EndpointSlice would say of a pod as an endpoint. The kubelet always writes a
+/// `Ready` condition; a status that lists no conditions at all (a hand-written manifest,
+/// or none: a pod the checker places) states nothing, and is taken as ready.
+pub fn endpoint_conditions(pod: &core::Pod) -> EndpointConditions {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_deref()).filter(|c| !c.is_empty());
+    // `podutil.IsPodReady`: the Ready condition's status is "True".
+    let ready = conditions.is_none_or(|list| list.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    EndpointConditions { ready, terminating: pod.metadata.deletion_timestamp.is_some() }
+}
+
+/// Converts a v1 Service: what its endpoints need (namespace, name, selector, type, ports),
+/// defaulted and validated as the API server's `ValidateService` and `SetDefaults_Service`
+/// would. Fields endpoints do not depend on (cluster IPs, node ports, ...) are not read.
+pub fn service(svc: &core::Service) -> Result<Service> {
+    let id = object_ref(&svc.metadata)?;
+    // Service names are DNS-1035 labels (`ValidateServiceName`): a letter first.
+    validate::service_name(&id.name).map_err(|reason| FieldError::new("metadata.name", reason))?;
+    let default_spec = core::ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+    // "If empty or not present, the service is assumed to have an external process
+    // managing its endpoints, which Kubernetes will not modify."
+    let selector = labels(spec.selector.as_ref(), "spec.selector")?;
+    let selector = (!selector.is_empty()).then_some(selector);
+    let external_name = match spec.type_.as_deref().filter(|t| !t.is_empty()).unwrap_or("ClusterIP") {
+        "ClusterIP" | "NodePort" | "LoadBalancer" => None,
+        "ExternalName" => {
+            let name = spec.external_name.clone().unwrap_or_default();
+            validate_dns_subdomain(name.trim_end_matches('.'), "spec.externalName")?;
+            Some(name)
+        }
+        other => {
+            return Err(FieldError::new(
+                "spec.type",
+                format!(
+                    "unsupported value {other:?}: supported values are \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""
+                ),
+            ));
+        }
+    };
+    let written = spec.ports.as_deref().unwrap_or_default();
+    let headless = spec.cluster_ip.as_deref() == Some("None");
+    if written.is_empty() && !headless && external_name.is_none() {
+        return Err(FieldError::new("spec.ports", "is required (a Service that is not headless needs a port)"));
+    }
+    let mut ports: Vec<ServicePort> = Vec::with_capacity(written.len());
+    for (i, p) in written.iter().enumerate() {
+        let path = format!("spec.ports[{i}]");
+        let name = p.name.clone().filter(|n| !n.is_empty());
+        match &name {
+            None if written.len() > 1 => {
+                return Err(FieldError::new(
+                    format!("{path}.name"),
+                    "is required when a Service has more than one port",
+                ));
+            }
+            None => {}
+            Some(n) => {
+                validate_dns_label(n, &format!("{path}.name"))?;
+                if let Some(j) = ports.iter().position(|q| q.name.as_ref() == Some(n)) {
+                    return Err(FieldError::new(
+                        format!("{path}.name"),
+                        format!("duplicate name {n:?} (as spec.ports[{j}])"),
+                    ));
+                }
+            }
+        }
+        let port = port_number(p.port.into(), &format!("{path}.port"))?;
+        let protocol = protocol(p.protocol.as_deref(), &format!("{path}.protocol"))?;
+        // Upstream `SetDefaults_Service`: a targetPort of 0 or "" (or none) becomes `port`.
+        let target = match &p.target_port {
+            None | Some(IntOrString::Int(0)) => TargetPort::Number(port),
+            Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => TargetPort::Number(port_number((*n).into(), &format!("{path}.targetPort"))?),
+            Some(IntOrString::String(s)) => {
+                validate_port_name(s, &format!("{path}.targetPort"))?;
+                TargetPort::Named(s.clone())
+            }
+        };
+        if let Some(j) = ports.iter().position(|q| q.port == port && q.protocol == protocol) {
+            return Err(FieldError::new(path, format!("duplicate {protocol} port {port} (as spec.ports[{j}])")));
+        }
+        ports.push(ServicePort { name, port, target, protocol });
+    }
+    Ok(Service { id, selector, external_name, ports })
 }
 
 fn container_port(p: &core::ContainerPort, path: &str) -> Result<ContainerPort> {
@@ -572,5 +659,120 @@ mod tests {
     fn a_valid_policy_is_not_marked_fail_closed() {
         let np = network_policy(serde_json::json!({"podSelector": {}, "ingress": [{}]}));
         assert_eq!(converted(&np).quarantined, None);
+    }
+
+    fn converted_service(spec: serde_json::Value) -> Result<Service> {
+        let svc: core::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": spec,
+        }))
+        .unwrap();
+        service(&svc)
+    }
+
+    #[test]
+    fn a_service_port_defaults_its_protocol_to_tcp_and_its_target_port_to_its_port() {
+        let svc = converted_service(serde_json::json!({"selector": {"app": "web"}, "ports": [
+            {"port": 80},
+        ]}))
+        .unwrap();
+        assert_eq!(
+            svc.ports,
+            [ServicePort { name: None, port: 80, target: TargetPort::Number(80), protocol: Protocol::Tcp }]
+        );
+        // `SetDefaults_Service`: a targetPort of 0 or "" is unset.
+        for zero in [serde_json::json!(0), serde_json::json!("")] {
+            let svc =
+                converted_service(serde_json::json!({"ports": [{"port": 53, "protocol": "UDP", "targetPort": zero}]}));
+            assert_eq!(svc.unwrap().ports[0].target, TargetPort::Number(53));
+        }
+        let named = converted_service(serde_json::json!({"ports": [{"port": 80, "targetPort": "http"}]})).unwrap();
+        assert_eq!(named.ports[0].target, TargetPort::Named("http".into()));
+    }
+
+    #[test]
+    fn an_empty_selector_is_no_selector_as_the_api_says() {
+        let svc = converted_service(serde_json::json!({"selector": {}, "ports": [{"port": 80}]})).unwrap();
+        assert_eq!(svc.selector, None);
+        let external = converted_service(serde_json::json!({"type": "ExternalName", "externalName": "db.example.com"}));
+        assert_eq!(external.unwrap().external_name.as_deref(), Some("db.example.com"));
+    }
+
+    #[test]
+    fn an_invalid_service_names_the_field_and_the_reason() {
+        let error = |spec: serde_json::Value| converted_service(spec).unwrap_err().to_string();
+        assert_eq!(
+            error(serde_json::json!({})),
+            "spec.ports: is required (a Service that is not headless needs a port)"
+        );
+        assert!(converted_service(serde_json::json!({"clusterIP": "None"})).is_ok(), "headless needs no port");
+        assert_eq!(
+            error(serde_json::json!({"ports": [{"port": 80, "name": "a"}, {"port": 81}]})),
+            "spec.ports[1].name: is required when a Service has more than one port"
+        );
+        assert_eq!(
+            error(serde_json::json!({"ports": [{"port": 80, "name": "a"}, {"port": 81, "name": "a"}]})),
+            "spec.ports[1].name: duplicate name \"a\" (as spec.ports[0])"
+        );
+        assert_eq!(
+            error(serde_json::json!({"ports": [{"port": 80, "name": "a"}, {"port": 80, "name": "b"}]})),
+            "spec.ports[1]: duplicate TCP port 80 (as spec.ports[0])"
+        );
+        assert!(
+            converted_service(
+                serde_json::json!({"ports": [{"port": 53, "name": "a"}, {"port": 53, "name": "b", "protocol": "UDP"}]})
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            error(serde_json::json!({"ports": [{"port": 70000}]})),
+            "spec.ports[0].port: must be between 1 and 65535, inclusive (got 70000)"
+        );
+        assert_eq!(
+            error(serde_json::json!({"ports": [{"port": 80, "targetPort": "Not_A_Name"}]})),
+            "spec.ports[0].targetPort: invalid port name \"Not_A_Name\": must be 1-15 lower case letters, digits or '-', with at least one letter and no leading, trailing or double '-'"
+        );
+        assert_eq!(
+            error(serde_json::json!({"ports": [{"port": 80, "protocol": "ICMP"}]})),
+            "spec.ports[0].protocol: unsupported value \"ICMP\": supported values are \"TCP\", \"UDP\", \"SCTP\""
+        );
+        assert!(
+            error(serde_json::json!({"selector": {"app": "-x"}, "ports": [{"port": 80}]}))
+                .starts_with("spec.selector[app]: invalid label value")
+        );
+        assert!(
+            error(serde_json::json!({"type": "Magic", "ports": [{"port": 80}]}))
+                .starts_with("spec.type: unsupported value \"Magic\"")
+        );
+        let numbered: core::Service = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "1web"}, "spec": {"ports": [{"port": 80}]}}),
+        )
+        .unwrap();
+        assert_eq!(
+            service(&numbered).unwrap_err().to_string(),
+            "metadata.name: \"1web\" is not a valid name: a Service name must start with a letter (a DNS-1035 label)"
+        );
+    }
+
+    #[test]
+    fn a_pod_is_a_ready_endpoint_unless_its_conditions_say_otherwise_and_terminating_once_deleted() {
+        let pod = |meta: serde_json::Value, status: serde_json::Value| -> core::Pod {
+            serde_json::from_value(serde_json::json!({"metadata": meta, "status": status})).unwrap()
+        };
+        let running = serde_json::json!({"phase": "Running", "podIP": "10.0.0.1"});
+        assert_eq!(
+            endpoint_conditions(&pod(serde_json::json!({"name": "p"}), running.clone())),
+            EndpointConditions::default()
+        );
+        let unready = serde_json::json!({"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "False"}, {"type": "PodScheduled", "status": "True"}]});
+        assert_eq!(
+            endpoint_conditions(&pod(serde_json::json!({"name": "p"}), unready)),
+            EndpointConditions { ready: false, terminating: false }
+        );
+        let no_ready =
+            serde_json::json!({"podIP": "10.0.0.1", "conditions": [{"type": "PodScheduled", "status": "True"}]});
+        assert!(!endpoint_conditions(&pod(serde_json::json!({"name": "p"}), no_ready)).ready);
+        let deleted = serde_json::json!({"name": "p", "deletionTimestamp": "2026-12-01T10:00:00Z"});
+        assert_eq!(endpoint_conditions(&pod(deleted, running)), EndpointConditions { ready: true, terminating: true });
     }
 }

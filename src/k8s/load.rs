@@ -6,7 +6,8 @@
 //!                                                        ▼
 //!  less a UTF-8 BOM, split into documents (line of each) ─► nesting depth scan
 //!     ─► JSON value(s) (YAML, JSON, or JSON objects one after another) ─► by apiVersion/kind:
-//!     Namespace, Pod, NetworkPolicy, Node ...... typed, unknown fields refused (strict)
+//!     Namespace, Pod, NetworkPolicy, Node,
+//!     Service .................................. typed, unknown fields refused (strict)
 //!     ClusterNetworkPolicy (v1beta1, v1alpha2),
 //!     Admin/BaselineAdminNetworkPolicy (v1alpha1)  k8s::tiers (Mode::File: unknown fields
 //!                                                refused, as for the typed kinds)
@@ -22,7 +23,7 @@
 //!                                                        ▼
 //!                 Cluster::with_tiers(cluster policies, nodes, LoadOptions::domains)
 //!                                                        ▼
-//!                                          Loaded { cluster, warnings, node_ips }
+//!                               Loaded { cluster, warnings, node_ips, services }
 //! ```
 //!
 //! Every error names the file, the line where the document starts, the object and the
@@ -44,6 +45,7 @@ use serde_json::{Map, Value, json};
 use crate::k8s::convert::{self, FieldError, PodOutcome};
 use crate::k8s::tiers;
 use crate::policy::model::{Cluster, Namespace, ObjectRef, Pod, Policy};
+use crate::policy::service::{EndpointConditions, Service};
 use crate::policy::tiers::{ClusterPolicy, DomainMap, Node};
 
 /// A load failure, with everything needed to find and fix it.
@@ -109,7 +111,7 @@ impl Default for LoadOptions {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Loaded {
     pub cluster: Cluster,
     pub warnings: Vec<String>,
@@ -117,6 +119,13 @@ pub struct Loaded {
     /// `status.hostIP`/`hostIPs`, a hostNetwork pod's IP), with the node each belongs to:
     /// such an address means that node.
     pub node_ips: BTreeMap<IpAddr, String>,
+    /// The v1 Services of the input, sorted by namespace and name. They change no verdict
+    /// (kube-proxy rewrites a Service's address to an endpoint's before any policy sees the
+    /// packet): `query --to svc/...` and `matrix --services` resolve them to endpoints.
+    pub services: Vec<Service>,
+    /// The pods that would be not-ready or terminating endpoints (every other pod is a
+    /// ready one), by namespace/name.
+    pub endpoint_conditions: BTreeMap<ObjectRef, EndpointConditions>,
 }
 
 // --- I/O -----------------------------------------------------------------------------------
@@ -226,6 +235,7 @@ enum Raw {
     /// A ClusterNetworkPolicy, AdminNetworkPolicy or BaselineAdminNetworkPolicy, converted.
     ClusterPolicy(Box<ClusterPolicy>),
     Node(Box<core::Node>),
+    Service(Box<core::Service>),
     /// Pod templates to instantiate: (workload label, pods to make, per-node?).
     Workload {
         kind: String,
@@ -304,7 +314,7 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         }
     }
     for (kind, first) in skipped_kinds {
-        warnings.push(format!("{first}: skipped kind {kind} (netpol-check reads Namespace, Pod, NetworkPolicy, workloads, ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy and Node); other objects of this kind are skipped too"));
+        warnings.push(format!("{first}: skipped kind {kind} (netpol-check reads Namespace, Pod, NetworkPolicy, workloads, ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy, Node and Service); other objects of this kind are skipped too"));
     }
 
     // Reject an object declared twice: the second would silently win in a cluster.
@@ -392,6 +402,8 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
     let mut policies: Vec<Policy> = Vec::new();
     let mut cluster_policies: Vec<ClusterPolicy> = Vec::new();
     let mut nodes: Vec<Node> = Vec::new();
+    let mut services: Vec<Service> = Vec::new();
+    let mut endpoint_conditions: BTreeMap<ObjectRef, EndpointConditions> = BTreeMap::new();
     // A Node object's InternalIPs are that node's addresses, whatever pods say.
     let mut declared_node_ips: BTreeMap<IpAddr, String> = BTreeMap::new();
     let mut pod_ids: HashMap<ObjectRef, String> = HashMap::new();
@@ -401,6 +413,7 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         match raw {
             Raw::Namespace(ns) => namespaces.push(convert::namespace(&ns).map_err(field_err)?),
             Raw::ClusterPolicy(policy) => cluster_policies.push(*policy),
+            Raw::Service(svc) => services.push(convert::service(&svc).map_err(field_err)?),
             Raw::Node(node) => {
                 let converted = tiers::node_from(&node).map_err(field_err)?;
                 for ip in tiers::internal_ips(&node) {
@@ -424,6 +437,10 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
                 let mut assign = |id: &ObjectRef| placer.place(id);
                 match convert::pod(&p, Some(&mut assign)).map_err(field_err)? {
                     PodOutcome::Pod(pod) => {
+                        let conditions = convert::endpoint_conditions(&p);
+                        if conditions != EndpointConditions::default() {
+                            endpoint_conditions.insert(pod.id.clone(), conditions);
+                        }
                         pod_ids.insert(pod.id.clone(), origin.at());
                         pod_origins.insert(pod.id.clone(), (origin.clone(), label.clone()));
                         pods.push(pod)
@@ -493,7 +510,8 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         node_ips = declared_node_ips;
     }
     let cluster = Cluster::new(namespaces, pods, policies).with_tiers(cluster_policies, nodes, options.domains.clone());
-    Ok(Loaded { cluster, warnings, node_ips })
+    services.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Loaded { cluster, warnings, node_ips, services, endpoint_conditions })
 }
 
 /// Two live pods never hold one address: the engines could not tell them apart (and would
@@ -699,6 +717,7 @@ const READ_KINDS: &[(&str, &str)] = &[
     ("v1", "Namespace"),
     ("v1", "Pod"),
     ("v1", "Node"),
+    ("v1", "Service"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
     ("apps/v1", "Deployment"),
     ("apps/v1", "StatefulSet"),
@@ -724,6 +743,7 @@ impl Collector<'_> {
             ("v1", "Namespace") => Raw::Namespace(self.decode(&value, origin, &label)?),
             ("v1", "Pod") => Raw::Pod(Box::new(self.decode(&value, origin, &label)?)),
             ("v1", "Node") => Raw::Node(Box::new(self.decode(&value, origin, &label)?)),
+            ("v1", "Service") => Raw::Service(Box::new(self.decode(&value, origin, &label)?)),
             (version, k) if tiers::versions(k).is_some() => {
                 if !tiers::versions(k).unwrap_or_default().contains(&version) {
                     return Err(origin.error(Some(label), None, tiers::unknown_version(k, version)));
@@ -1204,6 +1224,32 @@ mod tests {
         assert_eq!(
             error("apiVersion: v2\nkind: Node\nmetadata: {name: n}\n"),
             "in.yaml:1: Node n: no matches for kind \"Node\" in version \"v2\""
+        );
+    }
+
+    #[test]
+    fn services_load_sorted_and_a_bad_one_names_the_file_line_object_and_field() {
+        let svc = |name: &str, spec: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n")
+        };
+        let l = loaded(
+            &[svc("b", "{ports: [{port: 80}]}"), svc("a", "{selector: {app: a}, ports: [{port: 80}]}")].join("---\n"),
+        );
+        let names: Vec<String> = l.services.iter().map(|s| s.id.to_string()).collect();
+        assert_eq!(names, ["shop/a", "shop/b"]);
+        let bad = format!("# head\n{}", svc("c", "{ports: [{port: 80, targetPort: web_1}]}"));
+        assert!(
+            error(&bad).starts_with("in.yaml:2: Service shop/c: spec.ports[0].targetPort: invalid port name \"web_1\""),
+            "{}",
+            error(&bad)
+        );
+        assert_eq!(
+            error(&svc("d", "{ports: [{port: 80}], selektor: {}}")),
+            "in.yaml:1: Service shop/d: strict decoding error: unknown field \"spec.selektor\""
+        );
+        assert_eq!(
+            error(&[svc("a", "{ports: [{port: 80}]}"), svc("a", "{ports: [{port: 81}]}")].join("---\n")),
+            "in.yaml:6: Service shop/a: declared twice (first at in.yaml:1)"
         );
     }
 

@@ -6,6 +6,7 @@
 //!  selector (labels) ◄───────────────────┤
 //!                                        ├─► evaluate: one connection, with the rule that decided it
 //!                                        └─► matrix: every pair at once, on bitset::BitMatrix
+//!  service::Service + Cluster pods ──► a Service port's endpoints (pod, resolved targetPort)
 //! ```
 
 pub mod bitset;
@@ -13,4 +14,5 @@ pub mod evaluate;
 pub mod matrix;
 pub mod model;
 pub mod selector;
+pub mod service;
 pub mod tiers;

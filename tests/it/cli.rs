@@ -124,14 +124,14 @@ fn stdin_and_namespace_filter_work() {
 fn workloads_become_pods_with_synthetic_addresses_and_unknown_kinds_warn_once() {
     let dir = with_file(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec:\n  replicas: 3\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers:\n      - name: c\n        ports: [{containerPort: 8080, name: http}]\n\
----\napiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\n",
+---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n",
     );
     let o = netpol_check(dir.path(), &["matrix", "-o", "json", "--synthetic-ipv4", "10.50.0.0/24", "-f", "bad.yaml"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["pods"], serde_json::json!(["shop/web-0", "shop/web-1", "shop/web-2"]));
     assert_eq!(v["probes"][0]["port"], 8080);
-    assert_eq!(stderr(&o).matches("skipped kind v1 Service").count(), 1);
+    assert_eq!(stderr(&o).matches("skipped kind v1 ConfigMap").count(), 1);
     let q = netpol_check(
         dir.path(),
         &[
@@ -627,7 +627,7 @@ fn unknown_fields_of_pods_namespaces_and_workload_templates_are_errors_but_statu
         "error: bad.yaml:1: Deployment default/web: strict decoding error: unknown field \"spec.template.spec.containers[0].port\"",
     );
     let dir = with_file(
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: n, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.1, someFutureField: 1}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {anything: 1}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: n, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.1, someFutureField: 1}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: s}\nspec: {anything: 1}\n",
     );
     let o = netpol_check(dir.path(), &["explain", "default/a", "-f", "bad.yaml"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -1192,4 +1192,203 @@ fn explain_lists_a_pods_tiers_in_the_order_they_decide() {
     let isolated =
         stdout(&netpol_check(repo(), &["explain", "shop/backend", "-f", "policy-examples/tier-baseline-default-deny"]));
     assert!(isolated.contains("(the Baseline tier never applies: a NetworkPolicy selects the pod)"), "{isolated}");
+}
+
+// --- Services: query --to svc/..., matrix --services ------------------------------------------
+
+const SERVICES: &str = "tests/fixtures/services";
+
+#[test]
+fn a_service_query_answers_each_endpoint_on_the_port_its_named_target_port_has_there() {
+    let o = netpol_check(
+        repo(),
+        &["query", "--from", "shop/client", "--to", "svc/shop/web", "--port", "http", "-f", SERVICES],
+    );
+    assert_eq!(o.status.code(), Some(1), "one endpoint is denied: {}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("svc/shop/web TCP/80 (http) -> targetPort http: 3 endpoints"), "{out}");
+    // "http" is 8080 on web-1 and web-4, 9090 on web-2; the policy opens 8080 to the client.
+    assert!(out.contains("\nALLOWED  shop/client -> shop/web-1 TCP/8080\n"), "{out}");
+    assert!(out.contains("\nDENIED  shop/client -> shop/web-2 TCP/9090\n"), "{out}");
+    assert!(out.contains("\nALLOWED  shop/client -> shop/web-4 TCP/8080\n"), "{out}");
+    assert!(out.contains("not endpoints of this port (no TCP container port named http): shop/web-3\n"), "{out}");
+    assert!(out.contains("note: endpoint shop/web-4 is terminating (deletionTimestamp set) and not ready"), "{out}");
+    assert!(!out.contains("web-old"), "a finished pod is no endpoint: {out}");
+    assert!(out.ends_with("svc/shop/web TCP/80: 2 of 3 endpoints allowed\n"), "{out}");
+    // The same port by number, from a pod every endpoint admits: exit 0.
+    let all = netpol_check(
+        repo(),
+        &["query", "--from", "shop/monitor", "--to", "svc/shop/web", "--port", "80", "-f", SERVICES],
+    );
+    assert_eq!(all.status.code(), Some(0), "{}", stdout(&all));
+    assert!(stdout(&all).ends_with("svc/shop/web TCP/80: 3 of 3 endpoints allowed\n"));
+}
+
+#[test]
+fn a_service_query_in_json_keeps_the_documented_shape_with_one_pod_answer_per_endpoint() {
+    let o = netpol_check(
+        repo(),
+        &["query", "--from", "shop/client", "--to", "svc/shop/web", "--port", "80", "-o", "json", "-f", SERVICES],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["engine"], "evaluator");
+    assert_eq!(v["service"], "shop/web");
+    assert_eq!(v["port"], serde_json::json!({"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}));
+    assert_eq!((v["endpoints"].as_u64(), v["allowedEndpoints"].as_u64()), (Some(3), Some(2)));
+    assert_eq!(v["allowed"], false);
+    assert_eq!(v["notEndpoints"], serde_json::json!(["shop/web-3"]));
+    let answers = v["answers"].as_array().unwrap();
+    let seen: Vec<(&str, u64, bool)> = answers
+        .iter()
+        .map(|a| (a["to"].as_str().unwrap(), a["port"].as_u64().unwrap(), a["allowed"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(seen, [("shop/web-1", 8080, true), ("shop/web-2", 9090, false), ("shop/web-4", 8080, true)]);
+    // Each answer is a pod query's JSON, plus the endpoint's conditions.
+    assert_eq!(answers[1]["ingress"]["decision"], "no-rule-matched");
+    assert_eq!(
+        answers[2]["endpoint"],
+        serde_json::json!({"pod": "shop/web-4", "port": 8080, "ready": false, "terminating": true})
+    );
+}
+
+#[test]
+fn the_ruleset_engine_gives_a_service_query_the_same_verdicts() {
+    let o = netpol_check(
+        repo(),
+        &[
+            "query",
+            "--engine",
+            "ruleset",
+            "--from",
+            "shop/client",
+            "--to",
+            "svc/shop/web",
+            "--port",
+            "http",
+            "-f",
+            SERVICES,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).ends_with("svc/shop/web TCP/80: 2 of 3 endpoints allowed\n"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_service_query_refuses_what_it_cannot_answer_with_exit_two_and_says_why() {
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--to", "svc/shop/nope", "--port", "80"],
+            "error: --to: no service shop/nope in the input (services of shop: legacy-db, search, web)",
+        ),
+        (
+            &["--to", "svc/shop/web", "--port", "81"],
+            "error: --port: service shop/web has no port \"81\"; its ports: TCP/80 (http) -> targetPort http, TCP/9000 (admin) -> targetPort 9000",
+        ),
+        (
+            &["--to", "svc/shop/web", "--port", "http", "--protocol", "UDP"],
+            "error: --port: port \"http\" of service shop/web is TCP, not UDP",
+        ),
+        (
+            &["--to", "svc/shop/legacy-db", "--port", "5432"],
+            "error: --to: service shop/legacy-db has no selector: its endpoints are managed outside Kubernetes",
+        ),
+        (&["--to", "svc/shop/search", "--port", "80"], "error: --to: service shop/search is of type ExternalName"),
+        (&["--to", "svc/web", "--port", "80"], "error: --to: \"svc/web\" is not svc/NAMESPACE/NAME"),
+    ];
+    for (args, message) in cases {
+        let mut all = vec!["query", "--from", "shop/client"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-f", SERVICES]);
+        let o = netpol_check(repo(), &all);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(stdout(&o).is_empty(), "{args:?}");
+        assert!(stderr(&o).contains(message), "{args:?}: {}", stderr(&o));
+    }
+    let from = netpol_check(
+        repo(),
+        &["query", "--from", "svc/shop/web", "--to", "shop/client", "--port", "80", "-f", SERVICES],
+    );
+    assert_eq!(from.status.code(), Some(2));
+    assert!(stderr(&from).contains("error: --from: \"svc/shop/web\" is a Service, and a Service is not a source"));
+}
+
+#[test]
+fn matrix_services_adds_a_column_per_service_port_marking_all_some_or_none_of_its_endpoints() {
+    let o = netpol_check(repo(), &["matrix", "--services", "--port", "80", "--color", "never", "-f", SERVICES]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let table = &out[out.find("\nservices ").expect("a services table") + 1..];
+    let expected = "\
+services    legend: . every endpoint allowed   ~ some   X none   - no endpoints    rows: from   columns: Service ports
+1 svc/shop/web TCP/80 (http) -> targetPort http: 3 endpoints
+2 svc/shop/web TCP/9000 (admin) -> targetPort 9000: 4 endpoints
+
+                1 2 
+1 shop/client   ~ X 
+2 shop/monitor  . X 
+3 shop/web-1    ~ ~ 
+4 shop/web-2    ~ ~ 
+5 shop/web-3    X ~ 
+6 shop/web-4    ~ ~ 
+";
+    assert_eq!(table, expected);
+    // The Services that cannot have a column are named, not guessed.
+    assert!(stderr(&o).contains("warning: --services: service shop/legacy-db has no selector"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: --services: service shop/search is of type ExternalName"));
+}
+
+#[test]
+fn matrix_services_in_json_gives_each_row_its_count_of_allowed_endpoints() {
+    let o = netpol_check(repo(), &["matrix", "--services", "--port", "80", "-o", "json", "-f", SERVICES]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["pods"].as_array().unwrap().len(), 6);
+    assert_eq!(v["probes"].as_array().unwrap().len(), 1, "only the asked probe is a pod table");
+    let web = &v["services"][0];
+    assert_eq!(web["service"], "shop/web");
+    assert_eq!(web["port"]["targetPort"], "http");
+    assert_eq!(
+        web["endpoints"],
+        serde_json::json!([{"pod": "shop/web-1", "port": 8080}, {"pod": "shop/web-2", "port": 9090}, {"pod": "shop/web-4", "port": 8080}])
+    );
+    // client, monitor, web-1, web-2, web-3, web-4 (a pod reaches itself).
+    assert_eq!(web["allowed"], serde_json::json!([2, 3, 1, 1, 0, 1]));
+    let csv = netpol_check(repo(), &["matrix", "--services", "-o", "csv", "-f", SERVICES]);
+    assert_eq!(csv.status.code(), Some(2));
+    assert!(stderr(&csv).contains("error: --services: Service columns are printed with -o text or -o json"));
+}
+
+#[test]
+fn real_packets_to_each_endpoint_of_a_service_give_the_evaluators_answers() {
+    if !common::kernel_or_skip() {
+        return;
+    }
+    let services_json = |engine: &str| -> serde_json::Value {
+        let o = netpol_check(
+            repo(),
+            &["matrix", "--engine", engine, "--services", "--port", "80", "-o", "json", "-f", SERVICES],
+        );
+        assert_eq!(o.status.code(), Some(0), "{engine}: {}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["services"].clone()
+    };
+    assert_eq!(services_json("kernel"), services_json("evaluator"));
+    let o = netpol_check(
+        repo(),
+        &[
+            "query",
+            "--engine",
+            "kernel",
+            "--from",
+            "shop/client",
+            "--to",
+            "svc/shop/web",
+            "--port",
+            "http",
+            "-f",
+            SERVICES,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stdout(&o).ends_with("svc/shop/web TCP/80: 2 of 3 endpoints allowed\n"), "{}", stdout(&o));
 }
