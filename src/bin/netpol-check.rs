@@ -98,8 +98,9 @@ The kernel engine needs root, `ip` and `nft` (it builds the cluster from network
         long_about = "Every cell whose verdict changes between two inputs, grouped by the change causing it.\n\n\
 OLD and NEW are each a file or a folder (or - for stdin, on one side), read with the same loader\n\
 options; `diff --cluster NEW` compares the live cluster (OLD) with NEW, which holds the whole\n\
-picture (a `kubectl get -o yaml` dump with the policies edited, say). Cells are (from pod, to pod, probe) over the pods present on both sides (pods on one side\n\
-only are listed, not compared); probes are the default ones of both sides, or --port/--protocol.\n\
+picture (a `kubectl get -o yaml` dump with the policies edited, say). Cells are (from pod, to pod,\n\
+probe) over the pods present on both sides (pods on one side only are listed, not compared);\n\
+probes are the default ones of both sides, or --port/--protocol.\n\
 A cell is grouped under the changed policies its explanations name (isolating or deciding a side,\n\
 before or after) when those changes alone give the new verdict; otherwise under the changed\n\
 endpoints, their namespaces and the changed nodes. Exit code 0 when no cell changes, 1 otherwise,\n\
