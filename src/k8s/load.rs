@@ -5,10 +5,12 @@
 //!                                                        │ load_sources (pure)
 //!                                                        ▼
 //!  less a UTF-8 BOM, split into documents (line of each) ─► nesting depth scan
-//!     ─► JSON value(s) (YAML, JSON, or JSON objects one after another) ─► by apiVersion/kind:
+//!     ─► JSON value(s) (YAML, JSON, or JSON objects one after another) ─┐
+//!  objects an API server listed (k8s::live) ─► load_api_objects (pure) ─┴► by apiVersion/kind:
 //!     Namespace, Pod, NetworkPolicy, Node ...... typed, unknown fields refused (strict)
 //!     ClusterNetworkPolicy (v1beta1, v1alpha2),
-//!     Admin/BaselineAdminNetworkPolicy (v1alpha1)  k8s::tiers (Mode::File: unknown fields
+//!     Admin/BaselineAdminNetworkPolicy (v1alpha1)  k8s::tiers (files: Mode::File, API
+//!                                                objects: Mode::ApiServer; unknown fields
 //!                                                refused, as for the typed kinds)
 //!     *List ..................................... each item (kind from the list if absent)
 //!     Deployment, StatefulSet, DaemonSet, ... .. typed (strict), then pods from the template
@@ -25,8 +27,8 @@
 //!                                          Loaded { cluster, warnings, node_ips }
 //! ```
 //!
-//! Every error names the file, the line where the document starts, the object and the
-//! field path. Nothing here panics on any input.
+//! Every error names the file (for API objects, `cluster at <server>`), the line where the
+//! document starts, the object and the field path. Nothing here panics on any input.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
