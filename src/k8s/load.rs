@@ -320,7 +320,7 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
 /// Loads objects an API server listed (`netpol-check --cluster`), each a whole object with
 /// `apiVersion` and `kind`, named in messages after `source` (`cluster at https://...`).
 ///
-/// They take the files' path from [`Collector::collect`] on: decoded into the API types
+/// They take the files' path from the sorting by kind on: decoded into the API types
 /// with unknown fields refused, then converted by [`convert`] and [`tiers`], the code the
 /// agent converts its watched objects with. One difference: cluster policies are read in
 /// [`tiers::Mode::ApiServer`], as the agent reads them (the server validated them against
