@@ -23,8 +23,10 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets --all-features -- -D warnings
-# The default build is the CLI alone: it must stand without the agent's code.
+# The default build is the CLI alone (with --cluster): it must stand without the agent's
+# code; and without the cluster feature, without any Kubernetes client.
 cargo clippy --locked --bin netpol-check -- -D warnings
+cargo clippy --locked --no-default-features --bin netpol-check -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --no-fail-fast
   cargo test --locked --doc

@@ -35,7 +35,8 @@ Who can reach whom, and why: Kubernetes NetworkPolicy, checked offline.
 
 netpol-check reads Kubernetes YAML or JSON (Namespaces, Pods, NetworkPolicies, and workloads
 such as Deployments, whose pods it makes from their templates; Services, resolved to their
-endpoints) and answers with the same semantics a cluster enforces.
+endpoints), or with --cluster the objects of a live cluster (list only), and answers with the
+same semantics a cluster enforces.
 
 Examples:
   netpol-check matrix -f policy-examples/frontend-backend
@@ -44,6 +45,8 @@ Examples:
   netpol-check query --from tenant-a/nginx --to svc/tenant-a/backend --port http -f cluster/
   netpol-check explain tenant-a/backend-1 -f policy-examples/frontend-backend
   kubectl get ns,pods,networkpolicies -A -o yaml | netpol-check matrix -f -
+  netpol-check matrix --cluster --context staging
+  netpol-check diff --cluster new-cluster-state/
   sudo netpol-check matrix --engine kernel -f policy-examples/frontend-backend
   sudo netpol-check verify -f policy-examples/frontend-backend
   netpol-check diff old-policies/ new-policies/
@@ -105,8 +108,10 @@ The kernel engine needs root, `ip` and `nft` (it builds the cluster from network
     #[command(
         long_about = "Every cell whose verdict changes between two inputs, grouped by the change causing it.\n\n\
 OLD and NEW are each a file or a folder (or - for stdin, on one side), read with the same loader\n\
-options. Cells are (from pod, to pod, probe) over the pods present on both sides (pods on one side\n\
-only are listed, not compared); probes are the default ones of both sides, or --port/--protocol.\n\
+options; `diff --cluster NEW` compares the live cluster (OLD) with NEW, which holds the whole\n\
+picture (a `kubectl get -o yaml` dump with the policies edited, say). Cells are (from pod, to pod,\n\
+probe) over the pods present on both sides (pods on one side only are listed, not compared);\n\
+probes are the default ones of both sides, or --port/--protocol.\n\
 A cell is grouped under the changed policies its explanations name (isolating or deciding a side,\n\
 before or after) when those changes alone give the new verdict; otherwise under the changed\n\
 endpoints, their namespaces and the changed nodes. Exit code 0 when no cell changes, 1 otherwise,\n\
@@ -128,12 +133,12 @@ actions). Each finding names the object, the field path and why. Exit code 0 whe
 
 #[derive(Args)]
 struct DiffArgs {
-    /// The input before the change: a file or folder.
-    #[arg(value_name = "OLD")]
-    old: PathBuf,
-    /// The input after the change: a file or folder.
-    #[arg(value_name = "NEW")]
-    new: PathBuf,
+    /// OLD then NEW, each a file or folder: the input before and after the change. With
+    /// --cluster only NEW: the live cluster is OLD.
+    #[arg(value_names = ["OLD", "NEW"], num_args = 1..=2, required = true)]
+    inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     #[command(flatten)]
     options: LoaderArgs,
     /// Ports to probe: numbers or container port names, comma separated (default: all known
@@ -183,14 +188,56 @@ struct CleanupArgs {
 #[derive(Args)]
 struct Input {
     /// A YAML/JSON file, a folder (read recursively: *.yaml, *.yml, *.json) or - for stdin.
-    #[arg(short = 'f', long = "file", value_name = "PATH", required = true)]
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "PATH",
+        required_unless_present = "cluster",
+        conflicts_with = "cluster"
+    )]
     files: Vec<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     #[command(flatten)]
     options: LoaderArgs,
 }
 
 /// `--synthetic-ipv4`'s default: also what a `query` command printed for a page leaves out.
 const SYNTHETIC_IPV4_DEFAULT: &str = "10.244.0.0/16";
+
+/// Where `--cluster` reads from: shared by `-f` inputs and `diff`.
+#[derive(Args)]
+struct ClusterArgs {
+    /// Read the live cluster instead of files: Namespaces, Pods, NetworkPolicies, Nodes and
+    /// the cluster policy kinds, listed (read-only) through the API server of the current
+    /// kubeconfig context (KUBECONFIG, else ~/.kube/config; in a pod, its service account).
+    #[arg(long)]
+    cluster: bool,
+    /// With --cluster: this context of the kubeconfig instead of its current one.
+    #[arg(long, value_name = "NAME")]
+    context: Option<String>,
+    /// With --cluster: this kubeconfig file instead of KUBECONFIG or ~/.kube/config.
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+}
+
+impl ClusterArgs {
+    /// Whether to read the cluster. (clap's `requires` counts the flag's default `false` as
+    /// given, so the pairing is checked here.)
+    fn read(&self) -> Result<bool> {
+        if !self.cluster {
+            let flag = if self.context.is_some() {
+                Some("--context")
+            } else {
+                self.kubeconfig.as_ref().map(|_| "--kubeconfig")
+            };
+            if let Some(flag) = flag {
+                bail!("{flag}: only with --cluster (it chooses the cluster to read)");
+            }
+        }
+        Ok(self.cluster)
+    }
+}
 
 /// How files are read: shared by `-f` inputs and `diff`'s two sides.
 #[derive(Args)]
@@ -471,31 +518,62 @@ fn load(input: &Input) -> Result<Cluster> {
     Ok(load_all(input)?.cluster)
 }
 
-/// Loads the input; warnings go to stderr.
+/// Loads the input (files, or the cluster); warnings go to stderr.
 fn load_all(input: &Input) -> Result<Loaded> {
+    if input.cluster.read()? {
+        return load_cluster(&input.cluster, &input.options, "");
+    }
     load_paths(&input.files, &input.options, "")
 }
 
 /// Loads `files` with `input`'s options; warnings go to stderr, after `side` ("OLD: ").
 fn load_paths(files: &[PathBuf], input: &LoaderArgs, side: &str) -> Result<Loaded> {
+    let options = loader_options(input)?;
+    let sources = load::read_sources(files).map_err(|e| anyhow!("{side}{e}"))?;
+    let loaded = load::load_sources(&sources, &options).map_err(|e| anyhow!("{side}{e}"))?;
+    print_warnings(&loaded, side);
+    Ok(loaded)
+}
+
+/// Loads the live cluster with `input`'s options; warnings go to stderr, after `side`.
+#[cfg(feature = "cluster")]
+fn load_cluster(cluster: &ClusterArgs, input: &LoaderArgs, side: &str) -> Result<Loaded> {
+    let options = loader_options(input)?;
+    let target = netpol::k8s::live::Target { kubeconfig: cluster.kubeconfig.clone(), context: cluster.context.clone() };
+    let loaded = netpol::k8s::live::load(&target, &options).map_err(|e| anyhow!("{side}{e}"))?;
+    print_warnings(&loaded, side);
+    Ok(loaded)
+}
+
+/// The lean build (`--no-default-features`) has no API client: the flag stays, to say so.
+#[cfg(not(feature = "cluster"))]
+fn load_cluster(_: &ClusterArgs, _: &LoaderArgs, _: &str) -> Result<Loaded> {
+    bail!(
+        "--cluster: this netpol-check was built without cluster support (cargo feature `cluster`, on by \
+         default): build it with the default features (`cargo install --path .`), or give the objects as \
+         files (`kubectl get ns,pods,nodes,networkpolicies -A -o yaml | netpol-check ... -f -`)"
+    )
+}
+
+fn loader_options(input: &LoaderArgs) -> Result<LoadOptions> {
     if !input.synthetic_ipv4.addr().is_ipv4() {
         bail!("--synthetic-ipv4: {} is not an IPv4 range", input.synthetic_ipv4);
     }
     if let Some(v6) = input.synthetic_ipv6.filter(|n| !n.addr().is_ipv6()) {
         bail!("--synthetic-ipv6: {v6} is not an IPv6 range");
     }
-    let sources = load::read_sources(files).map_err(|e| anyhow!("{side}{e}"))?;
-    let options = LoadOptions {
+    Ok(LoadOptions {
         synthetic_ipv4: input.synthetic_ipv4,
         synthetic_ipv6: input.synthetic_ipv6,
         lenient: input.lenient,
         domains: domains(&input.resolve),
-    };
-    let loaded = load::load_sources(&sources, &options).map_err(|e| anyhow!("{side}{e}"))?;
+    })
+}
+
+fn print_warnings(loaded: &Loaded, side: &str) {
     for w in &loaded.warnings {
         note!("warning: {side}{w}");
     }
-    Ok(loaded)
 }
 
 /// The `--resolve` entries as one map: a name given twice resolves to every address given.
@@ -933,11 +1011,18 @@ fn generate_cmd(a: GenerateArgs) -> Result<ExitCode> {
 }
 
 fn diff_cmd(a: DiffArgs) -> Result<ExitCode> {
-    if a.old.as_os_str() == "-" && a.new.as_os_str() == "-" {
-        bail!("OLD and NEW: only one side can be read from stdin (-)");
-    }
-    let old = load_paths(std::slice::from_ref(&a.old), &a.options, "OLD: ")?.cluster;
-    let new = load_paths(std::slice::from_ref(&a.new), &a.options, "NEW: ")?.cluster;
+    let (old, new) = match (a.cluster.read()?, a.inputs.as_slice()) {
+        (true, [new]) => (load_cluster(&a.cluster, &a.options, "OLD (cluster): ")?.cluster, new),
+        (true, _) => bail!("--cluster: give NEW only (the live cluster is OLD)"),
+        (false, [old, new]) => {
+            if old.as_os_str() == "-" && new.as_os_str() == "-" {
+                bail!("OLD and NEW: only one side can be read from stdin (-)");
+            }
+            (load_paths(std::slice::from_ref(old), &a.options, "OLD: ")?.cluster, new)
+        }
+        (false, _) => bail!("NEW: missing (give OLD and NEW, or --cluster and NEW)"),
+    };
+    let new = load_paths(std::slice::from_ref(new), &a.options, "NEW: ")?.cluster;
     for (side, cluster) in [("OLD", &old), ("NEW", &new)] {
         check_family(cluster, a.family).map_err(|e| anyhow!("{side}: {e}"))?;
     }

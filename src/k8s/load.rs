@@ -5,11 +5,13 @@
 //!                                                        │ load_sources (pure)
 //!                                                        ▼
 //!  less a UTF-8 BOM, split into documents (line of each) ─► nesting depth scan
-//!     ─► JSON value(s) (YAML, JSON, or JSON objects one after another) ─► by apiVersion/kind:
+//!     ─► JSON value(s) (YAML, JSON, or JSON objects one after another) ─┐
+//!  objects an API server listed (k8s::live) ─► load_api_objects (pure) ─┴► by apiVersion/kind:
 //!     Namespace, Pod, NetworkPolicy, Node,
 //!     Service .................................. typed, unknown fields refused (strict)
 //!     ClusterNetworkPolicy (v1beta1, v1alpha2),
-//!     Admin/BaselineAdminNetworkPolicy (v1alpha1)  k8s::tiers (Mode::File: unknown fields
+//!     Admin/BaselineAdminNetworkPolicy (v1alpha1)  k8s::tiers (files: Mode::File, API
+//!                                                objects: Mode::ApiServer; unknown fields
 //!                                                refused, as for the typed kinds)
 //!     *List ..................................... each item (kind from the list if absent)
 //!     Deployment, StatefulSet, DaemonSet, ... .. typed (strict), then pods from the template
@@ -26,8 +28,8 @@
 //!                               Loaded { cluster, warnings, node_ips, services }
 //! ```
 //!
-//! Every error names the file, the line where the document starts, the object and the
-//! field path. Nothing here panics on any input.
+//! Every error names the file (for API objects, `cluster at <server>`), the line where the
+//! document starts, the object and the field path. Nothing here panics on any input.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -223,7 +225,8 @@ impl Origin {
         Origin { item: format!("{}{item}", self.item), ..self.clone() }
     }
     fn at(&self) -> String {
-        format!("{}:{}", self.file, self.line)
+        // An object listed from the API server has no line.
+        if self.line == 0 { self.file.clone() } else { format!("{}:{}", self.file, self.line) }
     }
 }
 
@@ -307,8 +310,13 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         for (line, doc) in split_documents(text) {
             for (line, value) in parse_document(&source.name, &doc, line)? {
                 let origin = Origin { file: source.name.clone(), line, item: String::new() };
-                let mut collector =
-                    Collector { options, raws: &mut raws, warnings: &mut warnings, skipped: &mut skipped_kinds };
+                let mut collector = Collector {
+                    options,
+                    mode: tiers::Mode::File,
+                    raws: &mut raws,
+                    warnings: &mut warnings,
+                    skipped: &mut skipped_kinds,
+                };
                 collector.collect(value, &origin)?;
             }
         }
@@ -316,7 +324,44 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
     for (kind, first) in skipped_kinds {
         warnings.push(format!("{first}: skipped kind {kind} (netpol-check reads Namespace, Pod, NetworkPolicy, workloads, ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy, Node and Service); other objects of this kind are skipped too"));
     }
+    assemble(raws, warnings, options)
+}
 
+/// Loads objects an API server listed (`netpol-check --cluster`), each a whole object with
+/// `apiVersion` and `kind`, named in messages after `source` (`cluster at https://...`).
+///
+/// They take the files' path from the sorting by kind on: decoded into the API types
+/// with unknown fields refused, then converted by [`convert`] and [`tiers`], the code the
+/// agent converts its watched objects with. One difference: cluster policies are read in
+/// [`tiers::Mode::ApiServer`], as the agent reads them (the server validated them against
+/// its CRD). An object that does not convert, or has fields netpol does not know (a newer
+/// API than netpol's), is an error naming it: an answer about a cluster must not quietly
+/// leave out what the cluster enforces. With `lenient` it is what the agent enforces
+/// instead, with a warning: a NetworkPolicy fails closed, unknown fields are ignored.
+pub fn load_api_objects(source: &str, objects: Vec<Value>, options: &LoadOptions) -> Result<Loaded, LoadError> {
+    let mut warnings = Vec::new();
+    let mut skipped = BTreeMap::new();
+    let mut raws = Vec::new();
+    let origin = Origin { file: source.to_string(), line: 0, item: String::new() };
+    let mut collector = Collector {
+        options,
+        mode: tiers::Mode::ApiServer,
+        raws: &mut raws,
+        warnings: &mut warnings,
+        skipped: &mut skipped,
+    };
+    for object in objects {
+        collector.collect(object, &origin)?;
+    }
+    assemble(raws, warnings, options)
+}
+
+/// The objects collected from every source, converted and checked as one cluster.
+fn assemble(
+    raws: Vec<(Origin, String, Raw)>,
+    mut warnings: Vec<String>,
+    options: &LoadOptions,
+) -> Result<Loaded, LoadError> {
     // Reject an object declared twice: the second would silently win in a cluster.
     let mut seen: HashMap<String, String> = HashMap::new();
     for (origin, label, raw) in &raws {
@@ -706,6 +751,9 @@ fn object_label(kind: &str, v: &Value) -> String {
 /// the API server does.
 struct Collector<'a> {
     options: &'a LoadOptions,
+    /// How cluster policies are read: [`tiers::Mode::File`] for files,
+    /// [`tiers::Mode::ApiServer`] for objects an API server listed.
+    mode: tiers::Mode,
     raws: &'a mut Vec<(Origin, String, Raw)>,
     warnings: &'a mut Vec<String>,
     skipped: &'a mut BTreeMap<String, String>,
@@ -841,10 +889,10 @@ impl Collector<'_> {
         Ok(typed)
     }
 
-    /// Converts a cluster policy of a file ([`tiers::Mode::File`]), its unknown fields
+    /// Converts a cluster policy in the collector's [`tiers::Mode`], its unknown fields
     /// refused as [`Collector::decode`] refuses them (with `lenient`, ignored with a warning).
     fn cluster_policy(&mut self, value: &Value, origin: &Origin, label: &str) -> Result<ClusterPolicy, LoadError> {
-        let (result, unknown) = tiers::cluster_policy_checked(value, tiers::Mode::File);
+        let (result, unknown) = tiers::cluster_policy_checked(value, self.mode);
         self.unknown_fields(&unknown, origin, label)?;
         result.map_err(|e| origin.error(Some(label.to_string()), Some(e.path), e.reason))
     }
@@ -1213,6 +1261,44 @@ mod tests {
             node_doc("n", "10.9.0.1").replace("status:\n", "spec:\n  podCIDRz: x\nstatus:\n")
         );
         assert_eq!(error(&node), "in.yaml:1: Node n: strict decoding error: unknown field \"spec.podCIDRz\"");
+    }
+
+    /// The documents of `text` as an API server would list them.
+    fn api_objects(text: &str) -> Vec<Value> {
+        split_documents(text).iter().map(|(_, doc)| yaml_serde::from_str(doc).expect("YAML")).collect()
+    }
+
+    #[test]
+    fn a_cluster_policy_of_a_newer_api_from_the_server_is_refused_by_name_and_lenient_fails_its_rule_closed() {
+        // An egress peer whose only field netpol does not know (a newer CRD's).
+        let spec = format!("{ANP_SPEC}  egress:\n  - action: Allow\n    to: [{{newPeer: {{}}}}]\n");
+        let text = tier_doc("v1alpha1", "AdminNetworkPolicy", "newer", &spec);
+        let source = "cluster at https://k8s:6443/";
+        let error = load_api_objects(source, api_objects(&text), &LoadOptions::default()).expect_err("refused");
+        assert_eq!(
+            error.to_string(),
+            "cluster at https://k8s:6443/: AdminNetworkPolicy newer: strict decoding error: unknown field \"spec.egress[0].to[0].newPeer\""
+        );
+        let lenient = LoadOptions { lenient: true, ..LoadOptions::default() };
+        let loaded = load_api_objects(source, api_objects(&text), &lenient).expect("lenient");
+        let rule = &loaded.cluster.cluster_policies[0].egress[0];
+        assert!(rule.fail_closed.is_some() && rule.peers.is_empty(), "an Allow rule that fails closed matches nothing");
+        assert!(loaded.warnings[0].starts_with(&error.to_string()), "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn objects_from_the_server_load_as_the_same_documents_in_a_file() {
+        let text = [
+            tier_doc("v1alpha1", "AdminNetworkPolicy", "admin", ANP_SPEC),
+            node_doc("worker-1", "192.168.1.10"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n".to_string(),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\nspec: {nodeName: worker-1, containers: []}\nstatus: {podIP: 10.0.0.1, hostIP: 192.168.1.10}\n".to_string(),
+        ]
+        .join("---\n");
+        let from_api = load_api_objects("cluster", api_objects(&text), &LoadOptions::default()).unwrap();
+        let from_file = loaded(&text);
+        assert_eq!(format!("{:?}", from_api.cluster), format!("{:?}", from_file.cluster));
+        assert_eq!(from_api.node_ips, from_file.node_ips);
     }
 
     #[test]

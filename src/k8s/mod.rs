@@ -3,9 +3,12 @@
 //!
 //! ```text
 //!  YAML / JSON files ──► load (documents, kinds, workloads, live dumps) ──┐
+//!  API lists (live, `netpol-check --cluster`) ──► load::load_api_objects ──┤
 //!  API watch (agent) ─────────────────────────────────────────────────────┴─► convert ──► model
 //! ```
 
 pub mod convert;
+#[cfg(feature = "cluster")]
+pub mod live;
 pub mod load;
 pub mod tiers;

@@ -29,7 +29,8 @@
 //! [`FakeApiServer::delete`], [`FakeApiServer::compact`], [`FakeApiServer::expire_watches`],
 //! [`FakeApiServer::drop_connections`], [`FakeApiServer::set_latency`],
 //! [`FakeApiServer::pause`]/[`FakeApiServer::resume`] (also per resource), and counters of
-//! requests served. Label selectors are ignored, and field selectors but `metadata.name`.
+//! requests served; [`FakeApiServer::forbid`] answers a kind with 403 as RBAC would. Label
+//! selectors are ignored, and field selectors but `metadata.name`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
@@ -215,6 +216,8 @@ struct State {
     pages: HashMap<String, Page>,
     /// The installed CRDs, each with the version it serves (`policy.networking.k8s.io/...`).
     crds: HashMap<Kind, String>,
+    /// Kinds whose lists and watches are refused with 403 Forbidden (RBAC without them).
+    forbidden: HashSet<Kind>,
 }
 
 impl State {
@@ -361,6 +364,12 @@ impl FakeApiServer {
     pub fn install_crd_version(&self, kind: Kind, api_version: &str) {
         assert!(kind.is_crd(), "{kind:?} is no CRD kind");
         self.shared.state().crds.insert(kind, api_version.to_string());
+    }
+
+    /// Refuses every list and watch of `kind` with 403 Forbidden, as the API server does
+    /// for a user whose RBAC roles do not grant them.
+    pub fn forbid(&self, kind: Kind) {
+        self.shared.state().forbidden.insert(kind);
     }
 
     /// Deletes the CRD of `kind`: its objects first (a `DELETED` event each, as the API
@@ -781,6 +790,15 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             &format!("the server could not find the requested resource ({})", req.uri().path()),
         );
     };
+    if shared.state().forbidden.contains(&kind) {
+        let group = req.uri().path().strip_prefix("/apis/").and_then(|p| p.split('/').next()).unwrap_or("");
+        let message = format!(
+            "{} is forbidden: User \"system:anonymous\" cannot list resource \"{}\" in API group \"{group}\" at the cluster scope",
+            kind.plural(),
+            kind.plural()
+        );
+        return error(StatusCode::FORBIDDEN, "Forbidden", &message);
+    }
     let q = query(&req);
     let latency = shared.latency();
     if !latency.is_zero() {

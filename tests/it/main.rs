@@ -7,6 +7,7 @@ mod agent_system;
 mod agent_tiers;
 mod agent_watch;
 mod cli;
+mod cli_cluster;
 mod common;
 mod compile;
 mod conformance;
