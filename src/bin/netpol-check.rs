@@ -208,8 +208,8 @@ const SYNTHETIC_IPV4_DEFAULT: &str = "10.244.0.0/16";
 /// Where `--cluster` reads from: shared by `-f` inputs and `diff`.
 #[derive(Args)]
 struct ClusterArgs {
-    /// Read the live cluster instead of files: Namespaces, Pods, NetworkPolicies, Nodes and
-    /// the cluster policy kinds, listed (read-only) through the API server of the current
+    /// Read the live cluster instead of files: Namespaces, Pods, NetworkPolicies, Nodes,
+    /// Services and the cluster policy kinds, listed (read-only) through the API server of the current
     /// kubeconfig context (KUBECONFIG, else ~/.kube/config; in a pod, its service account).
     #[arg(long)]
     cluster: bool,
@@ -551,7 +551,7 @@ fn load_cluster(_: &ClusterArgs, _: &LoaderArgs, _: &str) -> Result<Loaded> {
     bail!(
         "--cluster: this netpol-check was built without cluster support (cargo feature `cluster`, on by \
          default): build it with the default features (`cargo install --path .`), or give the objects as \
-         files (`kubectl get ns,pods,nodes,networkpolicies -A -o yaml | netpol-check ... -f -`)"
+         files (`kubectl get ns,pods,nodes,services,networkpolicies -A -o yaml | netpol-check ... -f -`)"
     )
 }
 

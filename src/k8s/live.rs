@@ -5,6 +5,7 @@
 //!  --kubeconfig / KUBECONFIG / ~/.kube/config (--context), else the pod's service account
 //!      ─► kube::Client ─► LIST, paged (limit 500 + continue), kind after kind:
 //!           Namespaces, Pods, Nodes ................ typed (as the agent reads them)
+//!           Services ............................... typed (for `svc/NS/NAME`, `--services`)
 //!           NetworkPolicies ........................ whole JSON (unknown fields are seen)
 //!           ClusterNetworkPolicy (v1beta1, else v1alpha2),
 //!           Admin/BaselineAdminNetworkPolicy ....... whole JSON; 404 (no CRD): none
@@ -17,7 +18,11 @@
 //! ports, node, hostNetwork are stable v1 fields); a cluster newer than netpol's API types
 //! adds such fields every release, and refusing them would make `--cluster` useless there.
 //! So those three are decoded into the API types, which drop what they do not know, exactly
-//! as the agent's watches decode them.
+//! as the agent's watches decode them. Services too, for the same reason: netpol reads their
+//! type, selector, ports and targetPorts (stable v1 fields), and no policy ever sees a
+//! Service (kube-proxy DNATs its address to an endpoint's first), so a newer field cannot
+//! change a verdict. The agent does not read Services; `--cluster` does, so that `query --to
+//! svc/NS/NAME` and `matrix --services` answer from the cluster as from files.
 //!
 //! The lists of different kinds are each consistent, not consistent with each other (the
 //! API has no snapshot across kinds): a pod created between two lists may be missing.
@@ -114,6 +119,7 @@ async fn list_all(client: &Client, source: &str) -> Result<Vec<Value>, ClusterEr
     list_typed::<core::Namespace>(client, source, &mut objects).await?;
     list_typed::<core::Pod>(client, source, &mut objects).await?;
     list_typed::<core::Node>(client, source, &mut objects).await?;
+    list_typed::<core::Service>(client, source, &mut objects).await?;
     let policies = resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies");
     if !list_dynamic(client, source, &policies, &mut objects).await? {
         return Err(ClusterError::List {
@@ -243,8 +249,8 @@ fn why(e: &kube::Error, what: &str) -> String {
     match e {
         kube::Error::Api(status) if status.code == 403 => format!(
             "forbidden ({}): netpol-check needs `list` on {resource}; it lists namespaces, pods, nodes, \
-             networkpolicies.networking.k8s.io and the policy.networking.k8s.io kinds, so grant `list` on \
-             those (a read-only ClusterRole), or use a --context that has it",
+             services, networkpolicies.networking.k8s.io and the policy.networking.k8s.io kinds, so grant \
+             `list` on those (a read-only ClusterRole), or use a --context that has it",
             status.message
         ),
         kube::Error::Api(status) if status.code == 401 => format!(

@@ -1,7 +1,8 @@
 //! An in-process fake Kubernetes API server that speaks the list/watch protocol.
 //!
-//! It serves Pods, Namespaces and NetworkPolicies (cluster-wide and namespaced paths) over
-//! plain HTTP/1.1 on `127.0.0.1:0`, with the parts of the protocol a `kube-runtime`
+//! It serves Pods, Namespaces, NetworkPolicies and Services (cluster-wide and namespaced
+//! paths; the agent does not read Services, `netpol-check --cluster` lists them) over plain
+//! HTTP/1.1 on `127.0.0.1:0`, with the parts of the protocol a `kube-runtime`
 //! watcher relies on:
 //!
 //! * list: `*List` with `metadata.resourceVersion`; `limit`/`continue` paging served from a
@@ -63,6 +64,8 @@ pub enum Kind {
     ClusterNetworkPolicy,
     AdminNetworkPolicy,
     BaselineAdminNetworkPolicy,
+    /// Listed by `netpol-check --cluster` (for `svc/...` queries), not watched by the agent.
+    Service,
 }
 
 /// The API group of the cluster policy CRDs.
@@ -89,6 +92,7 @@ impl Kind {
             "ClusterNetworkPolicy" => Some(Kind::ClusterNetworkPolicy),
             "AdminNetworkPolicy" => Some(Kind::AdminNetworkPolicy),
             "BaselineAdminNetworkPolicy" => Some(Kind::BaselineAdminNetworkPolicy),
+            "Service" => Some(Kind::Service),
             _ => None,
         }
     }
@@ -102,6 +106,7 @@ impl Kind {
             Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
             Kind::AdminNetworkPolicy => "AdminNetworkPolicy",
             Kind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
+            Kind::Service => "Service",
         }
     }
 
@@ -109,7 +114,7 @@ impl Kind {
     /// [`State::api_version`]).
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Pod | Kind::Namespace | Kind::Node => "v1",
+            Kind::Pod | Kind::Namespace | Kind::Node | Kind::Service => "v1",
             Kind::NetworkPolicy => "networking.k8s.io/v1",
             Kind::ClusterNetworkPolicy => "policy.networking.k8s.io/v1beta1",
             Kind::AdminNetworkPolicy | Kind::BaselineAdminNetworkPolicy => "policy.networking.k8s.io/v1alpha1",
@@ -125,6 +130,7 @@ impl Kind {
             Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
             Kind::AdminNetworkPolicy => "adminnetworkpolicies",
             Kind::BaselineAdminNetworkPolicy => "baselineadminnetworkpolicies",
+            Kind::Service => "services",
         }
     }
 
@@ -145,6 +151,7 @@ impl Kind {
             Kind::ClusterNetworkPolicy => 4,
             Kind::AdminNetworkPolicy => 5,
             Kind::BaselineAdminNetworkPolicy => 6,
+            Kind::Service => 7,
         }
     }
 }
@@ -257,8 +264,8 @@ struct Shared {
     /// Answer a watch from a compacted resourceVersion with HTTP 410 instead of 200 and
     /// an `ERROR` event.
     gone_as_status: std::sync::atomic::AtomicBool,
-    lists: [AtomicU64; 7],
-    watches: [AtomicU64; 7],
+    lists: [AtomicU64; 8],
+    watches: [AtomicU64; 8],
     /// Watches with a `metadata.name` field selector.
     named_watches: AtomicU64,
     gets: AtomicU64,
@@ -699,6 +706,8 @@ fn route(path: &str) -> Option<(Kind, Option<String>)> {
         ["api", "v1", "pods"] => Some((Kind::Pod, None)),
         ["api", "v1", "namespaces"] => Some((Kind::Namespace, None)),
         ["api", "v1", "namespaces", ns, "pods"] => Some((Kind::Pod, Some(ns.to_string()))),
+        ["api", "v1", "services"] => Some((Kind::Service, None)),
+        ["api", "v1", "namespaces", ns, "services"] => Some((Kind::Service, Some(ns.to_string()))),
         ["apis", "networking.k8s.io", "v1", "networkpolicies"] => Some((Kind::NetworkPolicy, None)),
         ["apis", "networking.k8s.io", "v1", "namespaces", ns, "networkpolicies"] => {
             Some((Kind::NetworkPolicy, Some(ns.to_string())))

@@ -167,6 +167,70 @@ fn a_server_without_the_policy_crds_has_no_cluster_policies_and_is_no_error() {
 }
 
 #[test]
+fn services_are_read_from_the_cluster_as_from_files() {
+    let path = "tests/fixtures/services";
+    let cluster = LiveCluster::with(path);
+    for args in [
+        &["query", "--from", "shop/client", "--to", "svc/shop/web", "--port", "http"][..],
+        &["query", "--from", "shop/client", "--to", "svc/shop/web", "--port", "http", "-o", "json"],
+        &["matrix", "--services", "--port", "80"],
+        &["matrix", "--services", "--port", "80", "-o", "json"],
+    ] {
+        assert_same_answer(&cluster, path, args);
+    }
+    assert!(cluster.server.list_requests(Kind::Service) >= 1);
+}
+
+#[test]
+fn a_service_field_newer_than_netpol_is_dropped_as_for_pods() {
+    let cluster = LiveCluster::with("tests/fixtures/services");
+    // A Service field netpol's API types do not know: no policy sees a Service, so it
+    // cannot change a verdict, and a newer cluster must stay readable.
+    cluster.apply(vec![json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+                 "someFutureField": {"mode": "x"}}})]);
+    let out = cluster.run(&["query", "--from", "shop/monitor", "--to", "svc/shop/web", "--port", "80", "--cluster"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).starts_with("svc/shop/web TCP/80 (http) -> targetPort http: 3 endpoints"), "{}", stdout(&out));
+}
+
+#[test]
+fn a_cluster_without_a_service_of_that_name_says_so() {
+    let cluster = LiveCluster::with("policy-examples/frontend-backend");
+    let out =
+        cluster.run(&["query", "--from", "tenant-a/nginx", "--to", "svc/tenant-a/web", "--port", "80", "--cluster"]);
+    let from_files = netpol_check(
+        &[
+            "query",
+            "--from",
+            "tenant-a/nginx",
+            "--to",
+            "svc/tenant-a/web",
+            "--port",
+            "80",
+            "-f",
+            "policy-examples/frontend-backend",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(stderr(&out), stderr(&from_files));
+}
+
+#[test]
+fn forbidden_services_exit_2_naming_them() {
+    let cluster = LiveCluster::with("tests/fixtures/services");
+    cluster.server.forbid(Kind::Service);
+    let out = cluster.run(&["query", "--from", "shop/client", "--to", "svc/shop/web", "--port", "http", "--cluster"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stdout(&out), "", "nothing but the answer goes to stdout");
+    let err = stderr(&out);
+    assert!(err.contains("listing services (v1): forbidden ("), "{err}");
+    assert!(err.contains("netpol-check needs `list` on services"), "{err}");
+}
+
+#[test]
 fn big_lists_are_read_in_pages() {
     let cluster = LiveCluster::empty();
     let pods: Vec<Value> = (0..1200)
