@@ -515,13 +515,21 @@ fn main() -> ExitCode {
 }
 
 fn load(input: &Input) -> Result<Cluster> {
-    Ok(load_all(input)?.cluster)
+    Ok(load_all(input, Services::Unused)?.cluster)
+}
+
+/// Whether a command reads Services: with `--cluster`, only one that does lists them, so a
+/// role without `list` on services can still answer everything else.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Services {
+    Used,
+    Unused,
 }
 
 /// Loads the input (files, or the cluster); warnings go to stderr.
-fn load_all(input: &Input) -> Result<Loaded> {
+fn load_all(input: &Input, services: Services) -> Result<Loaded> {
     if input.cluster.read()? {
-        return load_cluster(&input.cluster, &input.options, "");
+        return load_cluster(&input.cluster, &input.options, services, "");
     }
     load_paths(&input.files, &input.options, "")
 }
@@ -537,9 +545,13 @@ fn load_paths(files: &[PathBuf], input: &LoaderArgs, side: &str) -> Result<Loade
 
 /// Loads the live cluster with `input`'s options; warnings go to stderr, after `side`.
 #[cfg(feature = "cluster")]
-fn load_cluster(cluster: &ClusterArgs, input: &LoaderArgs, side: &str) -> Result<Loaded> {
+fn load_cluster(cluster: &ClusterArgs, input: &LoaderArgs, services: Services, side: &str) -> Result<Loaded> {
     let options = loader_options(input)?;
-    let target = netpol::k8s::live::Target { kubeconfig: cluster.kubeconfig.clone(), context: cluster.context.clone() };
+    let target = netpol::k8s::live::Target {
+        kubeconfig: cluster.kubeconfig.clone(),
+        context: cluster.context.clone(),
+        services: services == Services::Used,
+    };
     let loaded = netpol::k8s::live::load(&target, &options).map_err(|e| anyhow!("{side}{e}"))?;
     print_warnings(&loaded, side);
     Ok(loaded)
@@ -547,7 +559,7 @@ fn load_cluster(cluster: &ClusterArgs, input: &LoaderArgs, side: &str) -> Result
 
 /// The lean build (`--no-default-features`) has no API client: the flag stays, to say so.
 #[cfg(not(feature = "cluster"))]
-fn load_cluster(_: &ClusterArgs, _: &LoaderArgs, _: &str) -> Result<Loaded> {
+fn load_cluster(_: &ClusterArgs, _: &LoaderArgs, _: Services, _: &str) -> Result<Loaded> {
     bail!(
         "--cluster: this netpol-check was built without cluster support (cargo feature `cluster`, on by \
          default): build it with the default features (`cargo install --path .`), or give the objects as \
@@ -675,7 +687,7 @@ fn matrix_cmd(a: MatrixArgs) -> Result<ExitCode> {
     if a.services && !matches!(a.output, MatrixFormat::Text | MatrixFormat::Json) {
         bail!("--services: Service columns are printed with -o text or -o json");
     }
-    let loaded = load_all(&a.input)?;
+    let loaded = load_all(&a.input, if a.services { Services::Used } else { Services::Unused })?;
     let cluster = loaded.cluster;
     check_family(&cluster, a.family)?;
     let probes = probes(&cluster, &a.port, &a.protocol)?;
@@ -780,7 +792,7 @@ fn query_cmd(a: QueryArgs) -> Result<ExitCode> {
     if a.trace && !matches!(a.engine, Engine::Ruleset) {
         bail!("--trace: needs --engine ruleset (the evaluator explains itself without it)");
     }
-    let loaded = load_all(&a.input)?;
+    let loaded = load_all(&a.input, if services::is_service(&a.to) { Services::Used } else { Services::Unused })?;
     if services::is_service(&a.to) {
         return service_query_cmd(a, loaded);
     }
@@ -1012,7 +1024,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<ExitCode> {
 
 fn diff_cmd(a: DiffArgs) -> Result<ExitCode> {
     let (old, new) = match (a.cluster.read()?, a.inputs.as_slice()) {
-        (true, [new]) => (load_cluster(&a.cluster, &a.options, "OLD (cluster): ")?.cluster, new),
+        (true, [new]) => (load_cluster(&a.cluster, &a.options, Services::Unused, "OLD (cluster): ")?.cluster, new),
         (true, _) => bail!("--cluster: give NEW only (the live cluster is OLD)"),
         (false, [old, new]) => {
             if old.as_os_str() == "-" && new.as_os_str() == "-" {

@@ -56,6 +56,9 @@ pub struct Target {
     pub kubeconfig: Option<PathBuf>,
     /// A context of the kubeconfig instead of its current one.
     pub context: Option<String>,
+    /// List Services too. Only commands that use them do, so that a role without `list` on
+    /// services (the agent's) answers every other question.
+    pub services: bool,
 }
 
 /// Why a cluster could not be read. Each message names what failed and what to do.
@@ -78,7 +81,7 @@ pub fn load(target: &Target, options: &LoadOptions) -> Result<Loaded, ClusterErr
         let config = config(target).await?;
         let source = format!("cluster at {}", config.cluster_url);
         let client = Client::try_from(config).map_err(|e| ClusterError::Config(format!("{source}: {}", chain(&e))))?;
-        let objects = list_all(&client, &source).await?;
+        let objects = list_all(&client, &source, target.services).await?;
         Ok(load::load_api_objects(&source, objects, options)?)
     })
 }
@@ -114,12 +117,14 @@ async fn config(target: &Target) -> Result<Config, ClusterError> {
 }
 
 /// Every object of the kinds netpol reads, as whole JSON objects with apiVersion and kind.
-async fn list_all(client: &Client, source: &str) -> Result<Vec<Value>, ClusterError> {
+async fn list_all(client: &Client, source: &str, services: bool) -> Result<Vec<Value>, ClusterError> {
     let mut objects = Vec::new();
     list_typed::<core::Namespace>(client, source, &mut objects).await?;
     list_typed::<core::Pod>(client, source, &mut objects).await?;
     list_typed::<core::Node>(client, source, &mut objects).await?;
-    list_typed::<core::Service>(client, source, &mut objects).await?;
+    if services {
+        list_typed::<core::Service>(client, source, &mut objects).await?;
+    }
     let policies = resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies");
     if !list_dynamic(client, source, &policies, &mut objects).await? {
         return Err(ClusterError::List {

@@ -231,6 +231,17 @@ fn forbidden_services_exit_2_naming_them() {
 }
 
 #[test]
+fn commands_that_use_no_service_neither_list_services_nor_need_the_right_to() {
+    let cluster = LiveCluster::with("tests/fixtures/services");
+    cluster.server.forbid(Kind::Service);
+    let out = cluster.run(&["matrix", "--port", "80", "--cluster"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let files = netpol_check(&["matrix", "--port", "80", "-f", "tests/fixtures/services"], &[]);
+    assert_eq!(stdout(&out), stdout(&files));
+    assert_eq!(cluster.server.list_requests(Kind::Service), 0);
+}
+
+#[test]
 fn big_lists_are_read_in_pages() {
     let cluster = LiveCluster::empty();
     let pods: Vec<Value> = (0..1200)
