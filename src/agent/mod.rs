@@ -213,7 +213,7 @@ pub async fn run<T: SyncTarget>(
         node: guard.then(|| config.node.clone()),
         pod_cidrs: if guard { config.pod_cidrs.clone() } else { Vec::new() },
         node_wait: config.node_wait,
-        ..watch::WatchOptions::new(kube::runtime::watcher::Config::default())
+        ..watch::WatchOptions::new(kube::runtime::watcher::Config::default().page_size(config.list_page_size))
     };
     let (watch, driver) = ClusterWatch::start_with(client, options, trigger.clone());
     let mut watch_task = tokio::spawn(driver);
