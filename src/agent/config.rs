@@ -119,6 +119,9 @@ pub struct AgentConfig {
     /// leaves conntrack alone (established connections then outlive a tightening).
     #[arg(long, env = "NETPOL_CONNTRACK_CLEANUP", default_value_t = true, action = clap::ArgAction::Set)]
     pub conntrack_cleanup: bool,
+
+    #[command(flatten)]
+    pub observe: crate::cli::observe::ObserveArgs,
 }
 
 // Names, table names, durations and CIDRs follow `crate::validate`, the rules and messages

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::agent::conntrack_worker::{ConntrackWorker, Decision};
 use crate::agent::{ConntrackFlowsDeleted, Snapshot, SyncError, SyncStats, SyncTarget};
-use crate::compile::{Compiled, IncrementalCompiler, NodeConfig};
+use crate::compile::{Compiled, IncrementalCompiler, NodeConfig, Observe};
 use crate::conntrack::{ConntrackError, ConntrackTable, Flow, NodeAddresses, Reason, flows_to_delete, may_tighten};
 use crate::nft::diff::{diff_with, full_sync};
 use crate::nft::interpret::Interpreter;
@@ -82,7 +82,7 @@ pub struct NftTarget<N: Nftables> {
 
 impl<N: Nftables> NftTarget<N> {
     pub fn new(nft: N, node: impl Into<String>, table: impl Into<String>) -> Self {
-        let config = NodeConfig { node: node.into(), table: table.into(), pod_cidrs: Vec::new() };
+        let config = NodeConfig { table: table.into(), ..NodeConfig::new(node) };
         let compiler = IncrementalCompiler::new(config).keeping_idle_sets(IDLE_SET_ELEMENTS_PER_POD);
         NftTarget {
             nft,
@@ -131,6 +131,13 @@ impl<N: Nftables> NftTarget<N> {
     pub fn keeping_idle_sets(mut self, elements_per_pod: usize) -> Self {
         self.compiler = IncrementalCompiler::new(self.compiler.config().clone()).keeping_idle_sets(elements_per_pod);
         self.idle_set_elements_per_pod = elements_per_pod;
+        self
+    }
+
+    /// Compiles with these counters and drop log (the default: [`Observe::default`]).
+    pub fn observing(mut self, observe: Observe) -> Self {
+        let config = NodeConfig { observe, ..self.compiler.config().clone() };
+        self.compiler = IncrementalCompiler::new(config).keeping_idle_sets(self.idle_set_elements_per_pod);
         self
     }
 
@@ -395,6 +402,10 @@ impl<N: Nftables> Nftables for Arc<Mutex<N>> {
 
     fn list(&self, table: &str) -> Result<String, NftError> {
         self.lock().unwrap_or_else(|e| e.into_inner()).list(table)
+    }
+
+    fn counters(&self, table: &str) -> Result<Vec<crate::nft::CounterValue>, NftError> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).counters(table)
     }
 }
 

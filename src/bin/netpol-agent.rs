@@ -53,7 +53,9 @@ fn main() -> ExitCode {
     };
     let idle_per_pod = usize::try_from(config.idle_set_elements_per_pod).unwrap_or(usize::MAX);
     let trimmer = heap_trimmer();
-    let mut target = NftTarget::new(nft, config.node.clone(), config.table.clone()).keeping_idle_sets(idle_per_pod);
+    let mut target = NftTarget::new(nft, config.node.clone(), config.table.clone())
+        .keeping_idle_sets(idle_per_pod)
+        .observing(config.observe.observe());
     if config.conntrack_cleanup {
         // Beside the sync loop: a dump walks the whole conntrack hash, ~9 ms here. Its
         // decisions' transient buffers go back to the kernel as a sync's do.

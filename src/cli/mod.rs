@@ -8,11 +8,13 @@
 //!  old Cluster + new Cluster ─────► diff ─────► changed cells by cause ──► text / JSON
 //!  Cluster ───────────────────────► lint ─────► findings ──► text / JSON
 //!  Params{pods, policies, ...} ───► generate ──► Cluster (benchmarks, property tests)
+//!  --rule-counters, --drop-log... ─► observe ──► compile::Observe (netpol-check and the agent)
 //! ```
 
 pub mod diff;
 pub mod explain;
 pub mod generate;
 pub mod lint;
+pub mod observe;
 pub mod query;
 pub mod report;

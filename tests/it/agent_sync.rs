@@ -99,6 +99,9 @@ impl Nftables for Flaky {
     fn list(&self, table: &str) -> Result<String, NftError> {
         self.fake.list(table)
     }
+    fn counters(&self, table: &str) -> Result<Vec<netpol::nft::CounterValue>, NftError> {
+        self.fake.counters(table)
+    }
 }
 
 impl Flaky {
@@ -182,10 +185,7 @@ impl World {
     /// The compiled ruleset of the cluster as the test wrote it, rendered.
     fn expected(&self) -> String {
         let (cluster, _) = nft_target::cluster(&self.snapshot());
-        render::ruleset(&compile(
-            &cluster,
-            &NodeConfig { node: NODE.into(), table: TABLE.into(), pod_cidrs: Vec::new() },
-        ))
+        render::ruleset(&compile(&cluster, &NodeConfig { table: TABLE.into(), ..NodeConfig::new(NODE) }))
     }
 
     /// Waits until the fake's table equals the expected one.
@@ -518,7 +518,7 @@ async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_
 
     let expected = {
         let (cluster, _) = nft_target::cluster(&w.snapshot());
-        compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone(), pod_cidrs: Vec::new() })
+        compile(&cluster, &NodeConfig { table: table.clone(), ..NodeConfig::new(NODE) })
     };
     let wait_for_table = |agent: &mut AgentProcess| {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -578,10 +578,7 @@ async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_comm
 
     let expected = |w: &World| {
         let (cluster, _) = nft_target::cluster(&w.snapshot());
-        render::ruleset(&compile(
-            &cluster,
-            &NodeConfig { node: NODE.into(), table: table.clone(), pod_cidrs: Vec::new() },
-        ))
+        render::ruleset(&compile(&cluster, &NodeConfig { table: table.clone(), ..NodeConfig::new(NODE) }))
     };
     // The kernel's listing, once it holds every chain and address the compiled ruleset has.
     let restored_within = |agent: &mut AgentProcess, want: &str, limit: Duration| -> Duration {

@@ -35,7 +35,7 @@ mod socket;
 use nix::errno::Errno;
 
 use super::process::RealNftables;
-use crate::nft::{NftError, Nftables, Transaction};
+use crate::nft::{CounterValue, NftError, Nftables, Transaction};
 use encode::{Encoded, KnownSets, encode};
 pub use parse::{attributes, element_keys, messages, messages_with_sender, nftables_message};
 pub use socket::NetlinkSocket;
@@ -64,6 +64,8 @@ pub mod msg {
     pub const NEWSETELEM: u16 = 12;
     pub const DELSETELEM: u16 = 14;
     pub const NEWGEN: u16 = 15;
+    pub const NEWOBJ: u16 = 18;
+    pub const DELOBJ: u16 = 20;
 }
 
 /// Also the element list's attributes: table, set, elements.
@@ -234,5 +236,9 @@ impl Nftables for NetlinkNftables {
 
     fn list(&self, table: &str) -> Result<String, NftError> {
         self.nft.list(table)
+    }
+
+    fn counters(&self, table: &str) -> Result<Vec<CounterValue>, NftError> {
+        self.nft.counters(table)
     }
 }
