@@ -18,6 +18,7 @@ use netpol::agent::nft_target::NftTarget;
 use netpol::agent::quarantine::Quarantining;
 use netpol::agent::{self, AgentConfig, AgentError, Snapshot, SyncError, SyncStats, SyncTarget};
 use netpol::conntrack::NetlinkConntrack;
+use netpol::nft::Nftables as _;
 use netpol::nft::backend::netlink::NetlinkNftables;
 use netpol::nft::backend::process::RealNftables;
 
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
         }
     };
     let nft = RealNftables { netns: config.netns.clone(), timeout: config.nft_timeout, ..RealNftables::default() };
+    let nft_process = nft.clone();
     let nft = match NetlinkNftables::open(nft.clone()) {
         Ok(n) => n,
         Err(e) => {
@@ -53,9 +55,18 @@ fn main() -> ExitCode {
     };
     let idle_per_pod = usize::try_from(config.idle_set_elements_per_pod).unwrap_or(usize::MAX);
     let trimmer = heap_trimmer();
+    let observe = config.observe.observe();
     let mut target = NftTarget::new(nft, config.node.clone(), config.table.clone())
         .keeping_idle_sets(idle_per_pod)
-        .observing(config.observe.observe());
+        .observing(observe);
+    // Read with `nft -j list counters` at each scrape and before a sync replaces them.
+    let rule_counters = observe.rule_counters.then(|| {
+        let (reader, table) = (nft_process.clone(), config.table.clone());
+        agent::RuleCounters::new(std::sync::Arc::new(move || reader.counters(&table)))
+    });
+    if let Some(counters) = &rule_counters {
+        target = target.with_rule_counters(counters.clone());
+    }
     if config.conntrack_cleanup {
         // Beside the sync loop: a dump walks the whole conntrack hash, ~9 ms here. Its
         // decisions' transient buffers go back to the kernel as a sync's do.
@@ -75,7 +86,7 @@ fn main() -> ExitCode {
     let target = TrimWhenIdle::new(CountingPaths(Quarantining::new(target)), trimmer);
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
-        Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
+        Ok::<_, std::io::Error>(agent::run_with_counters(config, target, rule_counters, shutdown).await)
     });
     let result = match result {
         Ok(r) => r,
