@@ -29,7 +29,7 @@
 //! never per remote pod. Series whose counters left the ruleset stay (so a policy that
 //! comes back continues its total) up to [`RETIRED_SERIES`] of them, oldest dropped first.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use crate::nft::ir::CounterLabels;
@@ -121,17 +121,22 @@ impl RuleCounters {
             state.fold(&name);
         }
         if state.labels != *counters {
-            state.labels = counters.clone();
-            let live: std::collections::HashSet<&CounterLabels> = state.labels.values().collect();
+            let was: HashSet<&CounterLabels> = state.labels.values().collect();
+            let live: HashSet<&CounterLabels> = counters.values().collect();
+            // Back in use: no longer retired. Out of use now, with a total: retired last.
             state.retired.retain(|l| !live.contains(l));
-            let retired_now: Vec<CounterLabels> =
-                state.base.keys().filter(|l| !live.contains(l) && !state.retired.contains(l)).cloned().collect();
+            let retired_now: Vec<CounterLabels> = was
+                .iter()
+                .filter(|l| !live.contains(*l) && state.base.contains_key(**l))
+                .map(|l| (*l).clone())
+                .collect();
             state.retired.extend(retired_now);
             while state.retired.len() > RETIRED_SERIES {
                 if let Some(oldest) = state.retired.pop_front() {
                     state.base.remove(&oldest);
                 }
             }
+            state.labels = counters.clone();
         }
     }
 
