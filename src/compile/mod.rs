@@ -10,7 +10,8 @@
 //!  forward, prio 10 ingress_forward ──► 1, 2, 3 on daddr, 4 ip daddr vmap @ingress_dispatch_v4
 //!                                         │ local isolated pod IP → jump pod_in_<pod>
 //!  pod_{eg,in}_<pod>: ct state invalid drop; [jump adm_{eg,in}_<list>]; jump
-//!                     pol_{eg,in}_<policy> for each policy selecting it; counter drop
+//!                     pol_{eg,in}_<policy> for each policy selecting it; log (node-wide
+//!                     limit, NFLOG); counter drop (named counters: see `Observe`)
 //!                     (none selecting it: [jump base_{eg,in}_<list>]; see compile/tiers.rs)
 //!  pol_{eg,in}_<policy>: one rule per (rule × peer kind × port kind), set lookups, accept
 //! ```
@@ -107,7 +108,7 @@ impl NodeConfig {
 ///
 /// ```text
 ///  pol_{in,eg}_<policy>: <peer, port matches> counter name "cnt_<policy rule>" accept
-///  pod_{in,eg}_<pod>:    ...; limit name "drop_log" log prefix "<pod chain>" group <g>
+///  pod_{in,eg}_<pod>:    ...; limit name "drop_log" log prefix "<pod chain>" group <g> counter
 ///                        counter name "drop_<namespace, isolating policies, direction>" drop
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -397,10 +398,12 @@ fn pod_chain(
         // The log first, a rule without a verdict: over the node's budget the `limit`
         // ends that rule only, and the packet goes on to the drop below. Its prefix is
         // the chain's name, which the agent maps back to the pod, the direction and the
-        // isolating policies (≤ 48 bytes, the kernel allows 127).
+        // isolating policies (≤ 48 bytes, the kernel allows 127). Its own counter counts
+        // what the budget let through: the packets logged.
         if let Some(log) = observe.drop_log {
             rules.push(Rule {
                 log: Some(Log { limit: Some(names::DROP_LOG_LIMIT.into()), prefix: name.clone(), group: log.group }),
+                counter: true,
                 comment: Some(names::comment(&format!("{} {direction}: log the drop", pod.id))),
                 ..Rule::default()
             });
