@@ -526,10 +526,10 @@ fn real_packets_are_counted_exactly_per_rule_and_drop_and_the_drop_log_holds_its
         .compile(&cluster(vec![client, web, stranger], vec![ingress_from("web", "client")]), None)
         .ruleset;
     kernel.apply(&full_sync(&rs)).unwrap();
-    let reader = RealNftables::in_netns(netns);
-    let totals = netpol::agent::RuleCounters::new(std::sync::Arc::new({
-        let reader = reader.clone();
-        move || reader.counters("netpol")
+    let reader = RealNftables::in_netns(netns.clone());
+    // As the agent reads them: a netlink dump.
+    let totals = netpol::agent::RuleCounters::new(std::sync::Arc::new(move || {
+        netpol::nft::backend::netlink::read_counters(Some(&netns), "netpol", Duration::from_secs(5))
     }));
     totals.applied(&rs.counters, true);
     // 5 allowed connections, 3 denied ones: one SYN each (a probe gives up before the
@@ -561,11 +561,19 @@ fn real_packets_are_counted_exactly_per_rule_and_drop_and_the_drop_log_holds_its
     let flood_secs = started.elapsed().as_secs_f64();
     let logged = logged_packets(&reader, &web_chain);
     totals.read().unwrap();
+    // The dump reads what nft lists.
+    let sorted = |mut v: Vec<netpol::nft::CounterValue>| {
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    };
+    let (by_netlink, by_nft) = (sorted(kernel.counters("netpol").unwrap()), sorted(reader.counters("netpol").unwrap()));
     let drops_after = by(true);
     lab.teardown().unwrap();
 
     assert_eq!(allowed, [true; 5]);
     assert_eq!(denied, [false; 3]);
+    assert_eq!(by_netlink, by_nft);
+    assert_eq!(by_netlink.len(), rs.counters.len());
     assert_eq!(accepts.len(), 1, "{accepts:?}");
     assert_eq!((accepts[0].0.policy.as_str(), accepts[0].0.rule.as_str(), accepts[0].1), ("web-from-client", "0", 5));
     assert_eq!(drops.len(), 1, "{drops:?}");

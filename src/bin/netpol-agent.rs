@@ -18,7 +18,6 @@ use netpol::agent::nft_target::NftTarget;
 use netpol::agent::quarantine::Quarantining;
 use netpol::agent::{self, AgentConfig, AgentError, Snapshot, SyncError, SyncStats, SyncTarget};
 use netpol::conntrack::NetlinkConntrack;
-use netpol::nft::Nftables as _;
 use netpol::nft::backend::netlink::NetlinkNftables;
 use netpol::nft::backend::process::RealNftables;
 
@@ -45,7 +44,6 @@ fn main() -> ExitCode {
         }
     };
     let nft = RealNftables { netns: config.netns.clone(), timeout: config.nft_timeout, ..RealNftables::default() };
-    let nft_process = nft.clone();
     let nft = match NetlinkNftables::open(nft.clone()) {
         Ok(n) => n,
         Err(e) => {
@@ -59,10 +57,12 @@ fn main() -> ExitCode {
     let mut target = NftTarget::new(nft, config.node.clone(), config.table.clone())
         .keeping_idle_sets(idle_per_pod)
         .observing(observe);
-    // Read with `nft -j list counters` at each scrape and before a sync replaces them.
+    // Dumped over netlink at each scrape and before a sync replaces or deletes them.
     let rule_counters = observe.rule_counters.then(|| {
-        let (reader, table) = (nft_process.clone(), config.table.clone());
-        agent::RuleCounters::new(std::sync::Arc::new(move || reader.counters(&table)))
+        let (netns, table, timeout) = (config.netns.clone(), config.table.clone(), config.nft_timeout);
+        agent::RuleCounters::new(std::sync::Arc::new(move || {
+            netpol::nft::backend::netlink::read_counters(netns.as_deref(), &table, timeout)
+        }))
     });
     if let Some(counters) = &rule_counters {
         target = target.with_rule_counters(counters.clone());
