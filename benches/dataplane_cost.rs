@@ -476,12 +476,7 @@ fn run() -> Result<(), String> {
         let text = vec![read(&v.src)?, read(&v.dst)?];
         let size = format!("{} + {}", v.src.display(), v.dst.display());
         // A variant of (b) keeps (b)'s policy chains, whose counters must see every connection.
-        configs.push(Config {
-            label: v.label.clone(),
-            size,
-            rulesets: Some(text),
-            counted_chains: big_counted.clone(),
-        });
+        configs.push(Config::new(&v.label, size, Some(text), big_counted.clone()));
     }
     // A port the policies deny between the pair in both clusters: configurations that
     // isolate the pair must drop it, the others let it reach the destination (a reset).
@@ -523,7 +518,7 @@ fn run() -> Result<(), String> {
         let outcome = lab
             .in_pod(SRC, || tcp_connect(SocketAddr::new(src_ip, 0), denied, Duration::from_millis(500)))
             .map_err(|e| format!("{label}: denied probe: {e}"))?;
-        let isolates = !config.counted_chains.is_empty();
+        let isolates = config.isolates;
         println!("{label:21} denied port {denied_port}: {outcome}");
         if isolates && outcome != Outcome::Silent {
             return Err(format!("{label}: a connection the policies deny to port {denied_port} was not dropped"));
@@ -611,14 +606,17 @@ struct Config {
     size: String,
     /// nft text per node (source, destination); `None` loads nothing.
     rulesets: Option<Vec<String>>,
-    /// The destination's policy chains on the pair's first-packet path (empty: the pair is
-    /// not isolated).
+    /// The destination's policy chains on the pair's first-packet path, whose counters must
+    /// see every connection (empty: nothing to count).
     counted_chains: Vec<String>,
+    /// The pair is isolated: a port the policies deny must be dropped.
+    isolates: bool,
 }
 
 impl Config {
     fn new(label: &str, size: String, rulesets: Option<Vec<String>>, counted_chains: Vec<String>) -> Config {
-        Config { label: label.to_string(), size, rulesets, counted_chains }
+        let isolates = !counted_chains.is_empty();
+        Config { label: label.to_string(), size, rulesets, counted_chains, isolates }
     }
 }
 
