@@ -454,12 +454,8 @@ fn run() -> Result<(), String> {
                 let off = |node: &str| NodeConfig { observe: Observe::OFF, ..NodeConfig::new(node) };
                 let rs: Vec<Ruleset> = nodes.iter().map(|n| compile(&big, &off(n))).collect();
                 // Nothing counts: the proof that the ruleset saw the connections is (b)'s.
-                Config::new(
-                    "(g) big ruleset, counters and drop log off",
-                    big_size(&rs),
-                    Some(render_both(&rs)),
-                    Vec::new(),
-                )
+                let label = "(g) big ruleset, counters and drop log off";
+                Config { isolates: true, ..Config::new(label, big_size(&rs), Some(render_both(&rs)), Vec::new()) }
             }
             _ => Config::new(
                 "(e) conntrack only",
