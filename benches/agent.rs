@@ -770,7 +770,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     // ---- ground truth: which events changed their pod's set memberships on the agent's node
     // when they happened (the churn replayed through the compiler, event by event; an event
     // can also change nothing then and matter later, when another event creates a set whole)
-    let config = NodeConfig { node: NODE.into(), table: TABLE.into(), pod_cidrs: args.pod_cidr.clone() };
+    let config = NodeConfig { table: TABLE.into(), pod_cidrs: args.pod_cidr.clone(), ..NodeConfig::new(NODE) };
     let local_pods_at_end = mirror.values().filter(|p| p.node == NODE).count();
     let final_cluster = with_tiers_of(
         &base,

@@ -196,7 +196,7 @@ fn main() {
         held(|| time(args.runs, || netpol::agent::nft_target::cluster(&snapshot)));
     row("snapshot -> Cluster", (m, n));
     let cluster_memory = (bytes, allocations);
-    let config = NodeConfig { node: "node-0".into(), table: "netpol".into(), pod_cidrs: Vec::new() };
+    let config = NodeConfig::new("node-0");
     let ((m, n, applied), bytes, allocations) = held(|| time(args.runs, || compile(&cluster, &config)));
     let ruleset_memory = (bytes, allocations);
     row("compile node-0", (m, n));

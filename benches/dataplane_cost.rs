@@ -12,6 +12,8 @@
 //! * (f) (b) with the unknown-pod guard on: each node's pod CIDR holds its measured pod, so
 //!   every first packet pays both of the guard's lookups in each base chain (the CIDRs'
 //!   interval set, then the node's local-pod set of ~1 000 addresses),
+//! * (g) (b) without the per-rule counters and the drop log (`--rule-counters=false
+//!   --drop-log=false`): what they cost is (g)→(b),
 //! * any number of variants (`--variant LABEL=SRC.nft,DST.nft`): hand-edited rulesets, e.g.
 //!   of (b) written out with `--dump DIR`, measured like the others.
 //!
@@ -32,7 +34,7 @@
 //!
 //! Run with `benches/dataplane-cost.sh` (root, `ip`, `nft`), which passes its arguments on:
 //! `--rounds N --slice SECONDS --pods P --policies Q --namespaces K --nodes M --seed X
-//! --configs abcdef --dump DIR --variant LABEL=SRC.nft,DST.nft --cluster-policies N` (N
+//! --configs abcdefg --dump DIR --variant LABEL=SRC.nft,DST.nft --cluster-policies N` (N
 //! ClusterNetworkPolicies in the big cluster, Admin and Baseline, see
 //! `generate::cluster_policies`; the pair picked is the one the most policies and cluster
 //! policies govern).
@@ -43,7 +45,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use netpol::cli::generate::{self, Params, Rng};
-use netpol::compile::{NodeConfig, compile};
+use netpol::compile::{NodeConfig, Observe, compile};
 use netpol::engines::kernel;
 use netpol::lab::traffic::{Outcome, TcpServer, tcp_connect};
 use netpol::lab::{Lab, LabNode, LabPod};
@@ -111,8 +113,8 @@ fn parse_args() -> Result<Args, String> {
             "--nodes" => args.params.nodes = number()?.max(2),
             "--seed" => args.params.seed = number()? as u64,
             "--configs" => {
-                if value.is_empty() || !value.chars().all(|c| "abcdef".contains(c)) {
-                    return Err(format!("{flag} {value}: letters among abcdef"));
+                if value.is_empty() || !value.chars().all(|c| "abcdefg".contains(c)) {
+                    return Err(format!("{flag} {value}: letters among abcdefg"));
                 }
                 args.configs = value;
             }
@@ -233,10 +235,13 @@ fn first_packet_path(rs: &Ruleset, map: &str, ip: IpAddr) -> (Vec<String>, usize
     (chains, rules)
 }
 
-/// Sum of the `counter packets N` of `chains` on a node: how many first packets the
-/// ruleset's policy rules classified.
+/// Sum of the counters `chains` count into on a node (anonymous `counter packets N`, and
+/// each named `counter name "c"` once): how many first packets the ruleset's policy rules
+/// classified.
 fn counted_packets(nft: &RealNftables, chains: &[String]) -> Result<u64, String> {
+    use netpol::nft::Nftables as _;
     let mut total = 0;
+    let mut named = std::collections::BTreeSet::new();
     for chain in chains {
         let text = nft
             .run(&["list", "chain", "inet", names::DEFAULT_TABLE, chain], "")
@@ -244,6 +249,13 @@ fn counted_packets(nft: &RealNftables, chains: &[String]) -> Result<u64, String>
         for word in text.split("counter packets ").skip(1) {
             total += word.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
         }
+        for word in text.split("counter name \"").skip(1) {
+            named.extend(word.split('"').next().map(str::to_string));
+        }
+    }
+    if !named.is_empty() {
+        let values = nft.counters(names::DEFAULT_TABLE).map_err(|e| format!("reading the counters: {e}"))?;
+        total += values.iter().filter(|v| named.contains(&v.name)).map(|v| v.packets).sum::<u64>();
     }
     Ok(total)
 }
@@ -402,7 +414,7 @@ fn run() -> Result<(), String> {
 
     let mut configs: Vec<Config> = Vec::new();
     let render_both = |rs: &[Ruleset]| rs.iter().map(render::ruleset).collect::<Vec<_>>();
-    for letter in "abcdef".chars().filter(|c| args.configs.contains(*c)) {
+    for letter in "abcdefg".chars().filter(|c| args.configs.contains(*c)) {
         configs.push(match letter {
             'a' => Config::new("(a) no table", "no table".into(), None, Vec::new()),
             'b' => Config::new(
@@ -438,6 +450,13 @@ fn run() -> Result<(), String> {
                 let rs = vec![compile(&big, &guarded(&nodes[0], src_ip)), compile(&big, &guarded(&nodes[1], dst_ip))];
                 Config::new("(f) big ruleset, guard on", big_size(&rs), Some(render_both(&rs)), big_counted.clone())
             }
+            'g' => {
+                let off = |node: &str| NodeConfig { observe: Observe::OFF, ..NodeConfig::new(node) };
+                let rs: Vec<Ruleset> = nodes.iter().map(|n| compile(&big, &off(n))).collect();
+                // Nothing counts: the proof that the ruleset saw the connections is (b)'s.
+                let label = "(g) big ruleset, counters and drop log off";
+                Config { isolates: true, ..Config::new(label, big_size(&rs), Some(render_both(&rs)), Vec::new()) }
+            }
             _ => Config::new(
                 "(e) conntrack only",
                 "one rule: ct state established,related accept".into(),
@@ -453,12 +472,7 @@ fn run() -> Result<(), String> {
         let text = vec![read(&v.src)?, read(&v.dst)?];
         let size = format!("{} + {}", v.src.display(), v.dst.display());
         // A variant of (b) keeps (b)'s policy chains, whose counters must see every connection.
-        configs.push(Config {
-            label: v.label.clone(),
-            size,
-            rulesets: Some(text),
-            counted_chains: big_counted.clone(),
-        });
+        configs.push(Config::new(&v.label, size, Some(text), big_counted.clone()));
     }
     // A port the policies deny between the pair in both clusters: configurations that
     // isolate the pair must drop it, the others let it reach the destination (a reset).
@@ -500,7 +514,7 @@ fn run() -> Result<(), String> {
         let outcome = lab
             .in_pod(SRC, || tcp_connect(SocketAddr::new(src_ip, 0), denied, Duration::from_millis(500)))
             .map_err(|e| format!("{label}: denied probe: {e}"))?;
-        let isolates = !config.counted_chains.is_empty();
+        let isolates = config.isolates;
         println!("{label:21} denied port {denied_port}: {outcome}");
         if isolates && outcome != Outcome::Silent {
             return Err(format!("{label}: a connection the policies deny to port {denied_port} was not dropped"));
@@ -588,14 +602,17 @@ struct Config {
     size: String,
     /// nft text per node (source, destination); `None` loads nothing.
     rulesets: Option<Vec<String>>,
-    /// The destination's policy chains on the pair's first-packet path (empty: the pair is
-    /// not isolated).
+    /// The destination's policy chains on the pair's first-packet path, whose counters must
+    /// see every connection (empty: nothing to count).
     counted_chains: Vec<String>,
+    /// The pair is isolated: a port the policies deny must be dropped.
+    isolates: bool,
 }
 
 impl Config {
     fn new(label: &str, size: String, rulesets: Option<Vec<String>>, counted_chains: Vec<String>) -> Config {
-        Config { label: label.to_string(), size, rulesets, counted_chains }
+        let isolates = !counted_chains.is_empty();
+        Config { label: label.to_string(), size, rulesets, counted_chains, isolates }
     }
 }
 

@@ -470,3 +470,121 @@ fn the_unknown_pod_guard_cuts_off_a_stranger_of_the_pod_cidr_and_a_pod_once_its_
     assert_eq!(still_a, [true, true]);
     assert!(tx.render().contains("delete element inet netpol local_pods_v4 { 10.244.1.3 }"), "{}", tx.render());
 }
+
+/// Pods labelled `app: <target>` accept TCP 80 from pods labelled `app: <from>` only.
+fn ingress_from(target: &str, from: &str) -> Policy {
+    let app = |v: &str| {
+        Selector::new(vec![netpol::policy::selector::Requirement {
+            key: "app".into(),
+            operator: netpol::policy::selector::Operator::In([v.to_string()].into()),
+        }])
+    };
+    Policy {
+        quarantined: None,
+        id: ObjectRef::new("a", format!("{target}-from-{from}")),
+        pod_selector: app(target),
+        ingress: Some(vec![Rule {
+            peers: Some(vec![Peer::Pods {
+                namespaces: netpol::policy::model::NamespaceScope::PolicyNamespace,
+                pods: app(from),
+            }]),
+            ports: Some(vec![PortSpec { protocol: Protocol::Tcp, port: PortMatch::Range(80, 80) }]),
+        }]),
+        egress: None,
+    }
+}
+
+/// Packets the log rule of `chain` let through its limit (its own counter), from the kernel.
+fn logged_packets(nft: &RealNftables, chain: &str) -> u64 {
+    let out = nft.run(&["-j", "list", "chain", "inet", "netpol", chain], "").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rules = v["nftables"].as_array().unwrap().iter().filter_map(|o| o.get("rule"));
+    let log_rule = rules.into_iter().find(|r| r["expr"].as_array().unwrap().iter().any(|e| e.get("log").is_some()));
+    let exprs = log_rule.expect("a log rule")["expr"].as_array().unwrap().clone();
+    exprs.iter().find_map(|e| e.get("counter").and_then(|c| c["packets"].as_u64())).expect("the log rule's counter")
+}
+
+#[test]
+fn real_packets_are_counted_exactly_per_rule_and_drop_and_the_drop_log_holds_its_limit_under_a_flood() {
+    if !common::kernel_or_skip() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let client = cluster_pod("client", "node-1", &["10.244.1.2"], false);
+    let web = cluster_pod("web", "node-1", &["10.244.1.3"], false);
+    let stranger = cluster_pod("stranger", "node-1", &["10.244.1.4"], false);
+    let serve = [(80, L4::Tcp), (53, L4::Udp)];
+    let lab = Lab::build(
+        &[node("node-1", "")],
+        &[lab_pod(&client, &serve), lab_pod(&web, &serve), lab_pod(&stranger, &serve)],
+    )
+    .unwrap();
+    // As the agent with its default flags: counters and the drop log on, over netlink.
+    let netns = lab.node_netns("node-1").unwrap();
+    let mut kernel = NetlinkNftables::open(RealNftables::in_netns(netns.clone())).unwrap();
+    let rs = IncrementalCompiler::new(NodeConfig::new("node-1"))
+        .compile(&cluster(vec![client, web, stranger], vec![ingress_from("web", "client")]), None)
+        .ruleset;
+    kernel.apply(&full_sync(&rs)).unwrap();
+    let reader = RealNftables::in_netns(netns.clone());
+    // As the agent reads them: a netlink dump.
+    let totals = netpol::agent::RuleCounters::new(std::sync::Arc::new(move || {
+        netpol::nft::backend::netlink::read_counters(Some(&netns), "netpol", Duration::from_secs(5))
+    }));
+    totals.applied(&rs.counters, true);
+    // 5 allowed connections, 3 denied ones: one SYN each (a probe gives up before the
+    // kernel's first retransmission, 1 s).
+    let timeout = Duration::from_millis(300);
+    let allowed = lab.probe_all(&[Probe::new(0, 1, 80, L4::Tcp); 5], timeout).unwrap();
+    let denied = lab.probe_all(&[Probe::new(2, 1, 80, L4::Tcp); 3], timeout).unwrap();
+    totals.read().unwrap();
+    let by = |denied: bool| totals.totals().into_iter().filter(|(l, _)| l.denied == denied).collect::<Vec<_>>();
+    let (accepts, drops) = (by(false), by(true));
+    let web_chain = netpol::nft::names::pod_chain(true, "a", "web");
+    let logged_before_flood = logged_packets(&reader, &web_chain);
+    // A flood of denied UDP datagrams (each a new flow to conntrack: none is confirmed).
+    const FLOOD: u64 = 3_000;
+    let started = Instant::now();
+    lab.in_pod(2, || {
+        let s = std::net::UdpSocket::bind("10.244.1.4:0")?;
+        // ~2 000/s for 1.5 s: long enough for the rate, not only the burst, to show.
+        for i in 0..FLOOD {
+            s.send_to(b"x", "10.244.1.3:53")?;
+            if i % 20 == 19 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let flood_secs = started.elapsed().as_secs_f64();
+    let logged = logged_packets(&reader, &web_chain);
+    totals.read().unwrap();
+    // The dump reads what nft lists.
+    let sorted = |mut v: Vec<netpol::nft::CounterValue>| {
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    };
+    let (by_netlink, by_nft) = (sorted(kernel.counters("netpol").unwrap()), sorted(reader.counters("netpol").unwrap()));
+    let drops_after = by(true);
+    lab.teardown().unwrap();
+
+    assert_eq!(allowed, [true; 5]);
+    assert_eq!(denied, [false; 3]);
+    assert_eq!(by_netlink, by_nft);
+    assert_eq!(by_netlink.len(), rs.counters.len());
+    assert_eq!(accepts.len(), 1, "{accepts:?}");
+    assert_eq!((accepts[0].0.policy.as_str(), accepts[0].0.rule.as_str(), accepts[0].1), ("web-from-client", "0", 5));
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!((drops[0].0.policy.as_str(), drops[0].1), ("web-from-client", 3));
+    assert_eq!(logged_before_flood, 3, "every denied SYN logged while under the budget");
+    // Every datagram dropped and counted; the log kept to its budget: the burst (50) plus
+    // 10 per second, whatever the flood.
+    assert_eq!(drops_after[0].1, 3 + FLOOD);
+    let budget = 50.0 + 10.0 * flood_secs + 1.0;
+    let flood_logged = (logged - logged_before_flood) as f64;
+    eprintln!("flood of {FLOOD} in {flood_secs:.3} s: {flood_logged} logged (budget {budget:.1})");
+    assert!(flood_logged <= budget, "{flood_logged} logged over a budget of {budget:.1}");
+    assert!(flood_logged >= 50.0, "the burst and some of the rate are logged: {flood_logged}");
+}

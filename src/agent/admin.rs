@@ -85,6 +85,8 @@ pub struct AdminState {
     pub status: tokio::sync::watch::Receiver<SyncState>,
     pub watch_counters: Option<Arc<WatchCounters>>,
     pub limits: ProbeLimits,
+    /// The per-rule counters, read from the kernel at each scrape (`None`: not exported).
+    pub rule_counters: Option<super::RuleCounters>,
 }
 
 fn ago(at: Option<Instant>) -> Option<Duration> {
@@ -170,6 +172,13 @@ pub fn respond(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
             }
         }
         "/metrics" => {
+            if let Some(counters) = &state.rule_counters {
+                // A failed read exports the totals as of the last one.
+                if let Err(error) = counters.read() {
+                    tracing::debug!(%error, "could not read the rule counters");
+                }
+                state.metrics.record_rule_counters(&counters.totals());
+            }
             let sync_state = state.status.borrow().clone();
             let body = state.metrics.encode(state.watch_counters.as_deref(), &sync_state);
             text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
@@ -206,8 +215,14 @@ pub async fn serve_limited(listener: TcpListener, state: AdminState, max_connect
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = respond(&state, req.uri().path());
-                async move { Ok::<_, Infallible>(resp) }
+                // Off the runtime's threads: a scrape reads the kernel's counters.
+                let (state, path) = (state.clone(), req.uri().path().to_string());
+                async move {
+                    let resp = tokio::task::spawn_blocking(move || respond(&state, &path)).await.unwrap_or_else(|e| {
+                        text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", format!("{e}\n"))
+                    });
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -131,12 +131,8 @@ pub struct AgentConfig {
     #[arg(long, env = "NETPOL_CONNTRACK_CLEANUP", default_value_t = true, action = clap::ArgAction::Set)]
     pub conntrack_cleanup: bool,
 
-    /// Read the packets the node's rules log to this nfnetlink_log group (0-65535) and
-    /// write each as a `denied` log line (target `netpol::drop`, with its prefix, ends and
-    /// service). The agent holds the group: another reader of it in the namespace is
-    /// refused. Unset: no group is read.
-    #[arg(long, env = "NETPOL_DROP_LOG", value_name = "GROUP")]
-    pub drop_log: Option<u16>,
+    #[command(flatten)]
+    pub observe: crate::cli::observe::ObserveArgs,
 }
 
 // Names, table names, durations and CIDRs follow `crate::validate`, the rules and messages
@@ -288,14 +284,15 @@ mod tests {
         assert!(c.unknown_pod_guard);
         assert!(!parse(&["--node", "node-a", "--unknown-pod-guard=false"]).unwrap().unknown_pod_guard);
         assert!(!parse(&["--node", "node-a", "--watch-table=false"]).unwrap().watch_table);
-        assert_eq!(c.drop_log, None);
+        assert_eq!(c.observe.observe(), crate::compile::Observe::default());
     }
 
     #[test]
-    fn the_drop_log_reads_the_group_given_and_only_a_16_bit_one() {
-        assert_eq!(parse(&["--node", "a", "--drop-log", "7"]).unwrap().drop_log, Some(7));
-        let e = parse(&["--node", "a", "--drop-log", "65536"]).unwrap_err().to_string();
-        assert!(e.contains("65536") && e.contains("--drop-log"), "{e}");
+    fn the_drop_log_group_is_a_16_bit_number() {
+        let c = parse(&["--node", "a", "--drop-log-group", "7"]).unwrap();
+        assert_eq!(c.observe.observe().drop_log.map(|l| l.group), Some(7));
+        let e = parse(&["--node", "a", "--drop-log-group", "65536"]).unwrap_err().to_string();
+        assert!(e.contains("65536") && e.contains("--drop-log-group"), "{e}");
     }
 
     #[test]

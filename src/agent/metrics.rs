@@ -73,6 +73,25 @@ struct StateLabels {
     state: &'static str,
 }
 
+/// A policy rule's counter: bounded by the rules of the policies selecting local pods.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RuleLabels {
+    tier: String,
+    namespace: String,
+    policy: String,
+    direction: String,
+    rule: String,
+    action: String,
+}
+
+/// A final drop's counter: bounded by the (namespace, isolating policies) of local pods.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DeniedLabels {
+    namespace: String,
+    policy: String,
+    direction: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PeerFieldLabels {
     kind: &'static str,
@@ -126,6 +145,8 @@ struct Inner {
     unenforced_peers: Family<PeerFieldLabels, Gauge>,
     foreign_table_changes: Counter,
     conntrack_flows_deleted: Family<ReasonLabels, Counter>,
+    rule_packets: Family<RuleLabels, Counter>,
+    denied_packets: Family<DeniedLabels, Counter>,
     started: std::time::Instant,
 }
 
@@ -177,6 +198,8 @@ impl Metrics {
         let unenforced_peers = Family::<PeerFieldLabels, Gauge>::default();
         let foreign_table_changes = Counter::default();
         let conntrack_flows_deleted = Family::<ReasonLabels, Counter>::default();
+        let rule_packets = Family::<RuleLabels, Counter>::default();
+        let denied_packets = Family::<DeniedLabels, Counter>::default();
 
         registry.register_with_unit(
             "sync_duration",
@@ -315,6 +338,19 @@ impl Metrics {
              denied: the new ruleset no longer admits the flow)",
             conntrack_flows_deleted.clone(),
         );
+        registry.register(
+            "policy_rule_packets",
+            "Packets (first packets of connections) a policy rule matched on this node, by tier \
+             (NetworkPolicy, Admin, Baseline), namespace (empty for cluster policies), policy, direction, \
+             rule (index or name) and action (accept, deny, pass); read from the kernel at each scrape",
+            rule_packets.clone(),
+        );
+        registry.register(
+            "policy_denied_packets",
+            "Packets an isolated local pod's chain dropped because no policy allowed them, by namespace, \
+             policy (the isolating policies, comma-separated) and direction",
+            denied_packets.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -349,6 +385,8 @@ impl Metrics {
                 unenforced_peers,
                 foreign_table_changes,
                 conntrack_flows_deleted,
+                rule_packets,
+                denied_packets,
                 started: std::time::Instant::now(),
             }),
         }
@@ -411,6 +449,33 @@ impl Metrics {
             (Resource::BaselineAdminNetworkPolicies, count(snapshot, "BaselineAdminNetworkPolicy")),
         ] {
             self.inner.index_objects.get_or_create(&ResourceLabels { resource: resource.as_str() }).set(gauge_value(n));
+        }
+    }
+
+    /// Sets the per-rule families to these totals (monotonic: see
+    /// [`crate::agent::RuleCounters`]); series no longer among them end.
+    pub fn record_rule_counters(&self, totals: &[(crate::nft::ir::CounterLabels, u64)]) {
+        let i = &self.inner;
+        i.rule_packets.clear();
+        i.denied_packets.clear();
+        for (l, packets) in totals {
+            let counter = if l.denied {
+                i.denied_packets.get_or_create(&DeniedLabels {
+                    namespace: l.namespace.clone(),
+                    policy: l.policy.clone(),
+                    direction: l.direction.clone(),
+                })
+            } else {
+                i.rule_packets.get_or_create(&RuleLabels {
+                    tier: l.tier.clone(),
+                    namespace: l.namespace.clone(),
+                    policy: l.policy.clone(),
+                    direction: l.direction.clone(),
+                    rule: l.rule.clone(),
+                    action: l.action.clone(),
+                })
+            };
+            set_counter(&counter, *packets);
         }
     }
 

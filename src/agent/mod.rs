@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod nft_target;
 mod node;
 pub mod quarantine;
+pub mod rule_counters;
 pub mod tiers;
 pub mod trigger;
 pub mod watch;
@@ -33,6 +34,7 @@ use crate::policy::tiers::{ClusterPolicy, Node};
 
 pub use config::AgentConfig;
 pub use metrics::Metrics;
+pub use rule_counters::RuleCounters;
 pub use trigger::{SyncLoop, SyncLoopConfig, SyncState, Trigger};
 pub use watch::ClusterWatch;
 
@@ -200,6 +202,17 @@ pub async fn run<T: SyncTarget>(
     target: T,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<T, AgentError> {
+    run_with_counters(config, target, None, shutdown).await
+}
+
+/// [`run`], with `/metrics` exporting `rule_counters` (read at each scrape; the target
+/// must be told of the same, see [`nft_target::NftTarget::with_rule_counters`]).
+pub async fn run_with_counters<T: SyncTarget>(
+    config: AgentConfig,
+    target: T,
+    rule_counters: Option<RuleCounters>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<T, AgentError> {
     let client = kube_client(&config).await?;
     let trigger = Trigger::new();
     let guard = config.unknown_pod_guard;
@@ -236,6 +249,7 @@ pub async fn run<T: SyncTarget>(
         status: sync_loop.status(),
         watch_counters: Some(watch.counters().clone()),
         limits,
+        rule_counters,
     };
     let admin_addr = config.admin_addr();
     let listener = tokio::net::TcpListener::bind(admin_addr)

@@ -32,8 +32,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::agent::conntrack_worker::{ConntrackWorker, Decision};
+use crate::agent::rule_counters::RuleCounters;
 use crate::agent::{ConntrackFlowsDeleted, Snapshot, SyncError, SyncStats, SyncTarget};
-use crate::compile::{Compiled, IncrementalCompiler, NodeConfig};
+use crate::compile::{Compiled, IncrementalCompiler, NodeConfig, Observe};
 use crate::conntrack::{ConntrackError, ConntrackTable, Flow, NodeAddresses, Reason, flows_to_delete, may_tighten};
 use crate::nft::diff::{diff_with, full_sync};
 use crate::nft::interpret::Interpreter;
@@ -78,11 +79,13 @@ pub struct NftTarget<N: Nftables> {
     /// A cleanup that had to decide flows failed: the next sync decides them whatever its
     /// transaction.
     conntrack_pending: bool,
+    /// The per-rule totals the metrics export, kept monotonic across syncs.
+    rule_counters: Option<RuleCounters>,
 }
 
 impl<N: Nftables> NftTarget<N> {
     pub fn new(nft: N, node: impl Into<String>, table: impl Into<String>) -> Self {
-        let config = NodeConfig { node: node.into(), table: table.into(), pod_cidrs: Vec::new() };
+        let config = NodeConfig { table: table.into(), ..NodeConfig::new(node) };
         let compiler = IncrementalCompiler::new(config).keeping_idle_sets(IDLE_SET_ELEMENTS_PER_POD);
         NftTarget {
             nft,
@@ -93,7 +96,15 @@ impl<N: Nftables> NftTarget<N> {
             conntrack: None,
             conntrack_pods: None,
             conntrack_pending: false,
+            rule_counters: None,
         }
+    }
+
+    /// Keeps `counters` told of every applied ruleset's named counters, and has it read
+    /// them right before a sync replaces or deletes them (see [`RuleCounters`]).
+    pub fn with_rule_counters(mut self, counters: RuleCounters) -> Self {
+        self.rule_counters = Some(counters);
+        self
     }
 
     /// After each accepted sync, deletes from `table` the flows of pods that are gone and
@@ -131,6 +142,13 @@ impl<N: Nftables> NftTarget<N> {
     pub fn keeping_idle_sets(mut self, elements_per_pod: usize) -> Self {
         self.compiler = IncrementalCompiler::new(self.compiler.config().clone()).keeping_idle_sets(elements_per_pod);
         self.idle_set_elements_per_pod = elements_per_pod;
+        self
+    }
+
+    /// Compiles with these counters and drop log (the default: [`Observe::default`]).
+    pub fn observing(mut self, observe: Observe) -> Self {
+        let config = NodeConfig { observe, ..self.compiler.config().clone() };
+        self.compiler = IncrementalCompiler::new(config).keeping_idle_sets(self.idle_set_elements_per_pod);
         self
     }
 
@@ -255,7 +273,15 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         }
         // Asked before the apply: `desired` moves into `applied` then.
         let tightens = self.conntrack.is_some() && may_tighten(&tx, &desired);
-        let kind = if is_full_sync(&tx) { "full" } else { "incremental" };
+        let replaces = is_full_sync(&tx);
+        let kind = if replaces { "full" } else { "incremental" };
+        if let Some(counters) = &self.rule_counters
+            && (replaces || tx.ops.iter().any(|op| matches!(op, Op::DeleteCounter { .. })))
+            && let Err(error) = counters.read()
+        {
+            // Their counts since the last scrape are lost; the totals stay monotonic.
+            tracing::debug!(%error, "could not read the rule counters before they go");
+        }
         let applying = std::time::Instant::now();
         let applied = self.nft.apply(&tx);
         stats.apply = applying.elapsed();
@@ -271,6 +297,9 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
                     apply_ms = stats.apply.as_secs_f64() * 1e3,
                     "applied"
                 );
+                if let Some(counters) = &self.rule_counters {
+                    counters.applied(&desired.counters, replaces);
+                }
                 self.applied = Some(desired);
                 self.end_flows(snapshot, tightens, &mut stats);
                 Ok(stats)
@@ -395,6 +424,10 @@ impl<N: Nftables> Nftables for Arc<Mutex<N>> {
 
     fn list(&self, table: &str) -> Result<String, NftError> {
         self.lock().unwrap_or_else(|e| e.into_inner()).list(table)
+    }
+
+    fn counters(&self, table: &str) -> Result<Vec<crate::nft::CounterValue>, NftError> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).counters(table)
     }
 }
 

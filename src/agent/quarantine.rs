@@ -296,6 +296,9 @@ mod tests {
         fn list(&self, table: &str) -> Result<String, crate::nft::NftError> {
             self.0.list(table)
         }
+        fn counters(&self, table: &str) -> Result<Vec<crate::nft::CounterValue>, crate::nft::NftError> {
+            self.0.counters(table)
+        }
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //!                   its addresses named by the pods RememberPods kept from the last sync
 //! ```
 
+use std::collections::HashMap;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use clap::Parser;
 
@@ -21,10 +22,12 @@ use netpol::agent::nft_target::NftTarget;
 use netpol::agent::quarantine::Quarantining;
 use netpol::agent::{self, AgentConfig, AgentError, Snapshot, SyncError, SyncStats, SyncTarget};
 use netpol::conntrack::NetlinkConntrack;
-use netpol::nflog::{DEFAULT_RECEIVE_BUFFER, LogConfig, NflogReader, NflogSocket, drop_record, pod_holding};
+use netpol::nflog::{
+    Attribution, DEFAULT_RECEIVE_BUFFER, LogConfig, NflogReader, NflogSocket, attributions, drop_record, pod_holding,
+};
 use netpol::nft::backend::netlink::NetlinkNftables;
 use netpol::nft::backend::process::RealNftables;
-use netpol::policy::model::{Pod, SharedList};
+use netpol::policy::model::{Pod, Policy, SharedList};
 
 const BAD_CONFIG: u8 = 2;
 
@@ -58,7 +61,20 @@ fn main() -> ExitCode {
     };
     let idle_per_pod = usize::try_from(config.idle_set_elements_per_pod).unwrap_or(usize::MAX);
     let trimmer = heap_trimmer();
-    let mut target = NftTarget::new(nft, config.node.clone(), config.table.clone()).keeping_idle_sets(idle_per_pod);
+    let observe = config.observe.observe();
+    let mut target = NftTarget::new(nft, config.node.clone(), config.table.clone())
+        .keeping_idle_sets(idle_per_pod)
+        .observing(observe);
+    // Dumped over netlink at each scrape and before a sync replaces or deletes them.
+    let rule_counters = observe.rule_counters.then(|| {
+        let (netns, table, timeout) = (config.netns.clone(), config.table.clone(), config.nft_timeout);
+        agent::RuleCounters::new(std::sync::Arc::new(move || {
+            netpol::nft::backend::netlink::read_counters(netns.as_deref(), &table, timeout)
+        }))
+    });
+    if let Some(counters) = &rule_counters {
+        target = target.with_rule_counters(counters.clone());
+    }
     if config.conntrack_cleanup {
         // Beside the sync loop: a dump walks the whole conntrack hash, ~9 ms here. Its
         // decisions' transient buffers go back to the kernel as a sync's do.
@@ -75,17 +91,18 @@ fn main() -> ExitCode {
             }
         };
     }
-    let synced_pods: SyncedPods = Arc::default();
+    let synced: Synced = Arc::default();
+    let drop_log_group = observe.drop_log.map(|log| log.group);
     let target = RememberPods {
         target: TrimWhenIdle::new(CountingPaths(Quarantining::new(target)), trimmer),
-        pods: config.drop_log.map(|_| Arc::clone(&synced_pods)),
+        synced: drop_log_group.map(|_| (Arc::clone(&synced), config.node.clone())),
     };
     // Lives until the agent exits; the kernel releases the group with the socket.
     let _drop_log =
-        config.drop_log.and_then(|group| start_drop_log(config.netns.as_deref(), group, Arc::clone(&synced_pods)));
+        drop_log_group.and_then(|group| start_drop_log(config.netns.as_deref(), group, Arc::clone(&synced)));
     let result = runtime.block_on(async {
         let shutdown = agent::shutdown_signal()?;
-        Ok::<_, std::io::Error>(agent::run(config, target, shutdown).await)
+        Ok::<_, std::io::Error>(agent::run_with_counters(config, target, rule_counters, shutdown).await)
     });
     let result = match result {
         Ok(r) => r,
@@ -115,13 +132,15 @@ fn main() -> ExitCode {
 /// Reads the drop log's group on its own thread and writes each packet as a log line.
 /// Enforcement never waits for it: a group that cannot be bound is warned about and the
 /// agent runs without its drop log.
-fn start_drop_log(netns: Option<&str>, group: u16, pods: SyncedPods) -> Option<NflogReader> {
+fn start_drop_log(netns: Option<&str>, group: u16, synced: Synced) -> Option<NflogReader> {
     let started = NflogSocket::open(netns, &LogConfig::new(group), DEFAULT_RECEIVE_BUFFER).and_then(|socket| {
         NflogReader::start(socket, move |received| {
-            let pods = Arc::clone(&pods.lock().unwrap_or_else(|e| e.into_inner()));
-            // Attribution (prefix → pod, policies) comes with the compile change's prefix
-            // scheme; until then the prefix stands as it is.
-            let record = drop_record(&received, |_| None, |ip| pod_holding(&pods, ip));
+            let last = Arc::clone(&synced.lock().unwrap_or_else(|e| e.into_inner()));
+            let record = drop_record(
+                &received,
+                |prefix| last.attributions().get(prefix).cloned(),
+                |ip| pod_holding(&last.pods, ip),
+            );
             tracing::info!(
                 target: "netpol::drop",
                 prefix = %record.prefix,
@@ -143,20 +162,44 @@ fn start_drop_log(netns: Option<&str>, group: u16, pods: SyncedPods) -> Option<N
     }
 }
 
-/// The pods of the snapshot last handed to a sync: whose addresses the drop log names.
-type SyncedPods = Arc<Mutex<SharedList<Pod>>>;
+/// What the drop log needs of the snapshot last handed to a sync: whose addresses it
+/// names, and what each of its pod chains' prefixes stands for.
+/// The attributions are worked out on the drop log's thread at its first packet after a
+/// sync, off the path from an event to its commit.
+#[derive(Default)]
+struct LastSynced {
+    pods: SharedList<Pod>,
+    policies: SharedList<Policy>,
+    node: String,
+    attributions: OnceLock<HashMap<String, Attribution>>,
+}
 
-/// Keeps each snapshot's pods for the drop log (when it is on: `pods`), then syncs.
+impl LastSynced {
+    fn attributions(&self) -> &HashMap<String, Attribution> {
+        self.attributions.get_or_init(|| attributions(&self.pods, &self.policies, &self.node))
+    }
+}
+
+type Synced = Arc<Mutex<Arc<LastSynced>>>;
+
+/// Keeps what the drop log needs of each snapshot (when it is on: `synced`, with this
+/// node's name), then syncs.
 struct RememberPods<T> {
     target: T,
-    pods: Option<SyncedPods>,
+    synced: Option<(Synced, String)>,
 }
 
 impl<T: SyncTarget> SyncTarget for RememberPods<T> {
     fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
-        if let Some(pods) = &self.pods {
-            // Shares the snapshot's list: a reference count, not a copy.
-            *pods.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&snapshot.pods);
+        if let Some((synced, node)) = &self.synced {
+            // The snapshot's lists: reference counts, not copies.
+            let last = LastSynced {
+                pods: Arc::clone(&snapshot.pods),
+                policies: Arc::clone(&snapshot.policies),
+                node: node.clone(),
+                attributions: OnceLock::new(),
+            };
+            *synced.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(last);
         }
         self.target.sync(snapshot, full)
     }

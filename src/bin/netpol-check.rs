@@ -436,6 +436,8 @@ struct RulesetArgs {
     pod_cidrs: Vec<ipnet::IpNet>,
     #[arg(short = 'o', long = "output", value_enum, default_value = "nft")]
     output: RulesetFormat,
+    #[command(flatten)]
+    observe: netpol::cli::observe::ObserveArgs,
 }
 
 #[derive(Args)]
@@ -898,7 +900,12 @@ fn ruleset_cmd(a: RulesetArgs) -> Result<ExitCode> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut write = || -> std::io::Result<()> {
         for (k, node) in nodes.iter().enumerate() {
-            let config = NodeConfig { node: node.clone(), table: a.table.clone(), pod_cidrs: a.pod_cidrs.clone() };
+            let config = NodeConfig {
+                table: a.table.clone(),
+                pod_cidrs: a.pod_cidrs.clone(),
+                observe: a.observe.observe(),
+                ..NodeConfig::new(node.clone())
+            };
             let ruleset = compile::compile(&cluster, &config);
             match a.output {
                 RulesetFormat::Nft => {

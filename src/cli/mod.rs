@@ -10,12 +10,14 @@
 //!  Cluster ───────────────────────► lint ─────► findings ──► text / JSON
 //!  "svc/ns/name" + Services ──────► services ─► endpoints ──► a pod answer each / matrix columns
 //!  Params{pods, policies, ...} ───► generate ──► Cluster (benchmarks, property tests)
+//!  --rule-counters, --drop-log... ─► observe ──► compile::Observe (netpol-check and the agent)
 //! ```
 
 pub mod diff;
 pub mod explain;
 pub mod generate;
 pub mod lint;
+pub mod observe;
 pub mod picture;
 pub mod query;
 pub mod report;

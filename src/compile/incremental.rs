@@ -769,6 +769,10 @@ struct Compiler<'a, 'c> {
 }
 
 impl<'a> TierSets<'a> for Compiler<'a, '_> {
+    fn observe(&self) -> Observe {
+        self.config.observe
+    }
+
     fn cluster(&self) -> &'a Cluster {
         self.cluster
     }
@@ -964,6 +968,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
         }
         // The cluster-wide tiers' chains, built each compile (their sets come from the cache).
         tiers.emit(&mut self);
+        declare_objects(&mut self.rs, &self.config.observe);
         (self.rs, self.namer.len())
     }
 
@@ -1024,7 +1029,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             }
             None => {
                 let isolating: Vec<&Policy> = policies.iter().map(|&pi| &*cluster.policies[pi]).collect();
-                let (name, chain) = super::pod_chain(pod, d, &isolating, &tiers);
+                let (name, chain) = super::pod_chain(pod, d, &isolating, &tiers, &self.config.observe);
                 let chain = Arc::new(chain);
                 let cached = CachedPodChain {
                     policies: policies.iter().map(|&pi| Arc::clone(&cluster.policies[pi])).collect(),
@@ -1105,6 +1110,10 @@ impl<'a, 'c> Compiler<'a, 'c> {
         let dir = if ingress { "ingress" } else { "egress" };
         let peer_field = if ingress { AddrField::Saddr } else { AddrField::Daddr };
         let base_comment = format!("{}/{} {dir} rule {ri}", ns, policy.id.name);
+        let counted = Counted {
+            base_comment: &base_comment,
+            counter: rule_counter(&self.config.observe, policy_rule_labels(policy, d, ri)),
+        };
 
         // Port matches: None = all ports, all protocols.
         let mut port_matches: Vec<(Option<Match>, String)> = Vec::new();
@@ -1172,7 +1181,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             }
         }
 
-        peer_port_rules(out, &base_comment, &peer_matches, &port_matches, &Verdict::Accept);
+        peer_port_rules(out, &counted, &peer_matches, &port_matches, &Verdict::Accept);
 
         // "A named port is resolved on the destination pod's containerPorts, per pod; it never
         // matches a non-pod destination": daddr . proto . port sets of resolved pods.
@@ -1206,7 +1215,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
             }
             self.rs.sets.insert(set.clone(), elements);
             let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
-            named_port_rules(out, &base_comment, ingress, &peers_of_family, lookup, &Verdict::Accept);
+            named_port_rules(out, &counted, ingress, &peers_of_family, lookup, &Verdict::Accept);
         }
     }
 

@@ -10,7 +10,8 @@
 //!  forward, prio 10 ingress_forward ──► 1, 2, 3 on daddr, 4 ip daddr vmap @ingress_dispatch_v4
 //!                                         │ local isolated pod IP → jump pod_in_<pod>
 //!  pod_{eg,in}_<pod>: ct state invalid drop; [jump adm_{eg,in}_<list>]; jump
-//!                     pol_{eg,in}_<policy> for each policy selecting it; counter drop
+//!                     pol_{eg,in}_<policy> for each policy selecting it; log (node-wide
+//!                     limit, NFLOG); counter drop (named counters: see `Observe`)
 //!                     (none selecting it: [jump base_{eg,in}_<list>]; see compile/tiers.rs)
 //!  pol_{eg,in}_<policy>: one rule per (rule × peer kind × port kind), set lookups, accept
 //! ```
@@ -59,8 +60,8 @@ use std::sync::Arc;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::nft::ir::{
-    AddrField, BaseChain, Chain, ChainPolicy, CtState, Element, Hook, ICMPV6_ND_TYPES, IpFamily, Key, KeyType, Map,
-    MapVerdict, Match, ND_HOP_LIMIT, Rule, Ruleset, Set, Value, Verdict,
+    AddrField, BaseChain, Chain, ChainPolicy, CounterLabels, CounterRef, CtState, Element, Hook, ICMPV6_ND_TYPES,
+    IpFamily, Key, KeyType, Limit, Log, Map, MapVerdict, Match, ND_HOP_LIMIT, Rule, Ruleset, Set, Value, Verdict,
 };
 use crate::nft::names;
 use crate::policy::model::{
@@ -85,12 +86,116 @@ pub struct NodeConfig {
     /// inside them that is no known local pod of this node is dropped both ways (the
     /// unknown-pod guard). Empty: no guard.
     pub pod_cidrs: Vec<IpNet>,
+    /// Counters and the drop log (default: both on, as the agent installs them).
+    pub observe: Observe,
 }
 
 impl NodeConfig {
-    /// `node`, with the default table name `netpol` and no pod CIDRs (no unknown-pod guard).
+    /// `node`, with the default table name `netpol`, no pod CIDRs (no unknown-pod guard),
+    /// and the agent's default counters and drop log ([`Observe::default`]).
     pub fn new(node: impl Into<String>) -> Self {
-        NodeConfig { node: node.into(), table: names::DEFAULT_TABLE.to_string(), pod_cidrs: Vec::new() }
+        NodeConfig {
+            node: node.into(),
+            table: names::DEFAULT_TABLE.to_string(),
+            pod_cidrs: Vec::new(),
+            observe: Observe::default(),
+        }
+    }
+}
+
+/// What the ruleset lets the agent see of the traffic it decides: counters per policy rule
+/// and per final drop, and a log of denied packets.
+///
+/// ```text
+///  pol_{in,eg}_<policy>: <peer, port matches> counter name "cnt_<policy rule>" accept
+///  pod_{in,eg}_<pod>:    ...; limit name "drop_log" log prefix "<pod chain>" group <g> counter
+///                        counter name "drop_<namespace, isolating policies, direction>" drop
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observe {
+    /// A named counter per (policy rule, direction) and per final drop.
+    pub rule_counters: bool,
+    /// Each pod chain's final drop logs to NFLOG first (`None`: no log rule).
+    pub drop_log: Option<DropLog>,
+}
+
+impl Default for Observe {
+    fn default() -> Self {
+        Observe { rule_counters: true, drop_log: Some(DropLog::default()) }
+    }
+}
+
+impl Observe {
+    /// Neither counters nor the drop log: the bare ruleset.
+    pub const OFF: Observe = Observe { rule_counters: false, drop_log: None };
+}
+
+/// The drop log: its NFLOG group and its node-wide budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropLog {
+    pub group: u16,
+    /// Packets per second logged by the whole node (one `limit` object every pod chain's
+    /// log rule shares), and the burst above that rate the budget can save up.
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl DropLog {
+    /// The NFLOG group by default: 9469, the admin port, so it is easy to remember and far
+    /// from the small groups (0-2) ulogd and Calico's flow logs use.
+    pub const DEFAULT_GROUP: u16 = 9469;
+    /// 10 packets/s for the whole node, bursts of 50: enough to see who is denied and by
+    /// what within a second of it starting (a retrying client, a rollout missing a policy),
+    /// at most ~860 000 log lines a day, however hard a flood hits an isolated pod. Every
+    /// denied packet is still counted, whatever the budget (the counter is on the drop).
+    pub const DEFAULT_PER_SECOND: u32 = 10;
+    pub const DEFAULT_BURST: u32 = 50;
+}
+
+impl Default for DropLog {
+    fn default() -> Self {
+        DropLog { group: Self::DEFAULT_GROUP, per_second: Self::DEFAULT_PER_SECOND, burst: Self::DEFAULT_BURST }
+    }
+}
+
+/// The counter a policy rule's nft rules count into (`None` with counters off).
+fn rule_counter(observe: &Observe, labels: CounterLabels) -> Option<Arc<CounterRef>> {
+    observe.rule_counters.then(|| {
+        let l = &labels;
+        let name = names::rule_counter(&l.tier, &l.namespace, &l.policy, &l.direction, &l.rule);
+        Arc::new(CounterRef { name, labels })
+    })
+}
+
+/// The labels of the counter of rule `ri` of NetworkPolicy `policy` in direction `d`.
+fn policy_rule_labels(policy: &Policy, d: Direction, ri: usize) -> CounterLabels {
+    CounterLabels {
+        tier: "NetworkPolicy".into(),
+        namespace: policy.id.namespace.clone(),
+        policy: policy.id.name.clone(),
+        direction: d.as_str().to_lowercase(),
+        rule: ri.to_string(),
+        action: "accept".into(),
+        denied: false,
+    }
+}
+
+/// Declares the objects the rules name: every named counter some rule counts into, and the
+/// drop log's limit. Both compilers end with it, so their objects agree whatever chains
+/// they reused; a counter no rule uses any more goes (its count with it: the agent keeps
+/// what it last read).
+fn declare_objects(rs: &mut Ruleset, observe: &Observe) {
+    let mut counters = BTreeMap::new();
+    for rule in rs.chains.values().flat_map(|c| &c.rules) {
+        if let Some(c) = &rule.named_counter
+            && !counters.contains_key(&c.name)
+        {
+            counters.insert(c.name.clone(), c.labels.clone());
+        }
+    }
+    rs.counters = counters;
+    if let Some(log) = observe.drop_log {
+        rs.limits.insert(names::DROP_LOG_LIMIT.into(), Limit { per_second: log.per_second, burst: log.burst });
     }
 }
 
@@ -176,6 +281,7 @@ fn skeleton(rs: &mut Ruleset, guarded: &[IpFamily]) {
             counter: true,
             verdict: Some(Verdict::Drop),
             comment: Some("no known pod of this node".into()),
+            ..Rule::default()
         }));
         rules.extend([(IpFamily::V4, v4), (IpFamily::V6, v6)].into_iter().map(|(f, map)| Rule {
             verdict: Some(Verdict::Vmap { key: Key::Addr(f, field), map: map.into() }),
@@ -258,7 +364,13 @@ fn local_pods_of(cluster: &Cluster, local: &[usize], family: IpFamily) -> Set {
 /// A local pod's chain for direction `d`, named: its Admin tier chain, then a jump to the
 /// chain of each of `policies` (the NetworkPolicies isolating it, in cluster order) and
 /// drop, or, when none isolates it, its Baseline tier chain (see [`tiers`]).
-fn pod_chain(pod: &Pod, d: Direction, policies: &[&Policy], tiers: &tiers::TierJumps) -> (String, Chain) {
+fn pod_chain(
+    pod: &Pod,
+    d: Direction,
+    policies: &[&Policy],
+    tiers: &tiers::TierJumps,
+    observe: &Observe,
+) -> (String, Chain) {
     let ingress = d == Direction::Ingress;
     let name = names::pod_chain(ingress, &pod.id.namespace, &pod.id.name);
     // Only policed pods' packets get here (established and related ones were
@@ -282,10 +394,41 @@ fn pod_chain(pod: &Pod, d: Direction, policies: &[&Policy], tiers: &tiers::TierJ
         rules.extend(tiers.baseline.clone().map(jump));
     } else {
         rules.extend(policies.iter().map(|p| jump(names::policy_chain(ingress, &p.id.namespace, &p.id.name))));
+        let direction = d.as_str().to_lowercase();
+        // The log first, a rule without a verdict: over the node's budget the `limit`
+        // ends that rule only, and the packet goes on to the drop below. Its prefix is
+        // the chain's name, which the agent maps back to the pod, the direction and the
+        // isolating policies (≤ 48 bytes, the kernel allows 127). Its own counter counts
+        // what the budget let through: the packets logged.
+        if let Some(log) = observe.drop_log {
+            rules.push(Rule {
+                log: Some(Log { limit: Some(names::DROP_LOG_LIMIT.into()), prefix: name.clone(), group: log.group }),
+                counter: true,
+                comment: Some(names::comment(&format!("{} {direction}: log the drop", pod.id))),
+                ..Rule::default()
+            });
+        }
+        // One counter for the pods of a namespace isolated by the same policies: bounded
+        // by the node's pods, and a new pod of a kind already there continues its count.
+        let policy_names: Vec<&str> = policies.iter().map(|p| p.id.name.as_str()).collect();
+        let named_counter = observe.rule_counters.then(|| {
+            Arc::new(CounterRef {
+                name: names::drop_counter(&pod.id.namespace, &policy_names, &direction),
+                labels: CounterLabels {
+                    tier: "NetworkPolicy".into(),
+                    namespace: pod.id.namespace.clone(),
+                    policy: policy_names.join(","),
+                    direction: direction.clone(),
+                    rule: String::new(),
+                    action: "drop".into(),
+                    denied: true,
+                },
+            })
+        });
         rules.push(Rule {
-            counter: true,
+            named_counter,
             verdict: Some(Verdict::Drop),
-            comment: Some(names::comment(&format!("{} {}: no policy allows", pod.id, d.as_str().to_lowercase()))),
+            comment: Some(names::comment(&format!("{} {direction}: no policy allows", pod.id))),
             ..Rule::default()
         });
     }
@@ -660,14 +803,22 @@ fn numbered_and_named(specs: &[PortSpec]) -> (PortRanges, Vec<(&str, Protocol)>)
 /// A match of a policy rule's peers or ports (`None`: any), with the words for its comment.
 type Described = (Option<Match>, String);
 
+/// One policy rule's nft rules have in common: their comment's start, and the counter they
+/// all count into (`None`: counters off).
+struct Counted<'c> {
+    base_comment: &'c str,
+    counter: Option<Arc<CounterRef>>,
+}
+
 /// Appends the rule `matches` → `verdict` (its comment `base_comment` and `what`) to a
 /// policy rule's rules, unless an equal one is there (two peers can yield the same lookup).
-fn push_rule(out: &mut Vec<Rule>, base_comment: &str, matches: Vec<Match>, what: &str, verdict: &Verdict) {
+fn push_rule(out: &mut Vec<Rule>, rule: &Counted<'_>, matches: Vec<Match>, what: &str, verdict: &Verdict) {
     let r = Rule {
         matches,
-        counter: true,
+        named_counter: rule.counter.clone(),
         verdict: Some(verdict.clone()),
-        comment: Some(names::comment(&format!("{base_comment} {what}"))),
+        comment: Some(names::comment(&format!("{} {what}", rule.base_comment))),
+        ..Rule::default()
     };
     if !out.contains(&r) {
         out.push(r);
@@ -678,7 +829,7 @@ fn push_rule(out: &mut Vec<Rule>, base_comment: &str, matches: Vec<Match>, what:
 /// per (peer match, port match), each ending in `verdict` (accept, for NetworkPolicy).
 fn peer_port_rules(
     out: &mut Vec<Rule>,
-    base_comment: &str,
+    base_comment: &Counted<'_>,
     peer_matches: &[Described],
     port_matches: &[Described],
     verdict: &Verdict,
@@ -707,7 +858,7 @@ fn peers_of_family(peer_matches: &[Described], f: IpFamily) -> Vec<&Described> {
 /// egress (the set holds only admitted peers).
 fn named_port_rules(
     out: &mut Vec<Rule>,
-    base_comment: &str,
+    base_comment: &Counted<'_>,
     ingress: bool,
     peers: &[&Described],
     lookup: Match,

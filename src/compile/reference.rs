@@ -60,7 +60,7 @@ pub fn compile_with_namer(cluster: &Cluster, config: &NodeConfig, namer: &Namer)
                 continue;
             }
             let policies: Vec<&Policy> = isolating.iter().map(|&pi| &*cluster.policies[pi]).collect();
-            let (name, chain) = pod_chain(pod, d, &policies, &jumps);
+            let (name, chain) = pod_chain(pod, d, &policies, &jumps, &config.observe);
             dispatch(&mut rs, pod, d == Direction::Ingress, &name);
             rs.chains.insert(name, Arc::new(chain));
             for pi in isolating {
@@ -70,16 +70,21 @@ pub fn compile_with_namer(cluster: &Cluster, config: &NodeConfig, namer: &Namer)
     }
 
     // Each policy selecting a local pod, in cluster order (the order sets are named in).
-    let mut reference = Reference { cluster, rs, namer: namer.fresh(0) };
+    let mut reference = Reference { cluster, rs, namer: namer.fresh(0), observe: config.observe };
     for (&(pi, d), local) in &selected {
         reference.policy_chain(&cluster.policies[pi], d, local);
     }
     // The cluster-wide tiers' chains, after the NetworkPolicy chains (the order sets are named in).
     tiers.emit(&mut reference);
+    declare_objects(&mut reference.rs, &config.observe);
     reference.rs
 }
 
 impl<'a> TierSets<'a> for Reference<'a> {
+    fn observe(&self) -> Observe {
+        self.observe
+    }
+
     fn cluster(&self) -> &'a Cluster {
         self.cluster
     }
@@ -104,6 +109,7 @@ struct Reference<'a> {
     cluster: &'a Cluster,
     rs: Ruleset,
     namer: Namer,
+    observe: Observe,
 }
 
 impl Reference<'_> {
@@ -138,6 +144,10 @@ impl Reference<'_> {
         let dir = if ingress { "ingress" } else { "egress" };
         let peer_field = if ingress { AddrField::Saddr } else { AddrField::Daddr };
         let base_comment = format!("{}/{} {dir} rule {ri}", ns, policy.id.name);
+        let counted = Counted {
+            base_comment: &base_comment,
+            counter: rule_counter(&self.observe, policy_rule_labels(policy, d, ri)),
+        };
 
         // Ports: None = all ports of all protocols; numbered ones in one set; named ones
         // resolved per pod below.
@@ -195,7 +205,7 @@ impl Reference<'_> {
             }
         }
 
-        peer_port_rules(out, &base_comment, &peer_matches, &port_matches, &Verdict::Accept);
+        peer_port_rules(out, &counted, &peer_matches, &port_matches, &Verdict::Accept);
 
         // "A named port is resolved on the destination pod's containerPorts, per pod; it
         // never matches a non-pod destination": daddr . proto . port sets of resolved pods.
@@ -226,7 +236,7 @@ impl Reference<'_> {
             let set = self.namer.name(&ident);
             self.rs.sets.insert(set.clone(), Arc::new(named_port_set(f, entries, comment)));
             let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
-            named_port_rules(out, &base_comment, ingress, &peers_of_family, lookup, &Verdict::Accept);
+            named_port_rules(out, &counted, ingress, &peers_of_family, lookup, &Verdict::Accept);
         }
     }
 

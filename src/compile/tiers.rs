@@ -53,6 +53,8 @@ pub(super) trait TierSets<'a> {
     fn cluster(&self) -> &'a Cluster;
     fn ruleset(&mut self) -> &mut Ruleset;
     fn namer(&mut self) -> &mut Namer;
+    /// Whether rules count into named counters.
+    fn observe(&self) -> Observe;
     /// The names of the (v4, v6) sets of the addresses of the pods matching `pods` in the
     /// namespaces matching `namespaces` (hostNetwork pods never), in the ruleset.
     fn pod_peer_sets(&mut self, namespaces: &'a Selector, pods: &'a Selector) -> [String; 2];
@@ -259,6 +261,17 @@ fn cluster_rule<'a>(
     let rule_name = rule.name.clone().unwrap_or_else(|| ri.to_string());
     let base_comment = format!("{} {dir} rule {rule_name} {}", policy.id, rule.action);
     let verdict = verdict(rule.action);
+    // Labelled by tier, the namespace empty: never the counter of a NetworkPolicy.
+    let labels = CounterLabels {
+        tier: policy.tier.to_string(),
+        namespace: String::new(),
+        policy: format!("{}/{}", policy.id.kind, policy.id.name),
+        direction: dir.into(),
+        rule: rule_name.clone(),
+        action: rule.action.to_string().to_lowercase(),
+        denied: false,
+    };
+    let counted = Counted { base_comment: &base_comment, counter: rule_counter(&sets.observe(), labels) };
 
     // Ports: "If unspecified, protocol-specific attributes will not be used to match
     // traffic": no match at all, every protocol.
@@ -324,7 +337,7 @@ fn cluster_rule<'a>(
                 .push((Some(Match::Lookup { key: Key::Addr(f, peer_field), set, negate: false }), "networks".into()));
         }
     }
-    peer_port_rules(out, &base_comment, &peer_matches, &port_matches, &verdict);
+    peer_port_rules(out, &counted, &peer_matches, &port_matches, &verdict);
 
     // "DestinationNamedPort selects a destination port on a pod based on the ContainerPort
     // name": resolved per pod, as for NetworkPolicy (daddr . proto . port sets).
@@ -370,7 +383,7 @@ fn cluster_rule<'a>(
         let set = sets.namer().name(&ident);
         sets.ruleset().sets.entry(set.clone()).or_insert_with(|| Arc::new(named_port_set(f, entries, comment)));
         let lookup = Match::Lookup { key: Key::AddrProtoDport(f, AddrField::Daddr), set, negate: false };
-        named_port_rules(out, &base_comment, ingress, &peers_of_family, lookup, &verdict);
+        named_port_rules(out, &counted, ingress, &peers_of_family, lookup, &verdict);
     }
 }
 

@@ -106,7 +106,8 @@ pub fn may_tighten(tx: &Transaction, desired: &Ruleset) -> bool {
     };
     let mut negated_sets: Option<HashSet<&str>> = None;
     tx.ops.iter().any(|op| match op {
-        Op::AddTable => false,
+        // Counters and limits decide nothing.
+        Op::AddTable | Op::AddCounter { .. } | Op::DeleteCounter { .. } | Op::AddLimit { .. } => false,
         Op::AddSet { name: set, .. } | Op::AddElements { set, .. } => {
             negated_sets.get_or_insert_with(negated).contains(set.as_str())
         }
@@ -362,9 +363,8 @@ mod tests {
                 set: peer_set.clone(),
                 negate: true,
             }],
-            counter: false,
             verdict: Some(crate::nft::ir::Verdict::Drop),
-            comment: None,
+            ..crate::nft::ir::Rule::default()
         });
         assert!(may_tighten(&tx(vec![elements(&peer_set)]), &negated));
     }

@@ -27,7 +27,7 @@ pub mod wire;
 
 use std::time::SystemTime;
 
-pub use record::{Attribution, Direction, DropRecord, Endpoint, PodRef, drop_record, pod_holding};
+pub use record::{Attribution, Direction, DropRecord, Endpoint, PodRef, attributions, drop_record, pod_holding};
 pub use socket::{DEFAULT_RECEIVE_BUFFER, NflogReader, NflogSocket, ReaderCounts};
 pub use wire::{Headers, LogConfig, LoggedPacket, Transport};
 

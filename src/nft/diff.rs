@@ -2,15 +2,18 @@
 //!
 //! ```text
 //!  1 add chain        new chains (declared, empty)      create before use
+//!    add counter      new named counters (kept ones keep their counts)
 //!  2 add set/map      new sets and maps, with elements
 //!  3 add element      new elements of kept sets/maps (a changed map verdict, or a changed
 //!                     interval set: delete first, in the same transaction)
 //!  4 flush + add rule changed chains rewritten; new chains filled
 //!  5 delete element   gone elements of kept sets/maps
 //!  6 flush chain      obsolete chains (drops their references)
-//!  7 delete set/map   obsolete sets and maps                delete after last use
+//!  7 delete set/map   obsolete sets and maps, and counters  delete after last use
 //!  8 delete chain     obsolete chains
 //! ```
+//!
+//! A named limit that changes or goes (other drop-log flags) is a new layout: a full sync.
 //!
 //! Sets are never emptied and refilled: only their changed elements move. A set that is the
 //! same allocation in both rulesets (the compiler reused it) is skipped unread. A changed layout
@@ -235,9 +238,24 @@ fn incremental(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Optio
             (None, None) => {}
         }
     }
+    // Named limits: any change is a change of flags, rare enough for a full sync.
+    if applied.limits != desired.limits {
+        return None;
+    }
+    let mut add_counters = Vec::new();
+    let mut delete_counters = Vec::new();
+    for (name, old, labels) in by_name(&applied.counters, &desired.counters) {
+        match (old, labels) {
+            (None, Some(labels)) => add_counters.push(Op::AddCounter { name: name.clone(), labels: labels.clone() }),
+            (Some(_), None) => delete_counters.push(Op::DeleteCounter { name: name.clone() }),
+            // The same name, the same labels (names are derived from them): kept, count and all.
+            _ => {}
+        }
+    }
     let mut tx = Transaction::new(desired.table.clone());
     for phase in [
         add_chains,
+        add_counters,
         add_sets,
         add_maps,
         elements,
@@ -248,6 +266,7 @@ fn incremental(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas) -> Optio
         flush_obsolete,
         delete_maps,
         delete_sets,
+        delete_counters,
         delete_chains,
     ] {
         tx.ops.extend(phase);

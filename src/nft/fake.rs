@@ -2,13 +2,14 @@
 //! atomic (all or nothing); references to missing chains, sets and maps are refused; `delete`
 //! of a missing object or of one still referenced fails; `add` of an existing object is a
 //! no-op when it agrees and an error when it does not; the last transaction is recorded;
-//! dumps are deterministic.
+//! dumps are deterministic. Named counters count what a test says they saw
+//! ([`FakeNftables::count`]) and, as in the kernel, start at zero when (re)created.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::ir::{Chain, Element, Map, MapVerdict, Match, Rule, Ruleset, Set, Verdict};
-use super::{NftError, Nftables, Op, Transaction, render};
+use super::{CounterValue, NftError, Nftables, Op, Transaction, render};
 
 /// The fake. Public so that the agent's tests (and anyone's) can use it.
 #[derive(Clone, Debug, Default)]
@@ -16,6 +17,8 @@ pub struct FakeNftables {
     tables: BTreeMap<String, Ruleset>,
     last: Option<Transaction>,
     applied: usize,
+    /// (table, counter) → packets and bytes counted, for the named counters that exist.
+    counts: BTreeMap<(String, String), (u64, u64)>,
 }
 
 impl FakeNftables {
@@ -38,6 +41,17 @@ impl FakeNftables {
         self.applied
     }
 
+    /// Named counter `name` of `table` sees `packets` more packets (`bytes` more bytes),
+    /// as the kernel's would when rules count into it. False if no such counter exists.
+    pub fn count(&mut self, table: &str, name: &str, packets: u64, bytes: u64) -> bool {
+        if !self.tables.get(table).is_some_and(|t| t.counters.contains_key(name)) {
+            return false;
+        }
+        let c = self.counts.entry((table.to_string(), name.to_string())).or_default();
+        *c = (c.0 + packets, c.1 + bytes);
+        true
+    }
+
     /// Every table, rendered, in name order.
     pub fn dump(&self) -> String {
         self.tables.values().map(render::ruleset).collect()
@@ -54,6 +68,16 @@ impl Nftables for FakeNftables {
         let mut tables = self.tables.clone();
         execute(&mut tables, tx)?;
         self.tables = tables;
+        // A deleted table or counter takes its count with it.
+        for op in &tx.ops {
+            match op {
+                Op::DeleteTable => self.counts.retain(|(t, _), _| *t != tx.table),
+                Op::DeleteCounter { name } => {
+                    self.counts.remove(&(tx.table.clone(), name.clone()));
+                }
+                _ => {}
+            }
+        }
         self.last = Some(tx.clone());
         self.applied += 1;
         Ok(())
@@ -66,6 +90,17 @@ impl Nftables for FakeNftables {
 
     fn list(&self, table: &str) -> Result<String, NftError> {
         self.tables.get(table).map(render::ruleset).ok_or_else(|| NftError::NoSuchTable(table.to_string()))
+    }
+
+    fn counters(&self, table: &str) -> Result<Vec<CounterValue>, NftError> {
+        let t = self.tables.get(table).ok_or_else(|| NftError::NoSuchTable(table.to_string()))?;
+        Ok(t.counters
+            .keys()
+            .map(|name| {
+                let (packets, bytes) = self.counts.get(&(table.to_string(), name.clone())).copied().unwrap_or_default();
+                CounterValue { name: name.clone(), packets, bytes }
+            })
+            .collect())
     }
 }
 
@@ -106,6 +141,12 @@ fn apply_op(tables: &mut BTreeMap<String, Ruleset>, table: &str, op: &Op) -> R {
             }
             for (name, map) in &rs.maps {
                 add_map(t, name, map)?;
+            }
+            for (name, labels) in &rs.counters {
+                t.counters.entry(name.clone()).or_insert_with(|| labels.clone());
+            }
+            for (name, limit) in &rs.limits {
+                add_limit(t, name, limit)?;
             }
             for (name, chain) in &rs.chains {
                 for rule in &chain.rules {
@@ -182,6 +223,25 @@ fn apply_op(tables: &mut BTreeMap<String, Ruleset>, table: &str, op: &Op) -> R {
                     }
                     Ok(())
                 }
+                Op::AddCounter { name, labels } => {
+                    t.counters.entry(name.clone()).or_insert_with(|| labels.clone());
+                    Ok(())
+                }
+                Op::DeleteCounter { name } => {
+                    if !t.counters.contains_key(name) {
+                        return Err("No such file or directory (counter)".into());
+                    }
+                    if t.chains
+                        .values()
+                        .flat_map(|c| &c.rules)
+                        .any(|r| r.named_counter.as_ref().is_some_and(|c| c.name == *name))
+                    {
+                        return Err("Device or resource busy (counter is referenced)".into());
+                    }
+                    t.counters.remove(name);
+                    Ok(())
+                }
+                Op::AddLimit { name, limit } => add_limit(t, name, limit),
                 Op::AddTable | Op::DeleteTable | Op::DefineTable(_) => {
                     unreachable!("handled above")
                 }
@@ -201,6 +261,16 @@ fn add_chain(t: &mut Ruleset, name: &str, chain: &Chain) -> R {
                 name.to_string(),
                 Arc::new(Chain { base: chain.base, comment: chain.comment.clone(), rules: Vec::new() }),
             );
+            Ok(())
+        }
+    }
+}
+
+fn add_limit(t: &mut Ruleset, name: &str, limit: &super::ir::Limit) -> R {
+    match t.limits.get(name) {
+        Some(existing) if existing != limit => Err(format!("File exists (limit {name} with another rate)")),
+        _ => {
+            t.limits.insert(name.to_string(), *limit);
             Ok(())
         }
     }
@@ -232,6 +302,16 @@ fn add_rule(t: &mut Ruleset, chain: &str, rule: &Rule) -> R {
             }
             _ => {}
         }
+    }
+    if let Some(c) = &rule.named_counter
+        && !t.counters.contains_key(&c.name)
+    {
+        return Err(format!("No such file or directory (counter {})", c.name));
+    }
+    if let Some(limit) = rule.log.as_ref().and_then(|l| l.limit.as_ref())
+        && !t.limits.contains_key(limit)
+    {
+        return Err(format!("No such file or directory (limit {limit})"));
     }
     // nft refuses a rule whose matches imply both families ("conflicting protocols").
     let families: std::collections::BTreeSet<_> = rule.matches.iter().filter_map(|m| m.family()).collect();

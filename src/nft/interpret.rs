@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  hook H: base chains of H by ascending priority
-//!    each: rules in order; a rule matches iff all its matches hold, then counter, verdict:
+//!    each: rules in order; a rule matches iff all its matches hold, then log, counter, verdict
+//!    (log, limit and counters never decide: a rule without a verdict goes on to the next):
 //!      accept ─► this base chain is done; the next base chain of H still runs
 //!      drop   ─► the packet is gone
 //!      jump c ─► push a return point, run c    goto c ─► run c, no return point

@@ -4,8 +4,10 @@
 //!  Ruleset (one `inet` table)
 //!   ├─ sets   name → Set { key: [KeyType], interval, elements: {Element} }
 //!   ├─ maps   name → Map { key: [KeyType], elements: {Element → MapVerdict} }   (verdict maps)
+//!   ├─ counters name → CounterLabels      (named `counter` objects: what a rule counts into)
+//!   ├─ limits   name → Limit { rate/s, burst }   (named `limit` objects: shared budgets)
 //!   └─ chains name → Chain { base: Option<BaseChain{hook, priority, policy}>, rules: [Rule] }
-//!                          Rule { matches: [Match], counter, verdict, comment }
+//!                          Rule { matches: [Match], log, counter | named_counter, verdict, comment }
 //! ```
 //!
 //! Every collection is a `BTreeMap`/`BTreeSet`, so equal rulesets render byte-identically.
@@ -42,6 +44,12 @@ pub struct Ruleset {
     /// Shared like the sets: the compiler reuses a chain whose policy or pod did not
     /// change, and the diff skips it unread.
     pub chains: BTreeMap<String, Arc<Chain>>,
+    /// Named counter objects, each with what it counts (the agent's metric labels). Rules
+    /// point at them by name ([`Rule::named_counter`]): an object outlives the rewrite of the
+    /// chains that use it, so a partial sync keeps its count.
+    pub counters: BTreeMap<String, CounterLabels>,
+    /// Named limit objects (token buckets shared by every rule that names them).
+    pub limits: BTreeMap<String, Limit>,
 }
 
 impl Ruleset {
@@ -62,6 +70,12 @@ impl Ruleset {
     pub fn element_count(&self) -> usize {
         self.sets.values().map(|s| s.elements.len()).sum::<usize>()
             + self.maps.values().map(|m| m.elements.len()).sum::<usize>()
+    }
+
+    /// The named counters some rule counts into.
+    pub fn referenced_counters(&self) -> BTreeSet<&str> {
+        let rules = self.chains.values().flat_map(|c| &c.rules);
+        rules.filter_map(|r| r.named_counter.as_ref().map(|c| c.name.as_str())).collect()
     }
 
     /// The names of the sets some rule looks up.
@@ -151,14 +165,75 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
-/// One rule: all matches must hold, then the optional counter, then the verdict.
+/// One rule: all matches must hold, then the optional log (under its limit), the optional
+/// counter, then the verdict.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Rule {
     pub matches: Vec<Match>,
+    /// `limit name "<l>" log prefix "<p>" group <g>`: sends the packet to an NFLOG group.
+    /// Over the limit the rest of the rule is skipped (no log, no counter, no verdict):
+    /// give such a rule no verdict, so that it never decides a packet.
+    pub log: Option<Log>,
+    /// An anonymous `counter` (lives and dies with the rule).
     pub counter: bool,
+    /// `counter name "<c>"`: counts into a named counter object of the table (which
+    /// survives the rule). Takes the place of `counter`.
+    pub named_counter: Option<Arc<CounterRef>>,
     /// `None`: the rule only counts; evaluation continues with the next rule.
     pub verdict: Option<Verdict>,
     pub comment: Option<String>,
+}
+
+/// A rule's reference to a named counter object, with the labels the object carries (so
+/// that the compiler can declare, from the rules alone, every object they count into).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CounterRef {
+    pub name: String,
+    pub labels: CounterLabels,
+}
+
+/// What a named counter counts, in the agent's metric labels: a policy rule's accepts
+/// (`rule` its index or name) or a pod chain's final drop (`rule` empty, `policy` the
+/// isolating policies joined by `,`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct CounterLabels {
+    /// `NetworkPolicy`, or a cluster tier: `Admin`, `Baseline`.
+    pub tier: String,
+    /// The policy's namespace (empty for cluster policies).
+    pub namespace: String,
+    pub policy: String,
+    /// `ingress` or `egress`.
+    pub direction: String,
+    pub rule: String,
+    /// What the rule does with what it counts: `accept`, a cluster rule's `deny` or
+    /// `pass`, or `drop` for a pod chain's final drop.
+    pub action: String,
+    /// Dropped by a pod chain's final drop (`true`), or matched by a policy rule.
+    pub denied: bool,
+}
+
+impl CounterLabels {
+    /// The object's comment: the labels in words.
+    pub fn comment(&self) -> String {
+        let ns = if self.namespace.is_empty() { String::new() } else { format!("{}/", self.namespace) };
+        let what = if self.denied { "denied".to_string() } else { format!("rule {} {}", self.rule, self.action) };
+        crate::nft::names::comment(&format!("{} {ns}{} {} {what}", self.tier, self.policy, self.direction))
+    }
+}
+
+/// `log prefix "<prefix>" group <group>`, under the named limit `limit` (if any).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Log {
+    pub limit: Option<String>,
+    pub prefix: String,
+    pub group: u16,
+}
+
+/// A named `limit` object: `rate <rate>/second burst <burst> packets`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Limit {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 /// A connection-tracking state.

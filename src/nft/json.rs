@@ -146,7 +146,26 @@ fn statements(r: &Rule) -> Vec<Statement<'static>> {
             }),
         });
     }
-    if r.counter {
+    if let Some(log) = &r.log {
+        if let Some(limit) = &log.limit {
+            // The crate has no reference to a named limit: a placeholder `to_value` rewrites.
+            out.push(Statement::Limit(stmt::Limit {
+                rate: 0,
+                rate_unit: Some(LIMIT_REF.into()),
+                per: Some(limit.clone().into()),
+                burst: None,
+                burst_unit: None,
+                inv: None,
+            }));
+        }
+        out.push(Statement::Log(Some(stmt::Log {
+            prefix: Some(log.prefix.clone().into()),
+            ..stmt::Log::new(Some(u32::from(log.group)))
+        })));
+    }
+    if let Some(c) = &r.named_counter {
+        out.push(Statement::Counter(stmt::Counter::Named(c.name.clone().into())));
+    } else if r.counter {
         out.push(Statement::Counter(stmt::Counter::Anonymous(None)));
     }
     match &r.verdict {
@@ -164,9 +183,14 @@ fn statements(r: &Rule) -> Vec<Statement<'static>> {
     out
 }
 
+/// The `rate_unit` of the placeholder that stands for `{"limit": "<name>"}`.
+const LIMIT_REF: &str = "named limit";
+
 /// The whole table as libnftables JSON objects (table, chains, sets, maps, then rules).
-/// Verdict maps carry a placeholder data type here (the crate cannot name `verdict`); use
-/// [`to_value`] or [`to_string`] for the JSON nft accepts.
+/// Verdict maps carry a placeholder data type here (the crate cannot name `verdict`), a
+/// named limit's reference a placeholder statement, and named counter and limit objects
+/// are missing (the crate's cannot carry a comment); use [`to_value`] or [`to_string`]
+/// for the JSON nft accepts.
 pub fn ruleset(rs: &Ruleset) -> Nftables<'static> {
     let table: Cow<'static, str> = rs.table.clone().into();
     let mut objects: Vec<NfObject<'static>> = vec![NfObject::ListObject(NfListObject::Table(schema::Table {
@@ -245,13 +269,35 @@ pub fn ruleset(rs: &Ruleset) -> Nftables<'static> {
 
 /// The table as `nft -j` JSON.
 pub fn to_value(rs: &Ruleset) -> serde_json::Value {
+    use serde_json::{Value as J, json};
     let mut v = serde_json::to_value(ruleset(rs)).expect("the nftables schema always serializes");
     if let Some(objects) = v.get_mut("nftables").and_then(|o| o.as_array_mut()) {
-        for o in objects {
+        for o in objects.iter_mut() {
             if let Some(map) = o.get_mut("map").and_then(|m| m.as_object_mut()) {
-                map.insert("map".into(), serde_json::Value::String("verdict".into()));
+                map.insert("map".into(), J::String("verdict".into()));
+            }
+            let statements = o.get_mut("rule").and_then(|r| r.get_mut("expr")).and_then(|e| e.as_array_mut());
+            for st in statements.into_iter().flatten() {
+                let limit = st.get("limit").filter(|l| l.get("rate_unit").and_then(J::as_str) == Some(LIMIT_REF));
+                if let Some(name) = limit.and_then(|l| l.get("per")).cloned() {
+                    *st = json!({ "limit": name });
+                }
             }
         }
+        // Named objects right after the table: declared before the rules that name them.
+        let table = &rs.table;
+        let named = rs
+            .counters
+            .iter()
+            .map(|(name, labels)| {
+                json!({"counter": {"family": "inet", "table": table, "name": name, "comment": labels.comment()}})
+            })
+            .chain(rs.limits.iter().map(|(name, l)| {
+                json!({"limit": {"family": "inet", "table": table, "name": name, "rate": l.per_second,
+                                 "per": "second", "burst": l.burst}})
+            }));
+        let at = 1.min(objects.len());
+        objects.splice(at..at, named);
     }
     v
 }

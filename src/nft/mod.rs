@@ -21,7 +21,7 @@ pub mod render;
 
 use std::sync::Arc;
 
-use ir::{Chain, Element, Map, MapVerdict, Rule, Ruleset, Set};
+use ir::{Chain, CounterLabels, Element, Limit, Map, MapVerdict, Rule, Ruleset, Set};
 
 /// One typed operation of a transaction (nft command syntax when rendered).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +76,20 @@ pub enum Op {
         map: String,
         elements: Vec<Element>,
     },
+    /// `add counter`: a named counter object, starting at zero (the labels become its
+    /// comment). Adding one that exists keeps its count.
+    AddCounter {
+        name: String,
+        labels: CounterLabels,
+    },
+    DeleteCounter {
+        name: String,
+    },
+    /// `add limit`: a named limit object.
+    AddLimit {
+        name: String,
+        limit: Limit,
+    },
     /// A whole table in block syntax (what a full sync loads after `delete table`).
     DefineTable(Box<Ruleset>),
 }
@@ -125,7 +139,11 @@ impl Transaction {
                 Op::DeleteSet { .. } | Op::DeleteMap { .. } => s.sets += 1,
                 Op::AddChain { .. } | Op::FlushChain { .. } | Op::DeleteChain { .. } => s.chains += 1,
                 Op::AddRule { .. } => s.rules += 1,
-                Op::AddTable | Op::DeleteTable => {}
+                Op::AddTable
+                | Op::DeleteTable
+                | Op::AddCounter { .. }
+                | Op::DeleteCounter { .. }
+                | Op::AddLimit { .. } => {}
                 Op::DefineTable(rs) => {
                     s.chains += rs.chains.len();
                     s.rules += rs.rule_count();
@@ -179,4 +197,15 @@ pub trait Nftables {
     fn check(&self, tx: &Transaction) -> Result<(), NftError>;
     /// The table as nft text (`nft list table inet <table>` for the real one).
     fn list(&self, table: &str) -> Result<String, NftError>;
+    /// The values of the table's named counters (`nft list counters table inet <table>`),
+    /// in no particular order.
+    fn counters(&self, table: &str) -> Result<Vec<CounterValue>, NftError>;
+}
+
+/// What a named counter object has counted since it was created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterValue {
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
 }

@@ -41,7 +41,11 @@ pub const LOCAL_PODS_V6: &str = "local_pods_v6";
 pub const EGRESS_PRIORITY: i32 = 0;
 pub const INGRESS_PRIORITY: i32 = 10;
 
+/// The named limit object every pod chain's drop log shares: one node-wide budget.
+pub const DROP_LOG_LIMIT: &str = "drop_log";
+
 pub const FIXED: &[&str] = &[
+    DROP_LOG_LIMIT,
     EGRESS_FORWARD,
     EGRESS_INPUT,
     INGRESS_FORWARD,
@@ -75,6 +79,9 @@ pub const NODES_V4: &str = "nodes4_";
 pub const NODES_V6: &str = "nodes6_";
 pub const DOMAINS_V4: &str = "dns4_";
 pub const DOMAINS_V6: &str = "dns6_";
+/// Named counter objects: a policy rule's accepts, a pod chain's drops.
+pub const RULE_COUNTER: &str = "cnt_";
+pub const DROP_COUNTER: &str = "drop_";
 
 pub const PREFIXES: &[&str] = &[
     POD_INGRESS,
@@ -96,6 +103,8 @@ pub const PREFIXES: &[&str] = &[
     NODES_V6,
     DOMAINS_V4,
     DOMAINS_V6,
+    RULE_COUNTER,
+    DROP_COUNTER,
 ];
 
 /// Longest name we generate (nft allows 255; short names keep rules readable).
@@ -218,6 +227,24 @@ pub fn tier_chain(admin: bool, ingress: bool, policies: &[&str]) -> String {
     };
     let hint = policies.iter().map(|id| id.rsplit('/').next().unwrap_or(id)).collect::<Vec<_>>().join("_");
     generated(prefix, policies, &hint)
+}
+
+/// The counter of rule `rule` of policy `namespace/name` (namespace empty: a cluster
+/// policy of tier `tier`) for a direction: one per (policy rule, direction), whatever pods
+/// the rule serves.
+pub fn rule_counter(tier: &str, namespace: &str, name: &str, direction: &str, rule: &str) -> String {
+    // A cluster policy's name is `kind/name`: its name alone reads better.
+    let short = name.rsplit('/').next().unwrap_or(name);
+    generated(RULE_COUNTER, &[tier, namespace, name, direction, rule], &format!("{namespace}_{short}_{rule}"))
+}
+
+/// The counter of the final drop of the pod chains isolated by exactly `policies` (names,
+/// in the order the chain jumps to them) of `namespace` for a direction: pods alike share
+/// it, so a new pod finds its count there and a deleted one leaves it.
+pub fn drop_counter(namespace: &str, policies: &[&str], direction: &str) -> String {
+    let mut identity = vec![namespace, direction];
+    identity.extend(policies);
+    generated(DROP_COUNTER, &identity, &format!("{namespace}_{}", policies.join("_")))
 }
 
 /// The chain of a policy for a direction.

@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use super::ir::{Chain, Element, Key, Map, MapVerdict, Match, Rule, Ruleset, Set, Verdict};
+use super::ir::{Chain, CounterLabels, Element, Key, Limit, Map, MapVerdict, Match, Rule, Ruleset, Set, Verdict};
 use super::{Op, Transaction};
 
 /// `"<text>"`, with anything unsafe replaced (defence in depth: IR comments are already safe).
@@ -63,7 +63,15 @@ pub fn map_verdict(v: &MapVerdict) -> String {
 /// One rule's statement text (what follows `add rule <family> <table> <chain>`).
 pub fn rule(r: &Rule) -> String {
     let mut parts: Vec<String> = r.matches.iter().map(match_expr).collect();
-    if r.counter {
+    if let Some(log) = &r.log {
+        if let Some(limit) = &log.limit {
+            parts.push(format!("limit name {}", quote(limit)));
+        }
+        parts.push(format!("log prefix {} group {}", quote(&log.prefix), log.group));
+    }
+    if let Some(c) = &r.named_counter {
+        parts.push(format!("counter name {}", quote(&c.name)));
+    } else if r.counter {
         parts.push("counter".into());
     }
     if let Some(v) = &r.verdict {
@@ -116,6 +124,14 @@ fn map_spec(map: &Map) -> Vec<String> {
     out
 }
 
+fn counter_spec(labels: &CounterLabels) -> Vec<String> {
+    vec![format!("comment {}", quote(&labels.comment()))]
+}
+
+fn limit_spec(limit: &Limit) -> Vec<String> {
+    vec![format!("rate {}/second burst {} packets", limit.per_second, limit.burst)]
+}
+
 fn chain_spec(chain: &Chain) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(b) = chain.base {
@@ -142,6 +158,18 @@ pub fn ruleset(rs: &Ruleset) -> String {
     for (name, map) in &rs.maps {
         let _ = writeln!(s, "\tmap {name} {{");
         for line in map_spec(map) {
+            let _ = writeln!(s, "\t\t{line}");
+        }
+        let _ = writeln!(s, "\t}}");
+    }
+    for (kind, name, spec) in rs
+        .counters
+        .iter()
+        .map(|(n, l)| ("counter", n, counter_spec(l)))
+        .chain(rs.limits.iter().map(|(n, l)| ("limit", n, limit_spec(l))))
+    {
+        let _ = writeln!(s, "\t{kind} {name} {{");
+        for line in spec {
             let _ = writeln!(s, "\t\t{line}");
         }
         let _ = writeln!(s, "\t}}");
@@ -197,6 +225,9 @@ pub fn op(table: &str, op: &Op) -> String {
         Op::DeleteMapElements { map, elements: e } => {
             format!("delete element {t} {map} {{ {} }}", elements(e.iter()))
         }
+        Op::AddCounter { name, labels } => format!("add counter {t} {name} {{ {}; }}", counter_spec(labels).join("; ")),
+        Op::DeleteCounter { name } => format!("delete counter {t} {name}"),
+        Op::AddLimit { name, limit } => format!("add limit {t} {name} {{ {}; }}", limit_spec(limit).join("; ")),
         Op::DefineTable(rs) => ruleset(rs).trim_end().to_string(),
     }
 }

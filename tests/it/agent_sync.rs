@@ -99,6 +99,9 @@ impl Nftables for Flaky {
     fn list(&self, table: &str) -> Result<String, NftError> {
         self.fake.list(table)
     }
+    fn counters(&self, table: &str) -> Result<Vec<netpol::nft::CounterValue>, NftError> {
+        self.fake.counters(table)
+    }
 }
 
 impl Flaky {
@@ -182,10 +185,7 @@ impl World {
     /// The compiled ruleset of the cluster as the test wrote it, rendered.
     fn expected(&self) -> String {
         let (cluster, _) = nft_target::cluster(&self.snapshot());
-        render::ruleset(&compile(
-            &cluster,
-            &NodeConfig { node: NODE.into(), table: TABLE.into(), pod_cidrs: Vec::new() },
-        ))
+        render::ruleset(&compile(&cluster, &NodeConfig { table: TABLE.into(), ..NodeConfig::new(NODE) }))
     }
 
     /// Waits until the fake's table equals the expected one.
@@ -518,7 +518,7 @@ async fn the_agent_binary_programs_its_table_keeps_it_on_sigterm_and_removes_it_
 
     let expected = {
         let (cluster, _) = nft_target::cluster(&w.snapshot());
-        compile(&cluster, &NodeConfig { node: NODE.into(), table: table.clone(), pod_cidrs: Vec::new() })
+        compile(&cluster, &NodeConfig { table: table.clone(), ..NodeConfig::new(NODE) })
     };
     let wait_for_table = |agent: &mut AgentProcess| {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -578,10 +578,7 @@ async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_comm
 
     let expected = |w: &World| {
         let (cluster, _) = nft_target::cluster(&w.snapshot());
-        render::ruleset(&compile(
-            &cluster,
-            &NodeConfig { node: NODE.into(), table: table.clone(), pod_cidrs: Vec::new() },
-        ))
+        render::ruleset(&compile(&cluster, &NodeConfig { table: table.clone(), ..NodeConfig::new(NODE) }))
     };
     // The kernel's listing, once it holds every chain and address the compiled ruleset has.
     let restored_within = |agent: &mut AgentProcess, want: &str, limit: Duration| -> Duration {
@@ -675,4 +672,60 @@ async fn a_foreign_flush_or_edit_of_the_table_is_undone_at_once_and_our_own_comm
 
     let status = agent.terminate(STOP_LIMIT).unwrap().expect("netpol-agent stops on SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", agent.log());
+}
+
+// ---------------------------------------------------------------- per-rule counters
+
+/// The totals of the rule counters as `/metrics` shows them, by metric line prefix.
+fn exported(metrics: &netpol::agent::Metrics, counters: &netpol::agent::RuleCounters, line: &str) -> Option<u64> {
+    counters.read().unwrap();
+    metrics.record_rule_counters(&counters.totals());
+    let text = metrics.encode(None, &SyncState::default());
+    text.lines().find(|l| l.starts_with(line)).and_then(|l| l.rsplit(' ').next()).map(|n| n.parse().unwrap())
+}
+
+#[test]
+fn rule_totals_never_go_down_across_full_syncs_and_deleted_counters() {
+    let fake = Arc::new(Mutex::new(FakeNftables::new()));
+    let reader = Arc::clone(&fake);
+    let counters = netpol::agent::RuleCounters::new(Arc::new(move || reader.lock().unwrap().counters(TABLE)));
+    let mut target = NftTarget::new(Arc::clone(&fake), NODE, TABLE).with_rule_counters(counters.clone());
+    let metrics = netpol::agent::Metrics::new();
+    let namespaces = vec![namespace("shop", &[])];
+    let pods = vec![
+        pod("shop", "web", NODE, "10.0.0.1", &[("app", "web")]),
+        pod("shop", "client", "node-b", "10.0.0.2", &[("app", "client")]),
+    ];
+    let policies = vec![policy("shop", "web", &[("app", "web")], &[("app", "client")], 80)];
+    let isolated = netpol::agent::Snapshot::from_objects(&namespaces, &pods, &policies);
+    target.sync(&isolated, true).unwrap();
+    let denied = r#"netpol_policy_denied_packets_total{namespace="shop",policy="web",direction="ingress"}"#;
+    let accepted = r#"netpol_policy_rule_packets_total{tier="NetworkPolicy",namespace="shop",policy="web",direction="ingress",rule="0",action="accept"}"#;
+    let count = |denied: bool, packets: u64| {
+        let mut fake = fake.lock().unwrap();
+        let rs = fake.ruleset(TABLE).unwrap().clone();
+        let (name, _) = rs.counters.iter().find(|(_, l)| l.denied == denied).unwrap();
+        assert!(fake.count(TABLE, name, packets, packets * 60));
+    };
+    count(true, 5);
+    count(false, 3);
+    assert_eq!((exported(&metrics, &counters, denied), exported(&metrics, &counters, accepted)), (Some(5), Some(3)));
+    // More packets, then a full sync replaces the table (its counters start at zero): the
+    // sync reads them first, so nothing counted is lost and the totals go on.
+    count(true, 1);
+    target.sync(&isolated, true).unwrap();
+    assert!(is_full_sync(fake.lock().unwrap().last_transaction().unwrap()));
+    assert!(fake.lock().unwrap().counters(TABLE).unwrap().iter().all(|c| c.packets == 0));
+    count(true, 2);
+    assert_eq!(exported(&metrics, &counters, denied), Some(8));
+    // The policy goes (a partial sync deletes its counters): the series keep their totals.
+    count(false, 4);
+    let open = netpol::agent::Snapshot::from_objects(&namespaces, &pods, &[]);
+    target.sync(&open, false).unwrap();
+    assert!(fake.lock().unwrap().counters(TABLE).unwrap().is_empty());
+    assert_eq!((exported(&metrics, &counters, denied), exported(&metrics, &counters, accepted)), (Some(8), Some(7)));
+    // It comes back: the same series continue from there.
+    target.sync(&isolated, false).unwrap();
+    count(true, 1);
+    assert_eq!(exported(&metrics, &counters, denied), Some(9));
 }

@@ -458,7 +458,7 @@ impl Scene {
             .enumerate()
             .map(|(i, n)| {
                 let pod_cidrs = self.pod_cidrs.get(i).map(|c| vec![c.parse().unwrap()]).unwrap_or_default();
-                compile(cluster, &NodeConfig { node: n.to_string(), table: self.table.clone(), pod_cidrs })
+                compile(cluster, &NodeConfig { table: self.table.clone(), pod_cidrs, ..NodeConfig::new(n.to_string()) })
             })
             .collect()
     }

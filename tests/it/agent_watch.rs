@@ -428,6 +428,7 @@ async fn the_admin_server_reports_readiness_and_metrics() {
             status: agent.status.clone(),
             watch_counters: Some(agent.watch.counters().clone()),
             limits: admin::ProbeLimits::default(),
+            rule_counters: None,
         },
     ));
 
@@ -838,6 +839,7 @@ async fn readiness_and_metrics_show_watches_that_are_not_live() {
         status: agent.status.clone(),
         watch_counters: Some(agent.watch.counters().clone()),
         limits: admin::ProbeLimits::default(),
+        rule_counters: None,
     };
     let admin_task = tokio::spawn(admin::serve(listener, state));
     agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;
@@ -882,6 +884,7 @@ async fn the_admin_server_closes_connections_beyond_its_cap_and_serves_again_whe
         status,
         watch_counters: None,
         limits: admin::ProbeLimits::default(),
+        rule_counters: None,
     };
     let admin_task = tokio::spawn(admin::serve_limited(listener, state, 2));
     // Two idle connections take both slots. No wait is needed before the third: the server
@@ -969,6 +972,7 @@ async fn liveness_fails_through_the_admin_endpoint_while_a_sync_runs_past_its_bo
         status: agent.status.clone(),
         watch_counters: Some(agent.watch.counters().clone()),
         limits,
+        rule_counters: None,
     };
     let admin_task = tokio::spawn(admin::serve(listener, state));
     agent.wait_synced("the first sync", |s| s.pods.len() == 3).await;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use netpol::compile::naming::Namer;
-use netpol::compile::{IdleSets, IncrementalCompiler, NodeConfig, compile, reference};
+use netpol::compile::{DropLog, IdleSets, IncrementalCompiler, NodeConfig, Observe, compile, reference};
 use netpol::engines::ruleset::Engine;
 use netpol::policy::bitset::BitMatrix;
 use netpol::policy::matrix::{Family, Probe, ProbePort, reference_matrix};
@@ -310,7 +310,7 @@ use netpol::nft::backend::netlink::NetlinkNftables;
 use netpol::nft::backend::process::RealNftables;
 use netpol::nft::diff::{diff, diff_with, full_sync};
 use netpol::nft::fake::FakeNftables;
-use netpol::nft::{Nftables, render};
+use netpol::nft::{Nftables, Op, render};
 
 /// One random change of the kinds the agent sees.
 fn mutate(c: &Cluster, rng: &mut Rng) -> Cluster {
@@ -1427,6 +1427,16 @@ fn guarded(node: &str, cidrs: &[&str]) -> NodeConfig {
 /// pod CIDRs of one family or both, overlapping ones among them (the random pods' addresses
 /// are `10.0.0.x` and `fd00::x` whatever their node, so remote pods are in them too).
 fn config_for(node: &str, seed: u64) -> NodeConfig {
+    // Counters and the drop log on (the default), off, or logging to another group.
+    let observe = match seed % 3 {
+        0 => Observe::default(),
+        1 => Observe::OFF,
+        _ => Observe { rule_counters: false, drop_log: Some(DropLog { group: 7, per_second: 1, burst: 1 }) },
+    };
+    NodeConfig { observe, ..guarded_or_not(node, seed) }
+}
+
+fn guarded_or_not(node: &str, seed: u64) -> NodeConfig {
     match seed % 4 {
         0 | 2 => NodeConfig::new(node),
         1 => guarded(node, &["10.0.0.0/29", "fd00::/124"]),
@@ -1674,7 +1684,8 @@ proptest! {
         addresses.extend([addr("10.0.0.200"), addr("10.0.0.3"), addr("192.0.2.7"), addr("fd00::5"), addr("fd00::99"), addr("2001:db8::7")]);
         for node in NODES {
             let config = NodeConfig { node: node.to_string(), ..config.clone() };
-            let (on, off) = (compile(&cluster, &config), compile(&cluster, &NodeConfig::new(node)));
+            let unguarded = NodeConfig { pod_cidrs: Vec::new(), ..config.clone() };
+            let (on, off) = (compile(&cluster, &config), compile(&cluster, &unguarded));
             prop_assert_eq!(without_guard(&on), off.clone(), "seed {}", seed);
             let local: BTreeSet<IpAddr> = cluster
                 .pods
@@ -1870,4 +1881,139 @@ fn the_json_rendering_loads_with_nft_json_in_a_throwaway_namespace() {
             assert_eq!(strip(&listed), strip(&listed_from_text), "{}", example.display());
         }
     }
+}
+
+// --- counters and the drop log ---------------------------------------------------------------
+
+/// Pods `target-0..n` of namespace `a` on node-1, isolated by `from-web` (and `from-db` for
+/// the odd ones), and web pods on node-2.
+fn isolated_targets(n: u8) -> Cluster {
+    let targets = (0..n).map(|i| app_pod(&format!("target-{i}"), "target", "node-1", &format!("10.0.0.{}", i + 1)));
+    let webs = (0..3).map(|i| app_pod(&format!("web-{i}"), "web", "node-2", &format!("10.0.1.{i}")));
+    let mut from_db = allow_from("from-db", "db");
+    from_db.pod_selector =
+        Selector::new(vec![Requirement { key: "app".into(), operator: Operator::In(["target".into()].into()) }]);
+    Cluster::new(vec![], targets.chain(webs), vec![allow_from("from-web", "web"), from_db])
+}
+
+#[test]
+fn a_pod_chain_logs_under_the_node_wide_limit_then_drops_into_its_counter() {
+    let rs = compile(&isolated_targets(1), &NodeConfig::new("node-1"));
+    let chain = &rs.chains[&netpol::nft::names::pod_chain(true, "a", "target-0")];
+    let [.., log, drop] = chain.rules.as_slice() else { panic!("too few rules") };
+    // The log rule decides nothing: over the budget it just ends, and the drop follows.
+    assert_eq!(log.verdict, None);
+    let l = log.log.as_ref().expect("a log rule");
+    assert_eq!(l.limit.as_deref(), Some(netpol::nft::names::DROP_LOG_LIMIT));
+    assert_eq!((l.group, l.prefix.as_str()), (9469, netpol::nft::names::pod_chain(true, "a", "target-0").as_str()));
+    assert!(l.prefix.len() <= 127, "the kernel's limit for a log prefix");
+    assert_eq!(drop.verdict, Some(netpol::nft::ir::Verdict::Drop));
+    let counter = drop.named_counter.as_ref().expect("a counted drop");
+    assert!(counter.labels.denied);
+    assert_eq!((counter.labels.namespace.as_str(), counter.labels.policy.as_str()), ("a", "from-db,from-web"));
+    // One limit object, every counter some rule names declared, nothing else.
+    assert_eq!(rs.limits.len(), 1);
+    assert_eq!(rs.counters.keys().map(String::as_str).collect::<BTreeSet<_>>(), rs.referenced_counters());
+    let text = render::ruleset(&rs);
+    assert!(text.contains("limit name \"drop_log\" log prefix \"pod_in_"), "{text}");
+    assert!(text.contains("rate 10/second burst 50 packets"), "{text}");
+}
+
+#[test]
+fn every_policy_rule_counts_into_its_own_counter_and_pods_alike_share_their_drop_counter() {
+    let rs = compile(&isolated_targets(6), &NodeConfig::new("node-1"));
+    let drops: BTreeSet<&str> = rs.counters.iter().filter(|(_, l)| l.denied).map(|(n, _)| n.as_str()).collect();
+    // Six pods, one (namespace, isolating policies, direction): one drop counter.
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    let accepts: Vec<_> = rs.counters.values().filter(|l| !l.denied).collect();
+    // Two policies of one ingress rule each.
+    assert_eq!(accepts.len(), 2, "{accepts:?}");
+    for rule in
+        rs.chains.values().flat_map(|c| &c.rules).filter(|r| r.verdict == Some(netpol::nft::ir::Verdict::Accept))
+    {
+        let Some(c) = &rule.named_counter else { continue };
+        assert_eq!(c.labels.rule, "0");
+        assert!(rule.comment.as_deref().is_some_and(|t| t.contains(&format!("a/{} ingress rule 0", c.labels.policy))));
+    }
+    // The counters never grow with remote pods: a hundred more web pods, the same objects.
+    let mut many = isolated_targets(6);
+    for i in 0..100u8 {
+        many = with_pod(&many, app_pod(&format!("w-{i}"), "web", "node-3", &format!("10.0.2.{i}")));
+    }
+    assert_eq!(compile(&many, &NodeConfig::new("node-1")).counters, rs.counters);
+}
+
+#[test]
+fn with_counters_and_log_off_the_ruleset_has_neither_and_decides_the_same() {
+    for seed in 0..60u64 {
+        let cluster = random_cluster(seed);
+        for node in NODES {
+            let on = compile(&cluster, &NodeConfig::new(node));
+            let off = compile(&cluster, &NodeConfig { observe: Observe::OFF, ..NodeConfig::new(node) });
+            assert!(off.counters.is_empty() && off.limits.is_empty());
+            let rules = || off.chains.values().flat_map(|c| &c.rules);
+            assert!(rules().all(|r| r.log.is_none() && r.named_counter.is_none()));
+            // Only the log rules differ in number.
+            let logs = on.chains.values().flat_map(|c| &c.rules).filter(|r| r.log.is_some()).count();
+            assert_eq!(on.rule_count(), off.rule_count() + logs);
+            let addrs: Vec<IpAddr> = cluster.pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
+            let (a, b) = (Interpreter::new(&on), Interpreter::new(&off));
+            for pkt in packets_between(&addrs) {
+                for hook in [Hook::Forward, Hook::Input] {
+                    assert_eq!(a.hook(hook, &pkt), b.hook(hook, &pkt), "seed {seed} {node} {pkt}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cluster_policy_rules_count_under_their_tier_never_as_a_network_policy() {
+    let sources = netpol::k8s::load::read_sources(&[
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("policy-examples/tier-tenant-isolation")
+    ])
+    .unwrap();
+    let cluster =
+        netpol::k8s::load::load_sources(&sources, &netpol::k8s::load::LoadOptions::default()).unwrap().cluster;
+    let rs = compile(&cluster, &NodeConfig::new("node-1"));
+    let tiers: BTreeSet<(&str, &str, &str)> = rs
+        .counters
+        .values()
+        .filter(|l| l.tier != "NetworkPolicy")
+        .map(|l| (l.tier.as_str(), l.namespace.as_str(), l.action.as_str()))
+        .collect();
+    assert_eq!(tiers, BTreeSet::from([("Admin", "", "deny"), ("Admin", "", "pass")]));
+    assert!(rs.counters.values().filter(|l| l.tier == "Admin").all(|l| l.policy.starts_with("ClusterNetworkPolicy/")));
+}
+
+#[test]
+fn a_partial_sync_keeps_every_counter_it_still_uses_and_its_count() {
+    let mut fake = FakeNftables::new();
+    let config = NodeConfig::new("node-1");
+    let before = compile(&isolated_targets(2), &config);
+    fake.apply(&full_sync(&before)).unwrap();
+    for name in before.counters.keys() {
+        assert!(fake.count("netpol", name, 3, 180));
+    }
+    // A third target (same policies), a new web peer: chains and sets change, counters stay.
+    let after = compile(&with_pod(&isolated_targets(3), app_pod("web-9", "web", "node-2", "10.0.1.9")), &config);
+    let tx = diff(&before, &after);
+    assert!(!tx.is_empty() && !tx.ops.iter().any(|op| matches!(op, Op::AddCounter { .. } | Op::DeleteCounter { .. })));
+    fake.apply(&tx).unwrap();
+    assert!(fake.counters("netpol").unwrap().iter().all(|c| c.packets == 3), "counts kept");
+    // The policy from-db goes: its rule's counter and the drop counter of its pods go with
+    // it, after the rules that used them; a new drop counter comes.
+    let without_db = Cluster::new(
+        vec![],
+        isolated_targets(3).pods.iter().cloned(),
+        isolated_targets(3).policies.iter().filter(|p| p.id.name != "from-db").cloned(),
+    );
+    let last = compile(&without_db, &config);
+    let tx = diff(&after, &last);
+    let deleted = tx.ops.iter().filter(|op| matches!(op, Op::DeleteCounter { .. })).count();
+    let added = tx.ops.iter().filter(|op| matches!(op, Op::AddCounter { .. })).count();
+    assert_eq!((deleted, added), (2, 1), "{}", tx.render());
+    fake.apply(&tx).unwrap();
+    let values = fake.counters("netpol").unwrap();
+    assert_eq!(values.len(), last.counters.len());
 }

@@ -235,11 +235,11 @@ fn a_full_receive_buffer_is_survived_and_the_lost_packets_counted() {
     lab.teardown().unwrap();
 }
 
-/// `netpol-agent --drop-log 7` reads the group in its namespace and writes one
-/// `netpol::drop` line per logged packet, naming the addresses of the pods it synced
-/// (unattributed until the compile change's prefixes come: the prefix stands as it is).
+/// The agent's own drop log, as deployed (on by default): a packet its rules deny is
+/// logged by the pod chain's final drop, and the agent writes one `netpol::drop` line for
+/// it naming the direction, both pods and the policy that isolates the receiver.
 #[test]
-fn the_agent_with_a_drop_log_group_writes_a_line_per_logged_packet() {
+fn a_packet_the_agent_denies_is_logged_with_its_pods_and_the_isolating_policy() {
     if !common::kernel_or_skip() {
         return;
     }
@@ -247,9 +247,17 @@ fn the_agent_with_a_drop_log_group_writes_a_line_per_logged_packet() {
     let ns = lab.node_netns(NODE).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let server = rt.block_on(FakeApiServer::start()).unwrap();
-    // The agent knows pod a; b's address is no pod it knows.
     server.apply(&namespace("t", &[])).unwrap();
-    server.apply(&pod("t", "a", NODE, A, &[])).unwrap();
+    server.apply(&pod("t", "a", NODE, A, &[("app", "a")])).unwrap();
+    server.apply(&pod("t", "b", NODE, B, &[("app", "b")])).unwrap();
+    // b accepts nothing: ingress isolated, no rule.
+    server
+        .apply_json(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "b-deny-all", "namespace": "t"},
+            "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]}
+        }))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
@@ -261,7 +269,7 @@ fn the_agent_with_a_drop_log_group_writes_a_line_per_logged_packet() {
         NftRoute::Netns(ns.clone()),
         dir.path(),
     );
-    launch.extra_args = vec!["--drop-log".into(), GROUP.to_string(), "--node-wait".into(), "1s".into()];
+    launch.extra_args = vec!["--node-wait".into(), "1s".into()];
     let mut agent = launch.spawn("agent.log").unwrap();
     let wait_for =
         |agent: &mut netpol::testkit::agent_process::AgentProcess, what: &str, found: &dyn Fn(&str) -> bool| {
@@ -279,17 +287,22 @@ fn the_agent_with_a_drop_log_group_writes_a_line_per_logged_packet() {
         };
     wait_for(&mut agent, "drop log start", &|l| l.contains("reading the drop log"));
     agent.wait_applied(None, 1, Duration::from_secs(15)).unwrap();
-    send_udp(&lab, SocketAddr::new(A.parse().unwrap(), 40030), SocketAddr::new(B.parse().unwrap(), 9200), 1);
+    // A port no rule of the lab's own table logs: only the agent's rules see it.
+    send_udp(&lab, SocketAddr::new(A.parse().unwrap(), 40030), SocketAddr::new(B.parse().unwrap(), 9300), 1);
     let line = wait_for(&mut agent, "drop line", &|l| l.contains("netpol::drop"));
     eprintln!("agent: {line}");
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(v["fields"]["message"], "denied by a rule logging \"flood\": t/a -> 10.79.0.2 UDP/9200", "{line}");
-    assert_eq!(v["fields"]["prefix"], "flood", "{line}");
-    assert_eq!(v["fields"]["service"], "UDP/9200", "{line}");
+    assert_eq!(
+        v["fields"]["message"], "denied ingress to t/b (isolated by t/b-deny-all): t/a -> t/b UDP/9300",
+        "{line}"
+    );
+    assert!(v["fields"]["prefix"].as_str().unwrap().starts_with("pod_in_"), "{line}");
+    assert_eq!(v["fields"]["service"], "UDP/9300", "{line}");
     let status = agent.terminate(Duration::from_secs(10)).unwrap().expect("netpol-agent stops on SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", agent.log());
     // The agent's socket is gone with it: the group is free again.
-    NflogSocket::open(Some(&ns), &LogConfig::new(GROUP), DEFAULT_RECEIVE_BUFFER).expect("the group released");
+    let group = netpol::compile::DropLog::DEFAULT_GROUP;
+    NflogSocket::open(Some(&ns), &LogConfig::new(group), DEFAULT_RECEIVE_BUFFER).expect("the group released");
     drop(server);
     lab.teardown().unwrap();
 }

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::nft::{NftError, Nftables, Transaction};
+use crate::nft::{CounterValue, NftError, Nftables, Transaction};
 
 #[derive(Clone, Debug)]
 pub struct RealNftables {
@@ -176,6 +176,35 @@ impl Nftables for RealNftables {
             e => e,
         })
     }
+
+    fn counters(&self, table: &str) -> Result<Vec<CounterValue>, NftError> {
+        if !table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(NftError::NoSuchTable(table.to_string()));
+        }
+        let out = self.run(&["-j", "list", "counters", "table", "inet", table], "").map_err(|e| match e {
+            NftError::Rejected(msg) if msg.contains("No such file") => NftError::NoSuchTable(table.to_string()),
+            e => e,
+        })?;
+        parse_counters(&out)
+    }
+}
+
+/// The named counters of `nft -j list counters` output:
+/// `{"nftables": [{"metainfo": ..}, {"counter": {"name": .., "packets": .., "bytes": ..}}, ..]}`.
+fn parse_counters(json: &str) -> Result<Vec<CounterValue>, NftError> {
+    let bad = |why: &str| NftError::Rejected(format!("unexpected `nft -j list counters` output: {why}"));
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(&e.to_string()))?;
+    let objects = v.get("nftables").and_then(|o| o.as_array()).ok_or_else(|| bad("no nftables array"))?;
+    objects
+        .iter()
+        .filter_map(|o| o.get("counter"))
+        .map(|c| {
+            let name = c.get("name").and_then(|n| n.as_str()).ok_or_else(|| bad("a counter without a name"))?;
+            let number =
+                |key: &str| c.get(key).and_then(|n| n.as_u64()).ok_or_else(|| bad(&format!("{name}: no {key}")));
+            Ok(CounterValue { name: name.to_string(), packets: number("packets")?, bytes: number("bytes")? })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -190,6 +219,15 @@ mod tests {
         std::fs::write(&path, "#!/bin/sh\nstat -L -c '%F %s' /dev/stdin\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path
+    }
+
+    #[test]
+    fn named_counters_are_read_from_nft_json_and_bad_output_is_an_error() {
+        let out = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"counter": {"family": "inet",
+            "name": "cnt_a", "table": "t", "handle": 2, "comment": "c", "packets": 3, "bytes": 180}}]}"#;
+        assert_eq!(parse_counters(out).unwrap(), vec![CounterValue { name: "cnt_a".into(), packets: 3, bytes: 180 }]);
+        assert!(parse_counters(r#"{"nftables": [{"counter": {"name": "x"}}]}"#).is_err());
+        assert!(parse_counters("Error").is_err());
     }
 
     #[test]

@@ -14,7 +14,8 @@ use super::{
     NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, msg,
 };
 use crate::nft::ir::{
-    Chain, ChainPolicy, CtState, Element, Hook, IpFamily, Key, KeyType, MapVerdict, Match, Rule, Verdict,
+    Chain, ChainPolicy, CounterLabels, CtState, Element, Hook, IpFamily, Key, KeyType, Limit, MapVerdict, Match, Rule,
+    Verdict,
 };
 use crate::nft::{Op, Transaction};
 
@@ -266,6 +267,15 @@ impl Batch {
             if invert {
                 b.u32(5, 1);
             }
+        });
+    }
+
+    /// A reference to a named object of the table (`counter name`, `limit name`).
+    fn objref(&mut self, kind: u32, name: &str) {
+        // NFTA_OBJREF_IMM_TYPE 1, NFTA_OBJREF_IMM_NAME 2
+        self.expr("objref", |b| {
+            b.u32(1, kind);
+            b.str(2, name);
         });
     }
 
@@ -661,7 +671,20 @@ fn encode_rule(
                 }
             }
         }
-        if rule.counter {
+        if let Some(log) = &rule.log {
+            if let Some(limit) = &log.limit {
+                e.objref(NFT_OBJECT_LIMIT, limit);
+            }
+            // NFTA_LOG_GROUP 1 (be16), NFTA_LOG_PREFIX 2: what nft sends for
+            // `log prefix "<p>" group <g>`.
+            e.expr("log", |b| {
+                b.attr(1, &log.group.to_be_bytes());
+                b.str(2, &log.prefix);
+            });
+        }
+        if let Some(c) = &rule.named_counter {
+            e.objref(NFT_OBJECT_COUNTER, &c.name);
+        } else if rule.counter {
             e.expr("counter", |_| {});
         }
         match &rule.verdict {
@@ -817,6 +840,50 @@ fn encode_set_declaration(
     Ok(())
 }
 
+const NFTA_OBJ_TABLE: u16 = 1;
+const NFTA_OBJ_NAME: u16 = 2;
+const NFTA_OBJ_TYPE: u16 = 3;
+const NFTA_OBJ_DATA: u16 = 4;
+const NFTA_OBJ_USERDATA: u16 = 8;
+const NFT_OBJECT_COUNTER: u32 = 1;
+const NFT_OBJECT_LIMIT: u32 = 4;
+/// libnftnl's NFTNL_UDATA_OBJ_COMMENT.
+const UDATA_OBJ_COMMENT: u8 = 0;
+
+/// `add counter`: zero packets and bytes (NFTA_COUNTER_BYTES 1, PACKETS 2), the labels as
+/// its comment. An existing counter is left as it is (no NLM_F_EXCL), count and all.
+fn encode_counter(b: &mut Batch, table: &str, name: &str, labels: &CounterLabels, op: usize) {
+    let m = b.message(msg::NEWOBJ, NLM_F_CREATE, op);
+    b.str(NFTA_OBJ_TABLE, table);
+    b.str(NFTA_OBJ_NAME, name);
+    b.u32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
+    let data = b.nest(NFTA_OBJ_DATA);
+    b.attr(1, &0u64.to_be_bytes());
+    b.attr(2, &0u64.to_be_bytes());
+    b.end_nest(data);
+    let mut udata = Vec::new();
+    comment_tlv(&mut udata, UDATA_OBJ_COMMENT, &labels.comment());
+    b.attr(NFTA_OBJ_USERDATA, &udata);
+    b.finish(m);
+}
+
+/// `add limit`: `rate <r>/second burst <b> packets` (NFTA_LIMIT_RATE 1, UNIT 2 in seconds,
+/// BURST 3, TYPE 4: NFT_LIMIT_PKTS 0, FLAGS 5).
+fn encode_limit(b: &mut Batch, table: &str, name: &str, limit: &Limit, op: usize) {
+    let m = b.message(msg::NEWOBJ, NLM_F_CREATE, op);
+    b.str(NFTA_OBJ_TABLE, table);
+    b.str(NFTA_OBJ_NAME, name);
+    b.u32(NFTA_OBJ_TYPE, NFT_OBJECT_LIMIT);
+    let data = b.nest(NFTA_OBJ_DATA);
+    b.attr(1, &u64::from(limit.per_second).to_be_bytes());
+    b.attr(2, &1u64.to_be_bytes());
+    b.u32(3, limit.burst);
+    b.u32(4, 0);
+    b.u32(5, 0);
+    b.end_nest(data);
+    b.finish(m);
+}
+
 fn encode_table(b: &mut Batch, kind: u16, table: &str, op: usize) {
     let m = b.message(kind, if kind == msg::NEWTABLE { NLM_F_CREATE } else { 0 }, op);
     b.str(NFTA_TABLE_NAME, table);
@@ -880,6 +947,15 @@ fn encode_op(
             b.finish(m);
         }
         Op::AddRule { chain, rule } => encode_rule(b, t, chain, rule, i, kinds)?,
+        Op::AddCounter { name, labels } => encode_counter(b, t, name, labels, i),
+        Op::AddLimit { name, limit } => encode_limit(b, t, name, limit, i),
+        Op::DeleteCounter { name } => {
+            let m = b.message(msg::DELOBJ, 0, i);
+            b.str(NFTA_OBJ_TABLE, t);
+            b.str(NFTA_OBJ_NAME, name);
+            b.u32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
+            b.finish(m);
+        }
         Op::DeleteSet { name } | Op::DeleteMap { name } => {
             let m = b.message(msg::DELSET, 0, i);
             b.str(NFTA_SET_TABLE, t);
@@ -944,6 +1020,12 @@ fn encode_op(
                 let op = Op::AddMap { name: name.clone(), map: declared };
                 encode_op(b, t, i, &op, &inner, set_id)?;
                 inner.applied_op(&op);
+            }
+            for (name, labels) in &rs.counters {
+                encode_counter(b, t, name, labels, i);
+            }
+            for (name, limit) in &rs.limits {
+                encode_limit(b, t, name, limit, i);
             }
             for (name, chain) in &rs.chains {
                 encode_chain(b, t, name, chain, i);
