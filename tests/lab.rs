@@ -527,10 +527,13 @@ fn real_packets_are_counted_exactly_per_rule_and_drop_and_the_drop_log_holds_its
         .ruleset;
     kernel.apply(&full_sync(&rs)).unwrap();
     let reader = RealNftables::in_netns(netns.clone());
-    // As the agent reads them: a netlink dump.
-    let totals = netpol::agent::RuleCounters::new(std::sync::Arc::new(move || {
-        netpol::nft::backend::netlink::read_counters(Some(&netns), "netpol", Duration::from_secs(5))
-    }));
+    // As the agent reads them: a netlink dump, every read over the one socket kept open.
+    let socket = std::sync::Mutex::new(netpol::nft::backend::netlink::CounterReader::new(
+        Some(netns.clone()),
+        "netpol",
+        Duration::from_secs(5),
+    ));
+    let totals = netpol::agent::RuleCounters::new(std::sync::Arc::new(move || socket.lock().unwrap().read()));
     totals.applied(&rs.counters, true);
     // 5 allowed connections, 3 denied ones: one SYN each (a probe gives up before the
     // kernel's first retransmission, 1 s).

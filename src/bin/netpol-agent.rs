@@ -68,9 +68,8 @@ fn main() -> ExitCode {
     // Dumped over netlink at each scrape and before a sync replaces or deletes them.
     let rule_counters = observe.rule_counters.then(|| {
         let (netns, table, timeout) = (config.netns.clone(), config.table.clone(), config.nft_timeout);
-        agent::RuleCounters::new(std::sync::Arc::new(move || {
-            netpol::nft::backend::netlink::read_counters(netns.as_deref(), &table, timeout)
-        }))
+        let reader = Mutex::new(netpol::nft::backend::netlink::CounterReader::new(netns, &table, timeout));
+        agent::RuleCounters::new(std::sync::Arc::new(move || reader.lock().unwrap_or_else(|e| e.into_inner()).read()))
     });
     if let Some(counters) = &rule_counters {
         target = target.with_rule_counters(counters.clone());

@@ -38,7 +38,7 @@ use nix::errno::Errno;
 
 use super::process::RealNftables;
 use crate::nft::{CounterValue, NftError, Nftables, Transaction};
-pub use counters::read_counters;
+pub use counters::{CounterReader, read_counters};
 use encode::{Encoded, KnownSets, encode};
 pub use parse::{attributes, element_keys, messages, messages_with_sender, nftables_message};
 pub use socket::NetlinkSocket;
