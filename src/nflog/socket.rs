@@ -18,8 +18,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
@@ -217,50 +216,46 @@ struct Counters {
 /// kernel's rate limit already bounds what a log is for).
 #[derive(Debug)]
 pub struct NflogReader {
-    stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
     group: u16,
-    thread: Option<JoinHandle<()>>,
+    _listener: crate::nft::backend::netlink::Listener,
 }
 
 impl NflogReader {
     pub fn start(mut socket: NflogSocket, mut sink: impl FnMut(ReceivedPacket) + Send + 'static) -> io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let group = socket.group();
-        let thread = {
-            let (stop, counters) = (Arc::clone(&stop), Arc::clone(&counters));
-            std::thread::Builder::new().name("nflog".into()).spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match socket.receive() {
-                        Ok(batch) => {
-                            if batch.overrun {
-                                counters.overruns.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(group, "nflog receive buffer overrun: logged packets were dropped");
-                            }
-                            if batch.lost > 0 {
-                                let total = counters.lost.fetch_add(batch.lost, Ordering::Relaxed) + batch.lost;
-                                tracing::warn!(group, lost = batch.lost, total, "logged packets lost to an overrun");
-                            }
-                            counters.malformed.fetch_add(batch.malformed.len() as u64, Ordering::Relaxed);
-                            for e in &batch.malformed {
-                                tracing::debug!(group, error = %e, "unreadable nflog message");
-                            }
-                            for packet in batch.packets {
-                                counters.packets.fetch_add(1, Ordering::Relaxed);
-                                sink(packet);
-                            }
-                        }
-                        Err(e) => {
-                            counters.errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(group, error = %e, "reading the nflog group failed; reading on");
-                            std::thread::sleep(RECEIVE_WAIT);
-                        }
+        let shared = Arc::clone(&counters);
+        let listener = crate::nft::backend::netlink::Listener::spawn("nflog", move || {
+            let counters = &shared;
+            match socket.receive() {
+                Ok(batch) => {
+                    if batch.overrun {
+                        counters.overruns.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(group, "nflog receive buffer overrun: logged packets were dropped");
+                    }
+                    if batch.lost > 0 {
+                        let total = counters.lost.fetch_add(batch.lost, Ordering::Relaxed) + batch.lost;
+                        tracing::warn!(group, lost = batch.lost, total, "logged packets lost to an overrun");
+                    }
+                    counters.malformed.fetch_add(batch.malformed.len() as u64, Ordering::Relaxed);
+                    for e in &batch.malformed {
+                        tracing::debug!(group, error = %e, "unreadable nflog message");
+                    }
+                    for packet in batch.packets {
+                        counters.packets.fetch_add(1, Ordering::Relaxed);
+                        sink(packet);
                     }
                 }
-            })?
-        };
-        Ok(NflogReader { stop, counters, group, thread: Some(thread) })
+                Err(e) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(group, error = %e, "reading the nflog group failed; reading on");
+                    std::thread::sleep(RECEIVE_WAIT);
+                }
+            }
+            std::ops::ControlFlow::Continue(())
+        })?;
+        Ok(NflogReader { counters, group, _listener: listener })
     }
 
     pub fn group(&self) -> u16 {
@@ -275,15 +270,6 @@ impl NflogReader {
             lost: c.lost.load(Ordering::Relaxed),
             malformed: c.malformed.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
-        }
-    }
-}
-
-impl Drop for NflogReader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
         }
     }
 }

@@ -20,8 +20,7 @@
 //! pid namespace, which a containerised agent cannot compare with its own.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -122,8 +121,7 @@ pub fn is_own_port(port: u32) -> bool {
 
 /// Listens for foreign changes on its own thread until dropped.
 pub struct TableMonitor {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _listener: crate::nft::backend::netlink::Listener,
 }
 
 impl TableMonitor {
@@ -137,41 +135,25 @@ impl TableMonitor {
         let socket = NetlinkSocket::open(netns, 1 << (NFNLGRP_NFTABLES - 1))?;
         // Wakes the thread now and then to see whether it should stop.
         socket.set_receive_timeout(Duration::from_millis(200))?;
-        let stop = Arc::new(AtomicBool::new(false));
         let mut changes = ForeignChanges::new(table);
-        let thread = {
-            let stop = Arc::clone(&stop);
-            std::thread::Builder::new().name("table-monitor".into()).spawn(move || {
-                let mut buf = vec![0u8; 256 * 1024];
-                while !stop.load(Ordering::Relaxed) {
-                    match socket.recv(&mut buf, true) {
-                        Ok(Some(n)) => {
-                            if let Some(change) = changes.observe(&buf[..n], is_own_port) {
-                                on_change(change);
-                            }
-                        }
-                        Ok(None) | Err(Errno::EINTR) => {}
-                        Err(Errno::ENOBUFS) => on_change(Change::Lost),
-                        Err(e) => {
-                            tracing::warn!(
-                                "the nf_tables monitor stopped: {e}; foreign changes wait for the periodic resync"
-                            );
-                            return;
-                        }
+        let mut buf = vec![0u8; 256 * 1024];
+        let listener = crate::nft::backend::netlink::Listener::spawn("table-monitor", move || {
+            match socket.recv(&mut buf, true) {
+                Ok(Some(n)) => {
+                    if let Some(change) = changes.observe(&buf[..n], is_own_port) {
+                        on_change(change);
                     }
                 }
-            })?
-        };
-        Ok(TableMonitor { stop, thread: Some(thread) })
-    }
-}
-
-impl Drop for TableMonitor {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+                Ok(None) | Err(Errno::EINTR) => {}
+                Err(Errno::ENOBUFS) => on_change(Change::Lost),
+                Err(e) => {
+                    tracing::warn!("the nf_tables monitor stopped: {e}; foreign changes wait for the periodic resync");
+                    return std::ops::ControlFlow::Break(());
+                }
+            }
+            std::ops::ControlFlow::Continue(())
+        })?;
+        Ok(TableMonitor { _listener: listener })
     }
 }
 

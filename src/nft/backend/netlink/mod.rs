@@ -41,7 +41,7 @@ use crate::nft::{CounterValue, NftError, Nftables, Transaction};
 pub use counters::{CounterReader, read_counters};
 use encode::{Encoded, KnownSets, encode};
 pub use parse::{attributes, element_keys, messages, messages_with_sender, nftables_message};
-pub use socket::NetlinkSocket;
+pub use socket::{Listener, NetlinkSocket};
 
 // ---------------------------------------------------------------- constants shared by encode and parse
 // (linux/netlink.h, linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h)

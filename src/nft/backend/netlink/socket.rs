@@ -4,6 +4,7 @@
 //! ```text
 //!  open(netns, groups) ──► NetlinkSocket ──send(batch)──► kernel
 //!                                       ◄──recv(buf)──── answers / announcements
+//!  Listener::spawn(name, step) ──► a thread repeating step (a bounded receive) until dropped
 //! ```
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -130,5 +131,44 @@ mod tests {
             waited >= std::time::Duration::from_millis(150) && waited < std::time::Duration::from_secs(3),
             "{waited:?}"
         );
+    }
+}
+
+/// A listening thread: repeats `step` until its owner drops it, or until `step` breaks.
+/// The drop sets a flag the thread checks after each step, then joins it: each step must
+/// return within a bounded wait (a socket's receive timeout), which bounds the drop.
+#[derive(Debug)]
+pub struct Listener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Listener {
+    pub fn spawn(
+        name: &str,
+        mut step: impl FnMut() -> std::ops::ControlFlow<()> + Send + 'static,
+    ) -> std::io::Result<Listener> {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::Builder::new().name(name.into()).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if step().is_break() {
+                        return;
+                    }
+                }
+            })?
+        };
+        Ok(Listener { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
