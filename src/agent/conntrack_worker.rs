@@ -44,6 +44,11 @@ struct Pending {
     deleted: ConntrackFlowsDeleted,
     running: bool,
     stop: bool,
+    /// When the worker's next paced run may start (`None` before its first run: at once).
+    next_slot: Option<Instant>,
+    /// A sync took the decision back and hands over its own when done: the worker waits for
+    /// it rather than run without.
+    retracted: bool,
 }
 
 impl Pending {
@@ -89,7 +94,7 @@ impl ConntrackWorker {
                 let mut last_run: Option<Instant> = None;
                 loop {
                     let mut p = shared.lock();
-                    while !p.stop && p.is_empty() {
+                    while !p.stop && (p.is_empty() || p.retracted) {
                         p = shared.changed.wait(p).unwrap_or_else(|e| e.into_inner());
                     }
                     if p.stop {
@@ -105,8 +110,9 @@ impl ConntrackWorker {
                     let gone = std::mem::take(&mut p.gone);
                     let decide = p.decide.take();
                     p.running = true;
-                    drop(p);
                     last_run = Some(Instant::now());
+                    p.next_slot = last_run.map(|at| at + pace);
+                    drop(p);
                     let started = Instant::now();
                     let result = super::nft_target::end_flows(
                         table.as_mut(),
@@ -149,10 +155,32 @@ impl ConntrackWorker {
     pub(crate) fn post(&self, gone: HashSet<IpAddr>, decide: Option<Decision>) {
         let mut p = self.shared.lock();
         p.gone.extend(gone);
+        p.retracted = false;
         if decide.is_some() {
             p.decide = decide;
         }
         self.shared.changed.notify_all();
+    }
+
+    /// Takes back a ruleset handed over that the worker has not started on (whether there
+    /// was one). A sync about to compile calls it: the compiler patches sets in place when
+    /// it alone holds them, and a ruleset waiting here for the next paced run would make it
+    /// copy every set it patches (at 100k pods, a third of the agent's CPU went into those
+    /// copies and into freeing them; benches/README.md). The sync hands over its own
+    /// ruleset after it applies, so no decision is lost, only taken later.
+    ///
+    /// Only while the worker waits for its next slot: once that has come the decision stays
+    /// for the worker to take (the compile then copies what it patches, at most once a
+    /// pace), so that syncs back to back cannot keep it from ever running.
+    pub(crate) fn retract_decision(&self) -> bool {
+        let mut p = self.shared.lock();
+        let waiting_for_slot = p.next_slot.is_some_and(|slot| Instant::now() < slot);
+        if !waiting_for_slot || p.running || p.decide.is_none() {
+            return false;
+        }
+        p.decide = None;
+        p.retracted = true;
+        true
     }
 
     /// Entries deleted since the last call.
@@ -182,5 +210,55 @@ impl Drop for ConntrackWorker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conntrack::fake::RecordingConntrack;
+
+    fn decision() -> Option<Decision> {
+        Some(Decision { ruleset: Ruleset::default(), pods: SharedList::default(), node: "node-a".into() })
+    }
+
+    fn worker(pace: Duration) -> (ConntrackWorker, RecordingConntrack) {
+        let table = RecordingConntrack::new();
+        let worker = ConntrackWorker::start(Box::new(table.clone()), pace, || {}).unwrap();
+        (worker, table)
+    }
+
+    #[test]
+    fn a_decision_taken_back_before_the_workers_slot_waits_for_the_one_handed_over_next() {
+        let (worker, table) = worker(Duration::from_millis(300));
+        worker.post(HashSet::new(), decision());
+        assert!(worker.settle(Duration::from_secs(5)), "the first decision runs at once");
+        assert_eq!(table.state().dumps, 1);
+
+        worker.post(HashSet::new(), decision());
+        assert!(worker.retract_decision(), "the worker waits for its slot: the decision can be taken back");
+        std::thread::sleep(Duration::from_millis(450));
+        assert_eq!(table.state().dumps, 1, "past its slot, the worker waits for the sync's own decision");
+
+        worker.post(HashSet::new(), decision());
+        assert!(worker.settle(Duration::from_secs(5)));
+        assert_eq!(table.state().dumps, 2, "the decision handed over after the sync runs");
+    }
+
+    #[test]
+    fn a_decision_stays_with_the_worker_once_its_slot_has_come() {
+        let (worker, table) = worker(Duration::from_millis(300));
+        assert!(!worker.retract_decision(), "nothing handed over: nothing to take back");
+        worker.post(HashSet::new(), decision());
+        assert!(worker.settle(Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(350));
+        // The slot has come: a decision handed over now is the worker's to run, never taken back.
+        let mut p = worker.shared.lock();
+        p.decide = decision();
+        drop(p);
+        assert!(!worker.retract_decision());
+        worker.shared.changed.notify_all();
+        assert!(worker.settle(Duration::from_secs(5)));
+        assert_eq!(table.state().dumps, 2);
     }
 }

@@ -76,8 +76,8 @@ pub struct NftTarget<N: Nftables> {
     /// The pods as of the last conntrack cleanup: their addresses that are gone since
     /// are flushed at the next one.
     conntrack_pods: Option<SharedList<Pod>>,
-    /// A cleanup that had to decide flows failed: the next sync decides them whatever its
-    /// transaction.
+    /// A cleanup that had to decide flows failed, or a decision handed over to the worker
+    /// was taken back before it ran: the next sync decides them whatever its transaction.
     conntrack_pending: bool,
     /// The per-rule totals the metrics export, kept monotonic across syncs.
     rule_counters: Option<RuleCounters>,
@@ -239,6 +239,12 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         // What was applied serves this diff only (the compiler turns the sets it patches
         // into stand-ins there); a full sync needs none of it.
         let mut applied = self.applied.take().filter(|_| !full);
+        if let Some(Conntrack::Background(worker)) = &self.conntrack
+            && worker.retract_decision()
+        {
+            // Handed over again, with this sync's ruleset, once it is applied.
+            self.conntrack_pending = true;
+        }
         if full {
             self.compiler.forget();
         }
@@ -343,6 +349,7 @@ impl<N: Nftables> NftTarget<N> {
                         pods: Arc::clone(&snapshot.pods),
                         node: node.to_string(),
                     });
+                    self.conntrack_pending &= decide.is_none();
                     worker.post(gone, decide);
                 }
                 self.conntrack_pods = Some(Arc::clone(&snapshot.pods));
