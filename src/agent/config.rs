@@ -38,9 +38,10 @@ pub struct AgentConfig {
     #[arg(long, env = "NETPOL_RESYNC_PERIOD", default_value = "5m", value_parser = parse_resync)]
     pub resync_period: Duration,
 
-    /// Batching window: a change is synced this long after it arrives, with whatever
-    /// arrived meanwhile (e.g. 5ms; 0 syncs at once). Changes arriving during a sync go
-    /// into the next one.
+    /// Minimum spacing of sync starts: a change syncs at once, unless the last sync
+    /// started less than this ago; then it waits until then, with whatever arrives
+    /// meanwhile (e.g. 5ms; 0: syncs back to back). Changes arriving during a sync go into
+    /// the next one.
     #[arg(long, env = "NETPOL_DEBOUNCE", default_value = "5ms", value_parser = parse_debounce)]
     pub debounce: Duration,
 

@@ -1,15 +1,16 @@
 //! The coalescing, debounced sync trigger and the level-triggered sync loop.
 //!
 //! Watch events call [`Trigger::notify`]; any number of notifications collapse into one
-//! pending wake-up ([`tokio::sync::Notify`] keeps at most one permit). An idle loop syncs
-//! the *whole* current snapshot `debounce` after the oldest change not yet synced (a short
-//! fixed batching window, never extended by later changes). Changes that arrive while a
-//! sync runs are all taken by exactly one next sync, which starts as soon as the running
-//! one ends (its window has passed by then), so a change waits at most the window plus
-//! two sync durations:
+//! pending wake-up ([`tokio::sync::Notify`] keeps at most one permit). The loop syncs the
+//! *whole* current snapshot, on the leading edge: an idle loop syncs a change at once, and
+//! changes that arrive while a sync runs are all taken by exactly one next sync, which
+//! starts as soon as the running one ends, but never sooner than `debounce` after the
+//! start of the one before (a minimum spacing, so that syncs shorter than the window
+//! batch a burst). A change waits at most the window plus two sync durations, and on a
+//! quiet cluster only its own sync:
 //!
 //! ```text
-//!  change ─► [window] ─► sync ─► sync (everything that arrived meanwhile) ─► idle
+//!  change ─► sync ─► sync (everything that arrived meanwhile, ≥ window after) ─► idle
 //! ```
 //!
 //! Full syncs happen at start, after any failure, and every `resync_period`. A failed sync
@@ -49,8 +50,6 @@ struct TriggerInner {
     notifications: AtomicU64,
     /// Someone (a restarted watch, a changed Node) asked that the next sync be full.
     full_requested: std::sync::atomic::AtomicBool,
-    /// When the oldest notification not yet taken by a sync arrived.
-    oldest_pending: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Trigger {
@@ -61,7 +60,6 @@ impl Trigger {
     /// Something changed: schedule a sync.
     pub fn notify(&self) {
         self.inner.notifications.fetch_add(1, Ordering::SeqCst);
-        self.oldest_pending().get_or_insert_with(Instant::now);
         self.inner.notify.notify_one();
     }
 
@@ -78,15 +76,6 @@ impl Trigger {
         self.inner.full_requested.swap(false, Ordering::SeqCst)
     }
 
-    fn oldest_pending(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        self.inner.oldest_pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A sync is about to read the snapshot: every change so far is in it.
-    fn taken(&self) {
-        *self.oldest_pending() = None;
-    }
-
     /// Notifications received so far.
     pub fn notifications(&self) -> u64 {
         self.inner.notifications.load(Ordering::SeqCst)
@@ -100,8 +89,9 @@ impl Trigger {
 /// Tuning of the sync loop.
 #[derive(Debug, Clone)]
 pub struct SyncLoopConfig {
-    /// Batching window: an idle loop syncs this long after the oldest change not yet
-    /// synced; 0 syncs on the first change.
+    /// Minimum spacing of sync starts: a change that arrives sooner than this after the
+    /// start of the last sync waits until then (with everything else that arrives); a
+    /// change later than that syncs at once. 0: syncs run back to back under churn.
     pub debounce: Duration,
     /// Full sync at least this often.
     pub resync_period: Duration,
@@ -115,12 +105,13 @@ pub struct SyncLoopConfig {
     pub heartbeat: Duration,
 }
 
-/// Default batching window. A burst of pod events (a rollout, a node drain) arrives over
-/// a few milliseconds to tens of milliseconds; the window folds its first milliseconds into
-/// one sync, and whatever arrives while that sync runs goes into the next one, so under
-/// any churn the syncs run back to back and a change waits at most the window plus two
-/// sync durations. A longer quiet period would make every sync under steady churn wait for
-/// it (measured with `benches/agent.rs`: benches/README.md).
+/// Default minimum spacing of sync starts. A burst of pod events (a rollout, a node
+/// drain) arrives over a few milliseconds to tens of milliseconds: its first event syncs
+/// at once, and what arrives during that sync, or within the window, goes into the next
+/// one, so under any churn syncs run back to back. A change on a quiet cluster never waits
+/// for the window: trailing-edge batching (sync `window` after the oldest change) made
+/// every event at 100 pod events/s wait 5 ms on top of its sync (measured with
+/// `benches/agent.rs`: benches/README.md).
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(5);
 
 impl Default for SyncLoopConfig {
@@ -225,6 +216,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
         let mut retry_at: Option<Instant> = None;
         let mut next_resync: Option<Instant> = None;
         let mut failures_in_row: u32 = 0;
+        let mut last_started: Option<Instant> = None;
 
         loop {
             status.send_modify(|s| s.heartbeat = Some(Instant::now()));
@@ -254,7 +246,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
             };
             match wake {
                 Wake::Shutdown => break,
-                Wake::Change => batch(&trigger, config.debounce).await,
+                Wake::Change => batch(&trigger, last_started, config.debounce).await,
                 Wake::Resync => need_full = true,
                 Wake::Retry => {}
                 Wake::Heartbeat => continue,
@@ -264,7 +256,6 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                 continue;
             }
             retry_at = None;
-            trigger.taken();
             if trigger.take_full_request() {
                 need_full = true;
             }
@@ -274,6 +265,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                 m.record_guard(!snapshot.pod_cidrs.is_empty());
             }
             let full = need_full;
+            last_started = Some(Instant::now());
             let started = std::time::Instant::now();
             status.send_modify(|s| s.sync_started = Some(Instant::now()));
             let Some(t) = target.take() else { break };
@@ -327,15 +319,14 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
     }
 }
 
-/// Waits until `window` after the oldest change not yet synced (not at all if that has
-/// passed), swallowing the wake-ups of changes that arrive meanwhile: the coming sync
-/// takes them.
-async fn batch(trigger: &Trigger, window: Duration) {
-    if window.is_zero() {
+/// Waits until `window` after the start of the last sync (not at all if that has passed,
+/// or if there was none: the leading edge), swallowing the wake-ups of changes that arrive
+/// meanwhile: the coming sync takes them.
+async fn batch(trigger: &Trigger, last_started: Option<Instant>, window: Duration) {
+    let Some(not_before) = last_started.map(|at| at + window).filter(|at| *at > Instant::now()) else {
         return;
-    }
-    let oldest = trigger.oldest_pending().unwrap_or_else(Instant::now);
-    let deadline = tokio::time::sleep_until(oldest + window);
+    };
+    let deadline = tokio::time::sleep_until(not_before);
     let mut deadline = std::pin::pin!(deadline);
     loop {
         tokio::select! {
@@ -511,9 +502,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_idle_loop_syncs_a_change_at_once() {
+        let (sl, target, trigger) = ready_loop(SyncLoopConfig::default());
+        tokio::spawn(sl.run(std::future::pending()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = target.calls().len();
+        trigger.notify();
+        tokio::time::sleep(Duration::from_micros(100)).await;
+        assert_eq!(target.calls().len(), before + 1, "synced without waiting for the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_soon_after_a_sync_started_waits_for_the_window_with_everything_after_it() {
+        let (sl, target, trigger) = ready_loop(SyncLoopConfig::default());
+        tokio::spawn(sl.run(std::future::pending()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = target.calls().len();
+        trigger.notify();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        trigger.notify();
+        trigger.notify();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(target.calls().len(), before + 1, "2 ms after the first sync started: not yet");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        assert_eq!(target.calls().len(), before + 2, "the window passed: one sync for both changes");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn under_steady_churn_changes_are_batched_in_windows_that_later_changes_do_not_extend() {
-        // One change per ms: 5 ms windows take about 5 changes each. A quiet-period
-        // debounce would wait for the churn to end (1 sync); no batching would take 1000.
+        // One change per ms: syncs at least 5 ms apart take about 5 changes each. A
+        // quiet-period debounce would wait for the churn to end (1 sync); none, 1000.
         let syncs = syncs_for_churn(Duration::from_millis(1)).await;
         assert!((150..=250).contains(&syncs), "{syncs} syncs for 1000 changes 1 ms apart");
     }
@@ -521,6 +539,6 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn changes_further_apart_than_the_window_each_sync_on_their_own() {
         let syncs = syncs_for_churn(Duration::from_millis(10)).await;
-        assert_eq!(syncs, 100, "each of 100 changes 10 ms apart waits only for its own window");
+        assert_eq!(syncs, 100, "each of 100 changes 10 ms apart syncs on its own");
     }
 }

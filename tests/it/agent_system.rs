@@ -1407,9 +1407,9 @@ fn chaos_of_kills_api_faults_foreign_flushes_and_ip_reuse_under_traffic_never_er
 
 // ---------------------------------------------------------------- shutdown
 
-/// The sync loop polls its shutdown future only after its first sync attempt, which waits
-/// out the batching window (here 2 s). A SIGTERM in that window
-/// must still be a clean shutdown, so the handlers must exist from the start. Needs no
+/// The sync loop polls its shutdown future only after its first sync attempt, which here
+/// never comes (the NetworkPolicies never list; the window is 2 s besides). A SIGTERM
+/// then must still be a clean shutdown, so the handlers must exist from the start. Needs no
 /// root: nothing is ever synced (NetworkPolicies never list) and `nft` refuses anyway.
 #[test]
 fn a_sigterm_right_after_start_before_the_first_sync_is_a_clean_exit_0() {
