@@ -454,7 +454,7 @@ impl Metrics {
 
     /// Sets the per-rule families to these totals (monotonic: see
     /// [`crate::agent::RuleCounters`]); series no longer among them end.
-    pub fn record_rule_counters(&self, totals: &[(crate::nft::ir::CounterLabels, u64)]) {
+    pub fn record_rule_counters(&self, totals: &[(std::sync::Arc<crate::nft::ir::CounterLabels>, u64)]) {
         let i = &self.inner;
         i.rule_packets.clear();
         i.denied_packets.clear();

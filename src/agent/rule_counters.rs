@@ -57,13 +57,13 @@ impl std::fmt::Debug for RuleCounters {
 #[derive(Default)]
 struct State {
     /// The labels of the counters the applied ruleset declares, by counter name.
-    labels: BTreeMap<String, CounterLabels>,
+    labels: BTreeMap<String, Arc<CounterLabels>>,
     /// Packets each live counter showed at the last read.
     last: HashMap<String, u64>,
     /// What counters that went or were reset had counted, by labels.
-    base: HashMap<CounterLabels, u64>,
+    base: HashMap<Arc<CounterLabels>, u64>,
     /// Labels in `base` no live counter carries, oldest first.
-    retired: VecDeque<CounterLabels>,
+    retired: VecDeque<Arc<CounterLabels>>,
     /// Bumped by every applied sync: a read started before is stale.
     generation: u64,
 }
@@ -108,7 +108,7 @@ impl RuleCounters {
 
     /// A sync applied a ruleset with these `counters`; `replaced`: the whole table was
     /// (every counter starts again at zero).
-    pub fn applied(&self, counters: &BTreeMap<String, CounterLabels>, replaced: bool) {
+    pub fn applied(&self, counters: &BTreeMap<String, Arc<CounterLabels>>, replaced: bool) {
         let mut state = self.lock();
         let state = &mut *state;
         state.generation += 1;
@@ -121,11 +121,11 @@ impl RuleCounters {
             state.fold(&name);
         }
         if state.labels != *counters {
-            let was: HashSet<&CounterLabels> = state.labels.values().collect();
-            let live: HashSet<&CounterLabels> = counters.values().collect();
+            let was: HashSet<&Arc<CounterLabels>> = state.labels.values().collect();
+            let live: HashSet<&Arc<CounterLabels>> = counters.values().collect();
             // Back in use: no longer retired. Out of use now, with a total: retired last.
             state.retired.retain(|l| !live.contains(l));
-            let retired_now: Vec<CounterLabels> = was
+            let retired_now: Vec<Arc<CounterLabels>> = was
                 .iter()
                 .filter(|l| !live.contains(*l) && state.base.contains_key(**l))
                 .map(|l| (*l).clone())
@@ -141,13 +141,13 @@ impl RuleCounters {
     }
 
     /// Packets per labels: what gone counters counted, plus the live ones as last read.
-    pub fn totals(&self) -> Vec<(CounterLabels, u64)> {
+    pub fn totals(&self) -> Vec<(Arc<CounterLabels>, u64)> {
         let state = self.lock();
-        let mut totals: HashMap<&CounterLabels, u64> = state.base.iter().map(|(l, n)| (l, *n)).collect();
+        let mut totals: HashMap<&Arc<CounterLabels>, u64> = state.base.iter().map(|(l, n)| (l, *n)).collect();
         for (name, labels) in &state.labels {
             *totals.entry(labels).or_default() += state.last.get(name).copied().unwrap_or(0);
         }
-        let mut out: Vec<(CounterLabels, u64)> = totals.into_iter().map(|(l, n)| (l.clone(), n)).collect();
+        let mut out: Vec<(Arc<CounterLabels>, u64)> = totals.into_iter().map(|(l, n)| (l.clone(), n)).collect();
         out.sort();
         out
     }
@@ -161,8 +161,8 @@ impl RuleCounters {
 mod tests {
     use super::*;
 
-    fn labels(rule: &str) -> CounterLabels {
-        CounterLabels {
+    fn labels(rule: &str) -> Arc<CounterLabels> {
+        Arc::new(CounterLabels {
             tier: "NetworkPolicy".into(),
             namespace: "shop".into(),
             policy: "web".into(),
@@ -170,7 +170,7 @@ mod tests {
             rule: rule.into(),
             action: "accept".into(),
             denied: false,
-        }
+        })
     }
 
     /// Counters whose values the test sets, read through the reader.

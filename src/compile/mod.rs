@@ -163,7 +163,7 @@ fn rule_counter(observe: &Observe, labels: CounterLabels) -> Option<Arc<CounterR
     observe.rule_counters.then(|| {
         let l = &labels;
         let name = names::rule_counter(&l.tier, &l.namespace, &l.policy, &l.direction, &l.rule);
-        Arc::new(CounterRef { name, labels })
+        Arc::new(CounterRef { name, labels: Arc::new(labels) })
     })
 }
 
@@ -190,7 +190,7 @@ fn declare_objects(rs: &mut Ruleset, observe: &Observe) {
         if let Some(c) = &rule.named_counter
             && !counters.contains_key(&c.name)
         {
-            counters.insert(c.name.clone(), c.labels.clone());
+            counters.insert(c.name.clone(), Arc::clone(&c.labels));
         }
     }
     rs.counters = counters;
@@ -414,7 +414,7 @@ fn pod_chain(
         let named_counter = observe.rule_counters.then(|| {
             Arc::new(CounterRef {
                 name: names::drop_counter(&pod.id.namespace, &policy_names, &direction),
-                labels: CounterLabels {
+                labels: Arc::new(CounterLabels {
                     tier: "NetworkPolicy".into(),
                     namespace: pod.id.namespace.clone(),
                     policy: policy_names.join(","),
@@ -422,7 +422,7 @@ fn pod_chain(
                     rule: String::new(),
                     action: "drop".into(),
                     denied: true,
-                },
+                }),
             })
         });
         rules.push(Rule {

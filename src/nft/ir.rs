@@ -47,7 +47,7 @@ pub struct Ruleset {
     /// Named counter objects, each with what it counts (the agent's metric labels). Rules
     /// point at them by name ([`Rule::named_counter`]): an object outlives the rewrite of the
     /// chains that use it, so a partial sync keeps its count.
-    pub counters: BTreeMap<String, CounterLabels>,
+    pub counters: BTreeMap<String, Arc<CounterLabels>>,
     /// Named limit objects (token buckets shared by every rule that names them).
     pub limits: BTreeMap<String, Limit>,
 }
@@ -189,7 +189,8 @@ pub struct Rule {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CounterRef {
     pub name: String,
-    pub labels: CounterLabels,
+    /// Shared by the rules, the ruleset's declarations and the agent's totals.
+    pub labels: Arc<CounterLabels>,
 }
 
 /// What a named counter counts, in the agent's metric labels: a policy rule's accepts

@@ -80,7 +80,7 @@ pub enum Op {
     /// comment). Adding one that exists keeps its count.
     AddCounter {
         name: String,
-        labels: CounterLabels,
+        labels: Arc<CounterLabels>,
     },
     DeleteCounter {
         name: String,
