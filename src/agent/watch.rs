@@ -592,6 +592,29 @@ impl Watched for Pod {
     }
 }
 
+/// The agent's pod watch: [`convert::SlimPod`] decodes only the fields the conversion
+/// reads, and converts exactly as the full `Pod` would (one store for both).
+impl Watched for convert::SlimPod {
+    type Model = model::Pod;
+    const KIND: &'static str = "Pod";
+    const DEFAULT_NAMESPACE: &'static str = "default";
+    fn convert(&self) -> Result<Option<model::Pod>, FieldError> {
+        Ok(match convert::slim_pod(self)? {
+            PodOutcome::Pod(p) => Some(p),
+            PodOutcome::Inactive(why) => {
+                tracing::debug!("pod {} {why}; not enforced", display_key(&object_key(&self.metadata, "default")));
+                None
+            }
+        })
+    }
+    fn share(pod: model::Pod, stores: &mut AgentStores) -> model::Pod {
+        <Pod as Watched>::share(pod, stores)
+    }
+    fn objects(stores: &mut AgentStores) -> &mut Objects<model::Pod> {
+        &mut stores.pods
+    }
+}
+
 impl Watched for Namespace {
     type Model = model::Namespace;
     const KIND: &'static str = "Namespace";
@@ -1054,7 +1077,15 @@ impl ClusterWatch {
         use super::tiers::{Admin, Baseline, ClusterNetwork};
         let hook = hook.as_ref();
         futures::join!(
-            self.run_one(Api::<Pod>::all(client.clone()), &(), config.clone(), Resource::Pods, &trigger, hook, false),
+            self.run_one(
+                Api::<convert::SlimPod>::all(client.clone()),
+                &(),
+                config.clone(),
+                Resource::Pods,
+                &trigger,
+                hook,
+                false
+            ),
             self.run_one(
                 Api::<Namespace>::all(client.clone()),
                 &(),
