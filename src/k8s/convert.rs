@@ -781,11 +781,26 @@ mod tests {
             ("pending without an IP", running(json!({"phase": "Pending", "podIP": null}))),
             ("not an IP", running(json!({"podIP": "10.0.0.300"}))),
             ("two IPv4", running(json!({"podIPs": [{"ip": "10.0.0.2"}, {"ip": "10.0.0.3"}]}))),
-            ("host network", json!({"metadata": {"name": "h"}, "spec": {"hostNetwork": true, "nodeName": "n", "containers": [{"name": "c"}]}, "status": {"podIP": "192.0.2.1"}})),
-            ("unscheduled", json!({"metadata": {"name": "u"}, "spec": {"containers": [{"name": "c", "ports": null}]}, "status": {"podIP": "10.0.0.1"}})),
-            ("bad port", json!({"metadata": {"name": "b"}, "spec": {"nodeName": "n", "containers": [{"name": "c"}, {"name": "d", "ports": [{"containerPort": 80}, {"containerPort": 0}]}]}, "status": {"podIP": "10.0.0.1"}})),
-            ("bad port name", json!({"metadata": {"name": "b"}, "spec": {"nodeName": "n", "containers": [{"name": "c", "ports": [{"containerPort": 80, "name": "Not_A_Name"}]}]}, "status": {"podIP": "10.0.0.1"}})),
-            ("bad protocol", json!({"metadata": {"name": "b"}, "spec": {"nodeName": "n", "containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "ICMP"}]}]}, "status": {"podIP": "10.0.0.1"}})),
+            (
+                "host network",
+                json!({"metadata": {"name": "h"}, "spec": {"hostNetwork": true, "nodeName": "n", "containers": [{"name": "c"}]}, "status": {"podIP": "192.0.2.1"}}),
+            ),
+            (
+                "unscheduled",
+                json!({"metadata": {"name": "u"}, "spec": {"containers": [{"name": "c", "ports": null}]}, "status": {"podIP": "10.0.0.1"}}),
+            ),
+            (
+                "bad port",
+                json!({"metadata": {"name": "b"}, "spec": {"nodeName": "n", "containers": [{"name": "c"}, {"name": "d", "ports": [{"containerPort": 80}, {"containerPort": 0}]}]}, "status": {"podIP": "10.0.0.1"}}),
+            ),
+            (
+                "bad port name",
+                json!({"metadata": {"name": "b"}, "spec": {"nodeName": "n", "containers": [{"name": "c", "ports": [{"containerPort": 80, "name": "Not_A_Name"}]}]}, "status": {"podIP": "10.0.0.1"}}),
+            ),
+            (
+                "bad protocol",
+                json!({"metadata": {"name": "b"}, "spec": {"nodeName": "n", "containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "ICMP"}]}]}, "status": {"podIP": "10.0.0.1"}}),
+            ),
             ("bad label", json!({"metadata": {"name": "b", "labels": {"app": "-x"}}, "status": {"podIP": "10.0.0.1"}})),
             ("bad name", json!({"metadata": {"name": "B_1"}})),
             ("bad namespace", json!({"metadata": {"name": "b", "namespace": "Shop"}})),
@@ -794,13 +809,19 @@ mod tests {
             let (full, slim) = both_ways(object);
             assert_eq!(full, slim, "{what}");
         }
-        assert_eq!(both_ways(&table[0].1).1, Ok(PodOutcome::Pod({
-            let mut labelled = model.clone();
-            let mut labels = (*model.labels).clone();
-            labels.insert("pod-template-hash".into(), table[0].1["metadata"]["labels"]["pod-template-hash"].as_str().unwrap().into());
-            labelled.labels = labels.into();
-            labelled
-        })));
+        assert_eq!(
+            both_ways(&table[0].1).1,
+            Ok(PodOutcome::Pod({
+                let mut labelled = model.clone();
+                let mut labels = (*model.labels).clone();
+                labels.insert(
+                    "pod-template-hash".into(),
+                    table[0].1["metadata"]["labels"]["pod-template-hash"].as_str().unwrap().into(),
+                );
+                labelled.labels = labels.into();
+                labelled
+            }))
+        );
         assert_eq!(both_ways(&table[14].1).1.unwrap_err().path, "spec.containers[0].ports[0].name");
     }
 

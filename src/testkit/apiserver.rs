@@ -627,9 +627,7 @@ fn store(st: &mut State, mut value: Value, keep_history: bool) -> Result<u64, Fa
     let key = (kind, namespace.clone(), name.clone());
     let previous_uid = st.objects.get(&key).map(|o| o.uid.clone());
     let event_type = if st.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
-    let uid = given_uid
-        .or(previous_uid)
-        .unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}"));
+    let uid = given_uid.or(previous_uid).unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}"));
     if !value["metadata"].is_object() {
         value["metadata"] = json!({});
     }

@@ -134,7 +134,8 @@ pub fn deployment_pod(p: &Pod) -> Value {
         "volumeMounts": mounts(&[]),
     }]);
     let ready_at = "2026-11-30T08:14:19Z";
-    let condition = |t: &str, at: &str| json!({"lastProbeTime": null, "lastTransitionTime": at, "status": "True", "type": t});
+    let condition =
+        |t: &str, at: &str| json!({"lastProbeTime": null, "lastTransitionTime": at, "status": "True", "type": t});
     let container_status = |name: &str, image: &str| {
         json!({
             "containerID": format!("containerd://{}", hex(&format!("{pod_uid}/{name}"), 64)),
