@@ -29,9 +29,9 @@ pub struct ClusterArgs {
     /// every action), served as `policy.networking.k8s.io/v1beta1` objects.
     #[arg(long, default_value_t = 0)]
     pub cluster_policies: usize,
-    /// Serve pods the size and shape of a real Deployment's pods (6-7 KB of JSON each:
+    /// Serve pods the size and shape of a real Deployment's pods (~10 KB of JSON each:
     /// `netpol::testkit::realistic`); `--realistic-pods=false` serves the small pods
-    /// (~2.3 KB) of earlier measurements.
+    /// (~2.8 KB) of earlier measurements.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub realistic_pods: bool,
 }
@@ -55,7 +55,7 @@ impl ClusterArgs {
 }
 
 /// A small pod with some of the fields a Deployment's pod has on the wire (owner,
-/// annotations, env, volumes, conditions, managedFields), ~2.3 KB of JSON: the pods of
+/// annotations, env, volumes, conditions, managedFields), ~2.8 KB of JSON: the pods of
 /// measurements before `--realistic-pods`.
 pub fn pod_json(p: &Pod) -> Value {
     let labels: serde_json::Map<String, Value> = p

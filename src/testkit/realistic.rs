@@ -14,9 +14,10 @@
 //! shows it: the controller-manager's and the kubelet's `managedFields` entries (the
 //! kubelet's on the `status` subresource), the projected service-account token volume the
 //! admission plugin adds (`kube-api-access-<5 chars>`: token, `kube-root-ca.crt`, the
-//! namespace through the downward API), the two `NoExecute` tolerations the
+//! namespace through the downward API), a `pod-template-hash` label that is the same for
+//! pods of one template (the model pod's labels and images), the two `NoExecute` tolerations the
 //! DefaultTolerationSeconds plugin adds, and the five conditions a running pod reports. A
-//! pod is 6-7 KB of JSON, as real ones of this kind are. Everything the agent reads
+//! pod is 9-10 KB of JSON, as real ones of this kind are. Everything the agent reads
 //! (`metadata.name/namespace/labels`, `spec.nodeName`, `spec.hostNetwork`,
 //! `spec.containers[*].ports`, `status.phase/podIP/podIPs`) comes from the model pod, so the
 //! agent converts it back to that pod.
@@ -53,7 +54,10 @@ fn uid(seed: &str) -> String {
 /// The pod `p` as a Deployment's pod: see the module documentation.
 pub fn deployment_pod(p: &Pod) -> Value {
     let app = p.labels.get("app").cloned().unwrap_or_else(|| p.id.name.clone());
-    let hash = hex(&format!("{}/{app}", p.id.namespace), 10);
+    let image = format!("registry.example.com/apps/{app}");
+    // The Deployment controller labels a pod with a hash of its pod template: the same
+    // template (labels, images, ...) gives the same hash, whichever namespace it runs in.
+    let hash = hex(&format!("{:?}/{image}", p.labels), 10);
     let replica_set = format!("{app}-{hash}");
     let rs_uid = uid(&format!("rs/{}/{replica_set}", p.id.namespace));
     let pod_uid = uid(&format!("pod/{}/{}", p.id.namespace, p.id.name));
@@ -73,7 +77,6 @@ pub fn deployment_pod(p: &Pod) -> Value {
         .collect();
     let ips: Vec<String> = p.ips.iter().map(IpAddr::to_string).collect();
     let host_ip = format!("172.18.{}.{}", digest(&p.node) % 250, 1 + digest(&p.node) % 250);
-    let image = format!("registry.example.com/{}/{app}", p.id.namespace);
     let started = "2026-11-30T08:14:07Z";
     let env = json!([
         {"name": "APP_NAME", "value": app},
