@@ -1,6 +1,8 @@
 //! Kubernetes watches: `kube-runtime` watchers for Pods (all namespaces), Namespaces,
 //! NetworkPolicies, Nodes and the cluster policy kinds (while their CRDs are installed, see
-//! [`super::tiers`]), feeding the agent's own stores of converted model objects.
+//! [`super::tiers`]), feeding the agent's own stores of converted model objects. Pods are
+//! decoded as [`convert::SlimPod`]: only the fields the conversion reads, the rest of each
+//! (5-10 KB) pod skipped unread.
 //!
 //! ```text
 //!  watcher() ──Event──► convert on arrival ──► share labels, node name, ports (interners)
