@@ -166,7 +166,7 @@ impl Drop for Netns {
 
 #[path = "common/objects.rs"]
 mod objects;
-use objects::{ClusterArgs, namespaces_and_policies_json, pod_json};
+use objects::{ClusterArgs, namespaces_and_policies_json};
 
 /// Which set or map elements each pod IPv4 address is part of.
 fn memberships(rs: &Ruleset) -> HashMap<Ipv4Addr, BTreeSet<String>> {
@@ -607,14 +607,22 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     let t = Instant::now();
     let base = with_cluster_policies(generate::cluster(params), params.seed, args.cluster.cluster_policies);
     let mut objects = namespaces_and_policies_json(&base);
-    objects.extend(base.pods.iter().map(|p| pod_json(p)));
     if base.has_tiers() {
         server.install_crd(Kind::ClusterNetworkPolicy);
         objects.extend(base.cluster_policies.iter().map(|p| generate::cluster_policy_manifest(p)));
     }
-    server.apply_bulk(objects).map_err(|e| e.to_string())?;
+    // Pods are made one at a time as the fake stores them (as JSON text): 100 000
+    // realistic pods held as `Value`s at once would take gigabytes.
+    let pods = base.pods.iter().map(|p| args.cluster.pod_object(p));
+    server.apply_bulk(objects.into_iter().chain(pods)).map_err(|e| e.to_string())?;
     let load_secs = t.elapsed().as_secs_f64();
-    eprintln!("   generated and loaded into the fake apiserver in {load_secs:.1} s");
+    let pod_bytes = server.stored_bytes(Kind::Pod);
+    eprintln!(
+        "   generated and loaded into the fake apiserver in {load_secs:.1} s; {} pods: {} bytes of JSON per pod, {:.0} MB listed in all",
+        if args.cluster.realistic_pods { "realistic" } else { "small" },
+        pod_bytes / params.pods.max(1),
+        pod_bytes as f64 / 1e6
+    );
 
     let netns = Netns::create(format!("npl-bench-{}", std::process::id()))?;
     let kubeconfig = setup.dir.join("kubeconfig");
@@ -725,7 +733,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                 let key = (p.id.namespace.clone(), p.id.name.clone());
                 let p_local = p.node == NODE;
                 let at = Instant::now();
-                server.apply_json(pod_json(&p)).map_err(|e| e.to_string())?;
+                server.apply_json(args.cluster.pod_object(&p)).map_err(|e| e.to_string())?;
                 mirror.insert(key.clone(), p.clone());
                 resting.push_back((at, usize::from(p_local), key.clone()));
                 Event { kind, ip, at, local: p_local, pod: key, became: Some(p) }
@@ -749,7 +757,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                         }
                     };
                     Arc::make_mut(&mut p.labels).insert("app".into(), new);
-                    server.apply_json(pod_json(p)).map_err(|e| e.to_string())?;
+                    server.apply_json(args.cluster.pod_object(p)).map_err(|e| e.to_string())?;
                     resting.push_back((at, side, key.clone()));
                     Some(p.clone())
                 };

@@ -2,7 +2,7 @@
 //! the agent's own code on the cluster `benches/agent.rs` feeds the real binary.
 //!
 //! ```text
-//!  generate::cluster ──► API objects (JSON) ──► watch stores ──snapshot──► convert ──► Cluster::new
+//!  generate::cluster ──► API objects (JSON text) ──decode──► watch stores ──snapshot──► convert ──► Cluster::new
 //!                                                                                        │
 //!                         render ◄── diff(applied, desired) ◄── compile(node-0) ◄────────┘
 //! ```
@@ -22,11 +22,12 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use netpol::agent::watch::AgentStores;
 use netpol::cli::generate;
 use netpol::compile::{IncrementalCompiler, NodeConfig, compile};
+use netpol::k8s::convert::SlimPod;
 use netpol::nft::diff::{diff, diff_with, full_sync};
 
 #[path = "common/objects.rs"]
@@ -127,12 +128,20 @@ struct Args {
     bench: bool,
 }
 
-/// Applies one API object (JSON) to the stores, as a watch event would.
-fn apply_json(stores: &mut AgentStores, v: serde_json::Value) -> Result<(), serde_json::Error> {
-    match v["kind"].as_str() {
-        Some("Pod") => stores.apply(&serde_json::from_value::<Pod>(v)?),
-        Some("Namespace") => stores.apply(&serde_json::from_value::<Namespace>(v)?),
-        _ => stores.apply(&serde_json::from_value::<NetworkPolicy>(v)?),
+/// An API object as the wire carries it: its kind and its JSON text.
+type Wire = (String, Vec<u8>);
+
+fn wire(v: &serde_json::Value) -> Wire {
+    (v["kind"].as_str().unwrap_or("").to_string(), serde_json::to_vec(v).expect("JSON values serialize"))
+}
+
+/// Decodes one API object from its JSON text and applies it to the stores, as a watch
+/// event would (pods decoded slim, as the agent's watch decodes them).
+fn apply_wire(stores: &mut AgentStores, (kind, text): &Wire) -> Result<(), serde_json::Error> {
+    match kind.as_str() {
+        "Pod" => stores.apply(&serde_json::from_slice::<SlimPod>(text)?),
+        "Namespace" => stores.apply(&serde_json::from_slice::<Namespace>(text)?),
+        _ => stores.apply(&serde_json::from_slice::<NetworkPolicy>(text)?),
     }
     Ok(())
 }
@@ -166,27 +175,33 @@ fn main() {
         params.pods, params.policies, params.namespaces, params.nodes, args.runs
     );
     let base = generate::cluster(&params);
-    let mut objects = objects::namespaces_and_policies_json(&base);
-    objects.extend(base.pods.iter().map(|p| objects::pod_json(p)));
+    let mut objects: Vec<Wire> = objects::namespaces_and_policies_json(&base).iter().map(wire).collect();
+    objects.extend(base.pods.iter().map(|p| wire(&args.cluster.pod_object(p))));
+    let pod_bytes: usize = objects.iter().filter(|(k, _)| k == "Pod").map(|(_, t)| t.len()).sum();
+    println!(
+        "   {} pods: {} bytes of JSON per pod",
+        if args.cluster.realistic_pods { "realistic" } else { "small" },
+        pod_bytes / params.pods.max(1)
+    );
 
     let pods = params.pods;
     let ((m, n, stores), bytes, allocations) = held(|| {
         time(1, || {
             let mut stores = AgentStores::default();
             for o in &objects {
-                apply_json(&mut stores, o.clone()).expect("valid object");
+                apply_wire(&mut stores, o).expect("valid object");
             }
             stores
         })
     });
-    row("watch stores: apply every object", (m, n));
+    row("watch stores: decode and apply every object", (m, n));
     let store_memory = (bytes, allocations);
     // The pods' share of the stores: the same objects applied to a second store in two steps.
     let mut pods_apart = AgentStores::default();
-    let (namespaces_and_policies, pods_last): (Vec<_>, Vec<_>) = objects.iter().partition(|o| o["kind"] != "Pod");
-    namespaces_and_policies.into_iter().for_each(|o| apply_json(&mut pods_apart, o.clone()).expect("valid object"));
+    let (namespaces_and_policies, pods_last): (Vec<_>, Vec<_>) = objects.iter().partition(|o| o.0 != "Pod");
+    namespaces_and_policies.into_iter().for_each(|o| apply_wire(&mut pods_apart, o).expect("valid object"));
     let ((), bytes, allocations) =
-        held(|| pods_last.into_iter().for_each(|o| apply_json(&mut pods_apart, o.clone()).expect("valid object")));
+        held(|| pods_last.into_iter().for_each(|o| apply_wire(&mut pods_apart, o).expect("valid object")));
     let pod_store_memory = (bytes, allocations);
     drop(pods_apart);
     let ((m, n, snapshot), bytes, allocations) = held(|| time(args.runs, || stores.snapshot()));
@@ -233,7 +248,7 @@ fn main() {
     let base_cluster = cluster.clone();
     for (what, pod) in [("new pod on node-0", new_local), ("remote pod relabelled", relabelled)] {
         let mut stores = stores.clone();
-        apply_json(&mut stores, objects::pod_json(&pod)).expect("valid pod");
+        apply_wire(&mut stores, &wire(&args.cluster.pod_object(&pod))).expect("valid pod");
         let (m, n, snapshot) = time(args.runs, || stores.snapshot());
         row(&format!("{what}: snapshot"), (m, n));
         let (m, n, (cluster, _)) = time(args.runs, || netpol::agent::nft_target::cluster(&snapshot));
@@ -294,7 +309,7 @@ fn main() {
     let mut new_pod = (**local).clone();
     new_pod.id.name = format!("{}-another", local.id.name);
     new_pod.ips = "10.250.0.2".parse::<std::net::IpAddr>().expect("valid").into();
-    apply_json(&mut stores, objects::pod_json(&new_pod)).expect("valid pod");
+    apply_wire(&mut stores, &wire(&args.cluster.pod_object(&new_pod))).expect("valid pod");
     sync_peak("peak during a sync after one new pod", &stores, Some(&applied));
     println!("   size_of model::Pod: {} B", std::mem::size_of::<netpol::policy::model::Pod>());
 }

@@ -29,9 +29,19 @@ pub struct ClusterArgs {
     /// every action), served as `policy.networking.k8s.io/v1beta1` objects.
     #[arg(long, default_value_t = 0)]
     pub cluster_policies: usize,
+    /// Serve pods the size and shape of a real Deployment's pods (~10 KB of JSON each:
+    /// `netpol::testkit::realistic`); `--realistic-pods=false` serves the small pods
+    /// (~2.8 KB) of earlier measurements.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub realistic_pods: bool,
 }
 
 impl ClusterArgs {
+    /// A pod as the API server serves it: realistic or small (see `--realistic-pods`).
+    pub fn pod_object(&self, p: &Pod) -> Value {
+        if self.realistic_pods { netpol::testkit::realistic::deployment_pod(p) } else { pod_json(p) }
+    }
+
     pub fn params(&self) -> Params {
         Params {
             pods: self.pods,
@@ -44,8 +54,9 @@ impl ClusterArgs {
     }
 }
 
-/// A pod as a Deployment's pod looks on the wire (owner, annotations, env, volumes,
-/// conditions, managedFields), so lists and watch events carry the bytes the agent strips.
+/// A small pod with some of the fields a Deployment's pod has on the wire (owner,
+/// annotations, env, volumes, conditions, managedFields), ~2.8 KB of JSON: the pods of
+/// measurements before `--realistic-pods`.
 pub fn pod_json(p: &Pod) -> Value {
     let labels: serde_json::Map<String, Value> = p
         .labels

@@ -1,6 +1,8 @@
 //! Kubernetes watches: `kube-runtime` watchers for Pods (all namespaces), Namespaces,
 //! NetworkPolicies, Nodes and the cluster policy kinds (while their CRDs are installed, see
-//! [`super::tiers`]), feeding the agent's own stores of converted model objects.
+//! [`super::tiers`]), feeding the agent's own stores of converted model objects. Pods are
+//! decoded as [`convert::SlimPod`]: only the fields the conversion reads, the rest of each
+//! (5-10 KB) pod skipped unread.
 //!
 //! ```text
 //!  watcher() ──Event──► convert on arrival ──► share labels, node name, ports (interners)
@@ -592,6 +594,29 @@ impl Watched for Pod {
     }
 }
 
+/// The agent's pod watch: [`convert::SlimPod`] decodes only the fields the conversion
+/// reads, and converts exactly as the full `Pod` would (one store for both).
+impl Watched for convert::SlimPod {
+    type Model = model::Pod;
+    const KIND: &'static str = "Pod";
+    const DEFAULT_NAMESPACE: &'static str = "default";
+    fn convert(&self) -> Result<Option<model::Pod>, FieldError> {
+        Ok(match convert::slim_pod(self)? {
+            PodOutcome::Pod(p) => Some(p),
+            PodOutcome::Inactive(why) => {
+                tracing::debug!("pod {} {why}; not enforced", display_key(&object_key(&self.metadata, "default")));
+                None
+            }
+        })
+    }
+    fn share(pod: model::Pod, stores: &mut AgentStores) -> model::Pod {
+        <Pod as Watched>::share(pod, stores)
+    }
+    fn objects(stores: &mut AgentStores) -> &mut Objects<model::Pod> {
+        &mut stores.pods
+    }
+}
+
 impl Watched for Namespace {
     type Model = model::Namespace;
     const KIND: &'static str = "Namespace";
@@ -1054,7 +1079,15 @@ impl ClusterWatch {
         use super::tiers::{Admin, Baseline, ClusterNetwork};
         let hook = hook.as_ref();
         futures::join!(
-            self.run_one(Api::<Pod>::all(client.clone()), &(), config.clone(), Resource::Pods, &trigger, hook, false),
+            self.run_one(
+                Api::<convert::SlimPod>::all(client.clone()),
+                &(),
+                config.clone(),
+                Resource::Pods,
+                &trigger,
+                hook,
+                false
+            ),
             self.run_one(
                 Api::<Namespace>::all(client.clone()),
                 &(),

@@ -3,6 +3,7 @@
 //! ```text
 //!  k8s_openapi::{Namespace, Pod, NetworkPolicy, Service} ──► convert::{namespace, pod, policy, service}
 //!        (as a client sent them)                                 │ defaulting + validation
+//!  SlimPod (the agent's watch: only the fields read) ──► convert::slim_pod
 //!                                                                ▼
 //!                         model::{Namespace, Pod, Policy}, service::Service  or  FieldError{path, reason}
 //! ```
@@ -17,7 +18,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::policy::model::{
@@ -71,19 +72,172 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace> {
     Ok(ns)
 }
 
+/// A Pod as the agent's watch decodes it: only the fields [`slim_pod`] reads. A real pod
+/// is 5-10 KB of JSON (managed fields, containers with env, probes and volume mounts,
+/// volumes, status conditions and container statuses); decoding all of it into
+/// k8s-openapi's `Pod` for a dozen fields cost most of the agent's first list at 100 000
+/// pods. Every other field, and any field a future API version adds, is skipped by the
+/// decoder unread. Field names and defaults are the API's (`null` reads as absent).
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct SlimPod {
+    #[serde(default, deserialize_with = "slim_metadata")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<SlimPodSpec>,
+    #[serde(default)]
+    pub status: Option<SlimPodStatus>,
+}
+
+/// `spec`: what places the pod and the ports its containers declare.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimPodSpec {
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub host_network: Option<bool>,
+    #[serde(default)]
+    pub containers: Option<Vec<SlimContainer>>,
+}
+
+/// `spec.containers[*]`: its ports only.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct SlimContainer {
+    #[serde(default)]
+    pub ports: Option<Vec<core::ContainerPort>>,
+}
+
+/// `status`: the phase and the addresses.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct SlimPodStatus {
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Option<Vec<core::PodIP>>,
+}
+
+/// `metadata`, keeping what names the pod, its labels, and the resourceVersion the watch
+/// resumes from; the rest (managedFields, annotations, owners) is skipped unread.
+fn slim_metadata<'de, D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<ObjectMeta, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Read {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        namespace: Option<String>,
+        #[serde(default)]
+        labels: Option<std::collections::BTreeMap<String, String>>,
+        #[serde(default)]
+        resource_version: Option<String>,
+    }
+    let read: Option<Read> = serde::Deserialize::deserialize(deserializer)?;
+    Ok(read.map_or_else(ObjectMeta::default, |r| ObjectMeta {
+        name: r.name,
+        namespace: r.namespace,
+        labels: r.labels,
+        resource_version: r.resource_version,
+        ..ObjectMeta::default()
+    }))
+}
+
+impl k8s_openapi::Resource for SlimPod {
+    const API_VERSION: &'static str = "v1";
+    const GROUP: &'static str = "";
+    const KIND: &'static str = "Pod";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "pods";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for SlimPod {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The fields of a Pod that [`pod`] reads, borrowed from either pod type.
+struct PodFields<'a> {
+    metadata: &'a ObjectMeta,
+    host_network: Option<bool>,
+    node_name: Option<&'a str>,
+    /// Each container's `ports` (absent: empty).
+    container_ports: Vec<&'a [core::ContainerPort]>,
+    /// `None`: the pod has no `status` at all (a manifest).
+    status: Option<StatusFields<'a>>,
+}
+
+struct StatusFields<'a> {
+    phase: Option<&'a str>,
+    pod_ip: Option<&'a str>,
+    pod_ips: Option<&'a [core::PodIP]>,
+}
+
+impl<'a> PodFields<'a> {
+    fn of_pod(pod: &'a core::Pod) -> Self {
+        let spec = pod.spec.as_ref();
+        PodFields {
+            metadata: &pod.metadata,
+            host_network: spec.and_then(|s| s.host_network),
+            node_name: spec.and_then(|s| s.node_name.as_deref()),
+            container_ports: spec
+                .map(|s| s.containers.iter().map(|c| c.ports.as_deref().unwrap_or_default()).collect())
+                .unwrap_or_default(),
+            status: pod.status.as_ref().map(|s| StatusFields {
+                phase: s.phase.as_deref(),
+                pod_ip: s.pod_ip.as_deref(),
+                pod_ips: s.pod_ips.as_deref(),
+            }),
+        }
+    }
+
+    fn of_slim(pod: &'a SlimPod) -> Self {
+        let spec = pod.spec.as_ref();
+        PodFields {
+            metadata: &pod.metadata,
+            host_network: spec.and_then(|s| s.host_network),
+            node_name: spec.and_then(|s| s.node_name.as_deref()),
+            container_ports: spec
+                .and_then(|s| s.containers.as_deref())
+                .map(|cs| cs.iter().map(|c| c.ports.as_deref().unwrap_or_default()).collect())
+                .unwrap_or_default(),
+            status: pod.status.as_ref().map(|s| StatusFields {
+                phase: s.phase.as_deref(),
+                pod_ip: s.pod_ip.as_deref(),
+                pod_ips: s.pod_ips.as_deref(),
+            }),
+        }
+    }
+}
+
 /// Chooses a node and IPs for a pod that has none (offline only).
 pub type Placement<'a> = dyn FnMut(&ObjectRef) -> (String, Vec<IpAddr>) + 'a;
 
 /// Converts a Pod. `fallback` supplies a node and IPs for pods that were written as
 /// manifests (no status at all), which the offline checker uses; the agent passes `None`.
 pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodOutcome> {
-    let id = object_ref(&pod.metadata)?;
+    pod_fields(PodFields::of_pod(pod), fallback)
+}
+
+/// Converts a Pod as the agent's watch decodes it, exactly as [`pod`] converts the same
+/// object decoded whole (without a fallback placement: the API server's pods have a status).
+pub fn slim_pod(pod: &SlimPod) -> Result<PodOutcome> {
+    pod_fields(PodFields::of_slim(pod), None)
+}
+
+fn pod_fields(pod: PodFields<'_>, fallback: Option<&mut Placement<'_>>) -> Result<PodOutcome> {
+    let id = object_ref(pod.metadata)?;
     let labels = labels(pod.metadata.labels.as_ref(), "metadata.labels")?;
-    let spec = pod.spec.as_ref();
-    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let host_network = pod.host_network.unwrap_or(false);
     let mut ports = Vec::new();
-    for (ci, container) in spec.map(|s| s.containers.as_slice()).unwrap_or_default().iter().enumerate() {
-        for (pi, p) in container.ports.as_deref().unwrap_or_default().iter().enumerate() {
+    for (ci, container_ports) in pod.container_ports.iter().enumerate() {
+        for (pi, p) in container_ports.iter().enumerate() {
             ports.push(container_port(p, &format!("spec.containers[{ci}].ports[{pi}]"))?);
         }
     }
@@ -91,20 +245,17 @@ pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodO
     ports.dedup();
 
     let status = pod.status.as_ref();
-    if let Some(phase) = status.and_then(|s| s.phase.as_deref())
+    if let Some(phase) = status.and_then(|s| s.phase)
         && (phase == "Succeeded" || phase == "Failed")
     {
         return Ok(PodOutcome::Inactive("in a terminal phase"));
     }
     let mut ips = PodIps::new();
-    let listed: Vec<(&str, String)> = match status.and_then(|s| s.pod_ips.as_deref()) {
+    let listed: Vec<(&str, String)> = match status.and_then(|s| s.pod_ips) {
         Some(list) if !list.is_empty() => {
             list.iter().enumerate().map(|(i, p)| (p.ip.as_str(), format!("status.podIPs[{i}].ip"))).collect()
         }
-        _ => status
-            .and_then(|s| s.pod_ip.as_deref())
-            .map(|ip| vec![(ip, "status.podIP".to_string())])
-            .unwrap_or_default(),
+        _ => status.and_then(|s| s.pod_ip).map(|ip| vec![(ip, "status.podIP".to_string())]).unwrap_or_default(),
     };
     for (text, path) in listed {
         let ip: IpAddr =
@@ -114,7 +265,7 @@ pub fn pod(pod: &core::Pod, fallback: Option<&mut Placement<'_>>) -> Result<PodO
             return Err(FieldError::new(path, "a pod has at most one IPv4 and one IPv6 address"));
         }
     }
-    let mut node = spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty());
+    let mut node = pod.node_name.filter(|n| !n.is_empty()).map(str::to_string);
     if ips.is_empty() || node.is_none() {
         match (status.is_none(), fallback) {
             // A manifest: the checker places it and gives it synthetic addresses.
@@ -593,6 +744,157 @@ mod tests {
     }
 
     const BAD_PEER: &str = "10.0.0.0/33";
+
+    /// The object decoded whole and through [`SlimPod`], each converted as its users do.
+    fn both_ways(object: &serde_json::Value) -> (Result<PodOutcome>, Result<PodOutcome>) {
+        let full: core::Pod = serde_json::from_value(object.clone()).expect("a well-typed Pod");
+        let slim: SlimPod = serde_json::from_value(object.clone()).expect("a well-typed Pod, slim");
+        (pod(&full, None), slim_pod(&slim))
+    }
+
+    #[test]
+    fn a_pod_converts_the_same_through_the_slim_type_as_through_the_full_one() {
+        use serde_json::json;
+        let running = |extra_status: serde_json::Value| {
+            let mut status = json!({"phase": "Running", "podIP": "10.0.0.1"});
+            status.as_object_mut().unwrap().extend(extra_status.as_object().unwrap().clone());
+            json!({"metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"}},
+                   "spec": {"nodeName": "node-a", "containers": [{"name": "app", "ports": [{"containerPort": 80, "name": "http"}]}]},
+                   "status": status})
+        };
+        let model = {
+            let mut p = Pod::clone(&crate::policy::model::test_pod("shop", "web-7d9f8b6c5-x2x8q", &[("app", "web")]));
+            p.node = "node-7".into();
+            p.ips = PodIps::try_from(vec!["10.1.2.3".parse::<IpAddr>().unwrap(), "fd00::3".parse().unwrap()]).unwrap();
+            p.ports = vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp }].into();
+            p
+        };
+        let table = [
+            ("realistic", crate::testkit::realistic::deployment_pod(&model)),
+            ("minimal", json!({"metadata": {"name": "p"}})),
+            ("null everywhere", json!({"metadata": {"name": "p", "labels": null}, "spec": null, "status": null})),
+            ("running", running(json!({}))),
+            ("podIPs win over podIP", running(json!({"podIPs": [{"ip": "10.0.0.2"}, {"ip": "fd00::2"}]}))),
+            ("empty podIPs", running(json!({"podIPs": []}))),
+            ("succeeded", running(json!({"phase": "Succeeded"}))),
+            ("failed", running(json!({"phase": "Failed"}))),
+            ("pending without an IP", running(json!({"phase": "Pending", "podIP": null}))),
+            ("not an IP", running(json!({"podIP": "10.0.0.300"}))),
+            ("two IPv4", running(json!({"podIPs": [{"ip": "10.0.0.2"}, {"ip": "10.0.0.3"}]}))),
+            (
+                "host network",
+                json!({"metadata": {"name": "h"}, "spec": {"hostNetwork": true, "nodeName": "n", "containers": [{"name": "c"}]}, "status": {"podIP": "192.0.2.1"}}),
+            ),
+            (
+                "unscheduled",
+                json!({"metadata": {"name": "u"}, "spec": {"containers": [{"name": "c", "ports": null}]}, "status": {"podIP": "10.0.0.1"}}),
+            ),
+            (
+                "bad port",
+                json!({"metadata": {"name": "b"}, "spec": {"nodeName": "n", "containers": [{"name": "c"}, {"name": "d", "ports": [{"containerPort": 80}, {"containerPort": 0}]}]}, "status": {"podIP": "10.0.0.1"}}),
+            ),
+            (
+                "bad port name",
+                json!({"metadata": {"name": "b"}, "spec": {"nodeName": "n", "containers": [{"name": "c", "ports": [{"containerPort": 80, "name": "Not_A_Name"}]}]}, "status": {"podIP": "10.0.0.1"}}),
+            ),
+            (
+                "bad protocol",
+                json!({"metadata": {"name": "b"}, "spec": {"nodeName": "n", "containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "ICMP"}]}]}, "status": {"podIP": "10.0.0.1"}}),
+            ),
+            ("bad label", json!({"metadata": {"name": "b", "labels": {"app": "-x"}}, "status": {"podIP": "10.0.0.1"}})),
+            ("bad name", json!({"metadata": {"name": "B_1"}})),
+            ("bad namespace", json!({"metadata": {"name": "b", "namespace": "Shop"}})),
+        ];
+        for (what, object) in &table {
+            let (full, slim) = both_ways(object);
+            assert_eq!(full, slim, "{what}");
+        }
+        assert_eq!(
+            both_ways(&table[0].1).1,
+            Ok(PodOutcome::Pod({
+                let mut labelled = model.clone();
+                let mut labels = (*model.labels).clone();
+                labels.insert(
+                    "pod-template-hash".into(),
+                    table[0].1["metadata"]["labels"]["pod-template-hash"].as_str().unwrap().into(),
+                );
+                labelled.labels = labels.into();
+                labelled
+            }))
+        );
+        assert_eq!(both_ways(&table[14].1).1.unwrap_err().path, "spec.containers[0].ports[0].name");
+    }
+
+    #[test]
+    fn the_slim_pod_skips_fields_it_does_not_know_including_future_ones() {
+        use serde_json::json;
+        let plain = json!({"metadata": {"name": "web-1", "namespace": "shop", "resourceVersion": "7"},
+                           "spec": {"nodeName": "node-a", "containers": [{"ports": [{"containerPort": 80}]}]},
+                           "status": {"podIP": "10.0.0.1"}});
+        let future = json!({"apiVersion": "v1", "kind": "Pod", "futureTopLevel": {"a": [1, 2, {"b": null}]},
+                            "metadata": {"name": "web-1", "namespace": "shop", "resourceVersion": "7", "futureMeta": "x",
+                                         "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
+                            "spec": {"nodeName": "node-a", "futureSpec": 3.5,
+                                     "containers": [{"name": "app", "futureContainer": true, "ports": [{"containerPort": 80, "futurePort": "x"}]}]},
+                            "status": {"podIP": "10.0.0.1", "futureStatus": [], "conditions": [{"type": "Ready", "status": "True"}]}});
+        let read = |v: &serde_json::Value| serde_json::from_value::<SlimPod>(v.clone()).expect("decodes");
+        let (plain, future) = (read(&plain), read(&future));
+        assert_eq!(slim_pod(&plain), slim_pod(&future));
+        assert!(matches!(slim_pod(&future), Ok(PodOutcome::Pod(_))));
+        assert_eq!(future.metadata.resource_version.as_deref(), Some("7"), "the watch resumes from it");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        /// Random pods built from the fields the conversion reads (present, absent, null,
+        /// valid or not) and fields it does not: both decodings convert alike.
+        #[test]
+        fn random_pods_convert_the_same_slim_and_full(
+            name in proptest::sample::select(vec!["web-1", "", "Bad_Name"]),
+            namespace in proptest::option::of(proptest::sample::select(vec!["shop", "Bad"])),
+            labels in proptest::option::of(proptest::collection::btree_map(
+                proptest::sample::select(vec!["app", "tier", "-bad"]), proptest::sample::select(vec!["web", "", "x-"]), 0..3)),
+            node in proptest::option::of(proptest::sample::select(vec!["node-a", ""])),
+            host_network in proptest::option::of(proptest::bool::ANY),
+            ports in proptest::collection::vec(proptest::option::of(proptest::collection::vec(
+                (proptest::sample::select(vec![0i32, 80, 443, 70000]),
+                 proptest::option::of(proptest::sample::select(vec!["http", "Bad_Name"])),
+                 proptest::option::of(proptest::sample::select(vec!["TCP", "UDP", "", "ICMP"]))), 0..3)), 0..3),
+            with_status in proptest::bool::ANY,
+            phase in proptest::option::of(proptest::sample::select(vec!["Running", "Pending", "Succeeded", "Failed"])),
+            pod_ip in proptest::option::of(proptest::sample::select(vec!["10.0.0.1", "fd00::1", "nope"])),
+            pod_ips in proptest::option::of(proptest::collection::vec(
+                proptest::sample::select(vec!["10.0.0.2", "10.0.0.3", "fd00::2", "x"]), 0..3)),
+            junk in proptest::bool::ANY,
+        ) {
+            use serde_json::json;
+            let containers: Vec<serde_json::Value> = ports.iter().enumerate().map(|(i, list)| {
+                let mut c = json!({"name": format!("c{i}"), "image": "registry.example/app:1"});
+                if let Some(list) = list {
+                    c["ports"] = list.iter().map(|(port, name, protocol)| {
+                        let mut p = json!({"containerPort": port});
+                        if let Some(n) = name { p["name"] = json!(n); }
+                        if let Some(t) = protocol { p["protocol"] = json!(t); }
+                        p
+                    }).collect();
+                }
+                c
+            }).collect();
+            let mut object = json!({"metadata": {"name": name, "namespace": namespace, "labels": labels},
+                                    "spec": {"nodeName": node, "hostNetwork": host_network, "containers": containers}});
+            if with_status {
+                object["status"] = json!({"phase": phase, "podIP": pod_ip,
+                                          "podIPs": pod_ips.map(|l| l.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>())});
+            }
+            if junk {
+                object["metadata"]["annotations"] = json!({"note": "x"});
+                object["spec"]["volumes"] = json!([{"name": "v", "emptyDir": {}}]);
+                object["futureField"] = json!({"nested": [1, "two", null]});
+            }
+            let (full, slim) = both_ways(&object);
+            proptest::prop_assert_eq!(full, slim);
+        }
+    }
 
     #[test]
     fn a_policy_name_with_a_part_longer_than_a_dns_label_is_valid_as_the_api_server_says() {

@@ -6,7 +6,9 @@
 //! watcher relies on:
 //!
 //! * list: `*List` with `metadata.resourceVersion`; `limit`/`continue` paging served from a
-//!   consistent snapshot (an unknown or compacted continue token is a `410 Expired`);
+//!   consistent snapshot (an unknown or compacted continue token is a `410 Expired`). Each
+//!   object is serialized once, when stored; lists and watches copy those bytes, and a page
+//!   costs O(its items), so serving 100 000 realistic pods stays cheap next to the client;
 //! * watch (`watch=1|true`) from a `resourceVersion`: chunked, newline-delimited JSON
 //!   `WatchEvent`s (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK` when `allowWatchBookmarks`
 //!   is set); a `resourceVersion` older than the retained history gets, like the real
@@ -206,10 +208,21 @@ fn selected(namespace: Option<&str>, name: Option<&str>, object_namespace: &str,
     namespace.is_none_or(|n| n == object_namespace) && name.is_none_or(|n| n == object_name)
 }
 
+/// A list being paged: the snapshot taken by its first page (shared handles to the
+/// objects' serialized bytes, not copies) and where the next page starts. A page costs
+/// O(its own items), whatever follows it.
 struct Page {
     rv: u64,
     kind: Kind,
-    items: Vec<Value>,
+    items: Arc<[Bytes]>,
+    next: usize,
+}
+
+/// A stored object: its JSON, serialized once when it is stored (every list and watch
+/// serves these bytes as they are), and its uid.
+struct Stored {
+    json: Bytes,
+    uid: String,
 }
 
 #[derive(Default)]
@@ -217,7 +230,7 @@ struct State {
     rv: u64,
     compacted_rv: u64,
     next_id: u64,
-    objects: BTreeMap<Key, Value>,
+    objects: BTreeMap<Key, Stored>,
     history: Vec<HistoryEvent>,
     subscribers: Vec<Subscriber>,
     pages: HashMap<String, Page>,
@@ -438,17 +451,24 @@ impl FakeApiServer {
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Option<u64> {
         let namespace = if kind.namespaced() { namespace } else { "" };
         let mut st = self.shared.state();
-        let mut value = st.objects.remove(&(kind, namespace.to_string(), name.to_string()))?;
+        let stored = st.objects.remove(&(kind, namespace.to_string(), name.to_string()))?;
         st.rv += 1;
         let rv = st.rv;
+        let mut value: Value = serde_json::from_slice(&stored.json).expect("stored objects are JSON");
         value["metadata"]["resourceVersion"] = rv.to_string().into();
-        publish(&mut st, kind, (namespace, name), "DELETED", &value, true);
+        let json = serde_json::to_vec(&value).expect("JSON values serialize");
+        publish(&mut st, kind, (namespace, name), "DELETED", &json, true);
         Some(rv)
     }
 
     /// The current (global) resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.state().rv
+    }
+
+    /// The JSON bytes of the stored objects of a kind, as lists and watches serve them.
+    pub fn stored_bytes(&self, kind: Kind) -> usize {
+        self.shared.state().objects.iter().filter(|(k, _)| k.0 == kind).map(|(_, o)| o.json.len()).sum()
     }
 
     /// Number of stored objects of a kind.
@@ -571,8 +591,17 @@ impl FakeApiServer {
 }
 
 fn event_line(event_type: &str, object: &Value) -> Bytes {
-    let mut line = serde_json::to_vec(&json!({ "type": event_type, "object": object })).expect("JSON values serialize");
-    line.push(b'\n');
+    event_line_raw(event_type, &serde_json::to_vec(object).expect("JSON values serialize"))
+}
+
+/// A watch event line around an object's serialized JSON (no re-serialization).
+fn event_line_raw(event_type: &str, object: &[u8]) -> Bytes {
+    let mut line = Vec::with_capacity(object.len() + event_type.len() + 24);
+    line.extend_from_slice(b"{\"type\":\"");
+    line.extend_from_slice(event_type.as_bytes());
+    line.extend_from_slice(b"\",\"object\":");
+    line.extend_from_slice(object);
+    line.extend_from_slice(b"}\n");
     Bytes::from(line)
 }
 
@@ -585,36 +614,33 @@ fn store(st: &mut State, mut value: Value, keep_history: bool) -> Result<u64, Fa
         return Err(FakeError::NotInstalled(kind.as_str()));
     }
     value["apiVersion"] = st.api_version(kind).into();
-    let meta = value.get("metadata").cloned().unwrap_or_else(|| json!({}));
-    let name = meta.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()).ok_or(FakeError::NoName)?.to_string();
+    let meta_str = |field: &str| value.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str);
+    let name = meta_str("name").filter(|n| !n.is_empty()).ok_or(FakeError::NoName)?.to_string();
     let namespace = if kind.namespaced() {
-        meta.get("namespace").and_then(Value::as_str).filter(|n| !n.is_empty()).unwrap_or("default").to_string()
+        meta_str("namespace").filter(|n| !n.is_empty()).unwrap_or("default").to_string()
     } else {
         String::new()
     };
+    let given_uid = meta_str("uid").map(str::to_string);
     st.rv += 1;
     let rv = st.rv;
     let key = (kind, namespace.clone(), name.clone());
-    let previous_uid = st.objects.get(&key).and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
+    let previous_uid = st.objects.get(&key).map(|o| o.uid.clone());
     let event_type = if st.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
-    let uid = meta
-        .get("uid")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .or(previous_uid)
-        .unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}"));
+    let uid = given_uid.or(previous_uid).unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}"));
     if !value["metadata"].is_object() {
         value["metadata"] = json!({});
     }
     value["metadata"]["resourceVersion"] = rv.to_string().into();
-    value["metadata"]["uid"] = uid.into();
+    value["metadata"]["uid"] = uid.clone().into();
     if kind.namespaced() {
         value["metadata"]["namespace"] = namespace.clone().into();
     }
+    let json = Bytes::from(serde_json::to_vec(&value)?);
     if keep_history || !st.subscribers.is_empty() {
-        publish(st, kind, (&namespace, &name), event_type, &value, keep_history);
+        publish(st, kind, (&namespace, &name), event_type, &json, keep_history);
     }
-    st.objects.insert(key, value);
+    st.objects.insert(key, Stored { json, uid });
     Ok(rv)
 }
 
@@ -625,10 +651,10 @@ fn publish(
     kind: Kind,
     (namespace, name): (&str, &str),
     event_type: &str,
-    object: &Value,
+    object: &[u8],
     keep_history: bool,
 ) {
-    let line = event_line(event_type, object);
+    let line = event_line_raw(event_type, object);
     if keep_history {
         st.history.push(HistoryEvent {
             rv: st.rv,
@@ -675,7 +701,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 fn full(status: StatusCode, body: Value) -> Response<Body> {
-    let bytes = Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"));
+    full_bytes(status, Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize")))
+}
+
+fn full_bytes(status: StatusCode, bytes: Bytes) -> Response<Body> {
     let mut resp = Response::new(Full::new(bytes).map_err(|e: Infallible| match e {}).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
@@ -785,9 +814,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         }
         shared.wait_unpaused_as(Kind::Node, true).await;
         shared.gets.fetch_add(1, Ordering::SeqCst);
-        let object = shared.state().objects.get(&(Kind::Node, String::new(), name.clone())).cloned();
+        let object = shared.state().objects.get(&(Kind::Node, String::new(), name.clone())).map(|o| o.json.clone());
         return match object {
-            Some(node) => full(StatusCode::OK, node),
+            Some(node) => full_bytes(StatusCode::OK, node),
             None => error(StatusCode::NOT_FOUND, "NotFound", &format!("nodes \"{name}\" not found")),
         };
     }
@@ -828,9 +857,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
 fn list(shared: &Shared, kind: Kind, namespace: Option<String>, q: &HashMap<String, String>) -> Response<Body> {
     let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
     let mut st = shared.state();
-    let (rv, mut items) = match q.get("continue").filter(|c| !c.is_empty()) {
+    let (rv, items, start) = match q.get("continue").filter(|c| !c.is_empty()) {
         Some(token) => match st.pages.remove(token) {
-            Some(page) if page.kind == kind => (page.rv, page.items),
+            Some(page) if page.kind == kind => (page.rv, page.items, page.next),
             _ => {
                 return error(
                     StatusCode::GONE,
@@ -840,38 +869,46 @@ fn list(shared: &Shared, kind: Kind, namespace: Option<String>, q: &HashMap<Stri
             }
         },
         None => {
-            let items: Vec<Value> = st
+            let items: Arc<[Bytes]> = st
                 .objects
                 .iter()
                 .filter(|((k, ns, _), _)| *k == kind && namespace.as_deref().is_none_or(|n| n == ns))
-                .map(|(_, v)| v.clone())
+                .map(|(_, o)| o.json.clone())
                 .collect();
-            (st.rv, items)
+            (st.rv, items, 0)
         }
     };
+    let end = limit.map_or(items.len(), |l| items.len().min(start.saturating_add(l)));
     let mut metadata = json!({ "resourceVersion": rv.to_string() });
-    if let Some(limit) = limit
-        && items.len() > limit
-    {
-        let rest = items.split_off(limit);
+    if end < items.len() {
         st.next_id += 1;
         let token = format!("page-{}-{}", rv, st.next_id);
         metadata["continue"] = token.clone().into();
-        metadata["remainingItemCount"] = rest.len().into();
-        st.pages.insert(token, Page { rv, kind, items: rest });
+        metadata["remainingItemCount"] = (items.len() - end).into();
+        st.pages.insert(token, Page { rv, kind, items: Arc::clone(&items), next: end });
     }
     let api_version = st.api_version(kind);
     drop(st);
     shared.lists[kind.index()].fetch_add(1, Ordering::SeqCst);
-    full(
-        StatusCode::OK,
-        json!({
-            "kind": format!("{}List", kind.as_str()),
-            "apiVersion": api_version,
-            "metadata": metadata,
-            "items": items,
-        }),
-    )
+    let page = &items[start..end];
+    let head = json!({
+        "kind": format!("{}List", kind.as_str()),
+        "apiVersion": api_version,
+        "metadata": metadata,
+    });
+    // `{...head fields..., "items": [` the stored bytes `]}`: no object is re-serialized.
+    let mut body = serde_json::to_vec(&head).expect("JSON values serialize");
+    body.pop();
+    body.reserve(page.iter().map(|b| b.len() + 1).sum::<usize>() + 12);
+    body.extend_from_slice(b",\"items\":[");
+    for (i, item) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"]}");
+    full_bytes(StatusCode::OK, Bytes::from(body))
 }
 
 fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, q: &HashMap<String, String>) -> Response<Body> {
@@ -934,7 +971,7 @@ fn watch(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, q: &HashMap
                     st.objects
                         .iter()
                         .filter(|((k, ns, n), _)| *k == kind && selected(namespace.as_deref(), name.as_deref(), ns, n))
-                        .map(|(_, v)| event_line("ADDED", v)),
+                        .map(|(_, o)| event_line_raw("ADDED", &o.json)),
                 );
                 if send_initial {
                     let bm = json!({
