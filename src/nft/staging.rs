@@ -28,10 +28,10 @@ use super::diff::{SetDeltas, applied_elements};
 use super::ir::{Element, Elements, MapVerdict, Match, Ruleset, Set, Verdict};
 use super::{Op, Transaction};
 
-/// Elements a sync adds at most to sets no rule looks up yet; the rest waits for the next
-/// sync. The kernel commits a chunk of hash set elements in ~4 ms, of interval set elements
-/// in ~6 ms (benches/README.md, "staged fills").
-pub const STAGING_CHUNK: usize = 4_096;
+/// Elements a sync adds at most to hash sets no rule looks up yet; the rest waits for the
+/// next sync. The kernel commits hash set elements at 2-3.5 µs each over netlink (beside a
+/// 100 000-element set): ~5 ms a chunk (benches/README.md, "staged fills").
+pub const STAGING_CHUNK: usize = 2_048;
 
 /// One step from the applied ruleset towards the desired one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,13 +102,17 @@ struct Fill<'a> {
     added: Vec<Element>,
 }
 
-/// The sets of `desired` that no rule of `applied` looks up and that gain elements, in name order.
+/// The hash sets of `desired` that no rule of `applied` looks up and that gain elements,
+/// in name order.
 fn fills<'a>(applied: &'a Ruleset, desired: &'a Ruleset, known: &SetDeltas) -> Vec<Fill<'a>> {
     let looked_up = applied.referenced_sets();
     let mut fills = Vec::new();
     for (name, set) in &desired.sets {
         let held = applied.sets.get(name);
-        if looked_up.contains(name.as_str()) || held.is_some_and(|held| Arc::ptr_eq(held, set)) {
+        // Interval sets go whole: chunks added to an existing one go through nft (the
+        // netlink encoder leaves range changes to it), which costs ~1 000 times more per
+        // element than a new set's (benches/README.md, "staged fills").
+        if set.interval || looked_up.contains(name.as_str()) || held.is_some_and(|held| Arc::ptr_eq(held, set)) {
             continue;
         }
         let added: Vec<Element> = match held {
