@@ -39,7 +39,7 @@ use crate::conntrack::{ConntrackError, ConntrackTable, Flow, NodeAddresses, Reas
 use crate::nft::diff::{diff_with, full_sync};
 use crate::nft::interpret::Interpreter;
 use crate::nft::ir::Ruleset;
-use crate::nft::staging::{self, STAGING_CHUNK};
+use crate::nft::staging;
 use crate::nft::{NftError, Nftables, Op, Transaction};
 use crate::policy::model::{Cluster, Namespace, NamespaceMap, Pod, SharedList, namespace_map};
 use crate::policy::tiers::DomainMap;
@@ -83,8 +83,9 @@ pub struct NftTarget<N: Nftables> {
     /// The per-rule totals the metrics export, kept monotonic across syncs.
     rule_counters: Option<RuleCounters>,
     /// Elements an incremental sync adds at most to sets no rule looks up yet (see
-    /// [`crate::nft::staging`]); 0 never stages.
-    staging_chunk: usize,
+    /// [`crate::nft::staging`]): a fixed number (0 never stages), or `None`: as many as
+    /// the kernel adds in the time the sync's compile took ([`staging::chunk_for_compile`]).
+    staging_chunk: Option<usize>,
 }
 
 impl<N: Nftables> NftTarget<N> {
@@ -101,14 +102,15 @@ impl<N: Nftables> NftTarget<N> {
             conntrack_pods: None,
             conntrack_pending: false,
             rule_counters: None,
-            staging_chunk: STAGING_CHUNK,
+            staging_chunk: None,
         }
     }
 
-    /// Fills sets no rule looks up yet `chunk` elements per sync ([`STAGING_CHUNK`] by
-    /// default; 0 fills them whole, in one transaction with the rules naming them).
+    /// Fills sets no rule looks up yet `chunk` elements per sync (0 fills them whole, in
+    /// one transaction with the rules naming them). By default the chunk follows the
+    /// compile's time ([`staging::chunk_for_compile`]).
     pub fn staging_fills(mut self, chunk: usize) -> Self {
-        self.staging_chunk = chunk;
+        self.staging_chunk = Some(chunk);
         self
     }
 
@@ -274,7 +276,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         };
         // A big fill of sets no rule looks up yet goes in chunks, one per sync, and the
         // rules that need them with the last (see crate::nft::staging). Full syncs never.
-        let chunk = self.staging_chunk;
+        let chunk = self.staging_chunk.unwrap_or_else(|| staging::chunk_for_compile(started.elapsed()));
         let step = match &applied {
             Some(applied) if chunk > 0 && !is_full_sync(&tx) && staging::set_additions(&tx) > chunk => {
                 staging::stage(applied, &desired, &set_deltas, chunk)

@@ -21,17 +21,34 @@
 //! looks up is complete. The next sync diffs from the step (the kernel's state) to whatever
 //! is desired then: the next chunk, with any new change. Pure: no I/O.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::diff::{SetDeltas, applied_elements};
-use super::ir::{Element, Elements, MapVerdict, Match, Ruleset, Set, Verdict};
+use super::ir::{Element, MapVerdict, Match, Ruleset, Set, Verdict};
 use super::{Op, Transaction};
 
-/// Elements a sync adds at most to hash sets no rule looks up yet; the rest waits for the
-/// next sync. The kernel commits hash set elements at 2-3.5 µs each over netlink (beside a
-/// 100 000-element set): ~5 ms a chunk (benches/README.md, "staged fills").
+/// Elements a sync adds at least to hash sets no rule looks up yet, when the fill is
+/// staged; the rest waits for the next sync. The kernel commits hash set elements at
+/// 2-3.5 µs each over netlink (beside a 100 000-element set): ~5 ms a chunk
+/// (benches/README.md, "staged fills").
 pub const STAGING_CHUNK: usize = 2_048;
+
+/// The kernel's time per hash set element added over netlink (measured 2.1-3.5 µs): the
+/// agent sizes a chunk to take about as long as the sync's compile (see
+/// [`chunk_for_compile`]).
+pub const KERNEL_TIME_PER_ELEMENT: std::time::Duration = std::time::Duration::from_nanos(2_500);
+
+/// The chunk for a sync whose compile took `compile`: as many elements as the kernel adds
+/// in that time, at least [`STAGING_CHUNK`]. A sync then takes at most about twice its
+/// compile (or ~5 ms more), while a fill moves as fast as syncs go: at 100 000 pods a
+/// compile takes tens of ms, and a fill of 5 ms chunks took hundreds of syncs there
+/// (benches/README.md, "staged fills").
+pub fn chunk_for_compile(compile: std::time::Duration) -> usize {
+    let elements = compile.as_nanos() / KERNEL_TIME_PER_ELEMENT.as_nanos();
+    usize::try_from(elements).unwrap_or(usize::MAX).max(STAGING_CHUNK)
+}
 
 /// One step from the applied ruleset towards the desired one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,13 +98,18 @@ pub fn stage(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas, chunk: usi
             continue;
         }
         let set = &desired.sets[name];
-        // The kernel's elements that stay, and the chunk's share.
-        let mut elements: Elements = match held {
-            Some(held) => applied_elements(name, held, known).iter().filter(|e| set.elements.contains(e)).collect(),
-            None => Elements::new(),
+        // What the kernel has (elements that go, go once the set is complete: no rule looks
+        // it up meanwhile), and the chunk's share. Untouched, it stays as it is, unread.
+        let elements = match held.map(|held| (held, applied_elements(name, held, known))) {
+            Some((held, Cow::Borrowed(_))) if take == 0 => Arc::clone(held),
+            Some((_, kernel)) => {
+                let mut elements = kernel.into_owned();
+                elements.extend(added.into_iter().take(take));
+                Arc::new(Set { elements, ..set.declaration() })
+            }
+            None => Arc::new(Set { elements: added.into_iter().take(take).collect(), ..set.declaration() }),
         };
-        elements.extend(added.into_iter().take(take));
-        step.sets.insert(name.clone(), Arc::new(Set { elements, ..set.declaration() }));
+        step.sets.insert(name.clone(), elements);
         incomplete.insert(name.as_str());
     }
     let held_chains = hold_back(applied, desired, known, &incomplete, &mut step);
@@ -434,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_set_being_refilled_keeps_what_the_kernel_has_and_drops_what_goes() {
+    fn an_idle_set_being_refilled_keeps_what_the_kernel_has_and_drops_what_goes_once_complete() {
         // An idle set (no rule looks it up) in the kernel: 10 elements, 5 of them going.
         let mut applied = applied();
         applied.sets.insert("idle".into(), peers(3000..3010));
@@ -442,11 +464,30 @@ mod tests {
         desired.sets.insert("idle".into(), peers(3005..3100));
         let step = stage(&applied, &desired, &SetDeltas::new(), 40).unwrap();
         let idle = &step.ruleset.sets["idle"].elements;
-        assert_eq!(idle.len(), 45);
-        assert!((3005..3050).all(|i| idle.contains(&addr(i))), "{idle:?}");
+        assert_eq!(idle.len(), 50);
+        assert!((3000..3050).all(|i| idle.contains(&addr(i))), "{idle:?}");
         let (fake, remaining) = fill(applied, &desired, 40);
         assert_eq!(remaining, [50, 10]);
         assert_eq!(fake.ruleset("t"), Some(&desired));
+    }
+
+    #[test]
+    fn a_set_the_chunk_does_not_reach_stays_the_very_set_the_kernel_has() {
+        let mut applied = applied();
+        applied.sets.insert("spare".into(), peers(3000..3010));
+        let mut desired = desired();
+        desired.sets.insert("spare".into(), peers(3000..3100));
+        // `spare` comes after `peers-new` (100 elements): a chunk of 30 leaves it untouched.
+        let step = stage(&applied, &desired, &SetDeltas::new(), 30).unwrap();
+        assert!(Arc::ptr_eq(&step.ruleset.sets["spare"], &applied.sets["spare"]));
+        assert_eq!(step.remaining, 160);
+    }
+
+    #[test]
+    fn a_chunk_takes_about_as_long_in_the_kernel_as_the_compile_before_it() {
+        use std::time::Duration;
+        assert_eq!(chunk_for_compile(Duration::from_millis(1)), STAGING_CHUNK);
+        assert_eq!(chunk_for_compile(Duration::from_millis(40)), 16_000);
     }
 
     #[test]
