@@ -8,6 +8,12 @@
 //!                                   `applied` keeps stand-ins, deltas)     patched ones by their deltas)
 //! ```
 //!
+//! A diff that would add more elements to sets no rule looks up yet than a chunk (as many
+//! as the kernel adds in the time the compile took) commits a step instead
+//! ([`crate::nft::staging`]): one chunk, the chains needing the rest held back. The step
+//! is what is remembered as applied; the stats say how much is left, and the sync loop
+//! syncs again at once.
+//!
 //! What was applied is remembered only after nft accepted it; any failure forgets it, so
 //! the next sync replaces the whole table, compiled afresh. A table left by an earlier run
 //! stays in force until the first (full) sync replaces it in the same transaction.
