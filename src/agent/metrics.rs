@@ -123,6 +123,7 @@ struct Inner {
     set_elements: Gauge,
     idle_sets: Gauge,
     idle_set_elements: Gauge,
+    staged_elements_remaining: Gauge,
     rules: Gauge,
     skipped_objects: Gauge,
     index_objects: Family<ResourceLabels, Gauge>,
@@ -176,6 +177,7 @@ impl Metrics {
         let set_elements = Gauge::default();
         let idle_sets = Gauge::default();
         let idle_set_elements = Gauge::default();
+        let staged_elements_remaining = Gauge::default();
         let rules = Gauge::default();
         let skipped_objects = Gauge::default();
         let index_objects = Family::<ResourceLabels, Gauge>::default();
@@ -229,6 +231,11 @@ impl Metrics {
             idle_sets.clone(),
         );
         registry.register("ruleset_idle_set_elements", "Elements across the idle sets", idle_set_elements.clone());
+        registry.register(
+            "ruleset_staged_elements_remaining",
+            "Elements still to add, a chunk per sync, to new sets whose rules wait for them to be complete",
+            staged_elements_remaining.clone(),
+        );
         registry.register("ruleset_rules", "Rules in the applied ruleset", rules.clone());
         registry.register(
             "skipped_objects",
@@ -363,6 +370,7 @@ impl Metrics {
                 set_elements,
                 idle_sets,
                 idle_set_elements,
+                staged_elements_remaining,
                 rules,
                 skipped_objects,
                 index_objects,
@@ -406,6 +414,7 @@ impl Metrics {
         i.set_elements.set(gauge_value(stats.set_elements));
         i.idle_sets.set(gauge_value(stats.idle_sets));
         i.idle_set_elements.set(gauge_value(stats.idle_set_elements));
+        i.staged_elements_remaining.set(gauge_value(stats.staged_elements_remaining));
         i.rules.set(gauge_value(stats.rules));
         i.skipped_objects.set(gauge_value(stats.skipped_objects));
         i.syncs.get_or_create(&OutcomeLabels { mode: m, outcome: "success" }).inc();
@@ -559,6 +568,7 @@ mod tests {
                 transaction_ops: 12,
                 chains: 4,
                 set_elements: 9,
+                staged_elements_remaining: 5,
                 via_netlink: 2,
                 via_nft: 1,
                 fail_closed_policies: 2,
@@ -581,6 +591,7 @@ mod tests {
             "netpol_sync_failures_total{mode=\"partial\",kind=\"apply\"} 1",
             "netpol_ruleset_chains 4",
             "netpol_ruleset_set_elements 9",
+            "netpol_ruleset_staged_elements_remaining 5",
             "netpol_watch_events_total{resource=\"pods\"} 0",
             "netpol_watch_relists_total{resource=\"networkpolicies\"} 0",
             "netpol_last_successful_sync_age_seconds ",

@@ -97,6 +97,11 @@ pub struct SyncStats {
     /// [`crate::conntrack`]), and the time the dump, decision and deletes took.
     pub conntrack_flows_deleted: ConntrackFlowsDeleted,
     pub conntrack: std::time::Duration,
+    /// Elements still to add to sets no rule looks up yet after this sync's chunk (see
+    /// [`crate::nft::staging`]), and the chains held back until they are complete: more
+    /// than zero, and the sync loop syncs again at once.
+    pub staged_elements_remaining: usize,
+    pub staged_chains_held: usize,
 }
 
 /// Conntrack entries deleted by one sync, by reason.

@@ -8,6 +8,12 @@
 //!                                   `applied` keeps stand-ins, deltas)     patched ones by their deltas)
 //! ```
 //!
+//! A diff that would add more elements to sets no rule looks up yet than a chunk (as many
+//! as the kernel adds in the time the compile took) commits a step instead
+//! ([`crate::nft::staging`]): one chunk, the chains needing the rest held back. The step
+//! is what is remembered as applied; the stats say how much is left, and the sync loop
+//! syncs again at once.
+//!
 //! What was applied is remembered only after nft accepted it; any failure forgets it, so
 //! the next sync replaces the whole table, compiled afresh. A table left by an earlier run
 //! stays in force until the first (full) sync replaces it in the same transaction.
@@ -39,6 +45,7 @@ use crate::conntrack::{ConntrackError, ConntrackTable, Flow, NodeAddresses, Reas
 use crate::nft::diff::{diff_with, full_sync};
 use crate::nft::interpret::Interpreter;
 use crate::nft::ir::Ruleset;
+use crate::nft::staging;
 use crate::nft::{NftError, Nftables, Op, Transaction};
 use crate::policy::model::{Cluster, Namespace, NamespaceMap, Pod, SharedList, namespace_map};
 use crate::policy::tiers::DomainMap;
@@ -81,6 +88,10 @@ pub struct NftTarget<N: Nftables> {
     conntrack_pending: bool,
     /// The per-rule totals the metrics export, kept monotonic across syncs.
     rule_counters: Option<RuleCounters>,
+    /// Elements an incremental sync adds at most to sets no rule looks up yet (see
+    /// [`crate::nft::staging`]): a fixed number (0 never stages), or `None`: as many as
+    /// the kernel adds in the time the sync's compile took ([`staging::chunk_for_compile`]).
+    staging_chunk: Option<usize>,
 }
 
 impl<N: Nftables> NftTarget<N> {
@@ -97,7 +108,16 @@ impl<N: Nftables> NftTarget<N> {
             conntrack_pods: None,
             conntrack_pending: false,
             rule_counters: None,
+            staging_chunk: None,
         }
+    }
+
+    /// Fills sets no rule looks up yet `chunk` elements per sync (0 fills them whole, in
+    /// one transaction with the rules naming them). By default the chunk follows the
+    /// compile's time ([`staging::chunk_for_compile`]).
+    pub fn staging_fills(mut self, chunk: usize) -> Self {
+        self.staging_chunk = Some(chunk);
+        self
     }
 
     /// Keeps `counters` told of every applied ruleset's named counters, and has it read
@@ -256,9 +276,6 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             None => full_sync(&desired),
         };
         let mut stats = SyncStats {
-            compile: started.elapsed(),
-            apply: std::time::Duration::ZERO,
-            transaction_ops: tx.ops.len(),
             chains: desired.chains.len(),
             sets: desired.sets.len() + desired.maps.len(),
             set_elements: desired.element_count(),
@@ -269,16 +286,36 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             fail_closed_policies: snapshot.fail_closed_policies,
             ..SyncStats::default()
         };
+        // A big fill of sets no rule looks up yet goes in chunks, one per sync, and the
+        // rules that need them with the last (see crate::nft::staging). Full syncs never.
+        let chunk = self.staging_chunk.unwrap_or_else(|| staging::chunk_for_compile(started.elapsed()));
+        let step = match &applied {
+            Some(applied) if chunk > 0 && !is_full_sync(&tx) && staging::set_additions(&tx) > chunk => {
+                staging::stage(applied, &desired, &set_deltas, chunk)
+            }
+            _ => None,
+        };
+        // `after`: what the kernel is to hold once `tx` is in.
+        let (tx, after) = match (step, &applied) {
+            (Some(step), Some(applied)) => {
+                stats.staged_elements_remaining = step.remaining;
+                stats.staged_chains_held = step.held_chains;
+                (diff_with(applied, &step.ruleset, &set_deltas), step.ruleset)
+            }
+            _ => (tx, desired),
+        };
+        stats.transaction_ops = tx.ops.len();
+        stats.compile = started.elapsed();
         if tx.is_empty() {
-            // The kernel holds what was applied, which equals `desired`.
-            self.applied = Some(desired);
+            // The kernel holds what was applied, which equals `after`.
+            self.applied = Some(after);
             drop(retired);
             tracing::debug!("ruleset unchanged; nothing to apply");
             self.end_flows(snapshot, false, &mut stats);
             return Ok(stats);
         }
-        // Asked before the apply: `desired` moves into `applied` then.
-        let tightens = self.conntrack.is_some() && may_tighten(&tx, &desired);
+        // Asked before the apply: `after` moves into `applied` then.
+        let tightens = self.conntrack.is_some() && may_tighten(&tx, &after);
         let replaces = is_full_sync(&tx);
         let kind = if replaces { "full" } else { "incremental" };
         if let Some(counters) = &self.rule_counters
@@ -297,6 +334,8 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
                 tracing::info!(
                     kind,
                     ops = tx.ops.len(),
+                    staged_elements_remaining = stats.staged_elements_remaining,
+                    staged_chains_held = stats.staged_chains_held,
                     touched = %tx.stats(),
                     table = %tx.table,
                     compile_ms = stats.compile.as_secs_f64() * 1e3,
@@ -304,9 +343,9 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
                     "applied"
                 );
                 if let Some(counters) = &self.rule_counters {
-                    counters.applied(&desired.counters, replaces);
+                    counters.applied(&after.counters, replaces);
                 }
-                self.applied = Some(desired);
+                self.applied = Some(after);
                 self.end_flows(snapshot, tightens, &mut stats);
                 Ok(stats)
             }

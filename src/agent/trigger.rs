@@ -283,6 +283,11 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                     if let Some(m) = &metrics {
                         m.record_sync(full, elapsed, &stats);
                     }
+                    // A fill staged in chunks is not complete (crate::nft::staging): the next
+                    // sync is due now, as a retry is (no batching window; changes join it).
+                    if stats.staged_elements_remaining > 0 {
+                        retry_at = Some(Instant::now());
+                    }
                     status.send_modify(|s| {
                         s.syncs += 1;
                         s.full_syncs += u64::from(full);

@@ -19,6 +19,7 @@
 //! same allocation in both rulesets (the compiler reused it) is skipped unread. A changed layout
 //! (another table, base chain, or set type under the same name) makes the diff a full sync.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -86,6 +87,16 @@ impl SetDelta {
 
 /// Known set changes by set name.
 pub type SetDeltas = HashMap<String, SetDelta>;
+
+/// The elements the kernel holds of the applied set `name` (`held`, its entry in the
+/// applied ruleset): its own, or, when the compiler made it a stand-in, those its delta
+/// says it had.
+pub fn applied_elements<'a>(name: &str, held: &'a Arc<Set>, known: &SetDeltas) -> Cow<'a, Elements> {
+    match known.get(name).filter(|d| Arc::ptr_eq(&d.from, held)) {
+        Some(d) => Cow::Owned(d.before()),
+        None => Cow::Borrowed(&held.elements),
+    }
+}
 
 /// The transaction that turns `applied` into `desired`.
 pub fn diff(applied: &Ruleset, desired: &Ruleset) -> Transaction {

@@ -18,6 +18,7 @@ pub mod ir;
 pub mod json;
 pub mod names;
 pub mod render;
+pub mod staging;
 
 use std::sync::Arc;
 

@@ -729,3 +729,52 @@ fn rule_totals_never_go_down_across_full_syncs_and_deleted_counters() {
     count(true, 1);
     assert_eq!(exported(&metrics, &counters, denied), Some(9));
 }
+
+/// Always ready, with an empty cluster.
+struct EmptyCluster;
+
+impl netpol::agent::trigger::SnapshotSource for EmptyCluster {
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    fn snapshot(&self) -> netpol::agent::Snapshot {
+        netpol::agent::Snapshot::default()
+    }
+}
+
+/// A target whose syncs report these staged elements remaining, one per sync (0 after),
+/// and when each sync ran.
+#[derive(Clone, Default)]
+struct Filling {
+    remaining: Arc<Mutex<Vec<usize>>>,
+    synced_at: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl SyncTarget for Filling {
+    fn sync(
+        &mut self,
+        _: &netpol::agent::Snapshot,
+        _: bool,
+    ) -> Result<netpol::agent::SyncStats, netpol::agent::SyncError> {
+        self.synced_at.lock().unwrap().push(Instant::now());
+        let remaining = self.remaining.lock().unwrap().pop().unwrap_or(0);
+        Ok(netpol::agent::SyncStats { staged_elements_remaining: remaining, ..Default::default() })
+    }
+}
+
+#[tokio::test]
+async fn while_a_fill_is_staged_the_loop_syncs_again_at_once_without_a_change() {
+    let target = Filling { remaining: Arc::new(Mutex::new(vec![1, 2_048, 4_096])), ..Filling::default() };
+    // Syncs after a change wait out a 300 ms batching window (the first one too); those
+    // of a fill go at once.
+    let config = SyncLoopConfig { debounce: Duration::from_millis(300), ..SyncLoopConfig::default() };
+    let sync_loop = SyncLoop::new(target.clone(), EmptyCluster, Trigger::new(), config);
+    let run = tokio::spawn(sync_loop.run(tokio::time::sleep(Duration::from_millis(1_000))));
+    run.await.unwrap();
+    let synced_at = target.synced_at.lock().unwrap().clone();
+    assert_eq!(synced_at.len(), 4, "the first sync and one per chunk left, then nothing");
+    for pair in synced_at.windows(2) {
+        assert!(pair[1] - pair[0] < Duration::from_millis(150), "{:?} between syncs of a fill", pair[1] - pair[0]);
+    }
+}
