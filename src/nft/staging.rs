@@ -343,7 +343,7 @@ mod tests {
         let labels = CounterLabels { policy: counter.into(), ..CounterLabels::default() };
         Rule {
             matches: vec![Match::Lookup { key, set: set.into(), negate: false }],
-            named_counter: Some(Arc::new(CounterRef { name: counter.into(), labels })),
+            named_counter: Some(Arc::new(CounterRef { name: counter.into(), labels: Arc::new(labels) })),
             verdict: Some(Verdict::Accept),
             ..Rule::default()
         }
@@ -372,7 +372,8 @@ mod tests {
         rs.chains.insert("pod-1".into(), chain(vec![jump("pol-old")]));
         rs.chains.insert("pol-old".into(), chain(vec![allow_from("peers-old", "c-old")]));
         rs.sets.insert("peers-old".into(), peers(1000..1003));
-        rs.counters.insert("c-old".into(), CounterLabels { policy: "c-old".into(), ..CounterLabels::default() });
+        rs.counters
+            .insert("c-old".into(), Arc::new(CounterLabels { policy: "c-old".into(), ..CounterLabels::default() }));
         rs
     }
 
@@ -387,7 +388,8 @@ mod tests {
         rs.chains.insert("pod-2".into(), chain(vec![jump("pol-new")]));
         rs.chains.insert("pol-new".into(), chain(vec![allow_from("peers-new", "c-new")]));
         rs.sets.insert("peers-new".into(), peers(2000..2100));
-        rs.counters.insert("c-new".into(), CounterLabels { policy: "c-new".into(), ..CounterLabels::default() });
+        rs.counters
+            .insert("c-new".into(), Arc::new(CounterLabels { policy: "c-new".into(), ..CounterLabels::default() }));
         rs
     }
 
