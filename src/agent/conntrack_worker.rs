@@ -29,9 +29,11 @@ use crate::policy::model::{Pod, SharedList};
 /// dump, well inside the 1 s the agent promises.
 pub const DEFAULT_PACE: Duration = Duration::from_millis(200);
 
-/// The ruleset just applied, with the pods and node name its decision needs.
+/// The ruleset just applied, with the pods and node name its decision needs. The ruleset
+/// is the target's own (shared, not copied: a sync takes back a decision not yet started
+/// on, so the compile that follows finds the ruleset its own again; `retract_decision`).
 pub(crate) struct Decision {
-    pub ruleset: Ruleset,
+    pub ruleset: Arc<Ruleset>,
     pub pods: SharedList<Pod>,
     pub node: String,
 }
@@ -117,7 +119,7 @@ impl ConntrackWorker {
                     let result = super::nft_target::end_flows(
                         table.as_mut(),
                         &gone,
-                        decide.as_ref().map(|d| (&d.ruleset, &d.pods[..], d.node.as_str())),
+                        decide.as_ref().map(|d| (&*d.ruleset, &d.pods[..], d.node.as_str())),
                     );
                     let mut p = shared.lock();
                     p.running = false;
@@ -219,7 +221,7 @@ mod tests {
     use crate::conntrack::fake::RecordingConntrack;
 
     fn decision() -> Option<Decision> {
-        Some(Decision { ruleset: Ruleset::default(), pods: SharedList::default(), node: "node-a".into() })
+        Some(Decision { ruleset: Arc::default(), pods: SharedList::default(), node: "node-a".into() })
     }
 
     fn worker(pace: Duration) -> (ConntrackWorker, RecordingConntrack) {

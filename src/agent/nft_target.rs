@@ -72,7 +72,7 @@ pub struct NftTarget<N: Nftables> {
     nft: N,
     compiler: IncrementalCompiler,
     /// The ruleset nft last accepted; `None` before the first sync and after any failure.
-    applied: Option<Ruleset>,
+    applied: Option<Arc<Ruleset>>,
     /// The last snapshot's namespace list and its map: namespaces change rarely, and an
     /// unchanged map lets the compiler trust its caches without comparing every label.
     namespaces: Option<(SharedList<Namespace>, Arc<NamespaceMap>)>,
@@ -186,7 +186,7 @@ impl<N: Nftables> NftTarget<N> {
 
     /// The ruleset nft last accepted, if the target still trusts it.
     pub fn last_applied(&self) -> Option<&Ruleset> {
-        self.applied.as_ref()
+        self.applied.as_deref()
     }
 
     pub fn nftables(&self) -> &N {
@@ -270,7 +270,8 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         }
         // `retired` (the cluster before) is dropped once the ruleset is applied, and the
         // deltas (which may hold sets' earlier versions) at the end: off the path to the commit.
-        let Compiled { ruleset: desired, set_deltas, idle, retired } = self.desired(snapshot, applied.as_mut());
+        let Compiled { ruleset: desired, set_deltas, idle, retired } =
+            self.desired(snapshot, applied.as_mut().map(Arc::make_mut));
         let tx = match &applied {
             Some(applied) => diff_with(applied, &desired, &set_deltas),
             None => full_sync(&desired),
@@ -308,7 +309,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         stats.compile = started.elapsed();
         if tx.is_empty() {
             // The kernel holds what was applied, which equals `after`.
-            self.applied = Some(after);
+            self.applied = Some(Arc::new(after));
             drop(retired);
             tracing::debug!("ruleset unchanged; nothing to apply");
             self.end_flows(snapshot, false, &mut stats);
@@ -345,7 +346,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
                 if let Some(counters) = &self.rule_counters {
                     counters.applied(&after.counters, replaces);
                 }
-                self.applied = Some(after);
+                self.applied = Some(Arc::new(after));
                 self.end_flows(snapshot, tightens, &mut stats);
                 Ok(stats)
             }
@@ -384,7 +385,7 @@ impl<N: Nftables> NftTarget<N> {
             Conntrack::Background(worker) => {
                 if !gone.is_empty() || decide.is_some() {
                     let decide = decide.map(|rs| Decision {
-                        ruleset: rs.clone(),
+                        ruleset: Arc::clone(rs),
                         pods: Arc::clone(&snapshot.pods),
                         node: node.to_string(),
                     });
@@ -401,7 +402,7 @@ impl<N: Nftables> NftTarget<N> {
             self.conntrack_pods = Some(Arc::clone(&snapshot.pods));
             return;
         }
-        match end_flows(table, &gone, decide.map(|rs| (rs, &snapshot.pods[..], node))) {
+        match end_flows(table, &gone, decide.map(|rs| (&**rs, &snapshot.pods[..], node))) {
             Ok(deleted) => {
                 stats.conntrack_flows_deleted = deleted;
                 self.conntrack_pods = Some(Arc::clone(&snapshot.pods));
