@@ -236,7 +236,7 @@ mod tests {
         ReceivedPacket {
             packet: LoggedPacket {
                 prefix: prefix.into(),
-                hook: Hook::Forward,
+                hook: Ok(Hook::Forward),
                 family: Family::Ipv4,
                 timestamp: stamped.then(|| UNIX_EPOCH + Duration::from_secs(100)),
                 indev: None,

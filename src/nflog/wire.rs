@@ -118,29 +118,9 @@ pub fn is_logged_packet(kind: u16) -> bool {
     kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
 }
 
-/// The netfilter hook a packet was logged at (for the inet, ip and ip6 families).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Hook {
-    Prerouting,
-    Input,
-    Forward,
-    Output,
-    Postrouting,
-    Other(u8),
-}
-
-impl Hook {
-    fn from_number(n: u8) -> Hook {
-        match n {
-            0 => Hook::Prerouting,
-            1 => Hook::Input,
-            2 => Hook::Forward,
-            3 => Hook::Output,
-            4 => Hook::Postrouting,
-            n => Hook::Other(n),
-        }
-    }
-}
+/// The netfilter hook a packet was logged at (for the inet, ip and ip6 families): the
+/// ruleset's own hook type.
+pub use crate::nft::ir::Hook;
 
 /// The protocol family the packet was logged in (the nfgenmsg's family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -207,7 +187,8 @@ impl fmt::Display for PayloadError {
 pub struct LoggedPacket {
     /// The rule's `log prefix`, without its terminating NUL ("" when it has none).
     pub prefix: String,
-    pub hook: Hook,
+    /// The hook it was logged at, or the kernel's number for a hook we never attach to.
+    pub hook: Result<Hook, u8>,
     pub family: Family,
     /// When the packet arrived, if the kernel had stamped it (it does not stamp every
     /// packet: locally sent ones usually carry none).
@@ -250,7 +231,7 @@ pub fn parse_packet(payload: &[u8]) -> Result<LoggedPacket, WireError> {
     };
     let mut packet = LoggedPacket {
         prefix: String::new(),
-        hook: Hook::Other(u8::MAX),
+        hook: Err(u8::MAX),
         family,
         timestamp: None,
         indev: None,
@@ -265,7 +246,7 @@ pub fn parse_packet(payload: &[u8]) -> Result<LoggedPacket, WireError> {
             NFULA_PACKET_HDR => {
                 // struct nfulnl_msg_packet_hdr: __be16 hw_protocol, __u8 hook, pad.
                 let h: [u8; 4] = exact("NFULA_PACKET_HDR", data)?;
-                packet.hook = Hook::from_number(h[2]);
+                packet.hook = Hook::from_number(h[2]).ok_or(h[2]);
                 has_header = true;
             }
             NFULA_TIMESTAMP => {
@@ -539,7 +520,7 @@ mod tests {
         let p = parse(&msg.encode()).unwrap();
         assert_eq!(p.prefix, "np:7");
         assert_eq!(p.family, Family::Ipv4);
-        assert_eq!(p.hook, Hook::Forward);
+        assert_eq!(p.hook, Ok(Hook::Forward));
         assert_eq!(p.timestamp, Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_250)));
         assert_eq!((p.indev, p.outdev, p.seq), (Some(3), Some(4), Some(0)));
         assert_eq!(

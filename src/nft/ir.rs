@@ -114,14 +114,28 @@ impl Ruleset {
 /// A netfilter hook of the `inet` family that we attach to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
-    Prerouting,
-    Input,
-    Forward,
-    Output,
-    Postrouting,
+    // The kernel's numbers (`NF_INET_*`), which [`Hook::number`] reads.
+    Prerouting = 0,
+    Input = 1,
+    Forward = 2,
+    Output = 3,
+    Postrouting = 4,
 }
 
 impl Hook {
+    /// The hooks in the kernel's order (their netfilter numbers are their indices).
+    pub const ALL: [Hook; 5] = [Hook::Prerouting, Hook::Input, Hook::Forward, Hook::Output, Hook::Postrouting];
+
+    /// The kernel's number of the hook in the inet, ip and ip6 families (`NF_INET_*`).
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+
+    /// The hook the kernel numbers `n` (`None`: one we never attach to, e.g. `NF_INET_INGRESS`).
+    pub fn from_number(n: u8) -> Option<Hook> {
+        Hook::ALL.get(usize::from(n)).copied()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Hook::Prerouting => "prerouting",
@@ -849,6 +863,15 @@ pub fn proto_name(p: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hook_is_found_again_by_its_kernel_number() {
+        for hook in Hook::ALL {
+            assert_eq!(Hook::from_number(hook.number()), Some(hook));
+        }
+        assert_eq!(Hook::Forward.number(), 2, "NF_INET_FORWARD");
+        assert_eq!(Hook::from_number(5), None, "NF_INET_INGRESS: never attached to");
+    }
     use proptest::prelude::*;
 
     /// Addresses from a small pool (so removals hit), single or in a concatenation.

@@ -140,7 +140,7 @@ fn the_reader_yields_tcp_udp_and_icmp_drops_with_their_prefix_addresses_and_port
     };
 
     let tcp = by_prefix("deny-tcp");
-    assert_eq!((tcp.packet.hook, tcp.packet.family), (Hook::Forward, Family::Ipv4));
+    assert_eq!((tcp.packet.hook, tcp.packet.family), (Ok(Hook::Forward), Family::Ipv4));
     assert!(tcp.packet.indev.is_some() && tcp.packet.outdev.is_some() && tcp.packet.indev != tcp.packet.outdev);
     assert_eq!(
         headers(tcp),

@@ -376,13 +376,7 @@ fn load_key(e: &mut Batch, key: Key, family_known: &mut Option<IpFamily>, interv
 
 /// The netfilter hook numbers of the inet family (NF_INET_*).
 fn hook_number(h: Hook) -> u32 {
-    match h {
-        Hook::Prerouting => 0,
-        Hook::Input => 1,
-        Hook::Forward => 2,
-        Hook::Output => 3,
-        Hook::Postrouting => 4,
-    }
+    u32::from(h.number())
 }
 
 fn verdict_code(v: &MapVerdict) -> (i32, Option<&str>) {
