@@ -11,8 +11,10 @@
 //!                                      ├─ chains whose desired rules look one up: *held* (their applied
 //!                                      │  version, or not created); held new chains hold back the chains
 //!                                      │  and dispatch-map elements that jump to them (the old element stays)
-//!                                      └─ what a held chain or an old element still names: kept at its
-//!                                         applied version (not deleted yet)
+//!                                      ├─ what a held chain or an old element still names: kept at its
+//!                                      │  applied version (not deleted yet)
+//!                                      └─ a new pod whose dispatch element is held: kept out of the sets
+//!                                         rules look up negated (the unknown-pod guard) until it comes
 //! ```
 //!
 //! An unreferenced set decides no packet, so filling it in several transactions changes
@@ -22,7 +24,7 @@
 //! is desired then: the next chunk, with any new change. Pure: no I/O.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::diff::{SetDeltas, applied_elements};
@@ -196,6 +198,8 @@ fn hold_back<'a>(
     }
     let mut keep = Keep { applied, known, step, scan: Vec::new(), scanned: HashSet::new() };
     let mut held: HashSet<&str> = HashSet::new();
+    // Keys of dispatch elements not added (new pods whose chains are held).
+    let mut not_dispatched: Vec<&Element> = Vec::new();
     while let Some(name) = hold.pop() {
         if !held.insert(name) {
             continue;
@@ -221,6 +225,7 @@ fn hold_back<'a>(
                         }
                         None => {
                             elements.remove(key);
+                            not_dispatched.push(key);
                         }
                     }
                 }
@@ -228,7 +233,46 @@ fn hold_back<'a>(
         }
     }
     keep.run();
+    hold_out_of_guards(applied, known, step, &not_dispatched);
     held.len()
+}
+
+/// Keeps `keys` (new pods not dispatched to their chains yet) out of every set a rule of
+/// `step` looks up negated, the unknown-pod guard's set of known pods, unless the kernel
+/// has them there already: known to the guard without its rules, a new pod would pass
+/// unfiltered until the fill ends; unknown, its traffic is dropped (fail closed) until its
+/// rules and its guard element come together.
+fn hold_out_of_guards(applied: &Ruleset, known: &SetDeltas, step: &mut Ruleset, keys: &[&Element]) {
+    if keys.is_empty() {
+        return;
+    }
+    let guards: BTreeSet<String> = step
+        .chains
+        .values()
+        .flat_map(|chain| &chain.rules)
+        .flat_map(|rule| &rule.matches)
+        .filter_map(|m| match m {
+            Match::Lookup { set, negate: true, .. } => Some(set.clone()),
+            _ => None,
+        })
+        .collect();
+    for name in guards {
+        let Some(set) = step.sets.get(&name) else { continue };
+        let kernel = applied.sets.get(&name).map(|held| applied_elements(&name, held, known));
+        let hold: Vec<&Element> = keys
+            .iter()
+            .copied()
+            .filter(|key| set.elements.contains(key) && !kernel.as_ref().is_some_and(|k| k.contains(key)))
+            .collect();
+        if hold.is_empty() {
+            continue;
+        }
+        let mut guard = Set::clone(set);
+        for key in hold {
+            guard.elements.remove(key);
+        }
+        step.sets.insert(name, Arc::new(guard));
+    }
 }
 
 /// Puts into `step` the applied objects that applied chains and map elements kept there
@@ -320,8 +364,8 @@ mod tests {
     use crate::nft::diff::{diff, diff_with, full_sync};
     use crate::nft::fake::FakeNftables;
     use crate::nft::ir::{
-        AddrField, BaseChain, Chain, ChainPolicy, CounterLabels, CounterRef, Hook, IpFamily, Key, KeyType, Map, Rule,
-        Value,
+        AddrField, BaseChain, Chain, ChainPolicy, CounterLabels, CounterRef, Elements, Hook, IpFamily, Key, KeyType,
+        Map, Rule, Value,
     };
     use crate::nft::render;
 
@@ -331,6 +375,14 @@ mod tests {
 
     fn peers(range: std::ops::Range<u32>) -> Arc<Set> {
         Arc::new(Set { key: vec![KeyType::Ipv4Addr], elements: range.map(addr).collect(), ..Set::default() })
+    }
+
+    fn addresses(pods: &[u32]) -> Arc<Set> {
+        Arc::new(Set {
+            key: vec![KeyType::Ipv4Addr],
+            elements: pods.iter().map(|&i| addr(i)).collect(),
+            ..Set::default()
+        })
     }
 
     fn jump(to: &str) -> Rule {
@@ -359,14 +411,25 @@ mod tests {
         let mut rs = Ruleset::new("t");
         let base = BaseChain { hook: Hook::Forward, priority: 0, policy: ChainPolicy::Accept };
         let dispatch = Verdict::Vmap { key: Key::Addr(IpFamily::V4, AddrField::Daddr), map: "pods".into() };
+        // The unknown-pod guard: a destination that is no known pod is dropped.
+        let guard = Rule {
+            matches: vec![Match::Lookup {
+                key: Key::Addr(IpFamily::V4, AddrField::Daddr),
+                set: "known".into(),
+                negate: true,
+            }],
+            verdict: Some(Verdict::Drop),
+            ..Rule::default()
+        };
         rs.chains.insert(
             "forward".into(),
             Arc::new(Chain {
                 base: Some(base),
-                rules: vec![Rule { verdict: Some(dispatch), ..Rule::default() }],
+                rules: vec![guard, Rule { verdict: Some(dispatch), ..Rule::default() }],
                 comment: None,
             }),
         );
+        rs.sets.insert("known".into(), addresses(&[1, 3]));
         let pods = [(addr(1), MapVerdict::Jump("pod-1".into()))].into_iter().collect();
         rs.maps.insert("pods".into(), Map { key: vec![KeyType::Ipv4Addr], elements: pods, ..Map::default() });
         rs.chains.insert("pod-1".into(), chain(vec![jump("pol-old")]));
@@ -384,6 +447,7 @@ mod tests {
         rs.sets.remove("peers-old");
         rs.counters.remove("c-old");
         rs.maps.get_mut("pods").unwrap().elements.insert(addr(2), MapVerdict::Jump("pod-2".into()));
+        rs.sets.insert("known".into(), addresses(&[1, 2]));
         rs.chains.insert("pod-1".into(), chain(vec![jump("pol-new")]));
         rs.chains.insert("pod-2".into(), chain(vec![jump("pol-new")]));
         rs.chains.insert("pol-new".into(), chain(vec![allow_from("peers-new", "c-new")]));
@@ -410,9 +474,18 @@ mod tests {
                     "{name} is neither its applied nor its desired version"
                 );
             }
+            let dispatched = |pod: &Element| step.ruleset.maps["pods"].elements.contains_key(pod);
             for name in step.ruleset.referenced_sets() {
                 let want = desired.sets.get(name).or(kernel.sets.get(name)).unwrap();
-                assert_eq!(&step.ruleset.sets[name], want, "{name} is looked up before it is complete");
+                let have = &step.ruleset.sets[name];
+                if name == "known" {
+                    // The guard's: as desired, but for new pods not dispatched yet.
+                    let held_out: Vec<Element> = want.elements.difference(&have.elements).collect();
+                    assert!(held_out.iter().all(|pod| !dispatched(pod)), "{held_out:?} dispatched but unknown");
+                    assert!(have.elements.iter().all(|pod| want.elements.contains(&pod) || !dispatched(&pod)));
+                } else {
+                    assert_eq!(have, want, "{name} is looked up before it is complete");
+                }
             }
             remaining.push(step.remaining);
             kernel = step.ruleset;
@@ -439,6 +512,21 @@ mod tests {
         let (fake, remaining) = fill(applied, &desired, 30);
         assert_eq!(remaining, [70, 40, 10]);
         assert_eq!(render::ruleset(fake.ruleset("t").unwrap()), render::ruleset(&desired));
+    }
+
+    #[test]
+    fn a_new_pod_whose_rules_wait_for_a_fill_stays_unknown_to_the_guard_until_they_land() {
+        // Known to the guard but not yet dispatched to its chain, pod 2 would pass
+        // unfiltered while the fill runs: it is held out of the guard's set with its rules.
+        let (applied, desired) = (applied(), desired());
+        let step = stage(&applied, &desired, &SetDeltas::new(), 30).unwrap();
+        let known = &step.ruleset.sets["known"].elements;
+        assert!(!known.contains(&addr(2)), "pod 2 is known before its rules are in: {known:?}");
+        // What the guard is told otherwise goes as desired: pod 3 is gone, pod 1 stays.
+        assert_eq!(*known, Elements::from([addr(1)]));
+        let (fake, remaining) = fill(applied, &desired, 30);
+        assert_eq!(remaining, [70, 40, 10]);
+        assert_eq!(fake.ruleset("t").unwrap().sets["known"], desired.sets["known"], "known once its rules are in");
     }
 
     #[test]
