@@ -2027,6 +2027,7 @@ fn a_partial_sync_keeps_every_counter_it_still_uses_and_its_count() {
 
 use netpol::agent::nft_target::NftTarget;
 use netpol::agent::{Snapshot, SyncTarget};
+use netpol::nft::ir::{Element, Match, Ruleset};
 
 /// The agent's snapshot of `cluster` for a node compiled with `config`.
 fn snapshot_of(cluster: &Cluster, config: &NodeConfig) -> Snapshot {
@@ -2037,6 +2038,17 @@ fn snapshot_of(cluster: &Cluster, config: &NodeConfig) -> Snapshot {
         pod_cidrs: config.pod_cidrs.clone(),
         ..Snapshot::default()
     }
+}
+
+/// The sets rules of `rs` look up negated (the unknown-pod guard's known pods).
+fn negated_lookups(rs: &Ruleset) -> BTreeSet<&str> {
+    let matches = rs.chains.values().flat_map(|c| &c.rules).flat_map(|r| &r.matches);
+    matches
+        .filter_map(|m| match m {
+            Match::Lookup { set, negate: true, .. } => Some(set.as_str()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// What one random run of staged syncs did.
@@ -2085,12 +2097,28 @@ fn staged_run(seed: u64) -> Result<StagedRun, String> {
                 }
             }
             let looked_up_before = before.referenced_sets();
+            let guards = negated_lookups(kernel);
+            let was_known = |name: &str, e: &Element| before.sets.get(name).is_some_and(|s| s.elements.contains(e));
+            // Known to the guard, a pod has each dispatch element desired gives it (its
+            // applied or its desired verdict): never known without its rules.
+            let dispatched_as_desired = |e: &Element| {
+                desired.maps.iter().all(|(m, map)| {
+                    !map.elements.contains_key(e) || kernel.maps.get(m).is_some_and(|k| k.elements.contains_key(e))
+                })
+            };
             for name in kernel.referenced_sets() {
                 // Complete: the desired set, or (the desired ruleset drops it or keeps it
-                // idle) one rules looked up already, which is never filled in steps.
-                let complete = match desired.sets.get(name) {
-                    Some(set) => kernel.sets.get(name) == Some(set),
-                    None => looked_up_before.contains(name),
+                // idle) one rules looked up already, which is never filled in steps. The
+                // guard's known pods: as desired but for new pods whose rules wait (unknown,
+                // they are dropped), and none known without its rules.
+                let complete = match (desired.sets.get(name), kernel.sets.get(name)) {
+                    (Some(want), Some(have)) if guards.contains(name) => {
+                        have.elements.difference(&want.elements).next().is_none()
+                            && want.elements.difference(&have.elements).all(|e| !was_known(name, &e))
+                            && have.elements.iter().all(|e| was_known(name, &e) || dispatched_as_desired(&e))
+                    }
+                    (Some(set), have) => have == Some(set),
+                    (None, _) => looked_up_before.contains(name),
                 };
                 if !complete {
                     return Err(format!("{}: set {name} is looked up incomplete", context()));
