@@ -270,12 +270,12 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         }
         // `retired` (the cluster before) is dropped once the ruleset is applied, and the
         // deltas (which may hold sets' earlier versions) at the end: off the path to the commit.
-        let Compiled { ruleset: desired, set_deltas, idle, retired } =
+        let Compiled { ruleset: desired, mut set_deltas, idle, retired } =
             self.desired(snapshot, applied.as_mut().map(Arc::make_mut));
-        let tx = match &applied {
-            Some(applied) => diff_with(applied, &desired, &set_deltas),
-            None => full_sync(&desired),
-        };
+        // A big fill of sets no rule looks up yet goes in chunks, one per sync, and the
+        // rules that need them with the last (see crate::nft::staging). Full syncs never.
+        let chunk = self.staging_chunk.unwrap_or_else(|| staging::chunk_for_compile(started.elapsed()));
+        let step = applied.as_ref().filter(|_| chunk > 0).and_then(|a| staging::stage(a, &desired, &set_deltas, chunk));
         let mut stats = SyncStats {
             chains: desired.chains.len(),
             sets: desired.sets.len() + desired.maps.len(),
@@ -287,24 +287,23 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
             fail_closed_policies: snapshot.fail_closed_policies,
             ..SyncStats::default()
         };
-        // A big fill of sets no rule looks up yet goes in chunks, one per sync, and the
-        // rules that need them with the last (see crate::nft::staging). Full syncs never.
-        let chunk = self.staging_chunk.unwrap_or_else(|| staging::chunk_for_compile(started.elapsed()));
-        let step = match &applied {
-            Some(applied) if chunk > 0 && !is_full_sync(&tx) && staging::set_additions(&tx) > chunk => {
-                staging::stage(applied, &desired, &set_deltas, chunk)
-            }
-            _ => None,
-        };
         // `after`: what the kernel is to hold once `tx` is in.
-        let (tx, after) = match (step, &applied) {
+        let (tx, after, step) = match (step, &applied) {
             (Some(step), Some(applied)) => {
-                stats.staged_elements_remaining = step.remaining;
-                stats.staged_chains_held = step.held_chains;
-                (diff_with(applied, &step.ruleset, &set_deltas), step.ruleset)
+                set_deltas.extend(step.deltas);
+                match diff_with(applied, &step.ruleset, &set_deltas) {
+                    // A new layout after all: the whole desired table, at once.
+                    tx if is_full_sync(&tx) => (full_sync(&desired), desired, None),
+                    tx => (tx, step.ruleset, Some((step.remaining, step.held_chains))),
+                }
             }
-            _ => (tx, desired),
+            (_, Some(applied)) => (diff_with(applied, &desired, &set_deltas), desired, None),
+            (_, None) => (full_sync(&desired), desired, None),
         };
+        if let Some((remaining, held_chains)) = step {
+            stats.staged_elements_remaining = remaining;
+            stats.staged_chains_held = held_chains;
+        }
         stats.transaction_ops = tx.ops.len();
         stats.compile = started.elapsed();
         if tx.is_empty() {

@@ -27,9 +27,8 @@ use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::diff::{SetDeltas, applied_elements};
+use super::diff::{SetDelta, SetDeltas, applied_elements};
 use super::ir::{Element, MapVerdict, Match, Ruleset, Set, Verdict};
-use super::{Op, Transaction};
 
 /// Elements a sync adds at least to hash sets no rule looks up yet, when the fill is
 /// staged; the rest waits for the next sync. The kernel commits hash set elements at
@@ -42,37 +41,35 @@ pub const STAGING_CHUNK: usize = 2_048;
 /// [`chunk_for_compile`]).
 pub const KERNEL_TIME_PER_ELEMENT: std::time::Duration = std::time::Duration::from_nanos(2_500);
 
+/// Elements a sync adds at most to sets no rule looks up, however long its compile took:
+/// ~20 ms of kernel time, so that the events behind a fill wait for no more than that.
+pub const MAX_STAGING_CHUNK: usize = 4 * STAGING_CHUNK;
+
 /// The chunk for a sync whose compile took `compile`: as many elements as the kernel adds
-/// in that time, at least [`STAGING_CHUNK`]. A sync then takes at most about twice its
-/// compile (or ~5 ms more), while a fill moves as fast as syncs go: at 100 000 pods a
-/// compile takes tens of ms, and a fill of 5 ms chunks took hundreds of syncs there
-/// (benches/README.md, "staged fills").
+/// in that time, at least [`STAGING_CHUNK`] and at most [`MAX_STAGING_CHUNK`]. A sync then
+/// takes at most about twice its compile, while a fill moves as fast as syncs go (a fill
+/// of 5 ms chunks behind compiles of tens of ms took hundreds of syncs at 100 000 pods:
+/// benches/README.md, "staged fills"); the cap keeps one slow compile from letting a
+/// chunk through that every later event waits for (a 200 ms compile let 80 000 through).
 pub fn chunk_for_compile(compile: std::time::Duration) -> usize {
     let elements = compile.as_nanos() / KERNEL_TIME_PER_ELEMENT.as_nanos();
-    usize::try_from(elements).unwrap_or(usize::MAX).max(STAGING_CHUNK)
+    usize::try_from(elements).unwrap_or(usize::MAX).clamp(STAGING_CHUNK, MAX_STAGING_CHUNK)
 }
 
 /// One step from the applied ruleset towards the desired one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Step {
     /// What the kernel is to hold after this step's transaction: a whole table (every name
     /// a rule or a map element uses is in it).
     pub ruleset: Ruleset,
+    /// The element changes of the sets the step fills partly, from their applied entries:
+    /// with the compiler's deltas (these first), [`super::diff::diff_with`] takes the step's
+    /// transaction in O(chunk) rather than comparing each partly filled set whole.
+    pub deltas: SetDeltas,
     /// Elements still to add to incomplete sets after this step.
     pub remaining: usize,
     /// Chains held at their applied version, or not yet created.
     pub held_chains: usize,
-}
-
-/// The set elements `tx` adds: an upper bound of what [`stage`] could spread over
-/// several transactions (it counts the sets rules already look up too).
-pub fn set_additions(tx: &Transaction) -> usize {
-    let added = tx.ops.iter().map(|op| match op {
-        Op::AddSet { set, .. } => set.elements.len(),
-        Op::AddElements { elements, .. } => elements.len(),
-        _ => 0,
-    });
-    added.sum()
 }
 
 /// The step from `applied` (the ruleset the kernel holds; sets the compiler patched may be
@@ -80,8 +77,9 @@ pub fn set_additions(tx: &Transaction) -> usize {
 /// adds at most `chunk` elements to sets no applied rule looks up, or `None` when the
 /// whole change adds no more than `chunk` there (commit `desired` itself).
 ///
-/// Only for an incremental diff: `desired` must keep `applied`'s layout (the caller checks
-/// that [`super::diff::diff_with`] is no full sync).
+/// The step's transaction is [`super::diff::diff_with`]`(applied, &step.ruleset, known`
+/// extended by `step.deltas`). Only for an incremental diff: when `desired` does not keep
+/// `applied`'s layout, that is a full sync, and the caller commits `desired` instead.
 pub fn stage(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas, chunk: usize) -> Option<Step> {
     let fills = fills(applied, desired, known);
     let total: usize = fills.iter().map(|fill| fill.added.len()).sum();
@@ -93,29 +91,34 @@ pub fn stage(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas, chunk: usi
     // desired's own (the compiler's allocation, which the next diff skips unread).
     let mut budget = chunk;
     let mut incomplete: HashSet<&str> = HashSet::new();
-    for Fill { name, held, added } in fills {
+    let mut deltas = SetDeltas::new();
+    for Fill { name, held, mut added } in fills {
         let take = budget.min(added.len());
         budget -= take;
         if take == added.len() {
             continue;
         }
         let set = &desired.sets[name];
+        added.truncate(take);
         // What the kernel has (elements that go, go once the set is complete: no rule looks
         // it up meanwhile), and the chunk's share. Untouched, it stays as it is, unread.
         let elements = match held.map(|held| (held, applied_elements(name, held, known))) {
             Some((held, Cow::Borrowed(_))) if take == 0 => Arc::clone(held),
-            Some((_, kernel)) => {
+            Some((held, kernel)) => {
                 let mut elements = kernel.into_owned();
-                elements.extend(added.into_iter().take(take));
-                Arc::new(Set { elements, ..set.declaration() })
+                elements.extend(added.iter().cloned());
+                let partial = Arc::new(Set { elements, ..set.declaration() });
+                let delta = SetDelta { from: Arc::clone(held), to: Arc::clone(&partial), gone: Vec::new(), added };
+                deltas.insert(name.clone(), delta);
+                partial
             }
-            None => Arc::new(Set { elements: added.into_iter().take(take).collect(), ..set.declaration() }),
+            None => Arc::new(Set { elements: added.into_iter().collect(), ..set.declaration() }),
         };
         step.sets.insert(name.clone(), elements);
         incomplete.insert(name.as_str());
     }
     let held_chains = hold_back(applied, desired, known, &incomplete, &mut step);
-    Some(Step { ruleset: step, remaining: total - chunk, held_chains })
+    Some(Step { ruleset: step, deltas, remaining: total - chunk, held_chains })
 }
 
 /// A set no applied rule looks up, and what it lacks of its desired elements.
@@ -360,7 +363,6 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::nft::Nftables;
     use crate::nft::diff::{diff, diff_with, full_sync};
     use crate::nft::fake::FakeNftables;
     use crate::nft::ir::{
@@ -368,6 +370,7 @@ mod tests {
         Map, Rule, Value,
     };
     use crate::nft::render;
+    use crate::nft::{Nftables, Op};
 
     fn addr(i: u32) -> Element {
         Element::single(Value::Addr(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))))
@@ -465,7 +468,9 @@ mod tests {
         let mut kernel = applied;
         let mut remaining = Vec::new();
         while let Some(step) = stage(&kernel, desired, &SetDeltas::new(), chunk) {
-            let tx = diff(&kernel, &step.ruleset);
+            // As the agent diffs it: with the step's deltas (checked against the plain diff).
+            let tx = diff_with(&kernel, &step.ruleset, &step.deltas);
+            assert_eq!(tx, diff(&kernel, &step.ruleset), "the step's deltas say what the step changes");
             fake.apply(&tx).unwrap_or_else(|e| panic!("{e}\n{}", tx.render()));
             assert_eq!(fake.ruleset("t"), Some(&step.ruleset), "the step is what the kernel holds");
             for (name, c) in &step.ruleset.chains {
@@ -531,7 +536,7 @@ mod tests {
 
     #[test]
     fn a_fill_within_one_chunk_is_no_step() {
-        assert_eq!(stage(&applied(), &desired(), &SetDeltas::new(), 100), None);
+        assert!(stage(&applied(), &desired(), &SetDeltas::new(), 100).is_none());
         let (fake, remaining) = fill(applied(), &desired(), 100);
         assert!(remaining.is_empty());
         assert_eq!(fake.ruleset("t"), Some(&desired()));
@@ -542,7 +547,7 @@ mod tests {
         // 500 more peers for the applied policy: one transaction, set and rules together.
         let mut desired = applied();
         desired.sets.insert("peers-old".into(), peers(1000..1500));
-        assert_eq!(stage(&applied(), &desired, &SetDeltas::new(), 30), None);
+        assert!(stage(&applied(), &desired, &SetDeltas::new(), 30).is_none());
     }
 
     #[test]
@@ -574,10 +579,11 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_takes_about_as_long_in_the_kernel_as_the_compile_before_it() {
+    fn a_chunk_takes_about_as_long_in_the_kernel_as_the_compile_before_it_within_bounds() {
         use std::time::Duration;
         assert_eq!(chunk_for_compile(Duration::from_millis(1)), STAGING_CHUNK);
-        assert_eq!(chunk_for_compile(Duration::from_millis(40)), 16_000);
+        assert_eq!(chunk_for_compile(Duration::from_millis(15)), 6_000);
+        assert_eq!(chunk_for_compile(Duration::from_millis(200)), MAX_STAGING_CHUNK, "capped");
     }
 
     #[test]
@@ -608,6 +614,8 @@ mod tests {
         )]);
         let step = stage(&applied, &desired(), &known, 30).unwrap();
         assert_eq!(step.ruleset.sets["peers-old"], before);
+        let mut known = known;
+        known.extend(step.deltas);
         let tx = diff_with(&applied, &step.ruleset, &known);
         assert!(
             !tx.ops
