@@ -591,3 +591,117 @@ fn real_packets_are_counted_exactly_per_rule_and_drop_and_the_drop_log_holds_its
     assert!(flood_logged <= budget, "{flood_logged} logged over a budget of {budget:.1}");
     assert!(flood_logged >= 50.0, "the burst and some of the rate are logged: {flood_logged}");
 }
+
+// --- staged set fills (src/nft/staging.rs) under real traffic
+
+use netpol::nft::diff::{SetDeltas, diff};
+use netpol::nft::staging;
+
+/// `pod` relabelled `app: <app>`.
+fn with_app(pod: Pod, app: &str) -> Pod {
+    Pod { labels: netpol::policy::model::Labels::from([("app".to_string(), app.to_string())]).into(), ..pod }
+}
+
+#[test]
+fn a_staged_fill_keeps_a_new_pod_dropped_and_an_isolated_pod_on_its_old_rules_until_the_last_step() {
+    if !common::kernel_or_skip() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Node-1's pods: `a` (isolated by policy `a-from-old` first, by `a-from-new` then), `b`
+    // (new in the desired cluster, isolated by `b-from-new`), and the two peers. Node-2's
+    // PEERS pods are no lab pods: they only make the desired `app: new` peer set big enough
+    // to be filled in chunks.
+    const PEERS: usize = 3_000;
+    const CHUNK: usize = 500;
+    let a = cluster_pod("a", "node-1", &["10.244.1.2"], false);
+    let b = cluster_pod("b", "node-1", &["10.244.1.3"], false);
+    let old = cluster_pod("old", "node-1", &["10.244.1.4"], false);
+    let new = cluster_pod("new", "node-1", &["10.244.1.5"], false);
+    let far_peers: Vec<Pod> = (0..PEERS)
+        .map(|i| {
+            let address = format!("10.245.{}.{}", i / 250, i % 250 + 1);
+            with_app(cluster_pod(&format!("peer-{i}"), "node-2", &[&address], false), "new")
+        })
+        .collect();
+    let serve = [(80, L4::Tcp)];
+    let lab = Lab::build(
+        &[node("node-1", "")],
+        &[lab_pod(&a, &serve), lab_pod(&b, &serve), lab_pod(&old, &serve), lab_pod(&new, &serve)],
+    )
+    .unwrap();
+    let (to_a, to_b) = (0, 1);
+    let (old_peer, new_peer) = (2, 3);
+    let config = NodeConfig { pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()], ..NodeConfig::new("node-1") };
+
+    let applied_cluster = cluster(
+        [vec![a.clone(), old.clone(), new.clone()], far_peers.clone()].concat(),
+        vec![ingress_from("a", "old")],
+    );
+    let desired_cluster = cluster(
+        [vec![a.clone(), b.clone(), old.clone(), new.clone()], far_peers].concat(),
+        vec![ingress_from("a", "new"), ingress_from("b", "new")],
+    );
+    // As the agent: incremental compiles, applied over netlink, the fill staged in chunks.
+    let netns = lab.node_netns("node-1").unwrap();
+    let mut kernel = NetlinkNftables::open(RealNftables::in_netns(netns)).unwrap();
+    let mut compiler = IncrementalCompiler::new(config);
+    let mut applied = compiler.compile(&applied_cluster, None).ruleset;
+    kernel.apply(&full_sync(&applied)).unwrap();
+
+    // Each pair: who reaches a and b on TCP 80, and b's own egress (to the old peer).
+    let probes = [
+        Probe::new(old_peer, to_a, 80, L4::Tcp),
+        Probe::new(new_peer, to_a, 80, L4::Tcp),
+        Probe::new(old_peer, to_b, 80, L4::Tcp),
+        Probe::new(new_peer, to_b, 80, L4::Tcp),
+        Probe::new(to_b, old_peer, 80, L4::Tcp),
+    ];
+    let timeout = Duration::from_millis(500);
+    let probe = || lab.probe_all(&probes, timeout).unwrap();
+    let before = probe();
+
+    let compiled = compiler.compile(&desired_cluster, Some(&mut applied));
+    let desired = compiled.ruleset;
+    let guard_knows_b = |ruleset: &netpol::nft::ir::Ruleset| {
+        let b = netpol::nft::ir::Element::single(netpol::nft::ir::Value::Addr(ip("10.244.1.3")));
+        ruleset.sets[netpol::nft::names::LOCAL_PODS_V4].elements.contains(&b)
+    };
+    let first = staging::stage(&applied, &desired, &compiled.set_deltas, CHUNK)
+        .expect("a fill of 3 001 elements in chunks of 500 is staged");
+    let mut tx = diff_with(&applied, &first.ruleset, &compiled.set_deltas);
+    // Each step: what is left to fill after it, whether the guard knows b, the probes.
+    let mut steps = Vec::new();
+    let mut next = Some(first);
+    while let Some(step) = next {
+        kernel.apply(&tx).unwrap();
+        steps.push((step.remaining, guard_knows_b(&step.ruleset), probe()));
+        // The next sync, as the agent's: from what the kernel holds towards the same desired.
+        next = staging::stage(&step.ruleset, &desired, &SetDeltas::new(), CHUNK);
+        tx = diff(&step.ruleset, next.as_ref().map_or(&desired, |next| &next.ruleset));
+    }
+    kernel.apply(&tx).unwrap();
+    let after = probe();
+    lab.teardown().unwrap();
+
+    // The `app: new` set (the far peers and the new peer: 3 001 elements), 500 more a step;
+    // the last 1 comes with the rules.
+    let remaining: Vec<usize> = steps.iter().map(|s| s.0).collect();
+    assert_eq!(remaining, [2_501, 2_001, 1_501, 1_001, 501, 1], "elements left after each staged step");
+    //                 old→a  new→a  old→b  new→b  b→old
+    let old_rules = [true, false, false, false, false];
+    assert_eq!(before, old_rules, "before the fill: a admits the old peer only; b is unknown");
+    for (i, (_, b_known, facts)) in steps.iter().enumerate() {
+        assert_eq!(
+            *facts, old_rules,
+            "step {i} of the fill: a keeps its old verdicts, and b (its rules not in yet) must be \
+             dropped both ways by the guard, not pass unfiltered"
+        );
+        assert!(!b_known, "step {i} of the fill: b is known to the guard before its rules are in");
+    }
+    assert_eq!(
+        after,
+        [false, true, false, true, true],
+        "after the last step: a and b admit the new peer only, and b, known, sends"
+    );
+}
