@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod config;
 pub mod conntrack_worker;
+pub mod dispose;
 pub mod metrics;
 pub mod nft_target;
 mod node;

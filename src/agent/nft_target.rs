@@ -1,5 +1,6 @@
 //! The real [`SyncTarget`]: snapshot → model → compile for this node → one atomic nft
-//! transaction (the diff against what was last applied, or a full replacement).
+//! transaction (the diff against what was last applied, or a full replacement). What a
+//! sync replaces (the cluster and pod list before) is freed off its thread ([`dispose`]).
 //!
 //! ```text
 //!  Snapshot ──Arcs──► Cluster ──IncrementalCompiler(node)──► desired ─┬─ full / nothing known ─► full_sync
@@ -8,8 +9,8 @@
 //!                                   `applied` keeps stand-ins, deltas)     patched ones by their deltas)
 //! ```
 //!
-//! A diff that would add more elements to sets no rule looks up yet than a chunk (as many
-//! as the kernel adds in the time the compile took) commits a step instead
+//! A sync that would add more elements to sets no rule looks up yet than a chunk (as many
+//! as the kernel adds in the time the compile took, within bounds) commits a step instead
 //! ([`crate::nft::staging`]): one chunk, the chains needing the rest held back. The step
 //! is what is remembered as applied; the stats say how much is left, and the sync loop
 //! syncs again at once.
@@ -38,6 +39,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use crate::agent::conntrack_worker::{ConntrackWorker, Decision};
+use crate::agent::dispose;
 use crate::agent::rule_counters::RuleCounters;
 use crate::agent::{ConntrackFlowsDeleted, Snapshot, SyncError, SyncStats, SyncTarget};
 use crate::compile::{Compiled, IncrementalCompiler, NodeConfig, Observe};
@@ -275,7 +277,9 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         // A big fill of sets no rule looks up yet goes in chunks, one per sync, and the
         // rules that need them with the last (see crate::nft::staging). Full syncs never.
         let chunk = self.staging_chunk.unwrap_or_else(|| staging::chunk_for_compile(started.elapsed()));
+        let staging_started = std::time::Instant::now();
         let step = applied.as_ref().filter(|_| chunk > 0).and_then(|a| staging::stage(a, &desired, &set_deltas, chunk));
+        let staging_time = staging_started.elapsed();
         let mut stats = SyncStats {
             chains: desired.chains.len(),
             sets: desired.sets.len() + desired.maps.len(),
@@ -309,7 +313,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         if tx.is_empty() {
             // The kernel holds what was applied, which equals `after`.
             self.applied = Some(Arc::new(after));
-            drop(retired);
+            dispose::later(retired);
             tracing::debug!("ruleset unchanged; nothing to apply");
             self.end_flows(snapshot, false, &mut stats);
             return Ok(stats);
@@ -328,7 +332,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         let applying = std::time::Instant::now();
         let applied = self.nft.apply(&tx);
         stats.apply = applying.elapsed();
-        drop(retired);
+        dispose::later(retired);
         match applied {
             Ok(()) => {
                 tracing::info!(
@@ -339,6 +343,7 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
                     touched = %tx.stats(),
                     table = %tx.table,
                     compile_ms = stats.compile.as_secs_f64() * 1e3,
+                    of_which_staging_ms = staging_time.as_secs_f64() * 1e3,
                     apply_ms = stats.apply.as_secs_f64() * 1e3,
                     "applied"
                 );
@@ -366,6 +371,14 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
 }
 
 impl<N: Nftables> NftTarget<N> {
+    /// The pods the next sync's cleanup compares with; the list before is freed off the
+    /// sync thread (see [`dispose`]).
+    fn remember_pods(&mut self, pods: &SharedList<Pod>) {
+        if let Some(before) = self.conntrack_pods.replace(Arc::clone(pods)) {
+            dispose::later(before);
+        }
+    }
+
     /// Ends the flows the sync just applied calls for (see the module doc): those of pods
     /// gone since the last cleanup, and, when `tightens` (or an earlier cleanup failed),
     /// those the applied ruleset denies. Needs `self.applied` to be what nft holds.
@@ -391,20 +404,20 @@ impl<N: Nftables> NftTarget<N> {
                     self.conntrack_pending &= decide.is_none();
                     worker.post(gone, decide);
                 }
-                self.conntrack_pods = Some(Arc::clone(&snapshot.pods));
                 stats.conntrack_flows_deleted = worker.take_deleted();
+                self.remember_pods(&snapshot.pods);
                 return;
             }
             Conntrack::Inline(table) => table.as_mut(),
         };
         if gone.is_empty() && decide.is_none() {
-            self.conntrack_pods = Some(Arc::clone(&snapshot.pods));
+            self.remember_pods(&snapshot.pods);
             return;
         }
         match end_flows(table, &gone, decide.map(|rs| (&**rs, &snapshot.pods[..], node))) {
             Ok(deleted) => {
                 stats.conntrack_flows_deleted = deleted;
-                self.conntrack_pods = Some(Arc::clone(&snapshot.pods));
+                self.remember_pods(&snapshot.pods);
                 self.conntrack_pending = false;
                 stats.conntrack = started.elapsed();
                 if deleted.pod_deleted + deleted.denied > 0 {

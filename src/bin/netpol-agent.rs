@@ -198,7 +198,9 @@ impl<T: SyncTarget> SyncTarget for RememberPods<T> {
                 node: node.clone(),
                 attributions: OnceLock::new(),
             };
-            *synced.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(last);
+            let before = std::mem::replace(&mut *synced.lock().unwrap_or_else(|e| e.into_inner()), Arc::new(last));
+            // Its pod list may be the last of the sync before: freed off the sync thread.
+            agent::dispose::later(before);
         }
         self.target.sync(snapshot, full)
     }

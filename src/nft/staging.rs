@@ -28,7 +28,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::diff::{SetDelta, SetDeltas, applied_elements};
-use super::ir::{Element, MapVerdict, Match, Ruleset, Set, Verdict};
+use super::ir::{Element, Elements, MapVerdict, Match, Ruleset, Set, Verdict};
 
 /// Elements a sync adds at least to hash sets no rule looks up yet, when the fill is
 /// staged; the rest waits for the next sync. The kernel commits hash set elements at
@@ -82,7 +82,7 @@ pub struct Step {
 /// `applied`'s layout, that is a full sync, and the caller commits `desired` instead.
 pub fn stage(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas, chunk: usize) -> Option<Step> {
     let fills = fills(applied, desired, known);
-    let total: usize = fills.iter().map(|fill| fill.added.len()).sum();
+    let total: usize = fills.iter().map(|fill| fill.count).sum();
     if total <= chunk {
         return None;
     }
@@ -92,27 +92,29 @@ pub fn stage(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas, chunk: usi
     let mut budget = chunk;
     let mut incomplete: HashSet<&str> = HashSet::new();
     let mut deltas = SetDeltas::new();
-    for Fill { name, held, mut added } in fills {
-        let take = budget.min(added.len());
+    for fill in fills {
+        let take = budget.min(fill.count);
         budget -= take;
-        if take == added.len() {
+        if take == fill.count {
             continue;
         }
-        let set = &desired.sets[name];
-        added.truncate(take);
+        let name = fill.name;
+        let declaration = desired.sets[name].declaration();
+        let added: Vec<Element> = fill.added().take(take).collect();
         // What the kernel has (elements that go, go once the set is complete: no rule looks
         // it up meanwhile), and the chunk's share. Untouched, it stays as it is, unread.
-        let elements = match held.map(|held| (held, applied_elements(name, held, known))) {
+        let kernel = fill.held.map(|held| (held, fill.kernel.unwrap_or_else(|| applied_elements(name, held, known))));
+        let elements = match kernel {
             Some((held, Cow::Borrowed(_))) if take == 0 => Arc::clone(held),
             Some((held, kernel)) => {
                 let mut elements = kernel.into_owned();
                 elements.extend(added.iter().cloned());
-                let partial = Arc::new(Set { elements, ..set.declaration() });
+                let partial = Arc::new(Set { elements, ..declaration });
                 let delta = SetDelta { from: Arc::clone(held), to: Arc::clone(&partial), gone: Vec::new(), added };
                 deltas.insert(name.clone(), delta);
                 partial
             }
-            None => Arc::new(Set { elements: added.into_iter().collect(), ..set.declaration() }),
+            None => Arc::new(Set { elements: added.into_iter().collect(), ..declaration }),
         };
         step.sets.insert(name.clone(), elements);
         incomplete.insert(name.as_str());
@@ -121,17 +123,35 @@ pub fn stage(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas, chunk: usi
     Some(Step { ruleset: step, deltas, remaining: total - chunk, held_chains })
 }
 
-/// A set no applied rule looks up, and what it lacks of its desired elements.
+/// A set no applied rule looks up, and what it lacks of its desired elements: counted, and
+/// read only as far as a chunk goes (a fill of 90 000 elements is not copied on each step).
 struct Fill<'a> {
     name: &'a String,
-    /// Its entry in the applied ruleset, if it is there.
+    /// Its desired elements.
+    desired: &'a Elements,
+    /// Its entry in the applied ruleset, if it is there, and the elements the kernel has.
     held: Option<&'a Arc<Set>>,
-    added: Vec<Element>,
+    kernel: Option<Cow<'a, Elements>>,
+    /// The compiler's delta from what the kernel has to `desired`, when it knows one.
+    delta: Option<&'a [Element]>,
+    /// How many elements it lacks.
+    count: usize,
+}
+
+impl Fill<'_> {
+    /// The elements it lacks, in order.
+    fn added(&self) -> Box<dyn Iterator<Item = Element> + '_> {
+        match (self.delta, &self.kernel) {
+            (Some(delta), _) => Box::new(delta.iter().cloned()),
+            (None, Some(kernel)) => self.desired.difference(kernel),
+            (None, None) => Box::new(self.desired.iter()),
+        }
+    }
 }
 
 /// The hash sets of `desired` that no rule of `applied` looks up and that gain elements,
 /// in name order.
-fn fills<'a>(applied: &'a Ruleset, desired: &'a Ruleset, known: &SetDeltas) -> Vec<Fill<'a>> {
+fn fills<'a>(applied: &'a Ruleset, desired: &'a Ruleset, known: &'a SetDeltas) -> Vec<Fill<'a>> {
     let looked_up = applied.referenced_sets();
     let mut fills = Vec::new();
     for (name, set) in &desired.sets {
@@ -142,15 +162,19 @@ fn fills<'a>(applied: &'a Ruleset, desired: &'a Ruleset, known: &SetDeltas) -> V
         if set.interval || looked_up.contains(name.as_str()) || held.is_some_and(|held| Arc::ptr_eq(held, set)) {
             continue;
         }
-        let added: Vec<Element> = match held {
-            None => set.elements.iter().collect(),
-            Some(held) => match known.get(name).filter(|d| Arc::ptr_eq(&d.from, held) && Arc::ptr_eq(&d.to, set)) {
-                Some(delta) => delta.added.clone(),
-                None => set.elements.difference(&applied_elements(name, held, known)).collect(),
-            },
+        let delta = held.and_then(|held| {
+            let delta = known.get(name).filter(|d| Arc::ptr_eq(&d.from, held) && Arc::ptr_eq(&d.to, set))?;
+            Some(delta.added.as_slice())
+        });
+        let kernel = held.filter(|_| delta.is_none()).map(|held| applied_elements(name, held, known));
+        let mut fill = Fill { name, desired: &set.elements, held, kernel, delta, count: 0 };
+        fill.count = match (fill.delta, &fill.kernel) {
+            (Some(delta), _) => delta.len(),
+            (None, Some(kernel)) => set.elements.difference(kernel).count(),
+            (None, None) => set.elements.len(),
         };
-        if !added.is_empty() {
-            fills.push(Fill { name, held, added });
+        if fill.count > 0 {
+            fills.push(fill);
         }
     }
     fills
@@ -584,6 +608,35 @@ mod tests {
         assert_eq!(chunk_for_compile(Duration::from_millis(1)), STAGING_CHUNK);
         assert_eq!(chunk_for_compile(Duration::from_millis(15)), 6_000);
         assert_eq!(chunk_for_compile(Duration::from_millis(200)), MAX_STAGING_CHUNK, "capped");
+    }
+
+    #[test]
+    fn an_idle_set_the_compiler_patched_in_place_is_filled_from_what_the_kernel_has() {
+        // The kernel has `idle` with 10 elements; the compiler patched it in place (a
+        // stand-in in `applied`) to gain 90: a chunk of 40 adds 40 to the kernel's 10.
+        let mut applied = applied();
+        let kernel = peers(3000..3010);
+        let stand_in = Arc::new(kernel.declaration());
+        applied.sets.insert("idle".into(), Arc::clone(&stand_in));
+        let mut desired = applied.clone();
+        let to = peers(3000..3100);
+        desired.sets.insert("idle".into(), Arc::clone(&to));
+        let added: Vec<Element> = (3010..3100).map(addr).collect();
+        let known = SetDeltas::from([(
+            "idle".to_string(),
+            crate::nft::diff::SetDelta { from: stand_in, to, gone: vec![], added },
+        )]);
+        let step = stage(&applied, &desired, &known, 40).unwrap();
+        assert_eq!(step.remaining, 50);
+        assert_eq!(step.ruleset.sets["idle"], peers(3000..3050));
+        let mut known = known;
+        known.extend(step.deltas);
+        let tx = diff_with(&applied, &step.ruleset, &known);
+        let chunk: Vec<Element> = (3010..3050).map(addr).collect();
+        assert_eq!(tx.ops, [Op::AddElements { set: "idle".into(), elements: chunk }], "{}", tx.render());
+        let mut before = applied.clone();
+        before.sets.insert("idle".into(), kernel);
+        assert_eq!(tx, diff(&before, &step.ruleset), "as from the kernel's own set");
     }
 
     #[test]
