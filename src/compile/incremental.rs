@@ -493,7 +493,8 @@ impl<'p> PodChanges<'p> {
 /// for one pod. The ruleset applied last (`applied`, when given) holds it too, so its
 /// entry is first swapped for a stand-in with the set's declaration and no elements, the
 /// delta's `from`: `applied` then only serves [`crate::nft::diff::diff_with`] with these
-/// deltas. When `applied` is not given or does not hold the set, the set is copied and
+/// deltas. When `applied` holds another version, `from` is a stand-in it does not hold
+/// (the diff compares elements). When `applied` is not given, the set is copied and
 /// `from` is the version before.
 fn patch_set(
     set: &mut Arc<Set>,
@@ -502,12 +503,16 @@ fn patch_set(
     added: BTreeSet<Element>,
     applied: Option<&mut Ruleset>,
 ) -> SetDelta {
-    let from = match applied.and_then(|rs| rs.sets.get_mut(name)).filter(|held| Arc::ptr_eq(held, set)) {
-        Some(held) => {
+    let from = match applied.map(|rs| rs.sets.get_mut(name).filter(|held| Arc::ptr_eq(held, set))) {
+        Some(Some(held)) => {
             let stand_in = Arc::new(set.declaration());
             *held = Arc::clone(&stand_in);
             stand_in
         }
+        // The kernel holds another version of it (a staged fill's partial one): no delta
+        // can serve that diff, which compares elements. Patched in place all the same (a
+        // copy of a 90 000-element set per pod event made a fill's syncs crawl).
+        Some(None) => Arc::new(set.declaration()),
         None => Arc::clone(set),
     };
     let patched = Arc::make_mut(set);

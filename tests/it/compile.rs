@@ -507,6 +507,56 @@ fn compiling_against_the_applied_ruleset_patches_sets_in_place_and_diffs_the_sam
     assert_eq!(in_place, patched, "every patched set is the allocation it was");
 }
 
+/// While the kernel holds other versions of the sets (a staged fill's partial ones), a pod
+/// event still patches the compiler's sets in place, and the diff compares elements.
+#[test]
+fn sets_the_kernel_holds_other_versions_of_are_patched_in_place_all_the_same() {
+    let params = netpol::cli::generate::Params {
+        pods: 1_500,
+        namespaces: 6,
+        policies: 120,
+        nodes: 6,
+        seed: 1,
+        dual_stack: true,
+    };
+    let mut cluster = netpol::cli::generate::cluster(&params);
+    let node = NodeConfig::new("node-1");
+    let mut compiler = IncrementalCompiler::new(node.clone());
+    let mut last = compiler.compile(&cluster, None).ruleset;
+    let (mut patched, mut in_place) = (0, 0);
+    let mut rng = Rng::new(1);
+    for step in 0..20 {
+        let k = rng.below(cluster.pods.len());
+        let (pod, namespace) = (&cluster.pods[k], &cluster.pods[k].id.namespace);
+        let Some(twin) = cluster.pods.iter().find(|p| &p.id.namespace == namespace && p.labels != pod.labels) else {
+            continue;
+        };
+        if pod.node == node.node {
+            continue;
+        }
+        let labels = twin.labels.clone();
+        let mut next = cluster.clone();
+        Arc::make_mut(&mut Arc::make_mut(&mut next.pods)[k]).labels = labels;
+        // The kernel's sets are copies; the compiler's cache is the only owner of its own.
+        let addresses: BTreeMap<String, *const netpol::nft::ir::Set> =
+            last.sets.iter().map(|(n, s)| (n.clone(), Arc::as_ptr(s))).collect();
+        let mut kernel = deep_copy(&last);
+        drop(last);
+        let before = deep_copy(&kernel);
+        let compiled = compiler.compile(&next, Some(&mut kernel));
+        let (got, known) = (compiled.ruleset, compiled.set_deltas);
+        assert_eq!(diff_with(&kernel, &got, &known), diff(&before, &got), "step {step}");
+        assert_eq!(got, compile(&next, &node), "step {step}");
+        for name in known.keys() {
+            patched += 1;
+            in_place += usize::from(addresses.get(name) == Some(&Arc::as_ptr(&got.sets[name])));
+        }
+        (cluster, last) = (next, got);
+    }
+    assert!(patched >= 5, "too few sets patched to mean anything: {patched}");
+    assert_eq!(in_place, patched, "every patched set is the allocation it was");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
 
