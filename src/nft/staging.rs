@@ -66,7 +66,8 @@ pub struct Step {
     /// with the compiler's deltas (these first), [`super::diff::diff_with`] takes the step's
     /// transaction in O(chunk) rather than comparing each partly filled set whole.
     pub deltas: SetDeltas,
-    /// Elements still to add to incomplete sets after this step.
+    /// Elements still to add to incomplete sets after this step (sets no step reached yet
+    /// counted by their sizes: more than 0 exactly while any is incomplete).
     pub remaining: usize,
     /// Chains held at their applied version, or not yet created.
     pub held_chains: usize,
@@ -81,7 +82,7 @@ pub struct Step {
 /// extended by `step.deltas`). Only for an incremental diff: when `desired` does not keep
 /// `applied`'s layout, that is a full sync, and the caller commits `desired` instead.
 pub fn stage(applied: &Ruleset, desired: &Ruleset, known: &SetDeltas, chunk: usize) -> Option<Step> {
-    let fills = fills(applied, desired, known);
+    let fills = fills(applied, desired, known, chunk);
     let total: usize = fills.iter().map(|fill| fill.count).sum();
     if total <= chunk {
         return None;
@@ -134,7 +135,8 @@ struct Fill<'a> {
     kernel: Option<Cow<'a, Elements>>,
     /// The compiler's delta from what the kernel has to `desired`, when it knows one.
     delta: Option<&'a [Element]>,
-    /// How many elements it lacks.
+    /// How many elements it lacks (at least 1), or, past the first chunk's worth of
+    /// sets, an estimate: what a step leaves untouched is not read on every step.
     count: usize,
 }
 
@@ -150,10 +152,12 @@ impl Fill<'_> {
 }
 
 /// The hash sets of `desired` that no rule of `applied` looks up and that gain elements,
-/// in name order.
-fn fills<'a>(applied: &'a Ruleset, desired: &'a Ruleset, known: &'a SetDeltas) -> Vec<Fill<'a>> {
+/// in name order. Counted exactly until they lack more than `chunk` in all; the rest
+/// (which the step leaves as they are) by their sizes, at least 1 each.
+fn fills<'a>(applied: &'a Ruleset, desired: &'a Ruleset, known: &'a SetDeltas, chunk: usize) -> Vec<Fill<'a>> {
     let looked_up = applied.referenced_sets();
     let mut fills = Vec::new();
+    let mut counted = 0;
     for (name, set) in &desired.sets {
         let held = applied.sets.get(name);
         // Interval sets go whole: chunks added to an existing one go through nft (the
@@ -170,9 +174,11 @@ fn fills<'a>(applied: &'a Ruleset, desired: &'a Ruleset, known: &'a SetDeltas) -
         let mut fill = Fill { name, desired: &set.elements, held, kernel, delta, count: 0 };
         fill.count = match (fill.delta, &fill.kernel) {
             (Some(delta), _) => delta.len(),
+            (None, Some(kernel)) if counted > chunk => set.elements.len().saturating_sub(kernel.len()).max(1),
             (None, Some(kernel)) => set.elements.difference(kernel).count(),
             (None, None) => set.elements.len(),
         };
+        counted += fill.count;
         if fill.count > 0 {
             fills.push(fill);
         }
