@@ -155,21 +155,41 @@ impl Fill<'_> {
 /// in name order. Counted exactly until they lack more than `chunk` in all; the rest
 /// (which the step leaves as they are) by their sizes, at least 1 each.
 fn fills<'a>(applied: &'a Ruleset, desired: &'a Ruleset, known: &'a SetDeltas, chunk: usize) -> Vec<Fill<'a>> {
-    let looked_up = applied.referenced_sets();
-    let mut fills = Vec::new();
+    // Which sets applied rules look up takes a walk over every rule: only done once the
+    // change might be staged at all (most syncs add a few pods to a few sets).
+    let mut looked_up: Option<BTreeSet<&str>> = None;
+    let mut fills: Vec<Fill<'a>> = Vec::new();
     let mut counted = 0;
+    // Both maps in name order, walked side by side (no lookup by name per set).
+    let mut applied_sets = applied.sets.iter().peekable();
     for (name, set) in &desired.sets {
-        let held = applied.sets.get(name);
+        while applied_sets.next_if(|(n, _)| *n < name).is_some() {}
+        let held = applied_sets.next_if(|(n, _)| *n == name).map(|(_, held)| held);
         // Interval sets go whole: chunks added to an existing one go through nft (the
         // netlink encoder leaves range changes to it), which costs ~1 000 times more per
         // element than a new set's (benches/README.md, "staged fills").
-        if set.interval || looked_up.contains(name.as_str()) || held.is_some_and(|held| Arc::ptr_eq(held, set)) {
+        if set.interval || held.is_some_and(|held| Arc::ptr_eq(held, set)) {
             continue;
         }
         let delta = held.and_then(|held| {
             let delta = known.get(name).filter(|d| Arc::ptr_eq(&d.from, held) && Arc::ptr_eq(&d.to, set))?;
             Some(delta.added.as_slice())
         });
+        if delta.is_some_and(<[Element]>::is_empty) {
+            continue;
+        }
+        // A set the kernel lacks is looked up by no applied rule (nft would have refused it).
+        if held.is_some() && (delta.is_none() || counted > chunk || looked_up.is_some()) {
+            if looked_up.is_none() {
+                let names = applied.referenced_sets();
+                fills.retain(|fill| !names.contains(fill.name.as_str()));
+                counted = fills.iter().map(|fill| fill.count).sum();
+                looked_up = Some(names);
+            }
+            if looked_up.as_ref().is_some_and(|names| names.contains(name.as_str())) {
+                continue;
+            }
+        }
         let kernel = held.filter(|_| delta.is_none()).map(|held| applied_elements(name, held, known));
         let mut fill = Fill { name, desired: &set.elements, held, kernel, delta, count: 0 };
         fill.count = match (fill.delta, &fill.kernel) {
@@ -182,6 +202,10 @@ fn fills<'a>(applied: &'a Ruleset, desired: &'a Ruleset, known: &'a SetDeltas, c
         if fill.count > 0 {
             fills.push(fill);
         }
+    }
+    if counted > chunk && looked_up.is_none() {
+        let names = applied.referenced_sets();
+        fills.retain(|fill| !names.contains(fill.name.as_str()));
     }
     fills
 }
