@@ -799,10 +799,35 @@ impl Extend<Element> for Elements {
 }
 
 impl FromIterator<Element> for Elements {
+    /// Collected first, then built in bulk (the B-tree's own sort and bulk build): a new
+    /// peer set of 25 000 addresses is not inserted one element at a time.
     fn from_iter<I: IntoIterator<Item = Element>>(elements: I) -> Self {
-        let mut out = Elements::new();
-        out.extend(elements);
-        out
+        let elements: Vec<Element> = elements.into_iter().collect();
+        let v4: Option<Vec<u32>> = elements
+            .iter()
+            .map(|e| match Compact::of(e) {
+                Some(Compact::V4(a)) => Some(a),
+                _ => None,
+            })
+            .collect();
+        if let Some(v4) = v4 {
+            return Elements(Store::V4(v4.into_iter().collect()));
+        }
+        let v6: Option<Vec<u128>> = elements
+            .iter()
+            .map(|e| match Compact::of(e) {
+                Some(Compact::V6(a)) => Some(a),
+                _ => None,
+            })
+            .collect();
+        match v6 {
+            Some(v6) if !v6.is_empty() => Elements(Store::V6(v6.into_iter().collect())),
+            _ => {
+                let mut out = Elements::new();
+                out.extend(elements);
+                out
+            }
+        }
     }
 }
 
