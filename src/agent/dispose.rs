@@ -7,18 +7,23 @@
 //! The pod list a sync replaces holds 100 000 shared pods at scale: its last owner
 //! decrements 100 000 reference counts spread over the heap, 5-10 ms that delayed every
 //! next sync (an eighth of the sync thread's time at 100k pods, benches/README.md). Sent
-//! here, the sync thread only moves a pointer. Freeing never fails and never blocks.
+//! here, the sync thread only moves a pointer. Freeing never fails. At most
+//! [`BACKLOG`] values wait: should the thread fall behind, the sender waits for it (the
+//! memory they hold stays bounded).
 
-use std::sync::mpsc::{Sender, channel};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Mutex, OnceLock};
 
 type Garbage = Box<dyn Send>;
 
+/// Values waiting to be freed at most (a sync gives away one or two).
+pub const BACKLOG: usize = 64;
+
 /// Drops `value` on the dispose thread (inline if that thread could not be started).
 pub fn later<T: Send + 'static>(value: T) {
-    static THREAD: OnceLock<Option<Mutex<Sender<Garbage>>>> = OnceLock::new();
+    static THREAD: OnceLock<Option<Mutex<SyncSender<Garbage>>>> = OnceLock::new();
     let sender = THREAD.get_or_init(|| {
-        let (tx, rx) = channel::<Garbage>();
+        let (tx, rx) = sync_channel::<Garbage>(BACKLOG);
         let spawned = std::thread::Builder::new().name("dispose".into()).spawn(move || {
             for garbage in rx {
                 drop(garbage);

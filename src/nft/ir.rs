@@ -803,24 +803,14 @@ impl FromIterator<Element> for Elements {
     /// peer set of 25 000 addresses is not inserted one element at a time.
     fn from_iter<I: IntoIterator<Item = Element>>(elements: I) -> Self {
         let elements: Vec<Element> = elements.into_iter().collect();
-        let v4: Option<Vec<u32>> = elements
-            .iter()
-            .map(|e| match Compact::of(e) {
-                Some(Compact::V4(a)) => Some(a),
-                _ => None,
-            })
-            .collect();
-        if let Some(v4) = v4 {
+        // Every element's compact form of one kind, or `None`.
+        fn all<T>(elements: &[Element], kind: impl Fn(Compact) -> Option<T>) -> Option<Vec<T>> {
+            elements.iter().map(|e| Compact::of(e).and_then(&kind)).collect()
+        }
+        if let Some(v4) = all(&elements, |c| if let Compact::V4(a) = c { Some(a) } else { None }) {
             return Elements(Store::V4(v4.into_iter().collect()));
         }
-        let v6: Option<Vec<u128>> = elements
-            .iter()
-            .map(|e| match Compact::of(e) {
-                Some(Compact::V6(a)) => Some(a),
-                _ => None,
-            })
-            .collect();
-        match v6 {
+        match all(&elements, |c| if let Compact::V6(a) = c { Some(a) } else { None }) {
             Some(v6) if !v6.is_empty() => Elements(Store::V6(v6.into_iter().collect())),
             _ => {
                 let mut out = Elements::new();

@@ -452,6 +452,26 @@ fn deep_copy(rs: &netpol::nft::ir::Ruleset) -> netpol::nft::ir::Ruleset {
     copy
 }
 
+/// `cluster` after a random pod of another node than `node` took the labels of another pod
+/// of its namespace (`None` if the pick was on `node` or had no such twin).
+fn remote_pod_relabelled(cluster: &Cluster, node: &str, rng: &mut Rng) -> Option<Cluster> {
+    let k = rng.below(cluster.pods.len());
+    let (pod, namespace) = (&cluster.pods[k], &cluster.pods[k].id.namespace);
+    let twin = cluster.pods.iter().find(|p| &p.id.namespace == namespace && p.labels != pod.labels)?;
+    if pod.node == node {
+        return None;
+    }
+    let labels = twin.labels.clone();
+    let mut next = cluster.clone();
+    Arc::make_mut(&mut Arc::make_mut(&mut next.pods)[k]).labels = labels;
+    Some(next)
+}
+
+/// Where each set of `rs` lives: a set patched in place keeps its allocation.
+fn set_addresses(rs: &netpol::nft::ir::Ruleset) -> BTreeMap<String, *const netpol::nft::ir::Set> {
+    rs.sets.iter().map(|(n, s)| (n.clone(), Arc::as_ptr(s))).collect()
+}
+
 /// A pod that joins or leaves peer sets changes them in place when the compiler is told
 /// what the kernel holds: no copy of a big set for one pod.
 #[test]
@@ -472,22 +492,9 @@ fn compiling_against_the_applied_ruleset_patches_sets_in_place_and_diffs_the_sam
         let mut applied = compiler.compile(&cluster, None).ruleset;
         let mut rng = Rng::new(seed);
         for step in 0..10 {
-            // A remote pod takes the labels of another pod of its namespace.
-            let k = rng.below(cluster.pods.len());
-            let (pod, namespace) = (&cluster.pods[k], &cluster.pods[k].id.namespace);
-            let Some(twin) = cluster.pods.iter().find(|p| &p.id.namespace == namespace && p.labels != pod.labels)
-            else {
-                continue;
-            };
-            if pod.node == node.node {
-                continue;
-            }
-            let labels = twin.labels.clone();
-            let mut next = cluster.clone();
-            Arc::make_mut(&mut Arc::make_mut(&mut next.pods)[k]).labels = labels;
+            let Some(next) = remote_pod_relabelled(&cluster, &node.node, &mut rng) else { continue };
             let before = deep_copy(&applied);
-            let addresses: BTreeMap<String, *const netpol::nft::ir::Set> =
-                applied.sets.iter().map(|(n, s)| (n.clone(), Arc::as_ptr(s))).collect();
+            let addresses = set_addresses(&applied);
             let compiled = compiler.compile(&next, Some(&mut applied));
             let (got, known) = (compiled.ruleset, compiled.set_deltas);
             assert_eq!(diff_with(&applied, &got, &known), diff(&before, &got), "seed {seed} step {step}");
@@ -526,20 +533,9 @@ fn sets_the_kernel_holds_other_versions_of_are_patched_in_place_all_the_same() {
     let (mut patched, mut in_place) = (0, 0);
     let mut rng = Rng::new(1);
     for step in 0..20 {
-        let k = rng.below(cluster.pods.len());
-        let (pod, namespace) = (&cluster.pods[k], &cluster.pods[k].id.namespace);
-        let Some(twin) = cluster.pods.iter().find(|p| &p.id.namespace == namespace && p.labels != pod.labels) else {
-            continue;
-        };
-        if pod.node == node.node {
-            continue;
-        }
-        let labels = twin.labels.clone();
-        let mut next = cluster.clone();
-        Arc::make_mut(&mut Arc::make_mut(&mut next.pods)[k]).labels = labels;
+        let Some(next) = remote_pod_relabelled(&cluster, &node.node, &mut rng) else { continue };
         // The kernel's sets are copies; the compiler's cache is the only owner of its own.
-        let addresses: BTreeMap<String, *const netpol::nft::ir::Set> =
-            last.sets.iter().map(|(n, s)| (n.clone(), Arc::as_ptr(s))).collect();
+        let addresses = set_addresses(&last);
         let mut kernel = deep_copy(&last);
         drop(last);
         let before = deep_copy(&kernel);
