@@ -89,6 +89,18 @@ impl Ruleset {
             .collect()
     }
 
+    /// The names of the sets some rule looks up negated (`!= @set`): the unknown-pod
+    /// guard's known pods, where membership lets traffic on.
+    pub fn negated_lookups(&self) -> BTreeSet<&str> {
+        let lookups = self.chains.values().flat_map(|c| &c.rules).flat_map(|r| &r.matches);
+        lookups
+            .filter_map(|m| match m {
+                Match::Lookup { set, negate: true, .. } => Some(set.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The ruleset without the sets no rule looks up: what it does to packets, whatever
     /// idle sets it keeps (see [`crate::compile::IncrementalCompiler::keeping_idle_sets`]).
     pub fn without_idle_sets(&self) -> Ruleset {

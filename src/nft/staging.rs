@@ -303,16 +303,7 @@ fn hold_out_of_guards(applied: &Ruleset, known: &SetDeltas, step: &mut Ruleset, 
     if keys.is_empty() {
         return;
     }
-    let guards: BTreeSet<String> = step
-        .chains
-        .values()
-        .flat_map(|chain| &chain.rules)
-        .flat_map(|rule| &rule.matches)
-        .filter_map(|m| match m {
-            Match::Lookup { set, negate: true, .. } => Some(set.clone()),
-            _ => None,
-        })
-        .collect();
+    let guards: Vec<String> = step.negated_lookups().into_iter().map(str::to_string).collect();
     for name in guards {
         let Some(set) = step.sets.get(&name) else { continue };
         let kernel = applied.sets.get(&name).map(|held| applied_elements(&name, held, known));

@@ -2073,7 +2073,7 @@ fn a_partial_sync_keeps_every_counter_it_still_uses_and_its_count() {
 
 use netpol::agent::nft_target::NftTarget;
 use netpol::agent::{Snapshot, SyncTarget};
-use netpol::nft::ir::{Element, Match, Ruleset};
+use netpol::nft::ir::Element;
 
 /// The agent's snapshot of `cluster` for a node compiled with `config`.
 fn snapshot_of(cluster: &Cluster, config: &NodeConfig) -> Snapshot {
@@ -2084,17 +2084,6 @@ fn snapshot_of(cluster: &Cluster, config: &NodeConfig) -> Snapshot {
         pod_cidrs: config.pod_cidrs.clone(),
         ..Snapshot::default()
     }
-}
-
-/// The sets rules of `rs` look up negated (the unknown-pod guard's known pods).
-fn negated_lookups(rs: &Ruleset) -> BTreeSet<&str> {
-    let matches = rs.chains.values().flat_map(|c| &c.rules).flat_map(|r| &r.matches);
-    matches
-        .filter_map(|m| match m {
-            Match::Lookup { set, negate: true, .. } => Some(set.as_str()),
-            _ => None,
-        })
-        .collect()
 }
 
 /// What one random run of staged syncs did.
@@ -2143,7 +2132,7 @@ fn staged_run(seed: u64) -> Result<StagedRun, String> {
                 }
             }
             let looked_up_before = before.referenced_sets();
-            let guards = negated_lookups(kernel);
+            let guards = kernel.negated_lookups();
             let was_known = |name: &str, e: &Element| before.sets.get(name).is_some_and(|s| s.elements.contains(e));
             // Known to the guard, a pod has each dispatch element desired gives it (its
             // applied or its desired verdict): never known without its rules.
