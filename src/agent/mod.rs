@@ -305,8 +305,9 @@ fn watch_table(
     metrics: &Metrics,
 ) -> Option<crate::nft::backend::monitor::TableMonitor> {
     use crate::nft::backend::monitor::{Change, TableMonitor};
-    /// Lost announcements are mostly our own big syncs' (thousands of set elements): a
-    /// full sync for each would make the next one, so they resync at most this often.
+    /// Lost or unheard announcements are mostly around our own big syncs (hundreds of
+    /// thousands of set elements): a full sync for each could make the next one, so they
+    /// resync at most this often.
     const LOST_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
     let (trigger, metrics) = (trigger.clone(), metrics.clone());
     let mut last_lost: Option<std::time::Instant> = None;
@@ -316,15 +317,23 @@ fn watch_table(
             metrics.record_foreign_table_change();
             trigger.request_full();
         }
-        Change::Lost if last_lost.is_none_or(|at| at.elapsed() >= LOST_RESYNC_INTERVAL) => {
+        Change::Lost | Change::Unheard { .. } if last_lost.is_none_or(|at| at.elapsed() >= LOST_RESYNC_INTERVAL) => {
             last_lost = Some(std::time::Instant::now());
-            tracing::warn!(
-                "nf_tables announcements were lost (the monitor's buffer overflowed); resyncing fully to be sure"
-            );
+            match change {
+                Change::Unheard { commits } => tracing::warn!(
+                    commits,
+                    "another program committed to nf_tables during one of our big commits, when the monitor did not listen; resyncing fully to be sure"
+                ),
+                _ => tracing::warn!(
+                    "nf_tables announcements were lost (the monitor's buffer overflowed); resyncing fully to be sure"
+                ),
+            }
             metrics.record_foreign_table_change();
             trigger.request_full();
         }
-        Change::Lost => tracing::debug!("nf_tables announcements lost again; the last such resync was recent"),
+        Change::Lost | Change::Unheard { .. } => {
+            tracing::debug!(?change, "nf_tables announcements lost or unheard again; the last such resync was recent")
+        }
     };
     match TableMonitor::start(config.netns.as_deref(), &config.table, on_change) {
         Ok(monitor) => Some(monitor),

@@ -2480,3 +2480,114 @@ mod staged_kernel {
         );
     }
 }
+
+/// Our own big commits go unannounced to our own table monitor (the kernel then builds no
+/// announcement of their elements), and a commit of someone else's made meanwhile is still
+/// reported, by the ruleset's generation.
+mod quiet_commits {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use netpol::nft::backend::monitor::{Change, TableMonitor, quietly};
+    use netpol::nft::backend::netlink::{NetlinkNftables, QUIET_COMMIT_ELEMENTS};
+    use netpol::nft::backend::process::RealNftables;
+    use netpol::nft::diff::full_sync;
+    use netpol::nft::ir::{Element, KeyType, Ruleset, Set, Value};
+    use netpol::nft::{Nftables, Op, Transaction};
+
+    use super::kernel_namespaces;
+
+    fn ruleset_with_addresses(count: usize) -> Ruleset {
+        let mut rs = Ruleset::new("netpol");
+        let elements =
+            (0..count as u32).map(|i| Element::single(Value::Addr(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)))));
+        let set = Set { key: vec![KeyType::Ipv4Addr], elements: elements.collect(), ..Set::default() };
+        rs.sets.insert("peers".into(), Arc::new(set));
+        rs
+    }
+
+    fn one_more_address(i: u32) -> Transaction {
+        let element = Element::single(Value::Addr(IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i))));
+        Transaction {
+            table: "netpol".into(),
+            ops: vec![Op::AddElements { set: "peers".into(), elements: vec![element] }],
+        }
+    }
+
+    /// A monitor of `inet netpol` in `netns`, and what it reported.
+    fn monitor(netns: &str) -> (TableMonitor, Arc<Mutex<Vec<Change>>>) {
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&changes);
+        let monitor =
+            TableMonitor::start(Some(netns), "netpol", move |c| seen.lock().unwrap().push(c)).expect("a monitor");
+        (monitor, changes)
+    }
+
+    /// Waits until the monitor has read nothing new for a while; returns what it has read.
+    fn settled(monitor: &TableMonitor) -> u64 {
+        let mut last = monitor.datagrams_heard();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = monitor.datagrams_heard();
+            if now == last || Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    #[test]
+    fn a_full_sync_over_the_quiet_threshold_goes_unheard_by_our_monitor_and_pod_churn_is_heard() {
+        let Some([ns]) = kernel_namespaces(["quiet"]) else { return };
+        let (monitor, changes) = monitor(&ns.0);
+        let mut nft = NetlinkNftables::open(RealNftables::in_netns(ns.0.clone())).unwrap();
+
+        let big = full_sync(&ruleset_with_addresses(QUIET_COMMIT_ELEMENTS));
+        nft.apply(&big).unwrap();
+        assert_eq!(settled(&monitor), 0, "the big commit was announced to our monitor");
+
+        nft.apply(&one_more_address(1)).unwrap();
+        let heard = settled(&monitor);
+        assert!(heard > 0, "a small commit of ours must still be heard");
+        let small = full_sync(&ruleset_with_addresses(QUIET_COMMIT_ELEMENTS - 1));
+        nft.apply(&small).unwrap();
+        let heard = settled(&monitor);
+        assert!(heard > 1, "a full sync under the threshold is heard");
+
+        nft.apply(&big).unwrap();
+        assert_eq!(settled(&monitor), heard, "the big commit was announced to our monitor");
+        nft.apply(&one_more_address(2)).unwrap();
+        assert!(settled(&monitor) > heard, "the monitor rejoined after the big commit");
+        assert_eq!(*changes.lock().unwrap(), [], "none of our own commits is a foreign change");
+    }
+
+    #[test]
+    fn another_programs_commit_while_our_monitor_does_not_listen_is_reported_unheard() {
+        let Some([ns]) = kernel_namespaces(["unheard"]) else { return };
+        let (_monitor, changes) = monitor(&ns.0);
+        let mut nft = NetlinkNftables::open(RealNftables::in_netns(ns.0.clone())).unwrap();
+        nft.apply(&full_sync(&ruleset_with_addresses(10))).unwrap();
+
+        quietly(Some(&ns.0), || nft.apply(&one_more_address(1))).unwrap();
+        assert_eq!(*changes.lock().unwrap(), [], "our own commit alone");
+
+        quietly(Some(&ns.0), || {
+            // Someone else commits while the monitor does not listen: between its
+            // generation readings, whatever table it touched.
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns.0, "nft", "add table inet another"])
+                .status()
+                .expect("nft");
+            assert!(status.success());
+            nft.apply(&one_more_address(2))
+        })
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !changes.lock().unwrap().contains(&Change::Unheard { commits: 1 }) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(*changes.lock().unwrap(), [Change::Unheard { commits: 1 }]);
+    }
+}

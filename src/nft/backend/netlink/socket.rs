@@ -53,6 +53,14 @@ impl NetlinkSocket {
         Ok(addr.pid())
     }
 
+    /// Makes `groups` (a bit mask, as in [`open`](Self::open)) the socket's only memberships
+    /// among the first 32 groups: a bound netlink socket bound again under its own port
+    /// takes the new mask, and the kernel stops (or starts) building announcements for a
+    /// group nobody else listens to.
+    pub fn set_groups(&self, groups: u32) -> std::io::Result<()> {
+        socket::bind(self.fd.as_raw_fd(), &NetlinkAddr::new(self.port()?, groups)).map_err(std::io::Error::from)
+    }
+
     fn create() -> std::io::Result<OwnedFd> {
         let fd = socket::socket(
             AddressFamily::Netlink,
