@@ -202,8 +202,8 @@ impl NetlinkNftables {
 /// A transaction of at least this many set elements is committed with our own table
 /// monitors not listening ([`super::monitor::quietly`]). The kernel builds an announcement
 /// of each element for a listening group. Full syncs of large clusters are over this
-/// (400 000 elements and more at 100 000 pods), and their commit took ~6 s beside the
-/// monitor and 1.3 s without it. Staged fills' chunks (at most 8 192 elements) and pod
+/// (494 000 elements at 100 000 pods), and their commit took 9.8-10.2 s beside the
+/// monitor and 0.77-0.93 s without it. Staged fills' chunks (at most 8 192 elements) and pod
 /// churn stay under it: a foreign commit made while nobody listens costs a full sync, which
 /// must stay rare.
 pub const QUIET_COMMIT_ELEMENTS: usize = 65_536;
