@@ -36,7 +36,6 @@ pub mod k8s;
 pub mod lab;
 #[cfg(feature = "agent")]
 pub mod nflog;
-#[cfg(feature = "agent")]
 pub mod nfnetlink;
 pub mod nft;
 pub mod policy;

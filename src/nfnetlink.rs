@@ -1,5 +1,6 @@
-//! nfnetlink request framing, pure: what ctnetlink (`conntrack/`) and nfnetlink_log
-//! (`nflog/`) requests have in common (linux/netlink.h, linux/netfilter/nfnetlink.h).
+//! nfnetlink request framing, pure: what ctnetlink (`conntrack/`), nfnetlink_log
+//! (`nflog/`) and nf_tables generation requests (`nft::backend::netlink::generation`) have
+//! in common (linux/netlink.h, linux/netfilter/nfnetlink.h).
 //!
 //! ```text
 //!  message(out, subsystem, type, flags, seq, family, res_id, body)
@@ -13,6 +14,8 @@
 
 use crate::nft::backend::netlink::NLA_F_NESTED;
 
+// For ctnetlink and nfnetlink_log requests, which only the agent makes.
+#[cfg(feature = "agent")]
 pub(crate) use crate::nft::backend::netlink::{NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR};
 pub use crate::nft::backend::netlink::{attributes, messages};
 
