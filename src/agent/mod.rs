@@ -305,34 +305,43 @@ fn watch_table(
     metrics: &Metrics,
 ) -> Option<crate::nft::backend::monitor::TableMonitor> {
     use crate::nft::backend::monitor::{Change, TableMonitor};
-    /// Lost or unheard announcements are mostly around our own big syncs (hundreds of
-    /// thousands of set elements): a full sync for each could make the next one, so they
-    /// resync at most this often.
-    const LOST_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
     let (trigger, metrics) = (trigger.clone(), metrics.clone());
-    let mut last_lost: Option<std::time::Instant> = None;
-    let on_change = move |change| match change {
-        Change::Foreign { port } => {
-            tracing::warn!(port, "another program changed the table; resyncing it fully");
-            metrics.record_foreign_table_change();
-            trigger.request_full();
-        }
-        Change::Lost | Change::Unheard { .. } if last_lost.is_none_or(|at| at.elapsed() >= LOST_RESYNC_INTERVAL) => {
-            last_lost = Some(std::time::Instant::now());
-            match change {
-                Change::Unheard { commits } => tracing::warn!(
-                    commits,
-                    "another program committed to nf_tables during one of our big commits, when the monitor did not listen; resyncing fully to be sure"
-                ),
-                _ => tracing::warn!(
-                    "nf_tables announcements were lost (the monitor's buffer overflowed); resyncing fully to be sure"
-                ),
+    let mut pacer = LostResyncs::new(LOST_RESYNC_INTERVAL);
+    let on_change = move |change| {
+        let why = match change {
+            Change::Foreign { port } => {
+                tracing::warn!(port, "another program changed the table; resyncing it fully");
+                resync_fully(&trigger, &metrics);
+                return;
             }
-            metrics.record_foreign_table_change();
-            trigger.request_full();
-        }
-        Change::Lost | Change::Unheard { .. } => {
-            tracing::debug!(?change, "nf_tables announcements lost or unheard again; the last such resync was recent")
+            Change::Lost => "nf_tables announcements were lost (the monitor's buffer overflowed)",
+            Change::Unheard { .. } => {
+                "another program committed to nf_tables during one of our big commits, when the monitor did not listen"
+            }
+        };
+        match pacer.on_lost(std::time::Instant::now()) {
+            Resync::Now => {
+                tracing::warn!(?change, "{why}; resyncing fully to be sure");
+                resync_fully(&trigger, &metrics);
+            }
+            Resync::At(at) => {
+                let wait = at.saturating_duration_since(std::time::Instant::now());
+                tracing::warn!(
+                    ?change,
+                    ?wait,
+                    "{why}; resyncing fully to be sure once the last such resync is a minute old"
+                );
+                let (later_trigger, later_metrics) = (trigger.clone(), metrics.clone());
+                let deferred = std::thread::Builder::new().name("lost-resync".into()).spawn(move || {
+                    std::thread::sleep(wait);
+                    resync_fully(&later_trigger, &later_metrics);
+                });
+                if deferred.is_err() {
+                    // No thread to wait on: resync now rather than not at all.
+                    resync_fully(&trigger, &metrics);
+                }
+            }
+            Resync::AlreadyDue => tracing::debug!(?change, "{why}; a full resync is already due"),
         }
     };
     match TableMonitor::start(config.netns.as_deref(), &config.table, on_change) {
@@ -343,6 +352,59 @@ fn watch_table(
                 "cannot listen to nf_tables announcements ({e}): a change another program makes to the table is undone only at the next periodic resync"
             );
             None
+        }
+    }
+}
+
+/// Counts a full resync for a foreign or possibly foreign change, and asks for it.
+fn resync_fully(trigger: &Trigger, metrics: &Metrics) {
+    metrics.record_foreign_table_change();
+    trigger.request_full();
+}
+
+/// Lost or unheard announcements are mostly around our own big syncs (hundreds of thousands
+/// of set elements): a full sync for each could make the next one, so they resync at most
+/// this often.
+const LOST_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// When lost or unheard nf_tables announcements resync the table fully (pure: the caller
+/// gives the time). At once, unless the last such resync is younger than the interval: then
+/// when it is that old. Never not at all: what was missed may have been a foreign change,
+/// and the periodic resync can be minutes away.
+#[derive(Debug)]
+struct LostResyncs {
+    interval: std::time::Duration,
+    /// The last such resync, made or planned.
+    last: Option<std::time::Instant>,
+}
+
+/// What [`LostResyncs::on_lost`] decided.
+#[derive(Debug, PartialEq, Eq)]
+enum Resync {
+    Now,
+    /// Later, at this time.
+    At(std::time::Instant),
+    /// One planned already comes after this loss.
+    AlreadyDue,
+}
+
+impl LostResyncs {
+    fn new(interval: std::time::Duration) -> Self {
+        LostResyncs { interval, last: None }
+    }
+
+    fn on_lost(&mut self, now: std::time::Instant) -> Resync {
+        match self.last {
+            Some(last) if last > now => Resync::AlreadyDue,
+            Some(last) if now < last + self.interval => {
+                let at = last + self.interval;
+                self.last = Some(at);
+                Resync::At(at)
+            }
+            _ => {
+                self.last = Some(now);
+                Resync::Now
+            }
         }
     }
 }
@@ -363,4 +425,23 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 's
         }
         tracing::info!("shutdown signal received");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{LostResyncs, Resync};
+
+    #[test]
+    fn a_loss_resyncs_at_once_and_one_within_the_interval_is_put_off_never_dropped() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut pacer = LostResyncs::new(60 * s);
+        assert_eq!(pacer.on_lost(t0), Resync::Now);
+        assert_eq!(pacer.on_lost(t0 + 10 * s), Resync::At(t0 + 60 * s), "put off to a minute after the last");
+        assert_eq!(pacer.on_lost(t0 + 20 * s), Resync::AlreadyDue, "the one put off covers it");
+        assert_eq!(pacer.on_lost(t0 + 70 * s), Resync::At(t0 + 120 * s), "a minute after the one put off");
+        assert_eq!(pacer.on_lost(t0 + 200 * s), Resync::Now, "long after: at once again");
+    }
 }
