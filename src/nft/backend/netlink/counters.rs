@@ -34,26 +34,13 @@ const NFTA_COUNTER_PACKETS: u16 = 2;
 /// The dump request for the counters of `inet <table>`.
 pub(super) fn request(table: &str, seq: u32) -> Vec<u8> {
     let mut buf = Vec::with_capacity(64);
-    buf.extend_from_slice(&0u32.to_ne_bytes()); // length, below
-    buf.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ).to_ne_bytes());
-    buf.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    buf.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]);
-    let mut attr = |kind: u16, data: &[u8]| {
-        buf.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-        buf.extend_from_slice(&kind.to_ne_bytes());
-        buf.extend_from_slice(data);
-        while !buf.len().is_multiple_of(4) {
-            buf.push(0);
-        }
-    };
-    let mut name = table.as_bytes().to_vec();
-    name.push(0);
-    attr(NFTA_OBJ_TABLE, &name);
-    attr(NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
-    let len = buf.len() as u32;
-    buf[0..4].copy_from_slice(&len.to_ne_bytes());
+    let (kind, flags) = (NFT_MSG_GETOBJ, NLM_F_REQUEST | NLM_F_DUMP);
+    crate::nfnetlink::message(&mut buf, NFNL_SUBSYS_NFTABLES, kind, flags, seq, NFPROTO_INET, 0, |out| {
+        let mut name = table.as_bytes().to_vec();
+        name.push(0);
+        crate::nfnetlink::attr(out, NFTA_OBJ_TABLE, &name);
+        crate::nfnetlink::attr(out, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
+    });
     buf
 }
 
