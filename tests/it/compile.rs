@@ -1057,6 +1057,63 @@ fn egress_rules_to_the_same_named_ports_of_the_same_peers_share_one_set_across_p
     assert_eq!(patched.sets[*v4].elements.len(), 4);
 }
 
+#[test]
+fn a_named_port_set_of_a_family_no_pod_has_stays_empty_until_the_first_such_pod_comes() {
+    let config = NodeConfig::new("node-1");
+    let cluster = Cluster::new(
+        vec![],
+        [metrics_pod("a", "a-1", "node-1", "10.0.0.1"), metrics_pod("b", "b-1", "node-2", "10.0.0.2")],
+        [egress_to_metrics("a", "any", None)],
+    );
+    let mut compiler = IncrementalCompiler::new(config.clone());
+    let first = compiler.compile(&cluster, None).ruleset;
+    assert_eq!(first, compile(&cluster, &config));
+    let named = |rs: &netpol::nft::ir::Ruleset, prefix: &str| {
+        let sets = sets_of_policy_chain(rs, "a", "any");
+        let name = sets.iter().find(|s| s.starts_with(prefix)).map(|s| s.to_string()).unwrap();
+        rs.sets[&name].elements.len()
+    };
+    assert_eq!((named(&first, "named4_"), named(&first, "named6_")), (2, 0), "no pod has an IPv6 address");
+    let with_v6 = with_pod(&cluster, metrics_pod("b", "b-6", "node-2", "fd00::6"));
+    let second = compiler.compile(&with_v6, None).ruleset;
+    assert_eq!(second, compile(&with_v6, &config));
+    assert_eq!((named(&second, "named4_"), named(&second, "named6_")), (2, 1), "the first IPv6 pod's port");
+    let without = without_pod(&with_v6, "b-6");
+    let third = compiler.compile(&without, None).ruleset;
+    assert_eq!(third, compile(&without, &config));
+    assert_eq!(named(&third, "named6_"), 0);
+}
+
+#[test]
+fn pods_that_share_one_list_of_container_ports_each_bring_their_address_and_port() {
+    let config = NodeConfig::new("node-1");
+    // The agent interns the replicas' port lists: one allocation for the three pods.
+    let shared = metrics_pod("b", "b-1", "node-2", "10.0.0.2").ports;
+    let replica = |name: &str, ip: &str| Pod { ports: Arc::clone(&shared), ..metrics_pod("b", name, "node-2", ip) };
+    let other = Pod {
+        ports: vec![ContainerPort { name: Some("metrics".into()), port: 9100, protocol: Protocol::Tcp }].into(),
+        ..metrics_pod("b", "b-4", "node-2", "10.0.0.4")
+    };
+    let cluster = Cluster::new(
+        vec![],
+        [
+            metrics_pod("a", "a-1", "node-1", "10.0.0.1"),
+            replica("b-1", "10.0.0.2"),
+            replica("b-2", "10.0.0.3"),
+            other,
+            replica("b-3", "10.0.0.5"),
+        ],
+        [egress_to_metrics("a", "any", None)],
+    );
+    let rs = IncrementalCompiler::new(config.clone()).compile(&cluster, None).ruleset;
+    assert_eq!(rs, compile(&cluster, &config));
+    let sets = sets_of_policy_chain(&rs, "a", "any");
+    let v4 = sets.iter().find(|s| s.starts_with("named4_")).unwrap();
+    let elements: Vec<String> = rs.sets[*v4].elements.iter().map(|e| format!("{e:?}")).collect();
+    assert_eq!(elements.len(), 5, "{elements:?}");
+    assert!(elements.iter().any(|e| e.contains("10.0.0.4") && e.contains("9100")), "{elements:?}");
+}
+
 /// Set elements a transaction sends to the kernel: added with a set or to it.
 fn elements_sent(tx: &netpol::nft::Transaction) -> usize {
     tx.ops
