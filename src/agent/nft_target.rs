@@ -10,7 +10,8 @@
 //! ```
 //!
 //! A sync that would add more elements to sets no rule looks up yet than a chunk (as many
-//! as the kernel adds in the time the compile took, within bounds) commits a step instead
+//! as [`crate::nft::staging::chunk_for`] says: fewer when it brings changes, so that events
+//! do not wait for a whole chunk of their own) commits a step instead
 //! ([`crate::nft::staging`]): one chunk, the chains needing the rest held back. The step
 //! is what is remembered as applied; the stats say how much is left, and the sync loop
 //! syncs again at once.
@@ -91,9 +92,12 @@ pub struct NftTarget<N: Nftables> {
     /// The per-rule totals the metrics export, kept monotonic across syncs.
     rule_counters: Option<RuleCounters>,
     /// Elements an incremental sync adds at most to sets no rule looks up yet (see
-    /// [`crate::nft::staging`]): a fixed number (0 never stages), or `None`: as many as
-    /// the kernel adds in the time the sync's compile took ([`staging::chunk_for_compile`]).
+    /// [`crate::nft::staging`]): a fixed number (0 never stages), or `None`: by the
+    /// sync's compile time and kind ([`staging::chunk_for`]).
     staging_chunk: Option<usize>,
+    /// The last sync was a step that brought changes with a small chunk: the next one
+    /// takes a full chunk whatever it brings (see [`staging::SyncKind`]).
+    rode_along: bool,
 }
 
 impl<N: Nftables> NftTarget<N> {
@@ -111,12 +115,13 @@ impl<N: Nftables> NftTarget<N> {
             conntrack_pending: false,
             rule_counters: None,
             staging_chunk: None,
+            rode_along: false,
         }
     }
 
     /// Fills sets no rule looks up yet `chunk` elements per sync (0 fills them whole, in
     /// one transaction with the rules naming them). By default the chunk follows the
-    /// compile's time ([`staging::chunk_for_compile`]).
+    /// compile's time and what the sync brings ([`staging::chunk_for`]).
     pub fn staging_fills(mut self, chunk: usize) -> Self {
         self.staging_chunk = Some(chunk);
         self
@@ -211,6 +216,17 @@ impl<N: Nftables> NftTarget<N> {
         }
     }
 
+    /// Whether the last compile was of `snapshot`'s very objects (the stores' shared lists,
+    /// unchanged since): a sync then only goes on with a fill.
+    fn compiled_last(&self, snapshot: &Snapshot) -> bool {
+        let Some(last) = self.compiler.last_cluster() else { return false };
+        Arc::ptr_eq(&last.pods, &snapshot.pods)
+            && Arc::ptr_eq(&last.policies, &snapshot.policies)
+            && Arc::ptr_eq(&last.cluster_policies, &snapshot.cluster_policies)
+            && Arc::ptr_eq(&last.nodes, &snapshot.nodes)
+            && self.namespaces.as_ref().is_some_and(|(list, _)| Arc::ptr_eq(list, &snapshot.namespaces))
+    }
+
     /// The ruleset this node should have for `snapshot`, its sets patched in place where
     /// `applied` (what the kernel has) lets go of them: `applied` is then good for the diff
     /// against the result only (see [`IncrementalCompiler::compile`]).
@@ -270,13 +286,20 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
         if full {
             self.compiler.forget();
         }
+        // Before the compile: it makes this snapshot's objects the last compiled.
+        let rode_along = std::mem::take(&mut self.rode_along);
+        let kind = if rode_along || self.compiled_last(snapshot) {
+            staging::SyncKind::GoesOnWithAFill
+        } else {
+            staging::SyncKind::BringsChanges
+        };
         // `retired` (the cluster before) is dropped once the ruleset is applied, and the
         // deltas (which may hold sets' earlier versions) at the end: off the path to the commit.
         let Compiled { ruleset: desired, mut set_deltas, idle, retired } =
             self.desired(snapshot, applied.as_mut().map(Arc::make_mut));
         // A big fill of sets no rule looks up yet goes in chunks, one per sync, and the
         // rules that need them with the last (see crate::nft::staging). Full syncs never.
-        let chunk = self.staging_chunk.unwrap_or_else(|| staging::chunk_for_compile(started.elapsed()));
+        let chunk = self.staging_chunk.unwrap_or_else(|| staging::chunk_for(started.elapsed(), kind));
         let staging_started = std::time::Instant::now();
         let step = applied.as_ref().filter(|_| chunk > 0).and_then(|a| staging::stage(a, &desired, &set_deltas, chunk));
         let staging_time = staging_started.elapsed();
@@ -298,7 +321,10 @@ impl<N: Nftables + Send + 'static> SyncTarget for NftTarget<N> {
                 match diff_with(applied, &step.ruleset, &set_deltas) {
                     // A new layout after all: the whole desired table, at once.
                     tx if is_full_sync(&tx) => (full_sync(&desired), desired, None),
-                    tx => (tx, step.ruleset, Some((step.remaining, step.held_chains))),
+                    tx => {
+                        self.rode_along = kind == staging::SyncKind::BringsChanges;
+                        (tx, step.ruleset, Some((step.remaining, step.held_chains)))
+                    }
                 }
             }
             (_, Some(applied)) => (diff_with(applied, &desired, &set_deltas), desired, None),

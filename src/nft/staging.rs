@@ -36,24 +36,49 @@ use super::ir::{Element, Elements, MapVerdict, Match, Ruleset, Set, Verdict};
 /// (benches/README.md, "staged fills").
 pub const STAGING_CHUNK: usize = 2_048;
 
-/// The kernel's time per hash set element added over netlink (measured 2.1-3.5 µs): the
-/// agent sizes a chunk to take about as long as the sync's compile (see
-/// [`chunk_for_compile`]).
-pub const KERNEL_TIME_PER_ELEMENT: std::time::Duration = std::time::Duration::from_nanos(2_500);
+/// The kernel's time per hash set element added over netlink, beside a table of 100 000
+/// pods' sets and with the agent's monitor listening: 2.9-4.1 µs (medians of the agent's
+/// staged syncs in the 100k bench, benches/README.md, "staged fills"). The agent sizes a
+/// chunk to what is left of [`SYNC_BUDGET`] after the sync's compile (see [`chunk_for`]).
+pub const KERNEL_TIME_PER_ELEMENT: std::time::Duration = std::time::Duration::from_nanos(3_500);
 
-/// Elements a sync adds at most to sets no rule looks up, however long its compile took:
-/// ~20 ms of kernel time, so that the events behind a fill wait for no more than that.
-pub const MAX_STAGING_CHUNK: usize = 4 * STAGING_CHUNK;
+/// What a staged sync that only goes on with a fill may take, compile and commit together:
+/// the longest an event that arrives meanwhile waits for it.
+pub const SYNC_BUDGET: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// The chunk for a sync whose compile took `compile`: as many elements as the kernel adds
-/// in that time, at least [`STAGING_CHUNK`] and at most [`MAX_STAGING_CHUNK`]. A sync then
-/// takes at most about twice its compile, while a fill moves as fast as syncs go (a fill
-/// of 5 ms chunks behind compiles of tens of ms took hundreds of syncs at 100 000 pods:
-/// benches/README.md, "staged fills"); the cap keeps one slow compile from letting a
-/// chunk through that every later event waits for (a 200 ms compile let 80 000 through).
-pub fn chunk_for_compile(compile: std::time::Duration) -> usize {
-    let elements = compile.as_nanos() / KERNEL_TIME_PER_ELEMENT.as_nanos();
-    usize::try_from(elements).unwrap_or(usize::MAX).clamp(STAGING_CHUNK, MAX_STAGING_CHUNK)
+/// The chunk of a sync that brings changes of the cluster while a fill goes on: ~2 ms of
+/// kernel time on top of the changes themselves, so that an event waits for the step in
+/// front of it and a short one of its own, not for two steps.
+pub const RIDE_ALONG_CHUNK: usize = 512;
+
+/// The chunk of a staged sync, given how long its compile took and what it is: see
+/// [`SyncKind`]. A sync that only goes on with a fill takes as many elements as the kernel
+/// adds in what its compile left of [`SYNC_BUDGET`], and at least [`STAGING_CHUNK`] (a
+/// compile of a few ms leaves ~5 000). A sync that brings changes takes
+/// [`RIDE_ALONG_CHUNK`], unless the sync before it did too: then a fill goes on however
+/// fast events come, one sync in two at least.
+///
+/// (Chunks as long as the compile, the rule before, gave the slow first step of a fill
+/// the biggest chunk, 8 192 elements and 20-30 ms more that every event queued behind it
+/// waited for; and an event that came during a fill waited for the step in flight and
+/// then for one more, its own: benches/README.md, "staged fills".)
+pub fn chunk_for(compile: std::time::Duration, kind: SyncKind) -> usize {
+    if kind == SyncKind::BringsChanges {
+        return RIDE_ALONG_CHUNK;
+    }
+    let left = SYNC_BUDGET.saturating_sub(compile);
+    let elements = left.as_nanos() / KERNEL_TIME_PER_ELEMENT.as_nanos();
+    usize::try_from(elements).unwrap_or(usize::MAX).max(STAGING_CHUNK)
+}
+
+/// What a sync is, for the size of its chunk ([`chunk_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncKind {
+    /// It brings changes of the cluster, and the sync before it took a full chunk.
+    BringsChanges,
+    /// It only goes on with a fill, or the sync before it brought changes with a small
+    /// chunk: now the fill's turn.
+    GoesOnWithAFill,
 }
 
 /// One step from the applied ruleset towards the desired one.
@@ -624,11 +649,16 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_takes_about_as_long_in_the_kernel_as_the_compile_before_it_within_bounds() {
+    fn a_fill_step_takes_what_its_compile_left_of_the_budget_and_a_sync_with_changes_a_small_chunk() {
         use std::time::Duration;
-        assert_eq!(chunk_for_compile(Duration::from_millis(1)), STAGING_CHUNK);
-        assert_eq!(chunk_for_compile(Duration::from_millis(15)), 6_000);
-        assert_eq!(chunk_for_compile(Duration::from_millis(200)), MAX_STAGING_CHUNK, "capped");
+        let goes_on = SyncKind::GoesOnWithAFill;
+        assert_eq!(chunk_for(Duration::ZERO, goes_on), 5_714, "the whole budget");
+        assert_eq!(chunk_for(Duration::from_millis(6), goes_on), 4_000);
+        assert_eq!(chunk_for(Duration::from_millis(15), goes_on), STAGING_CHUNK, "at least the floor");
+        assert_eq!(chunk_for(Duration::from_millis(200), goes_on), STAGING_CHUNK, "a slow compile, the floor");
+        for compile in [Duration::ZERO, Duration::from_millis(200)] {
+            assert_eq!(chunk_for(compile, SyncKind::BringsChanges), RIDE_ALONG_CHUNK);
+        }
     }
 
     #[test]

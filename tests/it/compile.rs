@@ -2296,6 +2296,42 @@ impl Nftables for Refusing {
 }
 
 #[test]
+fn a_sync_that_brings_changes_during_a_fill_adds_a_small_chunk_and_the_next_one_a_full_chunk() {
+    use netpol::nft::staging::{RIDE_ALONG_CHUNK, STAGING_CHUNK};
+    // 6 000 `web` pods elsewhere; a policy of their namespace admits them to every pod of it.
+    let webs = 6_000u32;
+    let remote: Vec<Pod> = (0..webs)
+        .map(|i| app_pod(&format!("web-{i}"), "web", "node-2", &std::net::Ipv4Addr::from(0x0a01_0000 + i).to_string()))
+        .collect();
+    let before = Cluster::new(vec![], remote, [allow_from("from-web", "web")]);
+    let config = NodeConfig::new("node-1");
+    let mut target = NftTarget::new(FakeNftables::new(), "node-1", "netpol");
+    target.sync(&snapshot_of(&before, &config), false).unwrap();
+    let sent = |target: &NftTarget<FakeNftables>| elements_sent(target.nftables().last_transaction().unwrap());
+    // A pod on the node: the policy's peer set of 6 000 addresses is new to the kernel.
+    let with_local = with_pod(&before, app_pod("db", "db", "node-1", "10.0.0.1"));
+    let first = target.sync(&snapshot_of(&with_local, &config), false).unwrap();
+    assert!(first.staged_elements_remaining > 0, "the fill is staged");
+    assert!(sent(&target) <= RIDE_ALONG_CHUNK + 10, "the event and a small chunk: {}", sent(&target));
+    // Another change comes at once: after a small chunk, this sync takes a full one.
+    let relabelled = with_pod(&without_pod(&with_local, "web-0"), app_pod("web-0", "other", "node-2", "10.1.0.0"));
+    let second = target.sync(&snapshot_of(&relabelled, &config), false).unwrap();
+    assert!(sent(&target) >= STAGING_CHUNK, "a full chunk: {}", sent(&target));
+    assert!(second.staged_elements_remaining < first.staged_elements_remaining - STAGING_CHUNK);
+    // The same objects again: the sync only goes on with the fill, in full chunks, to the end.
+    let snapshot = snapshot_of(&relabelled, &config);
+    let mut remaining = second.staged_elements_remaining;
+    while remaining > 0 {
+        let stats = target.sync(&snapshot, false).unwrap();
+        let chunk = sent(&target);
+        remaining = stats.staged_elements_remaining;
+        assert!(chunk >= STAGING_CHUNK || remaining == 0, "a full chunk while the fill goes on: {chunk}");
+    }
+    let kernel = target.nftables().ruleset("netpol").unwrap().without_idle_sets();
+    assert_eq!(kernel, compile(&relabelled, &config));
+}
+
+#[test]
 fn a_failed_step_of_a_fill_makes_the_next_sync_full_and_it_lands_on_the_desired_table() {
     let mut failed_steps = 0;
     for seed in 0..100 {
