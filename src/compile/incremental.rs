@@ -1424,7 +1424,7 @@ impl<'a, 'c> Compiler<'a, 'c> {
                 let pod = &cluster.pods[j];
                 let resolved =
                     by_ports.entry(Arc::as_ptr(&pod.ports).cast()).or_insert_with(|| resolve_named_ports(pod, named));
-                entries.extend(admitted_named_ports(cluster, ns, rule.peers.as_deref(), pod, f, resolved));
+                admitted_named_ports(cluster, ns, rule.peers.as_deref(), pod, f, resolved, &mut entries);
             }
         }
         let set = Arc::new(super::named_port_set(f, entries, comment));

@@ -561,7 +561,9 @@ fn named_port_entries(
     named: &[(&str, Protocol)],
 ) -> Vec<(IpAddr, u8, u16)> {
     let pod = &cluster.pods[j];
-    admitted_named_ports(cluster, policy_ns, peers, pod, f, &resolve_named_ports(pod, named))
+    let mut entries = Vec::new();
+    admitted_named_ports(cluster, policy_ns, peers, pod, f, &resolve_named_ports(pod, named), &mut entries);
+    entries
 }
 
 /// The (protocol, port) that each of `named` resolves to on `pod`'s containerPorts, for
@@ -570,9 +572,9 @@ fn resolve_named_ports(pod: &Pod, named: &[(&str, Protocol)]) -> Vec<(u8, u16)> 
     named.iter().filter_map(|&(n, proto)| pod.resolve_named_port(n, proto).map(|port| (proto.number(), port))).collect()
 }
 
-/// The (address, protocol, port) entries of `pod`'s `resolved` named ports (see
-/// [`resolve_named_ports`]) in an egress rule's set of family `f`, if the rule's `peers`
-/// (of a policy in namespace `policy_ns`) admit the pod.
+/// Adds to `entries` the (address, protocol, port) entries of `pod`'s `resolved` named
+/// ports (see [`resolve_named_ports`]) in an egress rule's set of family `f`, if the rule's
+/// `peers` (of a policy in namespace `policy_ns`) admit the pod.
 fn admitted_named_ports(
     cluster: &Cluster,
     policy_ns: &str,
@@ -580,13 +582,14 @@ fn admitted_named_ports(
     pod: &Pod,
     f: IpFamily,
     resolved: &[(u8, u16)],
-) -> Vec<(IpAddr, u8, u16)> {
+    entries: &mut Vec<(IpAddr, u8, u16)>,
+) {
     // The pod's own ports first: most pods lack the names, and then no peer need be read.
     if resolved.is_empty() {
-        return Vec::new();
+        return;
     }
     let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
-        return Vec::new();
+        return;
     };
     // "ipBlock matches any destination IP, pod IPs included."
     let admitted = peers.is_none_or(|peers| {
@@ -595,7 +598,9 @@ fn admitted_named_ports(
             Peer::Pods { .. } => peer_admits_pod(cluster, policy_ns, p, pod),
         })
     });
-    if admitted { resolved.iter().map(|&(proto, port)| (ip, proto, port)).collect() } else { Vec::new() }
+    if admitted {
+        entries.extend(resolved.iter().map(|&(proto, port)| (ip, proto, port)));
+    }
 }
 
 /// "A named port is resolved on the destination pod's containerPorts": the (address,
