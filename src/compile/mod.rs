@@ -618,9 +618,7 @@ fn local_named_port_entries(
         let Some(ip) = pod.ip_of_family(f == IpFamily::V6) else {
             continue;
         };
-        for &(n, proto) in named {
-            entries.extend(pod.resolve_named_port(n, proto).map(|port| (ip, proto.number(), port)));
-        }
+        entries.extend(resolve_named_ports(pod, named).into_iter().map(|(proto, port)| (ip, proto, port)));
     }
     entries
 }
