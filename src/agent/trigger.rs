@@ -13,6 +13,15 @@
 //!  change ─► sync ─► sync (everything that arrived meanwhile, ≥ window after) ─► idle
 //! ```
 //!
+//! Each notification's arrival is kept until a sync puts it in the kernel: the first
+//! successful sync that started after it and left no set still to fill (a staged fill's
+//! rules wait for their sets). Its wait is the agent's share of a change's way to the
+//! kernel, observed as `netpol_event_enforcement_latency_seconds`:
+//!
+//! ```text
+//!  notify ─► Arrivals (trigger) ─take, then snapshot─► unenforced ─sync ok, nothing staged─► histogram
+//! ```
+//!
 //! Full syncs happen at start, after any failure, and every `resync_period`. A failed sync
 //! is retried after an exponential backoff (changes arriving meanwhile do not cut the
 //! backoff short: the retry picks them up anyway). Nothing is synced until the snapshot
@@ -50,6 +59,8 @@ struct TriggerInner {
     notifications: AtomicU64,
     /// Someone (a restarted watch, a changed Node) asked that the next sync be full.
     full_requested: std::sync::atomic::AtomicBool,
+    /// When the notifications no sync has taken yet arrived.
+    arrivals: std::sync::Mutex<Arrivals>,
 }
 
 impl Trigger {
@@ -60,6 +71,7 @@ impl Trigger {
     /// Something changed: schedule a sync.
     pub fn notify(&self) {
         self.inner.notifications.fetch_add(1, Ordering::SeqCst);
+        self.inner.arrivals.lock().unwrap_or_else(|e| e.into_inner()).push(Instant::now());
         self.inner.notify.notify_one();
     }
 
@@ -76,6 +88,13 @@ impl Trigger {
         self.inner.full_requested.swap(false, Ordering::SeqCst)
     }
 
+    /// The arrivals of the notifications so far not taken, oldest first. Taken *before* the
+    /// snapshot: a change that lands in between is in the snapshot but counted for the next
+    /// sync (its wait looks longer than it was, never shorter).
+    fn take_arrivals(&self) -> Arrivals {
+        std::mem::take(&mut *self.inner.arrivals.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Notifications received so far.
     pub fn notifications(&self) -> u64 {
         self.inner.notifications.load(Ordering::SeqCst)
@@ -83,6 +102,60 @@ impl Trigger {
 
     async fn notified(&self) {
         self.inner.notify.notified().await;
+    }
+}
+
+/// Arrival times of changes not yet in the kernel, oldest first, in bounded memory: an
+/// arrival within [`Arrivals::MERGE_WITHIN`] of the newest kept one, or any arrival once
+/// [`Arrivals::MAX_RUNS`] are kept (a burst of events during a long sync, a long run of failed syncs),
+/// is counted with that newest one. Counting a change with an earlier arrival only makes
+/// its wait look longer, never shorter.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Arrivals {
+    /// (first arrival, changes counted with it), in arrival order.
+    runs: Vec<(Instant, u64)>,
+}
+
+impl Arrivals {
+    /// Arrivals this close to the newest kept one share its entry.
+    pub const MERGE_WITHIN: Duration = Duration::from_micros(20);
+    /// Entries kept at most (16 bytes each).
+    pub const MAX_RUNS: usize = 4096;
+
+    /// A change arrived at `at` (no earlier than the ones before it).
+    pub fn push(&mut self, at: Instant) {
+        self.push_run(at, 1);
+    }
+
+    fn push_run(&mut self, at: Instant, count: u64) {
+        let full = self.runs.len() >= Self::MAX_RUNS;
+        match self.runs.last_mut() {
+            Some((newest, n)) if full || at.saturating_duration_since(*newest) < Self::MERGE_WITHIN => {
+                *n = n.saturating_add(count);
+            }
+            _ => self.runs.push((at, count)),
+        }
+    }
+
+    /// Adds `later`, whose changes all arrived after these.
+    pub fn append(&mut self, later: Arrivals) {
+        for (at, count) in later.runs {
+            self.push_run(at, count);
+        }
+    }
+
+    /// Changes counted.
+    pub fn len(&self) -> u64 {
+        self.runs.iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Each entry's wait until `enforced_at`, with the number of changes that waited it.
+    pub fn waits(&self, enforced_at: Instant) -> impl Iterator<Item = (Duration, u64)> + '_ {
+        self.runs.iter().map(move |(at, n)| (enforced_at.saturating_duration_since(*at), *n))
     }
 }
 
@@ -217,6 +290,8 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
         let mut next_resync: Option<Instant> = None;
         let mut failures_in_row: u32 = 0;
         let mut last_started: Option<Instant> = None;
+        // Changes taken by syncs that did not (yet) put them in the kernel.
+        let mut unenforced = Arrivals::default();
 
         loop {
             status.send_modify(|s| s.heartbeat = Some(Instant::now()));
@@ -259,6 +334,7 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
             if trigger.take_full_request() {
                 need_full = true;
             }
+            unenforced.append(trigger.take_arrivals());
             let snapshot = source.snapshot();
             if let Some(m) = &metrics {
                 m.record_index_sizes(&snapshot);
@@ -285,8 +361,14 @@ impl<T: SyncTarget, S: SnapshotSource> SyncLoop<T, S> {
                     }
                     // A fill staged in chunks is not complete (crate::nft::staging): the next
                     // sync is due now, as a retry is (no batching window; changes join it).
+                    // Until it is, the changes taken so far may wait for its rules.
                     if stats.staged_elements_remaining > 0 {
                         retry_at = Some(Instant::now());
+                    } else {
+                        let enforced = std::mem::take(&mut unenforced);
+                        if let Some(m) = &metrics {
+                            m.record_enforced(&enforced, Instant::now());
+                        }
                     }
                     status.send_modify(|s| {
                         s.syncs += 1;
@@ -545,5 +627,133 @@ mod tests {
     async fn changes_further_apart_than_the_window_each_sync_on_their_own() {
         let syncs = syncs_for_churn(Duration::from_millis(10)).await;
         assert_eq!(syncs, 100, "each of 100 changes 10 ms apart syncs on its own");
+    }
+
+    fn arrivals_at(base: Instant, offsets_us: &[u64]) -> Arrivals {
+        let mut a = Arrivals::default();
+        for us in offsets_us {
+            a.push(base + Duration::from_micros(*us));
+        }
+        a
+    }
+
+    #[test]
+    fn arrivals_closer_than_the_merge_window_share_the_earlier_arrival() {
+        let t0 = Instant::now();
+        let a = arrivals_at(t0, &[0, 5, 19, 20, 1000]);
+        assert_eq!(a.len(), 5);
+        let end = t0 + Duration::from_millis(2);
+        let waits: Vec<(Duration, u64)> = a.waits(end).collect();
+        assert_eq!(
+            waits,
+            [(Duration::from_millis(2), 3), (Duration::from_micros(1980), 1), (Duration::from_micros(1000), 1)]
+        );
+    }
+
+    #[test]
+    fn arrivals_beyond_the_cap_count_with_the_newest_kept_one_and_never_look_shorter() {
+        let t0 = Instant::now();
+        let mut a = Arrivals::default();
+        let n = Arrivals::MAX_RUNS as u64 + 500;
+        for i in 0..n {
+            a.push(t0 + Duration::from_millis(i));
+        }
+        assert_eq!(a.len(), n);
+        let end = t0 + Duration::from_millis(n);
+        let waits: Vec<(Duration, u64)> = a.waits(end).collect();
+        assert_eq!(waits.len(), Arrivals::MAX_RUNS);
+        assert_eq!(waits.last().map(|(_, k)| *k), Some(501), "the newest kept entry carries the rest");
+        // Each change's reported wait is at least its true wait.
+        let mut i = 0;
+        for (wait, k) in waits {
+            for _ in 0..k {
+                assert!(wait >= end - (t0 + Duration::from_millis(i)));
+                i += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn appended_arrivals_come_after_the_kept_ones() {
+        let t0 = Instant::now();
+        let mut older = arrivals_at(t0, &[0]);
+        older.append(arrivals_at(t0, &[10, 500]));
+        let end = t0 + Duration::from_millis(1);
+        let waits: Vec<(Duration, u64)> = older.waits(end).collect();
+        assert_eq!(waits, [(Duration::from_millis(1), 2), (Duration::from_micros(500), 1)]);
+    }
+
+    /// The count and sum of `netpol_event_enforcement_latency_seconds`, once its count is
+    /// `want` (polled, real time), or as it is after two seconds.
+    async fn enforcement_once(metrics: &Metrics, want: u64) -> (u64, f64) {
+        let read = || {
+            let text = metrics.encode(None, &SyncState::default());
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                    .unwrap_or_default()
+            };
+            (
+                value("netpol_event_enforcement_latency_seconds_count") as u64,
+                value("netpol_event_enforcement_latency_seconds_sum"),
+            )
+        };
+        for _ in 0..200 {
+            if read().0 >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        read()
+    }
+
+    /// A ready loop with metrics, after its first (full) sync; every sync from now on takes
+    /// `sync_takes`.
+    async fn loop_with_metrics(
+        config: SyncLoopConfig,
+        sync_takes: Duration,
+    ) -> (RecordingTarget, Trigger, Metrics, tokio::task::JoinHandle<RecordingTarget>) {
+        let (sl, target, trigger) = ready_loop(config);
+        let metrics = Metrics::new();
+        let task = tokio::spawn(sl.with_metrics(metrics.clone()).run(std::future::pending()));
+        assert!(target.wait_until(Duration::from_secs(5), |c| c.len() == 1).await, "the first sync");
+        target.set_delay(sync_takes);
+        (target, trigger, metrics, task)
+    }
+
+    const SYNC_TAKES: Duration = Duration::from_millis(40);
+
+    #[tokio::test]
+    async fn a_change_is_enforced_when_the_sync_that_took_it_ends() {
+        let (target, trigger, metrics, _task) = loop_with_metrics(SyncLoopConfig::default(), SYNC_TAKES).await;
+        assert_eq!(enforcement_once(&metrics, 0).await, (0, 0.0), "the first sync took no change");
+        trigger.notify();
+        let (n, waited) = enforcement_once(&metrics, 1).await;
+        assert_eq!((n, target.calls().len()), (1, 2));
+        assert!((SYNC_TAKES.as_secs_f64()..2.0).contains(&waited), "waited {waited} s");
+    }
+
+    #[tokio::test]
+    async fn a_change_taken_by_a_staged_sync_waits_for_the_sync_that_completes_the_fill() {
+        let (target, trigger, metrics, _task) = loop_with_metrics(SyncLoopConfig::default(), SYNC_TAKES).await;
+        target.stage_next(&[3000, 1000]);
+        trigger.notify();
+        let (n, waited) = enforcement_once(&metrics, 1).await;
+        assert_eq!((n, target.calls().len()), (1, 4), "two steps, then the sync that completes the fill");
+        assert!(waited >= 3.0 * SYNC_TAKES.as_secs_f64(), "waited {waited} s");
+    }
+
+    #[tokio::test]
+    async fn a_change_taken_by_a_failed_sync_waits_for_the_retry_that_succeeds() {
+        let retry = Duration::from_millis(60);
+        let config = SyncLoopConfig { retry_initial: retry, ..SyncLoopConfig::default() };
+        let (target, trigger, metrics, _task) = loop_with_metrics(config, SYNC_TAKES).await;
+        target.fail_next(1);
+        trigger.notify();
+        let (n, waited) = enforcement_once(&metrics, 1).await;
+        let calls = target.calls();
+        assert_eq!((n, calls.len()), (1, 3));
+        assert!(calls[1].failed && !calls[2].failed);
+        assert!(waited >= (2 * SYNC_TAKES + retry).as_secs_f64(), "waited {waited} s");
     }
 }

@@ -23,6 +23,8 @@ struct Inner {
     panic_next: u32,
     delay: Duration,
     cleanups: u32,
+    /// What the next successful calls report as staged elements remaining, one each.
+    staged: std::collections::VecDeque<usize>,
 }
 
 /// A [`SyncTarget`] that records. Clones share the record, so a test keeps one clone and
@@ -68,6 +70,12 @@ impl RecordingTarget {
         self.lock().delay = delay;
     }
 
+    /// The next successful calls report these staged elements still to add, one per call
+    /// (a fill in chunks, [`crate::nft::staging`]); later ones report none.
+    pub fn stage_next(&self, remaining: &[usize]) {
+        self.lock().staged.extend(remaining);
+    }
+
     /// Every call from now on blocks (after it is recorded) until [`RecordingTarget::release`]:
     /// a test keeps a sync running for exactly as long as it needs, not for a guessed delay.
     pub fn hold(&self) {
@@ -102,7 +110,7 @@ impl RecordingTarget {
 
 impl SyncTarget for RecordingTarget {
     fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncStats, SyncError> {
-        let (delay, panic, fail) = {
+        let (delay, panic, fail, staged) = {
             let mut g = self.lock();
             let panic = g.panic_next > 0;
             g.panic_next = g.panic_next.saturating_sub(1);
@@ -111,7 +119,8 @@ impl SyncTarget for RecordingTarget {
                 g.fail_next -= 1;
             }
             g.calls.push(SyncCall { full, snapshot: snapshot.clone(), at: Instant::now(), failed: panic || fail });
-            (g.delay, panic, fail)
+            let staged = if panic || fail { 0 } else { g.staged.pop_front().unwrap_or(0) };
+            (g.delay, panic, fail, staged)
         };
         if !delay.is_zero() {
             std::thread::sleep(delay);
@@ -130,6 +139,7 @@ impl SyncTarget for RecordingTarget {
             sets: snapshot.policies.len(),
             set_elements: snapshot.pods.len(),
             rules: snapshot.policies.len(),
+            staged_elements_remaining: staged,
             ..SyncStats::default()
         })
     }
