@@ -185,15 +185,19 @@ fn policy_rule_labels(policy: &Policy, d: Direction, ri: usize) -> CounterLabels
 /// they reused; a counter no rule uses any more goes (its count with it: the agent keeps
 /// what it last read).
 fn declare_objects(rs: &mut Ruleset, observe: &Observe) {
-    let mut counters = BTreeMap::new();
-    for rule in rs.chains.values().flat_map(|c| &c.rules) {
-        if let Some(c) = &rule.named_counter
-            && !counters.contains_key(&c.name)
-        {
-            counters.insert(c.name.clone(), Arc::clone(&c.labels));
-        }
-    }
-    rs.counters = counters;
+    // Sorted and deduplicated in a list, then built in bulk: rules come nearly in name
+    // order, so this costs a pass, where a lookup and an insert per rule into the map (a
+    // thousand rules at 10k pods) was a sixth of an agent's compile after one pod event.
+    let mut named: Vec<(&String, &Arc<CounterLabels>)> = rs
+        .chains
+        .values()
+        .flat_map(|c| &c.rules)
+        .filter_map(|r| r.named_counter.as_ref())
+        .map(|c| (&c.name, &c.labels))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    named.dedup_by(|a, b| a.0 == b.0);
+    rs.counters = named.into_iter().map(|(name, labels)| (name.clone(), Arc::clone(labels))).collect();
     if let Some(log) = observe.drop_log {
         rs.limits.insert(names::DROP_LOG_LIMIT.into(), Limit { per_second: log.per_second, burst: log.burst });
     }
