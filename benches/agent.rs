@@ -417,46 +417,72 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// The agent's partial-sync duration histogram: (count, sum seconds, p50, p99 upper bounds).
-fn partial_sync_histogram(metrics: &str) -> Option<(u64, f64, f64, f64)> {
-    let mut buckets: Vec<(f64, u64)> = Vec::new();
-    let (mut count, mut sum) = (0u64, 0.0);
-    for line in metrics.lines().filter(|l| l.contains("mode=\"partial\"")) {
-        let value = line.rsplit(' ').next()?;
-        if line.starts_with("netpol_sync_duration_seconds_bucket") {
-            let le = line.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-            buckets.push((le, value.parse().ok()?));
-        } else if line.starts_with("netpol_sync_duration_seconds_count") {
-            count = value.parse().ok()?;
-        } else if line.starts_with("netpol_sync_duration_seconds_sum") {
-            sum = value.parse().ok()?;
+/// One histogram of the agent's metrics text, summed over the label sets that contain
+/// `labels` (`""`: all of them).
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    /// Cumulative (upper bound in seconds, samples at or under it), ascending.
+    buckets: Vec<(f64, u64)>,
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn read(metrics: &str, name: &str, labels: &str) -> Histogram {
+        let mut h = Histogram::default();
+        let mut buckets: BTreeMap<u64, (f64, u64)> = BTreeMap::new();
+        for line in metrics.lines().filter(|l| l.starts_with(name) && l.contains(labels)) {
+            let (Some(series), Some(value)) = (line.split([' ', '{']).next(), line.rsplit(' ').next()) else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            match series.strip_prefix(name) {
+                Some("_bucket") => {
+                    let le = line.split("le=\"").nth(1).and_then(|rest| rest.split('"').next()).unwrap_or("+Inf");
+                    let le = le.parse::<f64>().unwrap_or(f64::INFINITY);
+                    buckets.entry(le.to_bits()).or_insert((le, 0)).1 += value as u64;
+                }
+                Some("_count") => h.count += value as u64,
+                Some("_sum") => h.sum += value,
+                _ => {}
+            }
+        }
+        h.buckets = buckets.into_values().collect();
+        h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        h
+    }
+
+    /// The samples recorded since `before` (a reading of the same histogram).
+    fn since(&self, before: &Histogram) -> Histogram {
+        let earlier = |le: f64| before.buckets.iter().find(|(b, _)| *b == le).map_or(0, |(_, n)| *n);
+        Histogram {
+            buckets: self.buckets.iter().map(|(le, n)| (*le, n.saturating_sub(earlier(*le)))).collect(),
+            count: self.count.saturating_sub(before.count),
+            sum: self.sum - before.sum,
         }
     }
-    let quantile = |q: f64| {
-        let want = (q * count as f64).ceil() as u64;
-        buckets.iter().find(|(_, n)| *n >= want).map(|(le, _)| *le).unwrap_or(f64::NAN)
-    };
-    Some((count, sum, quantile(0.5), quantile(0.99)))
+
+    fn mean_ms(&self) -> f64 {
+        if self.count == 0 { f64::NAN } else { self.sum / self.count as f64 * 1000.0 }
+    }
+
+    /// The upper bound of the bucket the `q` quantile falls in, ms.
+    fn quantile_ms(&self, q: f64) -> f64 {
+        let want = (q * self.count as f64).ceil() as u64;
+        self.buckets.iter().find(|(_, n)| *n >= want).map_or(f64::NAN, |(le, _)| le * 1000.0)
+    }
 }
 
-/// Sum of a metric's samples over all label sets (`name{...} value` or `name value`).
 /// Mean seconds of the partial syncs' `phase` (compile, apply), from the phase histogram.
 fn partial_phase_mean(metrics: &str, phase: &str) -> Option<f64> {
-    let value = |suffix: &str| {
-        metrics
-            .lines()
-            .find(|l| {
-                l.starts_with(&format!("netpol_sync_phase_duration_seconds_{suffix}{{"))
-                    && l.contains("mode=\"partial\"")
-                    && l.contains(&format!("phase=\"{phase}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-    };
-    let (sum, count) = (value("sum")?, value("count")?);
-    (count > 0.0).then(|| sum / count)
+    let h =
+        Histogram::read(metrics, "netpol_sync_phase_duration_seconds", &format!("mode=\"partial\",phase=\"{phase}\""));
+    (h.count > 0).then(|| h.sum / h.count as f64)
 }
 
+const ENFORCEMENT: &str = "netpol_event_enforcement_latency_seconds";
+
+/// Sum of a metric's samples over all label sets (`name{...} value` or `name value`).
 fn metric_sum(metrics: &str, name: &str) -> u64 {
     metrics
         .lines()
@@ -559,7 +585,10 @@ struct Outcome {
     tally: Tally,
     local_pods: (usize, usize),
     converged: Result<usize, String>,
-    partial_syncs: Option<(u64, f64, f64, f64)>,
+    partial_syncs: Histogram,
+    /// The agent's own measure of the churn's changes: arrival at the agent to the commit
+    /// that enforced them (`netpol_event_enforcement_latency_seconds`).
+    enforcement: Histogram,
     /// Mean compile and apply time of a partial sync, seconds.
     phases: [Option<f64>; 2],
     agent_cpu_per_sec: f64,
@@ -677,6 +706,8 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
     eprintln!("   first full sync after {first_sync_secs:.1} s; RSS {} KiB, HWM {} KiB", rss_first.0, rss_first.1);
 
     let cpu_before = cpu_seconds(agent.pid());
+    let enforcement_before =
+        Histogram::read(&http_get(admin_port, "/metrics").map(|(_, body)| body).unwrap_or_default(), ENFORCEMENT, "");
 
     // ---- churn
     let mut rng = Rng::new(params.seed ^ 0x5eed);
@@ -737,8 +768,11 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                 p.ips = IpAddr::V4(ip).into();
                 let key = (p.id.namespace.clone(), p.id.name.clone());
                 let p_local = p.node == NODE;
+                // The event starts when the API server takes the write: the object is
+                // built before, as a client builds it before sending it.
+                let object = args.cluster.pod_object(&p);
                 let at = Instant::now();
-                server.apply_json(args.cluster.pod_object(&p)).map_err(|e| e.to_string())?;
+                server.apply_json(object).map_err(|e| e.to_string())?;
                 mirror.insert(key.clone(), p.clone());
                 resting.push_back((at, usize::from(p_local), key.clone()));
                 Event { kind, ip, at, local: p_local, pod: key, became: Some(p) }
@@ -747,7 +781,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                 let Some((side, i)) = pick(&mut rng) else { continue };
                 let key = pool[side][i].clone();
                 let Some(IpAddr::V4(ip)) = mirror[&key].ips.first().copied() else { continue };
-                let at = Instant::now();
+                let mut at = Instant::now();
                 let became = if kind == EventKind::Delete {
                     server.delete(Kind::Pod, &key.0, &key.1).ok_or("pod to delete is missing")?;
                     mirror.remove(&key);
@@ -762,7 +796,9 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
                         }
                     };
                     Arc::make_mut(&mut p.labels).insert("app".into(), new);
-                    server.apply_json(args.cluster.pod_object(p)).map_err(|e| e.to_string())?;
+                    let object = args.cluster.pod_object(p);
+                    at = Instant::now();
+                    server.apply_json(object).map_err(|e| e.to_string())?;
                     resting.push_back((at, side, key.clone()));
                     Some(p.clone())
                 };
@@ -810,7 +846,8 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         rss_end.1
     );
     let metrics = http_get(admin_port, "/metrics").map(|(_, body)| body).unwrap_or_default();
-    let partial_syncs = partial_sync_histogram(&metrics);
+    let partial_syncs = Histogram::read(&metrics, "netpol_sync_duration_seconds", "mode=\"partial\"");
+    let enforcement = Histogram::read(&metrics, ENFORCEMENT, "").since(&enforcement_before);
     let phases = ["compile", "apply"].map(|p| partial_phase_mean(&metrics, p));
     let idle_sets =
         (metric_sum(&metrics, "netpol_ruleset_idle_sets"), metric_sum(&metrics, "netpol_ruleset_idle_set_elements"));
@@ -899,6 +936,7 @@ fn run(setup: &Setup<'_>, params: &Params) -> Result<Outcome, String> {
         local_pods: (local_pods_at_start, local_pods_at_end),
         converged,
         partial_syncs,
+        enforcement,
         phases,
         agent_cpu_per_sec,
         idle_sets,
@@ -986,12 +1024,28 @@ fn report(o: &Outcome, args: &Args) {
         ),
         Err(e) => println!("KERNEL TABLE DIFFERS from the expected ruleset: {e}"),
     }
-    if let Some((count, sum, p50, p99)) = o.partial_syncs {
+    let partial = &o.partial_syncs;
+    if partial.count > 0 {
         println!(
-            "agent partial syncs: {count}, mean {:.1} ms, p50 <= {:.1} ms, p99 <= {:.1} ms (histogram buckets)",
-            if count > 0 { sum / count as f64 * 1000.0 } else { f64::NAN },
-            p50 * 1000.0,
-            p99 * 1000.0
+            "agent partial syncs: {}, mean {:.1} ms, p50 <= {:.1} ms, p99 <= {:.1} ms (histogram buckets)",
+            partial.count,
+            partial.mean_ms(),
+            partial.quantile_ms(0.5),
+            partial.quantile_ms(0.99)
+        );
+    }
+    let own = &o.enforcement;
+    if own.count > 0 {
+        let measured_mean =
+            o.latencies.iter().map(|(_, d)| d.as_secs_f64()).sum::<f64>() * 1000.0 / o.latencies.len().max(1) as f64;
+        println!(
+            "agent's own share (arrival at the agent to the enforcing commit, {ENFORCEMENT}): {} changes, mean \
+             {:.2} ms, p50 <= {:.2} ms, p99 <= {:.2} ms (buckets); the measured events' mean, from the API write \
+             to the commit: {measured_mean:.2} ms",
+            own.count,
+            own.mean_ms(),
+            own.quantile_ms(0.5),
+            own.quantile_ms(0.99)
         );
     }
     if let [Some(compile), Some(apply)] = o.phases {
@@ -1032,6 +1086,14 @@ fn main() {
     if !is_root {
         eprintln!("the agent benchmark needs root (network namespaces and nft)");
         std::process::exit(2);
+    }
+    // The final check reads the kernel's table with `nft`: without it, every run would wait
+    // out the convergence timeout (10 minutes) and fail.
+    for tool in ["nft", "ip"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            eprintln!("the agent benchmark needs the `{tool}` command (Debian: apt-get install -y nftables iproute2)");
+            std::process::exit(2);
+        }
     }
     let dir = match tempfile::tempdir() {
         Ok(d) => d,
