@@ -29,7 +29,9 @@
 //! ```
 //!
 //! Every error names the file (for API objects, `cluster at <server>`), the line where the
-//! document starts, the object and the field path. Nothing here panics on any input.
+//! document starts, the object and the field path. Nothing here panics on any input. A
+//! mapping that gives one key twice is an error (with its line and the key), as it is to
+//! the API server: taking the last one silently would check what the author did not write.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -685,14 +687,14 @@ fn parse_document(file: &str, doc: &str, line: usize) -> Result<Vec<(usize, Valu
     let trimmed = doc.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
         let mut values = Vec::new();
-        let mut stream = serde_json::Deserializer::from_str(doc).into_iter::<Value>();
+        let mut stream = serde_json::Deserializer::from_str(doc).into_iter::<UniqueKeys>();
         let mut start = 0;
         let json: Result<(), serde_json::Error> = loop {
             // The value starts at the first non-blank character after the previous one.
             start += doc[start..].len() - doc[start..].trim_start().len();
             match stream.next() {
                 None => break Ok(()),
-                Some(Ok(v)) => {
+                Some(Ok(UniqueKeys(v))) => {
                     values.push((line + doc[..start].matches('\n').count(), v));
                     start = stream.byte_offset();
                 }
@@ -704,9 +706,97 @@ fn parse_document(file: &str, doc: &str, line: usize) -> Result<Vec<(usize, Valu
         }
     }
     match yaml_serde::from_str(doc) {
-        Ok(Value::Null) => Ok(Vec::new()),
-        Ok(v) => Ok(vec![(line, v)]),
+        Ok(UniqueKeys(Value::Null)) => Ok(Vec::new()),
+        Ok(UniqueKeys(v)) => Ok(vec![(line, v)]),
         Err(e) => Err(error(line, yaml_error(&e, line))),
+    }
+}
+
+/// A JSON value read from YAML or JSON text, refusing a mapping that gives one key twice.
+/// serde_json's own `Value` keeps the last of them without a word, so the checker would
+/// check a policy other than the one written (`podSelector` given twice: which one does
+/// the reader of the file think applies?), while the API server refuses such an object
+/// ("duplicate field", kubectl's default strict field validation).
+struct UniqueKeys(Value);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor).map(UniqueKeys)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a YAML or JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<Value, E> {
+        i64::try_from(v).map(Value::from).map_err(|_| E::custom("JSON number out of range"))
+    }
+
+    fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<Value, E> {
+        u64::try_from(v).map(Value::from).map_err(|_| E::custom("JSON number out of range"))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // As serde_json's Value: a number JSON cannot hold (NaN, infinities) is null.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(UniqueKeys(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("key `{key}` given twice in one mapping")));
+            }
+            let UniqueKeys(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
     }
 }
 

@@ -376,6 +376,25 @@ fn invalid_yaml_names_its_line() {
 }
 
 #[test]
+fn a_key_given_twice_in_one_mapping_is_refused_with_its_line_not_resolved_silently() {
+    // Which podSelector did the author mean? The API server refuses the object; so do we.
+    assert_error(
+        &policy("  podSelector:\n    matchLabels: {app: web}\n  policyTypes: [Ingress]\n"),
+        MATRIX,
+        "error: bad.yaml:1: invalid YAML at line 6, column 3: spec: key `podSelector` given twice in one mapping",
+    );
+}
+
+#[test]
+fn a_key_given_twice_in_a_json_object_is_refused_too() {
+    assert_error(
+        "{\"apiVersion\": \"v1\", \"kind\": \"Pod\",\n \"metadata\": {\"name\": \"a\", \"labels\": {\"app\": \"web\", \"app\": \"db\"}}}\n",
+        MATRIX,
+        "error: bad.yaml:1: invalid YAML at line 2, column 38: metadata.labels: key `app` given twice in one mapping",
+    );
+}
+
+#[test]
 fn an_object_declared_twice_is_named_with_both_places() {
     let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
     assert_error(
