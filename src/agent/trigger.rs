@@ -107,9 +107,9 @@ impl Trigger {
 
 /// Arrival times of changes not yet in the kernel, oldest first, in bounded memory: an
 /// arrival within [`Arrivals::MERGE_WITHIN`] of the newest kept one, or any arrival once
-/// [`Arrivals::MAX_RUNS`] are kept (a burst of events during a long sync, a long run of failed syncs),
-/// is counted with that newest one. Counting a change with an earlier arrival only makes
-/// its wait look longer, never shorter.
+/// [`Arrivals::MAX_RUNS`] are kept (a burst of events during a long sync, a long run of
+/// failed syncs), is counted with that newest one. Counting a change with an earlier
+/// arrival only makes its wait look longer, never shorter.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Arrivals {
     /// (first arrival, changes counted with it), in arrival order.
