@@ -579,6 +579,13 @@ fn set_counter(c: &Counter, v: u64) {
     c.inner().store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The value of one sample (its series as rendered: name, then labels if any) in the
+/// OpenMetrics `text`.
+#[cfg(test)]
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,11 +655,7 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
-        let sum: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("netpol_event_enforcement_latency_seconds_sum "))
-            .and_then(|v| v.parse().ok())
-            .expect("the histogram's sum");
+        let sum = sample(&text, "netpol_event_enforcement_latency_seconds_sum").expect("the histogram's sum");
         assert!((sum - 0.007).abs() < 1e-9, "3 + 3 + 1 ms, got {sum} s");
     }
 }

@@ -688,11 +688,7 @@ mod tests {
     async fn enforcement_once(metrics: &Metrics, want: u64) -> (u64, f64) {
         let read = || {
             let text = metrics.encode(None, &SyncState::default());
-            let value = |name: &str| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-                    .unwrap_or_default()
-            };
+            let value = |series: &str| super::super::metrics::sample(&text, series).unwrap_or_default();
             (
                 value("netpol_event_enforcement_latency_seconds_count") as u64,
                 value("netpol_event_enforcement_latency_seconds_sum"),
